@@ -1,0 +1,34 @@
+//! Standby: the shared engine of `agent-gpu`, `agent-cpu` and `coordinator`.
+//!
+//! Modules, from the bottom layer up:
+//! - [`types`]: `Epoch`, `Generation` and `RelPath` (the confinement boundary for paths).
+//! - [`crashsafe`]: framed, checksummed, atomically replaced state files and records.
+//! - [`fsx`]: confined filesystem operations below a root (no symlink is ever followed).
+//! - [`manifest`]: what a replica holds and its blake3 root; [`catalog`] keeps one durably.
+//! - [`epoch`]: the durable fencing epoch of an agent.
+//! - [`identity`], [`pki`], [`tls`]: certificate identities, the CA, mutual TLS.
+//! - [`proto`]: generated gRPC and record types.
+
+pub mod catalog;
+pub mod crashsafe;
+pub mod epoch;
+pub mod fsx;
+pub mod identity;
+pub mod manifest;
+pub mod pki;
+pub mod tls;
+pub mod types;
+
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("standby.v1");
+
+    pub mod state {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("standby.v1.state");
+    }
+
+    /// The encoded descriptor set, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("standby_descriptor");
+}
