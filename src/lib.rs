@@ -5,19 +5,34 @@
 //! - [`crashsafe`]: framed, checksummed, atomically replaced state files and records.
 //! - [`fsx`]: confined filesystem operations below a root (no symlink is ever followed).
 //! - [`manifest`]: what a replica holds and its blake3 root; [`catalog`] keeps one durably.
-//! - [`epoch`]: the durable fencing epoch of an agent.
+//! - [`epoch`]: the durable fencing epoch of an agent; [`statedir`]: one agent per state dir.
+//! - [`scan`]: what changed in a workspace; [`delta`]: rsync deltas made safe for the network.
+//! - [`apply`]: rolling a committed generation forward; [`receive`]: the receiving service.
+//! - [`send`]: the sending side of a session; [`watch`]: inotify and the debounced dirty set;
+//!   [`replicate`]: the continuous loop (reconnects, flush barriers, RPO figures).
+//! - [`control`]: the agent's local control socket; [`cli`]: shared command-line plumbing.
 //! - [`identity`], [`pki`], [`tls`]: certificate identities, the CA, mutual TLS.
 //! - [`proto`]: generated gRPC and record types.
 
+pub mod apply;
 pub mod catalog;
+pub mod cli;
+pub mod control;
 pub mod crashsafe;
+pub mod delta;
 pub mod epoch;
 pub mod fsx;
 pub mod identity;
 pub mod manifest;
 pub mod pki;
+pub mod receive;
+pub mod replicate;
+pub mod scan;
+pub mod send;
+pub mod statedir;
 pub mod tls;
 pub mod types;
+pub mod watch;
 
 pub mod proto {
     #![allow(clippy::all, missing_docs)]

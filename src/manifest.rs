@@ -69,6 +69,10 @@ pub enum ManifestError {
     Orphan(RelPath),
 }
 
+/// Previous values of the paths an [`Manifest::apply_undoable`] touched, in order.
+#[derive(Debug)]
+pub struct Undo(Vec<(RelPath, Option<Entry>)>);
+
 #[derive(Clone, Debug, Default)]
 pub struct Manifest {
     pub generation: Generation,
@@ -143,35 +147,60 @@ impl Manifest {
     /// Applies one generation's changes (already validated for syntax). Deleting a directory
     /// removes everything below it as well.
     pub fn apply(&mut self, changes: &[Change]) -> Result<(), ManifestError> {
+        self.apply_undoable(changes).map(drop)
+    }
+
+    /// Like [`Manifest::apply`], returning what [`Manifest::undo`] needs to revert it. On error
+    /// the manifest is left unchanged.
+    pub fn apply_undoable(&mut self, changes: &[Change]) -> Result<Undo, ManifestError> {
+        let mut undo = Undo(Vec::new());
+        if let Err(e) = self.apply_inner(changes, &mut undo) {
+            self.undo(undo);
+            return Err(e);
+        }
+        Ok(undo)
+    }
+
+    /// Reverts an [`Manifest::apply_undoable`].
+    pub fn undo(&mut self, undo: Undo) {
+        for (p, old) in undo.0.into_iter().rev() {
+            match old {
+                Some(e) => self.entries.insert(p, e),
+                None => self.entries.remove(&p),
+            };
+        }
+    }
+
+    fn remove_logged(&mut self, p: &RelPath, undo: &mut Undo) -> Option<Entry> {
+        let old = self.entries.remove(p);
+        if old.is_some() {
+            undo.0.push((p.clone(), old.clone()));
+        }
+        old
+    }
+
+    fn apply_inner(&mut self, changes: &[Change], undo: &mut Undo) -> Result<(), ManifestError> {
         for c in changes {
             let p = RelPath::new(c.path.to_vec())?;
+            let new_kind = match &c.entry {
+                None => None,
+                Some(e) => Some(kind_of(e).ok_or_else(|| ManifestError::Kind(p.clone()))?),
+            };
+            // A directory that is deleted or becomes something else takes its subtree with it.
+            let was_dir = self.entries.get(&p).and_then(kind_of) == Some(Kind::Dir);
+            if was_dir && new_kind != Some(Kind::Dir) {
+                let below: Vec<RelPath> = self.subtree(&p).map(|(k, _)| k.clone()).collect();
+                for k in below {
+                    self.remove_logged(&k, undo);
+                }
+            }
             match &c.entry {
                 None => {
-                    if let Some(old) = self.entries.remove(&p)
-                        && kind_of(&old) == Some(Kind::Dir)
-                    {
-                        let below: Vec<RelPath> =
-                            self.subtree(&p).map(|(k, _)| k.clone()).collect();
-                        for k in below {
-                            self.entries.remove(&k);
-                        }
-                    }
+                    self.remove_logged(&p, undo);
                 }
                 Some(e) => {
-                    if kind_of(e).is_none() {
-                        return Err(ManifestError::Kind(p));
-                    }
-                    if let Some(old) = self.entries.get(&p)
-                        && kind_of(old) == Some(Kind::Dir)
-                        && kind_of(e) != Some(Kind::Dir)
-                    {
-                        let below: Vec<RelPath> =
-                            self.subtree(&p).map(|(k, _)| k.clone()).collect();
-                        for k in below {
-                            self.entries.remove(&k);
-                        }
-                    }
-                    self.entries.insert(p, e.clone());
+                    let old = self.entries.insert(p.clone(), e.clone());
+                    undo.0.push((p, old));
                 }
             }
         }
@@ -293,6 +322,30 @@ pub(crate) mod tests {
         m.apply(&[upsert("d", file(1, 1, 1))]).unwrap();
         assert_eq!(m.len(), 2);
         m.check_tree().unwrap();
+    }
+
+    #[test]
+    fn undo_restores_exactly() {
+        let mut m = Manifest::new();
+        m.apply(&[
+            upsert("d", dir()),
+            upsert("d/a", file(1, 1, 1)),
+            upsert("x", file(2, 2, 2)),
+        ])
+        .unwrap();
+        let before = m.clone();
+        let u = m
+            .apply_undoable(&[
+                delete("d"),
+                upsert("x", file(3, 3, 3)),
+                upsert("d", file(4, 4, 4)),
+                upsert("new", dir()),
+            ])
+            .unwrap();
+        assert_ne!(m.root(), before.root());
+        m.undo(u);
+        assert_eq!(m.root(), before.root());
+        assert_eq!(m.len(), before.len());
     }
 
     #[test]

@@ -1,0 +1,211 @@
+//! What the three binaries share on their command lines: defaults, configuration layering
+//! (flag, then `STANDBY_*` environment variable, then TOML file, then default), human
+//! durations, logging, and exit codes (64 for a usage error).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+/// Every default in one place.
+pub mod defaults {
+    pub const DEBOUNCE: &str = "250ms";
+    pub const MAX_DELAY: &str = "1s";
+    pub const RESCAN_INTERVAL: &str = "60s";
+    pub const COMPRESS_LEVEL: i32 = 1;
+    pub const INLINE_MAX: u64 = 128 << 10;
+    pub const FLUSH_TIMEOUT: &str = "60s";
+    pub const CERT_DAYS: u32 = 365;
+    pub const COORDINATOR_PORT: u16 = 7700;
+    pub const METRICS_PORT: u16 = 9464;
+    pub const CPU_PORT: u16 = 7701;
+    pub const GPU_PORT: u16 = 7702;
+    pub const CPU_LISTEN: &str = "0.0.0.0:7701";
+    pub const GPU_LISTEN: &str = "0.0.0.0:7702";
+}
+
+/// Exit code for a usage error (EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// Parses the command line; prints help/version and exits 0, or the error and exits 64.
+pub fn parse_or_exit<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => EXIT_USAGE,
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    }
+}
+
+/// A usage error found after parsing (a missing or invalid setting): print and exit 64.
+pub fn usage_error(msg: impl std::fmt::Display) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(EXIT_USAGE);
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// A TOML configuration file's settings (empty when there is none).
+#[derive(Debug, Default)]
+pub struct FileConfig {
+    table: toml::Table,
+    path: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> Result<FileConfig, String> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        Ok(FileConfig {
+            table,
+            path: Some(path.display().to_string()),
+        })
+    }
+
+    /// The value of `key` (which may be `section.key`), if the file sets it.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
+        let mut cur: Option<&toml::Value> = None;
+        let mut table = &self.table;
+        for (i, part) in key.split('.').enumerate() {
+            let v = match table.get(part) {
+                Some(v) => v,
+                None => return Ok(None),
+            };
+            if i + 1 < key.split('.').count() {
+                match v.as_table() {
+                    Some(t) => table = t,
+                    None => return Ok(None),
+                }
+            } else {
+                cur = Some(v);
+            }
+        }
+        match cur {
+            None => Ok(None),
+            Some(v) => v.clone().try_into().map(Some).map_err(|e| {
+                format!(
+                    "config file {}: {key}: {e}",
+                    self.path.as_deref().unwrap_or("?")
+                )
+            }),
+        }
+    }
+
+    /// `flag` (already resolved against the environment by clap), else the file, else `default`.
+    pub fn pick<T: DeserializeOwned>(
+        &self,
+        flag: Option<T>,
+        key: &str,
+        default: impl FnOnce() -> T,
+    ) -> Result<T, String> {
+        if let Some(v) = flag {
+            return Ok(v);
+        }
+        Ok(self.get(key)?.unwrap_or_else(default))
+    }
+
+    pub fn pick_opt<T: DeserializeOwned>(
+        &self,
+        flag: Option<T>,
+        key: &str,
+    ) -> Result<Option<T>, String> {
+        if flag.is_some() {
+            return Ok(flag);
+        }
+        self.get(key)
+    }
+
+    /// A duration setting given as a human string ("250ms").
+    pub fn pick_duration(
+        &self,
+        flag: Option<String>,
+        key: &str,
+        default: &str,
+    ) -> Result<Duration, String> {
+        let s = self.pick(flag, key, || default.to_string())?;
+        parse_duration(&s).map_err(|e| format!("{key}: {e}"))
+    }
+}
+
+/// Logs to stderr; the filter comes from `STANDBY_LOG`, else `RUST_LOG`, else `default`.
+pub fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("STANDBY_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default)))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+/// Resolves when the process is asked to stop (SIGINT or SIGTERM).
+pub async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Prints `error: <chain>` on one line and exits 1.
+pub fn fail(e: &anyhow::Error) -> ! {
+    let mut s = e.to_string();
+    for c in e.chain().skip(1) {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+    }
+    eprintln!("error: {}", s.replace('\n', " "));
+    std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layering() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "debounce = \"500ms\"\n[gpu]\nlevel = 3\n").unwrap();
+        let f = FileConfig::load(Some(&p)).unwrap();
+        assert_eq!(
+            f.pick_duration(None, "debounce", "250ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            f.pick_duration(Some("2s".into()), "debounce", "250ms")
+                .unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            f.pick_duration(None, "absent", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(f.pick(None, "gpu.level", || 1i32).unwrap(), 3);
+        assert!(f.pick_duration(None, "gpu.level", "1s").is_err());
+        std::fs::write(&p, "not = [valid").unwrap();
+        assert!(FileConfig::load(Some(&p)).is_err());
+    }
+}

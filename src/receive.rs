@@ -1,0 +1,1403 @@
+//! The receiving end of replication: `agent-cpu` (and a new `agent-gpu` during a restore).
+//!
+//! A session is driven by the paired sender and commits generations one at a time. Invariants:
+//! - **Consistency** (1): content is staged beside the workspace on the same filesystem and
+//!   verified; the generation's record is appended durably (the commit point) before anything
+//!   in the workspace changes, and rolled forward at start-up if the process died while
+//!   applying it. The replica is always exactly one committed generation.
+//! - **Durability** (2): staged data is synced before the record, the workspace after applying
+//!   it; only then is the generation acknowledged.
+//! - **Fencing** (3): a session carrying an older epoch than the durable one is refused.
+//! - **Verification** (4): every file's blake3 is checked before it can be committed; a
+//!   mismatch is answered with a retry (the sender sends it whole), never committed.
+//! - **Confinement** (7): paths are parsed into `RelPath`s, every parent must be a directory in
+//!   the resulting manifest, and the workspace is only touched through `fsx::Root`.
+//! - **Bounded resources** (8): chunks are at most a few MiB; bases are mapped, not read.
+//!
+//! One session at a time holds the replica; a newer session from the same peer preempts an
+//! older one (a sender that reconnected after a network cut), discarding what the old one
+//! staged but never committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use memmap2::Mmap;
+use rayon::prelude::*;
+use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::apply::{apply_record, clear_stage, sync_applied, sync_staged};
+use crate::catalog::Catalog;
+use crate::delta;
+use crate::epoch::EpochStore;
+use crate::fsx::{self, Root};
+use crate::identity::Identity;
+use crate::manifest::{Kind, Manifest, hex, kind_of};
+use crate::proto::replica_server::{Replica, ReplicaServer};
+use crate::proto::state::{Change, Record};
+use crate::proto::{
+    CommitResult, Entry, HelloReply, ManifestChunk, ManifestItem, ReplicaStatus, Signature,
+    StatusRequest, SyncRequest, SyncResponse, chunk, op, sync_request, sync_response, upsert,
+};
+use crate::scan::STAGE_DIR_NAME;
+use crate::tls;
+use crate::types::{Epoch, Generation, RelPath};
+
+/// Version of the replication protocol spoken here.
+pub const PROTOCOL: u32 = 1;
+/// Largest gRPC message either side accepts.
+pub const MAX_MESSAGE: usize = 16 << 20;
+/// Largest inline file.
+pub const MAX_INLINE: usize = 4 << 20;
+const SIG_PIECE: usize = 1 << 20;
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+pub struct ReceiverOptions {
+    pub workspace: PathBuf,
+    pub state_dir: PathBuf,
+    /// The only identity allowed to replicate into this receiver.
+    pub sender: Identity,
+}
+
+/// Figures for status calls and heartbeats, readable without the replica lock.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub epoch: Epoch,
+    pub generation: Generation,
+    pub root: [u8; 32],
+    pub entries: u64,
+    pub bytes: u64,
+    pub session_active: bool,
+    pub last_data: Option<Instant>,
+    pub last_commit: Option<SystemTime>,
+}
+
+struct State {
+    manifest: Manifest,
+    catalog: Catalog,
+    epoch: EpochStore,
+    /// A committed record whose application failed: it must be rolled forward first.
+    unapplied: Option<Record>,
+}
+
+struct Inner {
+    workspace: PathBuf,
+    root: Root,
+    stage_path: PathBuf,
+    stage: OwnedFd,
+    sender: Identity,
+    state: Arc<tokio::sync::Mutex<State>>,
+    session: Mutex<Option<(u64, CancellationToken)>>,
+    sessions: AtomicU64,
+    figures: Mutex<Figures>,
+}
+
+#[derive(Clone)]
+pub struct Receiver {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Epoch(#[from] crate::epoch::EpochError),
+}
+
+fn same_device(a: &Path, b: &Path) -> io::Result<bool> {
+    Ok(std::fs::metadata(a)?.dev() == std::fs::metadata(b)?.dev())
+}
+
+impl Receiver {
+    /// Opens the replica: takes the catalog, rolls forward a generation that was committed but
+    /// not fully applied, clears leftovers of uncommitted ones, and adopts an existing workspace
+    /// on first start. Blocking; call before serving.
+    pub fn open(opts: ReceiverOptions) -> Result<Receiver, OpenError> {
+        std::fs::create_dir_all(&opts.workspace)?;
+        std::fs::create_dir_all(&opts.state_dir)?;
+        std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o700))?;
+        let stage_path = if same_device(&opts.workspace, &opts.state_dir)? {
+            opts.state_dir.join("stage")
+        } else {
+            opts.workspace.join(STAGE_DIR_NAME)
+        };
+        std::fs::create_dir_all(&stage_path)?;
+        std::fs::set_permissions(&stage_path, std::fs::Permissions::from_mode(0o700))?;
+        let root = Root::open(&opts.workspace)?;
+        let stage = fsx::open_dir_path(&stage_path)?;
+        let fresh = !opts.state_dir.join("replica.log").exists()
+            && !opts.state_dir.join("replica.snap").exists();
+        let loaded = Catalog::open(&opts.state_dir, "replica")?;
+        let mut manifest = loaded.manifest;
+        let mut catalog = loaded.catalog;
+        if let Some(rec) = loaded.unapplied {
+            tracing::info!(
+                generation = rec.generation,
+                "rolling forward a committed generation"
+            );
+            apply_record(&root, stage.as_fd(), &rec, &manifest)?;
+            sync_applied(&root, &rec)?;
+            catalog.mark_applied(Generation(rec.generation))?;
+            catalog.sync()?;
+        }
+        let cleared = clear_stage(stage.as_fd())?;
+        if cleared > 0 {
+            tracing::info!(
+                cleared,
+                "discarded staged files of a generation that never committed"
+            );
+        }
+        if fresh {
+            manifest = adopt(&opts.workspace, &stage_path)?;
+            if !manifest.is_empty() {
+                tracing::info!(
+                    entries = manifest.len(),
+                    bytes = manifest.total_bytes(),
+                    "adopted the existing workspace as generation 0"
+                );
+            }
+            catalog.reset(&manifest)?;
+        }
+        let epoch = EpochStore::open(&opts.state_dir)?;
+        let figures = Figures {
+            epoch: epoch.get(),
+            generation: manifest.generation,
+            root: manifest.root(),
+            entries: manifest.len() as u64,
+            bytes: manifest.total_bytes(),
+            ..Default::default()
+        };
+        Ok(Receiver {
+            inner: Arc::new(Inner {
+                workspace: opts.workspace,
+                root,
+                stage_path,
+                stage,
+                sender: opts.sender,
+                state: Arc::new(tokio::sync::Mutex::new(State {
+                    manifest,
+                    catalog,
+                    epoch,
+                    unapplied: None,
+                })),
+                session: Mutex::new(None),
+                sessions: AtomicU64::new(0),
+                figures: Mutex::new(figures),
+            }),
+        })
+    }
+
+    pub fn figures(&self) -> Figures {
+        self.inner.figures.lock().expect("figures lock").clone()
+    }
+
+    pub fn workspace(&self) -> &Path {
+        &self.inner.workspace
+    }
+
+    pub fn stage_path(&self) -> &Path {
+        &self.inner.stage_path
+    }
+
+    /// The gRPC service, with message limits set.
+    pub fn service(&self) -> ReplicaServer<ReplicaService> {
+        ReplicaServer::new(ReplicaService {
+            inner: self.inner.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Raises the durable epoch (promotion, cutover), ending any session of an older epoch.
+    pub async fn raise_epoch(&self, e: Epoch) -> Result<bool, crate::epoch::EpochError> {
+        self.preempt();
+        let mut st = self.inner.state.lock().await;
+        let raised = st.epoch.raise(e)?;
+        st.catalog.sync().ok();
+        self.inner.figures.lock().expect("figures").epoch = st.epoch.get();
+        Ok(raised)
+    }
+
+    fn preempt(&self) {
+        if let Some((_, tok)) = self.inner.session.lock().expect("session lock").take() {
+            tok.cancel();
+        }
+    }
+}
+
+/// Builds generation 0 from what is already in the workspace (hashing every file), so a sender
+/// can reuse it as delta bases instead of sending everything again.
+fn adopt(workspace: &Path, stage_path: &Path) -> io::Result<Manifest> {
+    use crate::scan::{Exclude, Scope, walk};
+    let ex = Exclude::new(workspace, stage_path);
+    let (w, _) = walk(workspace, &Scope::Full, &ex);
+    let hashed: Vec<(RelPath, Entry)> = w
+        .entries
+        .par_iter()
+        .filter_map(|(p, st)| {
+            let mut e = st.entry();
+            if st.kind == Kind::File {
+                let mut h = blake3::Hasher::new();
+                match h.update_mmap(p.to_path(workspace)) {
+                    Ok(_) => e.blake3 = h.finalize().as_bytes().to_vec().into(),
+                    Err(err) => {
+                        tracing::warn!(path = %p, error = %err, "cannot read while adopting; leaving it out");
+                        return None;
+                    }
+                }
+            }
+            Some((p.clone(), e))
+        })
+        .collect();
+    let mut m = Manifest::new();
+    for (p, e) in hashed {
+        m.insert(p, e);
+    }
+    Ok(m)
+}
+
+pub struct ReplicaService {
+    inner: Arc<Inner>,
+}
+
+fn status_io(what: &str, e: io::Error) -> Status {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        Status::resource_exhausted(format!(
+            "receiver disk full while {what}: {e}; the generation is not committed and the previous one is intact"
+        ))
+    } else {
+        Status::internal(format!("receiver i/o error while {what}: {e}"))
+    }
+}
+
+#[tonic::async_trait]
+impl Replica for ReplicaService {
+    type SyncStream = ReceiverStream<Result<SyncResponse, Status>>;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<SyncRequest>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let peer = tls::peer_of(&req)?;
+        if peer.identity != self.inner.sender {
+            tracing::warn!(peer = %peer.identity, addr = ?peer.addr, "replication refused: not the paired sender");
+            return Err(Status::permission_denied(format!(
+                "replication is accepted only from {}; you are {}",
+                self.inner.sender, peer.identity
+            )));
+        }
+        let stream = req.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        let inner = self.inner.clone();
+        let id = inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("session", id, peer = ?peer.addr);
+        tokio::spawn(
+            async move {
+                let out = tx.clone();
+                match run_session(inner.clone(), id, stream, tx).await {
+                    Ok(()) => tracing::info!("session closed by the sender"),
+                    Err(st) => {
+                        match st.code() {
+                            tonic::Code::Cancelled => tracing::info!(why = st.message(), "session ended"),
+                            tonic::Code::Unknown | tonic::Code::Unavailable => {
+                                tracing::info!(error = st.message(), "sender disconnected")
+                            }
+                            _ => tracing::warn!(code = ?st.code(), error = st.message(), "session refused"),
+                        }
+                        let _ = out.send(Err(st)).await;
+                    }
+                }
+                let mut cur = inner.session.lock().expect("session lock");
+                if cur.as_ref().is_some_and(|(i, _)| *i == id) {
+                    *cur = None;
+                    inner.figures.lock().expect("figures").session_active = false;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<ReplicaStatus>, Status> {
+        let peer = tls::peer_of(&req)?;
+        let allowed = peer.identity == self.inner.sender
+            || matches!(
+                peer.identity,
+                Identity::Admin { .. } | Identity::Coordinator
+            )
+            || peer.identity.pair() == self.inner.sender.pair();
+        if !allowed {
+            return Err(Status::permission_denied(format!(
+                "{} may not read this replica's status",
+                peer.identity
+            )));
+        }
+        let f = self.inner.figures.lock().expect("figures").clone();
+        Ok(Response::new(ReplicaStatus {
+            epoch: f.epoch.0,
+            generation: f.generation.0,
+            root: f.root.to_vec().into(),
+            entries: f.entries,
+            bytes: f.bytes,
+            session_active: f.session_active,
+            last_data_age_ms: f
+                .last_data
+                .map(|t| t.elapsed().as_millis() as u64)
+                .unwrap_or(0),
+            last_commit_unix_ms: f
+                .last_commit
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }))
+    }
+}
+
+/// The replica's committed base of a file being delta-transferred.
+struct Base {
+    map: Option<Mmap>,
+    _file: File,
+}
+
+impl Base {
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PState {
+    Ready,
+    Streaming,
+    Rejected,
+}
+
+struct Pending {
+    change: Change,
+    state: PState,
+}
+
+struct OpenStream {
+    id: u32,
+    path: RelPath,
+    name: String,
+    file: File,
+    entry: Entry,
+    hasher: blake3::Hasher,
+    written: u64,
+    base: Option<Arc<Base>>,
+    corrupt: Option<String>,
+    last_writeback: u64,
+}
+
+/// One generation being received.
+struct Gen {
+    generation: Generation,
+    changes: BTreeMap<RelPath, Pending>,
+    streams: HashMap<u32, OpenStream>,
+    bases: Arc<Mutex<HashMap<u32, Arc<Base>>>>,
+    seq: u64,
+}
+
+impl Gen {
+    fn stage_name(&mut self) -> String {
+        self.seq += 1;
+        format!("g{}-{}", self.generation.0, self.seq)
+    }
+
+    /// Removes everything this generation staged.
+    fn discard(self, stage: &OwnedFd) {
+        for (_, s) in self.streams {
+            let _ = fsx::unlinkat(stage.as_fd(), s.name.as_bytes(), false);
+        }
+        for (_, p) in self.changes {
+            if !p.change.stage.is_empty() {
+                let _ = fsx::unlinkat(stage.as_fd(), p.change.stage.as_bytes(), false);
+            }
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+fn rel(path: &[u8]) -> Result<RelPath, Status> {
+    let p = RelPath::new(path.to_vec()).map_err(|e| {
+        bad(format!(
+            "refused path {:?}: {e}",
+            String::from_utf8_lossy(path)
+        ))
+    })?;
+    if p.starts_with(&RelPath::new(STAGE_DIR_NAME).expect("valid")) {
+        return Err(bad(format!("refused path {p}: reserved name")));
+    }
+    Ok(p)
+}
+
+async fn run_session(
+    inner: Arc<Inner>,
+    id: u64,
+    mut stream: Streaming<SyncRequest>,
+    tx: mpsc::Sender<Result<SyncResponse, Status>>,
+) -> Result<(), Status> {
+    let first = match stream.next().await {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => return Err(e),
+        None => return Ok(()),
+    };
+    let Some(sync_request::Msg::Hello(hello)) = first.msg else {
+        return Err(bad("the first message of a session must be hello"));
+    };
+    if hello.protocol != PROTOCOL {
+        return Err(Status::failed_precondition(format!(
+            "protocol {} not supported (this receiver speaks {PROTOCOL})",
+            hello.protocol
+        )));
+    }
+    // Take over from an older session of the same sender.
+    let token = CancellationToken::new();
+    if let Some((_, old)) = inner
+        .session
+        .lock()
+        .expect("session lock")
+        .replace((id, token.clone()))
+    {
+        old.cancel();
+    }
+    let mut guard = tokio::select! {
+        g = inner.state.clone().lock_owned() => g,
+        _ = token.cancelled() => return Err(Status::cancelled("superseded by a newer session")),
+        _ = tokio::time::sleep(Duration::from_secs(60)) => return Err(Status::unavailable("replica busy")),
+    };
+    // Roll forward a commit whose application failed earlier, before anything else.
+    if let Some(rec) = guard.unapplied.take() {
+        let (g, r) = blocking(guard, {
+            let inner = inner.clone();
+            move |st: &mut State| retry_apply(&inner, st, rec)
+        })
+        .await?;
+        guard = g;
+        r?;
+    }
+    let epoch = guard.epoch.get();
+    let hello_epoch = Epoch(hello.epoch);
+    if hello_epoch < epoch {
+        return Err(Status::failed_precondition(format!(
+            "fenced: stale epoch {hello_epoch} < {epoch}; this replica no longer accepts data from that epoch"
+        )));
+    }
+    if hello_epoch > epoch {
+        guard
+            .epoch
+            .raise(hello_epoch)
+            .map_err(|e| Status::internal(format!("persisting epoch: {e}")))?;
+        inner.figures.lock().expect("figures").epoch = hello_epoch;
+    }
+    inner.figures.lock().expect("figures").session_active = true;
+    tracing::info!(sender = %hello.sender, epoch = %hello_epoch, generation = %guard.manifest.generation, "session started");
+    send(
+        &tx,
+        sync_response::Msg::Hello(HelloReply {
+            protocol: PROTOCOL,
+            epoch: hello_epoch.0,
+            generation: guard.manifest.generation.0,
+            root: guard.manifest.root().to_vec().into(),
+            entries: guard.manifest.len() as u64,
+        }),
+    )
+    .await?;
+
+    let (sig_tx, sig_rx) = mpsc::channel::<SigJob>(64);
+    let sig_worker = tokio::spawn(sig_worker(inner.clone(), sig_rx, tx.clone()));
+    let mut cur: Option<Gen> = None;
+    let result = async {
+        loop {
+            let msg = tokio::select! {
+                m = stream.next() => m,
+                _ = token.cancelled() => return Err(Status::cancelled("superseded by a newer session")),
+            };
+            let msg = match msg {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            };
+            inner.figures.lock().expect("figures").last_data = Some(Instant::now());
+            let Some(msg) = msg.msg else {
+                return Err(bad("empty message"));
+            };
+            guard = handle(&inner, guard, hello_epoch, &mut cur, msg, &tx, &sig_tx).await?;
+        }
+    }
+    .await;
+    sig_worker.abort();
+    if let Some(g) = cur.take() {
+        g.discard(&inner.stage);
+    }
+    result
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<SyncResponse, Status>>,
+    msg: sync_response::Msg,
+) -> Result<(), Status> {
+    tx.send(Ok(SyncResponse { msg: Some(msg) }))
+        .await
+        .map_err(|_| Status::cancelled("sender went away"))
+}
+
+/// Runs `f` on the blocking pool with the replica state, and hands the state back.
+async fn blocking<T: Send + 'static>(
+    mut guard: OwnedMutexGuard<State>,
+    f: impl FnOnce(&mut State) -> T + Send + 'static,
+) -> Result<(OwnedMutexGuard<State>, T), Status> {
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut guard);
+        (guard, r)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("worker failed: {e}")))
+}
+
+fn retry_apply(inner: &Inner, st: &mut State, rec: Record) -> Result<(), Status> {
+    let r = apply_record(&inner.root, inner.stage.as_fd(), &rec, &st.manifest)
+        .and_then(|_| sync_applied(&inner.root, &rec));
+    match r {
+        Ok(()) => {
+            let _ = st.catalog.mark_applied(Generation(rec.generation));
+            let _ = clear_stage(inner.stage.as_fd());
+            Ok(())
+        }
+        Err(e) => {
+            st.unapplied = Some(rec);
+            Err(status_io(
+                "rolling forward the last committed generation",
+                e,
+            ))
+        }
+    }
+}
+
+struct SigJob {
+    file: u32,
+    path: RelPath,
+    block_size: u32,
+    expect: Option<Entry>,
+    bases: Arc<Mutex<HashMap<u32, Arc<Base>>>>,
+}
+
+/// Computes signatures one at a time, in order, beside the session (so literal data keeps
+/// flowing while a big base is being read).
+async fn sig_worker(
+    inner: Arc<Inner>,
+    mut rx: mpsc::Receiver<SigJob>,
+    tx: mpsc::Sender<Result<SyncResponse, Status>>,
+) {
+    while let Some(job) = rx.recv().await {
+        let inner2 = inner.clone();
+        let file = job.file;
+        let r = tokio::task::spawn_blocking(move || compute_sig(&inner2, job)).await;
+        let msgs = match r {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "no usable base for a delta; asking for the whole file");
+                vec![Signature {
+                    file,
+                    missing: true,
+                    last: true,
+                    ..Default::default()
+                }]
+            }
+            Err(_) => return,
+        };
+        for m in msgs {
+            if send(&tx, sync_response::Msg::Signature(m)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn compute_sig(inner: &Inner, job: SigJob) -> io::Result<Vec<Signature>> {
+    let Some(expect) = job.expect else {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "no committed file"));
+    };
+    let (dir, name) = inner.root.open_parent(&job.path)?;
+    let f = fsx::openat_file(dir.as_fd(), name)?;
+    let md = f.metadata()?;
+    if !md.is_file() || md.len() != expect.size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "replica file differs from the manifest",
+        ));
+    }
+    let map = if md.len() == 0 {
+        None
+    } else {
+        // SAFETY: the replica is written only by this process, and never in place.
+        Some(unsafe { Mmap::map(&f)? })
+    };
+    let base = Arc::new(Base { map, _file: f });
+    let sig = delta::signature(base.bytes(), job.block_size);
+    job.bases
+        .lock()
+        .expect("bases")
+        .insert(job.file, base.clone());
+    let pieces: Vec<&[u8]> = if sig.is_empty() {
+        vec![&[]]
+    } else {
+        sig.chunks(SIG_PIECE).collect()
+    };
+    let n = pieces.len();
+    Ok(pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| Signature {
+            file: job.file,
+            base_size: md.len(),
+            data: Bytes::copy_from_slice(p),
+            last: i + 1 == n,
+            missing: false,
+        })
+        .collect())
+}
+
+async fn handle(
+    inner: &Arc<Inner>,
+    mut guard: OwnedMutexGuard<State>,
+    epoch: Epoch,
+    cur: &mut Option<Gen>,
+    msg: sync_request::Msg,
+    tx: &mpsc::Sender<Result<SyncResponse, Status>>,
+    sig_tx: &mpsc::Sender<SigJob>,
+) -> Result<OwnedMutexGuard<State>, Status> {
+    use sync_request::Msg;
+    match msg {
+        Msg::Hello(_) => return Err(bad("hello sent twice")),
+        Msg::Manifest(_) => {
+            if cur.is_some() {
+                return Err(bad("manifest asked for in the middle of a generation"));
+            }
+            send_manifest(&guard.manifest, tx).await?;
+        }
+        Msg::Begin(b) => {
+            if cur.is_some() {
+                return Err(bad("begin inside a generation"));
+            }
+            let expected = guard.manifest.generation.next();
+            if b.generation != expected.0 {
+                return Err(Status::failed_precondition(format!(
+                    "generation {} cannot follow committed generation {}",
+                    b.generation, guard.manifest.generation
+                )));
+            }
+            *cur = Some(Gen {
+                generation: expected,
+                changes: BTreeMap::new(),
+                streams: HashMap::new(),
+                bases: Arc::new(Mutex::new(HashMap::new())),
+                seq: 0,
+            });
+        }
+        Msg::Ops(ops) => {
+            let g = cur
+                .as_mut()
+                .ok_or_else(|| bad("ops outside a generation"))?;
+            handle_ops(inner, &guard.manifest, g, ops.ops).await?;
+        }
+        Msg::Sig(s) => {
+            let g = cur
+                .as_mut()
+                .ok_or_else(|| bad("signature request outside a generation"))?;
+            delta::check_block_size(s.block_size).map_err(|e| bad(e.to_string()))?;
+            let path = rel(&s.path)?;
+            let expect = guard
+                .manifest
+                .get(&path)
+                .filter(|e| kind_of(e) == Some(Kind::File))
+                .cloned();
+            sig_tx
+                .send(SigJob {
+                    file: s.file,
+                    path,
+                    block_size: s.block_size,
+                    expect,
+                    bases: g.bases.clone(),
+                })
+                .await
+                .map_err(|_| Status::internal("signature worker stopped"))?;
+        }
+        Msg::Chunk(c) => {
+            let g = cur
+                .as_mut()
+                .ok_or_else(|| bad("chunk outside a generation"))?;
+            let mut s = g
+                .streams
+                .remove(&c.file)
+                .ok_or_else(|| bad(format!("chunk for unknown file {}", c.file)))?;
+            let (s2, r) = tokio::task::spawn_blocking(move || {
+                let r = write_chunk(&mut s, c);
+                (s, r)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            r?;
+            g.streams.insert(s2.id, s2);
+        }
+        Msg::End(end) => {
+            let g = cur
+                .as_mut()
+                .ok_or_else(|| bad("file end outside a generation"))?;
+            let s = g
+                .streams
+                .remove(&end.file)
+                .ok_or_else(|| bad(format!("end of unknown file {}", end.file)))?;
+            let stage = inner.clone();
+            let (s, outcome) = tokio::task::spawn_blocking(move || {
+                let mut s = s;
+                let o = finish_stream(&stage, &mut s, &end);
+                (s, o)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            let p = g
+                .changes
+                .get_mut(&s.path)
+                .ok_or_else(|| Status::internal("stream without a change"))?;
+            match outcome? {
+                StreamOutcome::Aborted => {
+                    g.changes.remove(&s.path);
+                }
+                StreamOutcome::Rejected(why) => {
+                    tracing::warn!(path = %s.path, why, "file failed verification; asking for it whole");
+                    p.state = PState::Rejected;
+                    p.change.stage.clear();
+                }
+                StreamOutcome::Verified(entry) => {
+                    p.change.entry = Some(entry);
+                    p.change.stage = s.name.clone();
+                    p.state = PState::Ready;
+                }
+            }
+        }
+        Msg::Commit(c) => {
+            let g = cur
+                .take()
+                .ok_or_else(|| bad("commit outside a generation"))?;
+            if c.generation != g.generation.0 {
+                return Err(bad(format!(
+                    "commit of generation {} inside generation {}",
+                    c.generation, g.generation
+                )));
+            }
+            if !g.streams.is_empty() {
+                return Err(bad("commit with files still streaming"));
+            }
+            let retry: Vec<Bytes> = g
+                .changes
+                .iter()
+                .filter(|(_, p)| p.state == PState::Rejected)
+                .map(|(k, _)| Bytes::from(k.as_bytes().to_vec()))
+                .collect();
+            if !retry.is_empty() {
+                let generation = g.generation;
+                *cur = Some(g);
+                send(
+                    tx,
+                    sync_response::Msg::Commit(CommitResult {
+                        generation: generation.0,
+                        committed: false,
+                        retry,
+                        ..Default::default()
+                    }),
+                )
+                .await?;
+                return Ok(guard);
+            }
+            let started = Instant::now();
+            let inner2 = inner.clone();
+            let want = c.root.to_vec();
+            let (g2, r) = blocking(guard, move |st| commit(&inner2, st, g, epoch, &want)).await?;
+            guard = g2;
+            let (generation, root) = r?;
+            let commit_ms = started.elapsed().as_millis() as u64;
+            {
+                let mut f = inner.figures.lock().expect("figures");
+                f.generation = generation;
+                f.root = root;
+                f.entries = guard.manifest.len() as u64;
+                f.bytes = guard.manifest.total_bytes();
+                f.last_commit = Some(SystemTime::now());
+            }
+            tracing::debug!(%generation, commit_ms, "generation committed");
+            send(
+                tx,
+                sync_response::Msg::Commit(CommitResult {
+                    generation: generation.0,
+                    committed: true,
+                    root: root.to_vec().into(),
+                    retry: vec![],
+                    commit_ms,
+                }),
+            )
+            .await?;
+        }
+    }
+    Ok(guard)
+}
+
+async fn send_manifest(
+    m: &Manifest,
+    tx: &mpsc::Sender<Result<SyncResponse, Status>>,
+) -> Result<(), Status> {
+    let root = Bytes::from(m.root().to_vec());
+    let mut items = Vec::new();
+    let mut size = 0usize;
+    let mut iter = m.iter().peekable();
+    while let Some((p, e)) = iter.next() {
+        size += p.as_bytes().len() + 64 + e.target.len();
+        items.push(ManifestItem {
+            path: p.as_bytes().to_vec().into(),
+            entry: Some(e.clone()),
+        });
+        if size > (1 << 20) || iter.peek().is_none() {
+            let last = iter.peek().is_none();
+            send(
+                tx,
+                sync_response::Msg::Manifest(ManifestChunk {
+                    generation: m.generation.0,
+                    root: root.clone(),
+                    items: std::mem::take(&mut items),
+                    last,
+                }),
+            )
+            .await?;
+            size = 0;
+        }
+    }
+    if m.is_empty() {
+        send(
+            tx,
+            sync_response::Msg::Manifest(ManifestChunk {
+                generation: m.generation.0,
+                root,
+                items: vec![],
+                last: true,
+            }),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// An inline file to stage.
+struct InlineJob {
+    path: RelPath,
+    entry: Entry,
+    data: Bytes,
+    zstd: bool,
+    name: String,
+}
+
+fn check_entry(p: &RelPath, e: &Entry) -> Result<Kind, Status> {
+    let k = kind_of(e).ok_or_else(|| bad(format!("{p}: entry without a valid kind")))?;
+    if e.mode & !0o7777 != 0 {
+        return Err(bad(format!("{p}: invalid mode {:#o}", e.mode)));
+    }
+    match k {
+        Kind::Symlink => {
+            if e.target.is_empty()
+                || e.target.len() > crate::types::MAX_PATH
+                || e.target.contains(&0)
+            {
+                return Err(bad(format!("{p}: invalid symlink target")));
+            }
+        }
+        Kind::File => {
+            if !e.target.is_empty() {
+                return Err(bad(format!("{p}: file with a link target")));
+            }
+        }
+        Kind::Dir => {}
+    }
+    Ok(k)
+}
+
+async fn handle_ops(
+    inner: &Arc<Inner>,
+    manifest: &Manifest,
+    g: &mut Gen,
+    ops: Vec<crate::proto::Op>,
+) -> Result<(), Status> {
+    let mut inline = Vec::new();
+    let mut links: Vec<(RelPath, RelPath, Entry, String)> = Vec::new();
+    let mut symlinks: Vec<(RelPath, Entry, String)> = Vec::new();
+    for o in ops {
+        let path = rel(&o.path)?;
+        if let Some(prev) = g.changes.get(&path)
+            && prev.state != PState::Rejected
+        {
+            return Err(bad(format!("second change to {path} in one generation")));
+        }
+        let old = manifest.get(&path);
+        let old_kind = old.and_then(kind_of);
+        match o
+            .change
+            .ok_or_else(|| bad(format!("{path}: op without a change")))?
+        {
+            op::Change::Delete(k) => {
+                let k =
+                    Kind::from_proto(k).ok_or_else(|| bad(format!("{path}: delete of no kind")))?;
+                match old_kind {
+                    None => continue, // already absent
+                    Some(ok) if ok != k => {
+                        return Err(bad(format!(
+                            "delete of {path} as a {k:?}, but the replica holds a {ok:?}"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+                g.changes.insert(
+                    path.clone(),
+                    Pending {
+                        change: Change {
+                            path: path.into_bytes().into(),
+                            entry: None,
+                            old_kind: k.to_proto(),
+                            ..Default::default()
+                        },
+                        state: PState::Ready,
+                    },
+                );
+            }
+            op::Change::Upsert(u) => {
+                let mut entry = u
+                    .entry
+                    .ok_or_else(|| bad(format!("{path}: upsert without entry")))?;
+                entry.ino = 0;
+                entry.verify = false;
+                let kind = check_entry(&path, &entry)?;
+                let old_kind_field = match old_kind {
+                    Some(ok) if ok != kind => ok.to_proto(),
+                    _ => 0,
+                };
+                let mut change = Change {
+                    path: path.as_bytes().to_vec().into(),
+                    entry: Some(entry.clone()),
+                    old_kind: old_kind_field,
+                    ..Default::default()
+                };
+                let content = u.content.unwrap_or(upsert::Content::Keep(true));
+                let mut state = PState::Ready;
+                match (kind, content) {
+                    (Kind::Dir, upsert::Content::Keep(_)) => {}
+                    (Kind::Symlink, upsert::Content::Keep(_)) => {
+                        let name = g.stage_name();
+                        symlinks.push((path.clone(), entry.clone(), name.clone()));
+                        change.stage = name;
+                    }
+                    (Kind::File, upsert::Content::Keep(_)) => {
+                        let same = old.is_some_and(|o| {
+                            kind_of(o) == Some(Kind::File)
+                                && o.blake3 == entry.blake3
+                                && o.size == entry.size
+                        });
+                        if !same {
+                            return Err(bad(format!(
+                                "{path}: metadata-only change, but the replica's content differs"
+                            )));
+                        }
+                        entry.ino = old.map(|o| o.ino).unwrap_or(0);
+                        change.entry = Some(entry);
+                        change.set_meta = true;
+                    }
+                    (Kind::File, upsert::Content::Inline(data)) => {
+                        if entry.size as usize > MAX_INLINE || data.len() > MAX_INLINE {
+                            return Err(bad(format!("{path}: inline file too large")));
+                        }
+                        let name = g.stage_name();
+                        change.stage = name.clone();
+                        inline.push(InlineJob {
+                            path: path.clone(),
+                            entry,
+                            data,
+                            zstd: u.zstd,
+                            name,
+                        });
+                    }
+                    (Kind::File, upsert::Content::CopyFrom(src)) => {
+                        let src = rel(&src)?;
+                        let name = g.stage_name();
+                        change.stage = name.clone();
+                        change.set_meta = true;
+                        links.push((path.clone(), src, entry, name));
+                    }
+                    (Kind::File, upsert::Content::Stream(id)) => {
+                        if g.streams.contains_key(&id) {
+                            return Err(bad(format!("file id {id} already streaming")));
+                        }
+                        let base = if u.delta {
+                            Some(g.bases.lock().expect("bases").remove(&id).ok_or_else(|| {
+                                bad(format!("{path}: delta without a signature request"))
+                            })?)
+                        } else {
+                            None
+                        };
+                        let name = g.stage_name();
+                        let file = fsx::create_excl(inner.stage.as_fd(), name.as_bytes())
+                            .map_err(|e| status_io("staging", e))?;
+                        g.streams.insert(
+                            id,
+                            OpenStream {
+                                id,
+                                path: path.clone(),
+                                name,
+                                file,
+                                entry,
+                                hasher: blake3::Hasher::new(),
+                                written: 0,
+                                base,
+                                corrupt: None,
+                                last_writeback: 0,
+                            },
+                        );
+                        state = PState::Streaming;
+                    }
+                    (k, _) => {
+                        return Err(bad(format!("{path}: a {k:?} cannot carry file content")));
+                    }
+                }
+                g.changes.insert(path, Pending { change, state });
+            }
+        }
+    }
+
+    // Stage the batch off the async threads.
+    let stage_inner = inner.clone();
+    let manifest_links: Vec<(RelPath, RelPath, Entry, String, Option<Entry>)> = links
+        .into_iter()
+        .map(|(p, s, e, n)| {
+            let src = manifest.get(&s).cloned();
+            (p, s, e, n, src)
+        })
+        .collect();
+    let results = tokio::task::spawn_blocking(move || {
+        let inner = stage_inner;
+        let mut out: Vec<(RelPath, Result<Option<Entry>, io::Error>)> = inline
+            .into_par_iter()
+            .map(|j| {
+                let p = j.path.clone();
+                (p, stage_inline(&inner, j))
+            })
+            .collect();
+        for (p, e, n) in symlinks {
+            let r = fsx::symlinkat(&e.target, inner.stage.as_fd(), n.as_bytes())
+                .and_then(|_| fsx::set_mtime_at(inner.stage.as_fd(), n.as_bytes(), e.mtime_ns))
+                .map(|_| Some(e));
+            out.push((p, r));
+        }
+        for (p, src, e, n, src_entry) in manifest_links {
+            out.push((p, stage_link(&inner, &src, e, &n, src_entry)));
+        }
+        out
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?;
+    for (p, r) in results {
+        let pending = g.changes.get_mut(&p).expect("staged change is pending");
+        match r {
+            Ok(Some(entry)) => pending.change.entry = Some(entry),
+            Ok(None) => {
+                tracing::warn!(path = %p, "content failed verification; asking for it whole");
+                pending.state = PState::Rejected;
+                pending.change.stage.clear();
+            }
+            Err(e) => return Err(status_io("staging", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Verifies and stages a whole small file. `Ok(None)`: the content does not match its hash.
+fn stage_inline(inner: &Inner, j: InlineJob) -> io::Result<Option<Entry>> {
+    let data: std::borrow::Cow<[u8]> = if j.zstd {
+        match zstd::bulk::decompress(&j.data, j.entry.size as usize) {
+            Ok(d) => d.into(),
+            Err(_) => return Ok(None),
+        }
+    } else {
+        (&j.data[..]).into()
+    };
+    if data.len() as u64 != j.entry.size || blake3::hash(&data).as_bytes()[..] != j.entry.blake3[..]
+    {
+        return Ok(None);
+    }
+    let mut f = fsx::create_excl(inner.stage.as_fd(), j.name.as_bytes())?;
+    f.write_all(&data)?;
+    set_file_meta(&f, &j.entry)?;
+    let mut e = j.entry;
+    e.ino = f.metadata()?.ino();
+    Ok(Some(e))
+}
+
+fn set_file_meta(f: &File, e: &Entry) -> io::Result<()> {
+    f.set_permissions(std::fs::Permissions::from_mode(e.mode))?;
+    let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(e.mtime_ns.max(0) as u64);
+    f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+}
+
+/// Stages a rename: a hard link to the committed source, if it holds the declared content.
+fn stage_link(
+    inner: &Inner,
+    src: &RelPath,
+    e: Entry,
+    name: &str,
+    src_entry: Option<Entry>,
+) -> io::Result<Option<Entry>> {
+    let Some(s) = src_entry
+        .filter(|s| kind_of(s) == Some(Kind::File) && s.blake3 == e.blake3 && s.size == e.size)
+    else {
+        return Ok(None);
+    };
+    let (dir, sname) = match inner.root.open_parent(src) {
+        Ok(x) => x,
+        Err(_) => return Ok(None),
+    };
+    match fsx::linkat(dir.as_fd(), sname, inner.stage.as_fd(), name.as_bytes()) {
+        Ok(()) => {}
+        Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => return Err(err),
+        Err(_) => return Ok(None),
+    }
+    let st = fsx::lstat_at(inner.stage.as_fd(), name.as_bytes())?;
+    match st {
+        Some(st) if st.st_size as u64 == s.size => Ok(Some(Entry {
+            ino: st.st_ino,
+            ..e
+        })),
+        _ => {
+            let _ = fsx::unlinkat(inner.stage.as_fd(), name.as_bytes(), false);
+            Ok(None)
+        }
+    }
+}
+
+fn write_chunk(s: &mut OpenStream, c: crate::proto::Chunk) -> Result<(), Status> {
+    if s.corrupt.is_some() {
+        return Ok(());
+    }
+    let len = c.len as usize;
+    if len > delta::MAX_CHUNK {
+        return Err(bad(format!(
+            "{}: chunk of {len} bytes exceeds the limit",
+            s.path
+        )));
+    }
+    let data: Result<Vec<u8>, String> = match c.data {
+        Some(chunk::Data::Literal(b)) => {
+            if b.len() != len {
+                Err(format!("literal of {} bytes declared as {len}", b.len()))
+            } else {
+                Ok(b.to_vec())
+            }
+        }
+        Some(chunk::Data::LiteralZstd(b)) => zstd::bulk::decompress(&b, len)
+            .map_err(|e| format!("undecodable compressed literal: {e}"))
+            .and_then(|d| {
+                if d.len() == len {
+                    Ok(d)
+                } else {
+                    Err(format!("literal of {} bytes declared as {len}", d.len()))
+                }
+            }),
+        Some(chunk::Data::Delta(d)) => apply(s, &d, len),
+        Some(chunk::Data::DeltaZstd(d)) => zstd::bulk::decompress(&d, 2 * len + (1 << 20))
+            .map_err(|e| format!("undecodable compressed delta: {e}"))
+            .and_then(|d| apply(s, &d, len)),
+        None => Err("chunk without data".into()),
+    };
+    let data = match data {
+        Ok(d) => d,
+        Err(why) => {
+            s.corrupt = Some(why);
+            return Ok(());
+        }
+    };
+    s.hasher.update(&data);
+    s.file
+        .write_all(&data)
+        .map_err(|e| status_io("writing staged data", e))?;
+    s.written += len as u64;
+    if s.written - s.last_writeback >= WRITEBACK_EVERY {
+        fsx::start_writeback(&s.file, s.last_writeback, s.written - s.last_writeback);
+        s.last_writeback = s.written;
+    }
+    Ok(())
+}
+
+fn apply(s: &OpenStream, delta: &[u8], len: usize) -> Result<Vec<u8>, String> {
+    let Some(base) = &s.base else {
+        return Err("delta chunk for a file sent without a base".into());
+    };
+    delta::apply_window(base.bytes(), delta, len).map_err(|e| e.to_string())
+}
+
+enum StreamOutcome {
+    Aborted,
+    Rejected(String),
+    Verified(Entry),
+}
+
+fn finish_stream(
+    inner: &Inner,
+    s: &mut OpenStream,
+    end: &crate::proto::FileEnd,
+) -> Result<StreamOutcome, Status> {
+    let unlink = |s: &OpenStream| {
+        let _ = fsx::unlinkat(inner.stage.as_fd(), s.name.as_bytes(), false);
+    };
+    if end.aborted {
+        unlink(s);
+        return Ok(StreamOutcome::Aborted);
+    }
+    let why = if let Some(c) = &s.corrupt {
+        Some(c.clone())
+    } else if s.written != end.size {
+        Some(format!(
+            "{} bytes received, {} declared",
+            s.written, end.size
+        ))
+    } else if s.hasher.finalize().as_bytes()[..] != end.blake3[..] {
+        Some(format!(
+            "blake3 mismatch: received {}, declared {}",
+            s.hasher.finalize().to_hex(),
+            hex(&end.blake3)
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        unlink(s);
+        return Ok(StreamOutcome::Rejected(why));
+    }
+    let mut e = s.entry.clone();
+    e.size = end.size;
+    e.blake3 = end.blake3.clone();
+    set_file_meta(&s.file, &e).map_err(|er| status_io("staging", er))?;
+    e.ino = s
+        .file
+        .metadata()
+        .map_err(|er| status_io("staging", er))?
+        .ino();
+    Ok(StreamOutcome::Verified(e))
+}
+
+/// Makes a generation durable and applies it. Returns the new generation and root.
+fn commit(
+    inner: &Inner,
+    st: &mut State,
+    g: Gen,
+    epoch: Epoch,
+    want_root: &[u8],
+) -> Result<(Generation, [u8; 32]), Status> {
+    let generation = g.generation;
+    if st.epoch.get() != epoch {
+        g.discard(&inner.stage);
+        return Err(Status::failed_precondition(format!(
+            "fenced: epoch moved to {} during the session",
+            st.epoch.get()
+        )));
+    }
+    let changes: Vec<Change> = g.changes.values().map(|p| p.change.clone()).collect();
+    // The manifest after this generation, checked before anything is made durable; any refusal
+    // puts the committed manifest back as it was.
+    let undo = match st.manifest.apply_undoable(&changes) {
+        Ok(u) => u,
+        Err(e) => {
+            g.discard(&inner.stage);
+            return Err(bad(format!("generation refused: {e}")));
+        }
+    };
+    let refuse = |st: &mut State, g: Gen, undo, err: Status| {
+        st.manifest.undo(undo);
+        g.discard(&inner.stage);
+        Err(err)
+    };
+    for c in &changes {
+        if c.entry.is_none() {
+            continue;
+        }
+        let p = RelPath::new(c.path.to_vec()).expect("validated");
+        if let Some(parent) = p.parent()
+            && st.manifest.get(&parent).and_then(kind_of) != Some(Kind::Dir)
+        {
+            return refuse(
+                st,
+                g,
+                undo,
+                bad(format!(
+                    "refused {p}: its parent is not a directory in this generation (paths through symlinks or files are refused)"
+                )),
+            );
+        }
+    }
+    let root = st.manifest.root();
+    if root[..] != want_root[..] {
+        return refuse(
+            st,
+            g,
+            undo,
+            Status::failed_precondition(format!(
+                "manifest root mismatch: the sender expects {}, this generation would give {}; nothing committed",
+                hex(want_root),
+                hex(&root)
+            )),
+        );
+    }
+    let rec = Record {
+        generation: generation.0,
+        epoch: epoch.0,
+        root: root.to_vec().into(),
+        changes,
+        applied: false,
+    };
+    // Staged data first, then the record (the commit point), then the workspace.
+    if let Err(e) = sync_staged(inner.stage.as_fd(), &rec) {
+        return refuse(st, g, undo, status_io("syncing staged data", e));
+    }
+    if let Err(e) = st.catalog.append(&rec) {
+        return refuse(
+            st,
+            g,
+            undo,
+            Status::internal(format!("writing the commit record: {e}")),
+        );
+    }
+    st.manifest.generation = generation;
+    if let Err(e) = apply_record(&inner.root, inner.stage.as_fd(), &rec, &st.manifest)
+        .and_then(|_| sync_applied(&inner.root, &rec))
+    {
+        tracing::error!(error = %e, %generation, "applying a committed generation failed; it will be rolled forward");
+        st.unapplied = Some(rec);
+        return Err(status_io("applying a committed generation", e));
+    }
+    st.catalog
+        .mark_applied(generation)
+        .and_then(|_| st.catalog.maybe_compact(&st.manifest))
+        .map_err(|e| Status::internal(format!("catalog: {e}")))?;
+    Ok((generation, root))
+}
