@@ -183,8 +183,9 @@ pub fn sync_staged(stage: BorrowedFd<'_>, rec: &Record) -> io::Result<()> {
     File::from(fsx::openat_dir(stage, b".")?).sync_all()
 }
 
-/// Makes an applied record durable: every directory it touched.
-pub fn sync_applied(root: &Root, rec: &Record) -> io::Result<()> {
+/// Makes an applied record durable: every directory it touched that still exists (as a
+/// directory in `manifest`, the manifest after the record), and the workspace root.
+pub fn sync_applied(root: &Root, rec: &Record, manifest: &Manifest) -> io::Result<()> {
     let mut dirs: BTreeSet<Option<RelPath>> = BTreeSet::new();
     for c in &rec.changes {
         let Ok(p) = RelPath::new(c.path.to_vec()) else {
@@ -201,11 +202,8 @@ pub fn sync_applied(root: &Root, rec: &Record) -> io::Result<()> {
     for d in dirs {
         let fd = match &d {
             None => fsx::openat_dir(root.fd(), b".")?,
-            Some(p) => match root.open_dir(p) {
-                Ok(fd) => fd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted
-                Err(e) => return Err(e),
-            },
+            Some(p) if manifest.get(p).and_then(kind_of) == Some(Kind::Dir) => root.open_dir(p)?,
+            Some(_) => continue, // removed, or no longer a directory
         };
         File::from(fd).sync_all()?;
     }

@@ -151,7 +151,7 @@ impl Receiver {
                 "rolling forward a committed generation"
             );
             apply_record(&root, stage.as_fd(), &rec, &manifest)?;
-            sync_applied(&root, &rec)?;
+            sync_applied(&root, &rec, &manifest)?;
             catalog.mark_applied(Generation(rec.generation))?;
             catalog.sync()?;
         }
@@ -576,7 +576,7 @@ async fn blocking<T: Send + 'static>(
 
 fn retry_apply(inner: &Inner, st: &mut State, rec: Record) -> Result<(), Status> {
     let r = apply_record(&inner.root, inner.stage.as_fd(), &rec, &st.manifest)
-        .and_then(|_| sync_applied(&inner.root, &rec));
+        .and_then(|_| sync_applied(&inner.root, &rec, &st.manifest));
     match r {
         Ok(()) => {
             let _ = st.catalog.mark_applied(Generation(rec.generation));
@@ -1389,7 +1389,7 @@ fn commit(
     }
     st.manifest.generation = generation;
     if let Err(e) = apply_record(&inner.root, inner.stage.as_fd(), &rec, &st.manifest)
-        .and_then(|_| sync_applied(&inner.root, &rec))
+        .and_then(|_| sync_applied(&inner.root, &rec, &st.manifest))
     {
         tracing::error!(error = %e, %generation, "applying a committed generation failed; it will be rolled forward");
         st.unapplied = Some(rec);

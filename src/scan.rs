@@ -417,13 +417,8 @@ pub fn plan(index: &Manifest, walk: &Walk, roots: &[Option<RelPath>]) -> Plan {
         let old = index.get(p);
         match (old, st.kind) {
             (Some(o), _) if kind_of(o) != Some(st.kind) => {
-                // A change of kind: the old one goes first (a directory with its subtree).
-                if let Some(k) = kind_of(o) {
-                    actions.push(Action::Delete {
-                        path: p.clone(),
-                        old: k,
-                    });
-                }
+                // A change of kind is one upsert: the receiver removes what was there (a
+                // directory with its subtree) before placing the new kind.
                 actions.push(new_action(p, st, None, &mut by_ino));
             }
             (Some(o), Kind::File) => {

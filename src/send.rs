@@ -78,7 +78,7 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("fenced: {0}")]
     Fenced(String),
@@ -176,11 +176,27 @@ pub struct Sender {
     pub figures: Arc<Mutex<SenderFigures>>,
 }
 
+/// Why a session ended, as first seen by the response reader.
+type Failure = Arc<Mutex<Option<SyncError>>>;
+
+/// The reason a session failed: the receiver's own error when it gave one (it may arrive a
+/// moment after our side of the stream noticed).
+fn failure_of(f: &Failure) -> SyncError {
+    for _ in 0..20 {
+        if let Some(e) = f.lock().expect("failure").clone() {
+            return e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    SyncError::Connection("session closed".into())
+}
+
 /// Messages out, counting the bytes put on the connection.
 #[derive(Clone)]
 struct Out {
     tx: mpsc::Sender<SyncRequest>,
     sent: Arc<AtomicU64>,
+    failure: Failure,
 }
 
 impl Out {
@@ -191,10 +207,13 @@ impl Out {
         let m = Self::wrap(msg);
         self.sent
             .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
-        self.tx
-            .send(m)
-            .await
-            .map_err(|_| SyncError::Connection("session closed".into()))
+        if self.tx.send(m).await.is_err() {
+            let f = self.failure.clone();
+            return Err(tokio::task::spawn_blocking(move || failure_of(&f))
+                .await
+                .unwrap_or_else(|_| SyncError::Connection("session closed".into())));
+        }
+        Ok(())
     }
     fn send_blocking(&self, msg: sync_request::Msg) -> Result<(), SyncError> {
         let m = Self::wrap(msg);
@@ -202,7 +221,7 @@ impl Out {
             .fetch_add(m.encoded_len() as u64, Ordering::Relaxed);
         self.tx
             .blocking_send(m)
-            .map_err(|_| SyncError::Connection("session closed".into()))
+            .map_err(|_| failure_of(&self.failure))
     }
 }
 
@@ -235,7 +254,13 @@ impl Session {
     async fn event(&mut self) -> Result<Event, SyncError> {
         match self.events.recv().await {
             Some(r) => r,
-            None => Err(SyncError::Connection("session closed".into())),
+            None => Err(self
+                .out
+                .failure
+                .lock()
+                .expect("failure")
+                .clone()
+                .unwrap_or_else(|| SyncError::Connection("session closed".into()))),
         }
     }
 
@@ -256,11 +281,16 @@ async fn read_responses(
     mut inbound: tonic::Streaming<crate::proto::SyncResponse>,
     sigs: Arc<Mutex<HashMap<u32, oneshot::Sender<SigResult>>>>,
     events: mpsc::Sender<Result<Event, SyncError>>,
+    failure: Failure,
 ) {
     let mut partial: HashMap<u32, Vec<u8>> = HashMap::new();
     let fail = |e: SyncError, sigs: &Arc<Mutex<HashMap<u32, oneshot::Sender<SigResult>>>>| {
+        failure
+            .lock()
+            .expect("failure")
+            .get_or_insert_with(|| e.clone());
         for (_, w) in sigs.lock().expect("sigs").drain() {
-            let _ = w.send(Err(SyncError::Connection(e.to_string())));
+            let _ = w.send(Err(e.clone()));
         }
         e
     };
@@ -416,9 +446,11 @@ impl Sender {
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let (tx, rx) = mpsc::channel::<SyncRequest>(16);
+        let failure: Failure = Arc::new(Mutex::new(None));
         let out = Out {
             tx,
             sent: Arc::new(AtomicU64::new(0)),
+            failure: failure.clone(),
         };
         out.send(sync_request::Msg::Hello(Hello {
             protocol: PROTOCOL,
@@ -448,7 +480,7 @@ impl Sender {
         }
         let sigs = Arc::new(Mutex::new(HashMap::new()));
         let (etx, erx) = mpsc::channel(16);
-        let reader = tokio::spawn(read_responses(inbound, sigs.clone(), etx));
+        let reader = tokio::spawn(read_responses(inbound, sigs.clone(), etx, failure));
         let mut root = [0u8; 32];
         if hello.root.len() == 32 {
             root.copy_from_slice(&hello.root);
@@ -932,9 +964,15 @@ impl Sender {
             let job = big[i].clone();
             let (id, sig) = match waiting.remove(&i) {
                 Some((id, rx)) => {
-                    let r = rx
-                        .await
-                        .map_err(|_| SyncError::Connection("session closed".into()))??;
+                    let r =
+                        match rx.await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                return Err(s.event().await.err().unwrap_or_else(|| {
+                                    SyncError::Connection("session closed".into())
+                                }));
+                            }
+                        };
                     let block =
                         delta::block_size_for(job.base.as_ref().map(|b| b.size).unwrap_or(0));
                     let sig = match r {

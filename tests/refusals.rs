@@ -1,0 +1,607 @@
+//! Refusals: each hostile or wrong input gets a clear error and leaves the replica intact.
+//! A raw gRPC client (not the agent) speaks the protocol directly.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use bytes::Bytes;
+use common::*;
+use standby::identity::Role;
+use standby::manifest::{Kind, Manifest};
+use standby::proto::replica_client::ReplicaClient;
+use standby::proto::replica_server::{Replica, ReplicaServer};
+use standby::proto::*;
+use standby::tls::{self, Expect, TlsMaterial};
+use standby::types::RelPath;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+struct Raw {
+    tx: mpsc::Sender<SyncRequest>,
+    rx: Streaming<SyncResponse>,
+    hello: HelloReply,
+}
+
+impl Raw {
+    async fn send(&self, m: sync_request::Msg) {
+        let _ = self.tx.send(SyncRequest { msg: Some(m) }).await;
+    }
+    async fn recv(&mut self) -> Result<sync_response::Msg, Status> {
+        match self.rx.message().await? {
+            Some(SyncResponse { msg: Some(m) }) => Ok(m),
+            _ => Err(Status::unknown("stream ended")),
+        }
+    }
+    async fn begin(&self) -> u64 {
+        let g = self.hello.generation + 1;
+        self.send(sync_request::Msg::Begin(Begin { generation: g }))
+            .await;
+        g
+    }
+}
+
+async fn raw(addr: &str, tls_dir: &Path, epoch: u64) -> Result<Raw, Status> {
+    let m = TlsMaterial::load(tls_dir).unwrap();
+    let ch = tls::connect(addr, m.client_config(Expect::AnyIdentity).unwrap())
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut c = ReplicaClient::new(ch);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(SyncRequest {
+        msg: Some(sync_request::Msg::Hello(Hello {
+            protocol: standby::receive::PROTOCOL,
+            epoch,
+            sender: "raw".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut rx = c.sync(ReceiverStream::new(rx)).await?.into_inner();
+    let hello = match rx.message().await? {
+        Some(SyncResponse {
+            msg: Some(sync_response::Msg::Hello(h)),
+        }) => h,
+        other => panic!("no hello: {other:?}"),
+    };
+    Ok(Raw { tx, rx, hello })
+}
+
+fn file_entry(data: &[u8], mode: u32) -> Entry {
+    Entry {
+        kind: Kind::File.to_proto(),
+        mode,
+        mtime_ns: 1_700_000_000_000_000_000,
+        size: data.len() as u64,
+        blake3: blake3::hash(data).as_bytes().to_vec().into(),
+        ..Default::default()
+    }
+}
+
+fn inline(path: &[u8], data: &[u8]) -> Op {
+    Op {
+        path: Bytes::copy_from_slice(path),
+        change: Some(op::Change::Upsert(Upsert {
+            entry: Some(file_entry(data, 0o644)),
+            content: Some(upsert::Content::Inline(Bytes::copy_from_slice(data))),
+            zstd: false,
+            delta: false,
+        })),
+    }
+}
+
+/// A pair with a replica holding a small tree, and a directory outside it that must stay empty.
+struct Setup {
+    pki: Pki,
+    t: tempfile::TempDir,
+    cpu: Cpu,
+    outside: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let pki = Pki::new();
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join("d/f.txt"), b"committed content").unwrap();
+        fs::write(src.join("big.bin"), vec![3u8; 300_000]).unwrap();
+        std::os::unix::fs::symlink(&outside, src.join("escape")).unwrap();
+        let cpu = Cpu::start(
+            &t.path().join("replica"),
+            &t.path().join("cpu"),
+            &pki.node("p", Role::Cpu),
+        );
+        once(
+            &src,
+            &t.path().join("gpu"),
+            &pki.node("p", Role::Gpu),
+            &cpu.addr,
+        );
+        assert_same(&src, &cpu.workspace);
+        Setup {
+            pki,
+            t,
+            cpu,
+            outside,
+        }
+    }
+
+    /// The replica is still exactly the committed tree, nothing leaked outside, nothing staged.
+    fn assert_intact(&self) {
+        assert_same(&self.t.path().join("src"), &self.cpu.workspace);
+        assert_eq!(
+            fs::read_dir(&self.outside).unwrap().count(),
+            0,
+            "something was written outside"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fs::read_dir(self.cpu.state.join("stage")).unwrap().count() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "staged files were not discarded"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_pairs_certificate_is_refused() {
+    let s = Setup::new();
+    for tls_dir in [s.pki.node("other", Role::Gpu), s.pki.node("p", Role::Cpu)] {
+        let e = raw(&s.cpu.addr, &tls_dir, 1)
+            .await
+            .err()
+            .expect("must be refused");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("standby://pair/p/gpu"), "{e}");
+    }
+    // A certificate from another CA does not even get a TLS session.
+    let other = Pki::new();
+    let e = raw(&s.cpu.addr, &other.node("p", Role::Gpu), 1)
+        .await
+        .err()
+        .expect("must be refused");
+    assert_ne!(e.code(), Code::Ok);
+    // And the real agent with another pair's certificate refuses to talk to this CPU.
+    let out = once_raw(
+        &s.t.path().join("src"),
+        &s.t.path().join("g2"),
+        &s.pki.node("other", Role::Gpu),
+        &s.cpu.addr,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected standby://pair/other/cpu"), "{err}");
+    s.assert_intact();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_epoch_is_refused_durably() {
+    let mut s = Setup::new();
+    // A newer epoch arrives (as after a failover); it is persisted.
+    let r = raw(&s.cpu.addr, &s.pki.node("p", Role::Gpu), 5)
+        .await
+        .unwrap();
+    assert_eq!(r.hello.epoch, 5);
+    drop(r);
+    s.cpu.restart();
+    let e = raw(&s.cpu.addr, &s.pki.node("p", Role::Gpu), 4)
+        .await
+        .err()
+        .expect("stale");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("stale epoch 4 < 5"), "{e}");
+    // The old primary (epoch 1) is fenced and says so, on one line.
+    fs::write(
+        s.t.path().join("src/new-after-failover"),
+        b"must not arrive",
+    )
+    .unwrap();
+    let out = once_raw(
+        &s.t.path().join("src"),
+        &s.t.path().join("gpu"),
+        &s.pki.node("p", Role::Gpu),
+        &s.cpu.addr,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fenced"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    fs::remove_file(s.t.path().join("src/new-after-failover")).unwrap();
+    s.assert_intact();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traversal_and_absolute_paths_are_refused() {
+    let s = Setup::new();
+    let gtls = s.pki.node("p", Role::Gpu);
+    let escape = format!("{}/x", s.outside.display());
+    let bad: Vec<Vec<u8>> = vec![
+        b"../x".to_vec(),
+        b"d/../../x".to_vec(),
+        escape.as_bytes().to_vec(),
+        b"d/\0x".to_vec(),
+        b"".to_vec(),
+        b"d//x".to_vec(),
+        b".standby-stage/x".to_vec(),
+    ];
+    for p in bad {
+        let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+        r.begin().await;
+        r.send(sync_request::Msg::Ops(Ops {
+            ops: vec![inline(&p, b"evil")],
+        }))
+        .await;
+        let e = r.recv().await.err().expect("refused");
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "{:?}: {e}",
+            String::from_utf8_lossy(&p)
+        );
+        assert!(e.message().contains("refused"), "{e}");
+    }
+    // Through a committed symlink that points outside: refused at commit, nothing written.
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    let g = r.begin().await;
+    r.send(sync_request::Msg::Ops(Ops {
+        ops: vec![inline(b"escape/evil", b"evil")],
+    }))
+    .await;
+    let mut m = Manifest::new();
+    m.insert(
+        RelPath::new("escape/evil").unwrap(),
+        file_entry(b"evil", 0o644),
+    );
+    r.send(sync_request::Msg::Commit(Commit {
+        generation: g,
+        root: m.root().to_vec().into(),
+    }))
+    .await;
+    let e = r.recv().await.err().expect("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("not a directory"), "{e}");
+    drop(r);
+    s.assert_intact();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupted_content_is_caught_and_never_committed() {
+    let s = Setup::new();
+    let gtls = s.pki.node("p", Role::Gpu);
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    let g = r.begin().await;
+    // 1. Inline content that does not match its declared blake3.
+    let mut op = inline(b"d/f.txt", b"new content");
+    if let Some(op::Change::Upsert(u)) = &mut op.change {
+        u.content = Some(upsert::Content::Inline(Bytes::from_static(b"NEW CONTENT")));
+    }
+    // 2. A delta whose bytes were corrupted in flight.
+    r.send(sync_request::Msg::Sig(SigRequest {
+        file: 7,
+        path: "big.bin".into(),
+        block_size: 4096,
+    }))
+    .await;
+    loop {
+        match r.recv().await.unwrap() {
+            sync_response::Msg::Signature(sig) if sig.last => break,
+            sync_response::Msg::Signature(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let new = vec![4u8; 300_000];
+    let mut stream = Op {
+        path: "big.bin".into(),
+        change: Some(op::Change::Upsert(Upsert {
+            entry: Some(file_entry(&new, 0o644)),
+            content: Some(upsert::Content::Stream(7)),
+            zstd: false,
+            delta: true,
+        })),
+    };
+    if let Some(op::Change::Upsert(u)) = &mut stream.change {
+        u.entry.as_mut().unwrap().blake3 = Bytes::new();
+    }
+    r.send(sync_request::Msg::Ops(Ops {
+        ops: vec![op, stream],
+    }))
+    .await;
+    r.send(sync_request::Msg::Chunk(Chunk {
+        file: 7,
+        len: new.len() as u32,
+        data: Some(chunk::Data::Delta(Bytes::from_static(
+            b"\x72\x73\x02\x36garbage-delta",
+        ))),
+    }))
+    .await;
+    r.send(sync_request::Msg::End(FileEnd {
+        file: 7,
+        aborted: false,
+        blake3: blake3::hash(&new).as_bytes().to_vec().into(),
+        size: new.len() as u64,
+    }))
+    .await;
+    // 3. A literal stream whose declared hash is wrong.
+    let lit = b"streamed but wrong".to_vec();
+    r.send(sync_request::Msg::Ops(Ops {
+        ops: vec![Op {
+            path: "d/streamed".into(),
+            change: Some(op::Change::Upsert(Upsert {
+                entry: Some(file_entry(&lit, 0o600)),
+                content: Some(upsert::Content::Stream(8)),
+                zstd: false,
+                delta: false,
+            })),
+        }],
+    }))
+    .await;
+    r.send(sync_request::Msg::Chunk(Chunk {
+        file: 8,
+        len: lit.len() as u32,
+        data: Some(chunk::Data::Literal(lit.clone().into())),
+    }))
+    .await;
+    r.send(sync_request::Msg::End(FileEnd {
+        file: 8,
+        aborted: false,
+        blake3: vec![0u8; 32].into(),
+        size: lit.len() as u64,
+    }))
+    .await;
+
+    // Committing asks for all three again, whole; nothing is committed, twice over.
+    for _ in 0..2 {
+        r.send(sync_request::Msg::Commit(Commit {
+            generation: g,
+            root: vec![0u8; 32].into(),
+        }))
+        .await;
+        match r.recv().await.unwrap() {
+            sync_response::Msg::Commit(c) => {
+                assert!(!c.committed);
+                let mut retry: Vec<String> = c
+                    .retry
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                retry.sort();
+                assert_eq!(retry, ["big.bin", "d/f.txt", "d/streamed"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(r);
+    s.assert_intact();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_root_and_bad_signature_requests_are_refused() {
+    let s = Setup::new();
+    let gtls = s.pki.node("p", Role::Gpu);
+    // A valid change committed under a root that does not match what it would produce.
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    let g = r.begin().await;
+    r.send(sync_request::Msg::Ops(Ops {
+        ops: vec![inline(b"d/new", b"fine")],
+    }))
+    .await;
+    r.send(sync_request::Msg::Commit(Commit {
+        generation: g,
+        root: vec![9u8; 32].into(),
+    }))
+    .await;
+    let e = r.recv().await.err().expect("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("root mismatch"), "{e}");
+    // A signature request with block size 0 (fast_rsync would panic on it).
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    r.begin().await;
+    r.send(sync_request::Msg::Sig(SigRequest {
+        file: 1,
+        path: "big.bin".into(),
+        block_size: 0,
+    }))
+    .await;
+    let e = r.recv().await.err().expect("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("block size 0"), "{e}");
+    // Out of order: a commit with no generation, a generation that skips one.
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    r.send(sync_request::Msg::Commit(Commit {
+        generation: 9,
+        root: vec![].into(),
+    }))
+    .await;
+    assert_eq!(r.recv().await.err().unwrap().code(), Code::InvalidArgument);
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    let next = r.hello.generation + 2;
+    r.send(sync_request::Msg::Begin(Begin { generation: next }))
+        .await;
+    assert_eq!(
+        r.recv().await.err().unwrap().code(),
+        Code::FailedPrecondition
+    );
+    drop(r);
+    s.assert_intact();
+    // The receiver is still healthy: the real sender goes on.
+    fs::write(s.t.path().join("src/after.txt"), b"still works").unwrap();
+    once(
+        &s.t.path().join("src"),
+        &s.t.path().join("gpu"),
+        &gtls,
+        &s.cpu.addr,
+    );
+    assert_same(&s.t.path().join("src"), &s.cpu.workspace);
+}
+
+/// A receiver that answers every signature request with a block size of 0.
+struct EvilReceiver {
+    manifest: Manifest,
+}
+
+#[tonic::async_trait]
+impl Replica for EvilReceiver {
+    type SyncStream = ReceiverStream<Result<SyncResponse, Status>>;
+    async fn sync(
+        &self,
+        req: Request<Streaming<SyncRequest>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let mut input = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let m = self.manifest.clone();
+        tokio::spawn(async move {
+            let reply = |msg| Ok(SyncResponse { msg: Some(msg) });
+            while let Ok(Some(req)) = input.message().await {
+                let out = match req.msg {
+                    Some(sync_request::Msg::Hello(_)) => {
+                        reply(sync_response::Msg::Hello(HelloReply {
+                            protocol: standby::receive::PROTOCOL,
+                            epoch: 1,
+                            generation: 1,
+                            root: m.root().to_vec().into(),
+                            entries: m.len() as u64,
+                        }))
+                    }
+                    Some(sync_request::Msg::Manifest(_)) => {
+                        reply(sync_response::Msg::Manifest(ManifestChunk {
+                            generation: 1,
+                            root: m.root().to_vec().into(),
+                            items: m
+                                .iter()
+                                .map(|(p, e)| ManifestItem {
+                                    path: p.as_bytes().to_vec().into(),
+                                    entry: Some(e.clone()),
+                                })
+                                .collect(),
+                            last: true,
+                        }))
+                    }
+                    Some(sync_request::Msg::Sig(s)) => {
+                        let mut sig = Vec::new();
+                        sig.extend_from_slice(&0x7273_0136u32.to_be_bytes());
+                        sig.extend_from_slice(&0u32.to_be_bytes()); // block size 0
+                        sig.extend_from_slice(&16u32.to_be_bytes());
+                        sig.extend_from_slice(&[0u8; 20]);
+                        reply(sync_response::Msg::Signature(Signature {
+                            file: s.file,
+                            base_size: 600_000,
+                            data: sig.into(),
+                            last: true,
+                            missing: false,
+                        }))
+                    }
+                    _ => continue,
+                };
+                if tx.send(out).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<ReplicaStatus>, Status> {
+        Err(Status::unimplemented("evil"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sender_refuses_a_signature_with_block_size_zero() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("big.bin"), vec![1u8; 600_000]).unwrap();
+    // The evil receiver claims to hold an older big.bin, so the sender asks for its signature.
+    let mut m = Manifest::new();
+    m.insert(
+        RelPath::new("big.bin").unwrap(),
+        file_entry(&vec![2u8; 600_000], 0o644),
+    );
+    let material = TlsMaterial::load(&pki.node("p", Role::Cpu)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let token = tokio_util::sync::CancellationToken::new();
+    let incoming = tls::incoming(listener, material.server_config().unwrap(), token.clone());
+    let server = tokio::spawn(
+        tls::server_builder()
+            .add_service(ReplicaServer::new(EvilReceiver { manifest: m }))
+            .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned()),
+    );
+    let gtls = pki.node("p", Role::Gpu);
+    let gst = t.path().join("gpu");
+    let out = tokio::task::spawn_blocking(move || once_raw(&src, &gst, &gtls, &addr))
+        .await
+        .unwrap();
+    token.cancel();
+    let _ = server.await;
+    assert_eq!(out.status.code(), Some(1), "must fail cleanly, not crash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("signature refused: block size 0"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn full_disk_fails_the_generation_and_keeps_the_last_one() {
+    if !privileged("full_disk_fails_the_generation_and_keeps_the_last_one") {
+        return;
+    }
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let fsdir = t.path().join("small-fs");
+    fs::create_dir(&fsdir).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&fsdir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs failed");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _guard = Unmount(fsdir.clone());
+    let src = t.path().join("src");
+    let mut rng = rng(seed("full_disk"));
+    make_tree(&src, &mut rng, 200, &[4 << 20]);
+    let mut cpu = Cpu::start(
+        &fsdir.join("replica"),
+        &fsdir.join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gtls = pki.node("p", Role::Gpu);
+    let gst = t.path().join("gpu");
+    once(&src, &gst, &gtls, &cpu.addr);
+    let before = snapshot(&cpu.workspace);
+
+    write_big(&src.join("data/huge.bin"), &mut rng, 40 << 20);
+    fs::write(src.join("also-new.txt"), b"part of the failed generation").unwrap();
+    let out = once_raw(&src, &gst, &gtls, &cpu.addr);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("disk full"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        diff(&before, &snapshot(&cpu.workspace)).is_empty(),
+        "the last generation must stay intact"
+    );
+    // After a restart the replica is still the last good generation, and the stage is empty.
+    cpu.restart();
+    assert!(diff(&before, &snapshot(&cpu.workspace)).is_empty());
+    assert_eq!(fs::read_dir(cpu.state.join("stage")).unwrap().count(), 0);
+    // Once there is room again, replication goes on.
+    fs::remove_file(src.join("data/huge.bin")).unwrap();
+    once(&src, &gst, &gtls, &cpu.addr);
+    assert_same(&src, &cpu.workspace);
+}

@@ -1,0 +1,393 @@
+//! End-to-end replication between the real agent binaries over mutual TLS on loopback.
+
+mod common;
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use standby::identity::Role;
+
+fn sent(r: &serde_json::Value) -> u64 {
+    r["bytes_sent"].as_u64().unwrap()
+}
+
+#[test]
+fn roundtrip_of_a_varied_tree() {
+    let seed = seed("roundtrip_of_a_varied_tree");
+    let mut rng = rng(seed);
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    make_tree(&src, &mut rng, 3000, &[110 << 20, 3 << 20, 0]);
+    let cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gtls = pki.node("p", Role::Gpu);
+    let r = once(&src, &t.path().join("gpu"), &gtls, &cpu.addr);
+    assert_same(&src, &cpu.workspace);
+    for key in [
+        "generation",
+        "files_total",
+        "files_changed",
+        "bytes_total",
+        "bytes_sent",
+        "duration_ms",
+        "root",
+    ] {
+        assert!(r.get(key).is_some(), "report lacks {key}: {r}");
+    }
+    assert_eq!(r["generation"], 1);
+    assert_eq!(r["files_total"], 3003);
+    assert_eq!(r["root"].as_str().unwrap().len(), 64);
+    // Random data does not compress: what went on the wire is about the data itself.
+    let total = r["bytes_total"].as_u64().unwrap();
+    assert!(sent(&r) < total + total / 20, "{r}");
+
+    // Nothing changed: an empty generation, almost nothing sent, same root.
+    let r2 = once(&src, &t.path().join("gpu"), &gtls, &cpu.addr);
+    assert_eq!(r2["generation"], 2);
+    assert_eq!(r2["files_changed"], 0, "{r2}");
+    assert_eq!(r2["root"], r["root"]);
+    assert!(sent(&r2) < 4096, "{r2}");
+}
+
+#[test]
+fn incremental_changes_cost_about_their_size() {
+    let seed = seed("incremental_changes_cost_about_their_size");
+    let mut rng = rng(seed);
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    make_tree(&src, &mut rng, 300, &[64 << 20]);
+    let big = src.join("data/big-0.bin");
+    let cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gtls = pki.node("p", Role::Gpu);
+    let gst = t.path().join("gpu");
+    let sync = || {
+        let out = once_raw(&src, &gst, &gtls, &cpu.addr);
+        assert!(
+            out.status.success(),
+            "agent-gpu --once failed: {}\nagent-cpu log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cpu.log_text()
+        );
+        assert_same(&src, &cpu.workspace);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    sync();
+
+    // Scattered in-place edits of a 64 MiB file: 8 x 1 KiB.
+    {
+        let mut f = fs::OpenOptions::new().write(true).open(&big).unwrap();
+        for i in 0..8u64 {
+            f.seek(SeekFrom::Start(i * (8 << 20) + 12345)).unwrap();
+            f.write_all(&bytes(&mut rng, 1024)).unwrap();
+        }
+    }
+    let r = sync();
+    assert!(
+        sent(&r) < 128 << 10,
+        "8 KiB of edits sent {} bytes",
+        sent(&r)
+    );
+
+    // 100 bytes inserted near the start shift everything after them.
+    let mut data = fs::read(&big).unwrap();
+    data.splice(4000..4000, std::iter::repeat_n(b'!', 100));
+    fs::write(&big, &data).unwrap();
+    drop(data);
+    let r = sync();
+    assert!(
+        sent(&r) < 256 << 10,
+        "a 100-byte insertion sent {} bytes",
+        sent(&r)
+    );
+
+    // Append 1 MiB of random data.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&big)
+        .unwrap()
+        .write_all(&bytes(&mut rng, 1 << 20))
+        .unwrap();
+    let r = sync();
+    assert!(
+        sent(&r) > 1 << 20 && sent(&r) < (1 << 20) + (128 << 10),
+        "append sent {}",
+        sent(&r)
+    );
+
+    // Rename of the big file: no content on the wire.
+    fs::rename(&big, src.join("data/renamed.bin")).unwrap();
+    let r = sync();
+    assert!(sent(&r) < 4096, "rename sent {}", sent(&r));
+
+    // chmod, symlink retarget, delete, a new empty directory, a file replaced by a directory.
+    fs::set_permissions(
+        src.join("data/renamed.bin"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    fs::remove_file(src.join("models")).unwrap();
+    symlink("data", src.join("models")).unwrap();
+    fs::remove_dir_all(src.join("deep")).unwrap();
+    fs::create_dir(src.join("new empty")).unwrap();
+    let victim = fs::read_dir(src.join("src"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_file())
+        .unwrap();
+    fs::remove_file(&victim).unwrap();
+    fs::create_dir(&victim).unwrap();
+    fs::write(victim.join("inside"), b"now a directory").unwrap();
+    let r = sync();
+    assert!(sent(&r) < 16 << 10, "metadata changes sent {}", sent(&r));
+
+    // A whole directory renamed: its files travel as renames.
+    fs::rename(src.join("data/train"), src.join("data/train-v2")).unwrap();
+    let r = sync();
+    assert!(sent(&r) < 64 << 10, "directory rename sent {}", sent(&r));
+}
+
+#[test]
+fn continuous_mode_flush_and_restarts() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let gst = t.path().join("gpu");
+    let mut cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gtls = pki.node("p", Role::Gpu);
+    let start_gpu = |peer: &str| {
+        let log = fs::File::create(t.path().join("gpu.log")).unwrap();
+        Proc(
+            Command::new(AGENT_GPU)
+                .args(gpu_args(&src, &gst, &gtls, peer))
+                .args(["--debounce", "100ms", "--rescan-interval", "30s"])
+                .env("STANDBY_LOG", "debug")
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let flush = |timeout: &str| {
+        Command::new(AGENT_GPU)
+            .args(["flush", "--state-dir"])
+            .arg(&gst)
+            .args(["--timeout", timeout])
+            .output()
+            .unwrap()
+    };
+    let wait_socket = || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = Command::new(AGENT_GPU)
+                .args(["status", "--state-dir"])
+                .arg(&gst)
+                .output()
+                .unwrap();
+            if st.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "agent-gpu did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut gpu = start_gpu(&cpu.addr);
+    wait_socket();
+
+    // Writes followed at once by a flush are on the CPU when the flush returns.
+    for i in 0..50 {
+        fs::write(src.join(format!("step-{i}.log")), format!("step {i}\n")).unwrap();
+    }
+    fs::create_dir(src.join("ckpt")).unwrap();
+    fs::write(src.join("ckpt/model.pt"), vec![7u8; 3 << 20]).unwrap();
+    let out = flush("60s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&src, &cpu.workspace);
+
+    // Changes without a flush arrive by themselves (inotify + debounce).
+    fs::write(src.join("late.txt"), b"arrives by itself").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cpu.workspace.join("late.txt").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "change was not replicated without a flush"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The CPU goes away: a flush cannot succeed, and says why.
+    cpu.kill();
+    fs::write(src.join("while-cpu-down.txt"), b"x").unwrap();
+    let out = flush("2s");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not durable"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // It comes back: the sender reconnects by itself and the flush succeeds.
+    cpu.restart();
+    let out = flush("60s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&src, &cpu.workspace);
+
+    // The GPU agent dies; changes made while it is down are not lost.
+    gpu.kill();
+    fs::write(src.join("while-gpu-down.txt"), b"y").unwrap();
+    fs::remove_file(src.join("step-3.log")).unwrap();
+    let mut gpu = start_gpu(&cpu.addr);
+    wait_socket();
+    let out = flush("60s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&src, &cpu.workspace);
+
+    // Status reports the RPO figures.
+    let out = Command::new(AGENT_GPU)
+        .args(["status", "--state-dir"])
+        .arg(&gst)
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(st["last_durable_generation"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["pending_bytes"], 0, "{st}");
+    assert!(st.get("oldest_pending_unix_ms").is_some(), "{st}");
+    assert_eq!(st["connected"], true, "{st}");
+    gpu.kill();
+}
+
+#[test]
+fn certificates_and_usage_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("coord");
+    let run = |args: &[&str]| Command::new(COORDINATOR).args(args).output().unwrap();
+    let out = run(&["init", "--dir", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second init must not replace the CA.
+    let out = run(&["init", "--dir", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let o = t.path().join("out");
+    let out = run(&[
+        "cert",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--pair",
+        "p9",
+        "--role",
+        "cpu",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["ca.pem", "node.pem", "node.key"] {
+        let m = fs::metadata(o.join(f)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let m = standby::tls::TlsMaterial::load(&o).unwrap();
+    assert_eq!(m.identity.uri(), "standby://pair/p9/cpu");
+    let m = standby::tls::TlsMaterial::load(&dir.join("admin")).unwrap();
+    assert_eq!(m.identity.uri(), "standby://admin/admin");
+
+    // Usage errors exit 64 with a message; a bad pair name is refused.
+    let out = run(&[
+        "cert",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--pair",
+        "../x",
+        "--role",
+        "gpu",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let out = Command::new(AGENT_GPU)
+        .args(["--workspace", "/tmp"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(AGENT_CPU).args(["--bogus"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let out = Command::new(AGENT_GPU)
+        .args(gpu_args(t.path(), &t.path().join("s"), &o, "127.0.0.1:1"))
+        .args(["--debounce", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // agent-gpu refuses a cpu certificate, with one clear line.
+    let out = Command::new(AGENT_GPU)
+        .args(gpu_args(t.path(), &t.path().join("s"), &o, "127.0.0.1:1"))
+        .arg("--once")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a gpu certificate"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn once_fails_cleanly_when_the_cpu_is_unreachable() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("f"), b"x").unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let out = once_raw(
+        t.path(),
+        &t.path().join("..").join("gst-unreach"),
+        &pki.node("p", Role::Gpu),
+        &addr,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let _ = fs::remove_dir_all(t.path().join("..").join("gst-unreach"));
+}
