@@ -238,7 +238,7 @@ async fn traversal_and_absolute_paths_are_refused() {
             ops: vec![inline(&p, b"evil")],
         }))
         .await;
-        let e = r.recv().await.err().expect("refused");
+        let e = r.recv().await.expect_err("refused");
         assert_eq!(
             e.code(),
             Code::InvalidArgument,
@@ -264,7 +264,7 @@ async fn traversal_and_absolute_paths_are_refused() {
         root: m.root().to_vec().into(),
     }))
     .await;
-    let e = r.recv().await.err().expect("refused");
+    let e = r.recv().await.expect_err("refused");
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("not a directory"), "{e}");
     drop(r);
@@ -397,7 +397,7 @@ async fn wrong_root_and_bad_signature_requests_are_refused() {
         root: vec![9u8; 32].into(),
     }))
     .await;
-    let e = r.recv().await.err().expect("refused");
+    let e = r.recv().await.expect_err("refused");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("root mismatch"), "{e}");
     // A signature request with block size 0 (fast_rsync would panic on it).
@@ -409,7 +409,7 @@ async fn wrong_root_and_bad_signature_requests_are_refused() {
         block_size: 0,
     }))
     .await;
-    let e = r.recv().await.err().expect("refused");
+    let e = r.recv().await.expect_err("refused");
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("block size 0"), "{e}");
     // Out of order: a commit with no generation, a generation that skips one.
