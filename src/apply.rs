@@ -10,8 +10,9 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
 
 use crate::fsx::{self, Found, Root};
 use crate::manifest::{Kind, Manifest, kind_of};
@@ -22,6 +23,14 @@ fn found_is(found: Found, kind: Kind) -> bool {
     matches!(
         (found, kind),
         (Found::File, Kind::File) | (Found::Dir, Kind::Dir) | (Found::Symlink, Kind::Symlink)
+    )
+}
+
+/// A path whose parents no longer lead to it.
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
     )
 }
 
@@ -57,7 +66,9 @@ pub fn apply_record(
     for (p, old) in removals {
         let (dir, name) = match root.open_parent(p) {
             Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // No directory on the way (gone, or replaced by a file in this very generation):
+            // nothing of ours is left to remove there, and nothing is followed.
+            Err(e) if gone(&e) => continue,
             Err(e) => return Err(context(e, "remove", p)),
         };
         if found_is(fsx::found_at(dir.as_fd(), name)?, old) {
@@ -70,18 +81,30 @@ pub fn apply_record(
         }
     }
 
-    // 2. New directories, shallowest first (private until their metadata is set in step 5).
-    let mut dirs: Vec<&RelPath> = changes
+    // 2. New directories, shallowest first: those staged whole are renamed into place (with
+    //    everything placed inside them), others created empty, private until step 5.
+    let mut dirs: Vec<(&RelPath, &crate::proto::state::Change)> = changes
         .iter()
-        .filter(|(_, c)| c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir))
-        .map(|(p, _)| p)
+        .filter(|(_, c)| c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) && !c.placed)
+        .map(|(p, c)| (p, *c))
         .collect();
-    dirs.sort_by_key(|p| p.depth());
-    for p in &dirs {
+    dirs.sort_by_key(|(p, _)| p.depth());
+    for (p, c) in &dirs {
         let (dir, name) = root
             .open_parent(p)
             .map_err(|e| context(e, "create directory", p))?;
-        match fsx::found_at(dir.as_fd(), name)? {
+        let found = fsx::found_at(dir.as_fd(), name)?;
+        if !c.stage.is_empty() && fsx::lstat_at(stage, c.stage.as_bytes())?.is_some() {
+            if found != Found::Missing {
+                return Err(io::Error::other(format!(
+                    "place directory {p}: a {found:?} is in the way"
+                )));
+            }
+            fsx::renameat(stage, c.stage.as_bytes(), dir.as_fd(), name)
+                .map_err(|e| context(e, "place directory", p))?;
+            continue;
+        }
+        match found {
             Found::Dir => {}
             Found::Missing => fsx::mkdirat(dir.as_fd(), name, 0o700)
                 .map_err(|e| context(e, "create directory", p))?,
@@ -93,20 +116,70 @@ pub fn apply_record(
         }
     }
 
+    // From here on no directory is created, removed or moved: parents can be kept open.
+    let mut dirs = Dirs::new(root);
+
     // 3. Staged content into place.
     for (p, c) in &changes {
-        if c.stage.is_empty() {
+        if c.stage.is_empty() || c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) {
             continue;
         }
         if fsx::lstat_at(stage, c.stage.as_bytes())?.is_none() {
             continue; // renamed by an earlier, interrupted run
         }
-        let (dir, name) = root.open_parent(p).map_err(|e| context(e, "place", p))?;
-        fsx::renameat(stage, c.stage.as_bytes(), dir.as_fd(), name)
-            .map_err(|e| context(e, "place", p))?;
+        let (dir, name) = dirs.parent(p).map_err(|e| context(e, "place", p))?;
+        fsx::renameat(stage, c.stage.as_bytes(), dir, name).map_err(|e| context(e, "place", p))?;
     }
 
-    // 4. Metadata of files and symlinks that were linked or kept rather than staged fresh.
+    // 3b. Files updated in place from a patch (missing patch: applied by an earlier run, whose
+    //     results were made durable before the patch was removed).
+    for (p, c) in &changes {
+        if c.patch.is_empty() {
+            continue;
+        }
+        let patch = match fsx::openat_file(stage, c.patch.as_bytes()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(context(e, "open patch for", p)),
+        };
+        let size = c.entry.as_ref().map(|e| e.size).unwrap_or(0);
+        let (dir, name) = dirs.parent(p).map_err(|e| context(e, "patch", p))?;
+        let target = fsx::openat_write(dir, name).map_err(|e| context(e, "patch", p))?;
+        crate::stage::apply_patch(&patch, &target, &c.extents, size)
+            .map_err(|e| context(e, "patch", p))?;
+    }
+
+    // 3c. Small files written in place from their pack (missing pack: applied by an earlier
+    //     run, whose results were made durable before the pack was removed).
+    let mut packs: std::collections::HashMap<&str, Option<File>> = std::collections::HashMap::new();
+    let mut buf = Vec::new();
+    for (p, c) in &changes {
+        if c.pack.is_empty() {
+            continue;
+        }
+        let pack = match packs.entry(c.pack.as_str()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(match fsx::openat_file(stage, c.pack.as_bytes()) {
+                    Ok(f) => Some(f),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(context(e, "open pack for", p)),
+                })
+            }
+        };
+        let (Some(pack), Some(e)) = (pack.as_ref(), c.entry.as_ref()) else {
+            continue;
+        };
+        buf.resize(e.size as usize, 0);
+        pack.read_exact_at(&mut buf, c.pack_offset)
+            .map_err(|er| context(er, "read pack for", p))?;
+        let (dir, name) = dirs.parent(p).map_err(|er| context(er, "write", p))?;
+        let mut f = fsx::create_trunc(dir, name, e.mode).map_err(|er| context(er, "write", p))?;
+        f.write_all(&buf).map_err(|er| context(er, "write", p))?;
+        set_file_meta(&f, e).map_err(|er| context(er, "set metadata of", p))?;
+    }
+
+    // 4. Metadata of files and symlinks that were linked, kept or patched rather than staged.
     for (p, c) in &changes {
         let Some(e) = &c.entry else { continue };
         let kind = kind_of(e);
@@ -141,19 +214,27 @@ pub fn apply_record(
         if kind_of(e) != Some(Kind::Dir) {
             continue;
         }
-        let (dir, name) = match root.open_parent(p) {
+        let (dir, name) = match dirs.parent(p) {
             Ok(x) => x,
-            Err(er) if er.kind() == io::ErrorKind::NotFound => continue,
+            Err(er) if gone(&er) => continue,
             Err(er) => return Err(context(er, "set metadata of", p)),
         };
-        if fsx::found_at(dir.as_fd(), name)? != Found::Dir {
+        if fsx::found_at(dir, name)? != Found::Dir {
             continue;
         }
-        fsx::chmodat(dir.as_fd(), name, e.mode).map_err(|er| context(er, "chmod", p))?;
-        fsx::set_mtime_at(dir.as_fd(), name, e.mtime_ns)
-            .map_err(|er| context(er, "set mtime of", p))?;
+        fsx::chmodat(dir, name, e.mode).map_err(|er| context(er, "chmod", p))?;
+        fsx::set_mtime_at(dir, name, e.mtime_ns).map_err(|er| context(er, "set mtime of", p))?;
     }
     Ok(())
+}
+
+/// Sets a file's permission bits and modification time through its descriptor.
+pub fn set_file_meta(f: &File, e: &crate::proto::Entry) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(e.mode))?;
+    let t = std::time::SystemTime::UNIX_EPOCH
+        + std::time::Duration::from_nanos(e.mtime_ns.max(0) as u64);
+    f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
 }
 
 /// Up to this many files or directories are fsynced one by one; beyond it, `syncfs` flushes the
@@ -163,15 +244,20 @@ const FSYNC_EACH_MAX: usize = 32;
 
 /// Makes the staged content of `rec` durable (before its record is written).
 pub fn sync_staged(stage: BorrowedFd<'_>, rec: &Record) -> io::Result<()> {
-    let staged: Vec<&str> = rec
+    let staged: BTreeSet<&str> = rec
         .changes
         .iter()
-        .filter(|c| !c.stage.is_empty())
-        .map(|c| c.stage.as_str())
+        .flat_map(|c| [c.stage.as_str(), c.patch.as_str(), c.pack.as_str()])
+        .filter(|n| !n.is_empty())
         .collect();
-    if staged.len() > FSYNC_EACH_MAX {
+    // A directory staged whole holds files that are in no list: flush everything.
+    let whole_dirs = rec.changes.iter().any(|c| {
+        c.placed || (!c.stage.is_empty() && c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir))
+    });
+    if staged.len() > FSYNC_EACH_MAX || whole_dirs {
         return fsx::syncfs(stage);
     }
+    let mut buckets = BTreeSet::new();
     for name in staged {
         match fsx::openat_file(stage, name.as_bytes()) {
             Ok(f) => f.sync_all()?,
@@ -179,8 +265,12 @@ pub fn sync_staged(stage: BorrowedFd<'_>, rec: &Record) -> io::Result<()> {
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {}
             Err(e) => return Err(e),
         }
+        buckets.insert(name.rsplit_once('/').map(|(b, _)| b).unwrap_or("."));
     }
-    File::from(fsx::openat_dir(stage, b".")?).sync_all()
+    for b in buckets {
+        File::from(fsx::openat_dir(stage, b.as_bytes())?).sync_all()?;
+    }
+    Ok(())
 }
 
 /// Makes an applied record durable: every directory it touched that still exists (as a
@@ -199,6 +289,20 @@ pub fn sync_applied(root: &Root, rec: &Record, manifest: &Manifest) -> io::Resul
             return fsx::syncfs(root.fd());
         }
     }
+    // Files written in place (patched, or from a pack): their data too.
+    let patched: Vec<RelPath> = rec
+        .changes
+        .iter()
+        .filter(|c| !c.patch.is_empty() || !c.pack.is_empty())
+        .filter_map(|c| RelPath::new(c.path.to_vec()).ok())
+        .collect();
+    if dirs.len() + patched.len() > FSYNC_EACH_MAX {
+        return fsx::syncfs(root.fd());
+    }
+    for p in &patched {
+        let (dir, name) = root.open_parent(p)?;
+        fsx::openat_file(dir.as_fd(), name)?.sync_all()?;
+    }
     for d in dirs {
         let fd = match &d {
             None => fsx::openat_dir(root.fd(), b".")?,
@@ -210,11 +314,134 @@ pub fn sync_applied(root: &Root, rec: &Record, manifest: &Manifest) -> io::Resul
     Ok(())
 }
 
-/// Removes everything in the stage directory (leftovers of generations that never committed).
-pub fn clear_stage(stage: BorrowedFd<'_>) -> io::Result<usize> {
-    let names = fsx::list_dir(stage)?;
-    for n in &names {
-        fsx::remove_tree_at(stage, n)?;
+/// Staged files are spread over this many subdirectories of the stage directory: creating
+/// thousands of files in one directory serialises on its lock.
+pub const STAGE_BUCKETS: u64 = 16;
+
+/// The bucket directory names, `00` to `0f`.
+pub fn stage_buckets() -> impl Iterator<Item = String> {
+    (0..STAGE_BUCKETS).map(|b| format!("{b:02x}"))
+}
+
+/// Creates the bucket directories if needed.
+pub fn prepare_stage(stage: BorrowedFd<'_>) -> io::Result<()> {
+    for b in stage_buckets() {
+        match fsx::mkdirat(stage, b.as_bytes(), 0o700) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
     }
-    Ok(names.len())
+    Ok(())
+}
+
+/// Removes everything staged (leftovers of generations that never committed, and patches of
+/// applied ones), keeping the bucket directories. Returns how many entries were removed.
+pub fn clear_stage(stage: BorrowedFd<'_>) -> io::Result<usize> {
+    let buckets: BTreeSet<Vec<u8>> = stage_buckets().map(String::into_bytes).collect();
+    let mut removed = 0;
+    for n in fsx::list_dir(stage)? {
+        if buckets.contains(&n) && fsx::found_at(stage, &n)? == Found::Dir {
+            let dir = fsx::openat_dir(stage, &n)?;
+            for child in fsx::list_dir(dir.as_fd())? {
+                fsx::remove_tree_at(dir.as_fd(), &child)?;
+                removed += 1;
+            }
+        } else {
+            fsx::remove_tree_at(stage, &n)?;
+            removed += 1;
+        }
+    }
+    prepare_stage(stage)?;
+    Ok(removed)
+}
+
+/// Open parent directories, reused across the steps of an apply that no longer move
+/// directories (after removals and creations).
+struct Dirs<'r> {
+    root: &'r Root,
+    open: std::collections::HashMap<Option<RelPath>, std::os::fd::OwnedFd>,
+}
+
+impl<'r> Dirs<'r> {
+    fn new(root: &'r Root) -> Dirs<'r> {
+        Dirs {
+            root,
+            open: std::collections::HashMap::new(),
+        }
+    }
+
+    fn parent<'p>(&mut self, p: &'p RelPath) -> io::Result<(BorrowedFd<'_>, &'p [u8])> {
+        let key = p.parent();
+        if !self.open.contains_key(&key) {
+            let fd = match &key {
+                Some(d) => self.root.open_dir(d)?,
+                None => fsx::openat_dir(self.root.fd(), b".")?,
+            };
+            self.open.insert(key.clone(), fd);
+        }
+        Ok((self.open[&key].as_fd(), p.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::{dir, file};
+    use crate::proto::state::Change;
+    use std::os::fd::AsFd;
+
+    fn ch(p: &str, entry: Option<crate::proto::Entry>, old: Option<Kind>) -> Change {
+        Change {
+            path: p.as_bytes().to_vec().into(),
+            entry,
+            old_kind: old.map(Kind::to_proto).unwrap_or(0),
+            ..Default::default()
+        }
+    }
+
+    /// Replaying a fully applied record (a crash right after applying it) changes nothing and
+    /// does not fail, even when a directory became a file.
+    #[test]
+    fn replay_is_idempotent_across_kind_changes() {
+        let ws = tempfile::tempdir().unwrap();
+        let st = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(ws.path().join("deep/a/b")).unwrap();
+        std::fs::write(ws.path().join("deep/a/b/f"), b"old").unwrap();
+        std::fs::write(ws.path().join("file-to-dir"), b"old").unwrap();
+        let root = Root::open(ws.path()).unwrap();
+        let stage = fsx::open_dir_path(st.path()).unwrap();
+        prepare_stage(stage.as_fd()).unwrap();
+        std::fs::write(st.path().join("00/new-deep"), b"now a file").unwrap();
+        let mut f = file(10, 1_000_000_000, 1);
+        f.mode = 0o640;
+        let rec = Record {
+            generation: 2,
+            changes: vec![
+                ch("deep/a/b/f", None, Some(Kind::File)),
+                ch("deep/a/b", None, Some(Kind::Dir)),
+                ch("deep/a", None, Some(Kind::Dir)),
+                Change {
+                    stage: "00/new-deep".into(),
+                    ..ch("deep", Some(f.clone()), Some(Kind::Dir))
+                },
+                ch("file-to-dir", Some(dir()), Some(Kind::File)),
+            ],
+            ..Default::default()
+        };
+        let mut m = Manifest::new();
+        m.insert(RelPath::new("deep").unwrap(), f);
+        m.insert(RelPath::new("file-to-dir").unwrap(), dir());
+        apply_record(&root, stage.as_fd(), &rec, &m).unwrap();
+        let check = || {
+            assert_eq!(
+                std::fs::read(ws.path().join("deep")).unwrap(),
+                b"now a file"
+            );
+            assert!(ws.path().join("file-to-dir").is_dir());
+        };
+        check();
+        apply_record(&root, stage.as_fd(), &rec, &m).unwrap();
+        check();
+        sync_applied(&root, &rec, &m).unwrap();
+    }
 }

@@ -55,7 +55,7 @@ impl Found {
 /// Error for a path that would pass through a symlink or a non-directory.
 pub fn through_symlink(path: &RelPath) -> io::Error {
     io::Error::new(
-        io::ErrorKind::InvalidInput,
+        io::ErrorKind::NotADirectory,
         format!("refused: path {path} passes through a symlink or a non-directory"),
     )
 }
@@ -97,14 +97,42 @@ pub fn openat_file(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// Creates `name` inside `dir` exclusively, for writing, mode 0600.
+/// Opens existing regular file `name` inside `dir` for writing in place, without following a
+/// symlink.
+pub fn openat_write(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
+    let c = cname(name)?;
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Creates or truncates regular file `name` inside `dir` for writing (never through a symlink).
+pub fn create_trunc(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<File> {
+    let c = cname(name)?;
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            (mode & 0o777) as libc::c_uint,
+        )
+    })?;
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Creates `name` inside `dir` exclusively, for reading and writing, mode 0600.
 pub fn create_excl(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
     let c = cname(name)?;
     let fd = cvt(unsafe {
         libc::openat(
             dir.as_raw_fd(),
             c.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
             0o600 as libc::c_uint,
         )
     })?;

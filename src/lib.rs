@@ -7,7 +7,8 @@
 //! - [`manifest`]: what a replica holds and its blake3 root; [`catalog`] keeps one durably.
 //! - [`epoch`]: the durable fencing epoch of an agent; [`statedir`]: one agent per state dir.
 //! - [`scan`]: what changed in a workspace; [`delta`]: rsync deltas made safe for the network.
-//! - [`apply`]: rolling a committed generation forward; [`receive`]: the receiving service.
+//! - [`stage`]: staging streamed content (direct I/O copies, in-place patches);
+//!   [`apply`]: rolling a committed generation forward; [`receive`]: the receiving service.
 //! - [`send`]: the sending side of a session; [`watch`]: inotify and the debounced dirty set;
 //!   [`replicate`]: the continuous loop (reconnects, flush barriers, RPO figures).
 //! - [`control`]: the agent's local control socket; [`cli`]: shared command-line plumbing.
@@ -29,10 +30,12 @@ pub mod receive;
 pub mod replicate;
 pub mod scan;
 pub mod send;
+pub mod stage;
 pub mod statedir;
 pub mod tls;
 pub mod types;
 pub mod watch;
+pub mod zstdx;
 
 pub mod proto {
     #![allow(clippy::all, missing_docs)]

@@ -19,7 +19,6 @@
 //! staged but never committed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -29,16 +28,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use memmap2::Mmap;
 use rayon::prelude::*;
-use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::apply::{apply_record, clear_stage, sync_applied, sync_staged};
+use crate::apply::{apply_record, clear_stage, set_file_meta, sync_applied, sync_staged};
 use crate::catalog::Catalog;
 use crate::delta;
 use crate::epoch::EpochStore;
@@ -52,6 +50,7 @@ use crate::proto::{
     StatusRequest, SyncRequest, SyncResponse, chunk, op, sync_request, sync_response, upsert,
 };
 use crate::scan::STAGE_DIR_NAME;
+use crate::stage::{Base, Direct, Patch};
 use crate::tls;
 use crate::types::{Epoch, Generation, RelPath};
 
@@ -62,7 +61,6 @@ pub const MAX_MESSAGE: usize = 16 << 20;
 /// Largest inline file.
 pub const MAX_INLINE: usize = 4 << 20;
 const SIG_PIECE: usize = 1 << 20;
-const WRITEBACK_EVERY: u64 = 8 << 20;
 
 pub struct ReceiverOptions {
     pub workspace: PathBuf,
@@ -140,6 +138,7 @@ impl Receiver {
         std::fs::set_permissions(&stage_path, std::fs::Permissions::from_mode(0o700))?;
         let root = Root::open(&opts.workspace)?;
         let stage = fsx::open_dir_path(&stage_path)?;
+        crate::apply::prepare_stage(stage.as_fd())?;
         let fresh = !opts.state_dir.join("replica.log").exists()
             && !opts.state_dir.join("replica.snap").exists();
         let loaded = Catalog::open(&opts.state_dir, "replica")?;
@@ -368,21 +367,11 @@ impl Replica for ReplicaService {
     }
 }
 
-/// The replica's committed base of a file being delta-transferred.
-struct Base {
-    map: Option<Mmap>,
-    _file: File,
-}
-
-impl Base {
-    fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum PState {
     Ready,
+    /// In a staging batch that has not landed yet.
+    Staging,
     Streaming,
     Rejected,
 }
@@ -392,43 +381,77 @@ struct Pending {
     state: PState,
 }
 
+/// Where a streamed file's bytes go (see `stage`).
+enum Sink {
+    Direct(Direct),
+    Patch(Patch),
+    /// Transient, while a patch turns into a full copy.
+    Switching,
+}
+
 struct OpenStream {
-    id: u32,
     path: RelPath,
-    name: String,
-    file: File,
+    /// Location inside the stage (a bucket file, or the final name in a staged directory).
+    name: Vec<u8>,
+    placed: bool,
+    sink: Sink,
     entry: Entry,
     hasher: blake3::Hasher,
     written: u64,
     base: Option<Arc<Base>>,
+    /// Inode of the replica's file being patched in place.
+    base_ino: u64,
     corrupt: Option<String>,
-    last_writeback: u64,
 }
 
 /// One generation being received.
 struct Gen {
     generation: Generation,
     changes: BTreeMap<RelPath, Pending>,
-    streams: HashMap<u32, OpenStream>,
+    /// Files being streamed, each written by its own worker.
+    streams: HashMap<u32, StreamHandle>,
+    /// Streams closed by the sender whose workers are finishing them.
+    finishing: Vec<(RelPath, oneshot::Receiver<Result<Finished, Status>>)>,
+    /// Staging batches running beside the session.
+    batches: std::collections::VecDeque<tokio::task::JoinHandle<BatchOut>>,
     bases: Arc<Mutex<HashMap<u32, Arc<Base>>>>,
     seq: u64,
+    /// Directories new in this generation, built whole in the stage (path inside it).
+    new_dirs: HashMap<RelPath, Vec<u8>>,
+    /// Every top-level item this generation created in the stage.
+    created: Vec<String>,
 }
 
 impl Gen {
-    fn stage_name(&mut self) -> String {
-        self.seq += 1;
-        format!("g{}-{}", self.generation.0, self.seq)
+    /// Where `p` goes inside the stage when its parent is a new directory staged whole.
+    fn placed_loc(&self, p: &RelPath) -> Option<Vec<u8>> {
+        let loc = self.new_dirs.get(&p.parent()?)?;
+        let mut v = loc.clone();
+        v.push(b'/');
+        v.extend_from_slice(p.name());
+        Some(v)
     }
 
-    /// Removes everything this generation staged.
+    fn stage_name(&mut self) -> String {
+        self.seq += 1;
+        let name = format!(
+            "{:02x}/g{}-{}",
+            self.seq % crate::apply::STAGE_BUCKETS,
+            self.generation.0,
+            self.seq
+        );
+        self.created.push(name.clone());
+        name
+    }
+
+    /// Removes everything this generation staged. Stream workers stop when their channel
+    /// closes; what they still write goes to files already unlinked.
     fn discard(self, stage: &OwnedFd) {
-        for (_, s) in self.streams {
-            let _ = fsx::unlinkat(stage.as_fd(), s.name.as_bytes(), false);
+        for b in &self.batches {
+            b.abort();
         }
-        for (_, p) in self.changes {
-            if !p.change.stage.is_empty() {
-                let _ = fsx::unlinkat(stage.as_fd(), p.change.stage.as_bytes(), false);
-            }
+        for name in self.created {
+            let _ = fsx::remove_tree_at(stage.as_fd(), name.as_bytes());
         }
     }
 }
@@ -646,13 +669,7 @@ fn compute_sig(inner: &Inner, job: SigJob) -> io::Result<Vec<Signature>> {
             "replica file differs from the manifest",
         ));
     }
-    let map = if md.len() == 0 {
-        None
-    } else {
-        // SAFETY: the replica is written only by this process, and never in place.
-        Some(unsafe { Mmap::map(&f)? })
-    };
-    let base = Arc::new(Base { map, _file: f });
+    let base = Arc::new(Base::new(f)?);
     let sig = delta::signature(base.bytes(), job.block_size);
     job.bases
         .lock()
@@ -712,6 +729,10 @@ async fn handle(
                 streams: HashMap::new(),
                 bases: Arc::new(Mutex::new(HashMap::new())),
                 seq: 0,
+                new_dirs: HashMap::new(),
+                created: Vec::new(),
+                finishing: Vec::new(),
+                batches: Default::default(),
             });
         }
         Msg::Ops(ops) => {
@@ -746,59 +767,35 @@ async fn handle(
             let g = cur
                 .as_mut()
                 .ok_or_else(|| bad("chunk outside a generation"))?;
-            let mut s = g
+            let h = g
                 .streams
-                .remove(&c.file)
+                .get(&c.file)
                 .ok_or_else(|| bad(format!("chunk for unknown file {}", c.file)))?;
-            let (s2, r) = tokio::task::spawn_blocking(move || {
-                let r = write_chunk(&mut s, c);
-                (s, r)
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-            r?;
-            g.streams.insert(s2.id, s2);
+            h.tx.send(StreamMsg::Chunk(c))
+                .await
+                .map_err(|_| Status::internal("stream writer stopped"))?;
         }
         Msg::End(end) => {
             let g = cur
                 .as_mut()
                 .ok_or_else(|| bad("file end outside a generation"))?;
-            let s = g
+            let h = g
                 .streams
                 .remove(&end.file)
                 .ok_or_else(|| bad(format!("end of unknown file {}", end.file)))?;
-            let stage = inner.clone();
-            let (s, outcome) = tokio::task::spawn_blocking(move || {
-                let mut s = s;
-                let o = finish_stream(&stage, &mut s, &end);
-                (s, o)
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-            let p = g
-                .changes
-                .get_mut(&s.path)
-                .ok_or_else(|| Status::internal("stream without a change"))?;
-            match outcome? {
-                StreamOutcome::Aborted => {
-                    g.changes.remove(&s.path);
-                }
-                StreamOutcome::Rejected(why) => {
-                    tracing::warn!(path = %s.path, why, "file failed verification; asking for it whole");
-                    p.state = PState::Rejected;
-                    p.change.stage.clear();
-                }
-                StreamOutcome::Verified(entry) => {
-                    p.change.entry = Some(entry);
-                    p.change.stage = s.name.clone();
-                    p.state = PState::Ready;
-                }
-            }
+            h.tx.send(StreamMsg::End(end))
+                .await
+                .map_err(|_| Status::internal("stream writer stopped"))?;
+            g.finishing.push((h.path, h.done));
         }
         Msg::Commit(c) => {
-            let g = cur
+            let mut g = cur
                 .take()
                 .ok_or_else(|| bad("commit outside a generation"))?;
+            if let Err(e) = settle(&mut g).await {
+                g.discard(&inner.stage);
+                return Err(e);
+            }
             if c.generation != g.generation.0 {
                 return Err(bad(format!(
                     "commit of generation {} inside generation {}",
@@ -905,13 +902,12 @@ async fn send_manifest(
     Ok(())
 }
 
-/// An inline file to stage.
+/// An inline file to verify and pack.
 struct InlineJob {
     path: RelPath,
     entry: Entry,
     data: Bytes,
     zstd: bool,
-    name: String,
 }
 
 fn check_entry(p: &RelPath, e: &Entry) -> Result<Kind, Status> {
@@ -945,8 +941,9 @@ async fn handle_ops(
     ops: Vec<crate::proto::Op>,
 ) -> Result<(), Status> {
     let mut inline = Vec::new();
+    let mut placed_inline: Vec<(InlineJob, Vec<u8>)> = Vec::new();
     let mut links: Vec<(RelPath, RelPath, Entry, String)> = Vec::new();
-    let mut symlinks: Vec<(RelPath, Entry, String)> = Vec::new();
+    let mut symlinks: Vec<(RelPath, Entry, Vec<u8>)> = Vec::new();
     for o in ops {
         let path = rel(&o.path)?;
         if let Some(prev) = g.changes.get(&path)
@@ -1004,12 +1001,40 @@ async fn handle_ops(
                 };
                 let content = u.content.unwrap_or(upsert::Content::Keep(true));
                 let mut state = PState::Ready;
+                let placed = g.placed_loc(&path);
                 match (kind, content) {
+                    (Kind::Dir, upsert::Content::Keep(_)) if old_kind != Some(Kind::Dir) => {
+                        // A new directory: built whole in the stage, renamed into place at
+                        // commit with everything written inside it.
+                        let loc = match placed {
+                            Some(loc) => {
+                                change.placed = true;
+                                loc
+                            }
+                            None => {
+                                let name = g.stage_name();
+                                change.stage = name.clone();
+                                name.into_bytes()
+                            }
+                        };
+                        fsx::mkdirat(inner.stage.as_fd(), &loc, 0o700)
+                            .map_err(|e| status_io("staging", e))?;
+                        g.new_dirs.insert(path.clone(), loc);
+                    }
                     (Kind::Dir, upsert::Content::Keep(_)) => {}
                     (Kind::Symlink, upsert::Content::Keep(_)) => {
-                        let name = g.stage_name();
-                        symlinks.push((path.clone(), entry.clone(), name.clone()));
-                        change.stage = name;
+                        let loc = match placed {
+                            Some(loc) => {
+                                change.placed = true;
+                                loc
+                            }
+                            None => {
+                                let name = g.stage_name();
+                                change.stage = name.clone();
+                                name.into_bytes()
+                            }
+                        };
+                        symlinks.push((path.clone(), entry.clone(), loc));
                     }
                     (Kind::File, upsert::Content::Keep(_)) => {
                         let same = old.is_some_and(|o| {
@@ -1030,15 +1055,20 @@ async fn handle_ops(
                         if entry.size as usize > MAX_INLINE || data.len() > MAX_INLINE {
                             return Err(bad(format!("{path}: inline file too large")));
                         }
-                        let name = g.stage_name();
-                        change.stage = name.clone();
-                        inline.push(InlineJob {
+                        let job = InlineJob {
                             path: path.clone(),
                             entry,
                             data,
                             zstd: u.zstd,
-                            name,
-                        });
+                        };
+                        match placed {
+                            Some(loc) => {
+                                change.placed = true;
+                                placed_inline.push((job, loc));
+                            }
+                            None => inline.push(job),
+                        }
+                        state = PState::Staging;
                     }
                     (Kind::File, upsert::Content::CopyFrom(src)) => {
                         let src = rel(&src)?;
@@ -1058,24 +1088,31 @@ async fn handle_ops(
                         } else {
                             None
                         };
-                        let name = g.stage_name();
-                        let file = fsx::create_excl(inner.stage.as_fd(), name.as_bytes())
-                            .map_err(|e| status_io("staging", e))?;
-                        g.streams.insert(
-                            id,
+                        let is_placed = placed.is_some();
+                        let name = placed.unwrap_or_else(|| g.stage_name().into_bytes());
+                        let sink = match &base {
+                            Some(b) if !b.bytes().is_empty() && !is_placed => {
+                                Patch::create(inner.stage.as_fd(), &name).map(Sink::Patch)
+                            }
+                            _ => Direct::create(inner.stage.as_fd(), &name).map(Sink::Direct),
+                        }
+                        .map_err(|e| status_io("staging", e))?;
+                        let worker = spawn_stream(
+                            inner.clone(),
                             OpenStream {
-                                id,
                                 path: path.clone(),
                                 name,
-                                file,
+                                placed: is_placed,
+                                sink,
                                 entry,
                                 hasher: blake3::Hasher::new(),
                                 written: 0,
                                 base,
+                                base_ino: old.map(|o| o.ino).unwrap_or(0),
                                 corrupt: None,
-                                last_writeback: 0,
                             },
                         );
+                        g.streams.insert(id, worker);
                         state = PState::Streaming;
                     }
                     (k, _) => {
@@ -1096,36 +1133,92 @@ async fn handle_ops(
             (p, s, e, n, src)
         })
         .collect();
-    let results = tokio::task::spawn_blocking(move || {
+    let pack = (!inline.is_empty()).then(|| g.stage_name());
+    let batch = tokio::task::spawn_blocking(move || {
         let inner = stage_inner;
-        let mut out: Vec<(RelPath, Result<Option<Entry>, io::Error>)> = inline
+        let mut out = BatchOut {
+            results: Vec::new(),
+            packed: HashMap::new(),
+            pack: pack.clone(),
+            error: None,
+        };
+        if let Some(name) = &pack {
+            match stage_pack(&inner, name, inline) {
+                Ok(r) => {
+                    for (p, e) in r {
+                        if let Some((_, off)) = &e {
+                            out.packed.insert(p.clone(), *off);
+                        }
+                        out.results.push((p, Ok(e.map(|(e, _)| e))));
+                    }
+                }
+                Err(e) => {
+                    out.error = Some(e);
+                    return out;
+                }
+            }
+        }
+        let placed: Vec<(RelPath, Result<Option<Entry>, io::Error>)> = placed_inline
             .into_par_iter()
-            .map(|j| {
+            .map(|(j, loc)| {
                 let p = j.path.clone();
-                (p, stage_inline(&inner, j))
+                (p, stage_placed(&inner, j, &loc))
             })
             .collect();
+        out.results.extend(placed);
         for (p, e, n) in symlinks {
-            let r = fsx::symlinkat(&e.target, inner.stage.as_fd(), n.as_bytes())
-                .and_then(|_| fsx::set_mtime_at(inner.stage.as_fd(), n.as_bytes(), e.mtime_ns))
+            let r = fsx::symlinkat(&e.target, inner.stage.as_fd(), &n)
+                .and_then(|_| fsx::set_mtime_at(inner.stage.as_fd(), &n, e.mtime_ns))
                 .map(|_| Some(e));
-            out.push((p, r));
+            out.results.push((p, r));
         }
         for (p, src, e, n, src_entry) in manifest_links {
-            out.push((p, stage_link(&inner, &src, e, &n, src_entry)));
+            out.results
+                .push((p, stage_link(&inner, &src, e, &n, src_entry)));
         }
         out
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?;
-    for (p, r) in results {
+    });
+    g.batches.push_back(batch);
+    // Bounded: a slow disk slows the sender down instead of piling up work here.
+    while g.batches.len() > MAX_BATCHES {
+        let b = g.batches.pop_front().expect("non-empty");
+        let out = b.await.map_err(|e| Status::internal(e.to_string()))?;
+        apply_batch(g, out)?;
+    }
+    Ok(())
+}
+
+/// Staging batches in flight beside a session.
+const MAX_BATCHES: usize = 3;
+
+/// What a staging batch did.
+struct BatchOut {
+    results: Vec<(RelPath, Result<Option<Entry>, io::Error>)>,
+    packed: HashMap<RelPath, u64>,
+    pack: Option<String>,
+    error: Option<io::Error>,
+}
+
+fn apply_batch(g: &mut Gen, out: BatchOut) -> Result<(), Status> {
+    if let Some(e) = out.error {
+        return Err(status_io("staging", e));
+    }
+    for (p, r) in out.results {
         let pending = g.changes.get_mut(&p).expect("staged change is pending");
         match r {
-            Ok(Some(entry)) => pending.change.entry = Some(entry),
+            Ok(Some(entry)) => {
+                pending.change.entry = Some(entry);
+                pending.state = PState::Ready;
+                if let (Some(name), Some(off)) = (&out.pack, out.packed.get(&p)) {
+                    pending.change.pack = name.clone();
+                    pending.change.pack_offset = *off;
+                }
+            }
             Ok(None) => {
                 tracing::warn!(path = %p, "content failed verification; asking for it whole");
                 pending.state = PState::Rejected;
                 pending.change.stage.clear();
+                pending.change.placed = false;
             }
             Err(e) => return Err(status_io("staging", e)),
         }
@@ -1133,21 +1226,113 @@ async fn handle_ops(
     Ok(())
 }
 
-/// Verifies and stages a whole small file. `Ok(None)`: the content does not match its hash.
-fn stage_inline(inner: &Inner, j: InlineJob) -> io::Result<Option<Entry>> {
-    let data: std::borrow::Cow<[u8]> = if j.zstd {
-        match zstd::bulk::decompress(&j.data, j.entry.size as usize) {
-            Ok(d) => d.into(),
-            Err(_) => return Ok(None),
-        }
-    } else {
-        (&j.data[..]).into()
-    };
-    if data.len() as u64 != j.entry.size || blake3::hash(&data).as_bytes()[..] != j.entry.blake3[..]
-    {
-        return Ok(None);
+/// Waits for every staging batch and stream of the generation, and records their outcomes.
+async fn settle(g: &mut Gen) -> Result<(), Status> {
+    if !g.streams.is_empty() {
+        return Err(bad("commit with files still streaming"));
     }
-    let mut f = fsx::create_excl(inner.stage.as_fd(), j.name.as_bytes())?;
+    while let Some(b) = g.batches.pop_front() {
+        let out = b.await.map_err(|e| Status::internal(e.to_string()))?;
+        apply_batch(g, out)?;
+    }
+    for (path, rx) in std::mem::take(&mut g.finishing) {
+        let f = rx
+            .await
+            .map_err(|_| Status::internal("stream writer stopped"))??;
+        let Some(p) = g.changes.get_mut(&path) else {
+            return Err(Status::internal("stream without a change"));
+        };
+        match f.outcome {
+            StreamOutcome::Aborted => {
+                g.changes.remove(&path);
+            }
+            StreamOutcome::Rejected(why) => {
+                tracing::warn!(path = %path, why, "file failed verification; asking for it whole");
+                p.state = PState::Rejected;
+                p.change.stage.clear();
+                p.change.placed = false;
+            }
+            StreamOutcome::Verified { entry, patch } => {
+                p.change.entry = Some(entry);
+                let name = String::from_utf8_lossy(&f.name).into_owned();
+                match patch {
+                    None if f.placed => p.change.placed = true,
+                    None => p.change.stage = name,
+                    Some(extents) => {
+                        p.change.patch = name;
+                        p.change.extents = extents;
+                        p.change.set_meta = true;
+                    }
+                }
+                p.state = PState::Ready;
+            }
+        }
+    }
+    Ok(())
+}
+
+enum StreamMsg {
+    Chunk(crate::proto::Chunk),
+    End(crate::proto::FileEnd),
+}
+
+/// The session's side of a stream worker.
+struct StreamHandle {
+    path: RelPath,
+    tx: mpsc::Sender<StreamMsg>,
+    done: oneshot::Receiver<Result<Finished, Status>>,
+}
+
+/// A stream the worker has finished.
+struct Finished {
+    name: Vec<u8>,
+    placed: bool,
+    outcome: StreamOutcome,
+}
+
+/// Writes one streamed file on a blocking thread, chunk by chunk, in order.
+fn spawn_stream(inner: Arc<Inner>, mut s: OpenStream) -> StreamHandle {
+    let (tx, mut rx) = mpsc::channel::<StreamMsg>(4);
+    let (done_tx, done) = oneshot::channel();
+    let path = s.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut failed: Option<Status> = None;
+        while let Some(m) = rx.blocking_recv() {
+            match m {
+                StreamMsg::Chunk(c) => {
+                    if failed.is_none()
+                        && let Err(e) = write_chunk(inner.stage.as_fd(), &mut s, c)
+                    {
+                        failed = Some(e);
+                    }
+                }
+                StreamMsg::End(end) => {
+                    let r = match failed.take() {
+                        Some(e) => {
+                            let _ = fsx::unlinkat(inner.stage.as_fd(), &s.name, false);
+                            Err(e)
+                        }
+                        None => finish_stream(&inner, &mut s, &end).map(|outcome| Finished {
+                            name: s.name.clone(),
+                            placed: s.placed,
+                            outcome,
+                        }),
+                    };
+                    let _ = done_tx.send(r);
+                    return;
+                }
+            }
+        }
+    });
+    StreamHandle { path, tx, done }
+}
+
+/// Verifies a small file and writes it at its final name inside a staged directory.
+fn stage_placed(inner: &Inner, j: InlineJob, loc: &[u8]) -> io::Result<Option<Entry>> {
+    let Some(data) = verify_inline(&j) else {
+        return Ok(None);
+    };
+    let mut f = fsx::create_excl(inner.stage.as_fd(), loc)?;
     f.write_all(&data)?;
     set_file_meta(&f, &j.entry)?;
     let mut e = j.entry;
@@ -1155,10 +1340,51 @@ fn stage_inline(inner: &Inner, j: InlineJob) -> io::Result<Option<Entry>> {
     Ok(Some(e))
 }
 
-fn set_file_meta(f: &File, e: &Entry) -> io::Result<()> {
-    f.set_permissions(std::fs::Permissions::from_mode(e.mode))?;
-    let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(e.mtime_ns.max(0) as u64);
-    f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+/// The content of an inline file when it matches its declared size and hash.
+fn verify_inline(j: &InlineJob) -> Option<Vec<u8>> {
+    let data = if j.zstd {
+        crate::zstdx::decompress(&j.data, j.entry.size as usize).ok()
+    } else {
+        Some(j.data.to_vec())
+    };
+    data.filter(|d| {
+        d.len() as u64 == j.entry.size && blake3::hash(d).as_bytes()[..] == j.entry.blake3[..]
+    })
+}
+
+/// Verifies small files (in parallel) and writes those that match their hash, one after the
+/// other, into one staged pack. Returns each file's entry and offset in the pack, or `None`
+/// when its content does not match its hash.
+type Packed = Vec<(RelPath, Option<(Entry, u64)>)>;
+
+fn stage_pack(inner: &Inner, name: &str, jobs: Vec<InlineJob>) -> io::Result<Packed> {
+    let verified: Vec<(RelPath, Entry, Option<Vec<u8>>)> = jobs
+        .into_par_iter()
+        .map(|j| {
+            let ok = verify_inline(&j);
+            (j.path, j.entry, ok)
+        })
+        .collect();
+    let total: usize = verified
+        .iter()
+        .map(|(_, _, d)| d.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut buf = Vec::with_capacity(total);
+    let mut out = Vec::with_capacity(verified.len());
+    for (p, mut e, data) in verified {
+        match data {
+            Some(d) => {
+                let off = buf.len() as u64;
+                buf.extend_from_slice(&d);
+                e.ino = 0; // known once written in place
+                out.push((p, Some((e, off))));
+            }
+            None => out.push((p, None)),
+        }
+    }
+    let mut f = fsx::create_excl(inner.stage.as_fd(), name.as_bytes())?;
+    f.write_all(&buf)?;
+    Ok(out)
 }
 
 /// Stages a rename: a hard link to the committed source, if it holds the declared content.
@@ -1196,7 +1422,11 @@ fn stage_link(
     }
 }
 
-fn write_chunk(s: &mut OpenStream, c: crate::proto::Chunk) -> Result<(), Status> {
+fn write_chunk(
+    stage_fd: std::os::fd::BorrowedFd<'_>,
+    s: &mut OpenStream,
+    c: crate::proto::Chunk,
+) -> Result<(), Status> {
     if s.corrupt.is_some() {
         return Ok(());
     }
@@ -1207,27 +1437,27 @@ fn write_chunk(s: &mut OpenStream, c: crate::proto::Chunk) -> Result<(), Status>
             s.path
         )));
     }
-    let data: Result<Vec<u8>, String> = match c.data {
+    let data: Result<Bytes, String> = match c.data {
         Some(chunk::Data::Literal(b)) => {
             if b.len() != len {
                 Err(format!("literal of {} bytes declared as {len}", b.len()))
             } else {
-                Ok(b.to_vec())
+                Ok(b)
             }
         }
-        Some(chunk::Data::LiteralZstd(b)) => zstd::bulk::decompress(&b, len)
+        Some(chunk::Data::LiteralZstd(b)) => crate::zstdx::decompress(&b, len)
             .map_err(|e| format!("undecodable compressed literal: {e}"))
             .and_then(|d| {
                 if d.len() == len {
-                    Ok(d)
+                    Ok(d.into())
                 } else {
                     Err(format!("literal of {} bytes declared as {len}", d.len()))
                 }
             }),
-        Some(chunk::Data::Delta(d)) => apply(s, &d, len),
-        Some(chunk::Data::DeltaZstd(d)) => zstd::bulk::decompress(&d, 2 * len + (1 << 20))
+        Some(chunk::Data::Delta(d)) => apply(s, &d, len).map(Bytes::from),
+        Some(chunk::Data::DeltaZstd(d)) => crate::zstdx::decompress(&d, 2 * len + (1 << 20))
             .map_err(|e| format!("undecodable compressed delta: {e}"))
-            .and_then(|d| apply(s, &d, len)),
+            .and_then(|d| apply(s, &d, len).map(Bytes::from)),
         None => Err("chunk without data".into()),
     };
     let data = match data {
@@ -1238,13 +1468,29 @@ fn write_chunk(s: &mut OpenStream, c: crate::proto::Chunk) -> Result<(), Status>
         }
     };
     s.hasher.update(&data);
-    s.file
-        .write_all(&data)
-        .map_err(|e| status_io("writing staged data", e))?;
+    let pos = s.written;
     s.written += len as u64;
-    if s.written - s.last_writeback >= WRITEBACK_EVERY {
-        fsx::start_writeback(&s.file, s.last_writeback, s.written - s.last_writeback);
-        s.last_writeback = s.written;
+    let io = |e| status_io("writing staged data", e);
+    match &mut s.sink {
+        Sink::Direct(w) => w.write(&data).map_err(io)?,
+        Sink::Patch(p) => {
+            let base = s.base.as_ref().map(|b| b.bytes()).unwrap_or(&[]);
+            p.add(base, pos, &data).map_err(io)?;
+            if p.too_big(s.written) {
+                // Most of the file changed: a full copy is cheaper than patching in place.
+                let Sink::Patch(p) = std::mem::replace(&mut s.sink, Sink::Switching) else {
+                    unreachable!()
+                };
+                let mut full = s.name.clone();
+                full.extend_from_slice(b".full");
+                let w = Direct::create(stage_fd, &full).map_err(io)?;
+                let w = p.into_direct(base, s.written, w).map_err(io)?;
+                let _ = fsx::unlinkat(stage_fd, &s.name, false);
+                s.name = full;
+                s.sink = Sink::Direct(w);
+            }
+        }
+        Sink::Switching => return Err(Status::internal("stream in an inconsistent state")),
     }
     Ok(())
 }
@@ -1259,7 +1505,11 @@ fn apply(s: &OpenStream, delta: &[u8], len: usize) -> Result<Vec<u8>, String> {
 enum StreamOutcome {
     Aborted,
     Rejected(String),
-    Verified(Entry),
+    /// Verified; `patch` holds the extents when the file is to be updated in place.
+    Verified {
+        entry: Entry,
+        patch: Option<Vec<crate::proto::state::Extent>>,
+    },
 }
 
 fn finish_stream(
@@ -1267,11 +1517,13 @@ fn finish_stream(
     s: &mut OpenStream,
     end: &crate::proto::FileEnd,
 ) -> Result<StreamOutcome, Status> {
-    let unlink = |s: &OpenStream| {
-        let _ = fsx::unlinkat(inner.stage.as_fd(), s.name.as_bytes(), false);
+    let sink = std::mem::replace(&mut s.sink, Sink::Switching);
+    let unlink = |s: &OpenStream, sink: Sink| {
+        drop(sink);
+        let _ = fsx::unlinkat(inner.stage.as_fd(), &s.name, false);
     };
     if end.aborted {
-        unlink(s);
+        unlink(s, sink);
         return Ok(StreamOutcome::Aborted);
     }
     let why = if let Some(c) = &s.corrupt {
@@ -1291,19 +1543,34 @@ fn finish_stream(
         None
     };
     if let Some(why) = why {
-        unlink(s);
+        unlink(s, sink);
         return Ok(StreamOutcome::Rejected(why));
     }
     let mut e = s.entry.clone();
     e.size = end.size;
     e.blake3 = end.blake3.clone();
-    set_file_meta(&s.file, &e).map_err(|er| status_io("staging", er))?;
-    e.ino = s
-        .file
-        .metadata()
-        .map_err(|er| status_io("staging", er))?
-        .ino();
-    Ok(StreamOutcome::Verified(e))
+    let io = |er| status_io("staging", er);
+    match sink {
+        Sink::Direct(w) => {
+            let f = w.finish(end.size).map_err(io)?;
+            set_file_meta(&f, &e).map_err(io)?;
+            e.ino = f.metadata().map_err(io)?.ino();
+            Ok(StreamOutcome::Verified {
+                entry: e,
+                patch: None,
+            })
+        }
+        Sink::Patch(p) => {
+            let extents = p.extents.clone();
+            p.finish().map_err(io)?;
+            e.ino = s.base_ino;
+            Ok(StreamOutcome::Verified {
+                entry: e,
+                patch: Some(extents),
+            })
+        }
+        Sink::Switching => Err(Status::internal("stream in an inconsistent state")),
+    }
 }
 
 /// Makes a generation durable and applies it. Returns the new generation and root.
@@ -1376,9 +1643,11 @@ fn commit(
         applied: false,
     };
     // Staged data first, then the record (the commit point), then the workspace.
+    let t0 = Instant::now();
     if let Err(e) = sync_staged(inner.stage.as_fd(), &rec) {
         return refuse(st, g, undo, status_io("syncing staged data", e));
     }
+    let t_staged = t0.elapsed();
     if let Err(e) = st.catalog.append(&rec) {
         return refuse(
             st,
@@ -1390,11 +1659,19 @@ fn commit(
     st.manifest.generation = generation;
     if let Err(e) = apply_record(&inner.root, inner.stage.as_fd(), &rec, &st.manifest)
         .and_then(|_| sync_applied(&inner.root, &rec, &st.manifest))
+        .and_then(|_| clear_stage(inner.stage.as_fd()).map(drop))
     {
         tracing::error!(error = %e, %generation, "applying a committed generation failed; it will be rolled forward");
         st.unapplied = Some(rec);
         return Err(status_io("applying a committed generation", e));
     }
+    tracing::debug!(
+        %generation,
+        changes = rec.changes.len(),
+        sync_staged_ms = t_staged.as_millis() as u64,
+        record_apply_sync_ms = (t0.elapsed() - t_staged).as_millis() as u64,
+        "commit timings"
+    );
     st.catalog
         .mark_applied(generation)
         .and_then(|_| st.catalog.maybe_compact(&st.manifest))

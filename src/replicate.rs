@@ -290,8 +290,10 @@ pub async fn once(
     tls: &TlsMaterial,
     target: &Target,
 ) -> Result<crate::send::Report, SyncError> {
+    let t = std::time::Instant::now();
     let ch = crate::send::connect(&target.url, tls, target.identity.clone()).await?;
     let mut s = sender.open_session(ch).await?;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "session open");
     let mut total = sender
         .sync_generation(&mut s, crate::scan::Scope::Full, true)
         .await?
@@ -319,7 +321,9 @@ pub async fn once(
         total.root = r.root;
         total.still_changing = r.still_changing;
     }
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "generation done");
     s.close().await;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "session closed");
     if !total.still_changing.is_empty() {
         return Err(SyncError::Local(format!(
             "{} file(s) kept changing while being read, e.g. {}",

@@ -620,6 +620,7 @@ impl Sender {
         .await
         .map_err(|e| SyncError::Local(e.to_string()))?;
         self.index = index;
+        let scanned = started.elapsed();
         if plan.is_empty() && !force {
             return Ok(None);
         }
@@ -767,7 +768,11 @@ impl Sender {
         let (small, big): (Vec<Job>, Vec<Job>) = contents
             .into_iter()
             .partition(|j| j.stat.size <= self.opts.inline_max);
+        let (n_small, n_big) = (small.len(), big.len());
+        let t_content = Instant::now();
         let sent = self.send_contents(s, small, big).await?;
+        let content = t_content.elapsed();
+        let t_commit = Instant::now();
         for (p, r) in sent {
             match r {
                 Read1::Changed => still_changing.push(p),
@@ -836,8 +841,10 @@ impl Sender {
                     )));
                 }
                 self.index.undo(undo);
+                let t = Instant::now();
                 self.apply_local(&rec)?;
                 let _ = std::fs::remove_file(&self.pending_path);
+                tracing::debug!(ms = t.elapsed().as_millis() as u64, "index updated");
                 break root;
             }
             self.index.undo(undo);
@@ -887,6 +894,15 @@ impl Sender {
                 }
             }
         };
+        tracing::debug!(
+            %generation,
+            scan_ms = scanned.as_millis() as u64,
+            small = n_small,
+            big = n_big,
+            content_ms = content.as_millis() as u64,
+            commit_ms = t_commit.elapsed().as_millis() as u64,
+            "generation timings"
+        );
         s.receiver_generation = generation;
         s.receiver_root = result;
         let replica_changes = changes.len() - local_only;
@@ -926,12 +942,19 @@ impl Sender {
         let mut results = Vec::new();
         let level = self.opts.compress_level;
         if !small.is_empty() {
+            let t = Instant::now();
+            let n = small.len();
             let ws = self.opts.workspace.clone();
             let out = s.out.clone();
             let r = tokio::task::spawn_blocking(move || send_small(&ws, small, level, &out))
                 .await
                 .map_err(|e| SyncError::Local(e.to_string()))??;
             results.extend(r);
+            tracing::debug!(
+                files = n,
+                ms = t.elapsed().as_millis() as u64,
+                "small files sent"
+            );
         }
         if big.is_empty() {
             return Ok(results);
@@ -964,15 +987,14 @@ impl Sender {
             let job = big[i].clone();
             let (id, sig) = match waiting.remove(&i) {
                 Some((id, rx)) => {
-                    let r =
-                        match rx.await {
-                            Ok(r) => r?,
-                            Err(_) => {
-                                return Err(s.event().await.err().unwrap_or_else(|| {
-                                    SyncError::Connection("session closed".into())
-                                }));
-                            }
-                        };
+                    let r = match rx.await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(s.event().await.err().unwrap_or_else(|| {
+                                SyncError::Connection("session closed".into())
+                            }));
+                        }
+                    };
                     let block =
                         delta::block_size_for(job.base.as_ref().map(|b| b.size).unwrap_or(0));
                     let sig = match r {
@@ -1102,7 +1124,7 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     if level == 0 || data.len() < 512 {
         return None;
     }
-    let c = zstd::bulk::compress(data, level).ok()?;
+    let c = crate::zstdx::compress(data, level).ok()?;
     (c.len() < data.len() - data.len() / 32).then_some(c)
 }
 
@@ -1184,13 +1206,15 @@ struct Hints {
 }
 
 /// Encodes one window: a delta when it pays, literal (compressed when that pays) otherwise.
+/// Returns the chunk data, whether a delta paid off, and whether compression paid off. Takes
+/// the window by value so that literal data goes out without another copy.
 fn encode_window(
-    data: &[u8],
+    window: Vec<u8>,
     sig: Option<&fast_rsync::IndexedSignature<'_>>,
     level: i32,
     hints: &Hints,
 ) -> (chunk::Data, bool, bool) {
-    // Returns (data, was_a_delta_hit, compressed_well)
+    let data = &window[..];
     if let Some(idx) = sig {
         let probe = 64 << 10;
         let skip = hints.misses >= 2 && data.len() > probe && {
@@ -1209,11 +1233,7 @@ fn encode_window(
     }
     match compress(data, if hints.compressible { level } else { 0 }) {
         Some(c) => (chunk::Data::LiteralZstd(c.into()), false, true),
-        None => (
-            chunk::Data::Literal(Bytes::copy_from_slice(data)),
-            false,
-            false,
-        ),
+        None => (chunk::Data::Literal(Bytes::from(window)), false, false),
     }
 }
 
@@ -1293,11 +1313,12 @@ fn stream_file(
         if total > job.stat.size {
             return abort(out); // grew while read
         }
+        let lens: Vec<usize> = windows.iter().map(Vec::len).collect();
         let encoded: Vec<(chunk::Data, bool, bool)> = windows
-            .par_iter()
+            .into_par_iter()
             .map(|w| encode_window(w, idx.as_ref(), level, &hints))
             .collect();
-        for (w, (data, hit, compressed)) in windows.iter().zip(encoded) {
+        for (len, (data, hit, compressed)) in lens.into_iter().zip(encoded) {
             if idx.is_some() {
                 hints.misses = if hit { 0 } else { hints.misses + 1 };
             }
@@ -1306,7 +1327,7 @@ fn stream_file(
             }
             out.send_blocking(sync_request::Msg::Chunk(Chunk {
                 file: id,
-                len: w.len() as u32,
+                len: len as u32,
                 data: Some(data),
             }))?;
         }

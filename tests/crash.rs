@@ -180,9 +180,8 @@ fn kill_9_at_random_points_leaves_old_or_new_generation() {
             "iteration {i}: did not converge: {}",
             diff(&snapshot(&cpu.workspace), &snaps[target])
         );
-        let stage = cpu.state.join("stage");
         assert_eq!(
-            fs::read_dir(&stage).unwrap().count(),
+            staged_files(&cpu.state.join("stage")),
             0,
             "stage directory not cleaned"
         );

@@ -182,7 +182,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let _lock = standby::statedir::lock(&cfg.state_dir)?;
     let mut opts = SenderOptions::new(cfg.workspace.clone(), cfg.state_dir.clone());
     opts.compress_level = cfg.compress_level;
+    let t = std::time::Instant::now();
     let mut sender = tokio::task::spawn_blocking(move || Sender::open(opts)).await??;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "sender state loaded");
     let target = Target {
         url: cfg.peer.clone(),
         identity: peer_id,

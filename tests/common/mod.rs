@@ -97,7 +97,10 @@ impl Cpu {
             .arg(tls)
             .arg("--listen")
             .arg(listen)
-            .env("STANDBY_LOG", "info")
+            .env(
+                "STANDBY_LOG",
+                std::env::var("STANDBY_TEST_CPU_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -202,6 +205,9 @@ pub fn gpu_args(workspace: &Path, state: &Path, tls: &Path, peer: &str) -> Vec<S
 /// `agent-gpu --once`; returns the parsed report, or panics with stderr.
 pub fn once(workspace: &Path, state: &Path, tls: &Path, peer: &str) -> serde_json::Value {
     let out = once_raw(workspace, state, tls, peer);
+    if std::env::var_os("STANDBY_TEST_SHOW_LOGS").is_some() {
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     assert!(
         out.status.success(),
         "agent-gpu --once failed: {}",
@@ -374,6 +380,24 @@ pub fn set_mtime(p: &Path, secs: i64, nanos: i64) {
         )
     };
     assert_eq!(r, 0, "utimensat {}", p.display());
+}
+
+/// Files staged in a receiver's stage directory (below its bucket directories).
+pub fn staged_files(stage: &Path) -> usize {
+    let mut n = 0;
+    for e in fs::read_dir(stage).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            for f in fs::read_dir(e.path()).unwrap() {
+                eprintln!("staged: {}", f.unwrap().path().display());
+                n += 1;
+            }
+        } else {
+            eprintln!("staged: {}", e.path().display());
+            n += 1;
+        }
+    }
+    n
 }
 
 /// A varied tree: nested directories, `n_small` small files (some compressible), the given big
