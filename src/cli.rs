@@ -10,6 +10,10 @@ use serde::de::DeserializeOwned;
 /// Every default in one place.
 pub mod defaults {
     pub const DEBOUNCE: &str = "250ms";
+    pub const HEARTBEAT: &str = "1s";
+    pub const SUSPECT_AFTER_MISSED: u32 = 2;
+    pub const FAILOVER_AFTER: &str = "3s";
+    pub const TOKEN_TTL: &str = "1h";
     pub const MAX_DELAY: &str = "1s";
     pub const RESCAN_INTERVAL: &str = "60s";
     pub const COMPRESS_LEVEL: i32 = 1;

@@ -20,9 +20,19 @@ pub const SOCKET: &str = "agent.sock";
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
-    Flush { timeout_ms: u64 },
+    Flush {
+        timeout_ms: u64,
+    },
     Status,
+    /// Fault injection for drills and tests: report a fatal GPU fault with the next heartbeat
+    /// (as NVML would after an Xid 79), so the coordinator fails the pair over.
+    Fault {
+        reason: String,
+    },
 }
+
+/// A fatal fault injected through the control socket, reported like an NVML one.
+pub type InjectedFault = Arc<Mutex<Option<String>>>;
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
@@ -44,6 +54,7 @@ pub async fn serve(
     state_dir: &Path,
     tx: mpsc::Sender<Control>,
     figures: Arc<Mutex<SenderFigures>>,
+    fault: InjectedFault,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let path = socket_path(state_dir);
@@ -56,8 +67,9 @@ pub async fn serve(
         };
         let tx = tx.clone();
         let figures = figures.clone();
+        let fault = fault.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(conn, tx, figures).await {
+            if let Err(e) = handle(conn, tx, figures, fault).await {
                 tracing::debug!(error = %e, "control connection failed");
             }
         });
@@ -70,6 +82,7 @@ async fn handle(
     conn: UnixStream,
     tx: mpsc::Sender<Control>,
     figures: Arc<Mutex<SenderFigures>>,
+    fault: InjectedFault,
 ) -> std::io::Result<()> {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
@@ -79,6 +92,14 @@ async fn handle(
             error: Some(format!("bad request: {e}")),
             ..Default::default()
         },
+        Ok(Request::Fault { reason }) => {
+            tracing::warn!(%reason, "fault injected through the control socket");
+            *fault.lock().expect("fault") = Some(format!("injected: {reason}"));
+            Reply {
+                ok: true,
+                ..Default::default()
+            }
+        }
         Ok(Request::Status) => Reply {
             ok: true,
             status: serde_json::to_value(figures.lock().expect("figures").clone()).ok(),

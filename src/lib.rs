@@ -15,24 +15,35 @@
 //! - [`identity`], [`pki`], [`tls`]: certificate identities, the CA, mutual TLS.
 //! - [`proto`]: generated gRPC and record types.
 
+pub mod agent;
 pub mod apply;
 pub mod catalog;
 pub mod cli;
 pub mod control;
+pub mod coordinator;
 pub mod crashsafe;
 pub mod delta;
+pub mod engine;
 pub mod epoch;
+pub mod failover;
 pub mod fsx;
 pub mod identity;
+pub mod join;
+pub mod link;
 pub mod manifest;
+pub mod metrics;
+pub mod nvml;
 pub mod pki;
+pub mod probe;
 pub mod receive;
 pub mod replicate;
 pub mod scan;
 pub mod send;
 pub mod stage;
 pub mod statedir;
+pub mod store;
 pub mod tls;
+pub mod token;
 pub mod types;
 pub mod watch;
 pub mod zstdx;

@@ -131,13 +131,32 @@ impl TlsMaterial {
 
     /// Server side: client certificates from our CA are required.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-                .build()?;
+        self.server_config_with(false)
+    }
+
+    /// Server side where a client may come without a certificate (the coordinator's join
+    /// endpoint); every other call still requires one (see [`peer_of`]). The CA certificate is
+    /// sent with ours so that a joining agent can pin it by fingerprint.
+    pub fn server_config_join(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_with(true)
+    }
+
+    fn server_config_with(&self, optional: bool) -> Result<Arc<ServerConfig>, TlsError> {
+        let builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider());
+        let verifier = if optional {
+            builder.allow_unauthenticated().build()?
+        } else {
+            builder.build()?
+        };
+        let mut chain = self.chain.clone();
+        if optional {
+            chain.extend(self.ca.iter().cloned());
+        }
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_single_cert(chain, self.key.clone_key())?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
@@ -157,6 +176,89 @@ impl TlsMaterial {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+/// A client configuration for joining: no certificate of our own yet, and the server must
+/// present a chain whose CA has the SHA-256 `fingerprint` (from the join token) and name itself
+/// `standby://coordinator`.
+pub fn join_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = PinnedVerifier {
+        fingerprint: fingerprint.to_string(),
+        algs: provider().signature_verification_algorithms,
+    };
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct PinnedVerifier {
+    fingerprint: String,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| crate::pki::fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the coordinator's CA does not match the join token's fingerprint".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &roots,
+            &[],
+            now,
+            self.algs.all,
+        )?;
+        match Identity::from_cert_der(end_entity) {
+            Ok(Identity::Coordinator) => Ok(ServerCertVerified::assertion()),
+            Ok(other) => Err(rustls::Error::General(format!(
+                "peer is {other}, expected {}",
+                Identity::Coordinator
+            ))),
+            Err(e) => Err(rustls::Error::General(format!("peer certificate: {e}"))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
     }
 }
 
@@ -235,22 +337,38 @@ pub struct PeerInfo {
 /// The authenticated peer of a request.
 pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<PeerInfo, tonic::Status> {
     req.extensions()
-        .get::<PeerInfo>()
-        .cloned()
-        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate"))
+        .get::<ConnInfo>()
+        .and_then(|c| c.peer.clone())
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))
 }
 
-/// A server-side TLS connection with its authenticated peer.
+/// The remote address of a request, authenticated or not.
+pub fn remote_addr<T>(req: &tonic::Request<T>) -> Option<SocketAddr> {
+    req.extensions().get::<ConnInfo>().map(|c| c.addr)
+}
+
+/// A server-side TLS connection with its authenticated peer (None: no certificate).
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerInfo,
+    info: Option<PeerInfo>,
+    addr: SocketAddr,
 }
 
 impl Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            peer: self.info.clone(),
+            addr: self.addr,
+        }
     }
+}
+
+/// What tonic stores per connection; handlers read it through [`peer_of`] and [`remote_addr`].
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    peer: Option<PeerInfo>,
+    addr: SocketAddr,
 }
 
 impl AsyncRead for TlsConn {
@@ -329,6 +447,7 @@ pub fn incoming(
                         return;
                     }
                 };
+                // The verifier already required a certificate unless the server allows joins.
                 let identity = match tls
                     .get_ref()
                     .1
@@ -336,22 +455,20 @@ pub fn incoming(
                     .and_then(|c| c.first())
                     .map(|c| Identity::from_cert_der(c))
                 {
-                    Some(Ok(id)) => id,
+                    Some(Ok(id)) => Some(id),
                     Some(Err(e)) => {
                         tracing::info!(peer = %addr, error = %e, "client certificate refused");
                         return;
                     }
-                    None => {
-                        tracing::info!(peer = %addr, "no client certificate");
-                        return;
-                    }
+                    None => None,
                 };
                 let conn = TlsConn {
                     inner: tls,
-                    info: PeerInfo {
+                    info: identity.map(|identity| PeerInfo {
                         identity,
                         addr: Some(addr),
-                    },
+                    }),
+                    addr,
                 };
                 let _ = tx.send(Ok(conn)).await;
             });

@@ -1,29 +1,33 @@
 //! agent-gpu: runs on each GPU machine. Watches the workspace and streams verified block deltas
-//! of every change straight to its paired agent-cpu.
+//! of every change straight to its paired agent-cpu; heartbeats its health to the coordinator.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
 use standby::control;
 use standby::identity::{Identity, Role};
+use standby::proto::command::Cmd;
 use standby::replicate::{self, LoopConfig, Target};
 use standby::send::{Sender, SenderOptions};
-use standby::tls::{self, TlsMaterial};
+use standby::tls;
+use standby::types::Epoch;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// The GPU side of a Standby pair.
 ///
-/// Every setting can also come from a `STANDBY_*` environment variable or a TOML file
-/// (`--config`); a flag wins over the environment, which wins over the file.
+/// Either a static pair (`--tls-dir` and `--peer`) or managed by a coordinator (`--coordinator`,
+/// with a `--join-token` the first time). Every setting can also come from a `STANDBY_*`
+/// environment variable or a TOML file (`--config`); a flag wins over the environment, which
+/// wins over the file.
 #[derive(Parser, Debug)]
 #[command(name = "agent-gpu", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Option<Cmd>,
+    cmd: Option<Cmd2>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -36,12 +40,30 @@ struct RunArgs {
     /// Directory for the agent's own state (index, epoch, certificates, control socket).
     #[arg(long, env = "STANDBY_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Directory with ca.pem, node.pem and node.key (from `coordinator cert --role gpu`).
+    /// Directory with static certificates (ca.pem, node.pem, node.key).
     #[arg(long, env = "STANDBY_TLS_DIR")]
     tls_dir: Option<PathBuf>,
-    /// The paired agent-cpu, as host:port or https://host:port.
+    /// The paired agent-cpu of a static pair, as host:port.
     #[arg(long, env = "STANDBY_PEER")]
     peer: Option<String>,
+    /// The coordinator, as host:port (it tells this agent where its CPU standby is).
+    #[arg(long, env = "STANDBY_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Single-use token from `coordinator token` (first start only).
+    #[arg(long, env = "STANDBY_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// Address for the probe and restore endpoint.
+    #[arg(long, env = "STANDBY_LISTEN")]
+    listen: Option<String>,
+    /// Address others should use to reach this agent, when it differs from --listen (NAT).
+    #[arg(long, env = "STANDBY_ADVERTISE")]
+    advertise: Option<String>,
+    /// Machine name reported to the coordinator (default: the host name).
+    #[arg(long, env = "STANDBY_MACHINE")]
+    machine: Option<String>,
+    /// Heartbeat interval.
+    #[arg(long, env = "STANDBY_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
     /// Sync one generation, wait until it is durable on the CPU, print a JSON report, exit.
     #[arg(long)]
     once: bool,
@@ -63,7 +85,7 @@ struct RunArgs {
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {
+enum Cmd2 {
     /// Return 0 once everything written before this call is durable on the CPU.
     Flush {
         #[arg(long, env = "STANDBY_STATE_DIR")]
@@ -77,13 +99,26 @@ enum Cmd {
         #[arg(long, env = "STANDBY_STATE_DIR")]
         state_dir: PathBuf,
     },
+    /// Fault injection for drills: make the running agent report a fatal GPU fault.
+    Fault {
+        #[arg(long, env = "STANDBY_STATE_DIR")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "Xid 79 (simulated): GPU has fallen off the bus")]
+        reason: String,
+    },
 }
 
 struct Config {
     workspace: PathBuf,
     state_dir: PathBuf,
-    tls_dir: PathBuf,
-    peer: String,
+    tls_dir: Option<PathBuf>,
+    peer: Option<String>,
+    coordinator: Option<String>,
+    join_token: Option<String>,
+    listen: String,
+    advertise: String,
+    machine: String,
+    heartbeat: Duration,
     once: bool,
     loop_cfg: LoopConfig,
     compress_level: i32,
@@ -103,13 +138,32 @@ fn config(a: RunArgs) -> Result<Config, String> {
             "--compress-level must be 0..=19, not {compress_level}"
         ));
     }
+    let peer = f.pick_opt(a.peer, "peer")?;
+    let coordinator = f.pick_opt(a.coordinator, "coordinator")?;
+    let tls_dir = f.pick_opt(a.tls_dir, "tls_dir")?;
+    match (&peer, &coordinator) {
+        (Some(_), Some(_)) => {
+            return Err("give either --peer (static pair) or --coordinator, not both".into());
+        }
+        (None, None) => return Err("--peer (static pair) or --coordinator is required".into()),
+        (Some(_), None) if tls_dir.is_none() => return Err("a static pair needs --tls-dir".into()),
+        _ => {}
+    }
     Ok(Config {
         workspace: need(a.workspace, "workspace")?,
         state_dir: need(a.state_dir, "state_dir")?,
-        tls_dir: need(a.tls_dir, "tls_dir")?,
-        peer: f
-            .pick_opt(a.peer, "peer")?
-            .ok_or("--peer is required (the agent-cpu address)")?,
+        tls_dir,
+        peer,
+        coordinator,
+        join_token: f.pick_opt(a.join_token, "join_token")?,
+        listen: f.pick(a.listen, "listen", || defaults::GPU_LISTEN.to_string())?,
+        advertise: f.pick(a.advertise, "advertise", String::new)?,
+        machine: f.pick(a.machine, "machine", standby::send::hostname)?,
+        heartbeat: f.pick_duration(
+            a.heartbeat_interval,
+            "heartbeat_interval",
+            defaults::HEARTBEAT,
+        )?,
         once: a.once,
         loop_cfg: LoopConfig {
             debounce: f.pick_duration(a.debounce, "debounce", defaults::DEBOUNCE)?,
@@ -124,21 +178,33 @@ fn config(a: RunArgs) -> Result<Config, String> {
     })
 }
 
+fn control_call(
+    rt: &tokio::runtime::Runtime,
+    state_dir: &std::path::Path,
+    req: control::Request,
+) -> control::Reply {
+    match rt.block_on(control::request(state_dir, &req)) {
+        Ok(r) if r.ok => r,
+        Ok(r) => fail(&anyhow::anyhow!(
+            r.error.unwrap_or_else(|| "unknown error".into())
+        )),
+        Err(e) => fail(&anyhow::anyhow!(e)),
+    }
+}
+
 fn main() {
     let cli: Cli = parse_or_exit();
     tls::install_default_provider();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.cmd {
-        Some(Cmd::Flush { state_dir, timeout }) => {
+        Some(Cmd2::Flush { state_dir, timeout }) => {
             init_logging("warn");
             let t = standby::cli::parse_duration(&timeout).unwrap_or_else(|e| usage_error(e));
             let req = control::Request::Flush {
                 timeout_ms: t.as_millis() as u64,
             };
             match rt.block_on(control::request(&state_dir, &req)) {
-                Ok(r) if r.ok => {
-                    println!("durable: generation {}", r.generation.unwrap_or(0));
-                }
+                Ok(r) if r.ok => println!("durable: generation {}", r.generation.unwrap_or(0)),
                 Ok(r) => fail(&anyhow::anyhow!(
                     "flush failed: {}",
                     r.error.unwrap_or_else(|| "unknown error".into())
@@ -146,13 +212,15 @@ fn main() {
                 Err(e) => fail(&anyhow::anyhow!(e)),
             }
         }
-        Some(Cmd::Status { state_dir }) => {
+        Some(Cmd2::Status { state_dir }) => {
             init_logging("warn");
-            match rt.block_on(control::request(&state_dir, &control::Request::Status)) {
-                Ok(r) if r.ok => println!("{}", r.status.unwrap_or_default()),
-                Ok(r) => fail(&anyhow::anyhow!(r.error.unwrap_or_default())),
-                Err(e) => fail(&anyhow::anyhow!(e)),
-            }
+            let r = control_call(&rt, &state_dir, control::Request::Status);
+            println!("{}", r.status.unwrap_or_default());
+        }
+        Some(Cmd2::Fault { state_dir, reason }) => {
+            init_logging("warn");
+            control_call(&rt, &state_dir, control::Request::Fault { reason });
+            println!("fault injected: the next heartbeat reports it");
         }
         None => {
             let cfg = config(cli.run).unwrap_or_else(|e| usage_error(e));
@@ -165,52 +233,126 @@ fn main() {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let material = TlsMaterial::load(&cfg.tls_dir)
-        .with_context(|| format!("loading certificates from {}", cfg.tls_dir.display()))?;
-    let Identity::Node {
-        pair,
-        role: Role::Gpu,
-    } = &material.identity
-    else {
-        bail!(
-            "the certificate in {} is {}, agent-gpu needs a gpu certificate",
-            cfg.tls_dir.display(),
-            material.identity
-        );
-    };
-    let peer_id = Identity::node(pair, Role::Cpu)?;
+    let material = standby::join::identity(
+        Role::Gpu,
+        &cfg.state_dir,
+        cfg.tls_dir.as_deref(),
+        cfg.coordinator.as_deref(),
+        cfg.join_token.as_deref(),
+        &cfg.machine,
+    )
+    .await?;
+    let pair = material.identity.pair().expect("node identity").to_string();
+    let peer_id = Identity::node(&pair, Role::Cpu)?;
     let _lock = standby::statedir::lock(&cfg.state_dir)?;
     let mut opts = SenderOptions::new(cfg.workspace.clone(), cfg.state_dir.clone());
     opts.compress_level = cfg.compress_level;
-    let t = std::time::Instant::now();
+    opts.machine = cfg.machine.clone();
     let mut sender = tokio::task::spawn_blocking(move || Sender::open(opts)).await??;
-    tracing::debug!(ms = t.elapsed().as_millis() as u64, "sender state loaded");
-    let target = Target {
-        url: cfg.peer.clone(),
-        identity: peer_id,
-        epoch: None,
-    };
+
     if cfg.once {
+        let Some(peer) = &cfg.peer else {
+            usage_error("--once needs --peer (a static pair)");
+        };
+        let target = Target {
+            url: peer.clone(),
+            identity: peer_id,
+            epoch: None,
+        };
         let report = replicate::once(&mut sender, &material, &target).await?;
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
+
     let shutdown = CancellationToken::new();
-    let (ctl_tx, ctl_rx) = mpsc::channel(64);
-    let ctl = tokio::spawn({
-        let state_dir = cfg.state_dir.clone();
-        let figures = sender.figures.clone();
-        let shutdown = shutdown.clone();
-        async move { control::serve(&state_dir, ctl_tx, figures, shutdown).await }
-    });
-    let (_target_tx, target_rx) = watch::channel(Some(target));
     let stop = shutdown.clone();
     tokio::spawn(async move {
         standby::cli::stop_signal().await;
         tracing::info!("stopping");
         stop.cancel();
     });
-    tracing::info!(workspace = %cfg.workspace.display(), peer = %cfg.peer, "replicating");
+
+    // The endpoint the CPU agent probes (and, during a restore, sends to).
+    let (addr, endpoint) =
+        standby::agent::serve_endpoint(&cfg.listen, &material, None, shutdown.clone()).await?;
+    std::fs::write(cfg.state_dir.join("listen.addr"), addr.to_string())?;
+
+    let fault: control::InjectedFault = Arc::new(Mutex::new(None));
+    let (ctl_tx, ctl_rx) = mpsc::channel(64);
+    let ctl = tokio::spawn({
+        let state_dir = cfg.state_dir.clone();
+        let figures = sender.figures.clone();
+        let shutdown = shutdown.clone();
+        let fault = fault.clone();
+        async move { control::serve(&state_dir, ctl_tx, figures, fault, shutdown).await }
+    });
+
+    let (target_tx, target_rx) = watch::channel(cfg.peer.as_ref().map(|url| Target {
+        url: url.clone(),
+        identity: peer_id.clone(),
+        epoch: None,
+    }));
+
+    if let Some(url) = &cfg.coordinator {
+        let (cmd_tx, mut cmd_rx) = mpsc::channel(16);
+        let figures = sender.figures.clone();
+        let nvml = Arc::new(Mutex::new(standby::nvml::Nvml::open()));
+        let (machine, workspace, advertise) = (
+            cfg.machine.clone(),
+            cfg.workspace.clone(),
+            cfg.advertise.clone(),
+        );
+        let fault2 = fault.clone();
+        let report: standby::link::ReportFn = Arc::new(move || {
+            let mut gpu = nvml.lock().expect("nvml").as_mut().map(|n| n.sample());
+            if let Some(reason) = fault2.lock().expect("fault").clone() {
+                let g = gpu.get_or_insert_with(Default::default);
+                g.fatal = true;
+                g.fatal_reason = reason;
+            }
+            let f = figures.lock().expect("figures").clone();
+            standby::agent::gpu_report(&machine, &workspace, &advertise, addr.port(), &f, gpu)
+        });
+        tokio::spawn(standby::link::run(
+            standby::link::LinkOptions {
+                url: url.clone(),
+                tls: material.clone(),
+                interval: cfg.heartbeat,
+            },
+            report,
+            cmd_tx,
+            shutdown.clone(),
+        ));
+        let figures = sender.figures.clone();
+        tokio::spawn(async move {
+            while let Some(c) = cmd_rx.recv().await {
+                match c.cmd {
+                    Some(Cmd::SetPeer(p)) => {
+                        let t = Target {
+                            url: p.url,
+                            identity: peer_id.clone(),
+                            epoch: Some(Epoch(p.epoch)),
+                        };
+                        if target_tx.borrow().as_ref() != Some(&t) {
+                            tracing::info!(peer = %t.url, epoch = p.epoch, "replicating to the CPU standby");
+                            let _ = target_tx.send(Some(t));
+                        }
+                    }
+                    Some(Cmd::Fence(f)) => {
+                        if target_tx.borrow().is_some() || !figures.lock().expect("figures").fenced
+                        {
+                            tracing::error!(epoch = f.epoch, reason = %f.reason, "fenced by the coordinator: not sending");
+                        }
+                        figures.lock().expect("figures").fenced = true;
+                        let _ = target_tx.send(None);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    tracing::info!(workspace = %cfg.workspace.display(), %addr, "agent-gpu running");
     replicate::run(
         sender,
         material,
@@ -224,5 +366,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(2), ctl).await {
         tracing::warn!(error = %e, "control socket");
     }
+    let _ = endpoint.await;
     Ok(())
 }

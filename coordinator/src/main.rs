@@ -1,10 +1,13 @@
 //! coordinator: certificate authority, pairing, failure detection, failover and recovery.
 
+mod admin;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use standby::cli::{defaults, fail, init_logging, parse_or_exit};
+use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
+use standby::failover::Timing;
 use standby::identity::{Identity, Role};
 use standby::pki::Ca;
 
@@ -21,6 +24,32 @@ enum CertRole {
     Gpu,
     Cpu,
     Admin,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum NodeRole {
+    Gpu,
+    Cpu,
+}
+
+impl From<NodeRole> for Role {
+    fn from(r: NodeRole) -> Role {
+        match r {
+            NodeRole::Gpu => Role::Gpu,
+            NodeRole::Cpu => Role::Cpu,
+        }
+    }
+}
+
+/// How admin verbs reach the coordinator.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Remote {
+    /// The coordinator, host:port.
+    #[arg(long, env = "STANDBY_SERVER", default_value = "127.0.0.1:7700")]
+    pub server: String,
+    /// An admin TLS directory (`coordinator init` writes one to <dir>/admin).
+    #[arg(long, env = "STANDBY_ADMIN_TLS_DIR")]
+    pub tls_dir: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,14 +78,98 @@ enum Cmd {
         #[arg(long, default_value_t = defaults::CERT_DAYS)]
         days: u32,
     },
+    /// Run the coordinator.
+    Serve(ServeArgs),
+    /// Print a single-use, expiring join token for an agent of PAIR.
+    Token {
+        #[arg(long, env = "STANDBY_DIR")]
+        dir: PathBuf,
+        #[arg(long)]
+        pair: String,
+        #[arg(long, value_enum)]
+        role: NodeRole,
+        /// How long the token stays valid.
+        #[arg(long, default_value = defaults::TOKEN_TTL)]
+        ttl: String,
+    },
+    /// List pairs (state, epoch, primary, lag, machines).
+    Pairs {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage a pair.
+    Pair {
+        #[command(subcommand)]
+        cmd: PairCmd,
+    },
+    /// Fail PAIR over to its CPU standby now.
+    Failover {
+        pair: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show events (transitions, warnings; heartbeat summaries with --heartbeats).
+    Events {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        json: bool,
+        /// Keep streaming new events.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        heartbeats: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PairCmd {
+    /// Create a pair (agents holding its certificates can then join and heartbeat).
+    Create {
+        pair: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    #[arg(long, env = "STANDBY_DIR")]
+    dir: PathBuf,
+    /// gRPC address.
+    #[arg(long, env = "STANDBY_LISTEN")]
+    listen: Option<String>,
+    /// Prometheus metrics address.
+    #[arg(long, env = "STANDBY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Expected heartbeat interval of the agents.
+    #[arg(long, env = "STANDBY_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
+    /// Missed heartbeats before a pair is Suspect.
+    #[arg(long, env = "STANDBY_SUSPECT_AFTER_MISSED")]
+    suspect_after_missed: Option<u32>,
+    /// Silence of the GPU agent (confirmed by the CPU) before failing over.
+    #[arg(long, env = "STANDBY_FAILOVER_AFTER")]
+    failover_after: Option<String>,
+    /// Validity of certificates issued to joining agents, in days.
+    #[arg(long, env = "STANDBY_CERT_DAYS")]
+    cert_days: Option<u32>,
+    /// TOML configuration file (default: <dir>/coordinator.toml when it exists).
+    #[arg(long, env = "STANDBY_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn main() {
     let cli: Cli = parse_or_exit();
-    init_logging("warn");
     standby::tls::install_default_provider();
+    let rt = || tokio::runtime::Runtime::new().expect("tokio runtime");
     let r = match cli.cmd {
-        Cmd::Init { dir } => init(&dir),
+        Cmd::Init { dir } => {
+            init_logging("warn");
+            init(&dir)
+        }
         Cmd::Cert {
             dir,
             pair,
@@ -64,11 +177,100 @@ fn main() {
             name,
             out,
             days,
-        } => cert(&dir, pair, role, name, &out, days),
+        } => {
+            init_logging("warn");
+            cert(&dir, pair, role, name, &out, days)
+        }
+        Cmd::Serve(a) => {
+            let opts = serve_options(a).unwrap_or_else(|e| usage_error(e));
+            init_logging("info");
+            rt().block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    standby::cli::stop_signal().await;
+                    tracing::info!("stopping");
+                    stop.cancel();
+                });
+                standby::coordinator::serve(opts, shutdown).await
+            })
+        }
+        Cmd::Token {
+            dir,
+            pair,
+            role,
+            ttl,
+        } => {
+            init_logging("warn");
+            let ttl = standby::cli::parse_duration(&ttl).unwrap_or_else(|e| usage_error(e));
+            standby::coordinator::mint_token(&dir, &pair, role.into(), ttl).map(|t| println!("{t}"))
+        }
+        Cmd::Pairs { remote, json } => {
+            init_logging("warn");
+            rt().block_on(admin::pairs(&remote, json))
+        }
+        Cmd::Pair {
+            cmd: PairCmd::Create { pair, remote },
+        } => {
+            init_logging("warn");
+            rt().block_on(admin::create(&remote, &pair))
+        }
+        Cmd::Failover { pair, remote } => {
+            init_logging("warn");
+            rt().block_on(admin::failover(&remote, &pair))
+        }
+        Cmd::Events {
+            remote,
+            json,
+            follow,
+            heartbeats,
+        } => {
+            init_logging("warn");
+            rt().block_on(admin::events(&remote, json, follow, heartbeats))
+        }
     };
     if let Err(e) = r {
         fail(&e);
     }
+}
+
+fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, String> {
+    let file = a.config.clone().or_else(|| {
+        let p = a.dir.join("coordinator.toml");
+        p.exists().then_some(p)
+    });
+    let f = FileConfig::load(file.as_deref())?;
+    let timing = Timing {
+        heartbeat: f.pick_duration(
+            a.heartbeat_interval,
+            "heartbeat_interval",
+            defaults::HEARTBEAT,
+        )?,
+        suspect_after_missed: f.pick(a.suspect_after_missed, "suspect_after_missed", || {
+            defaults::SUSPECT_AFTER_MISSED
+        })?,
+        failover_after: f.pick_duration(
+            a.failover_after,
+            "failover_after",
+            defaults::FAILOVER_AFTER,
+        )?,
+    };
+    if timing.suspect_after_missed == 0 || timing.failover_after < timing.heartbeat {
+        return Err(
+            "failover_after must be at least one heartbeat, suspect_after_missed at least 1".into(),
+        );
+    }
+    Ok(standby::coordinator::ServeOptions {
+        dir: a.dir,
+        listen: f.pick(a.listen, "listen", || {
+            format!("0.0.0.0:{}", defaults::COORDINATOR_PORT)
+        })?,
+        metrics_listen: f.pick(a.metrics_listen, "metrics_listen", || {
+            format!("0.0.0.0:{}", defaults::METRICS_PORT)
+        })?,
+        timing,
+        cert_days: f.pick(a.cert_days, "cert_days", || defaults::CERT_DAYS)?,
+    })
 }
 
 fn init(dir: &Path) -> anyhow::Result<()> {
@@ -83,17 +285,21 @@ fn init(dir: &Path) -> anyhow::Result<()> {
     ca.save(dir)?;
     let admin = ca.issue(&Identity::admin("admin")?, defaults::CERT_DAYS)?;
     admin.write_dir(&dir.join("admin"))?;
+    standby::coordinator::server_tls(dir, &ca)?;
+    standby::coordinator::token_key(dir)?;
     let toml = format!(
         "# Standby coordinator configuration. Every key can also be given as a flag or a\n\
          # STANDBY_* environment variable (which win over this file).\n\
          listen = \"0.0.0.0:{}\"\n\
          metrics_listen = \"0.0.0.0:{}\"\n\
-         provider = \"local\"\n\
-         heartbeat_interval = \"1s\"\n\
-         suspect_after_missed = 2\n\
-         failover_after = \"3s\"\n",
+         heartbeat_interval = \"{}\"\n\
+         suspect_after_missed = {}\n\
+         failover_after = \"{}\"\n",
         defaults::COORDINATOR_PORT,
-        defaults::METRICS_PORT
+        defaults::METRICS_PORT,
+        defaults::HEARTBEAT,
+        defaults::SUSPECT_AFTER_MISSED,
+        defaults::FAILOVER_AFTER,
     );
     let cfg = dir.join("coordinator.toml");
     if !cfg.exists() {
@@ -122,7 +328,7 @@ fn cert(
         CertRole::Admin => Identity::admin(name.as_deref().or(pair.as_deref()).unwrap_or("admin"))?,
         CertRole::Gpu | CertRole::Cpu => {
             let Some(pair) = pair else {
-                standby::cli::usage_error("--pair is required for gpu and cpu certificates");
+                usage_error("--pair is required for gpu and cpu certificates");
             };
             Identity::node(
                 &pair,

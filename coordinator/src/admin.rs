@@ -1,0 +1,156 @@
+//! The admin verbs of the coordinator's command line (an admin certificate is required).
+
+use anyhow::Context;
+use standby::identity::Identity;
+use standby::proto::admin_client::AdminClient;
+use standby::proto::{EventsRequest, ListPairsRequest, PairRequest, PairView};
+use standby::tls::{self, Expect, TlsMaterial};
+use tonic::transport::Channel;
+
+use crate::Remote;
+
+async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
+    let m = TlsMaterial::load(&r.tls_dir)
+        .with_context(|| format!("loading the admin certificate from {}", r.tls_dir.display()))?;
+    let cfg = m.client_config(Expect::Exactly(Identity::Coordinator))?;
+    let ch = tls::connect(&r.server, cfg)
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", r.server))?;
+    Ok(AdminClient::new(ch))
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+fn machine_json(m: &Option<standby::proto::MachineView>) -> serde_json::Value {
+    match m {
+        None => serde_json::Value::Null,
+        Some(m) => serde_json::json!({
+            "machine": m.machine,
+            "address": m.address,
+            "workspace": m.workspace,
+            "last_heartbeat_ms": if m.last_heartbeat_ms == u64::MAX { serde_json::Value::Null } else { m.last_heartbeat_ms.into() },
+            "connected": m.connected,
+            "epoch": m.epoch,
+        }),
+    }
+}
+
+pub fn pair_json(p: &PairView) -> serde_json::Value {
+    serde_json::json!({
+        "pair": p.pair,
+        "state": p.state,
+        "epoch": p.epoch,
+        "primary": p.primary,
+        "last_durable_generation": p.last_durable_generation,
+        "sync_lag_ms": p.sync_lag_ms,
+        "pending_bytes": p.pending_bytes,
+        "active_endpoint": p.active_endpoint,
+        "reason": p.reason,
+        "gpu": machine_json(&p.gpu),
+        "cpu": machine_json(&p.cpu),
+    })
+}
+
+fn age(m: &Option<standby::proto::MachineView>) -> String {
+    match m {
+        None => "-".into(),
+        Some(m) if m.last_heartbeat_ms == u64::MAX => format!("{} (never)", m.machine),
+        Some(m) => format!(
+            "{} ({:.1}s)",
+            m.machine,
+            m.last_heartbeat_ms as f64 / 1000.0
+        ),
+    }
+}
+
+pub async fn pairs(r: &Remote, json: bool) -> anyhow::Result<()> {
+    let ps = client(r)
+        .await?
+        .list_pairs(ListPairsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .pairs;
+    if json {
+        let v: Vec<serde_json::Value> = ps.iter().map(pair_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<12} {:>5} {:<7} {:>10} {:>8}  {:<24} {:<24} ACTIVE",
+        "PAIR", "STATE", "EPOCH", "PRIMARY", "GENERATION", "LAG", "GPU", "CPU"
+    );
+    for p in ps {
+        println!(
+            "{:<16} {:<12} {:>5} {:<7} {:>10} {:>7}ms  {:<24} {:<24} {}",
+            p.pair,
+            p.state,
+            p.epoch,
+            p.primary,
+            p.last_durable_generation,
+            p.sync_lag_ms,
+            age(&p.gpu),
+            age(&p.cpu),
+            p.active_endpoint
+        );
+    }
+    Ok(())
+}
+
+pub async fn create(r: &Remote, pair: &str) -> anyhow::Result<()> {
+    let p = client(r)
+        .await?
+        .create_pair(PairRequest { pair: pair.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("pair {} created ({}, epoch {})", p.pair, p.state, p.epoch);
+    Ok(())
+}
+
+pub async fn failover(r: &Remote, pair: &str) -> anyhow::Result<()> {
+    let a = client(r)
+        .await?
+        .failover(PairRequest { pair: pair.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!(
+        "{}: {} at epoch {} ({})",
+        a.pair, a.state, a.epoch, a.message
+    );
+    Ok(())
+}
+
+pub async fn events(r: &Remote, json: bool, follow: bool, heartbeats: bool) -> anyhow::Result<()> {
+    let mut s = client(r)
+        .await?
+        .events(EventsRequest { follow, heartbeats })
+        .await
+        .map_err(status)?
+        .into_inner();
+    while let Some(e) = s.message().await.map_err(status)? {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "unix_ms": e.unix_ms, "pair": e.pair, "kind": e.kind, "from": e.from_state,
+                    "to": e.to_state, "epoch": e.epoch, "message": e.message,
+                })
+            );
+        } else {
+            let t = humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.unix_ms),
+            );
+            let arrow = if e.to_state.is_empty() || e.kind != "transition" {
+                String::new()
+            } else {
+                format!(" {} -> {}", e.from_state, e.to_state)
+            };
+            println!("{t} {:<12} {:<10}{arrow} {}", e.pair, e.kind, e.message);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! The coordinator's Prometheus metrics (OpenMetrics text on `--metrics-listen`).
+//!
+//! Names are a contract: dashboards and alert rules in `deploy/` use them, and a test checks that
+//! every name used there is exported here.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairLabel {
+    pub pair: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairStateLabel {
+    pub pair: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairSideLabel {
+    pub pair: String,
+    pub side: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabel {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+/// Registers metrics and remembers the names they are exposed under (a family with no series
+/// yet does not appear in the exposition at all).
+struct Reg<'a> {
+    r: &'a mut Registry,
+    names: Vec<String>,
+}
+
+impl Reg<'_> {
+    fn exposed<M: prometheus_client::metrics::TypedMetric>(name: &str) -> String {
+        use prometheus_client::metrics::MetricType;
+        match M::TYPE {
+            MetricType::Counter => format!("{name}_total"),
+            _ => name.to_string(),
+        }
+    }
+
+    fn plain<M>(&mut self, name: &str, help: &str, m: M)
+    where
+        M: prometheus_client::registry::Metric + prometheus_client::metrics::TypedMetric,
+    {
+        self.names.push(Self::exposed::<M>(name));
+        self.r.register(name, help, m);
+    }
+
+    fn unit<M>(&mut self, name: &str, help: &str, unit: Unit, m: M)
+    where
+        M: prometheus_client::registry::Metric + prometheus_client::metrics::TypedMetric,
+    {
+        let suffix = match &unit {
+            Unit::Seconds => "seconds",
+            Unit::Bytes => "bytes",
+            _ => "",
+        };
+        self.names
+            .push(Self::exposed::<M>(&format!("{name}_{suffix}")));
+        self.r.register_with_unit(name, help, unit, m);
+    }
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    names: Vec<String>,
+    pub pair_state: Family<PairStateLabel, Gauge>,
+    pub pair_epoch: Family<PairLabel, Gauge>,
+    pub pair_protected: Family<PairLabel, Gauge>,
+    pub replication_lag: Family<PairLabel, FGauge>,
+    pub rpo_age: Family<PairLabel, FGauge>,
+    pub pending_bytes: Family<PairLabel, Gauge>,
+    pub last_durable_generation: Family<PairLabel, Gauge>,
+    pub heartbeat_age: Family<PairSideLabel, FGauge>,
+    pub failovers: Family<PairLabel, Counter>,
+    pub detect_seconds: Histogram,
+    pub blind: Family<PairLabel, Counter>,
+    pub transitions: Family<TransitionLabel, Counter>,
+    pub agents_connected: Gauge,
+    pub heartbeats: Counter,
+    pub pairs: Gauge,
+    pub restore_progress: Family<PairLabel, FGauge>,
+    pub provisioning_attempts: Family<KindLabel, Counter>,
+    pub orphans_destroyed: Family<KindLabel, Counter>,
+    pub machines: Family<KindLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::default();
+        let m = Metrics {
+            pair_state: Family::default(),
+            pair_epoch: Family::default(),
+            pair_protected: Family::default(),
+            replication_lag: Family::default(),
+            rpo_age: Family::default(),
+            pending_bytes: Family::default(),
+            last_durable_generation: Family::default(),
+            heartbeat_age: Family::default(),
+            failovers: Family::default(),
+            detect_seconds: Histogram::new([0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 60.0]),
+            blind: Family::default(),
+            transitions: Family::default(),
+            agents_connected: Gauge::default(),
+            heartbeats: Counter::default(),
+            pairs: Gauge::default(),
+            restore_progress: Family::default(),
+            provisioning_attempts: Family::default(),
+            orphans_destroyed: Family::default(),
+            machines: Family::default(),
+            registry: Mutex::new(Registry::default()),
+            names: Vec::new(),
+        };
+        let mut reg = Reg {
+            r: &mut r,
+            names: Vec::new(),
+        };
+        reg.plain(
+            "standby_pair_state",
+            "1 for the pair's current state (Syncing, Suspect, FailedOver, ...)",
+            m.pair_state.clone(),
+        );
+        reg.plain(
+            "standby_pair_epoch",
+            "The pair's fencing epoch",
+            m.pair_epoch.clone(),
+        );
+        reg.plain(
+            "standby_pair_protected",
+            "1 when a durable, verified copy of the primary exists on the other machine (Syncing)",
+            m.pair_protected.clone(),
+        );
+        reg.unit(
+            "standby_pair_replication_lag",
+            "Duration of the GPU agent's last generation (change seen to durable on the CPU)",
+            Unit::Seconds,
+            m.replication_lag.clone(),
+        );
+        reg.unit(
+            "standby_pair_rpo_age",
+            "Age of the oldest change not yet durable on the CPU (0: nothing pending)",
+            Unit::Seconds,
+            m.rpo_age.clone(),
+        );
+        reg.unit(
+            "standby_pair_pending",
+            "Bytes of changed files not yet durable on the CPU",
+            Unit::Bytes,
+            m.pending_bytes.clone(),
+        );
+        reg.plain(
+            "standby_pair_last_durable_generation",
+            "Last generation acknowledged durable by the CPU",
+            m.last_durable_generation.clone(),
+        );
+        reg.unit(
+            "standby_pair_heartbeat_age",
+            "Time since the coordinator last heard from the agent",
+            Unit::Seconds,
+            m.heartbeat_age.clone(),
+        );
+        reg.plain(
+            "standby_failovers",
+            "Failovers performed",
+            m.failovers.clone(),
+        );
+        reg.unit(
+            "standby_time_to_detect",
+            "From the GPU agent's last heartbeat to the failover decision",
+            Unit::Seconds,
+            m.detect_seconds.clone(),
+        );
+        reg.plain(
+            "standby_coordinator_blind",
+            "Times the coordinator lost sight of a GPU agent that its CPU agent still reached",
+            m.blind.clone(),
+        );
+        reg.plain(
+            "standby_pair_transitions",
+            "State transitions",
+            m.transitions.clone(),
+        );
+        reg.plain(
+            "standby_agents_connected",
+            "Agents with an open heartbeat stream",
+            m.agents_connected.clone(),
+        );
+        reg.plain(
+            "standby_heartbeats",
+            "Heartbeats received",
+            m.heartbeats.clone(),
+        );
+        reg.plain(
+            "standby_pairs",
+            "Pairs known to the coordinator",
+            m.pairs.clone(),
+        );
+        reg.plain(
+            "standby_pair_restore_progress",
+            "Fraction of the replica restored to a new GPU (0..1)",
+            m.restore_progress.clone(),
+        );
+        reg.plain(
+            "standby_provisioning_attempts",
+            "Machine creations attempted, by outcome",
+            m.provisioning_attempts.clone(),
+        );
+        reg.plain(
+            "standby_orphans_destroyed",
+            "Machines destroyed because no pair owned them",
+            m.orphans_destroyed.clone(),
+        );
+        reg.plain(
+            "standby_machines",
+            "Machines the coordinator owns, by role",
+            m.machines.clone(),
+        );
+        let names = reg.names;
+        *m.registry.lock().expect("registry") = r;
+        Metrics { names, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().expect("registry");
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+
+    /// Marks `state` as the pair's current state (and clears the previous one).
+    pub fn set_state(&self, pair: &str, prev: Option<&str>, state: &str) {
+        if let Some(p) = prev {
+            self.pair_state.remove(&PairStateLabel {
+                pair: pair.into(),
+                state: p.into(),
+            });
+        }
+        self.pair_state
+            .get_or_create(&PairStateLabel {
+                pair: pair.into(),
+                state: state.into(),
+            })
+            .set(1);
+        self.pair_protected
+            .get_or_create(&PairLabel { pair: pair.into() })
+            .set((state == "Syncing") as i64);
+    }
+
+    /// Every metric name this exports, as it appears in the exposition (histograms also
+    /// export `_bucket`, `_sum` and `_count` series).
+    pub fn names() -> Vec<String> {
+        Metrics::new().names
+    }
+}
+
+/// Serves `/metrics` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_contract_names() {
+        let m = Metrics::new();
+        m.set_state("p", None, "Syncing");
+        m.set_state("p", Some("Syncing"), "FailedOver");
+        m.failovers
+            .get_or_create(&PairLabel { pair: "p".into() })
+            .inc();
+        m.detect_seconds.observe(3.2);
+        let text = m.encode();
+        assert!(
+            text.contains("standby_pair_state{pair=\"p\",state=\"FailedOver\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("state=\"Syncing\""), "{text}");
+        assert!(
+            text.contains("standby_failovers_total{pair=\"p\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("standby_time_to_detect_seconds_bucket"),
+            "{text}"
+        );
+        let names = Metrics::names();
+        for n in [
+            "standby_pair_rpo_age_seconds",
+            "standby_pair_heartbeat_age_seconds",
+            "standby_failovers_total",
+            "standby_pair_pending_bytes",
+            "standby_time_to_detect_seconds",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+        }
+    }
+}
