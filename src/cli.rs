@@ -170,6 +170,23 @@ pub async fn stop_signal() {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit (a coordinator holds one connection
+/// per agent). Returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+    }
+    r.rlim_cur
+}
+
 /// Prints `error: <chain>` on one line and exits 1.
 pub fn fail(e: &anyhow::Error) -> ! {
     let mut s = e.to_string();

@@ -121,6 +121,29 @@ impl TlsMaterial {
         })
     }
 
+    /// Builds material from PEM text (certificates issued in memory).
+    pub fn from_node_cert(n: &crate::pki::NodeCert) -> Result<TlsMaterial, TlsError> {
+        let pem = |what: &str, e: rustls_pki_types::pem::Error| TlsError::Pem {
+            path: what.into(),
+            detail: e.to_string(),
+        };
+        let ca: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(n.ca_pem.as_bytes()).collect();
+        let chain: Result<Vec<_>, _> =
+            CertificateDer::pem_slice_iter(n.cert_pem.as_bytes()).collect();
+        let chain = chain.map_err(|e| pem("certificate", e))?;
+        let key = PrivateKeyDer::from_pem_slice(n.key_pem.as_bytes()).map_err(|e| pem("key", e))?;
+        let identity = Identity::from_cert_der(chain.first().ok_or_else(|| TlsError::Pem {
+            path: "certificate".into(),
+            detail: "empty".into(),
+        })?)?;
+        Ok(TlsMaterial {
+            ca: ca.map_err(|e| pem("CA", e))?,
+            chain,
+            key: Arc::new(key),
+            identity,
+        })
+    }
+
     fn roots(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         for c in &self.ca {

@@ -184,6 +184,8 @@ fn main() {
         Cmd::Serve(a) => {
             let opts = serve_options(a).unwrap_or_else(|e| usage_error(e));
             init_logging("info");
+            let files = standby::cli::raise_nofile_limit();
+            tracing::debug!(files, "open file limit");
             rt().block_on(async {
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 let stop = shutdown.clone();

@@ -508,3 +508,240 @@ pub fn privileged(test: &str) -> bool {
     }
     root
 }
+
+/// Polls `f` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A coordinator process with its directory (CA, admin certificate, state).
+pub struct Coord {
+    pub proc: Option<Proc>,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub metrics: String,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Coord {
+    /// `coordinator init` in `dir`, then `serve` on loopback ports.
+    pub fn start(dir: &Path, args: &[&str]) -> Coord {
+        let st = Command::new(COORDINATOR)
+            .args(["init", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut c = Coord {
+            proc: None,
+            dir: dir.to_path_buf(),
+            addr: "127.0.0.1:0".into(),
+            metrics: "127.0.0.1:0".into(),
+            log: dir.join("coordinator.log"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.serve();
+        c
+    }
+
+    fn serve(&mut self) {
+        let _ = fs::remove_file(self.dir.join("serve.addr"));
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(COORDINATOR)
+            .args(["serve", "--dir"])
+            .arg(&self.dir)
+            .args(["--listen", &self.addr, "--metrics-listen", &self.metrics])
+            .args(&self.args)
+            .env("STANDBY_LOG", "info")
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc(child));
+        let ok = wait_until(Duration::from_secs(30), || {
+            fs::read_to_string(self.dir.join("serve.addr")).is_ok_and(|a| !a.is_empty())
+        });
+        assert!(
+            ok,
+            "coordinator did not start: {}",
+            fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        self.addr = fs::read_to_string(self.dir.join("serve.addr")).unwrap();
+        self.metrics = fs::read_to_string(self.dir.join("metrics.addr")).unwrap();
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.take();
+    }
+
+    /// Restarts on the same ports (agents keep their coordinator address).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve()));
+            match r {
+                Ok(()) => return,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+
+    pub fn token(&self, pair: &str, role: &str, ttl: &str) -> String {
+        let out = Command::new(COORDINATOR)
+            .args(["token", "--dir"])
+            .arg(&self.dir)
+            .args(["--pair", pair, "--role", role, "--ttl", ttl])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// `coordinator pairs --json`.
+    pub fn pairs(&self) -> Vec<serde_json::Value> {
+        let out = self.admin(&["pairs", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn pair(&self, name: &str) -> Option<serde_json::Value> {
+        self.pairs().into_iter().find(|p| p["pair"] == name)
+    }
+
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(COORDINATOR)
+            .args(args)
+            .args(["--server", &self.addr, "--tls-dir"])
+            .arg(self.dir.join("admin"))
+            .output()
+            .unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// An agent managed by a coordinator.
+pub struct Managed {
+    pub proc: Proc,
+    pub workspace: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Managed {
+    fn start(
+        bin: &str,
+        role: &str,
+        coord: &str,
+        token: Option<&str>,
+        ws: &Path,
+        state: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Managed {
+        fs::create_dir_all(state).unwrap();
+        let log = state.with_extension(format!("{role}.log"));
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.arg("--workspace")
+            .arg(ws)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--coordinator", coord, "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("STANDBY_LOG", "info")
+            .stderr(logf);
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Managed {
+            proc: Proc(cmd.spawn().unwrap()),
+            workspace: ws.to_path_buf(),
+            state: state.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn gpu(
+        coord: &str,
+        token: Option<&str>,
+        ws: &Path,
+        state: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Managed {
+        Self::start(AGENT_GPU, "gpu", coord, token, (ws, state), extra, env)
+    }
+
+    pub fn cpu(
+        coord: &str,
+        token: Option<&str>,
+        ws: &Path,
+        state: &Path,
+        extra: &[&str],
+    ) -> Managed {
+        Self::start(AGENT_CPU, "cpu", coord, token, (ws, state), extra, &[])
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.0.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `agent-gpu flush` for a state directory.
+pub fn flush(state: &Path, timeout: &str) -> Output {
+    Command::new(AGENT_GPU)
+        .args(["flush", "--state-dir"])
+        .arg(state)
+        .args(["--timeout", timeout])
+        .output()
+        .unwrap()
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+pub mod netns;

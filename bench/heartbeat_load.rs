@@ -1,0 +1,230 @@
+//! Load benchmark: thousands of simulated agents heartbeating at 1 Hz against one coordinator,
+//! through the real gRPC API over mutual TLS (each agent its own certificate and connection).
+//!
+//! `cargo bench --bench heartbeat_load` (release). `STANDBY_LOAD_AGENTS` (default 10000, half GPU
+//! and half CPU agents of as many pairs), `STANDBY_LOAD_SECS` (measurement window, default 30).
+//! Reports the coordinator's CPU (cores) and memory (RSS, peak) while all agents heartbeat.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use standby::identity::{Identity, Role};
+use standby::proto::coordinator_client::CoordinatorClient;
+use standby::proto::{AgentReport, PeerContact};
+use standby::tls::{self, Expect, TlsMaterial};
+use tokio_stream::wrappers::ReceiverStream;
+
+fn env_usize(k: &str, d: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// (user+system CPU seconds, RSS KiB, peak RSS KiB) of a process.
+fn usage(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (cpu, kib("VmRSS:"), kib("VmHWM:"))
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0.0;
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn main() {
+    let agents = env_usize("STANDBY_LOAD_AGENTS", 10_000);
+    let secs = env_usize("STANDBY_LOAD_SECS", 30) as u64;
+    let files = standby::cli::raise_nofile_limit();
+    assert!(
+        files as usize > agents + 100,
+        "open file limit {files} is too low for {agents} agents"
+    );
+    tls::install_default_provider();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("coord");
+    let st = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["init", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut coord = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env("STANDBY_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    while !dir.join("metrics.addr").exists() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let addr = std::fs::read_to_string(dir.join("serve.addr")).unwrap();
+    let maddr = std::fs::read_to_string(dir.join("metrics.addr")).unwrap();
+    println!(
+        "coordinator pid {} at {addr}; issuing {agents} certificates ...",
+        coord.id()
+    );
+    let materials = issue(&dir, agents);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connected = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    rt.block_on(async {
+        for (i, m) in materials.into_iter().enumerate() {
+            let (addr, connected, sent) = (addr.clone(), connected.clone(), sent.clone());
+            tokio::spawn(async move { agent(i, m, addr, connected, sent).await });
+            if i % 500 == 499 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        while (connected.load(Ordering::Relaxed) as usize) < agents {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "only {} agents connected",
+                connected.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!(
+            "{agents} agents connected in {:.1} s; settling ...",
+            start.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let pid = coord.id();
+        let hb0 = metric(&maddr, "standby_heartbeats_total");
+        let (cpu0, _, _) = usage(pid);
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let (cpu1, rss, peak) = usage(pid);
+        let hb1 = metric(&maddr, "standby_heartbeats_total");
+        let wall = t0.elapsed().as_secs_f64();
+        let conn = metric(&maddr, "standby_agents_connected");
+        println!();
+        println!(
+            "| agents | connected (coordinator) | heartbeats/s | coordinator CPU | RSS | peak RSS |"
+        );
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {agents} | {conn} | {:.0} | {:.2} cores | {} MiB | {} MiB |",
+            (hb1 - hb0) / wall,
+            (cpu1 - cpu0) / wall,
+            rss / 1024,
+            peak / 1024
+        );
+        println!(
+            "(measured over {wall:.0} s on this machine; the load generator shares its cores)"
+        );
+    });
+    let _ = coord.kill();
+    let _ = coord.wait();
+    drop(rt);
+}
+
+fn issue(dir: &Path, agents: usize) -> Vec<TlsMaterial> {
+    let ca = standby::pki::Ca::load(dir).unwrap();
+    (0..agents)
+        .map(|i| {
+            let role = if i.is_multiple_of(2) {
+                Role::Gpu
+            } else {
+                Role::Cpu
+            };
+            let id = Identity::node(&format!("load-{}", i / 2), role).unwrap();
+            TlsMaterial::from_node_cert(&ca.issue(&id, 1).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+async fn agent(
+    i: usize,
+    m: TlsMaterial,
+    addr: String,
+    connected: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+) {
+    let cfg = m
+        .client_config(Expect::Exactly(Identity::Coordinator))
+        .unwrap();
+    let gpu = i.is_multiple_of(2);
+    let mut backoff = Duration::from_millis(200);
+    let mut counted = false;
+    loop {
+        let r: anyhow::Result<()> = async {
+            let ch = tls::connect(&addr, cfg.clone()).await?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<AgentReport>(4);
+            let mut inbound = CoordinatorClient::new(ch).heartbeat(ReceiverStream::new(rx)).await?.into_inner();
+            if !counted {
+                counted = true;
+                connected.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Spread the agents over the second.
+            tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 1000)).await;
+            let mut seq = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        seq += 1;
+                        let r = AgentReport {
+                            seq,
+                            machine: format!("m{i}"),
+                            epoch: 1,
+                            listen_port: if gpu { 7702 } else { 7701 },
+                            workspace: "/workspace".into(),
+                            generation: seq,
+                            primary: gpu,
+                            disk_free_bytes: 1 << 40,
+                            peer: (!gpu).then(|| PeerContact { probe_ok_age_ms: 300, probe_ever_ok: true, ..Default::default() }),
+                            ..Default::default()
+                        };
+                        tx.send(r).await?;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    c = inbound.message() => { if c?.is_none() { anyhow::bail!("closed") } }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "agent {i} reconnecting");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
