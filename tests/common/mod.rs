@@ -662,8 +662,7 @@ impl Managed {
         role: &str,
         coord: &str,
         token: Option<&str>,
-        ws: &Path,
-        state: &Path,
+        (ws, state): (&Path, &Path),
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Managed {
@@ -700,8 +699,7 @@ impl Managed {
     pub fn gpu(
         coord: &str,
         token: Option<&str>,
-        ws: &Path,
-        state: &Path,
+        (ws, state): (&Path, &Path),
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Managed {
