@@ -699,7 +699,8 @@ impl Managed {
     pub fn gpu(
         coord: &str,
         token: Option<&str>,
-        (ws, state): (&Path, &Path),
+        ws: &Path,
+        state: &Path,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Managed {
