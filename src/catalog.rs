@@ -191,6 +191,21 @@ impl Catalog {
         Ok(())
     }
 
+    /// Appends a record already carried out (a sender's), with its marker, durably.
+    pub fn append_applied(&mut self, rec: &Record) -> Result<(), CatalogError> {
+        let mut bytes = frame(kind::RECORD, &rec.encode_to_vec());
+        let marker = Record {
+            generation: rec.generation,
+            applied: true,
+            ..Default::default()
+        };
+        bytes.extend(frame(kind::RECORD, &marker.encode_to_vec()));
+        self.log.write_all(&bytes).map_err(io_err(&self.log_path))?;
+        self.log.sync_data().map_err(io_err(&self.log_path))?;
+        self.log_len += bytes.len() as u64;
+        Ok(())
+    }
+
     /// Appends the marker saying `generation` has been carried out. Not fsynced: it must not
     /// become durable before the changes it vouches for, and it is only an optimisation until
     /// the workspace is handed to an application (see [`Catalog::sync`]).

@@ -14,6 +14,8 @@ pub mod defaults {
     pub const SUSPECT_AFTER_MISSED: u32 = 2;
     pub const FAILOVER_AFTER: &str = "3s";
     pub const TOKEN_TTL: &str = "1h";
+    pub const BOOT_TIMEOUT: &str = "10m";
+    pub const BLOCKLIST_FOR: &str = "1h";
     pub const MAX_DELAY: &str = "1s";
     pub const RESCAN_INTERVAL: &str = "60s";
     pub const COMPRESS_LEVEL: i32 = 1;

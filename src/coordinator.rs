@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
-use crate::failover::{Side, Timing};
+use crate::failover::{Input, Policy, Side, Timing};
 use crate::identity::{Identity, Role};
 use crate::metrics::Metrics;
 use crate::pki::Ca;
@@ -121,7 +121,7 @@ impl Coordinator for CoordinatorSvc {
         let (tx, rx) = mpsc::channel(16);
         let engine = self.0.engine.clone();
         let conn = engine.next_conn();
-        engine.connect(&pair, side, conn, tx).await?;
+        engine.connect(&pair, conn, tx).await?;
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
                 if engine.report(&pair, side, conn, r, observed).await.is_err() {
@@ -171,21 +171,26 @@ impl Admin for AdminSvc {
 
     async fn recover(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
         admin(&req)?;
-        Err(Status::unimplemented(
-            "recover needs a provider to rent a replacement GPU (issue 4)",
+        let pair = req.into_inner().pair;
+        Ok(Response::new(
+            self.0.engine.manual(&pair, Input::Recover).await?,
         ))
     }
 
     async fn hibernate(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
         admin(&req)?;
-        Err(Status::unimplemented(
-            "hibernate needs a provider (issue 4)",
+        let pair = req.into_inner().pair;
+        Ok(Response::new(
+            self.0.engine.manual(&pair, Input::Hibernate).await?,
         ))
     }
 
     async fn wake(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
         admin(&req)?;
-        Err(Status::unimplemented("wake needs a provider (issue 4)"))
+        let pair = req.into_inner().pair;
+        Ok(Response::new(
+            self.0.engine.manual(&pair, Input::Wake).await?,
+        ))
     }
 
     type EventsStream = ReceiverStream<Result<Event, Status>>;
@@ -249,6 +254,15 @@ pub struct ServeOptions {
     pub metrics_listen: String,
     pub timing: Timing,
     pub cert_days: u32,
+    /// "local" or "none" (replacements join by hand).
+    pub provider: String,
+    pub policy: Policy,
+    pub provision: crate::provider::ProvisionConfig,
+    /// The coordinator's address as new machines dial it ("" = the bound address).
+    pub advertise: String,
+    /// `local` provider: where the agent binaries are, and extra arguments for them.
+    pub local_bin_dir: Option<PathBuf>,
+    pub local_agent_args: Vec<String>,
 }
 
 /// The coordinator's own TLS directory (identity `standby://coordinator`), issued on demand.
@@ -298,9 +312,49 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     let token_key = token_key(dir)?;
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
     let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let mut policy = opts.policy.clone();
+    policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
+    let provider: Option<Arc<dyn crate::provider::Provider>> = match opts.provider.as_str() {
+        "none" | "" => None,
+        "local" => {
+            let mut l = crate::provider::local::Local::new(
+                dir.join("machines"),
+                opts.local_bin_dir
+                    .clone()
+                    .unwrap_or_else(crate::provider::local::Local::default_bin_dir),
+                opts.timing.heartbeat,
+            );
+            l.extra_args = opts.local_agent_args.clone();
+            Some(Arc::new(l))
+        }
+        other => anyhow::bail!("unknown provider {other:?} (local, none)"),
+    };
+    policy.provider = provider.is_some();
+    let coordinator_url = if opts.advertise.is_empty() {
+        if addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", addr.port())
+        } else {
+            addr.to_string()
+        }
+    } else {
+        opts.advertise.clone()
+    };
+    let provisioning = provider.map(|provider| crate::engine::Provisioning {
+        provider,
+        cfg: opts.provision.clone(),
+        coordinator_url,
+        token_key: token_key.clone(),
+        fingerprint: ca.fingerprint(),
+    });
     let engine = Engine::start(
         store.clone(),
         opts.timing,
+        policy,
+        provisioning,
         metrics.clone(),
         shutdown.clone(),
     )?;
@@ -313,10 +367,6 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         cert_days: opts.cert_days,
     });
 
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
-        .await
-        .with_context(|| format!("listening on {}", opts.listen))?;
-    let addr = listener.local_addr()?;
     let mlistener = tokio::net::TcpListener::bind(&opts.metrics_listen)
         .await
         .with_context(|| format!("listening on {}", opts.metrics_listen))?;

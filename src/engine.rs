@@ -17,14 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::failover::{
-    Action, Desired, Input, PairMachine, PairState, Report, Side, Timing, unix_ms_now,
+    Action, AgentStatus, Desired, Input, PairMachine, PairState, Policy, Report, Side, Timing,
+    unix_ms_now,
 };
-use crate::metrics::{Metrics, PairLabel, PairSideLabel, TransitionLabel};
+use crate::metrics::{KindLabel, Metrics, PairLabel, PairSideLabel, TransitionLabel};
 use crate::proto::state::{MachineRecord, PairRecord};
 use crate::proto::{
-    ActionReply, AgentReport, Command, Event, Fence, MachineView, PairView, ProbeTarget, Promote,
-    SetPeer, command,
+    ActionReply, AgentReport, Command, Event, Fence, Freeze, MachineView, PairView, ProbeTarget,
+    Promote, Receive, SetPeer, command,
 };
+use crate::provider::{MachineState, Provider, ProviderError, ProvisionConfig, Startup};
 use crate::store::Store;
 use crate::types::Epoch;
 
@@ -77,7 +79,6 @@ fn event(pair: &str, kind: &str, message: String) -> Event {
 enum Msg {
     Connect {
         pair: String,
-        side: Side,
         conn: u64,
         tx: mpsc::Sender<Result<Command, Status>>,
     },
@@ -104,7 +105,37 @@ enum Msg {
         pair: String,
         reply: oneshot::Sender<Result<ActionReply, Status>>,
     },
+    /// Recover, Hibernate or Wake asked by an operator.
+    Manual {
+        pair: String,
+        input: Input,
+        reply: oneshot::Sender<Result<ActionReply, Status>>,
+    },
+    /// The outcome of a provider call, as an input for the pair.
+    Provider {
+        pair: String,
+        op: String,
+        input: Option<Input>,
+    },
+    /// The sweeper asks whether any pair owns `label`.
+    Owned {
+        label: String,
+        reply: oneshot::Sender<bool>,
+    },
+    SweepDone {
+        destroyed: Vec<String>,
+    },
     HeartbeatSubscribers(isize),
+}
+
+/// What the engine needs to create and destroy machines.
+pub struct Provisioning {
+    pub provider: Arc<dyn Provider>,
+    pub cfg: ProvisionConfig,
+    /// The coordinator as new machines dial it.
+    pub coordinator_url: String,
+    pub token_key: Vec<u8>,
+    pub fingerprint: String,
 }
 
 /// A handle on the engine; cheap to clone.
@@ -121,6 +152,8 @@ impl Engine {
     pub fn start(
         store: Arc<dyn Store>,
         timing: Timing,
+        policy: Policy,
+        provisioning: Option<Provisioning>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Engine, crate::store::StoreError> {
@@ -129,7 +162,8 @@ impl Engine {
         let events = Arc::new(Events::new());
         let mut pairs = HashMap::new();
         for (name, rec) in snap.pairs {
-            let m = PairMachine::resume(rec, now);
+            let mut m = PairMachine::resume(rec, now);
+            m.policy = policy.clone();
             metrics.set_state(&name, None, m.state().as_str());
             metrics
                 .pair_epoch
@@ -140,6 +174,7 @@ impl Engine {
                 Entry {
                     m,
                     conns: [None, None],
+                    others: HashMap::new(),
                     figures: [Figures::default(), Figures::default()],
                     blocked: false,
                 },
@@ -151,6 +186,12 @@ impl Engine {
         let actor = Actor {
             pairs,
             timing,
+            policy,
+            prov: provisioning.map(Arc::new),
+            self_tx: tx.clone(),
+            inflight: HashSet::new(),
+            last_poll: now,
+            last_sweep: now,
             store,
             soon: HashSet::new(),
             events: events.clone(),
@@ -183,13 +224,11 @@ impl Engine {
     pub async fn connect(
         &self,
         pair: &str,
-        side: Side,
         conn: u64,
         tx: mpsc::Sender<Result<Command, Status>>,
     ) -> Result<(), Status> {
         self.send(Msg::Connect {
             pair: pair.into(),
-            side,
             conn,
             tx,
         })
@@ -252,6 +291,19 @@ impl Engine {
             .map_err(|_| Status::unavailable("engine stopped"))?
     }
 
+    /// Recover, hibernate or wake a pair (an operator's request).
+    pub async fn manual(&self, pair: &str, input: Input) -> Result<ActionReply, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Manual {
+            pair: pair.into(),
+            input,
+            reply,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Status::unavailable("engine stopped"))?
+    }
+
     pub async fn heartbeat_subscribers(&self, delta: isize) {
         let _ = self.send(Msg::HeartbeatSubscribers(delta)).await;
     }
@@ -272,11 +324,15 @@ struct Figures {
     rpo_age_ms: u64,
     pending_bytes: u64,
     epoch: u64,
+    bytes_total: u64,
+    workspace_bytes: u64,
 }
 
 struct Entry {
     m: PairMachine,
     conns: [Option<Conn>; 2],
+    /// Connections claiming a side for a machine the pair does not accept (an old GPU).
+    others: HashMap<u64, Conn>,
     figures: [Figures; 2],
     /// A durable write failed: no command goes out until the record is on disk.
     blocked: bool,
@@ -302,6 +358,8 @@ fn command_for(d: &Desired) -> Command {
                 reason: reason.clone(),
             }),
             Desired::Probe { url } => command::Cmd::Probe(ProbeTarget { url: url.clone() }),
+            Desired::Receive { epoch } => command::Cmd::Receive(Receive { epoch: epoch.0 }),
+            Desired::Freeze { epoch } => command::Cmd::Freeze(Freeze { epoch: epoch.0 }),
         }),
     }
 }
@@ -309,6 +367,13 @@ fn command_for(d: &Desired) -> Command {
 struct Actor {
     pairs: HashMap<String, Entry>,
     timing: Timing,
+    policy: Policy,
+    prov: Option<Arc<Provisioning>>,
+    self_tx: mpsc::Sender<Msg>,
+    /// Provider calls under way, by "<op>:<label>".
+    inflight: HashSet<String>,
+    last_poll: Instant,
+    last_sweep: Instant,
     store: Arc<dyn Store>,
     /// Pairs to write with the next batch.
     soon: HashSet<String>,
@@ -341,12 +406,7 @@ impl Actor {
 
     fn handle(&mut self, m: Msg) {
         match m {
-            Msg::Connect {
-                pair,
-                side,
-                conn,
-                tx,
-            } => {
+            Msg::Connect { pair, conn, tx } => {
                 if !self.pairs.contains_key(&pair) {
                     if let Err(e) = self.create(&pair) {
                         let _ = tx.try_send(Err(e));
@@ -359,16 +419,16 @@ impl Actor {
                     ));
                 }
                 let e = self.pairs.get_mut(&pair).expect("created");
-                if e.conns[idx(side)].is_none() {
-                    self.metrics.agents_connected.inc();
-                }
-                e.conns[idx(side)] = Some(Conn {
-                    id: conn,
-                    tx,
-                    sent: Vec::new(),
-                    warned_stale: false,
-                });
-                self.sync_commands(&pair);
+                // Which machine this is, is known from its first report.
+                e.others.insert(
+                    conn,
+                    Conn {
+                        id: conn,
+                        tx,
+                        sent: Vec::new(),
+                        warned_stale: false,
+                    },
+                );
             }
             Msg::Report {
                 pair,
@@ -381,6 +441,7 @@ impl Actor {
                 let Some(e) = self.pairs.get_mut(&pair) else {
                     return;
                 };
+                e.others.remove(&conn);
                 if e.conns[idx(side)].as_ref().is_some_and(|c| c.id == conn) {
                     e.conns[idx(side)] = None;
                     self.metrics.agents_connected.dec();
@@ -436,8 +497,255 @@ impl Actor {
                 };
                 let _ = reply.send(r);
             }
+            Msg::Manual { pair, input, reply } => {
+                let Some(e) = self.pairs.get_mut(&pair) else {
+                    let _ = reply.send(Err(Status::not_found(format!("no pair {pair}"))));
+                    return;
+                };
+                e.m.wall_ms = unix_ms_now();
+                let actions = e.m.step(input, &self.timing);
+                let refused = actions.iter().find_map(|a| match a {
+                    Action::Warn {
+                        kind: "refused",
+                        message,
+                    } => Some(message.clone()),
+                    _ => None,
+                });
+                let said = actions.iter().rev().find_map(|a| match a {
+                    Action::Transition { reason, .. } => Some(reason.clone()),
+                    Action::Warn { message, .. } => Some(message.clone()),
+                    _ => None,
+                });
+                self.act(&pair, actions);
+                self.drive_provider(&pair);
+                let e = &self.pairs[&pair];
+                let r = match refused {
+                    Some(msg) => Err(Status::failed_precondition(msg)),
+                    None => Ok(ActionReply {
+                        pair: pair.clone(),
+                        state: e.m.state().as_str().into(),
+                        epoch: e.m.epoch().0,
+                        message: said.unwrap_or_else(|| e.m.rec.reason.clone()),
+                    }),
+                };
+                let _ = reply.send(r);
+            }
+            Msg::Provider { pair, op, input } => {
+                self.inflight.remove(&op);
+                if let Some(input) = input
+                    && let Some(e) = self.pairs.get_mut(&pair)
+                {
+                    e.m.wall_ms = unix_ms_now();
+                    let actions = e.m.step(input, &self.timing);
+                    self.act(&pair, actions);
+                    self.drive_provider(&pair);
+                }
+            }
+            Msg::Owned { label, reply } => {
+                let owned = self.pairs.values().any(|e| {
+                    let r = &e.m.rec;
+                    [&r.gpu_owned, &r.cpu_owned]
+                        .into_iter()
+                        .flatten()
+                        .chain(r.teardown.iter())
+                        .chain(r.provision.iter().filter_map(|p| p.machine.as_ref()))
+                        .any(|m| m.label == label)
+                });
+                let _ = reply.send(owned);
+            }
+            Msg::SweepDone { destroyed } => {
+                self.inflight.remove("sweep");
+                for label in destroyed {
+                    self.metrics
+                        .orphans_destroyed
+                        .get_or_create(&KindLabel {
+                            kind: self.prov.as_ref().map_or("", |p| p.provider.name()).into(),
+                        })
+                        .inc();
+                    self.events.emit(event(
+                        "",
+                        "orphan",
+                        format!(
+                            "destroyed machine {label}: it carries our label but no pair owns it"
+                        ),
+                    ));
+                }
+            }
             Msg::HeartbeatSubscribers(d) => self.hb_subscribers += d,
         }
+    }
+
+    /// Starts the provider calls the pair's record asks for and that are not under way:
+    /// creating the machine being provisioned (when its next try is due) and destroying
+    /// machines on the teardown list.
+    fn drive_provider(&mut self, pair: &str) {
+        let Some(prov) = self.prov.clone() else {
+            return;
+        };
+        let Some(e) = self.pairs.get(pair) else {
+            return;
+        };
+        if e.blocked {
+            return; // the intent is not durable yet
+        }
+        let now = unix_ms_now();
+        let rec = &e.m.rec;
+        // A failed machine is torn down before the next is tried (never two at once).
+        if let Some(p) = &rec.provision
+            && p.phase == "create"
+            && p.next_try_unix_ms <= now
+            && !rec.teardown.iter().any(|t| t.role == p.role)
+            && let Some(m) = &p.machine
+        {
+            let op = format!("create:{}", m.label);
+            if self.inflight.insert(op.clone()) {
+                let role = if p.role == "cpu" {
+                    Side::Cpu
+                } else {
+                    Side::Gpu
+                };
+                let blocked = e.m.blocked();
+                let label = m.label.clone();
+                let tx = self.self_tx.clone();
+                let pair = pair.to_string();
+                let metrics = self.metrics.clone();
+                let prov = prov.clone();
+                tokio::spawn(async move {
+                    let input = create_machine(&prov, &pair, role, &label, &blocked).await;
+                    let outcome = match &input {
+                        Input::Created { .. } => "created",
+                        _ => "failed",
+                    };
+                    metrics
+                        .provisioning_attempts
+                        .get_or_create(&KindLabel {
+                            kind: outcome.into(),
+                        })
+                        .inc();
+                    let _ = tx
+                        .send(Msg::Provider {
+                            pair,
+                            op,
+                            input: Some(input),
+                        })
+                        .await;
+                });
+            }
+        }
+        for m in rec.teardown.clone() {
+            let op = format!("destroy:{}", m.label);
+            if !self.inflight.insert(op.clone()) {
+                continue;
+            }
+            let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), pair.to_string());
+            tokio::spawn(async move {
+                let r = destroy_machine(&prov, &m.label, &m.id).await;
+                let input = match r {
+                    Ok(()) => Some(Input::Destroyed { label: m.label }),
+                    Err(e) => {
+                        tracing::warn!(label = %m.label, error = %e, "destroying a machine failed; will retry");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        None
+                    }
+                };
+                let _ = tx.send(Msg::Provider { pair, op, input }).await;
+            });
+        }
+    }
+
+    /// Asks the provider about every machine a pair owns; one that is gone becomes an input.
+    fn poll_provider(&mut self) {
+        let Some(prov) = self.prov.clone() else {
+            return;
+        };
+        for (name, e) in &self.pairs {
+            let r = &e.m.rec;
+            let mut watch: Vec<(Side, String, String)> = Vec::new();
+            for (side, o) in [(Side::Gpu, &r.gpu_owned), (Side::Cpu, &r.cpu_owned)] {
+                if let Some(o) = o {
+                    watch.push((side, o.label.clone(), o.id.clone()));
+                }
+            }
+            if let Some(p) = &r.provision
+                && p.phase == "boot"
+                && let Some(m) = &p.machine
+            {
+                let side = if p.role == "cpu" {
+                    Side::Cpu
+                } else {
+                    Side::Gpu
+                };
+                watch.push((side, m.label.clone(), m.id.clone()));
+            }
+            for (side, label, id) in watch {
+                let op = format!("get:{label}");
+                if id.is_empty() || !self.inflight.insert(op.clone()) {
+                    continue;
+                }
+                let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), name.clone());
+                let limit = prov.cfg.call_timeout;
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(limit, prov.provider.get(&id)).await;
+                    let gone = match r {
+                        Ok(Ok(None)) => Some("gone".to_string()),
+                        Ok(Ok(Some(m))) if m.state == MachineState::Stopped => {
+                            Some("stopped".to_string())
+                        }
+                        _ => None,
+                    };
+                    let input = gone.map(|how| {
+                        tracing::warn!(%pair, %label, how, "the provider reports a machine not running");
+                        Input::ProviderGone(side, Instant::now())
+                    });
+                    let _ = tx.send(Msg::Provider { pair, op, input }).await;
+                });
+            }
+        }
+    }
+
+    /// Destroys machines that carry our label prefix but that no pair owns (a create that
+    /// succeeded after it was given up, a coordinator that died between create and persist).
+    fn sweep(&mut self) {
+        let Some(prov) = self.prov.clone() else {
+            return;
+        };
+        if !self.inflight.insert("sweep".into()) {
+            return;
+        }
+        let tx = self.self_tx.clone();
+        let prefix = format!("{}-", self.policy.label_prefix);
+        tokio::spawn(async move {
+            let mut destroyed = Vec::new();
+            match tokio::time::timeout(prov.cfg.call_timeout, prov.provider.list(&prefix)).await {
+                Ok(Ok(machines)) => {
+                    for m in machines {
+                        let (reply, rx) = oneshot::channel();
+                        if tx
+                            .send(Msg::Owned {
+                                label: m.label.clone(),
+                                reply,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        if rx.await.unwrap_or(true) {
+                            continue;
+                        }
+                        match destroy_machine(&prov, &m.label, &m.id).await {
+                            Ok(()) => destroyed.push(m.label),
+                            Err(e) => {
+                                tracing::warn!(label = %m.label, error = %e, "cannot destroy an orphan")
+                            }
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "sweeper: listing machines failed"),
+                Err(_) => tracing::warn!("sweeper: listing machines timed out"),
+            }
+            let _ = tx.send(Msg::SweepDone { destroyed }).await;
+        });
     }
 
     fn create(&mut self, pair: &str) -> Result<(), Status> {
@@ -446,7 +754,8 @@ impl Actor {
         self.store
             .put_pairs(std::slice::from_ref(&rec), true)
             .map_err(|e| Status::internal(format!("persisting the new pair: {e}")))?;
-        let m = PairMachine::resume(rec, Instant::now());
+        let mut m = PairMachine::resume(rec, Instant::now());
+        m.policy = self.policy.clone();
         self.metrics.set_state(pair, None, m.state().as_str());
         self.metrics
             .pair_epoch
@@ -457,6 +766,7 @@ impl Actor {
             Entry {
                 m,
                 conns: [None, None],
+                others: HashMap::new(),
                 figures: [Figures::default(), Figures::default()],
                 blocked: false,
             },
@@ -476,10 +786,55 @@ impl Actor {
         let Some(e) = self.pairs.get_mut(pair) else {
             return;
         };
-        if e.conns[idx(side)].as_ref().is_none_or(|c| c.id != conn) {
+        self.metrics.heartbeats.inc();
+        if !e.m.accepts(side, &r.machine) {
+            // Not the machine this side belongs to (an old GPU coming back after it was
+            // replaced): fence it, listen to nothing it says.
+            let c = match e.others.get_mut(&conn) {
+                Some(c) => c,
+                None => match e.conns[idx(side)].take_if(|c| c.id == conn) {
+                    Some(c) => {
+                        self.metrics.agents_connected.dec();
+                        e.others.entry(conn).or_insert(c)
+                    }
+                    None => return,
+                },
+            };
+            let d = Desired::Fence {
+                epoch: e.m.epoch(),
+                reason: format!(
+                    "machine {} is not this pair's {} any more",
+                    r.machine,
+                    side.as_str()
+                ),
+            };
+            if !c.sent.contains(&d) && c.tx.try_send(Ok(command_for(&d))).is_ok() {
+                c.sent = vec![d];
+                self.events.emit(Event {
+                    epoch: e.m.epoch().0,
+                    ..event(
+                        pair,
+                        "fenced",
+                        format!(
+                            "{} ({}) reported at epoch {}; it is not the pair's {}: fenced",
+                            r.machine,
+                            side.as_str(),
+                            r.epoch,
+                            side.as_str()
+                        ),
+                    )
+                });
+            }
+            return;
+        }
+        if let Some(c) = e.others.remove(&conn) {
+            if e.conns[idx(side)].is_none() {
+                self.metrics.agents_connected.inc();
+            }
+            e.conns[idx(side)] = Some(c);
+        } else if e.conns[idx(side)].as_ref().is_none_or(|c| c.id != conn) {
             return; // from a connection that was replaced
         }
-        self.metrics.heartbeats.inc();
         let address = if !r.advertise.is_empty() {
             r.advertise.clone()
         } else {
@@ -506,6 +861,24 @@ impl Actor {
             rpo_age_ms: r.rpo_age_ms,
             pending_bytes: r.pending_bytes,
             epoch: r.epoch,
+            bytes_total: r.bytes_total,
+            workspace_bytes: r.workspace_bytes,
+        };
+        let status = AgentStatus {
+            mode: r.mode.clone(),
+            root: r.root.clone(),
+            generation: r.generation,
+            frozen_epoch: r.frozen_epoch,
+            pending_bytes: r.pending_bytes,
+            rpo_age_ms: r.rpo_age_ms,
+            connected: r.connected,
+            bytes_total: r.bytes_total,
+            workspace_bytes: r.workspace_bytes,
+            utilization: r
+                .gpu
+                .as_ref()
+                .filter(|g| g.count > 0)
+                .map(|g| g.utilization),
         };
         // A machine that reports an epoch older than the pair's after a failover is the old
         // primary coming back: it is (still) told to stay fenced; say so once.
@@ -538,7 +911,9 @@ impl Actor {
                 address,
                 workspace: r.workspace,
             }),
+            status,
         };
+        e.m.wall_ms = unix_ms_now();
         let actions = e.m.step(Input::Report(side, report), &self.timing);
         if side == Side::Gpu {
             let l = PairLabel { pair: pair.into() };
@@ -555,7 +930,11 @@ impl Actor {
                 .get_or_create(&l)
                 .set(r.last_sync_ms as f64 / 1000.0);
         }
+        let provider_work = actions.contains(&Action::Persist);
         self.act(pair, actions);
+        if provider_work {
+            self.drive_provider(pair);
+        }
     }
 
     /// Carries out a machine's actions: persist first, then events, metrics and commands.
@@ -615,6 +994,18 @@ impl Actor {
                     });
                 }
                 Action::Detected(d) => self.metrics.detect_seconds.observe(d.as_secs_f64()),
+                Action::Recovered(d) => {
+                    self.metrics.recovery_seconds.observe(d.as_secs_f64());
+                    self.events.emit(Event {
+                        epoch,
+                        ..event(
+                            pair,
+                            "recovered",
+                            format!("protected again {} ms after the failure", d.as_millis()),
+                        )
+                    });
+                }
+                Action::AttemptFailed => {}
                 Action::FailedOver => {
                     self.metrics
                         .failovers
@@ -671,9 +1062,21 @@ impl Actor {
                     continue;
                 }
             }
+            e.m.wall_ms = unix_ms_now();
             let actions = e.m.step(Input::Tick(now), &self.timing);
             if !actions.is_empty() {
                 self.act(name, actions);
+            }
+            self.drive_provider(name);
+        }
+        if let Some(p) = self.prov.clone() {
+            if now.duration_since(self.last_poll) >= p.cfg.poll_interval {
+                self.last_poll = now;
+                self.poll_provider();
+            }
+            if now.duration_since(self.last_sweep) >= p.cfg.sweep_interval {
+                self.last_sweep = now;
+                self.sweep();
             }
         }
         if slow {
@@ -771,6 +1174,7 @@ impl Actor {
             })
         };
         let primary = e.m.primary();
+        let restoring = matches!(e.m.state(), PairState::Restoring | PairState::CuttingOver);
         let active = match primary {
             Side::Gpu => e.m.rec.gpu.as_ref(),
             Side::Cpu => e.m.rec.cpu.as_ref(),
@@ -789,6 +1193,157 @@ impl Actor {
             cpu: mv(Side::Cpu, &e.m.rec.cpu),
             reason: e.m.rec.reason.clone(),
             pending_bytes: e.figures[0].pending_bytes,
+            restore_done_bytes: if restoring {
+                e.figures[0].bytes_total
+            } else {
+                0
+            },
+            restore_total_bytes: if restoring {
+                e.figures[1].workspace_bytes
+            } else {
+                0
+            },
+            provisioning: e
+                .m
+                .rec
+                .provision
+                .as_ref()
+                .map(|p| {
+                    let m = p.machine.clone().unwrap_or_default();
+                    let mut s = format!(
+                        "{} attempt {} ({}): {}",
+                        p.role, p.attempt, p.phase, m.label
+                    );
+                    if !p.last_error.is_empty() {
+                        s.push_str(&format!("; last error: {}", p.last_error));
+                    }
+                    s
+                })
+                .unwrap_or_default(),
         }
     }
+}
+
+/// One provisioning attempt: settle what a previous attempt with this label left (by listing
+/// the label), otherwise choose the best offer and create. An ambiguous failure is settled by
+/// listing the label again, never by creating twice.
+async fn create_machine(
+    prov: &Provisioning,
+    pair: &str,
+    role: Side,
+    label: &str,
+    blocked: &[String],
+) -> Input {
+    let limit = prov.cfg.call_timeout;
+    let p = &prov.provider;
+    let failed = |error: String, block: Vec<String>| Input::CreateFailed {
+        label: label.to_string(),
+        error,
+        block,
+    };
+    let find = || async {
+        match tokio::time::timeout(limit, p.list(label)).await {
+            Ok(Ok(ms)) => Ok(ms.into_iter().find(|m| m.label == label)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("listing machines timed out".to_string()),
+        }
+    };
+    match find().await {
+        Ok(Some(m)) => {
+            return Input::Created {
+                label: label.to_string(),
+                id: m.id,
+                offer: String::new(),
+                place: m.place,
+            };
+        }
+        Ok(None) => {}
+        Err(e) => return failed(format!("cannot list machines: {e}"), vec![]),
+    }
+    let filter = match role {
+        Side::Gpu => &prov.cfg.gpu,
+        Side::Cpu => &prov.cfg.cpu,
+    };
+    let offers = match tokio::time::timeout(limit, p.search(role)).await {
+        Ok(Ok(o)) => filter.rank(o, blocked),
+        Ok(Err(e)) => return failed(format!("searching offers: {e}"), vec![]),
+        Err(_) => return failed("searching offers timed out".into(), vec![]),
+    };
+    let Some(offer) = offers.into_iter().next() else {
+        return failed(
+            "no offer matches the configured filter (or all are blocklisted)".into(),
+            vec![],
+        );
+    };
+    let role_id = match role {
+        Side::Gpu => crate::identity::Role::Gpu,
+        Side::Cpu => crate::identity::Role::Cpu,
+    };
+    let exp = unix_ms_now() / 1000 + prov.cfg.token_ttl.as_secs().max(60);
+    let token =
+        crate::token::Token::new(pair, role_id, exp, &prov.fingerprint).sign(&prov.token_key);
+    let startup = Startup {
+        pair: pair.to_string(),
+        role,
+        coordinator: prov.coordinator_url.clone(),
+        join_token: token,
+        label: label.to_string(),
+    };
+    tracing::info!(%pair, %label, offer = %offer.id, price = offer.price_per_hour, "creating a machine");
+    let r = tokio::time::timeout(limit, p.create(&offer, &startup)).await;
+    let created = |id: String, place: String| Input::Created {
+        label: label.to_string(),
+        id,
+        offer: offer.id.clone(),
+        place: if place.is_empty() {
+            offer.place.clone()
+        } else {
+            place
+        },
+    };
+    match r {
+        Ok(Ok(m)) => created(m.id, m.place),
+        Ok(Err(ProviderError::Rejected(e))) => failed(e, vec![offer.id.clone()]),
+        Ok(Err(ProviderError::Transient(e))) => match find().await {
+            Ok(Some(m)) => created(m.id, m.place),
+            _ => failed(
+                format!("create failed ({e}); no machine carries the label"),
+                vec![],
+            ),
+        },
+        Err(_) => match find().await {
+            Ok(Some(m)) => created(m.id, m.place),
+            _ => failed(
+                "create timed out; no machine carries the label".into(),
+                vec![],
+            ),
+        },
+    }
+}
+
+/// Destroys a machine by id, or finds it by label first when its id was never learnt.
+async fn destroy_machine(prov: &Provisioning, label: &str, id: &str) -> Result<(), String> {
+    let limit = prov.cfg.call_timeout;
+    let p = &prov.provider;
+    let ids: Vec<String> = if id.is_empty() {
+        match tokio::time::timeout(limit, p.list(label)).await {
+            Ok(Ok(ms)) => ms
+                .into_iter()
+                .filter(|m| m.label == label)
+                .map(|m| m.id)
+                .collect(),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("listing machines timed out".into()),
+        }
+    } else {
+        vec![id.to_string()]
+    };
+    for id in ids {
+        match tokio::time::timeout(limit, p.destroy(&id)).await {
+            Ok(Ok(())) => tracing::info!(%label, %id, "machine destroyed"),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("destroy timed out".into()),
+        }
+    }
+    Ok(())
 }

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::proto::state::{MachineRecord, PairRecord};
+use crate::proto::state::{Blocked, MachineRecord, OwnedMachine, PairRecord, Provision};
 use crate::types::Epoch;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -123,6 +123,25 @@ impl Contact {
     }
 }
 
+/// What an agent said about its replication in its last report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// "send", "receive", "primary", "fenced", "idle".
+    pub mode: String,
+    /// Manifest root (hex) it last agreed with its peer.
+    pub root: String,
+    pub generation: u64,
+    pub frozen_epoch: u64,
+    pub pending_bytes: u64,
+    pub rpo_age_ms: u64,
+    /// While sending: its session with the peer is open.
+    pub connected: bool,
+    pub bytes_total: u64,
+    pub workspace_bytes: u64,
+    /// GPU utilisation in percent (None: no NVML).
+    pub utilization: Option<u32>,
+}
+
 /// What the coordinator has seen of one agent (not persisted: rebuilt from heartbeats).
 #[derive(Clone, Debug, Default)]
 pub struct Seen {
@@ -131,6 +150,41 @@ pub struct Seen {
     pub epoch: Epoch,
     pub fatal: Option<String>,
     pub contact: Option<Contact>,
+    pub status: AgentStatus,
+}
+
+/// How a pair heals (DESIGN.md "Failure and recovery").
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// A provider can create and destroy machines (without one, replacements join by hand).
+    pub provider: bool,
+    /// Start provisioning a replacement GPU as soon as the pair failed over.
+    pub auto_recover: bool,
+    /// How long a created machine has for its agent to join.
+    pub boot_timeout: Duration,
+    /// How long a failed offer, host or zone is not tried again.
+    pub blocklist_for: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Hibernate after the GPU has been idle (0 % utilisation) this long.
+    pub idle_hibernate_after: Option<Duration>,
+    /// Every machine label starts with it (`sb-<CA fingerprint>`): the sweeper's scope.
+    pub label_prefix: String,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            provider: false,
+            auto_recover: false,
+            boot_timeout: Duration::from_secs(600),
+            blocklist_for: Duration::from_secs(3600),
+            backoff_base: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(300),
+            idle_hibernate_after: None,
+            label_prefix: "sb".into(),
+        }
+    }
 }
 
 /// A report from an agent, reduced to what detection needs.
@@ -143,6 +197,7 @@ pub struct Report {
     /// CPU agent: its contact with the GPU.
     pub probe_ok_age: Option<Option<Duration>>,
     pub machine: Option<MachineRecord>,
+    pub status: AgentStatus,
 }
 
 #[derive(Clone, Debug)]
@@ -154,6 +209,28 @@ pub enum Input {
     Manual(Instant),
     /// The provider says this side's machine is gone (terminated, preempted, destroyed).
     ProviderGone(Side, Instant),
+    /// An operator asked to recover the pair now (or to retry provisioning at once).
+    Recover,
+    Hibernate,
+    Wake,
+    /// The provider created the machine labelled `label`.
+    Created {
+        label: String,
+        id: String,
+        offer: String,
+        place: String,
+    },
+    /// Creating `label` failed and no machine carries that label; `block` lists offers, hosts or
+    /// zones not to try again for a while.
+    CreateFailed {
+        label: String,
+        error: String,
+        block: Vec<String>,
+    },
+    /// The provider confirmed `label` is destroyed.
+    Destroyed {
+        label: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,6 +251,10 @@ pub enum Action {
     Detected(Duration),
     /// A failover happened (counted in metrics).
     FailedOver,
+    /// The pair is healthy again this long after it failed over (or was woken).
+    Recovered(Duration),
+    /// A provisioning attempt failed (counted in metrics).
+    AttemptFailed,
 }
 
 /// A command an agent should have received for the current record.
@@ -183,6 +264,8 @@ pub enum Desired {
     Promote { epoch: Epoch },
     Fence { epoch: Epoch, reason: String },
     Probe { url: String },
+    Receive { epoch: Epoch },
+    Freeze { epoch: Epoch },
 }
 
 pub struct PairMachine {
@@ -193,6 +276,12 @@ pub struct PairMachine {
     started: Instant,
     /// Whether the "coordinator lost sight" warning was already given for this silence.
     warned_blind: bool,
+    pub policy: Policy,
+    /// Wall-clock now, unix ms (set by the caller before each step: provisioning deadlines are
+    /// persisted, so they are wall-clock times).
+    pub wall_ms: u64,
+    /// Since when the GPU has reported 0 % utilisation.
+    idle_since: Option<Instant>,
 }
 
 pub fn unix_ms_now() -> u64 {
@@ -222,6 +311,9 @@ impl PairMachine {
             cpu: Seen::default(),
             started: now,
             warned_blind: false,
+            policy: Policy::default(),
+            wall_ms: 0,
+            idle_since: None,
         }
     }
 
@@ -287,6 +379,8 @@ impl PairMachine {
                 if side == Side::Gpu {
                     seen.fatal = r.fatal.clone();
                 }
+                seen.status = r.status.clone();
+                let joined_label = r.machine.as_ref().map(|m| m.machine.clone());
                 if let Some(p) = r.probe_ok_age {
                     seen.contact = Some(Contact {
                         probe_ok_age: p,
@@ -326,6 +420,18 @@ impl PairMachine {
                     }
                     _ => {}
                 }
+                if let Some(label) = joined_label {
+                    self.joined(side, &label, &mut out);
+                }
+                if side == Side::Gpu {
+                    let idle = r.status.utilization == Some(0);
+                    match (idle, self.idle_since) {
+                        (true, None) => self.idle_since = Some(at),
+                        (false, _) => self.idle_since = None,
+                        _ => {}
+                    }
+                }
+                self.progress(&mut out);
             }
             Input::Disconnected(side, _) => {
                 self.seen(side).connected = false;
@@ -349,22 +455,457 @@ impl PairMachine {
                     });
                 }
             }
-            Input::ProviderGone(side, now) => {
-                if side == Side::Gpu && self.primary() == Side::Gpu && self.rec.cpu.is_some() {
-                    let silence = self.gpu_silence(now);
-                    self.fail_over(
-                        "the provider reports the GPU machine gone".into(),
-                        now,
-                        silence,
+            Input::ProviderGone(side, now) => self.provider_gone(side, now, t, &mut out),
+            Input::Recover => self.recover(&mut out),
+            Input::Hibernate => self.hibernate(&mut out),
+            Input::Wake => {
+                if self.state() == PairState::Hibernated {
+                    self.start_provision(Side::Gpu, "woken by an operator".into(), &mut out);
+                } else {
+                    refuse(
                         &mut out,
+                        format!("wake refused: the pair is {}, not Hibernated", self.state()),
                     );
+                }
+            }
+            Input::Created {
+                label,
+                id,
+                offer,
+                place,
+            } => {
+                let wall = self.wall_ms;
+                let boot = self.policy.boot_timeout.as_millis() as u64;
+                if let Some(p) = self.rec.provision.as_mut()
+                    && let Some(m) = p.machine.as_mut()
+                    && m.label == label
+                {
+                    m.id = id.clone();
+                    m.offer = offer;
+                    m.place = place.clone();
+                    if p.phase == "create" {
+                        p.phase = "boot".into();
+                        p.deadline_unix_ms = wall + boot;
+                    }
+                    out.push(Action::Persist);
+                    out.push(Action::Warn {
+                        kind: "provisioning",
+                        message: format!(
+                            "created {label} (id {id}{}); waiting for its agent to join",
+                            if place.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", {place}")
+                            }
+                        ),
+                    });
+                }
+            }
+            Input::CreateFailed {
+                label,
+                error,
+                block,
+            } => {
+                if self.provisioning_label().is_some_and(|l| l == label) {
+                    for k in block {
+                        self.block(k, &error);
+                    }
+                    self.retry(format!("creating {label} failed: {error}"), &mut out);
+                }
+            }
+            Input::Destroyed { label } => {
+                let before = self.rec.teardown.len();
+                self.rec.teardown.retain(|m| m.label != label);
+                if self.rec.teardown.len() != before {
+                    out.push(Action::Persist);
+                    out.push(Action::Warn {
+                        kind: "destroyed",
+                        message: format!("machine {label} destroyed"),
+                    });
                 }
             }
         }
         out
     }
 
+    /// The label of the machine being provisioned, if any.
+    pub fn provisioning_label(&self) -> Option<&str> {
+        self.rec
+            .provision
+            .as_ref()
+            .and_then(|p| p.machine.as_ref())
+            .map(|m| m.label.as_str())
+    }
+
+    /// Whether reports from `machine` speak for `side` of this pair: once a side's machine was
+    /// created by a provider (or is being provisioned), only that machine does. Anything else
+    /// claiming the side (an old GPU coming back) is fenced, not listened to.
+    pub fn accepts(&self, side: Side, machine: &str) -> bool {
+        if let Some(p) = &self.rec.provision
+            && p.role == side.as_str()
+        {
+            return self.provisioning_label() == Some(machine);
+        }
+        let owned = match side {
+            Side::Gpu => &self.rec.gpu_owned,
+            Side::Cpu => &self.rec.cpu_owned,
+        };
+        owned.as_ref().is_none_or(|o| o.label == machine)
+    }
+
+    fn block(&mut self, key: String, why: &str) {
+        if key.is_empty() {
+            return;
+        }
+        let until = self.wall_ms + self.policy.blocklist_for.as_millis() as u64;
+        self.rec.blocked.retain(|b| b.key != key);
+        self.rec.blocked.push(Blocked {
+            key,
+            until_unix_ms: until,
+            reason: why.to_string(),
+        });
+    }
+
+    /// Offers, hosts and zones not to try now.
+    pub fn blocked(&self) -> Vec<String> {
+        self.rec
+            .blocked
+            .iter()
+            .filter(|b| b.until_unix_ms > self.wall_ms)
+            .map(|b| b.key.clone())
+            .collect()
+    }
+
+    fn new_label(&mut self, role: Side) -> String {
+        self.rec.provisions += 1;
+        format!(
+            "{}-{}-{}-{}",
+            self.policy.label_prefix,
+            self.rec.name,
+            role.as_str(),
+            self.rec.provisions
+        )
+    }
+
+    fn start_provision(&mut self, role: Side, reason: String, out: &mut Vec<Action>) {
+        if !self.policy.provider {
+            refuse(
+                out,
+                format!(
+                    "cannot provision a {} machine: no provider is configured (start an agent with a join token by hand)",
+                    role.as_str()
+                ),
+            );
+            return;
+        }
+        // The machine it replaces goes (with its disk): an intent kept until confirmed.
+        let old = match role {
+            Side::Gpu => self.rec.gpu_owned.take(),
+            Side::Cpu => self.rec.cpu_owned.take(),
+        };
+        self.rec.teardown.extend(old);
+        let label = self.new_label(role);
+        self.rec.provision = Some(Provision {
+            role: role.as_str().into(),
+            attempt: 1,
+            phase: "create".into(),
+            machine: Some(OwnedMachine {
+                label,
+                role: role.as_str().into(),
+                ..Default::default()
+            }),
+            next_try_unix_ms: self.wall_ms,
+            ..Default::default()
+        });
+        let to = match role {
+            Side::Gpu => PairState::Provisioning,
+            Side::Cpu => PairState::Degraded,
+        };
+        out.push(Action::Persist);
+        self.go(to, reason, out);
+    }
+
+    /// A failed attempt: its machine (if any) is destroyed and the next one tried after a
+    /// backoff with jitter.
+    fn retry(&mut self, why: String, out: &mut Vec<Action>) {
+        let Some(mut p) = self.rec.provision.take() else {
+            return;
+        };
+        let role = if p.role == "cpu" {
+            Side::Cpu
+        } else {
+            Side::Gpu
+        };
+        if let Some(m) = p.machine.take()
+            && (!m.id.is_empty() || p.phase == "boot")
+        {
+            self.rec.teardown.push(m);
+        }
+        let exp = p.attempt.saturating_sub(1).min(16);
+        let base = self.policy.backoff_base.saturating_mul(1 << exp);
+        let backoff = base.min(self.policy.backoff_max);
+        let label = self.new_label(role);
+        // Jitter (0-30 %) derived from the label, so the machine stays deterministic.
+        let jitter = blake3::hash(label.as_bytes()).as_bytes()[0] as f64 / 255.0 * 0.3;
+        let wait = backoff.mul_f64(1.0 + jitter);
+        p.attempt += 1;
+        p.phase = "create".into();
+        p.last_error = why.clone();
+        p.deadline_unix_ms = 0;
+        p.next_try_unix_ms = self.wall_ms + wait.as_millis() as u64;
+        p.machine = Some(OwnedMachine {
+            label,
+            role: role.as_str().into(),
+            ..Default::default()
+        });
+        self.rec.provision = Some(p);
+        out.push(Action::Persist);
+        out.push(Action::AttemptFailed);
+        out.push(Action::Warn {
+            kind: "provisioning",
+            message: format!("{why}; next attempt in {} ms", wait.as_millis()),
+        });
+    }
+
+    /// An agent reported as `label`: the machine being provisioned has joined.
+    fn joined(&mut self, side: Side, label: &str, out: &mut Vec<Action>) {
+        let Some(p) = &self.rec.provision else { return };
+        if p.role != side.as_str() || self.provisioning_label() != Some(label) {
+            return;
+        }
+        let p = self.rec.provision.take().expect("checked");
+        let owned = p.machine;
+        match side {
+            Side::Gpu => {
+                self.rec.gpu_owned = owned;
+                self.rec.restore_started_unix_ms = self.wall_ms;
+                self.go(
+                    PairState::Restoring,
+                    format!("{label} joined; restoring the workspace onto it"),
+                    out,
+                );
+            }
+            Side::Cpu => {
+                self.rec.cpu_owned = owned;
+                out.push(Action::Persist);
+                out.push(Action::Warn {
+                    kind: "provisioning",
+                    message: format!("{label} joined; seeding it from the GPU"),
+                });
+            }
+        }
+    }
+
+    /// Moves restore, cutover, hibernation and reseeding along as the agents report.
+    fn progress(&mut self, out: &mut Vec<Action>) {
+        let (g, c) = (&self.gpu.status, &self.cpu.status);
+        let same = !c.root.is_empty() && c.root == g.root;
+        let epoch = self.rec.epoch;
+        match self.state() {
+            PairState::Restoring
+                if same
+                    && c.mode == "send"
+                    && c.connected
+                    && c.pending_bytes == 0
+                    && c.rpo_age_ms == 0
+                    && g.mode == "receive" =>
+            {
+                self.go(
+                    PairState::CuttingOver,
+                    "restore verified (manifest roots agree); freezing the CPU for the final catch-up".into(),
+                    out,
+                );
+            }
+            PairState::CuttingOver
+                if same
+                    && c.frozen_epoch >= epoch
+                    && c.pending_bytes == 0
+                    && g.mode == "receive" =>
+            {
+                self.rec.epoch += 1;
+                self.rec.primary = Side::Gpu.as_str().into();
+                self.rec.restore_started_unix_ms = 0;
+                let took = self.recovered(out);
+                self.go(
+                    PairState::Syncing,
+                    format!(
+                        "cutover complete: the GPU is primary again at epoch {} ({} ms after the failure)",
+                        self.rec.epoch,
+                        took.as_millis()
+                    ),
+                    out,
+                );
+            }
+            PairState::Syncing
+                if self.rec.hibernate
+                    && same
+                    && g.frozen_epoch >= epoch
+                    && g.pending_bytes == 0
+                    && c.mode == "receive" =>
+            {
+                self.rec.epoch += 1;
+                self.rec.primary = Side::Cpu.as_str().into();
+                self.rec.hibernate = false;
+                self.rec.failed_over_unix_ms = self.wall_ms;
+                if let Some(o) = self.rec.gpu_owned.take() {
+                    self.rec.teardown.push(o);
+                }
+                self.go(
+                    PairState::Hibernated,
+                    format!(
+                        "hibernated: final sync verified; the GPU machine is released and the CPU holds the workspace at epoch {}",
+                        self.rec.epoch
+                    ),
+                    out,
+                );
+            }
+            PairState::Degraded
+                if self.rec.provision.is_none()
+                    && same
+                    && g.mode == "send"
+                    && g.connected
+                    && g.pending_bytes == 0
+                    && c.mode == "receive" =>
+            {
+                let took = self.recovered(out);
+                self.go(
+                    PairState::Syncing,
+                    format!(
+                        "the new CPU standby holds the workspace ({} ms after the old one was lost)",
+                        took.as_millis()
+                    ),
+                    out,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn recovered(&mut self, out: &mut Vec<Action>) -> Duration {
+        let since = std::mem::take(&mut self.rec.failed_over_unix_ms);
+        let took = Duration::from_millis(self.wall_ms.saturating_sub(since));
+        if since > 0 {
+            out.push(Action::Recovered(took));
+        }
+        took
+    }
+
+    fn provider_gone(&mut self, side: Side, now: Instant, t: &Timing, out: &mut Vec<Action>) {
+        match side {
+            Side::Gpu => {
+                if self.primary() == Side::Gpu && self.rec.cpu.is_some() && !self.rec.hibernate {
+                    let silence = self.gpu_silence(now);
+                    self.fail_over(
+                        "the provider reports the GPU machine gone".into(),
+                        now,
+                        silence,
+                        out,
+                    );
+                } else if let Some(p) = &self.rec.provision
+                    && p.role == "gpu"
+                    && p.phase == "boot"
+                {
+                    self.retry(
+                        "the new GPU machine is gone before its agent joined".into(),
+                        out,
+                    );
+                } else if matches!(self.state(), PairState::Restoring | PairState::CuttingOver) {
+                    // The replacement died while being restored: start over with another.
+                    self.start_provision(
+                        Side::Gpu,
+                        "the provider reports the replacement GPU gone during the restore".into(),
+                        out,
+                    );
+                }
+            }
+            Side::Cpu => {
+                let silent = self.cpu.last_seen.is_none_or(|s| {
+                    now.saturating_duration_since(s.max(self.started)) >= t.failover_after
+                });
+                if let Some(p) = &self.rec.provision
+                    && p.role == "cpu"
+                {
+                    if p.phase == "boot" {
+                        self.retry(
+                            "the new CPU machine is gone before its agent joined".into(),
+                            out,
+                        );
+                    }
+                } else if self.primary() == Side::Gpu
+                    && matches!(
+                        self.state(),
+                        PairState::Syncing | PairState::Suspect | PairState::Degraded
+                    )
+                    && silent
+                {
+                    self.rec.failed_over_unix_ms = self.wall_ms;
+                    self.start_provision(
+                        Side::Cpu,
+                        "the CPU standby is gone (the provider says so and its agent is silent): the GPU is unprotected".into(),
+                        out,
+                    );
+                } else if self.primary() == Side::Cpu {
+                    out.push(Action::Warn {
+                        kind: "critical",
+                        message:
+                            "the provider reports the CPU machine gone while it is the primary"
+                                .into(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn recover(&mut self, out: &mut Vec<Action>) {
+        match self.state() {
+            PairState::FailedOver | PairState::Hibernated => {
+                self.start_provision(Side::Gpu, "recovery requested by an operator".into(), out)
+            }
+            PairState::Provisioning | PairState::Degraded if self.rec.provision.is_some() => {
+                let p = self.rec.provision.as_mut().expect("checked");
+                p.next_try_unix_ms = self.wall_ms;
+                out.push(Action::Persist);
+                out.push(Action::Warn {
+                    kind: "provisioning",
+                    message: "retrying provisioning now (operator)".into(),
+                });
+            }
+            PairState::Degraded => self.start_provision(
+                Side::Cpu,
+                "replacing the CPU standby (operator)".into(),
+                out,
+            ),
+            s => refuse(
+                out,
+                format!("recover refused: the pair is {s}; nothing to recover"),
+            ),
+        }
+    }
+
+    fn hibernate(&mut self, out: &mut Vec<Action>) {
+        if self.state() != PairState::Syncing || self.primary() != Side::Gpu {
+            refuse(
+                out,
+                format!(
+                    "hibernate refused: the pair is {}, not Syncing",
+                    self.state()
+                ),
+            );
+            return;
+        }
+        if !self.rec.hibernate {
+            self.rec.hibernate = true;
+            out.push(Action::Persist);
+            out.push(Action::Warn {
+                kind: "hibernate",
+                message: "hibernating: the GPU makes a final sync, then its machine is released"
+                    .into(),
+            });
+        }
+    }
+
     fn tick(&mut self, now: Instant, t: &Timing, out: &mut Vec<Action>) {
+        self.tick_recovery(now, out);
         let state = self.state();
         if !matches!(state, PairState::Syncing | PairState::Suspect) || self.primary() != Side::Gpu
         {
@@ -418,6 +959,40 @@ impl PairMachine {
         }
     }
 
+    fn tick_recovery(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let state = self.state();
+        if state == PairState::FailedOver && self.policy.auto_recover && self.policy.provider {
+            self.start_provision(Side::Gpu, "replacing the failed GPU machine".into(), out);
+            return;
+        }
+        if let Some(p) = &self.rec.provision
+            && p.phase == "boot"
+            && p.deadline_unix_ms > 0
+            && self.wall_ms > p.deadline_unix_ms
+        {
+            let m = p.machine.clone().unwrap_or_default();
+            let secs = self.policy.boot_timeout.as_secs();
+            self.block(m.offer.clone(), "its machine never joined");
+            self.block(m.place.clone(), "a machine there never joined");
+            self.retry(format!("{} did not join within {secs} s", m.label), out);
+            return;
+        }
+        if state == PairState::Syncing
+            && !self.rec.hibernate
+            && let (Some(after), Some(since)) = (self.policy.idle_hibernate_after, self.idle_since)
+            && now.saturating_duration_since(since) >= after
+            && self.policy.provider
+        {
+            self.idle_since = None;
+            out.push(Action::Warn {
+                kind: "hibernate",
+                message: format!("the GPU has been idle for {} s", after.as_secs()),
+            });
+            self.hibernate(out);
+        }
+        self.progress(out);
+    }
+
     fn fail_over(
         &mut self,
         reason: String,
@@ -435,6 +1010,8 @@ impl PairMachine {
         // Epoch first: persisted with the transition, before any agent is told.
         self.rec.epoch += 1;
         self.rec.primary = Side::Cpu.as_str().into();
+        self.rec.failed_over_unix_ms = self.wall_ms;
+        self.rec.hibernate = false;
         self.warned_blind = false;
         self.go(PairState::FailedOver, reason, out);
         out.push(Action::Detected(silence));
@@ -450,22 +1027,53 @@ impl PairMachine {
                 .map(|m| m.address.clone())
                 .filter(|a| !a.is_empty())
         };
+        let state = self.state();
+        if matches!(state, PairState::Restoring | PairState::CuttingOver) {
+            // The CPU (primary) sends its workspace to the new GPU, which receives.
+            return match side {
+                Side::Gpu => vec![Desired::Receive { epoch }],
+                Side::Cpu => {
+                    let mut v: Vec<Desired> = url(&self.rec.gpu)
+                        .map(|url| Desired::SetPeer { url, epoch })
+                        .into_iter()
+                        .collect();
+                    if state == PairState::CuttingOver {
+                        v.push(Desired::Freeze { epoch });
+                    }
+                    v
+                }
+            };
+        }
         match (side, self.primary()) {
             (Side::Gpu, Side::Gpu) => match url(&self.rec.cpu) {
-                Some(url) => vec![Desired::SetPeer { url, epoch }],
+                Some(url) => {
+                    let mut v = vec![Desired::SetPeer { url, epoch }];
+                    if self.rec.hibernate {
+                        v.push(Desired::Freeze { epoch });
+                    }
+                    v
+                }
                 None => vec![],
             },
             (Side::Gpu, Side::Cpu) => vec![Desired::Fence {
                 epoch,
                 reason: format!("the CPU standby is the primary since epoch {epoch}"),
             }],
-            (Side::Cpu, Side::Gpu) => match url(&self.rec.gpu) {
-                Some(url) => vec![Desired::Probe { url }],
-                None => vec![],
-            },
+            (Side::Cpu, Side::Gpu) => {
+                let mut v = vec![Desired::Receive { epoch }];
+                v.extend(url(&self.rec.gpu).map(|url| Desired::Probe { url }));
+                v
+            }
             (Side::Cpu, Side::Cpu) => vec![Desired::Promote { epoch }],
         }
     }
+}
+
+fn refuse(out: &mut Vec<Action>, message: String) {
+    out.push(Action::Warn {
+        kind: "refused",
+        message,
+    });
 }
 
 #[cfg(test)]
@@ -491,6 +1099,7 @@ mod tests {
             fatal: None,
             probe_ok_age: None,
             machine: None,
+            status: AgentStatus::default(),
         }
     }
 
@@ -586,9 +1195,12 @@ mod tests {
         );
         assert_eq!(
             m.desired(Side::Cpu),
-            vec![Desired::Probe {
-                url: "g:7702".into()
-            }]
+            vec![
+                Desired::Receive { epoch: Epoch(1) },
+                Desired::Probe {
+                    url: "g:7702".into()
+                }
+            ]
         );
     }
 
@@ -801,5 +1413,336 @@ mod tests {
         for s in PairState::ALL {
             assert_eq!(PairState::parse(s.as_str()), Some(s));
         }
+    }
+
+    fn with_provider(m: &mut PairMachine) {
+        m.policy = Policy {
+            provider: true,
+            auto_recover: true,
+            boot_timeout: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(5),
+            label_prefix: "sb-test".into(),
+            ..Policy::default()
+        };
+        m.wall_ms = 1_000_000;
+    }
+
+    fn status(mode: &str, root: &str) -> AgentStatus {
+        AgentStatus {
+            mode: mode.into(),
+            root: root.into(),
+            connected: true,
+            ..Default::default()
+        }
+    }
+
+    fn named(label: &str, addr: &str) -> Option<MachineRecord> {
+        Some(MachineRecord {
+            machine: label.into(),
+            address: addr.into(),
+            workspace: "/workspace".into(),
+        })
+    }
+
+    /// Failed over, auto-recovery on: the machine provisions, restores, cuts over.
+    #[test]
+    fn recovery_provisions_restores_and_cuts_over() {
+        let (mut m, t0, t) = syncing();
+        with_provider(&mut m);
+        m.step(Input::Manual(t0), &t);
+        assert_eq!(m.state(), PairState::FailedOver);
+        let a = m.step(Input::Tick(t0 + ms(200)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Provisioning]);
+        assert_eq!(
+            a[0],
+            Action::Persist,
+            "the intent is durable before anything else"
+        );
+        let label = m.provisioning_label().unwrap().to_string();
+        assert_eq!(label, "sb-test-p-gpu-1");
+        // Another machine claiming to be the GPU is not listened to; the new one is.
+        assert!(!m.accepts(Side::Gpu, "m"));
+        assert!(m.accepts(Side::Gpu, &label));
+        m.step(
+            Input::Created {
+                label: label.clone(),
+                id: "42".into(),
+                offer: "o1".into(),
+                place: "host-1".into(),
+            },
+            &t,
+        );
+        assert_eq!(m.rec.provision.as_ref().unwrap().phase, "boot");
+        let a = m.step(
+            Input::Report(
+                Side::Gpu,
+                Report {
+                    machine: named(&label, "10.0.0.9:7702"),
+                    status: status("idle", ""),
+                    ..report(t0 + ms(1000), 1)
+                },
+            ),
+            &t,
+        );
+        assert_eq!(transitions(&a), vec![PairState::Restoring]);
+        assert_eq!(m.rec.gpu_owned.as_ref().unwrap().id, "42");
+        assert_eq!(
+            m.desired(Side::Gpu),
+            vec![Desired::Receive { epoch: Epoch(2) }]
+        );
+        assert_eq!(
+            m.desired(Side::Cpu),
+            vec![Desired::SetPeer {
+                url: "10.0.0.9:7702".into(),
+                epoch: Epoch(2)
+            }]
+        );
+        // Roots differ: still restoring.
+        m.gpu.status = status("receive", "aa");
+        let a = m.step(
+            Input::Report(
+                Side::Cpu,
+                Report {
+                    status: status("send", "bb"),
+                    ..cpu_report(t0 + ms(1500), None)
+                },
+            ),
+            &t,
+        );
+        assert!(transitions(&a).is_empty());
+        // Roots agree: cut over; the CPU is told to freeze.
+        let a = m.step(
+            Input::Report(
+                Side::Gpu,
+                Report {
+                    machine: named(&label, "10.0.0.9:7702"),
+                    status: status("receive", "bb"),
+                    ..report(t0 + ms(2000), 2)
+                },
+            ),
+            &t,
+        );
+        assert_eq!(transitions(&a), vec![PairState::CuttingOver]);
+        assert!(
+            m.desired(Side::Cpu)
+                .contains(&Desired::Freeze { epoch: Epoch(2) })
+        );
+        // Frozen at the same root: epoch 3, the GPU is primary again.
+        m.wall_ms += 30_000;
+        let a = m.step(
+            Input::Report(
+                Side::Cpu,
+                Report {
+                    status: AgentStatus {
+                        frozen_epoch: 2,
+                        ..status("send", "bb")
+                    },
+                    ..cpu_report(t0 + ms(2500), None)
+                },
+            ),
+            &t,
+        );
+        assert_eq!(transitions(&a), vec![PairState::Syncing]);
+        assert!(a.contains(&Action::Recovered(Duration::from_secs(30))));
+        assert_eq!(m.epoch(), Epoch(3));
+        assert_eq!(m.primary(), Side::Gpu);
+        assert_eq!(
+            m.desired(Side::Gpu),
+            vec![Desired::SetPeer {
+                url: "10.0.0.2:7701".into(),
+                epoch: Epoch(3)
+            }]
+        );
+        assert_eq!(
+            m.desired(Side::Cpu)[0],
+            Desired::Receive { epoch: Epoch(3) }
+        );
+    }
+
+    #[test]
+    fn failed_boots_are_destroyed_blocklisted_and_retried_with_backoff() {
+        let (mut m, t0, t) = syncing();
+        with_provider(&mut m);
+        m.step(Input::Manual(t0), &t);
+        m.step(Input::Tick(t0), &t);
+        let first = m.provisioning_label().unwrap().to_string();
+        m.step(
+            Input::Created {
+                label: first.clone(),
+                id: "7".into(),
+                offer: "o7".into(),
+                place: "host-7".into(),
+            },
+            &t,
+        );
+        // The boot deadline passes without the agent joining.
+        m.wall_ms += 61_000;
+        let a = m.step(Input::Tick(t0 + ms(61_000)), &t);
+        assert!(a.contains(&Action::AttemptFailed));
+        assert_eq!(
+            m.rec.teardown.len(),
+            1,
+            "the failed machine is to be destroyed"
+        );
+        assert_eq!(m.rec.teardown[0].id, "7");
+        let mut blocked = m.blocked();
+        blocked.sort();
+        assert_eq!(blocked, vec!["host-7", "o7"]);
+        let p = m.rec.provision.clone().unwrap();
+        assert_eq!(p.attempt, 2);
+        assert_ne!(m.provisioning_label().unwrap(), first, "a fresh label");
+        let wait = p.next_try_unix_ms - m.wall_ms;
+        assert!(
+            (5_000..=6_500).contains(&wait),
+            "backoff with jitter: {wait}"
+        );
+        // The old label is no longer accepted as the GPU.
+        assert!(!m.accepts(Side::Gpu, &first));
+        m.step(Input::Destroyed { label: first }, &t);
+        assert!(m.rec.teardown.is_empty());
+        // A rejected create blocklists the offer and backs off further.
+        let second = m.provisioning_label().unwrap().to_string();
+        m.step(
+            Input::CreateFailed {
+                label: second,
+                error: "no_such_ask".into(),
+                block: vec!["o8".into()],
+            },
+            &t,
+        );
+        let p = m.rec.provision.clone().unwrap();
+        assert_eq!(p.attempt, 3);
+        assert!(p.next_try_unix_ms - m.wall_ms >= 10_000);
+        assert!(m.blocked().contains(&"o8".to_string()));
+        // Blocks expire.
+        m.wall_ms += 2 * 3_600_000;
+        assert!(m.blocked().is_empty());
+        // A result for a label given up on is ignored.
+        let before = m.rec.clone();
+        m.step(
+            Input::Created {
+                label: "sb-test-p-gpu-1".into(),
+                id: "99".into(),
+                offer: String::new(),
+                place: String::new(),
+            },
+            &t,
+        );
+        assert_eq!(m.rec, before);
+    }
+
+    #[test]
+    fn hibernate_then_wake() {
+        let (mut m, t0, t) = syncing();
+        with_provider(&mut m);
+        m.rec.gpu_owned = Some(OwnedMachine {
+            label: "m".into(),
+            id: "g1".into(),
+            ..Default::default()
+        });
+        let a = m.step(Input::Hibernate, &t);
+        assert!(a.contains(&Action::Persist));
+        assert!(
+            m.desired(Side::Gpu)
+                .contains(&Desired::Freeze { epoch: Epoch(1) })
+        );
+        m.cpu.status = status("receive", "cc");
+        let a = m.step(
+            Input::Report(
+                Side::Gpu,
+                Report {
+                    status: AgentStatus {
+                        frozen_epoch: 1,
+                        ..status("send", "cc")
+                    },
+                    ..report(t0, 1)
+                },
+            ),
+            &t,
+        );
+        assert_eq!(transitions(&a), vec![PairState::Hibernated]);
+        assert_eq!(m.epoch(), Epoch(2));
+        assert_eq!(m.primary(), Side::Cpu);
+        assert_eq!(m.rec.teardown[0].id, "g1", "the GPU machine is released");
+        assert!(matches!(m.desired(Side::Gpu)[0], Desired::Fence { .. }));
+        // Not a failover: no detection, nothing else happens by itself.
+        assert!(transitions(&m.step(Input::Tick(t0 + ms(60_000)), &t)).is_empty());
+        let a = m.step(Input::Wake, &t);
+        assert_eq!(transitions(&a), vec![PairState::Provisioning]);
+        // Hibernating a pair that is not Syncing is refused.
+        let a = m.step(Input::Hibernate, &t);
+        assert!(matches!(
+            &a[0],
+            Action::Warn {
+                kind: "refused",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_lost_cpu_standby_is_replaced_and_seeded() {
+        let (mut m, t0, t) = syncing();
+        with_provider(&mut m);
+        // The provider says the CPU is gone, but its agent was heard from just now: wait.
+        let a = m.step(Input::ProviderGone(Side::Cpu, t0 + ms(500)), &t);
+        assert!(transitions(&a).is_empty());
+        // Silent for longer than the failover delay too: Degraded, a new CPU provisioned.
+        let a = m.step(Input::ProviderGone(Side::Cpu, t0 + ms(5000)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Degraded]);
+        let label = m.provisioning_label().unwrap().to_string();
+        assert!(label.contains("-cpu-"));
+        m.step(
+            Input::Report(
+                Side::Cpu,
+                Report {
+                    machine: named(&label, "10.0.0.3:7701"),
+                    status: status("receive", ""),
+                    ..cpu_report(t0 + ms(6000), None)
+                },
+            ),
+            &t,
+        );
+        assert!(m.rec.provision.is_none());
+        assert_eq!(
+            m.desired(Side::Gpu),
+            vec![Desired::SetPeer {
+                url: "10.0.0.3:7701".into(),
+                epoch: Epoch(1)
+            }]
+        );
+        m.cpu.status = status("receive", "dd");
+        let a = m.step(
+            Input::Report(
+                Side::Gpu,
+                Report {
+                    status: status("send", "dd"),
+                    ..report(t0 + ms(7000), 1)
+                },
+            ),
+            &t,
+        );
+        assert_eq!(transitions(&a), vec![PairState::Syncing]);
+        assert_eq!(
+            m.epoch(),
+            Epoch(1),
+            "no epoch change: the GPU stayed primary"
+        );
+    }
+
+    #[test]
+    fn without_a_provider_recovery_is_refused_with_a_reason() {
+        let (mut m, t0, t) = syncing();
+        m.step(Input::Manual(t0), &t);
+        let a = m.step(Input::Tick(t0), &t);
+        assert!(
+            transitions(&a).is_empty(),
+            "no auto-recovery without a provider"
+        );
+        let a = m.step(Input::Recover, &t);
+        assert!(
+            matches!(&a[0], Action::Warn { kind: "refused", message } if message.contains("no provider"))
+        );
+        assert_eq!(m.state(), PairState::FailedOver);
     }
 }

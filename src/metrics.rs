@@ -104,6 +104,7 @@ pub struct Metrics {
     pub provisioning_attempts: Family<KindLabel, Counter>,
     pub orphans_destroyed: Family<KindLabel, Counter>,
     pub machines: Family<KindLabel, Gauge>,
+    pub recovery_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -135,6 +136,9 @@ impl Metrics {
             provisioning_attempts: Family::default(),
             orphans_destroyed: Family::default(),
             machines: Family::default(),
+            recovery_seconds: Histogram::new([
+                10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0,
+            ]),
             registry: Mutex::new(Registry::default()),
             names: Vec::new(),
         };
@@ -241,6 +245,12 @@ impl Metrics {
             "standby_machines",
             "Machines the coordinator owns, by role",
             m.machines.clone(),
+        );
+        reg.unit(
+            "standby_recovery",
+            "From a failover (or hibernation, or a lost CPU) to the pair being protected again",
+            Unit::Seconds,
+            m.recovery_seconds.clone(),
         );
         let names = reg.names;
         *m.registry.lock().expect("registry") = r;

@@ -54,6 +54,9 @@ use crate::stage::{Base, Direct, Patch};
 use crate::tls;
 use crate::types::{Epoch, Generation, RelPath};
 
+/// Name of the catalog (`<state-dir>/replica.{snap,log}`) holding an agent's replica state.
+pub const CATALOG: &str = "replica";
+
 /// Version of the replication protocol spoken here.
 pub const PROTOCOL: u32 = 1;
 /// Largest gRPC message either side accepts.
@@ -67,6 +70,12 @@ pub struct ReceiverOptions {
     pub state_dir: PathBuf,
     /// The only identity allowed to replicate into this receiver.
     pub sender: Identity,
+    /// On a first start (no catalog yet), take what is already in the workspace as generation 0,
+    /// so a sender can reuse it as delta bases (a CPU standby seeded by hand). An agent that will
+    /// send first does not need it.
+    pub adopt: bool,
+    /// Accept sessions from the start (a standby) or only once told to (see `set_accepting`).
+    pub accepting: bool,
 }
 
 /// Figures for status calls and heartbeats, readable without the replica lock.
@@ -82,13 +91,18 @@ pub struct Figures {
     pub last_commit: Option<SystemTime>,
 }
 
-struct State {
-    manifest: Manifest,
-    catalog: Catalog,
-    epoch: EpochStore,
+/// An agent's replica state: the manifest both peers agreed on last, durably kept, and the
+/// fencing epoch. Shared by the agent's receiver and (while it sends) its sender, which holds
+/// the lock for as long as it sends.
+pub struct ReplicaState {
+    pub manifest: Manifest,
+    pub catalog: Catalog,
+    pub epoch: EpochStore,
     /// A committed record whose application failed: it must be rolled forward first.
     unapplied: Option<Record>,
 }
+
+type State = ReplicaState;
 
 struct Inner {
     workspace: PathBuf,
@@ -100,6 +114,7 @@ struct Inner {
     session: Mutex<Option<(u64, CancellationToken)>>,
     sessions: AtomicU64,
     figures: Mutex<Figures>,
+    accepting: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -139,9 +154,10 @@ impl Receiver {
         let root = Root::open(&opts.workspace)?;
         let stage = fsx::open_dir_path(&stage_path)?;
         crate::apply::prepare_stage(stage.as_fd())?;
-        let fresh = !opts.state_dir.join("replica.log").exists()
-            && !opts.state_dir.join("replica.snap").exists();
-        let loaded = Catalog::open(&opts.state_dir, "replica")?;
+        let fresh = opts.adopt
+            && !opts.state_dir.join(format!("{CATALOG}.log")).exists()
+            && !opts.state_dir.join(format!("{CATALOG}.snap")).exists();
+        let loaded = Catalog::open(&opts.state_dir, CATALOG)?;
         let mut manifest = loaded.manifest;
         let mut catalog = loaded.catalog;
         if let Some(rec) = loaded.unapplied {
@@ -197,8 +213,38 @@ impl Receiver {
                 session: Mutex::new(None),
                 sessions: AtomicU64::new(0),
                 figures: Mutex::new(figures),
+                accepting: std::sync::atomic::AtomicBool::new(opts.accepting),
             }),
         })
+    }
+
+    /// The replica state (for a sender to take while this agent sends).
+    pub fn state(&self) -> Arc<tokio::sync::Mutex<ReplicaState>> {
+        self.inner.state.clone()
+    }
+
+    /// Whether replication sessions from the peer are accepted. Turning it off ends the
+    /// current session.
+    pub fn set_accepting(&self, on: bool) {
+        self.inner.accepting.store(on, Ordering::SeqCst);
+        if !on {
+            self.preempt();
+        }
+    }
+
+    pub fn accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Refreshes the figures from the state (after a sender used it).
+    pub async fn refresh_figures(&self) {
+        let st = self.inner.state.lock().await;
+        let mut f = self.inner.figures.lock().expect("figures");
+        f.epoch = st.epoch.get();
+        f.generation = st.manifest.generation;
+        f.root = st.manifest.root();
+        f.entries = st.manifest.len() as u64;
+        f.bytes = st.manifest.total_bytes();
     }
 
     pub fn figures(&self) -> Figures {
@@ -298,6 +344,12 @@ impl Replica for ReplicaService {
             return Err(Status::permission_denied(format!(
                 "replication is accepted only from {}; you are {}",
                 self.inner.sender, peer.identity
+            )));
+        }
+        if !self.inner.accepting.load(Ordering::SeqCst) {
+            let epoch = self.inner.figures.lock().expect("figures").epoch;
+            return Err(Status::unavailable(format!(
+                "this agent does not accept replication now (it is a primary, or idle) at epoch {epoch}"
             )));
         }
         let stream = req.into_inner();

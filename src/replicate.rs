@@ -51,14 +51,16 @@ struct Waiter {
     reply: oneshot::Sender<Result<u64, String>>,
 }
 
+/// Replicates until `shutdown` is cancelled (the agent stops, or it is told to stop sending);
+/// gives the sender back.
 pub async fn run(
     mut sender: Sender,
     tls: TlsMaterial,
     mut target: watch::Receiver<Option<Target>>,
     cfg: LoopConfig,
-    mut control: mpsc::Receiver<Control>,
+    control: &mut mpsc::Receiver<Control>,
     shutdown: CancellationToken,
-) {
+) -> Sender {
     let mut watcher = watch(sender.workspace(), sender.exclude().clone());
     let rescan_every = if watcher.degraded.is_some() {
         cfg.rescan_interval.min(Duration::from_secs(5))
@@ -219,14 +221,18 @@ pub async fn run(
         };
         match r {
             Ok(report) => {
+                let paths_of = |v: &[String]| -> Vec<RelPath> {
+                    v.iter()
+                        .filter_map(|p| RelPath::new(p.as_bytes().to_vec()).ok())
+                        .collect()
+                };
                 let still: Vec<RelPath> = report
                     .as_ref()
-                    .map(|r| {
-                        r.still_changing
-                            .iter()
-                            .filter_map(|p| RelPath::new(p.as_bytes().to_vec()).ok())
-                            .collect()
-                    })
+                    .map(|r| paths_of(&r.still_changing))
+                    .unwrap_or_default();
+                let deferred: Vec<RelPath> = report
+                    .as_ref()
+                    .map(|r| paths_of(&r.deferred))
                     .unwrap_or_default();
                 if let Some(r) = &report {
                     tracing::debug!(
@@ -237,7 +243,18 @@ pub async fn run(
                         "generation durable"
                     );
                 }
-                if still.is_empty() {
+                let more = !deferred.is_empty();
+                if more {
+                    // The budget of this generation was spent: the rest follows at once.
+                    dirty.add_now(deferred);
+                }
+                if !still.is_empty() {
+                    tracing::info!(
+                        files = still.len(),
+                        "files changed while read; retrying them"
+                    );
+                    dirty.add(still, Instant::now());
+                } else if !more {
                     let generation = sender.index().generation.0;
                     let (done, keep): (Vec<Waiter>, Vec<Waiter>) =
                         waiters.drain(..).partition(|w| w.asked <= scan_started);
@@ -245,12 +262,6 @@ pub async fn run(
                     for w in done {
                         let _ = w.reply.send(Ok(generation));
                     }
-                } else {
-                    tracing::info!(
-                        files = still.len(),
-                        "files changed while read; retrying them"
-                    );
-                    dirty.add(still, Instant::now());
                 }
                 if dirty.is_empty() {
                     pending_since = None;
@@ -279,8 +290,11 @@ pub async fn run(
         }
     }
     for w in waiters {
-        let _ = w.reply.send(Err("agent shutting down".into()));
+        let _ = w
+            .reply
+            .send(Err("replication stopped before the flush completed".into()));
     }
+    sender
 }
 
 /// One generation now (for `--once`): connect, sync everything, wait until durable. Files that

@@ -28,15 +28,13 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use prost::Message;
 use rayon::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::catalog::Catalog;
 use crate::crashsafe::{self, kind};
 use crate::delta;
-use crate::epoch::EpochStore;
 use crate::manifest::{Kind, Manifest, hex, kind_of, wire_entry};
 use crate::proto::replica_client::ReplicaClient;
 use crate::proto::state::{Change, Pending, Record};
@@ -44,7 +42,7 @@ use crate::proto::{
     Begin, Chunk, Commit, CommitResult, Entry, FileEnd, Hello, ManifestChunk, ManifestRequest, Op,
     Ops, SigRequest, SyncRequest, Upsert, chunk, op, sync_request, sync_response, upsert,
 };
-use crate::receive::{MAX_MESSAGE, PROTOCOL};
+use crate::receive::{MAX_MESSAGE, PROTOCOL, ReplicaState};
 use crate::scan::{self, Action, Exclude, RACY_WINDOW_NS, Scope, Stat};
 use crate::types::{Epoch, Generation, RelPath};
 
@@ -58,6 +56,10 @@ pub struct SenderOptions {
     pub compress_level: i32,
     /// Files up to this size are sent whole inside batches.
     pub inline_max: u64,
+    /// Largest amount of file content one generation carries (None: no limit). A restore sets
+    /// it so that small and recently changed files become durable first, generation by
+    /// generation, instead of everything at the very end.
+    pub generation_budget: Option<u64>,
 }
 
 impl SenderOptions {
@@ -68,6 +70,7 @@ impl SenderOptions {
             machine: hostname(),
             compress_level: 1,
             inline_max: 128 << 10,
+            generation_budget: None,
         }
     }
 }
@@ -133,6 +136,9 @@ pub struct Report {
     /// Files left for the next generation because they changed while being read.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub still_changing: Vec<String>,
+    /// Files left for the next generation because this one's budget was spent.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<String>,
 }
 
 /// Figures the agent reports (RPO measurement).
@@ -150,6 +156,10 @@ pub struct SenderFigures {
     pub generations: u64,
     pub bytes_sent_total: u64,
     pub last_sync_ms: u64,
+    /// Manifest root (hex) both sides agreed on last.
+    pub root: String,
+    /// Bytes of the workspace as of the last scan (agreed plus still to send).
+    pub workspace_bytes: u64,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -168,9 +178,8 @@ fn now_ns() -> i64 {
 pub struct Sender {
     opts: SenderOptions,
     exclude: Exclude,
-    index: Manifest,
-    catalog: Catalog,
-    epoch: EpochStore,
+    /// The replica state shared with this agent's receiver, held for as long as it sends.
+    st: OwnedMutexGuard<ReplicaState>,
     pending: Option<Record>,
     pending_path: PathBuf,
     pub figures: Arc<Mutex<SenderFigures>>,
@@ -375,14 +384,15 @@ enum Read1 {
 }
 
 impl Sender {
-    /// Opens the sender's state (index, epoch, pending commit). Blocking.
-    pub fn open(opts: SenderOptions) -> Result<Sender, SyncError> {
+    /// A sender over the agent's replica state (taken from its receiver), with the figures the
+    /// agent reports. Entries without a local inode (written by a receiver) get one where the
+    /// file still matches, so they are not sent again.
+    pub fn new(
+        opts: SenderOptions,
+        mut st: OwnedMutexGuard<ReplicaState>,
+        figures: Arc<Mutex<SenderFigures>>,
+    ) -> Result<Sender, SyncError> {
         std::fs::create_dir_all(&opts.workspace).map_err(local("creating workspace"))?;
-        std::fs::create_dir_all(&opts.state_dir).map_err(local("creating state directory"))?;
-        let loaded = Catalog::open(&opts.state_dir, "index")
-            .map_err(|e| SyncError::Local(format!("index: {e}")))?;
-        let epoch = EpochStore::open(&opts.state_dir)
-            .map_err(|e| SyncError::Local(format!("epoch: {e}")))?;
         let pending_path = opts.state_dir.join("pending");
         let pending = match crashsafe::read_state(&pending_path, kind::PENDING) {
             Ok(Some(b)) => Pending::decode(&b[..]).ok().and_then(|p| p.record),
@@ -392,40 +402,42 @@ impl Sender {
                 None
             }
         };
+        refresh_inodes(&opts.workspace, &mut st.manifest);
         let exclude = Exclude::new(&opts.workspace, &opts.state_dir);
-        let figures = SenderFigures {
-            epoch: epoch.get().0,
-            last_durable_generation: loaded.manifest.generation.0,
-            ..Default::default()
-        };
+        {
+            let mut f = figures.lock().expect("figures");
+            f.epoch = st.epoch.get().0;
+            f.last_durable_generation = st.manifest.generation.0;
+            f.root = hex(&st.manifest.root());
+            f.workspace_bytes = st.manifest.total_bytes();
+        }
         Ok(Sender {
             opts,
             exclude,
-            index: loaded.manifest,
-            catalog: loaded.catalog,
-            epoch,
+            st,
             pending,
             pending_path,
-            figures: Arc::new(Mutex::new(figures)),
+            figures,
         })
     }
 
     pub fn epoch(&self) -> Epoch {
-        self.epoch.get()
+        self.st.epoch.get()
     }
 
     /// Raises the durable epoch (the coordinator tells us of a newer one).
     pub fn raise_epoch(&mut self, e: Epoch) -> Result<bool, SyncError> {
         let r = self
+            .st
             .epoch
             .raise(e)
             .map_err(|e| SyncError::Local(format!("epoch: {e}")))?;
-        self.figures.lock().expect("figures").epoch = self.epoch.get().0;
+        self.figures.lock().expect("figures").epoch = self.st.epoch.get().0;
         Ok(r)
     }
 
     pub fn index(&self) -> &Manifest {
-        &self.index
+        &self.st.manifest
     }
 
     pub fn workspace(&self) -> &Path {
@@ -439,7 +451,7 @@ impl Sender {
 
     /// Opens a session and brings the index in line with the receiver's manifest.
     pub async fn open_session(&mut self, channel: Channel) -> Result<Session, SyncError> {
-        if self.epoch.get() == Epoch(0) {
+        if self.st.epoch.get() == Epoch(0) {
             self.raise_epoch(Epoch(1))?;
         }
         let mut client = ReplicaClient::new(channel)
@@ -454,7 +466,7 @@ impl Sender {
         };
         out.send(sync_request::Msg::Hello(Hello {
             protocol: PROTOCOL,
-            epoch: self.epoch.get().0,
+            epoch: self.st.epoch.get().0,
             sender: self.opts.machine.clone(),
         }))
         .await?;
@@ -470,12 +482,12 @@ impl Sender {
             Ok(_) => return Err(SyncError::Refused("receiver did not answer hello".into())),
             Err(s) => return Err(SyncError::from_status(&s)),
         };
-        if hello.epoch > self.epoch.get().0 {
+        if hello.epoch > self.st.epoch.get().0 {
             // The receiver has seen a newer epoch than ours: we are not the primary any more.
             return Err(SyncError::Fenced(format!(
                 "receiver is at epoch {}, this sender at {}",
                 hello.epoch,
-                self.epoch.get()
+                self.st.epoch.get()
             )));
         }
         let sigs = Arc::new(Mutex::new(HashMap::new()));
@@ -492,7 +504,7 @@ impl Sender {
             reader,
             receiver_generation: Generation(hello.generation),
             receiver_root: root,
-            epoch: self.epoch.get(),
+            epoch: self.st.epoch.get(),
             next_file: 0,
         };
         self.reconcile(&mut session).await?;
@@ -514,13 +526,15 @@ impl Sender {
             }
             let _ = std::fs::remove_file(&self.pending_path);
         }
-        if s.receiver_generation == self.index.generation && s.receiver_root == self.index.root() {
+        if s.receiver_generation == self.st.manifest.generation
+            && s.receiver_root == self.st.manifest.root()
+        {
             return Ok(());
         }
         tracing::info!(
             receiver_generation = %s.receiver_generation,
             receiver_root = %hex(&s.receiver_root),
-            index_generation = %self.index.generation,
+            index_generation = %self.st.manifest.generation,
             "index differs from the receiver's manifest: fetching it"
         );
         s.out
@@ -579,21 +593,24 @@ impl Sender {
         })
         .await
         .map_err(|e| SyncError::Local(e.to_string()))?;
-        self.index = adopted;
-        self.catalog
-            .reset(&self.index)
+        self.st.manifest = adopted;
+        let st = &mut *self.st;
+        st.catalog
+            .reset(&st.manifest)
             .map_err(|e| SyncError::Local(format!("index: {e}")))?;
         Ok(())
     }
 
     fn apply_local(&mut self, rec: &Record) -> Result<(), SyncError> {
-        self.index
+        self.st
+            .manifest
             .apply(&rec.changes)
             .map_err(|e| SyncError::Local(format!("index: {e}")))?;
-        self.index.generation = Generation(rec.generation);
-        self.catalog
-            .append(rec)
-            .and_then(|_| self.catalog.maybe_compact(&self.index))
+        self.st.manifest.generation = Generation(rec.generation);
+        let st = &mut *self.st;
+        st.catalog
+            .append_applied(rec)
+            .and_then(|_| st.catalog.maybe_compact(&st.manifest))
             .map_err(|e| SyncError::Local(format!("index: {e}")))
     }
 
@@ -609,7 +626,7 @@ impl Sender {
         let started = Instant::now();
         let sent0 = s.bytes_sent();
         let scan_start_ns = now_ns();
-        let index = std::mem::take(&mut self.index);
+        let index = std::mem::take(&mut self.st.manifest);
         let ws = self.opts.workspace.clone();
         let exclude = self.exclude.clone();
         let (index, plan) = tokio::task::spawn_blocking(move || {
@@ -619,7 +636,7 @@ impl Sender {
         })
         .await
         .map_err(|e| SyncError::Local(e.to_string()))?;
-        self.index = index;
+        self.st.manifest = index;
         let scanned = started.elapsed();
         if plan.is_empty() && !force {
             return Ok(None);
@@ -765,6 +782,23 @@ impl Sender {
             }
         }
 
+        let mut deferred: Vec<RelPath> = Vec::new();
+        let mut deferred_bytes = 0u64;
+        if let Some(budget) = self.opts.generation_budget {
+            order_for_restore(&mut contents);
+            let mut used = 0u64;
+            let mut keep = Vec::with_capacity(contents.len());
+            for j in contents {
+                if used > 0 && used + j.stat.size > budget {
+                    deferred_bytes += j.stat.size;
+                    deferred.push(j.path);
+                } else {
+                    used += j.stat.size;
+                    keep.push(j);
+                }
+            }
+            contents = keep;
+        }
         let (small, big): (Vec<Job>, Vec<Job>) = contents
             .into_iter()
             .partition(|j| j.stat.size <= self.opts.inline_max);
@@ -787,10 +821,11 @@ impl Sender {
         let result = loop {
             let list: Vec<Change> = changes.values().cloned().collect();
             let undo = self
-                .index
+                .st
+                .manifest
                 .apply_undoable(&list)
                 .map_err(|e| SyncError::Local(format!("index: {e}")))?;
-            let root = self.index.root();
+            let root = self.st.manifest.root();
             let rec = Record {
                 generation: generation.0,
                 epoch: s.epoch.0,
@@ -803,7 +838,7 @@ impl Sender {
             }
             .encode_to_vec();
             if let Err(e) = crashsafe::write_state(&self.pending_path, kind::PENDING, &pending) {
-                self.index.undo(undo);
+                self.st.manifest.undo(undo);
                 return Err(local("writing the pending record")(e));
             }
             let outcome = async {
@@ -824,7 +859,7 @@ impl Sender {
             let c = match outcome {
                 Ok(c) => c,
                 Err(e) => {
-                    self.index.undo(undo);
+                    self.st.manifest.undo(undo);
                     // Keep the pending record: the receiver may have committed it.
                     self.pending = Some(rec);
                     return Err(e);
@@ -832,7 +867,7 @@ impl Sender {
             };
             if c.committed {
                 if c.root[..] != root[..] || c.generation != generation.0 {
-                    self.index.undo(undo);
+                    self.st.manifest.undo(undo);
                     return Err(SyncError::Refused(format!(
                         "receiver committed generation {} with root {}, expected {generation} with {}",
                         c.generation,
@@ -840,14 +875,14 @@ impl Sender {
                         hex(&root)
                     )));
                 }
-                self.index.undo(undo);
+                self.st.manifest.undo(undo);
                 let t = Instant::now();
                 self.apply_local(&rec)?;
                 let _ = std::fs::remove_file(&self.pending_path);
                 tracing::debug!(ms = t.elapsed().as_millis() as u64, "index updated");
                 break root;
             }
-            self.index.undo(undo);
+            self.st.manifest.undo(undo);
             let _ = std::fs::remove_file(&self.pending_path);
             rounds += 1;
             if rounds > 2 {
@@ -909,23 +944,28 @@ impl Sender {
         let bytes_sent = s.bytes_sent() - sent0;
         let report = Report {
             generation: generation.0,
-            files_total: self.index.file_count() as u64,
+            files_total: self.st.manifest.file_count() as u64,
             files_changed: replica_changes as u64,
-            bytes_total: self.index.total_bytes(),
+            bytes_total: self.st.manifest.total_bytes(),
             bytes_sent,
             duration_ms: started.elapsed().as_millis() as u64,
             root: hex(&result),
             still_changing: still_changing.iter().map(|p| p.display()).collect(),
+            deferred: deferred.iter().map(|p| p.display()).collect(),
         };
         {
             let mut f = self.figures.lock().expect("figures");
+            f.root = report.root.clone();
+            f.workspace_bytes = report.bytes_total + deferred_bytes;
             f.last_durable_generation = generation.0;
             f.last_durable_unix_ms = unix_ms(SystemTime::now());
             f.generations += 1;
             f.bytes_sent_total += bytes_sent;
             f.last_sync_ms = report.duration_ms;
-            if still_changing.is_empty() {
+            if still_changing.is_empty() && deferred.is_empty() {
                 f.pending_bytes = 0;
+            } else {
+                f.pending_bytes = deferred_bytes;
             }
         }
         Ok(Some(report))
@@ -1348,6 +1388,37 @@ fn stream_file(
     Ok(Read1::Done(entry_for(&job.stat, hash, t)))
 }
 
+/// Gives entries without a local inode (written by a receiver from a pack, or adopted) the inode
+/// of the file that still matches them, so the quick-check recognises them.
+fn refresh_inodes(ws: &Path, m: &mut Manifest) {
+    let missing: Vec<(RelPath, Entry)> = m
+        .iter()
+        .filter(|(_, e)| e.ino == 0)
+        .map(|(p, e)| (p.clone(), e.clone()))
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let found: Vec<(RelPath, u64)> = missing
+        .into_par_iter()
+        .filter_map(|(p, e)| {
+            let st = std::fs::symlink_metadata(p.to_path(ws))
+                .ok()
+                .and_then(|md| Stat::from_metadata(&md))?;
+            (kind_of(&e) == Some(st.kind)
+                && st.size == e.size
+                && st.mtime_ns == e.mtime_ns
+                && st.mode == e.mode)
+                .then_some((p, st.ino))
+        })
+        .collect();
+    for (p, ino) in found {
+        if let Some(e) = m.get_mut(&p) {
+            e.ino = ino;
+        }
+    }
+}
+
 /// Paths flagged dirty, for partial scans.
 pub fn scope_of(paths: BTreeSet<RelPath>, full: bool) -> Scope {
     if full {
@@ -1384,4 +1455,17 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Restore order: small files first (they are most of what an application needs to start:
+/// code, configuration), then the rest; within each, the most recently changed first (the
+/// latest checkpoint before older ones).
+fn order_for_restore(jobs: &mut [Job]) {
+    const SMALL: u64 = 1 << 20;
+    jobs.sort_by(|a, b| {
+        (a.stat.size > SMALL)
+            .cmp(&(b.stat.size > SMALL))
+            .then(b.stat.mtime_ns.cmp(&a.stat.mtime_ns))
+            .then(a.path.cmp(&b.path))
+    });
 }

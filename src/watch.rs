@@ -119,6 +119,8 @@ pub struct DirtySet {
     pub full: bool,
     pub first: Option<Instant>,
     pub last: Option<Instant>,
+    /// Paths that are due at once (the rest of a generation whose budget was spent).
+    pub urgent: bool,
 }
 
 impl DirtySet {
@@ -135,6 +137,13 @@ impl DirtySet {
             self.paths.clear();
             self.full = true;
         }
+    }
+
+    /// Adds paths that should be synced without waiting for the debounce.
+    pub fn add_now(&mut self, paths: impl IntoIterator<Item = RelPath>) {
+        let now = Instant::now();
+        self.add(paths, now);
+        self.urgent = !self.is_empty();
     }
 
     pub fn add_full(&mut self, now: Instant) {
@@ -155,12 +164,16 @@ impl DirtySet {
     /// `max_delay` after the first (so a constant trickle of writes cannot starve the sync).
     pub fn due(&self, debounce: Duration, max_delay: Duration) -> Option<Instant> {
         let (first, last) = (self.first?, self.last?);
+        if self.urgent {
+            return Some(first.min(last));
+        }
         Some((last + debounce).min(first + max_delay))
     }
 
     pub fn take(&mut self) -> (BTreeSet<RelPath>, bool) {
         self.first = None;
         self.last = None;
+        self.urgent = false;
         (
             std::mem::take(&mut self.paths),
             std::mem::take(&mut self.full),

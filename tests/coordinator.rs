@@ -154,19 +154,6 @@ fn detection_after_kill_9_of_the_gpu_agent() {
     );
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn hung_gpu_agent_fails_over_and_comes_back_fenced() {
     let t = tempfile::tempdir().unwrap();

@@ -2,20 +2,16 @@
 //! verified and crash-consistent; probes its GPU peer; becomes the primary when promoted.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
-use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
-use standby::identity::{Identity, Role};
-use standby::proto::command::Cmd;
-use standby::receive::{Receiver, ReceiverOptions};
+use standby::agent::AgentConfig;
+use standby::cli::{
+    FileConfig, defaults, fail, init_logging, parse_duration, parse_or_exit, usage_error,
+};
+use standby::identity::Role;
+use standby::replicate::LoopConfig;
 use standby::tls;
-use standby::types::Epoch;
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
 /// The CPU standby of a Standby pair.
 ///
@@ -57,6 +53,10 @@ struct Cli {
     /// Command run (with sh -c) when this machine is promoted to primary.
     #[arg(long, env = "STANDBY_ON_PROMOTE")]
     on_promote: Option<String>,
+    /// Command run (with sh -c, waited for) before this machine hands the primary role back to
+    /// a restored GPU machine: stop the application here.
+    #[arg(long, env = "STANDBY_ON_DEMOTE")]
+    on_demote: Option<String>,
     /// TOML configuration file.
     #[arg(long, env = "STANDBY_CONFIG")]
     config: Option<PathBuf>,
@@ -73,6 +73,7 @@ struct Config {
     machine: String,
     heartbeat: Duration,
     on_promote: String,
+    on_demote: String,
 }
 
 fn config(cli: Cli) -> Result<Config, String> {
@@ -101,6 +102,7 @@ fn config(cli: Cli) -> Result<Config, String> {
             defaults::HEARTBEAT,
         )?,
         on_promote: f.pick(cli.on_promote, "on_promote", String::new)?,
+        on_demote: f.pick(cli.on_demote, "on_demote", String::new)?,
     })
 }
 
@@ -116,134 +118,27 @@ fn main() {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let material = standby::join::identity(
-        Role::Cpu,
-        &cfg.state_dir,
-        cfg.tls_dir.as_deref(),
-        cfg.coordinator.as_deref(),
-        cfg.join_token.as_deref(),
-        &cfg.machine,
-    )
-    .await?;
-    let pair = material.identity.pair().expect("node identity").to_string();
-    let _lock = standby::statedir::lock(&cfg.state_dir)?;
-    let gpu_id = Identity::node(&pair, Role::Gpu)?;
-    let opts = ReceiverOptions {
-        workspace: cfg.workspace.clone(),
-        state_dir: cfg.state_dir.clone(),
-        sender: gpu_id.clone(),
+    let acfg = AgentConfig {
+        role: Role::Cpu,
+        workspace: cfg.workspace,
+        state_dir: cfg.state_dir,
+        tls_dir: cfg.tls_dir,
+        peer: None,
+        coordinator: cfg.coordinator,
+        join_token: cfg.join_token,
+        listen: cfg.listen,
+        advertise: cfg.advertise,
+        machine: cfg.machine,
+        heartbeat: cfg.heartbeat,
+        loop_cfg: LoopConfig {
+            debounce: parse_duration(defaults::DEBOUNCE).expect("default"),
+            max_delay: parse_duration(defaults::MAX_DELAY).expect("default"),
+            rescan_interval: parse_duration(defaults::RESCAN_INTERVAL).expect("default"),
+        },
+        compress_level: defaults::COMPRESS_LEVEL,
+        on_promote: cfg.on_promote,
+        on_demote: cfg.on_demote,
     };
-    let receiver = tokio::task::spawn_blocking(move || Receiver::open(opts))
-        .await?
-        .context("opening the replica")?;
-    let f = receiver.figures();
-    tracing::info!(
-        workspace = %cfg.workspace.display(),
-        generation = %f.generation,
-        epoch = %f.epoch,
-        entries = f.entries,
-        "replica ready"
-    );
-
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        standby::cli::stop_signal().await;
-        tracing::info!("stopping");
-        stop.cancel();
-    });
-    let router = tls::server_builder().add_service(receiver.service());
-    let (addr, server) =
-        standby::agent::serve_endpoint(&cfg.listen, &material, Some(router), shutdown.clone())
-            .await?;
-    std::fs::write(cfg.state_dir.join("listen.addr"), addr.to_string())?;
-    tracing::info!(%addr, pair = %pair, "serving replication");
-
-    if let Some(url) = &cfg.coordinator {
-        let probe = Arc::new(Mutex::new(standby::probe::ProbeState::default()));
-        let (probe_tx, probe_rx) = watch::channel(None::<String>);
-        tokio::spawn(standby::probe::run(
-            probe_rx,
-            material.clone(),
-            gpu_id,
-            cfg.heartbeat,
-            probe.clone(),
-            shutdown.clone(),
-        ));
-        let primary = Arc::new(AtomicBool::new(false));
-        let (cmd_tx, mut cmd_rx) = mpsc::channel(16);
-        let report: standby::link::ReportFn = {
-            let (receiver, probe, primary) = (receiver.clone(), probe.clone(), primary.clone());
-            let (machine, workspace, advertise) = (
-                cfg.machine.clone(),
-                cfg.workspace.clone(),
-                cfg.advertise.clone(),
-            );
-            Arc::new(move || {
-                let f = receiver.figures();
-                let p = probe.lock().expect("probe").clone();
-                standby::agent::cpu_report(
-                    &machine,
-                    &workspace,
-                    &advertise,
-                    addr.port(),
-                    &f,
-                    &p,
-                    primary.load(Ordering::Relaxed),
-                )
-            })
-        };
-        tokio::spawn(standby::link::run(
-            standby::link::LinkOptions {
-                url: url.clone(),
-                tls: material.clone(),
-                interval: cfg.heartbeat,
-            },
-            report,
-            cmd_tx,
-            shutdown.clone(),
-        ));
-        let (on_promote, workspace) = (cfg.on_promote.clone(), cfg.workspace.clone());
-        tokio::spawn(async move {
-            let mut promoted_at: Option<Epoch> = None;
-            while let Some(c) = cmd_rx.recv().await {
-                match c.cmd {
-                    Some(Cmd::Probe(p)) if probe_tx.borrow().as_deref() != Some(p.url.as_str()) => {
-                        tracing::info!(gpu = %p.url, "probing the GPU agent");
-                        let _ = probe_tx.send(Some(p.url));
-                    }
-                    Some(Cmd::Promote(p)) => {
-                        let epoch = Epoch(p.epoch);
-                        // Durable before anything else: from now on, data of older epochs is
-                        // refused.
-                        match receiver.raise_epoch(epoch).await {
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot persist the new epoch; not promoting");
-                                continue;
-                            }
-                        }
-                        primary.store(true, Ordering::Relaxed);
-                        let _ = probe_tx.send(None);
-                        if promoted_at != Some(epoch) {
-                            promoted_at = Some(epoch);
-                            tracing::warn!(%epoch, "promoted: this machine is the primary now");
-                            standby::agent::run_hook(
-                                "on_promote",
-                                &on_promote,
-                                &pair,
-                                epoch.0,
-                                &workspace,
-                            );
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
-
-    shutdown.cancelled().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    Ok(())
+    let opened = standby::agent::open(&acfg).await?;
+    standby::agent::run(acfg, opened).await
 }

@@ -6,16 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use standby::agent::AgentConfig;
 use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
 use standby::control;
-use standby::identity::{Identity, Role};
-use standby::proto::command::Cmd;
+use standby::identity::Role;
 use standby::replicate::{self, LoopConfig, Target};
 use standby::send::{Sender, SenderOptions};
 use standby::tls;
-use standby::types::Epoch;
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
 /// The GPU side of a Standby pair.
 ///
@@ -79,6 +76,10 @@ struct RunArgs {
     /// zstd level for data on the wire (0 turns compression off).
     #[arg(long, env = "STANDBY_COMPRESS_LEVEL")]
     compress_level: Option<i32>,
+    /// Command run (with sh -c, waited for) before this machine hands the primary role over
+    /// (hibernation): stop the application here.
+    #[arg(long, env = "STANDBY_ON_DEMOTE")]
+    on_demote: Option<String>,
     /// TOML configuration file.
     #[arg(long, env = "STANDBY_CONFIG")]
     config: Option<PathBuf>,
@@ -122,6 +123,7 @@ struct Config {
     once: bool,
     loop_cfg: LoopConfig,
     compress_level: i32,
+    on_demote: String,
 }
 
 fn config(a: RunArgs) -> Result<Config, String> {
@@ -175,6 +177,7 @@ fn config(a: RunArgs) -> Result<Config, String> {
             )?,
         },
         compress_level,
+        on_demote: f.pick(a.on_demote, "on_demote", String::new)?,
     })
 }
 
@@ -233,139 +236,44 @@ fn main() {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let material = standby::join::identity(
-        Role::Gpu,
-        &cfg.state_dir,
-        cfg.tls_dir.as_deref(),
-        cfg.coordinator.as_deref(),
-        cfg.join_token.as_deref(),
-        &cfg.machine,
-    )
-    .await?;
-    let pair = material.identity.pair().expect("node identity").to_string();
-    let peer_id = Identity::node(&pair, Role::Cpu)?;
-    let _lock = standby::statedir::lock(&cfg.state_dir)?;
-    let mut opts = SenderOptions::new(cfg.workspace.clone(), cfg.state_dir.clone());
-    opts.compress_level = cfg.compress_level;
-    opts.machine = cfg.machine.clone();
-    let mut sender = tokio::task::spawn_blocking(move || Sender::open(opts)).await??;
-
-    if cfg.once {
-        let Some(peer) = &cfg.peer else {
-            usage_error("--once needs --peer (a static pair)");
-        };
-        let target = Target {
-            url: peer.clone(),
-            identity: peer_id,
-            epoch: None,
-        };
-        let report = replicate::once(&mut sender, &material, &target).await?;
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
+    let once = cfg.once;
+    let acfg = AgentConfig {
+        role: Role::Gpu,
+        workspace: cfg.workspace,
+        state_dir: cfg.state_dir,
+        tls_dir: cfg.tls_dir,
+        peer: cfg.peer,
+        coordinator: cfg.coordinator,
+        join_token: cfg.join_token,
+        listen: cfg.listen,
+        advertise: cfg.advertise,
+        machine: cfg.machine,
+        heartbeat: cfg.heartbeat,
+        loop_cfg: cfg.loop_cfg,
+        compress_level: cfg.compress_level,
+        on_promote: String::new(),
+        on_demote: cfg.on_demote,
+    };
+    let opened = standby::agent::open(&acfg).await?;
+    if !once {
+        return standby::agent::run(acfg, opened).await;
     }
-
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        standby::cli::stop_signal().await;
-        tracing::info!("stopping");
-        stop.cancel();
-    });
-
-    // The endpoint the CPU agent probes (and, during a restore, sends to).
-    let (addr, endpoint) =
-        standby::agent::serve_endpoint(&cfg.listen, &material, None, shutdown.clone()).await?;
-    std::fs::write(cfg.state_dir.join("listen.addr"), addr.to_string())?;
-
-    let fault: control::InjectedFault = Arc::new(Mutex::new(None));
-    let (ctl_tx, ctl_rx) = mpsc::channel(64);
-    let ctl = tokio::spawn({
-        let state_dir = cfg.state_dir.clone();
-        let figures = sender.figures.clone();
-        let shutdown = shutdown.clone();
-        let fault = fault.clone();
-        async move { control::serve(&state_dir, ctl_tx, figures, fault, shutdown).await }
-    });
-
-    let (target_tx, target_rx) = watch::channel(cfg.peer.as_ref().map(|url| Target {
-        url: url.clone(),
-        identity: peer_id.clone(),
+    let Some(peer) = &acfg.peer else {
+        usage_error("--once needs --peer (a static pair)");
+    };
+    let target = Target {
+        url: peer.clone(),
+        identity: opened.peer.clone(),
         epoch: None,
-    }));
-
-    if let Some(url) = &cfg.coordinator {
-        let (cmd_tx, mut cmd_rx) = mpsc::channel(16);
-        let figures = sender.figures.clone();
-        let nvml = Arc::new(Mutex::new(standby::nvml::Nvml::open()));
-        let (machine, workspace, advertise) = (
-            cfg.machine.clone(),
-            cfg.workspace.clone(),
-            cfg.advertise.clone(),
-        );
-        let fault2 = fault.clone();
-        let report: standby::link::ReportFn = Arc::new(move || {
-            let mut gpu = nvml.lock().expect("nvml").as_mut().map(|n| n.sample());
-            if let Some(reason) = fault2.lock().expect("fault").clone() {
-                let g = gpu.get_or_insert_with(Default::default);
-                g.fatal = true;
-                g.fatal_reason = reason;
-            }
-            let f = figures.lock().expect("figures").clone();
-            standby::agent::gpu_report(&machine, &workspace, &advertise, addr.port(), &f, gpu)
-        });
-        tokio::spawn(standby::link::run(
-            standby::link::LinkOptions {
-                url: url.clone(),
-                tls: material.clone(),
-                interval: cfg.heartbeat,
-            },
-            report,
-            cmd_tx,
-            shutdown.clone(),
-        ));
-        let figures = sender.figures.clone();
-        tokio::spawn(async move {
-            while let Some(c) = cmd_rx.recv().await {
-                match c.cmd {
-                    Some(Cmd::SetPeer(p)) => {
-                        let t = Target {
-                            url: p.url,
-                            identity: peer_id.clone(),
-                            epoch: Some(Epoch(p.epoch)),
-                        };
-                        if target_tx.borrow().as_ref() != Some(&t) {
-                            tracing::info!(peer = %t.url, epoch = p.epoch, "replicating to the CPU standby");
-                            let _ = target_tx.send(Some(t));
-                        }
-                    }
-                    Some(Cmd::Fence(f)) => {
-                        if target_tx.borrow().is_some() || !figures.lock().expect("figures").fenced
-                        {
-                            tracing::error!(epoch = f.epoch, reason = %f.reason, "fenced by the coordinator: not sending");
-                        }
-                        figures.lock().expect("figures").fenced = true;
-                        let _ = target_tx.send(None);
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
-
-    tracing::info!(workspace = %cfg.workspace.display(), %addr, "agent-gpu running");
-    replicate::run(
-        sender,
-        material,
-        target_rx,
-        cfg.loop_cfg,
-        ctl_rx,
-        shutdown.clone(),
-    )
-    .await;
-    shutdown.cancel();
-    if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(2), ctl).await {
-        tracing::warn!(error = %e, "control socket");
-    }
-    let _ = endpoint.await;
+    };
+    let mut opts = SenderOptions::new(acfg.workspace.clone(), acfg.state_dir.clone());
+    opts.compress_level = acfg.compress_level;
+    opts.machine = acfg.machine.clone();
+    let guard = opened.receiver.state().lock_owned().await;
+    let figures = Arc::new(Mutex::new(Default::default()));
+    let mut sender =
+        tokio::task::spawn_blocking(move || Sender::new(opts, guard, figures)).await??;
+    let report = replicate::once(&mut sender, &opened.material, &target).await?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

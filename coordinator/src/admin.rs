@@ -48,6 +48,12 @@ pub fn pair_json(p: &PairView) -> serde_json::Value {
         "pending_bytes": p.pending_bytes,
         "active_endpoint": p.active_endpoint,
         "reason": p.reason,
+        "provisioning": if p.provisioning.is_empty() { serde_json::Value::Null } else { p.provisioning.clone().into() },
+        "restore": if p.restore_total_bytes == 0 && p.restore_done_bytes == 0 {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!({"done_bytes": p.restore_done_bytes, "total_bytes": p.restore_total_bytes})
+        },
         "gpu": machine_json(&p.gpu),
         "cpu": machine_json(&p.cpu),
     })
@@ -110,18 +116,101 @@ pub async fn create(r: &Remote, pair: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn failover(r: &Remote, pair: &str) -> anyhow::Result<()> {
-    let a = client(r)
-        .await?
-        .failover(PairRequest { pair: pair.into() })
-        .await
-        .map_err(status)?
-        .into_inner();
+/// The pair-changing verbs.
+#[derive(Clone, Copy, Debug)]
+pub enum Verb {
+    Failover,
+    Recover,
+    Hibernate,
+    Wake,
+}
+
+pub async fn action(r: &Remote, pair: &str, verb: Verb, follow: bool) -> anyhow::Result<()> {
+    let mut c = client(r).await?;
+    let req = PairRequest { pair: pair.into() };
+    let a = match verb {
+        Verb::Failover => c.failover(req).await,
+        Verb::Recover => c.recover(req).await,
+        Verb::Hibernate => c.hibernate(req).await,
+        Verb::Wake => c.wake(req).await,
+    }
+    .map_err(status)?
+    .into_inner();
     println!(
         "{}: {} at epoch {} ({})",
         a.pair, a.state, a.epoch, a.message
     );
+    if follow {
+        let until: &[&str] = match verb {
+            Verb::Hibernate => &["Hibernated"],
+            _ => &["Syncing"],
+        };
+        follow_pair(&mut c, pair, until).await?;
+    }
     Ok(())
+}
+
+/// Follows a pair until it reaches one of `until`: its state as it changes, and a progress
+/// bar while the workspace is restored.
+async fn follow_pair(
+    c: &mut AdminClient<Channel>,
+    pair: &str,
+    until: &[&str],
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    let mut bar = false;
+    loop {
+        let ps = c
+            .list_pairs(ListPairsRequest {})
+            .await
+            .map_err(status)?
+            .into_inner()
+            .pairs;
+        let Some(p) = ps.into_iter().find(|p| p.pair == pair) else {
+            anyhow::bail!("pair {pair} is gone");
+        };
+        let line = format!("{} ({})", p.state, p.reason);
+        if line != last {
+            if bar {
+                println!();
+                bar = false;
+            }
+            println!(
+                "[{:>6.1}s] {}{}",
+                started.elapsed().as_secs_f64(),
+                line,
+                if p.provisioning.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", p.provisioning)
+                }
+            );
+            last = line;
+        }
+        if p.restore_total_bytes > 0 {
+            let f = (p.restore_done_bytes as f64 / p.restore_total_bytes as f64).min(1.0);
+            let n = (f * 40.0) as usize;
+            print!(
+                "\r  restore [{}{}] {:>5.1}%  {} / {} MiB",
+                "#".repeat(n),
+                " ".repeat(40 - n),
+                f * 100.0,
+                p.restore_done_bytes >> 20,
+                p.restore_total_bytes >> 20
+            );
+            std::io::stdout().flush().ok();
+            bar = true;
+        }
+        if until.contains(&p.state.as_str()) {
+            if bar {
+                println!();
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 pub async fn events(r: &Remote, json: bool, follow: bool, heartbeats: bool) -> anyhow::Result<()> {

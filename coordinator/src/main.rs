@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
-use standby::failover::Timing;
+use standby::failover::{Policy, Timing};
 use standby::identity::{Identity, Role};
 use standby::pki::Ca;
+use standby::provider::ProvisionConfig;
 
 /// The Standby coordinator.
 #[derive(Parser, Debug)]
@@ -79,7 +80,7 @@ enum Cmd {
         days: u32,
     },
     /// Run the coordinator.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a single-use, expiring join token for an agent of PAIR.
     Token {
         #[arg(long, env = "STANDBY_DIR")]
@@ -109,6 +110,31 @@ enum Cmd {
         pair: String,
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Recover PAIR now: provision a replacement (or retry a pending attempt at once).
+    Recover {
+        pair: String,
+        #[command(flatten)]
+        remote: Remote,
+        /// Follow the recovery (with a restore progress bar) until the pair is Syncing.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Hibernate PAIR: final sync, then the GPU machine is destroyed; the CPU keeps the data.
+    Hibernate {
+        pair: String,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Wake a hibernated PAIR: a new GPU machine is provisioned and restored.
+    Wake {
+        pair: String,
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        follow: bool,
     },
     /// Show events (transitions, warnings; heartbeat summaries with --heartbeats).
     Events {
@@ -156,6 +182,31 @@ struct ServeArgs {
     /// Validity of certificates issued to joining agents, in days.
     #[arg(long, env = "STANDBY_CERT_DAYS")]
     cert_days: Option<u32>,
+    /// Where replacement machines come from: local (agent processes on this host) or none
+    /// (replacements join by hand with a token).
+    #[arg(long, env = "STANDBY_PROVIDER")]
+    provider: Option<String>,
+    /// Provision a replacement GPU as soon as a pair failed over.
+    #[arg(long, env = "STANDBY_AUTO_RECOVER")]
+    auto_recover: Option<bool>,
+    /// How long a new machine has for its agent to join.
+    #[arg(long, env = "STANDBY_BOOT_TIMEOUT")]
+    boot_timeout: Option<String>,
+    /// How long a failed offer, host or zone is not tried again.
+    #[arg(long, env = "STANDBY_BLOCKLIST_FOR")]
+    blocklist_for: Option<String>,
+    /// Hibernate a pair whose GPU has been idle (0 % utilisation) this long ("0s": never).
+    #[arg(long, env = "STANDBY_IDLE_HIBERNATE_AFTER")]
+    idle_hibernate_after: Option<String>,
+    /// The coordinator's address as new machines should dial it.
+    #[arg(long, env = "STANDBY_ADVERTISE")]
+    advertise: Option<String>,
+    /// How often machines carrying this coordinator's labels but owned by no pair are destroyed.
+    #[arg(long, env = "STANDBY_SWEEP_INTERVAL")]
+    sweep_interval: Option<String>,
+    /// local provider: directory of the agent binaries (default: beside this program).
+    #[arg(long, env = "STANDBY_AGENT_BIN_DIR")]
+    agent_bin_dir: Option<PathBuf>,
     /// TOML configuration file (default: <dir>/coordinator.toml when it exists).
     #[arg(long, env = "STANDBY_CONFIG")]
     config: Option<PathBuf>,
@@ -182,7 +233,7 @@ fn main() {
             cert(&dir, pair, role, name, &out, days)
         }
         Cmd::Serve(a) => {
-            let opts = serve_options(a).unwrap_or_else(|e| usage_error(e));
+            let opts = serve_options(*a).unwrap_or_else(|e| usage_error(e));
             init_logging("info");
             let files = standby::cli::raise_nofile_limit();
             tracing::debug!(files, "open file limit");
@@ -219,7 +270,36 @@ fn main() {
         }
         Cmd::Failover { pair, remote } => {
             init_logging("warn");
-            rt().block_on(admin::failover(&remote, &pair))
+            rt().block_on(admin::action(&remote, &pair, admin::Verb::Failover, false))
+        }
+        Cmd::Recover {
+            pair,
+            remote,
+            follow,
+        } => {
+            init_logging("warn");
+            rt().block_on(admin::action(&remote, &pair, admin::Verb::Recover, follow))
+        }
+        Cmd::Hibernate {
+            pair,
+            remote,
+            follow,
+        } => {
+            init_logging("warn");
+            rt().block_on(admin::action(
+                &remote,
+                &pair,
+                admin::Verb::Hibernate,
+                follow,
+            ))
+        }
+        Cmd::Wake {
+            pair,
+            remote,
+            follow,
+        } => {
+            init_logging("warn");
+            rt().block_on(admin::action(&remote, &pair, admin::Verb::Wake, follow))
         }
         Cmd::Events {
             remote,
@@ -272,6 +352,36 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
         })?,
         timing,
         cert_days: f.pick(a.cert_days, "cert_days", || defaults::CERT_DAYS)?,
+        provider: f.pick(a.provider, "provider", || "local".to_string())?,
+        policy: Policy {
+            auto_recover: f.pick(a.auto_recover, "auto_recover", || true)?,
+            boot_timeout: f.pick_duration(
+                a.boot_timeout,
+                "boot_timeout",
+                defaults::BOOT_TIMEOUT,
+            )?,
+            blocklist_for: f.pick_duration(
+                a.blocklist_for,
+                "blocklist_for",
+                defaults::BLOCKLIST_FOR,
+            )?,
+            idle_hibernate_after: Some(f.pick_duration(
+                a.idle_hibernate_after,
+                "idle_hibernate_after",
+                "0s",
+            )?)
+            .filter(|d| !d.is_zero()),
+            ..Policy::default()
+        },
+        provision: ProvisionConfig {
+            gpu: f.get("provision.gpu")?.unwrap_or_default(),
+            cpu: f.get("provision.cpu")?.unwrap_or_default(),
+            sweep_interval: f.pick_duration(a.sweep_interval, "sweep_interval", "60s")?,
+            ..ProvisionConfig::default()
+        },
+        advertise: f.pick(a.advertise, "advertise", String::new)?,
+        local_bin_dir: f.pick_opt(a.agent_bin_dir, "agent_bin_dir")?,
+        local_agent_args: Vec::new(),
     })
 }
 

@@ -566,6 +566,11 @@ impl Coord {
             .args(["serve", "--dir"])
             .arg(&self.dir)
             .args(["--listen", &self.addr, "--metrics-listen", &self.metrics])
+            .args(if self.args.iter().any(|a| a == "--provider") {
+                &[][..]
+            } else {
+                &["--provider", "none"][..]
+            })
             .args(&self.args)
             .env("STANDBY_LOG", "info")
             .stderr(logf)
@@ -646,6 +651,25 @@ impl Coord {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// More `serve` arguments from the next (re)start on.
+    pub fn args_push(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|s| s.to_string()));
+    }
+}
+
+/// A plain HTTP GET (the metrics endpoint).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 /// An agent managed by a coordinator.
