@@ -263,6 +263,28 @@ pub struct ServeOptions {
     /// `local` provider: where the agent binaries are, and extra arguments for them.
     pub local_bin_dir: Option<PathBuf>,
     pub local_agent_args: Vec<String>,
+    pub vastai: VastSettings,
+}
+
+/// Settings of the `vastai` provider.
+#[derive(Clone, Default)]
+pub struct VastSettings {
+    pub url: String,
+    /// The API key (from `VAST_API_KEY` or a file); never logged.
+    pub key: String,
+    pub image: String,
+    pub disk_gb: u32,
+    /// Where instances download agent-gpu from.
+    pub agent_url: String,
+}
+
+impl std::fmt::Debug for VastSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VastSettings")
+            .field("url", &self.url)
+            .field("image", &self.image)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The coordinator's own TLS directory (identity `standby://coordinator`), issued on demand.
@@ -331,7 +353,19 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
             l.extra_args = opts.local_agent_args.clone();
             Some(Arc::new(l))
         }
-        other => anyhow::bail!("unknown provider {other:?} (local, none)"),
+        "vastai" => {
+            let v = &opts.vastai;
+            let mut p = crate::provider::vastai::VastAi::new(&v.url, v.key.clone())?;
+            if !v.image.is_empty() {
+                p.image = v.image.clone();
+            }
+            if v.disk_gb > 0 {
+                p.disk_gb = v.disk_gb;
+            }
+            p.agent_url = v.agent_url.clone();
+            Some(Arc::new(p))
+        }
+        other => anyhow::bail!("unknown provider {other:?} (local, vastai, none)"),
     };
     policy.provider = provider.is_some();
     let coordinator_url = if opts.advertise.is_empty() {

@@ -7,6 +7,7 @@
 //! sweeper can recognise machines that carry our prefix but belong to no pair.
 
 pub mod local;
+pub mod vastai;
 
 use std::time::Duration;
 

@@ -204,6 +204,18 @@ struct ServeArgs {
     /// How often machines carrying this coordinator's labels but owned by no pair are destroyed.
     #[arg(long, env = "STANDBY_SWEEP_INTERVAL")]
     sweep_interval: Option<String>,
+    /// First wait after a failed provisioning attempt (doubles each time, with jitter).
+    #[arg(long, env = "STANDBY_BACKOFF_BASE")]
+    backoff_base: Option<String>,
+    /// vastai provider: API base URL.
+    #[arg(long, env = "STANDBY_VASTAI_URL")]
+    vastai_url: Option<String>,
+    /// vastai provider: file holding the API key (default: the VAST_API_KEY variable).
+    #[arg(long, env = "STANDBY_VASTAI_API_KEY_FILE")]
+    vastai_api_key_file: Option<PathBuf>,
+    /// URL new machines download agent-gpu from.
+    #[arg(long, env = "STANDBY_AGENT_URL")]
+    agent_url: Option<String>,
     /// local provider: directory of the agent binaries (default: beside this program).
     #[arg(long, env = "STANDBY_AGENT_BIN_DIR")]
     agent_bin_dir: Option<PathBuf>,
@@ -371,6 +383,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
                 "0s",
             )?)
             .filter(|d| !d.is_zero()),
+            backoff_base: f.pick_duration(a.backoff_base, "backoff_base", "5s")?,
             ..Policy::default()
         },
         provision: ProvisionConfig {
@@ -382,6 +395,21 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
         advertise: f.pick(a.advertise, "advertise", String::new)?,
         local_bin_dir: f.pick_opt(a.agent_bin_dir, "agent_bin_dir")?,
         local_agent_args: Vec::new(),
+        vastai: standby::coordinator::VastSettings {
+            url: f.pick(a.vastai_url, "vastai.url", || {
+                "https://console.vast.ai".to_string()
+            })?,
+            key: match f.pick_opt(a.vastai_api_key_file, "vastai.api_key_file")? {
+                Some(p) => std::fs::read_to_string(&p)
+                    .map_err(|e| format!("reading {}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+                None => std::env::var("VAST_API_KEY").unwrap_or_default(),
+            },
+            image: f.get("vastai.image")?.unwrap_or_default(),
+            disk_gb: f.get("vastai.disk_gb")?.unwrap_or(0),
+            agent_url: f.pick(a.agent_url, "agent_url", String::new)?,
+        },
     })
 }
 

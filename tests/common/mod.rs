@@ -767,4 +767,6 @@ pub fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
+#[allow(dead_code)]
+pub mod fake_vast;
 pub mod netns;
