@@ -1130,6 +1130,28 @@ impl Actor {
     }
 
     fn refresh_metrics(&self, now: Instant) {
+        let (mut gpus, mut cpus) = (0i64, 0i64);
+        for e in self.pairs.values() {
+            let r = &e.m.rec;
+            gpus += i64::from(r.gpu_owned.is_some());
+            cpus += i64::from(r.cpu_owned.is_some());
+            for m in r
+                .teardown
+                .iter()
+                .chain(r.provision.iter().filter_map(|p| p.machine.as_ref()))
+            {
+                match m.role.as_str() {
+                    "cpu" => cpus += 1,
+                    _ => gpus += 1,
+                }
+            }
+        }
+        for (kind, n) in [("gpu", gpus), ("cpu", cpus)] {
+            self.metrics
+                .machines
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .set(n);
+        }
         for (name, e) in &self.pairs {
             for (side, seen) in [(Side::Gpu, &e.m.gpu), (Side::Cpu, &e.m.cpu)] {
                 if let Some(t) = seen.last_seen {
@@ -1144,6 +1166,17 @@ impl Actor {
             }
             let g = &e.figures[0];
             let l = PairLabel { pair: name.clone() };
+            let restoring = matches!(e.m.state(), PairState::Restoring | PairState::CuttingOver);
+            let total = e.figures[1].workspace_bytes;
+            let progress = match (restoring, total) {
+                (false, _) => 0.0,
+                (true, 0) => 1.0,
+                (true, t) => (g.bytes_total as f64 / t as f64).min(1.0),
+            };
+            self.metrics
+                .restore_progress
+                .get_or_create(&l)
+                .set(progress);
             self.metrics
                 .last_durable_generation
                 .get_or_create(&l)

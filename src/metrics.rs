@@ -243,7 +243,7 @@ impl Metrics {
         );
         reg.plain(
             "standby_machines",
-            "Machines the coordinator owns, by role",
+            "Provider machines the coordinator owns or is creating or destroying, by role",
             m.machines.clone(),
         );
         reg.unit(
