@@ -88,8 +88,8 @@ impl Local {
         }
         let state = match self.pid(&dir) {
             Some(pid) if Self::alive(pid, id) => MachineState::Running,
-            Some(_) => MachineState::Stopped,
-            None => MachineState::Starting,
+            // No pid: a create that was interrupted before its agent started.
+            _ => MachineState::Stopped,
         };
         Ok(Some(Machine {
             id: id.to_string(),
