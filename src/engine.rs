@@ -101,11 +101,7 @@ enum Msg {
     List {
         reply: oneshot::Sender<Vec<PairView>>,
     },
-    Failover {
-        pair: String,
-        reply: oneshot::Sender<Result<ActionReply, Status>>,
-    },
-    /// Recover, Hibernate or Wake asked by an operator.
+    /// Failover, Recover, Hibernate or Wake asked by an operator.
     Manual {
         pair: String,
         input: Input,
@@ -281,17 +277,10 @@ impl Engine {
     }
 
     pub async fn failover(&self, pair: &str) -> Result<ActionReply, Status> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Msg::Failover {
-            pair: pair.into(),
-            reply,
-        })
-        .await?;
-        rx.await
-            .map_err(|_| Status::unavailable("engine stopped"))?
+        self.manual(pair, Input::Manual(Instant::now())).await
     }
 
-    /// Recover, hibernate or wake a pair (an operator's request).
+    /// Fail over, recover, hibernate or wake a pair (an operator's request).
     pub async fn manual(&self, pair: &str, input: Input) -> Result<ActionReply, Status> {
         let (reply, rx) = oneshot::channel();
         self.send(Msg::Manual {
@@ -336,6 +325,17 @@ struct Entry {
     figures: [Figures; 2],
     /// A durable write failed: no command goes out until the record is on disk.
     blocked: bool,
+}
+
+impl Entry {
+    /// While a restore runs: bytes on the new GPU and bytes of the CPU's workspace.
+    fn restore_bytes(&self) -> Option<(u64, u64)> {
+        matches!(
+            self.m.state(),
+            PairState::Restoring | PairState::CuttingOver
+        )
+        .then(|| (self.figures[0].bytes_total, self.figures[1].workspace_bytes))
+    }
 }
 
 fn idx(side: Side) -> usize {
@@ -469,33 +469,6 @@ impl Actor {
                 names.sort();
                 let views = names.into_iter().map(|n| self.view(n)).collect();
                 let _ = reply.send(views);
-            }
-            Msg::Failover { pair, reply } => {
-                let Some(e) = self.pairs.get_mut(&pair) else {
-                    let _ = reply.send(Err(Status::not_found(format!("no pair {pair}"))));
-                    return;
-                };
-                let before = e.m.epoch();
-                let actions = e.m.step(Input::Manual(Instant::now()), &self.timing);
-                let refused = actions.iter().find_map(|a| match a {
-                    Action::Warn {
-                        kind: "refused",
-                        message,
-                    } => Some(message.clone()),
-                    _ => None,
-                });
-                self.act(&pair, actions);
-                let e = &self.pairs[&pair];
-                let r = match refused {
-                    Some(msg) if e.m.epoch() == before => Err(Status::failed_precondition(msg)),
-                    _ => Ok(ActionReply {
-                        pair: pair.clone(),
-                        state: e.m.state().as_str().into(),
-                        epoch: e.m.epoch().0,
-                        message: e.m.rec.reason.clone(),
-                    }),
-                };
-                let _ = reply.send(r);
             }
             Msg::Manual { pair, input, reply } => {
                 let Some(e) = self.pairs.get_mut(&pair) else {
@@ -1166,12 +1139,10 @@ impl Actor {
             }
             let g = &e.figures[0];
             let l = PairLabel { pair: name.clone() };
-            let restoring = matches!(e.m.state(), PairState::Restoring | PairState::CuttingOver);
-            let total = e.figures[1].workspace_bytes;
-            let progress = match (restoring, total) {
-                (false, _) => 0.0,
-                (true, 0) => 1.0,
-                (true, t) => (g.bytes_total as f64 / t as f64).min(1.0),
+            let progress = match e.restore_bytes() {
+                None => 0.0,
+                Some((_, 0)) => 1.0,
+                Some((done, total)) => (done as f64 / total as f64).min(1.0),
             };
             self.metrics
                 .restore_progress
@@ -1207,7 +1178,6 @@ impl Actor {
             })
         };
         let primary = e.m.primary();
-        let restoring = matches!(e.m.state(), PairState::Restoring | PairState::CuttingOver);
         let active = match primary {
             Side::Gpu => e.m.rec.gpu.as_ref(),
             Side::Cpu => e.m.rec.cpu.as_ref(),
@@ -1226,16 +1196,8 @@ impl Actor {
             cpu: mv(Side::Cpu, &e.m.rec.cpu),
             reason: e.m.rec.reason.clone(),
             pending_bytes: e.figures[0].pending_bytes,
-            restore_done_bytes: if restoring {
-                e.figures[0].bytes_total
-            } else {
-                0
-            },
-            restore_total_bytes: if restoring {
-                e.figures[1].workspace_bytes
-            } else {
-                0
-            },
+            restore_done_bytes: e.restore_bytes().map_or(0, |r| r.0),
+            restore_total_bytes: e.restore_bytes().map_or(0, |r| r.1),
             provisioning: e
                 .m
                 .rec

@@ -6,10 +6,8 @@
 //! again by its label after a coordinator restart, and destroying it kills its process group
 //! and deletes its directory, disk included.
 
-use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{Machine, MachineState, Offer, Provider, ProviderError, Startup};
@@ -21,7 +19,6 @@ pub struct Local {
     heartbeat: Duration,
     /// Extra arguments for the agents (e.g. a shorter debounce in the demo).
     pub extra_args: Vec<String>,
-    started: Mutex<HashMap<String, u32>>,
 }
 
 fn io(what: &str, e: std::io::Error) -> ProviderError {
@@ -36,7 +33,6 @@ impl Local {
             bin_dir,
             heartbeat,
             extra_args: Vec::new(),
-            started: Mutex::new(HashMap::new()),
         }
     }
 
@@ -176,10 +172,6 @@ impl Provider for Local {
         let pid = child.id();
         crate::crashsafe::write_atomic(&dir.join("pid"), pid.to_string().as_bytes())
             .map_err(|e| io("writing the pid file", e))?;
-        self.started
-            .lock()
-            .expect("started")
-            .insert(s.label.clone(), pid);
         // Reap it when it exits, so a dead agent reads as stopped rather than a zombie.
         std::thread::spawn(move || {
             let _ = child.wait();
@@ -234,7 +226,6 @@ impl Provider for Local {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        self.started.lock().expect("started").remove(id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
