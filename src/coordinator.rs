@@ -254,8 +254,11 @@ pub struct ServeOptions {
     pub metrics_listen: String,
     pub timing: Timing,
     pub cert_days: u32,
-    /// "local" or "none" (replacements join by hand).
+    /// Where machines come from: "local", "vastai", "gcp", "command" or "none" (replacements
+    /// join by hand).
     pub provider: String,
+    /// Where CPU standbys come from, when not from `provider` ("" = the same).
+    pub cpu_provider: String,
     pub policy: Policy,
     pub provision: crate::provider::ProvisionConfig,
     /// The coordinator's address as new machines dial it ("" = the bound address).
@@ -264,6 +267,8 @@ pub struct ServeOptions {
     pub local_bin_dir: Option<PathBuf>,
     pub local_agent_args: Vec<String>,
     pub vastai: VastSettings,
+    pub gcp: crate::provider::gcp::GcpSettings,
+    pub command: crate::provider::command::CommandSettings,
 }
 
 /// Settings of the `vastai` provider.
@@ -320,27 +325,12 @@ pub fn mint_token(dir: &Path, pair: &str, role: Role, ttl: Duration) -> anyhow::
     Ok(Token::new(pair, role, exp, &ca.fingerprint()).sign(&key))
 }
 
-/// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/serve.addr` and
-/// `<dir>/metrics.addr`.
-pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+type DynProvider = Arc<dyn crate::provider::Provider>;
+
+/// The provider called `name`, built from the options (None for "none").
+fn make_provider(name: &str, opts: &ServeOptions) -> anyhow::Result<Option<DynProvider>> {
     let dir = &opts.dir;
-    let ca = Ca::load(dir).with_context(|| {
-        format!(
-            "loading the CA from {} (run `coordinator init`)",
-            dir.display()
-        )
-    })?;
-    let material = server_tls(dir, &ca)?;
-    let token_key = token_key(dir)?;
-    let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
-    let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
-        .await
-        .with_context(|| format!("listening on {}", opts.listen))?;
-    let addr = listener.local_addr()?;
-    let mut policy = opts.policy.clone();
-    policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
-    let provider: Option<Arc<dyn crate::provider::Provider>> = match opts.provider.as_str() {
+    Ok(match name {
         "none" | "" => None,
         "local" => {
             let mut l = crate::provider::local::Local::new(
@@ -365,7 +355,52 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
             p.agent_url = v.agent_url.clone();
             Some(Arc::new(p))
         }
-        other => anyhow::bail!("unknown provider {other:?} (local, vastai, none)"),
+        "gcp" => {
+            let creds = crate::provider::gcp::Gcp::credentials_path(&opts.gcp)?;
+            Some(Arc::new(crate::provider::gcp::Gcp::new(
+                opts.gcp.clone(),
+                &creds,
+            )?))
+        }
+        "command" => Some(Arc::new(crate::provider::command::CommandProvider::new(
+            opts.command.clone(),
+        )?)),
+        other => anyhow::bail!("unknown provider {other:?} (local, vastai, gcp, command, none)"),
+    })
+}
+
+/// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/serve.addr` and
+/// `<dir>/metrics.addr`.
+pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let dir = &opts.dir;
+    let ca = Ca::load(dir).with_context(|| {
+        format!(
+            "loading the CA from {} (run `coordinator init`)",
+            dir.display()
+        )
+    })?;
+    let material = server_tls(dir, &ca)?;
+    let token_key = token_key(dir)?;
+    let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let mut policy = opts.policy.clone();
+    policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
+    let gpu_provider = make_provider(&opts.provider, &opts)?;
+    let cpu_provider = match opts.cpu_provider.as_str() {
+        "" => gpu_provider.clone(),
+        name if name == opts.provider => gpu_provider.clone(),
+        name => make_provider(name, &opts)?,
+    };
+    let provider = match (gpu_provider, cpu_provider) {
+        (Some(gpu), Some(cpu)) => Some((gpu, cpu)),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "--provider none and --cpu-provider must go together (a pair provisions both roles or neither)"
+        ),
     };
     policy.provider = provider.is_some();
     let coordinator_url = if opts.advertise.is_empty() {
@@ -377,9 +412,19 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     } else {
         opts.advertise.clone()
     };
-    let provisioning = provider.map(|provider| crate::engine::Provisioning {
-        provider,
-        cfg: opts.provision.clone(),
+    let mut cfg = opts.provision.clone();
+    if [opts.provider.as_str(), opts.cpu_provider.as_str()].contains(&"command") {
+        // The scripts' own limit answers first, with their output in the error.
+        let own = opts
+            .command
+            .timeout
+            .unwrap_or(crate::provider::command::DEFAULT_TIMEOUT);
+        cfg.call_timeout = cfg.call_timeout.max(own + Duration::from_secs(15));
+    }
+    let provisioning = provider.map(|(gpu, cpu)| crate::engine::Provisioning {
+        gpu,
+        cpu,
+        cfg,
         coordinator_url,
         token_key: token_key.clone(),
         fingerprint: ca.fingerprint(),

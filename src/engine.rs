@@ -119,19 +119,45 @@ enum Msg {
         reply: oneshot::Sender<bool>,
     },
     SweepDone {
-        destroyed: Vec<String>,
+        /// Labels destroyed, with the provider that held each.
+        destroyed: Vec<(String, &'static str)>,
     },
     HeartbeatSubscribers(isize),
 }
 
 /// What the engine needs to create and destroy machines.
 pub struct Provisioning {
-    pub provider: Arc<dyn Provider>,
+    /// Where GPU machines come from.
+    pub gpu: Arc<dyn Provider>,
+    /// Where CPU standbys come from (often the same provider as `gpu`).
+    pub cpu: Arc<dyn Provider>,
     pub cfg: ProvisionConfig,
     /// The coordinator as new machines dial it.
     pub coordinator_url: String,
     pub token_key: Vec<u8>,
     pub fingerprint: String,
+}
+
+impl Provisioning {
+    pub fn provider(&self, side: Side) -> &Arc<dyn Provider> {
+        match side {
+            Side::Gpu => &self.gpu,
+            Side::Cpu => &self.cpu,
+        }
+    }
+
+    /// Each distinct provider once (the sweeper lists every one).
+    pub fn providers(&self) -> Vec<Arc<dyn Provider>> {
+        let mut v = vec![self.gpu.clone()];
+        if !Arc::ptr_eq(&self.gpu, &self.cpu) {
+            v.push(self.cpu.clone());
+        }
+        v
+    }
+}
+
+fn side_of(role: &str) -> Side {
+    if role == "cpu" { Side::Cpu } else { Side::Gpu }
 }
 
 /// A handle on the engine; cheap to clone.
@@ -528,11 +554,11 @@ impl Actor {
             }
             Msg::SweepDone { destroyed } => {
                 self.inflight.remove("sweep");
-                for label in destroyed {
+                for (label, provider) in destroyed {
                     self.metrics
                         .orphans_destroyed
                         .get_or_create(&KindLabel {
-                            kind: self.prov.as_ref().map_or("", |p| p.provider.name()).into(),
+                            kind: provider.into(),
                         })
                         .inc();
                     self.events.emit(event(
@@ -572,11 +598,7 @@ impl Actor {
         {
             let op = format!("create:{}", m.label);
             if self.inflight.insert(op.clone()) {
-                let role = if p.role == "cpu" {
-                    Side::Cpu
-                } else {
-                    Side::Gpu
-                };
+                let role = side_of(&p.role);
                 let blocked = e.m.blocked();
                 let label = m.label.clone();
                 let tx = self.self_tx.clone();
@@ -612,7 +634,7 @@ impl Actor {
             }
             let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), pair.to_string());
             tokio::spawn(async move {
-                let r = destroy_machine(&prov, &m.label, &m.id).await;
+                let r = destroy_machine(&prov, side_of(&m.role), &m.label, &m.id).await;
                 let input = match r {
                     Ok(()) => Some(Input::Destroyed { label: m.label }),
                     Err(e) => {
@@ -643,12 +665,7 @@ impl Actor {
                 && p.phase == "boot"
                 && let Some(m) = &p.machine
             {
-                let side = if p.role == "cpu" {
-                    Side::Cpu
-                } else {
-                    Side::Gpu
-                };
-                watch.push((side, m.label.clone(), m.id.clone()));
+                watch.push((side_of(&p.role), m.label.clone(), m.id.clone()));
             }
             for (side, label, id) in watch {
                 let op = format!("get:{label}");
@@ -658,7 +675,7 @@ impl Actor {
                 let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), name.clone());
                 let limit = prov.cfg.call_timeout;
                 tokio::spawn(async move {
-                    let r = tokio::time::timeout(limit, prov.provider.get(&id)).await;
+                    let r = tokio::time::timeout(limit, prov.provider(side).get(&id)).await;
                     let gone = match r {
                         Ok(Ok(None)) => Some("gone".to_string()),
                         Ok(Ok(Some(m))) if m.state == MachineState::Stopped => {
@@ -689,33 +706,42 @@ impl Actor {
         let prefix = format!("{}-", self.policy.label_prefix);
         tokio::spawn(async move {
             let mut destroyed = Vec::new();
-            match tokio::time::timeout(prov.cfg.call_timeout, prov.provider.list(&prefix)).await {
-                Ok(Ok(machines)) => {
-                    for m in machines {
-                        let (reply, rx) = oneshot::channel();
-                        if tx
-                            .send(Msg::Owned {
-                                label: m.label.clone(),
-                                reply,
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        if rx.await.unwrap_or(true) {
-                            continue;
-                        }
-                        match destroy_machine(&prov, &m.label, &m.id).await {
-                            Ok(()) => destroyed.push(m.label),
-                            Err(e) => {
-                                tracing::warn!(label = %m.label, error = %e, "cannot destroy an orphan")
+            for provider in prov.providers() {
+                match tokio::time::timeout(prov.cfg.call_timeout, provider.list(&prefix)).await {
+                    Ok(Ok(machines)) => {
+                        for m in machines {
+                            let (reply, rx) = oneshot::channel();
+                            if tx
+                                .send(Msg::Owned {
+                                    label: m.label.clone(),
+                                    reply,
+                                })
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            if rx.await.unwrap_or(true) {
+                                continue;
+                            }
+                            match destroy_with(&provider, prov.cfg.call_timeout, &m.label, &m.id)
+                                .await
+                            {
+                                Ok(()) => destroyed.push((m.label, provider.name())),
+                                Err(e) => {
+                                    tracing::warn!(label = %m.label, error = %e, "cannot destroy an orphan")
+                                }
                             }
                         }
                     }
+                    Ok(Err(e)) => {
+                        tracing::warn!(provider = provider.name(), error = %e, "sweeper: listing machines failed")
+                    }
+                    Err(_) => tracing::warn!(
+                        provider = provider.name(),
+                        "sweeper: listing machines timed out"
+                    ),
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "sweeper: listing machines failed"),
-                Err(_) => tracing::warn!("sweeper: listing machines timed out"),
             }
             let _ = tx.send(Msg::SweepDone { destroyed }).await;
         });
@@ -1230,7 +1256,7 @@ async fn create_machine(
     blocked: &[String],
 ) -> Input {
     let limit = prov.cfg.call_timeout;
-    let p = &prov.provider;
+    let p = prov.provider(role);
     let failed = |error: String, block: Vec<String>| Input::CreateFailed {
         label: label.to_string(),
         error,
@@ -1299,13 +1325,18 @@ async fn create_machine(
     match r {
         Ok(Ok(m)) => created(m.id, m.place),
         Ok(Err(ProviderError::Rejected(e))) => failed(e, vec![offer.id.clone()]),
-        Ok(Err(ProviderError::Transient(e))) => match find().await {
-            Ok(Some(m)) => created(m.id, m.place),
-            _ => failed(
-                format!("create failed ({e}); no machine carries the label"),
-                vec![],
-            ),
-        },
+        Ok(Err(ProviderError::Unavailable { place, message })) => {
+            failed(message, vec![offer.id.clone(), place])
+        }
+        Ok(Err(e @ (ProviderError::Transient(_) | ProviderError::Conflict(_)))) => {
+            match find().await {
+                Ok(Some(m)) => created(m.id, m.place),
+                _ => failed(
+                    format!("create failed ({e}); no machine carries the label"),
+                    vec![],
+                ),
+            }
+        }
         Err(_) => match find().await {
             Ok(Some(m)) => created(m.id, m.place),
             _ => failed(
@@ -1317,9 +1348,21 @@ async fn create_machine(
 }
 
 /// Destroys a machine by id, or finds it by label first when its id was never learnt.
-async fn destroy_machine(prov: &Provisioning, label: &str, id: &str) -> Result<(), String> {
-    let limit = prov.cfg.call_timeout;
-    let p = &prov.provider;
+async fn destroy_machine(
+    prov: &Provisioning,
+    side: Side,
+    label: &str,
+    id: &str,
+) -> Result<(), String> {
+    destroy_with(prov.provider(side), prov.cfg.call_timeout, label, id).await
+}
+
+async fn destroy_with(
+    p: &Arc<dyn Provider>,
+    limit: Duration,
+    label: &str,
+    id: &str,
+) -> Result<(), String> {
     let ids: Vec<String> = if id.is_empty() {
         match tokio::time::timeout(limit, p.list(label)).await {
             Ok(Ok(ms)) => ms

@@ -819,9 +819,7 @@ impl PairMachine {
                 }
             }
             Side::Cpu => {
-                let silent = self.cpu.last_seen.is_none_or(|s| {
-                    now.saturating_duration_since(s.max(self.started)) >= t.failover_after
-                });
+                let silent = self.cpu_silence(now) >= t.failover_after;
                 if let Some(p) = &self.rec.provision
                     && p.role == "cpu"
                 {
@@ -913,6 +911,7 @@ impl PairMachine {
         }
         let silence = self.gpu_silence(now);
         if silence < t.heartbeat * t.suspect_after_missed {
+            self.check_standby(now, t, out);
             return;
         }
         if state == PairState::Syncing {
@@ -956,6 +955,37 @@ impl PairMachine {
                 kind: "blind",
                 message,
             });
+        }
+    }
+
+    /// How long the CPU agent has not been heard from (coordinator downtime does not count).
+    fn cpu_silence(&self, now: Instant) -> Duration {
+        let since = self
+            .cpu
+            .last_seen
+            .map_or(self.started, |s| s.max(self.started));
+        now.saturating_duration_since(since)
+    }
+
+    /// The GPU is healthy: is its standby? A CPU agent that is silent while the GPU cannot
+    /// reach it either leaves the GPU unprotected: the pair is Degraded. A standby the provider
+    /// reports gone is replaced by itself (`provider_gone`); one joined by hand (or one the
+    /// provider still calls running) waits for it to come back or for `recover P`.
+    fn check_standby(&mut self, now: Instant, t: &Timing, out: &mut Vec<Action>) {
+        if self.state() != PairState::Syncing
+            || self.rec.cpu.is_none()
+            || self.rec.provision.is_some()
+            || self.rec.hibernate
+        {
+            return;
+        }
+        let silent = self.cpu_silence(now) >= t.failover_after;
+        if silent && !self.cpu.connected && !self.gpu.status.connected {
+            self.go(
+                PairState::Degraded,
+                "the CPU standby's agent is silent and the GPU cannot reach it: the GPU is unprotected (`recover` provisions a new standby)".into(),
+                out,
+            );
         }
     }
 
@@ -1728,6 +1758,52 @@ mod tests {
             Epoch(1),
             "no epoch change: the GPU stayed primary"
         );
+    }
+
+    #[test]
+    fn a_silent_standby_the_gpu_cannot_reach_degrades_the_pair() {
+        let (mut m, t0, t) = syncing();
+        let gpu_says = |m: &mut PairMachine, at: Instant, connected: bool| {
+            let st = AgentStatus {
+                connected,
+                ..status("send", "dd")
+            };
+            m.step(
+                Input::Report(
+                    Side::Gpu,
+                    Report {
+                        status: st,
+                        ..report(at, 1)
+                    },
+                ),
+                &t,
+            )
+        };
+        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
+        // The GPU still reaches its standby (only the coordinator lost it): no change.
+        gpu_says(&mut m, t0 + ms(4000), true);
+        assert!(transitions(&m.step(Input::Tick(t0 + ms(4000)), &t)).is_empty());
+        // Neither the coordinator nor the GPU hears the CPU: Degraded, nothing provisioned
+        // (no provider is configured, and a hand-joined standby is not ours to replace).
+        gpu_says(&mut m, t0 + ms(4500), false);
+        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Degraded]);
+        assert!(m.rec.provision.is_none());
+        assert_eq!(m.epoch(), Epoch(1));
+        // It comes back and catches up: Syncing again.
+        m.step(
+            Input::Report(
+                Side::Cpu,
+                Report {
+                    machine: machine("10.0.0.2:7701"),
+                    status: status("receive", "dd"),
+                    ..cpu_report(t0 + ms(5000), Some(ms(10)))
+                },
+            ),
+            &t,
+        );
+        let a = gpu_says(&mut m, t0 + ms(5100), true);
+        assert_eq!(transitions(&a), vec![PairState::Syncing]);
     }
 
     #[test]

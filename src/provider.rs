@@ -6,6 +6,8 @@
 //! create (timeout, 5xx) is settled by listing the label, never by creating again, and the
 //! sweeper can recognise machines that carry our prefix but belong to no pair.
 
+pub mod command;
+pub mod gcp;
 pub mod local;
 pub mod vastai;
 
@@ -17,7 +19,8 @@ use crate::failover::Side;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Offer {
     pub id: String,
-    /// Host, machine or zone: what a failed boot blocklists besides the offer.
+    /// Host, machine or zone: what a failed boot blocklists besides the offer. A blocked
+    /// `region` (quota) rules out every offer in it.
     pub place: String,
     pub region: String,
     pub gpu_name: String,
@@ -66,6 +69,14 @@ pub enum ProviderError {
     /// The provider refused (offer gone, bad request): retrying the same thing will not help.
     #[error("{0}")]
     Rejected(String),
+    /// No capacity or quota at `place` (a zone or a region) for now: blocklist the place, not
+    /// just the offer.
+    #[error("{message}")]
+    Unavailable { place: String, message: String },
+    /// A machine of that name exists already (a previous attempt of the same label created
+    /// it): settle by label.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ProviderError {
@@ -135,9 +146,11 @@ impl OfferFilter {
             .into_iter()
             .filter(|o| self.accepts(o))
             .filter(|o| {
-                !blocked
-                    .iter()
-                    .any(|b| b == &o.id || (!o.place.is_empty() && b == &o.place))
+                !blocked.iter().any(|b| {
+                    b == &o.id
+                        || (!o.place.is_empty() && b == &o.place)
+                        || (!o.region.is_empty() && b == &o.region)
+                })
             })
             .collect();
         v.sort_by(|a, b| {

@@ -192,6 +192,20 @@ pub async fn run(
                 }
                 continue;
             }
+            e = async {
+                match session.as_mut() {
+                    Some(s) => s.lost().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let msg = e.to_string();
+                tracing::warn!(error = %msg, "the replication session ended; reconnecting");
+                session = None;
+                set_error(Some(msg), false);
+                dirty.add_full(Instant::now());
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                continue;
+            }
             _ = tokio::time::sleep_until(wake) => {}
         }
         if tokio::time::Instant::now() >= next_rescan {

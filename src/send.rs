@@ -273,6 +273,20 @@ impl Session {
         }
     }
 
+    /// Resolves when the receiver's side of the session has ended (it died, closed it, or the
+    /// connection broke): an idle sender learns at once that it has no standby.
+    pub async fn lost(&mut self) -> SyncError {
+        if !self.reader.is_finished() {
+            let _ = (&mut self.reader).await;
+        }
+        self.out
+            .failure
+            .lock()
+            .expect("failure")
+            .clone()
+            .unwrap_or_else(|| SyncError::Connection("session closed".into()))
+    }
+
     pub fn bytes_sent(&self) -> u64 {
         self.out.sent.load(Ordering::Relaxed)
     }

@@ -186,6 +186,10 @@ struct ServeArgs {
     /// (replacements join by hand with a token).
     #[arg(long, env = "STANDBY_PROVIDER")]
     provider: Option<String>,
+    /// Where CPU standbys come from when not from --provider (e.g. --provider vastai
+    /// --cpu-provider gcp).
+    #[arg(long, env = "STANDBY_CPU_PROVIDER")]
+    cpu_provider: Option<String>,
     /// Provision a replacement GPU as soon as a pair failed over.
     #[arg(long, env = "STANDBY_AUTO_RECOVER")]
     auto_recover: Option<bool>,
@@ -365,6 +369,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
         timing,
         cert_days: f.pick(a.cert_days, "cert_days", || defaults::CERT_DAYS)?,
         provider: f.pick(a.provider, "provider", || "local".to_string())?,
+        cpu_provider: f.pick(a.cpu_provider, "cpu_provider", String::new)?,
         policy: Policy {
             auto_recover: f.pick(a.auto_recover, "auto_recover", || true)?,
             boot_timeout: f.pick_duration(
@@ -410,6 +415,8 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
             disk_gb: f.get("vastai.disk_gb")?.unwrap_or(0),
             agent_url: f.pick(a.agent_url, "agent_url", String::new)?,
         },
+        gcp: f.get("gcp")?.unwrap_or_default(),
+        command: f.get("command")?.unwrap_or_default(),
     })
 }
 

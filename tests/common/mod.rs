@@ -768,5 +768,7 @@ pub fn unix_ms() -> u64 {
 }
 
 #[allow(dead_code)]
+pub mod fake_gce;
+#[allow(dead_code)]
 pub mod fake_vast;
 pub mod netns;

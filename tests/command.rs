@@ -1,0 +1,175 @@
+//! The `command` provider end to end: the coordinator rents machines through the operator's
+//! scripts (here `tests/command-cloud/`, a directory-backed cloud whose machines are real agent
+//! processes). A killed GPU is replaced through a create that exits 75 after creating (settled
+//! by label, not repeated), the workspace is restored and the pair cuts over; an orphan carrying
+//! our prefix is swept; afterwards the cloud holds exactly the machine the pair owns.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/command-cloud")
+}
+
+/// Machines of the test cloud (directories under CLOUD_DIR).
+fn machines(cloud: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(cloud)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Kills the cloud's agents when the test ends, passed or not.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for m in machines(&self.0) {
+            if let Some(pid) = fs::read_to_string(self.0.join(&m).join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[test]
+fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
+    let t = tempfile::tempdir().unwrap();
+    let cloud = t.path().join("cloud");
+    fs::create_dir_all(&cloud).unwrap();
+    let _reaper = Reaper(cloud.clone());
+    let faults = t.path().join("faults");
+    fs::write(&faults, "create-tempfail-once\n").unwrap();
+    let cdir = t.path().join("coord");
+    fs::create_dir_all(&cdir).unwrap();
+    let s = scripts();
+    let toml = cdir.join("coordinator.toml");
+    fs::write(
+        &toml,
+        format!(
+            "[command]\ncreate = \"{0}/create\"\ndestroy = \"{0}/destroy\"\nlist = \"{0}/list\"\n\
+             get = \"{0}/get\"\nsearch = [\"{0}/search\"]\ntimeout = \"30s\"\n",
+            s.display()
+        ),
+    )
+    .unwrap();
+    // The scripts' settings reach them through the coordinator's environment.
+    let bin_dir = Path::new(AGENT_GPU).parent().unwrap().display().to_string();
+    unsafe {
+        std::env::set_var("CLOUD_DIR", &cloud);
+        std::env::set_var("CLOUD_AGENT_BIN_DIR", &bin_dir);
+        std::env::set_var("CLOUD_FAULTS", &faults);
+        std::env::set_var("CLOUD_AGENT_ARGS", "--heartbeat-interval 200ms");
+    }
+    let coord = Coord::start(
+        &cdir,
+        &[
+            "--provider",
+            "command",
+            "--boot-timeout",
+            "60s",
+            "--backoff-base",
+            "200ms",
+            "--sweep-interval",
+            "1s",
+            "--config",
+            toml.to_str().unwrap(),
+        ],
+    );
+    let name = "cmd";
+    let ws = t.path().join("gpu-ws");
+    make_tree(&ws, &mut rng(seed(name)), 200, &[1 << 20]);
+    let cpu = Managed::cpu(
+        &coord.addr,
+        Some(&coord.token(name, "cpu", "10m")),
+        &t.path().join("cpu-ws"),
+        &t.path().join("cpu-state"),
+        &[],
+    );
+    let gpu = Managed::gpu(
+        &coord.addr,
+        Some(&coord.token(name, "gpu", "10m")),
+        &ws,
+        &t.path().join("gpu-state"),
+        &["--debounce", "100ms"],
+        &[],
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        coord.pair(name).is_some_and(|p| p["state"] == "Syncing")
+            && flush(&gpu.state, "20s").status.success()
+    });
+    assert!(ok, "{}", coord.log_text());
+
+    // An orphan with our prefix (a machine no pair owns) and a foreign machine.
+    let prefix = format!(
+        "sb-{}",
+        &standby::pki::Ca::load(&cdir).unwrap().fingerprint()[..8]
+    );
+    let orphan = format!("{prefix}-gone-gpu-9");
+    for m in [orphan.as_str(), "someone-elses-vm"] {
+        fs::create_dir_all(cloud.join(m)).unwrap();
+        fs::write(cloud.join(m).join("id"), format!("{m}\n")).unwrap();
+    }
+
+    drop(gpu);
+    // Failover, then a new GPU from the scripts, restored, cut over: epoch 3.
+    let ok = wait_until(Duration::from_secs(120), || {
+        coord
+            .pair(name)
+            .is_some_and(|p| p["state"] == "Syncing" && p["epoch"] == 3)
+    });
+    let mlogs: String = machines(&cloud)
+        .iter()
+        .map(|m| {
+            format!(
+                "\n--- {m}\n{}",
+                fs::read_to_string(cloud.join(m).join("agent.log")).unwrap_or_default()
+            )
+        })
+        .collect();
+    assert!(
+        ok,
+        "not recovered: {:?}\n{}{mlogs}",
+        coord.pair(name),
+        coord.log_text()
+    );
+    let label = coord.pair(name).unwrap()["gpu"]["machine"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_same(&cpu.workspace, &cloud.join(&label).join("workspace"));
+    assert!(
+        fs::read_to_string(&faults).unwrap().trim().is_empty(),
+        "the injected exit 75 was used"
+    );
+    // The orphan is swept, the foreign machine left alone, nothing else exists.
+    let ok = wait_until(Duration::from_secs(30), || {
+        machines(&cloud) == vec![label.clone(), "someone-elses-vm".to_string()]
+    });
+    assert!(ok, "machines: {:?}\n{}", machines(&cloud), coord.log_text());
+    let events = String::from_utf8_lossy(&coord.admin(&["events", "--json"]).stdout).to_string();
+    assert!(events.contains(&orphan), "{events}");
+    // The ambiguous create was settled by label: one attempt, one machine.
+    assert!(label.ends_with("-gpu-1"), "{label}");
+    // The join token never shows in any process's command line or in the coordinator log.
+    let pid = fs::read_to_string(cloud.join(&label).join("pid")).unwrap();
+    let cmdline = fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("join-token"));
+    assert!(!coord.log_text().contains("\"join_token\""));
+    println!("recovered on {label}");
+}
