@@ -1,6 +1,7 @@
 //! coordinator: certificate authority, pairing, failure detection, failover and recovery.
 
 mod admin;
+mod demo;
 
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,9 @@ enum Cmd {
     },
     /// Run the coordinator.
     Serve(Box<ServeArgs>),
+    /// The whole story on this machine: a pair on loopback, a workload, the GPU agent killed,
+    /// failover, a new GPU provisioned, restored, verified and cut over, then a timeline.
+    Demo(demo::DemoArgs),
     /// Print a single-use, expiring join token for an agent of PAIR.
     Token {
         #[arg(long, env = "STANDBY_DIR")]
@@ -264,6 +268,10 @@ fn main() {
                 standby::coordinator::serve(opts, shutdown).await
             })
         }
+        Cmd::Demo(a) => {
+            init_logging("error");
+            demo::run(a)
+        }
         Cmd::Token {
             dir,
             pair,
@@ -421,6 +429,14 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
 }
 
 fn init(dir: &Path) -> anyhow::Result<()> {
+    let fingerprint = init_quiet(dir)?;
+    println!("CA fingerprint (sha256): {fingerprint}");
+    println!("admin certificate: {}", dir.join("admin").display());
+    Ok(())
+}
+
+/// Creates the CA, the admin certificate and coordinator.toml; returns the CA's fingerprint.
+pub(crate) fn init_quiet(dir: &Path) -> anyhow::Result<String> {
     if dir.join("ca.key").exists() {
         bail!(
             "{} already holds a CA; refusing to replace it (every certificate depends on it)",
@@ -452,9 +468,7 @@ fn init(dir: &Path) -> anyhow::Result<()> {
     if !cfg.exists() {
         std::fs::write(&cfg, toml).with_context(|| format!("writing {}", cfg.display()))?;
     }
-    println!("CA fingerprint (sha256): {}", ca.fingerprint());
-    println!("admin certificate: {}", dir.join("admin").display());
-    Ok(())
+    Ok(ca.fingerprint())
 }
 
 fn cert(
