@@ -1,9 +1,14 @@
 //! `coordinator demo` runs to the end: a pair on loopback, the GPU agent killed, recovery onto a
 //! new local machine, the timeline and an identical blake3 comparison; it cleans up after itself.
+//! `coordinator drill` fails a live pair over on purpose and measures each phase against targets.
 
+mod common;
+
+use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-const COORDINATOR: &str = env!("CARGO_BIN_EXE_coordinator");
+use common::*;
 
 #[test]
 fn the_demo_runs_to_the_end_and_cleans_up() {
@@ -43,5 +48,116 @@ fn the_demo_runs_to_the_end_and_cleans_up() {
             "processes left: {}",
             String::from_utf8_lossy(&ps.stdout)
         );
+    }
+}
+
+#[test]
+fn a_drill_measures_each_phase_against_targets() {
+    let t = tempfile::tempdir().unwrap();
+    let cdir = t.path().join("coord");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let bins = Path::new(AGENT_GPU).parent().unwrap().display().to_string();
+    let coord = Coord::start(
+        &cdir,
+        &[
+            "--provider",
+            "local",
+            "--agent-bin-dir",
+            &bins,
+            "--boot-timeout",
+            "60s",
+        ],
+    );
+    let _reaper = LocalReaper(cdir.clone());
+    let name = "drilled";
+    // A drill needs a healthy pair.
+    let out = coord.admin(&["drill", "nosuch", "--json"]);
+    assert!(!out.status.success());
+    let ws = t.path().join("gpu-ws");
+    make_tree(&ws, &mut rng(seed(name)), 100, &[1 << 20]);
+    let _cpu = Managed::cpu(
+        &coord.addr,
+        Some(&coord.token(name, "cpu", "10m")),
+        &t.path().join("cpu-ws"),
+        &t.path().join("cpu-state"),
+        &[],
+    );
+    let gpu = Managed::gpu(
+        &coord.addr,
+        Some(&coord.token(name, "gpu", "10m")),
+        &ws,
+        &t.path().join("gpu-state"),
+        &["--debounce", "100ms"],
+        &[],
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        coord.pair(name).is_some_and(|p| p["state"] == "Syncing")
+            && flush(&gpu.state, "20s").status.success()
+    });
+    assert!(ok, "{}", coord.log_text());
+    // The restore target is impossible (1 ms): the drill runs to the end and reports it missed.
+    let out = coord.admin(&[
+        "drill",
+        name,
+        "--json",
+        "--target-restore",
+        "1ms",
+        "--limit",
+        "3m",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.status.success(),
+        "a missed target must fail the drill:\n{stdout}\n{}",
+        coord.log_text()
+    );
+    println!("{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missed a target"));
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}\n{}", coord.log_text()));
+    assert_eq!(report["passed"], false);
+    assert_eq!(
+        report["epoch_after"],
+        report["epoch_before"].as_u64().unwrap() + 2
+    );
+    let phases: Vec<(String, bool)> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["phase"].as_str().unwrap().to_string(),
+                p["met"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = phases.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["failover", "provisioning", "restore", "cutover", "total"]
+    );
+    for (p, met) in &phases {
+        assert_eq!(*met, p != "restore", "{report}");
+    }
+    assert_eq!(coord.pair(name).unwrap()["state"], "Syncing");
+}
+
+/// Kills the local provider's machines when the test ends.
+struct LocalReaper(std::path::PathBuf);
+
+impl Drop for LocalReaper {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(self.0.join("machines"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+        }
     }
 }

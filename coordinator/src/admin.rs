@@ -9,6 +9,10 @@ use tonic::transport::Channel;
 
 use crate::Remote;
 
+pub async fn connect(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
+    client(r).await
+}
+
 async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
     let m = TlsMaterial::load(&r.tls_dir)
         .with_context(|| format!("loading the admin certificate from {}", r.tls_dir.display()))?;

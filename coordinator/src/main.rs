@@ -2,6 +2,7 @@
 
 mod admin;
 mod demo;
+mod drill;
 
 use std::path::{Path, PathBuf};
 
@@ -85,6 +86,9 @@ enum Cmd {
     /// The whole story on this machine: a pair on loopback, a workload, the GPU agent killed,
     /// failover, a new GPU provisioned, restored, verified and cut over, then a timeline.
     Demo(demo::DemoArgs),
+    /// A deliberate failover of a live pair PAIR, measured phase by phase against targets
+    /// (a table and JSON; exit 1 when a target is missed).
+    Drill(Box<drill::DrillArgs>),
     /// Print a single-use, expiring join token for an agent of PAIR.
     Token {
         #[arg(long, env = "STANDBY_DIR")]
@@ -267,6 +271,10 @@ fn main() {
                 });
                 standby::coordinator::serve(opts, shutdown).await
             })
+        }
+        Cmd::Drill(a) => {
+            init_logging("warn");
+            rt().block_on(drill::run(*a))
         }
         Cmd::Demo(a) => {
             init_logging("error");

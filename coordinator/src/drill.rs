@@ -1,0 +1,257 @@
+//! `coordinator drill P`: a deliberate failover of a live pair, measured phase by phase from the
+//! coordinator's own transition events, against targets; printed as a table and as JSON.
+//! The pair must be `Syncing`; the drill ends when it is `Syncing` again on a new GPU (or when
+//! the time limit passes, which fails the drill).
+
+use std::time::Duration;
+
+use anyhow::bail;
+use standby::proto::{EventsRequest, ListPairsRequest, PairRequest};
+
+use crate::Remote;
+
+#[derive(clap::Args, Debug)]
+pub struct DrillArgs {
+    pub pair: String,
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Print only JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Target from the request to the CPU being the primary.
+    #[arg(long, default_value = "5s")]
+    pub target_failover: String,
+    /// Target for renting a new GPU machine until its agent joins.
+    #[arg(long, default_value = "10m")]
+    pub target_provisioning: String,
+    /// Target for restoring the workspace onto it.
+    #[arg(long, default_value = "10m")]
+    pub target_restore: String,
+    /// Target for the freeze, final catch-up and hand-back.
+    #[arg(long, default_value = "60s")]
+    pub target_cutover: String,
+    /// Target from the request to the pair protected again with the GPU primary.
+    #[arg(long, default_value = "20m")]
+    pub target_total: String,
+    /// Give up (and fail) after this long.
+    #[arg(long, default_value = "60m")]
+    pub limit: String,
+}
+
+/// One measured phase.
+#[derive(Debug, serde::Serialize)]
+pub struct Phase {
+    pub phase: &'static str,
+    pub start_ms: u64,
+    pub duration_ms: u64,
+    pub target_ms: u64,
+    pub met: bool,
+    pub what: String,
+}
+
+/// Phases from transition times (ms since the request): (name, entered-at state, left-at state).
+const PHASES: [(&str, &str, &str); 4] = [
+    ("failover", "", "FailedOver"),
+    ("provisioning", "Provisioning", "Restoring"),
+    ("restore", "Restoring", "CuttingOver"),
+    ("cutover", "CuttingOver", "Syncing"),
+];
+
+/// Measures the phases from `(state entered, ms since the request, message)` transitions.
+pub fn phases(steps: &[(String, u64, String)], targets: &[Duration; 5]) -> Vec<Phase> {
+    let at = |s: &str| steps.iter().find(|x| x.0 == s);
+    let mut out = Vec::new();
+    for (i, (name, from, to)) in PHASES.iter().enumerate() {
+        let start = if from.is_empty() {
+            Some(0)
+        } else {
+            at(from).map(|x| x.1)
+        };
+        let (Some(start), Some(end)) = (start, at(to)) else {
+            continue;
+        };
+        let d = end.1.saturating_sub(start);
+        out.push(Phase {
+            phase: name,
+            start_ms: start,
+            duration_ms: d,
+            target_ms: targets[i].as_millis() as u64,
+            met: d <= targets[i].as_millis() as u64,
+            what: end.2.clone(),
+        });
+    }
+    if let Some(end) = at("Syncing") {
+        out.push(Phase {
+            phase: "total",
+            start_ms: 0,
+            duration_ms: end.1,
+            target_ms: targets[4].as_millis() as u64,
+            met: end.1 <= targets[4].as_millis() as u64,
+            what: "protected again, the GPU primary".into(),
+        });
+    }
+    out
+}
+
+fn dur(s: &str, what: &str) -> anyhow::Result<Duration> {
+    standby::cli::parse_duration(s).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
+}
+
+pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
+    let targets = [
+        dur(&a.target_failover, "target-failover")?,
+        dur(&a.target_provisioning, "target-provisioning")?,
+        dur(&a.target_restore, "target-restore")?,
+        dur(&a.target_cutover, "target-cutover")?,
+        dur(&a.target_total, "target-total")?,
+    ];
+    let limit = dur(&a.limit, "limit")?;
+    let mut c = crate::admin::connect(&a.remote).await?;
+    let list = |c: &mut standby::proto::admin_client::AdminClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        let pair = a.pair.clone();
+        async move {
+            let ps = c
+                .list_pairs(ListPairsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            ps.pairs
+                .into_iter()
+                .find(|p| p.pair == pair)
+                .ok_or_else(|| anyhow::anyhow!("no pair {pair}"))
+        }
+    };
+    let p = list(&mut c).await?;
+    if p.state != "Syncing" || p.primary != "gpu" {
+        bail!(
+            "drill refused: {} is {} with the {} primary; a drill starts from a healthy pair (Syncing, GPU primary)",
+            a.pair,
+            p.state,
+            p.primary
+        );
+    }
+    let epoch = p.epoch;
+    let mut events = c
+        .clone()
+        .events(EventsRequest {
+            follow: true,
+            heartbeats: false,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let requested_ms = standby::failover::unix_ms_now();
+    c.failover(PairRequest {
+        pair: a.pair.clone(),
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    if !a.json {
+        println!(
+            "drill: {} failed over on purpose at epoch {epoch}; following it back",
+            a.pair
+        );
+    }
+    let mut steps: Vec<(String, u64, String)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let e = tokio::select! {
+            e = events.message() => e.map_err(|s| anyhow::anyhow!("{}", s.message()))?,
+            _ = tokio::time::sleep_until(deadline) => None,
+        };
+        let Some(e) = e else {
+            bail!(
+                "the drill did not finish within {} s (transitions so far: {:?})",
+                limit.as_secs(),
+                steps.iter().map(|s| &s.0).collect::<Vec<_>>()
+            );
+        };
+        if e.pair != a.pair || e.kind != "transition" || e.unix_ms < requested_ms {
+            continue;
+        }
+        let t = e.unix_ms.saturating_sub(requested_ms);
+        if !a.json {
+            println!(
+                "[{:>7.2}s] {} -> {}: {}",
+                t as f64 / 1000.0,
+                e.from_state,
+                e.to_state,
+                e.message
+            );
+        }
+        steps.push((e.to_state.clone(), t, e.message.clone()));
+        if e.to_state == "Syncing" && e.epoch >= epoch + 2 {
+            break;
+        }
+    }
+    let ph = phases(&steps, &targets);
+    let passed = ph.iter().all(|p| p.met);
+    let report = serde_json::json!({
+        "pair": a.pair,
+        "epoch_before": epoch,
+        "epoch_after": list(&mut c).await?.epoch,
+        "passed": passed,
+        "phases": ph,
+    });
+    if !a.json {
+        println!();
+        println!(
+            "{:<13} {:>9} {:>10} {:>10}  result",
+            "phase", "start", "duration", "target"
+        );
+        for p in &ph {
+            println!(
+                "{:<13} {:>8.2}s {:>9.2}s {:>9.0}s  {}",
+                p.phase,
+                p.start_ms as f64 / 1000.0,
+                p.duration_ms as f64 / 1000.0,
+                p.target_ms as f64 / 1000.0,
+                if p.met { "met" } else { "MISSED" }
+            );
+        }
+        println!();
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !passed {
+        bail!("the drill missed a target");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_measured_between_transitions_and_checked_against_targets() {
+        let s = |st: &str, t: u64| (st.to_string(), t, format!("-> {st}"));
+        let steps = vec![
+            s("FailedOver", 120),
+            s("Provisioning", 300),
+            s("Restoring", 2_300),
+            s("CuttingOver", 9_300),
+            s("Syncing", 9_800),
+        ];
+        let secs = Duration::from_secs;
+        let ph = phases(&steps, &[secs(1), secs(60), secs(5), secs(1), secs(60)]);
+        let got: Vec<(&str, u64, bool)> =
+            ph.iter().map(|p| (p.phase, p.duration_ms, p.met)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("failover", 120, true),
+                ("provisioning", 2_000, true),
+                ("restore", 7_000, false),
+                ("cutover", 500, true),
+                ("total", 9_800, true),
+            ]
+        );
+        // An unfinished drill has no total.
+        assert!(
+            phases(&steps[..2], &[secs(1); 5])
+                .iter()
+                .all(|p| p.phase != "total")
+        );
+    }
+}
