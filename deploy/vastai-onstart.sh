@@ -41,10 +41,10 @@ if [ -n "${PUBLIC_IPADDR:-}" ] && [ -n "${!public_port_var:-}" ]; then
     advertise=(--advertise "$(echo "$PUBLIC_IPADDR" | tr -d '[:space:]'):${!public_port_var}")
 fi
 
-token=()
-# The token is single-use: once joined, the certificate in the state directory is enough.
-if [ ! -f "$STATE_DIR/tls/node.pem" ] && [ -n "${STANDBY_JOIN_TOKEN:-}" ]; then
-    token=(--join-token "$STANDBY_JOIN_TOKEN")
+# The token is single-use: once joined, the certificate in the state directory is enough. The
+# agent reads it from its environment (STANDBY_JOIN_TOKEN), never from its command line.
+if [ -f "$STATE_DIR/tls/node.pem" ]; then
+    unset STANDBY_JOIN_TOKEN
 fi
 
 nohup "$BIN" \
@@ -54,6 +54,5 @@ nohup "$BIN" \
     --machine "$STANDBY_MACHINE" \
     --listen "0.0.0.0:${PORT}" \
     "${advertise[@]}" \
-    "${token[@]}" \
     >>"$STATE_DIR/agent.log" 2>&1 &
 echo $! >"$pidfile"

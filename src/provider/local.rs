@@ -147,10 +147,10 @@ impl Provider for Local {
                 cmd.env_remove(&k);
             }
         }
-        cmd.arg("--coordinator")
+        // The token goes in the environment: a command line is readable by every local user.
+        cmd.env("STANDBY_JOIN_TOKEN", &s.join_token)
+            .arg("--coordinator")
             .arg(&s.coordinator)
-            .arg("--join-token")
-            .arg(&s.join_token)
             .arg("--machine")
             .arg(&s.label)
             .arg("--workspace")
