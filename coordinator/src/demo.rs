@@ -102,7 +102,7 @@ fn agent_bins() -> anyhow::Result<PathBuf> {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bin", "agent-gpu", "--bin", "agent-cpu"])
             .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
