@@ -270,8 +270,8 @@ fn workload(ws: &Path, dataset_mib: u64, t0: Instant) -> anyhow::Result<()> {
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
-    let t0 = Instant::now();
     let bins = agent_bins()?;
+    let t0 = Instant::now();
     let dir = match &a.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("standby-demo-{}", std::process::id())),
