@@ -156,10 +156,6 @@ impl Provisioning {
     }
 }
 
-fn side_of(role: &str) -> Side {
-    if role == "cpu" { Side::Cpu } else { Side::Gpu }
-}
-
 /// A handle on the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -598,7 +594,7 @@ impl Actor {
         {
             let op = format!("create:{}", m.label);
             if self.inflight.insert(op.clone()) {
-                let role = side_of(&p.role);
+                let role = Side::from_record(&p.role);
                 let blocked = e.m.blocked();
                 let label = m.label.clone();
                 let tx = self.self_tx.clone();
@@ -634,7 +630,7 @@ impl Actor {
             }
             let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), pair.to_string());
             tokio::spawn(async move {
-                let r = destroy_machine(&prov, side_of(&m.role), &m.label, &m.id).await;
+                let r = destroy_machine(&prov, Side::from_record(&m.role), &m.label, &m.id).await;
                 let input = match r {
                     Ok(()) => Some(Input::Destroyed { label: m.label }),
                     Err(e) => {
@@ -665,7 +661,7 @@ impl Actor {
                 && p.phase == "boot"
                 && let Some(m) = &p.machine
             {
-                watch.push((side_of(&p.role), m.label.clone(), m.id.clone()));
+                watch.push((Side::from_record(&p.role), m.label.clone(), m.id.clone()));
             }
             for (side, label, id) in watch {
                 let op = format!("get:{label}");

@@ -81,6 +81,12 @@ pub enum Side {
 }
 
 impl Side {
+    /// The side a persisted role string names ("cpu"; anything else is the GPU, as records
+    /// written before roles were stored say nothing).
+    pub fn from_record(role: &str) -> Side {
+        if role == "cpu" { Side::Cpu } else { Side::Gpu }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Side::Gpu => "gpu",
@@ -326,11 +332,7 @@ impl PairMachine {
     }
 
     pub fn primary(&self) -> Side {
-        if self.rec.primary == "cpu" {
-            Side::Cpu
-        } else {
-            Side::Gpu
-        }
+        Side::from_record(&self.rec.primary)
     }
 
     fn seen(&mut self, side: Side) -> &mut Seen {
@@ -631,11 +633,7 @@ impl PairMachine {
         let Some(mut p) = self.rec.provision.take() else {
             return;
         };
-        let role = if p.role == "cpu" {
-            Side::Cpu
-        } else {
-            Side::Gpu
-        };
+        let role = Side::from_record(&p.role);
         if let Some(m) = p.machine.take()
             && (!m.id.is_empty() || p.phase == "boot")
         {

@@ -15,8 +15,14 @@ use std::time::Duration;
 
 use crate::failover::Side;
 
+/// A duration setting of a provider's TOML table, written as a human string ("120s").
+pub(crate) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    crate::cli::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
 /// Something a provider can rent.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Offer {
     pub id: String,
     /// Host, machine or zone: what a failed boot blocklists besides the offer. A blocked

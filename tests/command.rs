@@ -30,29 +30,12 @@ fn machines(cloud: &Path) -> Vec<String> {
     v
 }
 
-/// Kills the cloud's agents when the test ends, passed or not.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for m in machines(&self.0) {
-            if let Some(pid) = fs::read_to_string(self.0.join(&m).join("pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 #[test]
 fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
     let t = tempfile::tempdir().unwrap();
     let cloud = t.path().join("cloud");
     fs::create_dir_all(&cloud).unwrap();
-    let _reaper = Reaper(cloud.clone());
+    let _reaper = MachineReaper(cloud.clone());
     let faults = t.path().join("faults");
     fs::write(&faults, "create-tempfail-once\n").unwrap();
     let cdir = t.path().join("coord");
@@ -92,28 +75,7 @@ fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
         ],
     );
     let name = "cmd";
-    let ws = t.path().join("gpu-ws");
-    make_tree(&ws, &mut rng(seed(name)), 200, &[1 << 20]);
-    let cpu = Managed::cpu(
-        &coord.addr,
-        Some(&coord.token(name, "cpu", "10m")),
-        &t.path().join("cpu-ws"),
-        &t.path().join("cpu-state"),
-        &[],
-    );
-    let gpu = Managed::gpu(
-        &coord.addr,
-        Some(&coord.token(name, "gpu", "10m")),
-        &ws,
-        &t.path().join("gpu-state"),
-        &["--debounce", "100ms"],
-        &[],
-    );
-    let ok = wait_until(Duration::from_secs(60), || {
-        coord.pair(name).is_some_and(|p| p["state"] == "Syncing")
-            && flush(&gpu.state, "20s").status.success()
-    });
-    assert!(ok, "{}", coord.log_text());
+    let (cpu, gpu) = hand_joined_pair(&coord, t.path(), name, 200);
 
     // An orphan with our prefix (a machine no pair owns) and a foreign machine.
     let prefix = format!(

@@ -6,7 +6,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 
@@ -68,33 +67,12 @@ fn a_drill_measures_each_phase_against_targets() {
             "60s",
         ],
     );
-    let _reaper = LocalReaper(cdir.clone());
+    let _reaper = MachineReaper(cdir.join("machines"));
     let name = "drilled";
     // A drill needs a healthy pair.
     let out = coord.admin(&["drill", "nosuch", "--json"]);
     assert!(!out.status.success());
-    let ws = t.path().join("gpu-ws");
-    make_tree(&ws, &mut rng(seed(name)), 100, &[1 << 20]);
-    let _cpu = Managed::cpu(
-        &coord.addr,
-        Some(&coord.token(name, "cpu", "10m")),
-        &t.path().join("cpu-ws"),
-        &t.path().join("cpu-state"),
-        &[],
-    );
-    let gpu = Managed::gpu(
-        &coord.addr,
-        Some(&coord.token(name, "gpu", "10m")),
-        &ws,
-        &t.path().join("gpu-state"),
-        &["--debounce", "100ms"],
-        &[],
-    );
-    let ok = wait_until(Duration::from_secs(60), || {
-        coord.pair(name).is_some_and(|p| p["state"] == "Syncing")
-            && flush(&gpu.state, "20s").status.success()
-    });
-    assert!(ok, "{}", coord.log_text());
+    let (_cpu, _gpu) = hand_joined_pair(&coord, t.path(), name, 100);
     // The restore target is impossible (1 ms): the drill runs to the end and reports it missed.
     let out = coord.admin(&[
         "drill",
@@ -140,24 +118,4 @@ fn a_drill_measures_each_phase_against_targets() {
         assert_eq!(*met, p != "restore", "{report}");
     }
     assert_eq!(coord.pair(name).unwrap()["state"], "Syncing");
-}
-
-/// Kills the local provider's machines when the test ends.
-struct LocalReaper(std::path::PathBuf);
-
-impl Drop for LocalReaper {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.join("machines"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
-        }
-    }
 }

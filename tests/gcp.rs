@@ -71,28 +71,8 @@ fn lost_and_preempted_standbys_are_replaced_on_compute_engine() {
         ],
     );
     let name = "gce";
+    let (cpu, gpu) = hand_joined_pair(&coord, t.path(), name, 200);
     let ws = t.path().join("gpu-ws");
-    make_tree(&ws, &mut rng(seed(name)), 200, &[1 << 20]);
-    let cpu = Managed::cpu(
-        &coord.addr,
-        Some(&coord.token(name, "cpu", "10m")),
-        &t.path().join("cpu-ws"),
-        &t.path().join("cpu-state"),
-        &[],
-    );
-    let gpu = Managed::gpu(
-        &coord.addr,
-        Some(&coord.token(name, "gpu", "10m")),
-        &ws,
-        &t.path().join("gpu-state"),
-        &["--debounce", "100ms"],
-        &[],
-    );
-    let ok = wait_until(Duration::from_secs(60), || {
-        coord.pair(name).is_some_and(|p| p["state"] == "Syncing")
-            && flush(&gpu.state, "20s").status.success()
-    });
-    assert!(ok, "{}", coord.log_text());
 
     // The hand-joined standby dies: nobody can say it is gone for good, so the pair is
     // Degraded and waits for an operator.

@@ -17,27 +17,6 @@ fn bin_dir() -> String {
     Path::new(BIN_DIR).parent().unwrap().display().to_string()
 }
 
-/// Kills the local provider's machines (their own process groups) when a test ends, passed or
-/// not: they outlive the coordinator by design.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for e in fs::read_dir(self.0.join("machines"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = fs::read_to_string(e.path().join("pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 fn local_coord(dir: &Path) -> Coord {
     Coord::start(
         dir,
@@ -155,7 +134,7 @@ fn start_pair(coord: &Coord, t: &Path, name: &str) -> Pair {
 #[test]
 fn full_recovery_after_kill_then_hibernate_and_wake() {
     let t = tempfile::tempdir().unwrap();
-    let _reaper = Reaper(t.path().join("coord"));
+    let _reaper = MachineReaper(t.path().join("coord/machines"));
     let coord = local_coord(&t.path().join("coord"));
     let name = "heal";
     let p = start_pair(&coord, t.path(), name);
@@ -269,7 +248,7 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
 #[test]
 fn coordinator_killed_mid_provisioning_resumes_without_a_duplicate() {
     let t = tempfile::tempdir().unwrap();
-    let _reaper = Reaper(t.path().join("coord"));
+    let _reaper = MachineReaper(t.path().join("coord/machines"));
     let mut coord = local_coord(&t.path().join("coord"));
     let name = "again";
     let Pair { gpu, cpu } = start_pair(&coord, t.path(), name);

@@ -80,28 +80,7 @@ fn replaces_a_failed_gpu_through_api_faults_without_leaking() {
         ],
     );
     let name = "vast";
-    let ws = t.path().join("gpu-ws");
-    make_tree(&ws, &mut rng(seed(name)), 200, &[1 << 20]);
-    let cpu = Managed::cpu(
-        &coord.addr,
-        Some(&coord.token(name, "cpu", "10m")),
-        &t.path().join("cpu-ws"),
-        &t.path().join("cpu-state"),
-        &[],
-    );
-    let gpu = Managed::gpu(
-        &coord.addr,
-        Some(&coord.token(name, "gpu", "10m")),
-        &ws,
-        &t.path().join("gpu-state"),
-        &["--debounce", "100ms"],
-        &[],
-    );
-    let ok = wait_until(Duration::from_secs(60), || {
-        coord.pair(name).is_some_and(|p| p["state"] == "Syncing")
-            && flush(&gpu.state, "20s").status.success()
-    });
-    assert!(ok, "{}", coord.log_text());
+    let (cpu, gpu) = hand_joined_pair(&coord, t.path(), name, 200);
     drop(gpu);
 
     let ok = wait_until(Duration::from_secs(120), || {

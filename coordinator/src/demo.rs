@@ -58,20 +58,7 @@ impl Drop for Rig {
             let _ = c.wait();
         }
         // Machines of the local provider run in process groups of their own.
-        for e in std::fs::read_dir(self.dir.join("machines"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-                && pid > 1
-            {
-                // SAFETY: kill(2) on a process group this demo created.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
-        }
+        standby::provider::local::Local::stop_all(&self.dir.join("machines"));
         self.shutdown.cancel();
         if self.keep {
             println!("kept {}", self.dir.display());

@@ -133,10 +133,7 @@ fn de_argv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
 }
 
 fn de_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = <String as serde::Deserialize>::deserialize(d)?;
-    humantime::parse_duration(s.trim())
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    super::de_duration(d).map(Some)
 }
 
 /// The `command` provider (see the module documentation for the protocol).
@@ -371,17 +368,7 @@ impl Provider for CommandProvider {
     async fn create(&self, offer: &Offer, s: &Startup) -> Result<Machine, ProviderError> {
         let input = json!({
             "op": "create",
-            "offer": {
-                "id": offer.id,
-                "place": offer.place,
-                "region": offer.region,
-                "gpu_name": offer.gpu_name,
-                "num_gpus": offer.num_gpus,
-                "price_per_hour": offer.price_per_hour,
-                "reliability": offer.reliability,
-                "disk_gb": offer.disk_gb,
-                "inet_down_mbps": offer.inet_down_mbps,
-            },
+            "offer": offer,
             "label": s.label,
             "pair": s.pair,
             "role": s.role.as_str(),

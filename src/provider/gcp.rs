@@ -53,11 +53,11 @@ pub struct GcpSettings {
     /// Estimated price of one VM, $/h (for ranking against other offers only).
     pub price_per_hour: f64,
     /// How often a pending Operation is polled.
-    #[serde(with = "humantime_serde_opt")]
+    #[serde(deserialize_with = "super::de_duration")]
     pub poll_interval: Duration,
     /// How long create and destroy wait for their Operation before answering "still under
     /// way" (the caller then settles by label).
-    #[serde(with = "humantime_serde_opt")]
+    #[serde(deserialize_with = "super::de_duration")]
     pub operation_timeout: Duration,
 }
 
@@ -80,15 +80,6 @@ impl Default for GcpSettings {
             poll_interval: Duration::from_secs(3),
             operation_timeout: Duration::from_secs(45),
         }
-    }
-}
-
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s: String = serde::Deserialize::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 

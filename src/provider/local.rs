@@ -50,6 +50,23 @@ impl Local {
         Ok(self.root.join(id))
     }
 
+    /// Kills the agent of every machine under `root` at once (its process group), without
+    /// deleting anything: for a demo or a test that ends, passed or not.
+    pub fn stop_all(root: &Path) {
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let label = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                && pid > 1
+                && Self::alive(pid, &label)
+            {
+                // SAFETY: kill(2) on the process group of an agent this host started.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
+        }
+    }
+
     /// The machine's workspace (what the tests and the demo compare).
     pub fn workspace(root: &Path, label: &str) -> PathBuf {
         root.join(label).join("workspace")

@@ -260,6 +260,20 @@ fn authed(s: &GceState, h: &HeaderMap) -> Result<(), Reply> {
     }
 }
 
+/// Every API call: the state (operations that are due finished), the request logged, the
+/// caller's access token checked.
+fn enter<'a>(
+    s: &'a Shared,
+    h: &HeaderMap,
+    line: String,
+) -> Result<std::sync::MutexGuard<'a, GceState>, Reply> {
+    let mut st = s.lock().unwrap();
+    st.advance();
+    st.log.push(line);
+    authed(&st, h)?;
+    Ok(st)
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -396,13 +410,14 @@ async fn insert(
     h: HeaderMap,
     body: String,
 ) -> Reply {
-    let mut st = s.lock().unwrap();
-    st.advance();
-    st.log
-        .push(format!("POST /projects/{project}/zones/{zone}/instances"));
-    if let Err(e) = authed(&st, &h) {
-        return e;
-    }
+    let mut st = match enter(
+        &s,
+        &h,
+        format!("POST /projects/{project}/zones/{zone}/instances"),
+    ) {
+        Ok(st) => st,
+        Err(e) => return e,
+    };
     if project != st.project {
         return error(404, "notFound", "The resource 'projects/x' was not found");
     }
@@ -529,14 +544,14 @@ async fn operation(
     Path((project, zone, op)): Path<(String, String, String)>,
     h: HeaderMap,
 ) -> Reply {
-    let mut st = s.lock().unwrap();
-    st.advance();
-    st.log.push(format!(
-        "GET /projects/{project}/zones/{zone}/operations/{op}"
-    ));
-    if let Err(e) = authed(&st, &h) {
-        return e;
-    }
+    let st = match enter(
+        &s,
+        &h,
+        format!("GET /projects/{project}/zones/{zone}/operations/{op}"),
+    ) {
+        Ok(st) => st,
+        Err(e) => return e,
+    };
     match st.ops.get(&op) {
         Some(o) if o.zone == zone => (StatusCode::OK, o.json.to_string()),
         _ => error(404, "notFound", "operation not found"),
@@ -544,13 +559,14 @@ async fn operation(
 }
 
 async fn operations(State(s): State<Shared>, Path((project, zone)): P3, h: HeaderMap) -> Reply {
-    let mut st = s.lock().unwrap();
-    st.advance();
-    st.log
-        .push(format!("GET /projects/{project}/zones/{zone}/operations"));
-    if let Err(e) = authed(&st, &h) {
-        return e;
-    }
+    let st = match enter(
+        &s,
+        &h,
+        format!("GET /projects/{project}/zones/{zone}/operations"),
+    ) {
+        Ok(st) => st,
+        Err(e) => return e,
+    };
     let items: Vec<Value> = st
         .ops
         .values()
@@ -568,14 +584,14 @@ async fn instance(
     Path((project, zone, name)): Path<(String, String, String)>,
     h: HeaderMap,
 ) -> Reply {
-    let mut st = s.lock().unwrap();
-    st.advance();
-    st.log.push(format!(
-        "GET /projects/{project}/zones/{zone}/instances/{name}"
-    ));
-    if let Err(e) = authed(&st, &h) {
-        return e;
-    }
+    let st = match enter(
+        &s,
+        &h,
+        format!("GET /projects/{project}/zones/{zone}/instances/{name}"),
+    ) {
+        Ok(st) => st,
+        Err(e) => return e,
+    };
     match st.instances.get(&name) {
         Some(i) if i.zone == zone => (StatusCode::OK, instance_json(&st, i).to_string()),
         _ => error(
@@ -593,14 +609,14 @@ async fn delete(
     Path((project, zone, name)): Path<(String, String, String)>,
     h: HeaderMap,
 ) -> Reply {
-    let mut st = s.lock().unwrap();
-    st.advance();
-    st.log.push(format!(
-        "DELETE /projects/{project}/zones/{zone}/instances/{name}"
-    ));
-    if let Err(e) = authed(&st, &h) {
-        return e;
-    }
+    let mut st = match enter(
+        &s,
+        &h,
+        format!("DELETE /projects/{project}/zones/{zone}/instances/{name}"),
+    ) {
+        Ok(st) => st,
+        Err(e) => return e,
+    };
     match st.instances.get_mut(&name) {
         Some(i) if i.zone == zone => {
             i.status = "STOPPING".into();
@@ -625,13 +641,14 @@ async fn aggregated(
     RawQuery(q): RawQuery,
     h: HeaderMap,
 ) -> Reply {
-    let mut st = s.lock().unwrap();
-    st.advance();
-    st.log
-        .push(format!("GET /projects/{project}/aggregated/instances"));
-    if let Err(e) = authed(&st, &h) {
-        return e;
-    }
+    let st = match enter(
+        &s,
+        &h,
+        format!("GET /projects/{project}/aggregated/instances"),
+    ) {
+        Ok(st) => st,
+        Err(e) => return e,
+    };
     let q = url_decode_form(&q.unwrap_or_default());
     let after = q.get("pageToken").cloned().unwrap_or_default();
     let mut names = st

@@ -750,6 +750,51 @@ impl Managed {
     }
 }
 
+/// Kills the agents of the machines under a directory (`<dir>/<label>/pid`: the local
+/// provider's layout, and the test cloud's) when a test ends, passed or not: they outlive the
+/// coordinator by design.
+pub struct MachineReaper(pub PathBuf);
+
+impl Drop for MachineReaper {
+    fn drop(&mut self) {
+        standby::provider::local::Local::stop_all(&self.0);
+    }
+}
+
+/// A pair joined by hand under `dir` (`gpu-ws`, `gpu-state`, `cpu-ws`, `cpu-state`): a seeded
+/// tree of `n_small` files and a 1 MiB file, both agents started with join tokens, and the pair
+/// `Syncing` with the tree flushed to the CPU. Returns (cpu, gpu).
+pub fn hand_joined_pair(
+    coord: &Coord,
+    dir: &Path,
+    name: &str,
+    n_small: usize,
+) -> (Managed, Managed) {
+    let ws = dir.join("gpu-ws");
+    make_tree(&ws, &mut rng(seed(name)), n_small, &[1 << 20]);
+    let cpu = Managed::cpu(
+        &coord.addr,
+        Some(&coord.token(name, "cpu", "10m")),
+        &dir.join("cpu-ws"),
+        &dir.join("cpu-state"),
+        &[],
+    );
+    let gpu = Managed::gpu(
+        &coord.addr,
+        Some(&coord.token(name, "gpu", "10m")),
+        &ws,
+        &dir.join("gpu-state"),
+        &["--debounce", "100ms"],
+        &[],
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        coord.pair(name).is_some_and(|p| p["state"] == "Syncing")
+            && flush(&gpu.state, "20s").status.success()
+    });
+    assert!(ok, "{}", coord.log_text());
+    (cpu, gpu)
+}
+
 /// `agent-gpu flush` for a state directory.
 pub fn flush(state: &Path, timeout: &str) -> Output {
     Command::new(AGENT_GPU)
