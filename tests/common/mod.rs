@@ -817,3 +817,5 @@ pub mod fake_gce;
 #[allow(dead_code)]
 pub mod fake_vast;
 pub mod netns;
+#[allow(dead_code)]
+pub mod site;

@@ -135,14 +135,155 @@ impl Drop for Net {
     fn drop(&mut self) {
         for ns in &self.namespaces {
             // Processes still inside would keep the namespace's links alive: kill them first.
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    if let Ok(p) = pid.parse::<i32>() {
-                        unsafe { libc::kill(p, libc::SIGKILL) };
-                    }
+            kill_all_in(ns);
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Hosts on one LAN: each host's namespace has one veth port on a bridge that lives in a switch
+/// namespace of its own, all on 10.`subnet`.0.0/24. Links can be cut per host (its port goes
+/// down: cut from everything) or per pair of hosts (blackhole routes on both, the rest of the
+/// LAN untouched), and a host's outgoing traffic shaped with `tc tbf`. Namespaces whose name
+/// starts with [`Lan::prefix`] are removed on drop, also those a test cloud added.
+pub struct Lan {
+    pub net: Net,
+    pub subnet: u8,
+    hosts: Vec<(String, String, String, String)>, // (name, ip, host-side if, switch-side if)
+}
+
+impl Lan {
+    pub fn new(subnet: u8) -> Lan {
+        let mut net = Net::new();
+        let sw = net.ns("sw");
+        ip(&["netns", "add", &sw]);
+        net.namespaces.push(sw.clone());
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        Lan {
+            net,
+            subnet,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// The prefix of every namespace of this LAN (`<prefix>sw` is the switch).
+    pub fn prefix(&self) -> String {
+        self.net.ns("")
+    }
+
+    /// The random tag of this LAN, for interface names made by others.
+    pub fn tag(&self) -> &str {
+        &self.net.tag
+    }
+
+    /// Adds host `name` at 10.`subnet`.0.`n` and returns its address.
+    pub fn host(&mut self, name: &str, n: u8) -> String {
+        self.net.host(name);
+        let ns = self.net.ns(name);
+        let sw = self.net.ns("sw");
+        let k = self.hosts.len();
+        let (h, p) = (
+            format!("v{}h{k}", self.net.tag),
+            format!("v{}p{k}", self.net.tag),
+        );
+        ip(&["link", "add", &h, "type", "veth", "peer", "name", &p]);
+        ip(&["link", "set", &h, "netns", &ns]);
+        ip(&["link", "set", &p, "netns", &sw]);
+        ip(&["-n", &sw, "link", "set", &p, "master", "br0"]);
+        ip(&["-n", &sw, "link", "set", &p, "up"]);
+        let addr = format!("10.{}.0.{n}", self.subnet);
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", &h]);
+        ip(&["-n", &ns, "link", "set", &h, "up"]);
+        self.hosts.push((name.into(), addr.clone(), h, p));
+        addr
+    }
+
+    fn get(&self, name: &str) -> &(String, String, String, String) {
+        self.hosts
+            .iter()
+            .find(|h| h.0 == name)
+            .unwrap_or_else(|| panic!("no host {name} on the LAN"))
+    }
+
+    pub fn ip(&self, name: &str) -> String {
+        self.get(name).1.clone()
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        self.net.ns(name)
+    }
+
+    /// Cuts host `name` from the whole LAN (its switch port down), or reconnects it.
+    pub fn isolate(&self, name: &str, cut: bool) {
+        let port = &self.get(name).3;
+        let state = if cut { "down" } else { "up" };
+        ip(&["-n", &self.net.ns("sw"), "link", "set", port, state]);
+    }
+
+    /// Cuts (or heals) the path between hosts `a` and `b` only: each drops what it would send
+    /// to the other.
+    pub fn cut(&self, a: &str, b: &str, cut: bool) {
+        for (from, to) in [(a, b), (b, a)] {
+            cut_route(&self.ns(from), &self.ip(to), cut);
+        }
+    }
+
+    /// Shapes what host `name` sends to `rate` (e.g. "16mbit") with a token bucket filter;
+    /// None removes the shaping.
+    pub fn shape(&self, name: &str, rate: Option<&str>) {
+        let (ns, dev) = (self.ns(name), self.get(name).2.clone());
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns, "tc", "qdisc"]);
+        match rate {
+            Some(r) => c
+                .args(["replace", "dev", &dev, "root", "tbf", "rate", r])
+                .args(["burst", "64kb", "latency", "100ms"]),
+            None => c.args(["del", "dev", &dev, "root"]),
+        };
+        let out = c.output().expect("tc");
+        assert!(
+            out.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A command that runs inside host `name`.
+    pub fn cmd(&self, name: &str, program: &str) -> Command {
+        self.net.cmd(name, program)
+    }
+}
+
+/// Adds (or removes) a blackhole route to `to` inside namespace `ns`.
+pub fn cut_route(ns: &str, to: &str, cut: bool) {
+    let verb = if cut { "replace" } else { "del" };
+    ip(&["-n", ns, "route", verb, "blackhole", &format!("{to}/32")]);
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        // Namespaces a test cloud added on this LAN (the Net removes its own after this).
+        let prefix = self.prefix();
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or("");
+                if name.starts_with(&prefix) && !self.net.namespaces.iter().any(|n| n == name) {
+                    kill_all_in(name);
+                    let _ = Command::new("ip").args(["netns", "del", name]).status();
                 }
             }
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// SIGKILLs every process inside namespace `ns`.
+fn kill_all_in(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(p) = pid.parse::<i32>() {
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
         }
     }
 }
