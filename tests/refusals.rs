@@ -2,153 +2,22 @@
 //! A raw gRPC client (not the agent) speaks the protocol directly.
 
 mod common;
+mod raw;
 
 use std::fs;
-use std::path::Path;
 
 use bytes::Bytes;
 use common::*;
+use raw::*;
 use standby::identity::Role;
-use standby::manifest::{Kind, Manifest};
-use standby::proto::replica_client::ReplicaClient;
+use standby::manifest::Manifest;
 use standby::proto::replica_server::{Replica, ReplicaServer};
 use standby::proto::*;
-use standby::tls::{self, Expect, TlsMaterial};
+use standby::tls::{self, TlsMaterial};
 use standby::types::RelPath;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
-
-struct Raw {
-    tx: mpsc::Sender<SyncRequest>,
-    rx: Streaming<SyncResponse>,
-    hello: HelloReply,
-}
-
-impl Raw {
-    async fn send(&self, m: sync_request::Msg) {
-        let _ = self.tx.send(SyncRequest { msg: Some(m) }).await;
-    }
-    async fn recv(&mut self) -> Result<sync_response::Msg, Status> {
-        match self.rx.message().await? {
-            Some(SyncResponse { msg: Some(m) }) => Ok(m),
-            _ => Err(Status::unknown("stream ended")),
-        }
-    }
-    async fn begin(&self) -> u64 {
-        let g = self.hello.generation + 1;
-        self.send(sync_request::Msg::Begin(Begin { generation: g }))
-            .await;
-        g
-    }
-}
-
-async fn raw(addr: &str, tls_dir: &Path, epoch: u64) -> Result<Raw, Status> {
-    let m = TlsMaterial::load(tls_dir).unwrap();
-    let ch = tls::connect(addr, m.client_config(Expect::AnyIdentity).unwrap())
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut c = ReplicaClient::new(ch);
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(SyncRequest {
-        msg: Some(sync_request::Msg::Hello(Hello {
-            protocol: standby::receive::PROTOCOL,
-            epoch,
-            sender: "raw".into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let mut rx = c.sync(ReceiverStream::new(rx)).await?.into_inner();
-    let hello = match rx.message().await? {
-        Some(SyncResponse {
-            msg: Some(sync_response::Msg::Hello(h)),
-        }) => h,
-        other => panic!("no hello: {other:?}"),
-    };
-    Ok(Raw { tx, rx, hello })
-}
-
-fn file_entry(data: &[u8], mode: u32) -> Entry {
-    Entry {
-        kind: Kind::File.to_proto(),
-        mode,
-        mtime_ns: 1_700_000_000_000_000_000,
-        size: data.len() as u64,
-        blake3: blake3::hash(data).as_bytes().to_vec().into(),
-        ..Default::default()
-    }
-}
-
-fn inline(path: &[u8], data: &[u8]) -> Op {
-    Op {
-        path: Bytes::copy_from_slice(path),
-        change: Some(op::Change::Upsert(Upsert {
-            entry: Some(file_entry(data, 0o644)),
-            content: Some(upsert::Content::Inline(Bytes::copy_from_slice(data))),
-            zstd: false,
-            delta: false,
-        })),
-    }
-}
-
-/// A pair with a replica holding a small tree, and a directory outside it that must stay empty.
-struct Setup {
-    pki: Pki,
-    t: tempfile::TempDir,
-    cpu: Cpu,
-    outside: std::path::PathBuf,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let pki = Pki::new();
-        let t = tempfile::tempdir().unwrap();
-        let outside = t.path().join("outside");
-        fs::create_dir(&outside).unwrap();
-        let src = t.path().join("src");
-        fs::create_dir_all(src.join("d")).unwrap();
-        fs::write(src.join("d/f.txt"), b"committed content").unwrap();
-        fs::write(src.join("big.bin"), vec![3u8; 300_000]).unwrap();
-        std::os::unix::fs::symlink(&outside, src.join("escape")).unwrap();
-        let cpu = Cpu::start(
-            &t.path().join("replica"),
-            &t.path().join("cpu"),
-            &pki.node("p", Role::Cpu),
-        );
-        once(
-            &src,
-            &t.path().join("gpu"),
-            &pki.node("p", Role::Gpu),
-            &cpu.addr,
-        );
-        assert_same(&src, &cpu.workspace);
-        Setup {
-            pki,
-            t,
-            cpu,
-            outside,
-        }
-    }
-
-    /// The replica is still exactly the committed tree, nothing leaked outside, nothing staged.
-    fn assert_intact(&self) {
-        assert_same(&self.t.path().join("src"), &self.cpu.workspace);
-        assert_eq!(
-            fs::read_dir(&self.outside).unwrap().count(),
-            0,
-            "something was written outside"
-        );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while staged_files(&self.cpu.state.join("stage")) > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "staged files were not discarded"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn another_pairs_certificate_is_refused() {
