@@ -145,6 +145,18 @@ impl FileStore {
 
     fn append(&self, entries: &[StoreEntry], durable: bool) -> Result<(), StoreError> {
         let mut g = self.inner.lock().expect("store lock");
+        self.write_locked(&mut g, entries, durable)?;
+        drop(g);
+        self.compact_if_stale()
+    }
+
+    /// Appends under the caller's lock, so a check made under the same lock still holds.
+    fn write_locked(
+        &self,
+        g: &mut FileInner,
+        entries: &[StoreEntry],
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let mut buf = Vec::new();
         for e in entries {
             buf.extend(frame(LOG_KIND, &e.encode_to_vec()));
@@ -157,8 +169,7 @@ impl FileStore {
             apply(&mut g.state, e.clone());
         }
         g.entries += entries.len() as u64;
-        drop(g);
-        self.compact_if_stale()
+        Ok(())
     }
 
     /// Rewrites the log with only live entries once most of it is stale.
@@ -221,17 +232,13 @@ impl Store for FileStore {
     }
 
     fn use_token(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError> {
-        if self
-            .inner
-            .lock()
-            .expect("store lock")
-            .state
-            .used_tokens
-            .contains_key(nonce)
-        {
+        // Checked and recorded under one lock: of many joins racing with one token, one wins.
+        let mut g = self.inner.lock().expect("store lock");
+        if g.state.used_tokens.contains_key(nonce) {
             return Ok(false);
         }
-        self.append(
+        self.write_locked(
+            &mut g,
             &[StoreEntry {
                 entry: Some(store_entry::Entry::Token(UsedToken {
                     nonce: nonce.to_string(),
@@ -240,6 +247,8 @@ impl Store for FileStore {
             }],
             true,
         )?;
+        drop(g);
+        self.compact_if_stale()?;
         Ok(true)
     }
 }
@@ -369,5 +378,32 @@ mod tests {
         s.put_pairs(&[pair("a", 2)], false).unwrap();
         assert_eq!(s.load().unwrap().pairs["a"].epoch, 2);
         assert_eq!(s.restart().load().unwrap().pairs["a"].epoch, 1);
+    }
+
+    /// Joins racing with one token (threads released together, round after round): exactly
+    /// one of them may use it.
+    #[test]
+    fn a_token_used_by_many_at_once_is_used_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(FileStore::open(d.path()).unwrap());
+        let rounds = 300;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, b) = (s.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    (0..rounds)
+                        .map(|r| {
+                            b.wait();
+                            s.use_token(&format!("n{r}"), u64::MAX).unwrap() as usize
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let won: Vec<Vec<usize>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for r in 0..rounds {
+            assert_eq!(won.iter().map(|w| w[r]).sum::<usize>(), 1, "round {r}");
+        }
     }
 }
