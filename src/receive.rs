@@ -64,6 +64,8 @@ pub const MAX_MESSAGE: usize = 16 << 20;
 /// Largest inline file.
 pub const MAX_INLINE: usize = 4 << 20;
 const SIG_PIECE: usize = 1 << 20;
+/// Suffix of a streamed file's full staged copy, once its in-place patch grew too big.
+const FULL: &str = ".full";
 
 pub struct ReceiverOptions {
     pub workspace: PathBuf,
@@ -496,14 +498,34 @@ impl Gen {
         name
     }
 
-    /// Removes everything this generation staged. Stream workers stop when their channel
-    /// closes; what they still write goes to files already unlinked.
+    /// Removes everything this generation staged, once nothing of it is still being written.
+    /// A stream worker drains the chunks it was handed before it sees its channel close, and a
+    /// staging batch cannot be stopped once it runs: either could otherwise create a file after
+    /// the removal (left behind), or after the replica's lock went to the next session, whose
+    /// stage names are the same.
+    async fn abandon(mut self, stage: &OwnedFd) {
+        for (_, h) in std::mem::take(&mut self.streams) {
+            drop(h.tx);
+            let _ = h.done.await;
+        }
+        for (_, done) in std::mem::take(&mut self.finishing) {
+            let _ = done.await;
+        }
+        while let Some(b) = self.batches.pop_front() {
+            let _ = b.await;
+        }
+        self.discard(stage);
+    }
+
+    /// Removes everything this generation staged (no worker of it may still be running: see
+    /// `abandon`). A streamed patch that became a full copy is staged as `<name>.full`.
     fn discard(self, stage: &OwnedFd) {
         for b in &self.batches {
             b.abort();
         }
         for name in self.created {
             let _ = fsx::remove_tree_at(stage.as_fd(), name.as_bytes());
+            let _ = fsx::remove_tree_at(stage.as_fd(), format!("{name}{FULL}").as_bytes());
         }
     }
 }
@@ -622,7 +644,7 @@ async fn run_session(
     .await;
     sig_worker.abort();
     if let Some(g) = cur.take() {
-        g.discard(&inner.stage);
+        g.abandon(&inner.stage).await;
     }
     result
 }
@@ -845,7 +867,7 @@ async fn handle(
                 .take()
                 .ok_or_else(|| bad("commit outside a generation"))?;
             if let Err(e) = settle(&mut g).await {
-                g.discard(&inner.stage);
+                g.abandon(&inner.stage).await;
                 return Err(e);
             }
             if c.generation != g.generation.0 {
@@ -1534,7 +1556,7 @@ fn write_chunk(
                     unreachable!()
                 };
                 let mut full = s.name.clone();
-                full.extend_from_slice(b".full");
+                full.extend_from_slice(FULL.as_bytes());
                 let w = Direct::create(stage_fd, &full).map_err(io)?;
                 let w = p.into_direct(base, s.written, w).map_err(io)?;
                 let _ = fsx::unlinkat(stage_fd, &s.name, false);
@@ -1729,4 +1751,44 @@ fn commit(
         .and_then(|_| st.catalog.maybe_compact(&st.manifest))
         .map_err(|e| Status::internal(format!("catalog: {e}")))?;
     Ok((generation, root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_abandoned_generation_leaves_nothing_staged() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = fsx::open_dir_path(d.path()).unwrap();
+        crate::apply::prepare_stage(stage.as_fd()).unwrap();
+        let mut g = Gen {
+            generation: Generation(2),
+            changes: BTreeMap::new(),
+            streams: HashMap::new(),
+            finishing: Vec::new(),
+            batches: Default::default(),
+            bases: Default::default(),
+            seq: 0,
+            new_dirs: HashMap::new(),
+            created: Vec::new(),
+        };
+        // A streamed file whose patch became a full copy.
+        let streamed = g.stage_name();
+        std::fs::write(d.path().join(format!("{streamed}{FULL}")), b"full copy").unwrap();
+        // A staging batch still writing when the generation is given up.
+        let packed = d.path().join(g.stage_name());
+        g.batches.push_back(tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            std::fs::write(packed, b"pack").unwrap();
+            BatchOut {
+                results: Vec::new(),
+                packed: HashMap::new(),
+                pack: None,
+                error: None,
+            }
+        }));
+        g.abandon(&stage).await;
+        assert_eq!(crate::apply::clear_stage(stage.as_fd()).unwrap(), 0);
+    }
 }
