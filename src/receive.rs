@@ -866,18 +866,17 @@ async fn handle(
             let mut g = cur
                 .take()
                 .ok_or_else(|| bad("commit outside a generation"))?;
-            if let Err(e) = settle(&mut g).await {
+            if c.generation != g.generation.0 {
+                let e = bad(format!(
+                    "commit of generation {} inside generation {}",
+                    c.generation, g.generation
+                ));
                 g.abandon(&inner.stage).await;
                 return Err(e);
             }
-            if c.generation != g.generation.0 {
-                return Err(bad(format!(
-                    "commit of generation {} inside generation {}",
-                    c.generation, g.generation
-                )));
-            }
-            if !g.streams.is_empty() {
-                return Err(bad("commit with files still streaming"));
+            if let Err(e) = settle(&mut g).await {
+                g.abandon(&inner.stage).await;
+                return Err(e);
             }
             let retry: Vec<Bytes> = g
                 .changes
