@@ -1154,6 +1154,11 @@ async fn handle_ops(
                         if g.streams.contains_key(&id) {
                             return Err(bad(format!("file id {id} already streaming")));
                         }
+                        if g.streams.len() >= MAX_STREAMS {
+                            return Err(bad(format!(
+                                "{path}: more than {MAX_STREAMS} files streaming at once"
+                            )));
+                        }
                         let base = if u.delta {
                             Some(g.bases.lock().expect("bases").remove(&id).ok_or_else(|| {
                                 bad(format!("{path}: delta without a signature request"))
@@ -1263,6 +1268,10 @@ async fn handle_ops(
 
 /// Staging batches in flight beside a session.
 const MAX_BATCHES: usize = 3;
+/// Files a generation may have streaming at once (the sender streams one at a time). Each holds
+/// a thread of the blocking pool until its end: unbounded, a sender could take them all, and
+/// the session would wait forever on a writer that never gets a thread, holding the replica.
+const MAX_STREAMS: usize = 64;
 
 /// What a staging batch did.
 struct BatchOut {
