@@ -903,8 +903,12 @@ impl PairMachine {
     fn tick(&mut self, now: Instant, t: &Timing, out: &mut Vec<Action>) {
         self.tick_recovery(now, out);
         let state = self.state();
-        if !matches!(state, PairState::Syncing | PairState::Suspect) || self.primary() != Side::Gpu
-        {
+        // A Degraded pair still watches its GPU: a standby that comes back (it kept every
+        // acknowledged generation) takes over if the GPU died meanwhile. Not while a new
+        // standby is being provisioned or seeded: it does not hold the workspace yet.
+        let watching = matches!(state, PairState::Syncing | PairState::Suspect)
+            || (state == PairState::Degraded && self.rec.provision.is_none());
+        if !watching || self.primary() != Side::Gpu {
             return;
         }
         let silence = self.gpu_silence(now);
@@ -1802,6 +1806,89 @@ mod tests {
         );
         let a = gpu_says(&mut m, t0 + ms(5100), true);
         assert_eq!(transitions(&a), vec![PairState::Syncing]);
+    }
+
+    #[test]
+    fn a_degraded_pair_fails_over_when_its_standby_returns_and_the_gpu_is_gone() {
+        // Found by tests/chaos.rs (seed 2): the standby was cut off (Degraded), the GPU died
+        // meanwhile, the standby came back: the pair stayed Degraded for good, nobody primary.
+        let (mut m, t0, t) = syncing();
+        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
+        let st = AgentStatus {
+            connected: false,
+            ..status("send", "dd")
+        };
+        m.step(
+            Input::Report(
+                Side::Gpu,
+                Report {
+                    status: st,
+                    ..report(t0 + ms(4500), 1)
+                },
+            ),
+            &t,
+        );
+        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Degraded]);
+        // The GPU is never heard from again; the CPU comes back and cannot reach it either.
+        let a = m.step(
+            Input::Report(
+                Side::Cpu,
+                Report {
+                    machine: machine("10.0.0.2:7701"),
+                    status: status("receive", "dd"),
+                    ..cpu_report(t0 + ms(9000), None)
+                },
+            ),
+            &t,
+        );
+        assert!(transitions(&a).is_empty());
+        let a = m.step(Input::Tick(t0 + ms(9100)), &t);
+        assert_eq!(transitions(&a), vec![PairState::FailedOver]);
+        assert_eq!(m.epoch(), Epoch(2));
+        assert_eq!(m.primary(), Side::Cpu);
+    }
+
+    #[test]
+    fn a_degraded_pair_whose_gpu_lives_does_not_fail_over() {
+        let (mut m, t0, t) = syncing();
+        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
+        let gpu_says = |m: &mut PairMachine, at: Instant| {
+            let st = AgentStatus {
+                connected: false,
+                ..status("send", "dd")
+            };
+            m.step(
+                Input::Report(
+                    Side::Gpu,
+                    Report {
+                        status: st,
+                        ..report(at, 1)
+                    },
+                ),
+                &t,
+            )
+        };
+        gpu_says(&mut m, t0 + ms(4500));
+        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Degraded]);
+        // The CPU is back but still cut from the GPU, which the coordinator hears: no failover.
+        m.step(
+            Input::Report(
+                Side::Cpu,
+                Report {
+                    machine: machine("10.0.0.2:7701"),
+                    status: status("receive", "dd"),
+                    ..cpu_report(t0 + ms(9000), None)
+                },
+            ),
+            &t,
+        );
+        gpu_says(&mut m, t0 + ms(9000));
+        let a = m.step(Input::Tick(t0 + ms(9100)), &t);
+        assert!(transitions(&a).is_empty(), "{a:?}");
+        assert_eq!(m.state(), PairState::Degraded);
+        assert_eq!(m.epoch(), Epoch(1));
     }
 
     #[test]
