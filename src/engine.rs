@@ -665,13 +665,25 @@ impl Actor {
             }
             for (side, label, id) in watch {
                 let op = format!("get:{label}");
-                if id.is_empty() || !self.inflight.insert(op.clone()) {
+                if !self.inflight.insert(op.clone()) {
                     continue;
                 }
                 let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), name.clone());
                 let limit = prov.cfg.call_timeout;
                 tokio::spawn(async move {
-                    let r = tokio::time::timeout(limit, prov.provider(side).get(&id)).await;
+                    let p = prov.provider(side);
+                    let r = if id.is_empty() {
+                        // Its id is not known (the agent joined before the create returned, or
+                        // the coordinator restarted in between): find it by its label.
+                        tokio::time::timeout(limit, async {
+                            p.list(&label)
+                                .await
+                                .map(|ms| ms.into_iter().find(|m| m.label == label))
+                        })
+                        .await
+                    } else {
+                        tokio::time::timeout(limit, p.get(&id)).await
+                    };
                     let gone = match r {
                         Ok(Ok(None)) => Some("gone".to_string()),
                         Ok(Ok(Some(m))) if m.state == MachineState::Stopped => {

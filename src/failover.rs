@@ -501,6 +501,18 @@ impl PairMachine {
                             }
                         ),
                     });
+                } else if let Some(m) = [&mut self.rec.gpu_owned, &mut self.rec.cpu_owned]
+                    .into_iter()
+                    .flatten()
+                    .chain(self.rec.teardown.iter_mut())
+                    .find(|m| m.label == label && m.id.is_empty())
+                {
+                    // Its agent joined before the create call returned (a fast boot): the
+                    // machine is the pair's already and still needs its id to be watched.
+                    m.id = id;
+                    m.offer = offer;
+                    m.place = place;
+                    out.push(Action::Persist);
                 }
             }
             Input::CreateFailed {
@@ -1474,6 +1486,46 @@ mod tests {
             address: addr.into(),
             workspace: "/workspace".into(),
         })
+    }
+
+    /// Found by tests/chaos.rs (seed 3): a new GPU whose agent joined before the create call
+    /// returned was owned with no id, so nobody watched it; when it died during the restore the
+    /// pair stayed Restoring for good.
+    #[test]
+    fn a_machine_that_joins_before_its_create_returns_gets_its_id() {
+        let (mut m, t0, t) = syncing();
+        with_provider(&mut m);
+        m.step(Input::Manual(t0), &t);
+        m.step(Input::Tick(t0 + ms(200)), &t);
+        let label = m.provisioning_label().unwrap().to_string();
+        let a = m.step(
+            Input::Report(
+                Side::Gpu,
+                Report {
+                    machine: named(&label, "10.0.0.9:7702"),
+                    status: status("idle", ""),
+                    ..report(t0 + ms(300), 1)
+                },
+            ),
+            &t,
+        );
+        assert_eq!(transitions(&a), vec![PairState::Restoring]);
+        assert_eq!(m.rec.gpu_owned.as_ref().unwrap().id, "");
+        let a = m.step(
+            Input::Created {
+                label: label.clone(),
+                id: "42".into(),
+                offer: "o1".into(),
+                place: "host-1".into(),
+            },
+            &t,
+        );
+        assert_eq!(a, vec![Action::Persist]);
+        let owned = m.rec.gpu_owned.as_ref().unwrap();
+        assert_eq!((owned.id.as_str(), owned.offer.as_str()), ("42", "o1"));
+        // It dies during the restore: another one is provisioned.
+        let a = m.step(Input::ProviderGone(Side::Gpu, t0 + ms(900)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Provisioning]);
     }
 
     /// Failed over, auto-recovery on: the machine provisions, restores, cuts over.
