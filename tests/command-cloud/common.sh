@@ -1,10 +1,25 @@
 # shellcheck shell=sh
 # Shared by the scripts of the directory-backed test cloud (sourced, not run).
 #
-# A machine is $CLOUD_DIR/<label>/ holding id, pid, workspace/, state/ and agent.log; its agent
-# is a real process on this host in a session of its own.
+# A machine is $CLOUD_DIR/<label>/ holding id, role, coordinator, pid, workspace/, state/ and
+# agent.log (in $CLOUD_LOG_DIR/<label>.log instead when that is set, so it outlives the machine);
+# its agent is a real process on this host in a session of its own. With CLOUD_LAN set
+# ("<namespace prefix> <switch namespace> <subnet> <tag>", see tests/common/netns.rs) each
+# machine is also a host of its own: a network namespace on the test's bridge at
+# 10.<subnet>.0.<100+n>, named in the machine's netns, ip and port (its switch port) files.
 
 : "${CLOUD_DIR:?set CLOUD_DIR to the state directory of the cloud}"
+
+# Locks this script holds (released when it exits, however it exits).
+held=
+trap release EXIT
+
+release() {
+    for l in $held; do
+        rmdir "$CLOUD_DIR/.lock-$l" 2>/dev/null || true
+    done
+    held=
+}
 
 fail() {
     echo "$(basename "$0"): $*" >&2
@@ -80,6 +95,80 @@ fault() {
     fi
     rmdir "$lock"
     return "$found"
+}
+
+# Takes the lock of machine $1 (create, destroy and reboot of one machine never overlap).
+lock() {
+    n=0
+    until mkdir "$CLOUD_DIR/.lock-$1" 2>/dev/null; do
+        n=$((n + 1))
+        [ "$n" -lt 300 ] || tempfail "cannot lock machine $1"
+        sleep 0.1
+    done
+    held="$held $1"
+}
+
+unlock() {
+    rmdir "$CLOUD_DIR/.lock-$1"
+    held=$(for l in $held; do [ "$l" = "$1" ] || printf ' %s' "$l"; done)
+}
+
+# Makes machine $1 a host on CLOUD_LAN (once: a reboot keeps its host).
+lan_host() {
+    [ -f "$CLOUD_DIR/$1/netns" ] && return 0
+    # shellcheck disable=SC2086
+    set -- "$1" $CLOUD_LAN
+    [ "$#" -eq 5 ] || fail "CLOUD_LAN must be: <namespace prefix> <switch namespace> <subnet> <tag>"
+    lock .hosts
+    k=$(cat "$CLOUD_DIR/.next-host" 2>/dev/null || echo 0)
+    echo $((k + 1)) >"$CLOUD_DIR/.next-host"
+    unlock .hosts
+    [ "$k" -lt 150 ] || fail "the LAN is full"
+    ns="${2}m$k" h="v${5}m$k" p="v${5}n$k" addr="10.$4.0.$((100 + k))"
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip link add "$h" type veth peer name "$p"
+    ip link set "$h" netns "$ns"
+    ip link set "$p" netns "$3"
+    ip -n "$3" link set "$p" master br0
+    ip -n "$3" link set "$p" up
+    ip -n "$ns" addr add "$addr/24" dev "$h"
+    ip -n "$ns" link set "$h" up
+    printf '%s\n' "$addr" >"$CLOUD_DIR/$1/ip"
+    printf '%s\n' "$p" >"$CLOUD_DIR/$1/port"
+    printf '%s\n' "$ns" >"$CLOUD_DIR/$1/netns"
+}
+
+# Starts the agent of machine $1 (its directory holds role and coordinator) in a session of
+# its own; a join token, when there is one, reaches it in STANDBY_JOIN_TOKEN (never on its
+# command line, which every local user can read).
+launch() {
+    dir="$CLOUD_DIR/$1"
+    role=$(cat "$dir/role")
+    bin="$CLOUD_AGENT_BIN_DIR/agent-$role"
+    [ -x "$bin" ] || fail "$bin not found or not executable"
+    log="$dir/agent.log"
+    [ -z "${CLOUD_LOG_DIR:-}" ] || log="$CLOUD_LOG_DIR/$1.log"
+    listen=127.0.0.1:0
+    if [ -n "${CLOUD_LAN:-}" ]; then
+        lan_host "$1"
+        listen=0.0.0.0:0
+        # Its network namespace only (ip netns exec would add a mount namespace too).
+        set -- "$1" nsenter --net="/run/netns/$(cat "$dir/netns")" --
+    else
+        set -- "$1"
+    fi
+    label=$1
+    shift
+    rm -f "$dir/pid"
+    unset STANDBY_OP
+    # Split on purpose: extra agent arguments, separated by spaces.
+    # shellcheck disable=SC2086
+    setsid "$@" "$bin" --coordinator "$(cat "$dir/coordinator")" --machine "$label" \
+        --workspace "$dir/workspace" --state-dir "$dir/state" --listen "$listen" \
+        ${CLOUD_AGENT_ARGS:-} </dev/null >>"$log" 2>&1 &
+    printf '%s\n' "$!" >"$dir/pid.tmp"
+    mv "$dir/pid.tmp" "$dir/pid"
 }
 
 request=$(cat)

@@ -96,10 +96,13 @@ impl Net {
         l
     }
 
-    /// A command that runs inside host `name`.
+    /// A command that runs inside host `name`: in its network namespace only (nsenter, not `ip
+    /// netns exec`, which would also give it a mount namespace of its own where namespaces it
+    /// adds stay invisible to the test).
     pub fn cmd(&self, name: &str, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(name), program]);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns(name)))
+            .args(["--", program]);
         c.stdin(Stdio::null());
         c
     }
@@ -216,9 +219,34 @@ impl Lan {
 
     /// Cuts host `name` from the whole LAN (its switch port down), or reconnects it.
     pub fn isolate(&self, name: &str, cut: bool) {
-        let port = &self.get(name).3;
-        let state = if cut { "down" } else { "up" };
-        ip(&["-n", &self.net.ns("sw"), "link", "set", port, state]);
+        assert!(self.set_port(&self.get(name).3, !cut));
+    }
+
+    /// The switch-side interface of host `name`.
+    pub fn port(&self, name: &str) -> String {
+        self.get(name).3.clone()
+    }
+
+    /// Sets a switch port up or down (also one a test cloud added); false when it is gone.
+    pub fn set_port(&self, port: &str, up: bool) -> bool {
+        let state = if up { "up" } else { "down" };
+        Command::new("ip")
+            .args(["-n", &self.net.ns("sw"), "link", "set", port, state])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// The value of CLOUD_LAN for the test cloud (tests/command-cloud/common.sh), so that the
+    /// machines it creates are hosts on this LAN.
+    pub fn cloud_lan(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.prefix(),
+            self.net.ns("sw"),
+            self.subnet,
+            self.net.tag
+        )
     }
 
     /// Cuts (or heals) the path between hosts `a` and `b` only: each drops what it would send
@@ -257,8 +285,20 @@ impl Lan {
 
 /// Adds (or removes) a blackhole route to `to` inside namespace `ns`.
 pub fn cut_route(ns: &str, to: &str, cut: bool) {
+    assert!(
+        try_cut_route(ns, to, cut),
+        "cannot change the route to {to} in {ns}"
+    );
+}
+
+/// [`cut_route`] for a namespace that may be gone; false when it failed.
+pub fn try_cut_route(ns: &str, to: &str, cut: bool) -> bool {
     let verb = if cut { "replace" } else { "del" };
-    ip(&["-n", ns, "route", verb, "blackhole", &format!("{to}/32")]);
+    Command::new("ip")
+        .args(["-n", ns, "route", verb, "blackhole", &format!("{to}/32")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Drop for Lan {

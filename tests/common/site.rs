@@ -26,7 +26,11 @@ impl Site {
     /// A LAN on 10.`subnet`.0.0/24 with host `coord` (.1) running `coordinator serve` with
     /// `args` (and `env`), advertised to agents at its LAN address.
     pub fn new(dir: &Path, subnet: u8, args: &[&str], env: &[(&str, &str)]) -> Site {
-        let mut lan = Lan::new(subnet);
+        Self::on(Lan::new(subnet), dir, args, env)
+    }
+
+    /// [`Site::new`] on a LAN made beforehand.
+    pub fn on(mut lan: Lan, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Site {
         let ip = lan.host("coord", 1);
         let coord_dir = dir.join("coord");
         let st = Command::new(COORDINATOR)
@@ -118,15 +122,48 @@ impl Site {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
-    /// An admin verb, run inside `coord`, given at most 10 s.
+    /// The admin CLI, for use from another thread.
+    pub fn cli(&self) -> AdminCli {
+        AdminCli {
+            ns: self.lan.ns("coord"),
+            dir: self.coord_dir.clone(),
+        }
+    }
+
     pub fn admin(&self, args: &[&str]) -> Output {
-        self.lan
-            .cmd("coord", "timeout")
-            .arg("10")
-            .arg(COORDINATOR)
+        self.cli().admin(args)
+    }
+
+    pub fn pairs(&self) -> Option<Vec<serde_json::Value>> {
+        self.cli().pairs()
+    }
+
+    pub fn pair(&self, name: &str) -> Option<serde_json::Value> {
+        self.cli().pair(name)
+    }
+
+    pub fn state(&self, name: &str) -> Option<(String, u64)> {
+        self.cli().state(name)
+    }
+}
+
+/// The coordinator's admin CLI, run inside host `coord`.
+#[derive(Clone)]
+pub struct AdminCli {
+    ns: String,
+    dir: PathBuf,
+}
+
+impl AdminCli {
+    /// An admin verb, given at most 10 s (a stopped coordinator must not hang the caller).
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .args(["--", "timeout", "10", COORDINATOR])
             .args(args)
             .args(["--server", &format!("127.0.0.1:{COORD_PORT}"), "--tls-dir"])
-            .arg(self.coord_dir.join("admin"))
+            .arg(self.dir.join("admin"))
+            .stdin(Stdio::null())
             .output()
             .unwrap()
     }
