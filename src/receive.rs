@@ -730,10 +730,20 @@ async fn sig_worker(
     }
 }
 
+/// How many bases (files whose signature was sent, mapped until their delta arrives) one
+/// generation may hold open. The agent's sender asks at most 8 ahead; past this a request gets
+/// "missing" (send it whole) instead of another open file.
+const MAX_BASES: usize = 64;
+
 fn compute_sig(inner: &Inner, job: SigJob) -> io::Result<Vec<Signature>> {
     let Some(expect) = job.expect else {
         return Err(io::Error::new(io::ErrorKind::NotFound, "no committed file"));
     };
+    if job.bases.lock().expect("bases").len() >= MAX_BASES {
+        return Err(io::Error::other(format!(
+            "{MAX_BASES} files already await their delta in this generation"
+        )));
+    }
     let (dir, name) = inner.root.open_parent(&job.path)?;
     let f = fsx::openat_file(dir.as_fd(), name)?;
     let md = f.metadata()?;

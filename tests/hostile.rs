@@ -296,6 +296,46 @@ async fn too_many_files_streaming_at_once_are_refused_without_wedging_the_receiv
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn signature_requests_never_delivered_on_keep_a_bounded_number_of_files_open() {
+    let s = Setup::new();
+    let gtls = s.pki.node("p", Role::Gpu);
+    let g0 = raw(&s.cpu.addr, &gtls, 1).await.unwrap().hello.generation;
+    // 200 signature requests for the same committed file, no delta ever: each would keep the
+    // file open and mapped until the generation ends. Past the cap the answer is "missing"
+    // (send it whole).
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    r.begin().await;
+    let n = 200u32;
+    for file in 1..=n {
+        r.send(sync_request::Msg::Sig(SigRequest {
+            file,
+            path: "big.bin".into(),
+            block_size: 4096,
+        }))
+        .await;
+    }
+    let (mut served, mut missing) = (0, 0);
+    while served + missing < n {
+        match tokio::time::timeout(Duration::from_secs(60), r.recv())
+            .await
+            .expect("the receiver never answered")
+            .unwrap()
+        {
+            sync_response::Msg::Signature(sig) if sig.last && sig.missing => missing += 1,
+            sync_response::Msg::Signature(sig) if sig.last => served += 1,
+            sync_response::Msg::Signature(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((served, missing), (64, n - 64));
+    drop(r);
+    assert_serving(&s, g0).await;
+    s.assert_intact();
+    sync_goes_on(&s);
+    assert_no_panic(&s.cpu.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn out_of_order_and_duplicate_commits_are_refused() {
     let s = Setup::new();
     let gtls = s.pki.node("p", Role::Gpu);
