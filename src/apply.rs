@@ -444,4 +444,36 @@ mod tests {
         check();
         sync_applied(&root, &rec, &m).unwrap();
     }
+
+    /// A symlink planted where the manifest has a file: setting the file's metadata must not
+    /// change the symlink's target outside the workspace (found with the `apply_record` fuzz
+    /// target; `fuzz/seeds/apply_record/chmod-through-planted-symlink`).
+    #[test]
+    fn set_meta_does_not_follow_a_planted_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let ws = tempfile::tempdir().unwrap();
+        let st = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        std::fs::write(&secret, b"x").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&secret, ws.path().join("f")).unwrap();
+        let root = Root::open(ws.path()).unwrap();
+        let stage = fsx::open_dir_path(st.path()).unwrap();
+        let mut f = file(1, 1_000_000_000, 1);
+        f.mode = 0o777;
+        let rec = Record {
+            generation: 2,
+            changes: vec![Change {
+                set_meta: true,
+                ..ch("f", Some(f.clone()), None)
+            }],
+            ..Default::default()
+        };
+        let mut m = Manifest::new();
+        m.insert(RelPath::new("f").unwrap(), f);
+        assert!(apply_record(&root, stage.as_fd(), &rec, &m).is_err());
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "chmod went through the symlink");
+    }
 }

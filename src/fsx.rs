@@ -220,10 +220,20 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &[u8], is_dir: bool) -> io::Result<()
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), flags) }).map(drop)
 }
 
-/// Sets permission bits of a non-symlink `name` inside `dir`.
+/// Sets permission bits of `name` inside `dir`. A symlink there is refused (`EOPNOTSUPP`), never
+/// followed: a symlink planted where a file was expected must not carry the change outside the
+/// root. (glibc and musl do this through an `O_PATH` descriptor and `/proc/self/fd`.)
 pub fn chmodat(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
     let n = cname(name)?;
-    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), n.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
+    cvt(unsafe {
+        libc::fchmodat(
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            mode as libc::mode_t,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
 }
 
 /// Sets the modification time of `name` inside `dir` (of a symlink itself, never its target).
@@ -389,6 +399,24 @@ mod tests {
         remove_tree_at(root.fd(), b"t").unwrap();
         assert!(!d.path().join("t").exists());
         assert!(outside.path().join("keep").exists());
+    }
+
+    #[test]
+    fn chmod_refuses_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("t");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        symlink(&target, d.path().join("l")).unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let root = Root::open(d.path()).unwrap();
+        assert!(chmodat(root.fd(), b"l", 0o777).is_err());
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&target), 0o600);
+        chmodat(root.fd(), b"f", 0o640).unwrap();
+        assert_eq!(mode(&d.path().join("f")), 0o640);
     }
 
     #[test]
