@@ -1814,60 +1814,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_silent_standby_the_gpu_cannot_reach_degrades_the_pair() {
-        let (mut m, t0, t) = syncing();
-        let gpu_says = |m: &mut PairMachine, at: Instant, connected: bool| {
-            let st = AgentStatus {
-                connected,
-                ..status("send", "dd")
-            };
-            m.step(
-                Input::Report(
-                    Side::Gpu,
-                    Report {
-                        status: st,
-                        ..report(at, 1)
-                    },
-                ),
-                &t,
-            )
-        };
-        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
-        // The GPU still reaches its standby (only the coordinator lost it): no change.
-        gpu_says(&mut m, t0 + ms(4000), true);
-        assert!(transitions(&m.step(Input::Tick(t0 + ms(4000)), &t)).is_empty());
-        // Neither the coordinator nor the GPU hears the CPU: Degraded, nothing provisioned
-        // (no provider is configured, and a hand-joined standby is not ours to replace).
-        gpu_says(&mut m, t0 + ms(4500), false);
-        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
-        assert_eq!(transitions(&a), vec![PairState::Degraded]);
-        assert!(m.rec.provision.is_none());
-        assert_eq!(m.epoch(), Epoch(1));
-        // It comes back and catches up: Syncing again.
-        m.step(
-            Input::Report(
-                Side::Cpu,
-                Report {
-                    machine: machine("10.0.0.2:7701"),
-                    status: status("receive", "dd"),
-                    ..cpu_report(t0 + ms(5000), Some(ms(10)))
-                },
-            ),
-            &t,
-        );
-        let a = gpu_says(&mut m, t0 + ms(5100), true);
-        assert_eq!(transitions(&a), vec![PairState::Syncing]);
-    }
-
-    #[test]
-    fn a_degraded_pair_fails_over_when_its_standby_returns_and_the_gpu_is_gone() {
-        // Found by tests/chaos.rs (seed 2): the standby was cut off (Degraded), the GPU died
-        // meanwhile, the standby came back: the pair stayed Degraded for good, nobody primary.
-        let (mut m, t0, t) = syncing();
-        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
+    /// The GPU agent reports as the sender, reaching its standby (`connected`) or not.
+    fn gpu_sends(m: &mut PairMachine, at: Instant, connected: bool, t: &Timing) -> Vec<Action> {
         let st = AgentStatus {
-            connected: false,
+            connected,
             ..status("send", "dd")
         };
         m.step(
@@ -1875,25 +1825,74 @@ mod tests {
                 Side::Gpu,
                 Report {
                     status: st,
-                    ..report(t0 + ms(4500), 1)
+                    ..report(at, 1)
                 },
             ),
-            &t,
-        );
-        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
-        assert_eq!(transitions(&a), vec![PairState::Degraded]);
-        // The GPU is never heard from again; the CPU comes back and cannot reach it either.
-        let a = m.step(
+            t,
+        )
+    }
+
+    /// The CPU agent reports again, receiving; it last reached the GPU `probe_ok_age` ago
+    /// (None: not since it came back).
+    fn cpu_back(
+        m: &mut PairMachine,
+        at: Instant,
+        probe_ok_age: Option<Duration>,
+        t: &Timing,
+    ) -> Vec<Action> {
+        m.step(
             Input::Report(
                 Side::Cpu,
                 Report {
                     machine: machine("10.0.0.2:7701"),
                     status: status("receive", "dd"),
-                    ..cpu_report(t0 + ms(9000), None)
+                    ..cpu_report(at, probe_ok_age)
                 },
             ),
-            &t,
-        );
+            t,
+        )
+    }
+
+    /// Syncing, then the CPU is lost to the coordinator (t0 + 100 ms) and to the GPU: Degraded
+    /// at t0 + 4.5 s, nothing provisioned, epoch 1.
+    fn degraded() -> (PairMachine, Instant, Timing) {
+        let (mut m, t0, t) = syncing();
+        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
+        gpu_sends(&mut m, t0 + ms(4500), false, &t);
+        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Degraded]);
+        assert!(m.rec.provision.is_none());
+        assert_eq!(m.epoch(), Epoch(1));
+        (m, t0, t)
+    }
+
+    #[test]
+    fn a_silent_standby_the_gpu_cannot_reach_degrades_the_pair() {
+        let (mut m, t0, t) = syncing();
+        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
+        // The GPU still reaches its standby (only the coordinator lost it): no change.
+        gpu_sends(&mut m, t0 + ms(4000), true, &t);
+        assert!(transitions(&m.step(Input::Tick(t0 + ms(4000)), &t)).is_empty());
+        // Neither the coordinator nor the GPU hears the CPU: Degraded, nothing provisioned
+        // (no provider is configured, and a hand-joined standby is not ours to replace).
+        gpu_sends(&mut m, t0 + ms(4500), false, &t);
+        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
+        assert_eq!(transitions(&a), vec![PairState::Degraded]);
+        assert!(m.rec.provision.is_none());
+        assert_eq!(m.epoch(), Epoch(1));
+        // It comes back and catches up: Syncing again.
+        cpu_back(&mut m, t0 + ms(5000), Some(ms(10)), &t);
+        let a = gpu_sends(&mut m, t0 + ms(5100), true, &t);
+        assert_eq!(transitions(&a), vec![PairState::Syncing]);
+    }
+
+    #[test]
+    fn a_degraded_pair_fails_over_when_its_standby_returns_and_the_gpu_is_gone() {
+        // Found by tests/chaos.rs (seed 2): the standby was cut off (Degraded), the GPU died
+        // meanwhile, the standby came back: the pair stayed Degraded for good, nobody primary.
+        let (mut m, t0, t) = degraded();
+        // The GPU is never heard from again; the CPU comes back and cannot reach it either.
+        let a = cpu_back(&mut m, t0 + ms(9000), None, &t);
         assert!(transitions(&a).is_empty());
         let a = m.step(Input::Tick(t0 + ms(9100)), &t);
         assert_eq!(transitions(&a), vec![PairState::FailedOver]);
@@ -1903,40 +1902,10 @@ mod tests {
 
     #[test]
     fn a_degraded_pair_whose_gpu_lives_does_not_fail_over() {
-        let (mut m, t0, t) = syncing();
-        m.step(Input::Disconnected(Side::Cpu, t0 + ms(100)), &t);
-        let gpu_says = |m: &mut PairMachine, at: Instant| {
-            let st = AgentStatus {
-                connected: false,
-                ..status("send", "dd")
-            };
-            m.step(
-                Input::Report(
-                    Side::Gpu,
-                    Report {
-                        status: st,
-                        ..report(at, 1)
-                    },
-                ),
-                &t,
-            )
-        };
-        gpu_says(&mut m, t0 + ms(4500));
-        let a = m.step(Input::Tick(t0 + ms(4500)), &t);
-        assert_eq!(transitions(&a), vec![PairState::Degraded]);
+        let (mut m, t0, t) = degraded();
         // The CPU is back but still cut from the GPU, which the coordinator hears: no failover.
-        m.step(
-            Input::Report(
-                Side::Cpu,
-                Report {
-                    machine: machine("10.0.0.2:7701"),
-                    status: status("receive", "dd"),
-                    ..cpu_report(t0 + ms(9000), None)
-                },
-            ),
-            &t,
-        );
-        gpu_says(&mut m, t0 + ms(9000));
+        cpu_back(&mut m, t0 + ms(9000), None, &t);
+        gpu_sends(&mut m, t0 + ms(9000), false, &t);
         let a = m.step(Input::Tick(t0 + ms(9100)), &t);
         assert!(transitions(&a).is_empty(), "{a:?}");
         assert_eq!(m.state(), PairState::Degraded);

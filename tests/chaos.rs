@@ -41,13 +41,9 @@ struct Cloud {
 }
 
 impl Cloud {
-    fn scripts() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/command-cloud")
-    }
-
     fn run(&self, script: &str, args: &[&str], stdin: &str) -> std::process::Output {
         use std::io::Write;
-        let mut c = Command::new(Self::scripts().join(script));
+        let mut c = Command::new(command_cloud().join(script));
         c.args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
@@ -64,17 +60,7 @@ impl Cloud {
     }
 
     fn machines(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        cloud_machines(&self.dir)
     }
 
     fn file(&self, label: &str, name: &str) -> Option<String> {
@@ -403,19 +389,7 @@ fn random_faults_lose_no_flushed_write() {
     let _reaper = MachineReaper(cloud_dir.clone());
 
     // The LAN exists before the coordinator: the cloud needs its name.
-    let scripts = Cloud::scripts();
-    let cdir = t.path().join("coord");
-    fs::create_dir_all(&cdir).unwrap();
-    let toml = cdir.join("chaos.toml");
-    fs::write(
-        &toml,
-        format!(
-            "[command]\ncreate = \"{0}/create\"\ndestroy = \"{0}/destroy\"\nlist = \"{0}/list\"\n\
-             get = \"{0}/get\"\nsearch = [\"{0}/search\"]\ntimeout = \"30s\"\n",
-            scripts.display()
-        ),
-    )
-    .unwrap();
+    let toml = command_cloud_config(&t.path().join("coord"));
     let bin_dir = Path::new(AGENT_GPU).parent().unwrap().display().to_string();
     let lan = common::netns::Lan::new(91);
     let env: Vec<(String, String)> = vec![

@@ -7,28 +7,10 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/command-cloud")
-}
-
-/// Machines of the test cloud (directories under CLOUD_DIR).
-fn machines(cloud: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(cloud)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
 
 #[test]
 fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
@@ -39,18 +21,7 @@ fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
     let faults = t.path().join("faults");
     fs::write(&faults, "create-tempfail-once\n").unwrap();
     let cdir = t.path().join("coord");
-    fs::create_dir_all(&cdir).unwrap();
-    let s = scripts();
-    let toml = cdir.join("coordinator.toml");
-    fs::write(
-        &toml,
-        format!(
-            "[command]\ncreate = \"{0}/create\"\ndestroy = \"{0}/destroy\"\nlist = \"{0}/list\"\n\
-             get = \"{0}/get\"\nsearch = [\"{0}/search\"]\ntimeout = \"30s\"\n",
-            s.display()
-        ),
-    )
-    .unwrap();
+    let toml = command_cloud_config(&cdir);
     // The scripts' settings reach them through the coordinator's environment.
     let bin_dir = Path::new(AGENT_GPU).parent().unwrap().display().to_string();
     unsafe {
@@ -95,7 +66,7 @@ fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
             .pair(name)
             .is_some_and(|p| p["state"] == "Syncing" && p["epoch"] == 3)
     });
-    let mlogs: String = machines(&cloud)
+    let mlogs: String = cloud_machines(&cloud)
         .iter()
         .map(|m| {
             format!(
@@ -121,9 +92,14 @@ fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
     );
     // The orphan is swept, the foreign machine left alone, nothing else exists.
     let ok = wait_until(Duration::from_secs(30), || {
-        machines(&cloud) == vec![label.clone(), "someone-elses-vm".to_string()]
+        cloud_machines(&cloud) == vec![label.clone(), "someone-elses-vm".to_string()]
     });
-    assert!(ok, "machines: {:?}\n{}", machines(&cloud), coord.log_text());
+    assert!(
+        ok,
+        "machines: {:?}\n{}",
+        cloud_machines(&cloud),
+        coord.log_text()
+    );
     let events = String::from_utf8_lossy(&coord.admin(&["events", "--json"]).stdout).to_string();
     assert!(events.contains(&orphan), "{events}");
     // The ambiguous create was settled by label: one attempt, one machine.

@@ -49,6 +49,15 @@ async fn assert_serving(s: &Setup, generation: u64) {
     assert_eq!(r.hello.generation, generation, "the committed generation");
 }
 
+/// After an attack: the agent serves at `generation`, the replica is intact, a normal sync
+/// follows, and nothing panicked on the way.
+async fn survived(s: &Setup, generation: u64) {
+    assert_serving(s, generation).await;
+    s.assert_intact();
+    sync_goes_on(s);
+    assert_no_panic(&s.cpu.log_text());
+}
+
 /// A normal sync of a new file by the real agent-gpu succeeds, and the replica follows.
 fn sync_goes_on(s: &Setup) {
     fs::write(s.src().join("after.txt"), b"replication goes on").unwrap();
@@ -247,10 +256,7 @@ async fn oversized_messages_are_refused_and_the_agent_keeps_serving() {
     }
     drop(r);
 
-    assert_serving(&s, g0).await;
-    s.assert_intact();
-    sync_goes_on(&s);
-    assert_no_panic(&s.cpu.log_text());
+    survived(&s, g0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -289,10 +295,7 @@ async fn too_many_files_streaming_at_once_are_refused_without_wedging_the_receiv
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("files streaming at once"), "{e}");
     drop(r);
-    assert_serving(&s, g0).await;
-    s.assert_intact();
-    sync_goes_on(&s);
-    assert_no_panic(&s.cpu.log_text());
+    survived(&s, g0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -329,10 +332,7 @@ async fn signature_requests_never_delivered_on_keep_a_bounded_number_of_files_op
     }
     assert_eq!((served, missing), (64, n - 64));
     drop(r);
-    assert_serving(&s, g0).await;
-    s.assert_intact();
-    sync_goes_on(&s);
-    assert_no_panic(&s.cpu.log_text());
+    survived(&s, g0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -445,10 +445,7 @@ async fn out_of_order_and_duplicate_commits_are_refused() {
     drop(r);
 
     assert!(diff(&committed, &snapshot(&s.cpu.workspace)).is_empty());
-    assert_serving(&s, g2).await;
-    s.assert_intact();
-    sync_goes_on(&s);
-    assert_no_panic(&s.cpu.log_text());
+    survived(&s, g2).await;
 }
 
 /// A file descriptor of a client's TCP connection, to cut it under the client's feet.

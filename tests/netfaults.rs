@@ -47,11 +47,7 @@ fn rig(subnet: u8) -> Rig {
         gpu,
         _t: t,
     };
-    let ok = wait_until(Duration::from_secs(60), || {
-        r.site.state(PAIR) == Some(("Syncing".into(), 1))
-            && flush(&r.gpu.state, "20s").status.success()
-    });
-    assert!(ok, "{:?}\n{}", r.site.state(PAIR), r.logs());
+    r.back_to_syncing(Duration::from_secs(60), true);
     assert_same(&r.gpu.workspace, &r.cpu.workspace);
     r
 }
@@ -110,14 +106,46 @@ impl Rig {
     }
 }
 
-fn no_failover(seen: &[(String, u64)], r: &Rig) {
-    for (s, e) in seen {
-        assert!(
-            *e == 1 && s != "FailedOver",
-            "unexpected failover: {seen:?}\n{}",
-            r.logs()
-        );
+impl Rig {
+    /// After a case that must not fail over: it did not (epoch 1 throughout), the replica
+    /// equals the workspace, and one primary per epoch; returns epoch -> primaries.
+    fn calm(&self, seen: &[(String, u64)]) -> BTreeMap<u64, Vec<String>> {
+        eprintln!("states: {seen:?}");
+        for (s, e) in seen {
+            assert!(
+                *e == 1 && s != "FailedOver",
+                "unexpected failover: {seen:?}\n{}",
+                self.logs()
+            );
+        }
+        assert_same(&self.gpu.workspace, &self.cpu.workspace);
+        self.one_primary_per_epoch()
     }
+
+    /// Waits for Syncing at epoch 1 (and, with `flushed`, a flush that succeeds).
+    fn back_to_syncing(&self, within: Duration, flushed: bool) {
+        let ok = wait_until(within, || {
+            self.site.state(PAIR) == Some(("Syncing".into(), 1))
+                && (!flushed || flush(&self.gpu.state, "10s").status.success())
+        });
+        assert!(ok, "{:?}\n{}", self.site.state(PAIR), self.logs());
+    }
+}
+
+/// Cuts the coordinator from `host` only for `hold`, with a flush during the cut (replication
+/// goes on over the GPU-CPU path), then heals; returns the rig and the states seen.
+fn coordinator_link_cut(subnet: u8, host: &str, hold: Duration) -> (Rig, Vec<(String, u64)>) {
+    let r = rig(subnet);
+    let seen = r.watch(|| {
+        r.site.lan.cut("coord", host, true);
+        std::thread::sleep(hold);
+        r.write("during-cut.txt", b"replicated anyway");
+        let out = flush(&r.gpu.state, "20s");
+        assert!(out.status.success(), "{}", r.logs());
+        r.site.lan.cut("coord", host, false);
+        r.back_to_syncing(Duration::from_secs(30), false);
+    });
+    (r, seen)
 }
 
 #[test]
@@ -145,11 +173,8 @@ fn gpu_cpu_link_cut_only_no_failover_and_flush_waits() {
         });
         assert!(ok, "no flush after the link healed\n{}", r.logs());
     });
-    eprintln!("states: {seen:?}");
-    no_failover(&seen, &r);
-    assert_same(&r.gpu.workspace, &r.cpu.workspace);
     assert_eq!(
-        r.one_primary_per_epoch(),
+        r.calm(&seen),
         BTreeMap::from([(1, vec!["gpu-a".to_string()])])
     );
 }
@@ -159,22 +184,8 @@ fn coordinator_gpu_link_cut_only_no_failover() {
     if !privileged("coordinator_gpu_link_cut_only_no_failover") {
         return;
     }
-    let r = rig(82);
-    let seen = r.watch(|| {
-        r.site.lan.cut("coord", "gpu", true);
-        std::thread::sleep(Duration::from_secs(10));
-        // Replication goes on over the GPU-CPU path.
-        r.write("during-cut.txt", b"replicated anyway");
-        let out = flush(&r.gpu.state, "20s");
-        assert!(out.status.success(), "{}", r.logs());
-        r.site.lan.cut("coord", "gpu", false);
-        let ok = wait_until(Duration::from_secs(30), || {
-            r.site.state(PAIR) == Some(("Syncing".into(), 1))
-        });
-        assert!(ok, "{}", r.logs());
-    });
-    eprintln!("states: {seen:?}");
-    no_failover(&seen, &r);
+    let (r, seen) = coordinator_link_cut(82, "gpu", Duration::from_secs(10));
+    r.calm(&seen);
     assert!(
         seen.iter().any(|(s, _)| s == "Suspect"),
         "the coordinator should have noticed the silence: {seen:?}"
@@ -184,8 +195,6 @@ fn coordinator_gpu_link_cut_only_no_failover() {
         "{}",
         r.logs()
     );
-    assert_same(&r.gpu.workspace, &r.cpu.workspace);
-    r.one_primary_per_epoch();
 }
 
 #[test]
@@ -193,23 +202,8 @@ fn coordinator_cpu_link_cut_only_no_failover() {
     if !privileged("coordinator_cpu_link_cut_only_no_failover") {
         return;
     }
-    let r = rig(83);
-    let seen = r.watch(|| {
-        r.site.lan.cut("coord", "cpu", true);
-        std::thread::sleep(Duration::from_secs(8));
-        r.write("during-cut.txt", b"replicated anyway");
-        let out = flush(&r.gpu.state, "20s");
-        assert!(out.status.success(), "{}", r.logs());
-        r.site.lan.cut("coord", "cpu", false);
-        let ok = wait_until(Duration::from_secs(30), || {
-            r.site.state(PAIR) == Some(("Syncing".into(), 1))
-        });
-        assert!(ok, "{}", r.logs());
-    });
-    eprintln!("states: {seen:?}");
-    no_failover(&seen, &r);
-    assert_same(&r.gpu.workspace, &r.cpu.workspace);
-    r.one_primary_per_epoch();
+    let (r, seen) = coordinator_link_cut(83, "cpu", Duration::from_secs(8));
+    r.calm(&seen);
 }
 
 #[test]
@@ -278,17 +272,10 @@ fn everything_cut_no_failover_then_heals() {
         for h in ["coord", "gpu", "cpu"] {
             r.site.lan.isolate(h, false);
         }
-        let ok = wait_until(Duration::from_secs(60), || {
-            r.site.state(PAIR) == Some(("Syncing".into(), 1))
-                && flush(&r.gpu.state, "10s").status.success()
-        });
-        assert!(ok, "{}", r.logs());
+        r.back_to_syncing(Duration::from_secs(60), true);
     });
-    eprintln!("states: {seen:?}");
     // Nobody confirmed the GPU's death: the CPU was out of reach too.
-    no_failover(&seen, &r);
-    assert_same(&r.gpu.workspace, &r.cpu.workspace);
-    r.one_primary_per_epoch();
+    r.calm(&seen);
 }
 
 #[test]
@@ -310,10 +297,7 @@ fn flapping_gpu_link_no_failover_nothing_lost() {
         });
         assert!(ok, "{}", r.logs());
     });
-    eprintln!("states: {seen:?}");
-    no_failover(&seen, &r);
-    assert_same(&r.gpu.workspace, &r.cpu.workspace);
-    r.one_primary_per_epoch();
+    r.calm(&seen);
 }
 
 #[test]
@@ -338,8 +322,5 @@ fn shaped_link_carries_a_big_file_without_false_failover() {
         );
     });
     r.site.lan.shape("gpu", None);
-    eprintln!("states: {seen:?}");
-    no_failover(&seen, &r);
-    assert_same(&r.gpu.workspace, &r.cpu.workspace);
-    r.one_primary_per_epoch();
+    r.calm(&seen);
 }

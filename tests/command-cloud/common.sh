@@ -80,20 +80,14 @@ print(json.dumps({"id": sys.argv[1], "label": sys.argv[1], "state": sys.argv[2],
 # Consumes the line $1 of $CLOUD_FAULTS; true when it was there.
 fault() {
     [ -n "${CLOUD_FAULTS:-}" ] && [ -f "$CLOUD_FAULTS" ] || return 1
-    lock="$CLOUD_FAULTS.lock"
-    n=0
-    until mkdir "$lock" 2>/dev/null; do
-        n=$((n + 1))
-        [ "$n" -lt 100 ] || tempfail "cannot lock $lock"
-        sleep 0.1
-    done
+    lock .faults
     found=1
     if grep -qxF -- "$1" "$CLOUD_FAULTS"; then
         found=0
         grep -vxF -- "$1" "$CLOUD_FAULTS" >"$CLOUD_FAULTS.tmp" || true
         mv "$CLOUD_FAULTS.tmp" "$CLOUD_FAULTS"
     fi
-    rmdir "$lock"
+    unlock .faults
     return "$found"
 }
 

@@ -610,18 +610,7 @@ impl Coord {
     }
 
     pub fn token(&self, pair: &str, role: &str, ttl: &str) -> String {
-        let out = Command::new(COORDINATOR)
-            .args(["token", "--dir"])
-            .arg(&self.dir)
-            .args(["--pair", pair, "--role", role, "--ttl", ttl])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        join_token(&self.dir, pair, role, ttl)
     }
 
     /// `coordinator pairs --json`.
@@ -656,6 +645,58 @@ impl Coord {
     pub fn args_push(&mut self, args: &[&str]) {
         self.args.extend(args.iter().map(|s| s.to_string()));
     }
+}
+
+/// `coordinator token` for the coordinator directory `dir`.
+pub fn join_token(dir: &Path, pair: &str, role: &str, ttl: &str) -> String {
+    let out = Command::new(COORDINATOR)
+        .args(["token", "--dir"])
+        .arg(dir)
+        .args(["--pair", pair, "--role", role, "--ttl", ttl])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The scripts of the directory-backed test cloud (`tests/command-cloud/`).
+pub fn command_cloud() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/command-cloud")
+}
+
+/// Writes `<dir>/coordinator.toml` pointing the `command` provider at the test cloud.
+pub fn command_cloud_config(dir: &Path) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let toml = dir.join("coordinator.toml");
+    fs::write(
+        &toml,
+        format!(
+            "[command]\ncreate = \"{0}/create\"\ndestroy = \"{0}/destroy\"\nlist = \"{0}/list\"\n\
+             get = \"{0}/get\"\nsearch = [\"{0}/search\"]\ntimeout = \"30s\"\n",
+            command_cloud().display()
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+/// The machines of the test cloud under `cloud` (its directories; lock directories excluded).
+pub fn cloud_machines(cloud: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(cloud)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// A plain HTTP GET (the metrics endpoint).

@@ -108,18 +108,7 @@ impl Site {
     }
 
     pub fn token(&self, pair: &str, role: &str) -> String {
-        let out = Command::new(COORDINATOR)
-            .args(["token", "--dir"])
-            .arg(&self.coord_dir)
-            .args(["--pair", pair, "--role", role, "--ttl", "10m"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        super::join_token(&self.coord_dir, pair, role, "10m")
     }
 
     /// The admin CLI, for use from another thread.
