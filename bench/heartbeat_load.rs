@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use standby::identity::{Identity, Role};
 use standby::proto::coordinator_client::CoordinatorClient;
 use standby::proto::{AgentReport, PeerContact};
-use standby::tls::{self, Expect, TlsMaterial};
+use standby::trust::identity::{Identity, Role};
+use standby::trust::tls::{self, Expect, TlsMaterial};
 use tokio_stream::wrappers::ReceiverStream;
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -157,7 +157,7 @@ fn main() {
 }
 
 fn issue(dir: &Path, agents: usize) -> Vec<TlsMaterial> {
-    let ca = standby::pki::Ca::load(dir).unwrap();
+    let ca = standby::trust::pki::Ca::load(dir).unwrap();
     (0..agents)
         .map(|i| {
             let role = if i.is_multiple_of(2) {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::Net;
 use common::*;
-use standby::identity::Role;
+use standby::trust::identity::Role;
 
 fn main() {
     if unsafe { libc::geteuid() } != 0 {

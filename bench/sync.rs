@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::Rng;
-use standby::identity::Role;
+use standby::trust::identity::Role;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)

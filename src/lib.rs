@@ -1,54 +1,33 @@
 //! Standby: the shared engine of `agent-gpu`, `agent-cpu` and `coordinator`.
 //!
-//! Modules, from the bottom layer up:
-//! - [`types`]: `Epoch`, `Generation` and `RelPath` (the confinement boundary for paths).
-//! - [`crashsafe`]: framed, checksummed, atomically replaced state files and records.
-//! - [`fsx`]: confined filesystem operations below a root (no symlink is ever followed).
-//! - [`manifest`]: what a replica holds and its blake3 root; [`catalog`] keeps one durably.
-//! - [`epoch`]: the durable fencing epoch of an agent; [`statedir`]: one agent per state dir.
-//! - [`scan`]: what changed in a workspace; [`delta`]: rsync deltas made safe for the network.
-//! - [`stage`]: staging streamed content (direct I/O copies, in-place patches);
-//!   [`apply`]: rolling a committed generation forward; [`receive`]: the receiving service.
-//! - [`send`]: the sending side of a session; [`watch`]: inotify and the debounced dirty set;
-//!   [`replicate`]: the continuous loop (reconnects, flush barriers, RPO figures).
-//! - [`control`]: the agent's local control socket; [`cli`]: shared command-line plumbing.
-//! - [`identity`], [`pki`], [`tls`]: certificate identities, the CA, mutual TLS.
-//! - [`proto`]: generated gRPC and record types.
+//! The crate is layered; each layer uses only the layers above it in this list
+//! (ARCHITECTURE.md, "Layers"):
+//!
+//! 1. Foundations: [`types`] (epochs, generations, confined paths, pair sides), [`text`]
+//!    (hex, error chains), [`host`] (this machine's name and wall clock), [`cli`] (program
+//!    plumbing shared by the three binaries), [`proto`] (generated gRPC and record types).
+//! 2. [`disk`]: crash-safe state files, confined filesystem calls, state directories,
+//!    durable epochs.
+//! 3. [`trust`]: certificate identities, the CA, mutual TLS, join tokens.
+//! 4. [`replication`]: manifests, scanning and watching a workspace, deltas, the sender,
+//!    the receiver and the continuous loop.
+//! 5. [`agent`]: the runtime both agents share (node, coordinator link, hooks, probe, NVML,
+//!    join, control socket).
+//! 6. [`control`]: the coordinator: the failover state machine, the engine, the gRPC service,
+//!    the store, metrics and providers.
+//!
+//! The dependency rule: `types ← disk ← trust ← replication ← agent`. `control` uses the
+//! foundations, `disk` and `trust` only: never `replication` or `agent`.
 
 pub mod agent;
-pub mod apply;
-pub mod catalog;
 pub mod cli;
 pub mod control;
-pub mod coordinator;
-pub mod crashsafe;
-pub mod delta;
-pub mod engine;
-pub mod epoch;
-pub mod failover;
-pub mod fsx;
-pub mod identity;
-pub mod join;
-pub mod link;
-pub mod manifest;
-pub mod metrics;
-pub mod node;
-pub mod nvml;
-pub mod pki;
-pub mod probe;
-pub mod provider;
-pub mod receive;
-pub mod replicate;
-pub mod scan;
-pub mod send;
-pub mod stage;
-pub mod statedir;
-pub mod store;
-pub mod tls;
-pub mod token;
+pub mod disk;
+pub mod host;
+pub mod replication;
+pub mod text;
+pub mod trust;
 pub mod types;
-pub mod watch;
-pub mod zstdx;
 
 pub mod proto {
     #![allow(clippy::all, missing_docs)]

@@ -241,3 +241,25 @@ mod tests {
         assert_eq!(p.depth(), 3);
     }
 }
+
+/// One side of a pair: the GPU machine or its CPU standby.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    Gpu,
+    Cpu,
+}
+
+impl Side {
+    /// The side a persisted role string names ("cpu"; anything else is the GPU, as records
+    /// written before roles were stored say nothing).
+    pub fn from_record(role: &str) -> Side {
+        if role == "cpu" { Side::Cpu } else { Side::Gpu }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Gpu => "gpu",
+            Side::Cpu => "cpu",
+        }
+    }
+}

@@ -51,7 +51,7 @@ fn scripts_replace_a_failed_gpu_and_sweep_orphans() {
     // An orphan with our prefix (a machine no pair owns) and a foreign machine.
     let prefix = format!(
         "sb-{}",
-        &standby::pki::Ca::load(&cdir).unwrap().fingerprint()[..8]
+        &standby::trust::pki::Ca::load(&cdir).unwrap().fingerprint()[..8]
     );
     let orphan = format!("{prefix}-gone-gpu-9");
     for m in [orphan.as_str(), "someone-elses-vm"] {

@@ -107,7 +107,7 @@ fn assert_failed_over(coord: &Coord, r: &Rig) {
         "on_promote did not run with epoch 2: {}",
         r.cpu.log_text()
     );
-    let epoch = standby::epoch::EpochStore::open(&r.cpu.state)
+    let epoch = standby::disk::epoch::EpochStore::open(&r.cpu.state)
         .unwrap()
         .get();
     assert_eq!(epoch.0, 2, "the CPU's durable epoch");
@@ -376,7 +376,7 @@ fn join_tokens_are_single_use_expiring_and_role_bound() {
     assert!(wait_until(Duration::from_secs(20), || gpu_state
         .join("tls/node.pem")
         .exists()));
-    let m = standby::tls::TlsMaterial::load(&gpu_state.join("tls")).unwrap();
+    let m = standby::trust::tls::TlsMaterial::load(&gpu_state.join("tls")).unwrap();
     assert_eq!(m.identity.uri(), "standby://pair/j/gpu");
     // Replayed: refused.
     let again = Managed::gpu(
@@ -413,21 +413,24 @@ async fn admin_calls_need_an_admin_certificate() {
     })
     .await
     .unwrap();
-    standby::tls::install_default_provider();
+    standby::trust::tls::install_default_provider();
     // A pair certificate (from the same CA) is not enough.
-    let ca = standby::pki::Ca::load(&coord.dir).unwrap();
-    let id = standby::identity::Identity::node("p", standby::identity::Role::Gpu).unwrap();
+    let ca = standby::trust::pki::Ca::load(&coord.dir).unwrap();
+    let id =
+        standby::trust::identity::Identity::node("p", standby::trust::identity::Role::Gpu).unwrap();
     ca.issue(&id, 1)
         .unwrap()
         .write_dir(&t.path().join("node"))
         .unwrap();
-    let m = standby::tls::TlsMaterial::load(&t.path().join("node")).unwrap();
+    let m = standby::trust::tls::TlsMaterial::load(&t.path().join("node")).unwrap();
     let cfg = m
-        .client_config(standby::tls::Expect::Exactly(
-            standby::identity::Identity::Coordinator,
+        .client_config(standby::trust::tls::Expect::Exactly(
+            standby::trust::identity::Identity::Coordinator,
         ))
         .unwrap();
-    let ch = standby::tls::connect(&coord.addr, cfg).await.unwrap();
+    let ch = standby::trust::tls::connect(&coord.addr, cfg)
+        .await
+        .unwrap();
     let mut c = standby::proto::admin_client::AdminClient::new(ch);
     let e = c
         .list_pairs(standby::proto::ListPairsRequest {})
@@ -440,8 +443,10 @@ async fn admin_calls_need_an_admin_certificate() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     // No certificate at all (as a joining agent connects): unauthenticated.
-    let cfg = standby::tls::join_client_config(&ca.fingerprint()).unwrap();
-    let ch = standby::tls::connect(&coord.addr, cfg).await.unwrap();
+    let cfg = standby::trust::tls::join_client_config(&ca.fingerprint()).unwrap();
+    let ch = standby::trust::tls::connect(&coord.addr, cfg)
+        .await
+        .unwrap();
     let e = standby::proto::admin_client::AdminClient::new(ch.clone())
         .list_pairs(standby::proto::ListPairsRequest {})
         .await

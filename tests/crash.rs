@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::Rng;
 use rand::rngs::StdRng;
-use standby::identity::Role;
+use standby::trust::identity::Role;
 
 /// Tree B: tree A with many kinds of change.
 fn mutate(root: &Path, rng: &mut StdRng) {

@@ -79,7 +79,7 @@ fn metric_names(text: &str) -> Vec<String> {
 
 #[test]
 fn dashboard_and_alerts_use_only_exported_metrics() {
-    let exported = standby::metrics::Metrics::names();
+    let exported = standby::control::metrics::Metrics::names();
     let known = |n: &str| {
         exported.iter().any(|e| e == n)
             || ["_bucket", "_sum", "_count"].iter().any(|s| {
@@ -128,9 +128,9 @@ fn dashboard_and_alerts_use_only_exported_metrics() {
 #[test]
 fn the_example_configuration_loads() {
     let f = standby::cli::FileConfig::load(Some(&deploy().join("coordinator.toml"))).unwrap();
-    let gcp: standby::provider::gcp::GcpSettings = f.get("gcp").unwrap().unwrap();
+    let gcp: standby::control::provider::gcp::GcpSettings = f.get("gcp").unwrap().unwrap();
     assert!(!gcp.zones.is_empty());
-    let gpu: standby::provider::OfferFilter = f.get("provision.gpu").unwrap().unwrap();
+    let gpu: standby::control::provider::OfferFilter = f.get("provision.gpu").unwrap().unwrap();
     assert!(gpu.max_price_per_hour.is_some());
     for k in [
         "heartbeat_interval",

@@ -23,12 +23,12 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 use raw::*;
 use rustls_pki_types::pem::PemObject;
-use standby::identity::{Identity, Role};
-use standby::manifest::Manifest;
 use standby::proto::coordinator_client::CoordinatorClient;
 use standby::proto::*;
-use standby::tls::{self, Expect, TlsMaterial};
-use standby::token::Token;
+use standby::replication::manifest::Manifest;
+use standby::trust::identity::{Identity, Role};
+use standby::trust::tls::{self, Expect, TlsMaterial};
+use standby::trust::token::Token;
 use standby::types::RelPath;
 use tokio::net::TcpStream;
 use tonic::codegen::http;
@@ -651,7 +651,7 @@ fn msg_frame(m: sync_request::Msg) -> Vec<u8> {
 
 fn hello_frame() -> Vec<u8> {
     msg_frame(sync_request::Msg::Hello(Hello {
-        protocol: standby::receive::PROTOCOL,
+        protocol: standby::replication::receive::PROTOCOL,
         epoch: 1,
         sender: "raw".into(),
     }))
@@ -830,7 +830,7 @@ async fn join(
         standby::proto::Role::Cpu => Role::Cpu,
         _ => Role::Gpu,
     };
-    let (csr, _key) = standby::pki::new_csr(&Identity::node("p", id_role).unwrap()).unwrap();
+    let (csr, _key) = standby::trust::pki::new_csr(&Identity::node("p", id_role).unwrap()).unwrap();
     CoordinatorClient::new(ch)
         .join(JoinRequest {
             token: token.to_string(),
@@ -858,11 +858,11 @@ fn joined_events(c: &Coord) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn join_tokens_from_a_raw_client_are_refused_unless_fresh_genuine_and_for_the_role() {
     use standby::proto::Role as Wire;
-    standby::tls::install_default_provider();
+    standby::trust::tls::install_default_provider();
     let t = tempfile::tempdir().unwrap();
     let mut c = Coord::start(&t.path().join("coord"), &[]);
-    let key = standby::coordinator::token_key(&c.dir).unwrap();
-    let fp = standby::pki::Ca::load(&c.dir).unwrap().fingerprint();
+    let key = standby::control::service::token_key(&c.dir).unwrap();
+    let fp = standby::trust::pki::Ca::load(&c.dir).unwrap().fingerprint();
     let now = unix_ms() / 1000;
     let good = c.token("p", "gpu", "10m");
     let refused = |e: Status, code: Code, text: &str| {
@@ -933,7 +933,7 @@ async fn join_tokens_from_a_raw_client_are_refused_unless_fresh_genuine_and_for_
                     .await
                     .unwrap();
                 let (csr, _) =
-                    standby::pki::new_csr(&Identity::node("p", Role::Cpu).unwrap()).unwrap();
+                    standby::trust::pki::new_csr(&Identity::node("p", Role::Cpu).unwrap()).unwrap();
                 let mut client = CoordinatorClient::new(ch);
                 b.wait().await;
                 client

@@ -304,6 +304,6 @@ fn an_orphaned_machine_is_swept() {
 }
 
 fn coord_prefix(coord: &Coord) -> String {
-    let ca = standby::pki::Ca::load(&coord.dir).unwrap();
+    let ca = standby::trust::pki::Ca::load(&coord.dir).unwrap();
     format!("sb-{}", &ca.fingerprint()[..8])
 }

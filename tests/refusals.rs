@@ -9,11 +9,11 @@ use std::fs;
 use bytes::Bytes;
 use common::*;
 use raw::*;
-use standby::identity::Role;
-use standby::manifest::Manifest;
 use standby::proto::replica_server::{Replica, ReplicaServer};
 use standby::proto::*;
-use standby::tls::{self, TlsMaterial};
+use standby::replication::manifest::Manifest;
+use standby::trust::identity::Role;
+use standby::trust::tls::{self, TlsMaterial};
 use standby::types::RelPath;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -331,7 +331,7 @@ impl Replica for EvilReceiver {
                 let out = match req.msg {
                     Some(sync_request::Msg::Hello(_)) => {
                         reply(sync_response::Msg::Hello(HelloReply {
-                            protocol: standby::receive::PROTOCOL,
+                            protocol: standby::replication::receive::PROTOCOL,
                             epoch: 1,
                             generation: 1,
                             root: m.root().to_vec().into(),

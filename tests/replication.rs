@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use standby::identity::Role;
+use standby::trust::identity::Role;
 
 fn sent(r: &serde_json::Value) -> u64 {
     r["bytes_sent"].as_u64().unwrap()
@@ -317,9 +317,9 @@ fn certificates_and_usage_errors() {
         let m = fs::metadata(o.join(f)).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
     }
-    let m = standby::tls::TlsMaterial::load(&o).unwrap();
+    let m = standby::trust::tls::TlsMaterial::load(&o).unwrap();
     assert_eq!(m.identity.uri(), "standby://pair/p9/cpu");
-    let m = standby::tls::TlsMaterial::load(&dir.join("admin")).unwrap();
+    let m = standby::trust::tls::TlsMaterial::load(&dir.join("admin")).unwrap();
     assert_eq!(m.identity.uri(), "standby://admin/admin");
 
     // Usage errors exit 64 with a message; a bad pair name is refused.

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use standby::agent::AgentConfig;
+use standby::agent::runtime::AgentConfig;
 use standby::cli::{
     FileConfig, defaults, fail, init_logging, parse_duration, parse_or_exit, usage_error,
 };
-use standby::identity::Role;
-use standby::replicate::LoopConfig;
-use standby::tls;
+use standby::replication::continuous::LoopConfig;
+use standby::trust::identity::Role;
+use standby::trust::tls;
 
 /// The CPU standby of a Standby pair.
 ///
@@ -95,7 +95,7 @@ fn config(cli: Cli) -> Result<Config, String> {
         join_token: f.pick_opt(cli.join_token, "join_token")?,
         listen: f.pick(cli.listen, "listen", || defaults::CPU_LISTEN.to_string())?,
         advertise: f.pick(cli.advertise, "advertise", String::new)?,
-        machine: f.pick(cli.machine, "machine", standby::send::hostname)?,
+        machine: f.pick(cli.machine, "machine", standby::host::name)?,
         heartbeat: f.pick_duration(
             cli.heartbeat_interval,
             "heartbeat_interval",
@@ -139,6 +139,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         on_promote: cfg.on_promote,
         on_demote: cfg.on_demote,
     };
-    let opened = standby::agent::open(&acfg).await?;
-    standby::agent::run(acfg, opened).await
+    let opened = standby::agent::runtime::open(&acfg).await?;
+    standby::agent::runtime::run(acfg, opened).await
 }

@@ -6,13 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use standby::agent::AgentConfig;
+use standby::agent::runtime::AgentConfig;
+use standby::agent::socket;
 use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
-use standby::control;
-use standby::identity::Role;
-use standby::replicate::{self, LoopConfig, Target};
-use standby::send::{Sender, SenderOptions};
-use standby::tls;
+use standby::replication::continuous::{self, LoopConfig, Target};
+use standby::replication::send::{Sender, SenderOptions};
+use standby::trust::identity::Role;
+use standby::trust::tls;
 
 /// The GPU side of a Standby pair.
 ///
@@ -160,7 +160,7 @@ fn config(a: RunArgs) -> Result<Config, String> {
         join_token: f.pick_opt(a.join_token, "join_token")?,
         listen: f.pick(a.listen, "listen", || defaults::GPU_LISTEN.to_string())?,
         advertise: f.pick(a.advertise, "advertise", String::new)?,
-        machine: f.pick(a.machine, "machine", standby::send::hostname)?,
+        machine: f.pick(a.machine, "machine", standby::host::name)?,
         heartbeat: f.pick_duration(
             a.heartbeat_interval,
             "heartbeat_interval",
@@ -184,9 +184,9 @@ fn config(a: RunArgs) -> Result<Config, String> {
 fn control_call(
     rt: &tokio::runtime::Runtime,
     state_dir: &std::path::Path,
-    req: control::Request,
-) -> control::Reply {
-    match rt.block_on(control::request(state_dir, &req)) {
+    req: socket::Request,
+) -> socket::Reply {
+    match rt.block_on(socket::request(state_dir, &req)) {
         Ok(r) if r.ok => r,
         Ok(r) => fail(&anyhow::anyhow!(
             r.error.unwrap_or_else(|| "unknown error".into())
@@ -203,10 +203,10 @@ fn main() {
         Some(Cmd2::Flush { state_dir, timeout }) => {
             init_logging("warn");
             let t = standby::cli::parse_duration(&timeout).unwrap_or_else(|e| usage_error(e));
-            let req = control::Request::Flush {
+            let req = socket::Request::Flush {
                 timeout_ms: t.as_millis() as u64,
             };
-            match rt.block_on(control::request(&state_dir, &req)) {
+            match rt.block_on(socket::request(&state_dir, &req)) {
                 Ok(r) if r.ok => println!("durable: generation {}", r.generation.unwrap_or(0)),
                 Ok(r) => fail(&anyhow::anyhow!(
                     "flush failed: {}",
@@ -217,12 +217,12 @@ fn main() {
         }
         Some(Cmd2::Status { state_dir }) => {
             init_logging("warn");
-            let r = control_call(&rt, &state_dir, control::Request::Status);
+            let r = control_call(&rt, &state_dir, socket::Request::Status);
             println!("{}", r.status.unwrap_or_default());
         }
         Some(Cmd2::Fault { state_dir, reason }) => {
             init_logging("warn");
-            control_call(&rt, &state_dir, control::Request::Fault { reason });
+            control_call(&rt, &state_dir, socket::Request::Fault { reason });
             println!("fault injected: the next heartbeat reports it");
         }
         None => {
@@ -254,9 +254,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         on_promote: String::new(),
         on_demote: cfg.on_demote,
     };
-    let opened = standby::agent::open(&acfg).await?;
+    let opened = standby::agent::runtime::open(&acfg).await?;
     if !once {
-        return standby::agent::run(acfg, opened).await;
+        return standby::agent::runtime::run(acfg, opened).await;
     }
     let Some(peer) = &acfg.peer else {
         usage_error("--once needs --peer (a static pair)");
@@ -273,7 +273,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let figures = Arc::new(Mutex::new(Default::default()));
     let mut sender =
         tokio::task::spawn_blocking(move || Sender::new(opts, guard, figures)).await??;
-    let report = replicate::once(&mut sender, &opened.material, &target).await?;
+    let report = continuous::once(&mut sender, &opened.material, &target).await?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! The admin verbs of the coordinator's command line (an admin certificate is required).
 
 use anyhow::Context;
-use standby::identity::Identity;
 use standby::proto::admin_client::AdminClient;
 use standby::proto::{EventsRequest, ListPairsRequest, PairRequest, PairView};
-use standby::tls::{self, Expect, TlsMaterial};
+use standby::trust::identity::Identity;
+use standby::trust::tls::{self, Expect, TlsMaterial};
 use tonic::transport::Channel;
 
 use crate::Remote;

@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use standby::failover::{Policy, Timing};
-use standby::identity::{Identity, Role};
+use standby::control::failover::{Policy, Timing};
 use standby::proto::admin_client::AdminClient;
 use standby::proto::{EventsRequest, ListPairsRequest, PairView};
-use standby::tls::{self, Expect, TlsMaterial};
+use standby::trust::identity::{Identity, Role};
+use standby::trust::tls::{self, Expect, TlsMaterial};
 use tokio_util::sync::CancellationToken;
 
 const PAIR: &str = "demo";
@@ -58,7 +58,7 @@ impl Drop for Rig {
             let _ = c.wait();
         }
         // Machines of the local provider run in process groups of their own.
-        standby::provider::local::Local::stop_all(&self.dir.join("machines"));
+        standby::control::provider::local::Local::stop_all(&self.dir.join("machines"));
         self.shutdown.cancel();
         if self.keep {
             println!("kept {}", self.dir.display());
@@ -284,7 +284,7 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
     say(t0, format!("directory {}", dir.display()));
     crate::init_quiet(&dir)?;
     let timing = Timing::default();
-    let opts = standby::coordinator::ServeOptions {
+    let opts = standby::control::service::ServeOptions {
         dir: dir.clone(),
         listen: "127.0.0.1:0".into(),
         metrics_listen: "127.0.0.1:0".into(),
@@ -298,7 +298,7 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
             backoff_base: Duration::from_secs(1),
             ..Policy::default()
         },
-        provision: standby::provider::ProvisionConfig::default(),
+        provision: standby::control::provider::ProvisionConfig::default(),
         advertise: String::new(),
         local_bin_dir: Some(bins.to_path_buf()),
         local_agent_args: Vec::new(),
@@ -307,7 +307,7 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
         command: Default::default(),
     };
     let shutdown = rig.shutdown.clone();
-    let server = tokio::spawn(standby::coordinator::serve(opts, shutdown));
+    let server = tokio::spawn(standby::control::service::serve(opts, shutdown));
     let addr_file = dir.join("serve.addr");
     let deadline = Instant::now() + Duration::from_secs(20);
     let addr = loop {
@@ -344,8 +344,8 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
     let mut admin = AdminClient::new(ch);
 
     let ttl = Duration::from_secs(600);
-    let cpu_token = standby::coordinator::mint_token(&dir, PAIR, Role::Cpu, ttl)?;
-    let gpu_token = standby::coordinator::mint_token(&dir, PAIR, Role::Gpu, ttl)?;
+    let cpu_token = standby::control::service::mint_token(&dir, PAIR, Role::Cpu, ttl)?;
+    let gpu_token = standby::control::service::mint_token(&dir, PAIR, Role::Gpu, ttl)?;
     rig.children
         .push(spawn_agent(bins, "cpu", &dir, &addr, &cpu_token)?);
     rig.children
@@ -411,7 +411,7 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
     let seen = steps.clone();
-    let since = standby::failover::unix_ms_now();
+    let since = standby::host::unix_ms_now();
     let follower = tokio::spawn(async move {
         while let Ok(Some(e)) = events.message().await {
             // The stream starts with history: only what happens from now on counts.
@@ -433,7 +433,7 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
 
     let gpu = &mut rig.children[1];
     let killed = Instant::now();
-    let killed_ms = standby::failover::unix_ms_now();
+    let killed_ms = standby::host::unix_ms_now();
     gpu.kill().context("killing the GPU agent")?;
     let _ = gpu.wait();
     say(

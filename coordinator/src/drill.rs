@@ -141,7 +141,7 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    let requested_ms = standby::failover::unix_ms_now();
+    let requested_ms = standby::host::unix_ms_now();
     c.failover(PairRequest {
         pair: a.pair.clone(),
     })

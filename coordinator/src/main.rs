@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
-use standby::failover::{Policy, Timing};
-use standby::identity::{Identity, Role};
-use standby::pki::Ca;
-use standby::provider::ProvisionConfig;
+use standby::control::failover::{Policy, Timing};
+use standby::control::provider::ProvisionConfig;
+use standby::trust::identity::{Identity, Role};
+use standby::trust::pki::Ca;
 
 /// The Standby coordinator.
 #[derive(Parser, Debug)]
@@ -238,7 +238,7 @@ struct ServeArgs {
 
 fn main() {
     let cli: Cli = parse_or_exit();
-    standby::tls::install_default_provider();
+    standby::trust::tls::install_default_provider();
     let rt = || tokio::runtime::Runtime::new().expect("tokio runtime");
     let r = match cli.cmd {
         Cmd::Init { dir } => {
@@ -269,7 +269,7 @@ fn main() {
                     tracing::info!("stopping");
                     stop.cancel();
                 });
-                standby::coordinator::serve(opts, shutdown).await
+                standby::control::service::serve(opts, shutdown).await
             })
         }
         Cmd::Drill(a) => {
@@ -288,7 +288,8 @@ fn main() {
         } => {
             init_logging("warn");
             let ttl = standby::cli::parse_duration(&ttl).unwrap_or_else(|e| usage_error(e));
-            standby::coordinator::mint_token(&dir, &pair, role.into(), ttl).map(|t| println!("{t}"))
+            standby::control::service::mint_token(&dir, &pair, role.into(), ttl)
+                .map(|t| println!("{t}"))
         }
         Cmd::Pairs { remote, json } => {
             init_logging("warn");
@@ -348,7 +349,7 @@ fn main() {
     }
 }
 
-fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, String> {
+fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions, String> {
     let file = a.config.clone().or_else(|| {
         let p = a.dir.join("coordinator.toml");
         p.exists().then_some(p)
@@ -374,7 +375,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
             "failover_after must be at least one heartbeat, suspect_after_missed at least 1".into(),
         );
     }
-    Ok(standby::coordinator::ServeOptions {
+    Ok(standby::control::service::ServeOptions {
         dir: a.dir,
         listen: f.pick(a.listen, "listen", || {
             format!("0.0.0.0:{}", defaults::COORDINATOR_PORT)
@@ -416,7 +417,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::coordinator::ServeOptions, Str
         advertise: f.pick(a.advertise, "advertise", String::new)?,
         local_bin_dir: f.pick_opt(a.agent_bin_dir, "agent_bin_dir")?,
         local_agent_args: Vec::new(),
-        vastai: standby::coordinator::VastSettings {
+        vastai: standby::control::service::VastSettings {
             url: f.pick(a.vastai_url, "vastai.url", || {
                 "https://console.vast.ai".to_string()
             })?,
@@ -451,13 +452,13 @@ pub(crate) fn init_quiet(dir: &Path) -> anyhow::Result<String> {
             dir.display()
         );
     }
-    standby::pki::create_private_dir(dir)?;
+    standby::trust::pki::create_private_dir(dir)?;
     let ca = Ca::generate()?;
     ca.save(dir)?;
     let admin = ca.issue(&Identity::admin("admin")?, defaults::CERT_DAYS)?;
     admin.write_dir(&dir.join("admin"))?;
-    standby::coordinator::server_tls(dir, &ca)?;
-    standby::coordinator::token_key(dir)?;
+    standby::control::service::server_tls(dir, &ca)?;
+    standby::control::service::token_key(dir)?;
     let toml = format!(
         "# Standby coordinator configuration. Every key can also be given as a flag or a\n\
          # STANDBY_* environment variable (which win over this file).\n\

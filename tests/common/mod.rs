@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use standby::identity::{Identity, Role};
-use standby::pki::Ca;
+use standby::trust::identity::{Identity, Role};
+use standby::trust::pki::Ca;
 
 pub const AGENT_GPU: &str = env!("CARGO_BIN_EXE_agent-gpu");
 pub const AGENT_CPU: &str = env!("CARGO_BIN_EXE_agent-cpu");
@@ -42,7 +42,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Pki {
-        standby::tls::install_default_provider();
+        standby::trust::tls::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::generate().unwrap();
         ca.save(&dir.path().join("ca")).unwrap();
@@ -798,7 +798,7 @@ pub struct MachineReaper(pub PathBuf);
 
 impl Drop for MachineReaper {
     fn drop(&mut self) {
-        standby::provider::local::Local::stop_all(&self.0);
+        standby::control::provider::local::Local::stop_all(&self.0);
     }
 }
 

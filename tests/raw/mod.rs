@@ -6,11 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use standby::identity::Role;
-use standby::manifest::Kind;
 use standby::proto::replica_client::ReplicaClient;
 use standby::proto::*;
-use standby::tls::{self, Expect, TlsMaterial};
+use standby::replication::manifest::Kind;
+use standby::trust::identity::Role;
+use standby::trust::tls::{self, Expect, TlsMaterial};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -55,7 +55,7 @@ pub async fn raw_on(ch: tonic::transport::Channel, epoch: u64) -> Result<Raw, St
     let (tx, rx) = mpsc::channel(16);
     tx.send(SyncRequest {
         msg: Some(sync_request::Msg::Hello(Hello {
-            protocol: standby::receive::PROTOCOL,
+            protocol: standby::replication::receive::PROTOCOL,
             epoch,
             sender: "raw".into(),
         })),

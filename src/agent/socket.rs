@@ -1,0 +1,171 @@
+//! The agent's local control socket (`<state-dir>/agent.sock`): `agent-gpu flush` and `status`.
+//!
+//! One JSON object per line each way. The socket lives in the state directory (mode 0700), so
+//! only its owner can use it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::replication::continuous::Control;
+use crate::replication::send::SenderFigures;
+
+pub const SOCKET: &str = "agent.sock";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Flush {
+        timeout_ms: u64,
+    },
+    Status,
+    /// Fault injection for drills and tests: report a fatal GPU fault with the next heartbeat
+    /// (as NVML would after an Xid 79), so the coordinator fails the pair over.
+    Fault {
+        reason: String,
+    },
+}
+
+/// A fatal fault injected through the control socket, reported like an NVML one.
+pub type InjectedFault = Arc<Mutex<Option<String>>>;
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET)
+}
+
+/// Serves the control socket until `shutdown`.
+pub async fn serve(
+    state_dir: &Path,
+    tx: mpsc::Sender<Control>,
+    figures: Arc<Mutex<SenderFigures>>,
+    fault: InjectedFault,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let path = socket_path(state_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    loop {
+        let (conn, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r?,
+        };
+        let tx = tx.clone();
+        let figures = figures.clone();
+        let fault = fault.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(conn, tx, figures, fault).await {
+                tracing::debug!(error = %e, "control connection failed");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn handle(
+    conn: UnixStream,
+    tx: mpsc::Sender<Control>,
+    figures: Arc<Mutex<SenderFigures>>,
+    fault: InjectedFault,
+) -> std::io::Result<()> {
+    let (r, mut w) = conn.into_split();
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Reply {
+            error: Some(format!("bad request: {e}")),
+            ..Default::default()
+        },
+        Ok(Request::Fault { reason }) => {
+            tracing::warn!(%reason, "fault injected through the control socket");
+            *fault.lock().expect("fault") = Some(format!("injected: {reason}"));
+            Reply {
+                ok: true,
+                ..Default::default()
+            }
+        }
+        Ok(Request::Status) => Reply {
+            ok: true,
+            status: serde_json::to_value(figures.lock().expect("figures").clone()).ok(),
+            ..Default::default()
+        },
+        Ok(Request::Flush { timeout_ms }) => {
+            let (rtx, rrx) = oneshot::channel();
+            let _ = tx
+                .send(Control::Flush {
+                    asked: Instant::now(),
+                    reply: rtx,
+                })
+                .await;
+            match tokio::time::timeout(Duration::from_millis(timeout_ms), rrx).await {
+                Ok(Ok(Ok(g))) => Reply {
+                    ok: true,
+                    generation: Some(g),
+                    ..Default::default()
+                },
+                Ok(Ok(Err(e))) => Reply {
+                    error: Some(e),
+                    ..Default::default()
+                },
+                Ok(Err(_)) => Reply {
+                    error: Some("agent stopped".into()),
+                    ..Default::default()
+                },
+                Err(_) => {
+                    let f = figures.lock().expect("figures").clone();
+                    Reply {
+                        error: Some(format!(
+                            "not durable after {} ms{}",
+                            timeout_ms,
+                            f.last_error
+                                .map(|e| format!(" (last error: {e})"))
+                                .unwrap_or_default()
+                        )),
+                        ..Default::default()
+                    }
+                }
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+/// Sends one request to a running agent and returns its reply.
+pub async fn request(state_dir: &Path, req: &Request) -> Result<Reply, String> {
+    let path = socket_path(state_dir);
+    let conn = UnixStream::connect(&path).await.map_err(|e| {
+        format!(
+            "no agent-gpu is running with state directory {} ({}: {e})",
+            state_dir.display(),
+            path.display()
+        )
+    })?;
+    let (r, mut w) = conn.into_split();
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    w.write_all(&line).await.map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    BufReader::new(r)
+        .read_line(&mut resp)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&resp).map_err(|e| format!("bad reply from agent: {e}"))
+}

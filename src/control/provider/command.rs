@@ -1,0 +1,1140 @@
+//! The `command` provider: any cloud (or Terraform, or an in-house inventory) plugged in with
+//! programs the operator writes. It is configured in the `[command]` table of
+//! `coordinator.toml`:
+//!
+//! ```toml
+//! [command]
+//! create  = ["/opt/standby/cloud", "create", "--zone", "europe-west4-a"]
+//! destroy = ["/opt/standby/cloud", "destroy"]
+//! list    = "/opt/standby/list.sh"   # a plain string is a program without arguments
+//! search  = "/opt/standby/search.sh" # optional
+//! get     = "/opt/standby/get.sh"    # optional
+//! timeout = "120s"                   # per call; default 120s
+//! ```
+//!
+//! # Protocol
+//!
+//! Every call runs one program directly (no shell; the array is its argv) in its own process
+//! group, with the coordinator's environment less its `STANDBY_*` variables, plus
+//! `STANDBY_OP=<op>`. The request is one JSON object on stdin, followed by a newline, after
+//! which stdin is closed. The reply is JSON on stdout (UTF-8, at most 16 MiB); stderr is free
+//! text, logged at debug level and quoted in error messages. Unknown fields in replies are
+//! ignored; fields marked `?` may be missing or `null`.
+//!
+//! | op | stdin | stdout on success |
+//! |----|-------|-------------------|
+//! | `search`  | `{"op":"search","role":"gpu"\|"cpu"}` | array of offers |
+//! | `create`  | `{"op":"create","offer":OFFER,"label","pair","role","coordinator","join_token"}` | a machine |
+//! | `get`     | `{"op":"get","id"}` | a machine, or `null` when the id is gone |
+//! | `list`    | `{"op":"list","prefix"}` | array of machines whose label starts with `prefix` |
+//! | `destroy` | `{"op":"destroy","id"}` | ignored |
+//!
+//! - An offer is `{"id", "place"?, "region"?, "gpu_name"?, "num_gpus"?, "price_per_hour"?,
+//!   "reliability"?, "disk_gb"?, "inet_down_mbps"?}`: strings for the first four, numbers for
+//!   the rest; a missing field is `""` or `0`. `id` may be a string or a number. `place` is the
+//!   host or zone a failed boot blocklists besides the offer. `create` is given the chosen
+//!   offer back in the same shape, every field present.
+//! - A machine is `{"id", "label"?, "state"?, "place"?}`; `state` is `"starting"`, `"running"`
+//!   or `"stopped"` (stopped, preempted or terminated but still known), default `"starting"`.
+//!   For `create`, `label` defaults to the requested label. For `list`, machines without a
+//!   label are ignored and the provider filters by `prefix` itself as well.
+//! - `create` must give the machine the label `label` (it names the machine to the coordinator
+//!   and is unique per attempt: creating the same label twice should return the existing
+//!   machine) and make it start `agent-<role>` with `--coordinator <coordinator> --join-token
+//!   <join_token> --machine <label>`. The join token travels only on stdin, never in argv or
+//!   the environment, and the provider never logs it; scripts should not either.
+//! - `destroy` exits 0 when the machine is destroyed or already gone, disk included.
+//! - Without a `search` program, there is one offer `{"id":"default","reliability":1.0}` with
+//!   `num_gpus` 1 for `gpu` and 0 for `cpu`. Without a `get` program, `get` runs `list` with
+//!   prefix `""` and picks the id.
+//!
+//! Exit status 0 is success. Exit status 75 (`EX_TEMPFAIL`) is a temporary failure: retrying
+//! may help; after a `create` the outcome is unknown and the coordinator settles it by listing
+//! the label, never by creating again. Any other status is a refusal (retrying the same thing
+//! will not help; a refused `create` must not have created anything). A program killed by a
+//! signal, a reply on stdout that cannot be parsed, or a call that runs longer than `timeout`
+//! counts as temporary. On timeout the program's whole process group is killed with SIGKILL
+//! (so are those of a call the coordinator abandons); processes it started in a session or
+//! group of their own (the machine itself, for a local cloud) are left alone. Once the program
+//! has exited, its stdout is read for at most 2 more seconds: do not leave background processes
+//! holding it open.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::{Machine, MachineState, Offer, Provider, ProviderError, Startup};
+use crate::types::Side;
+
+/// Default limit of one call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Exit status of a temporary failure (`EX_TEMPFAIL` in sysexits.h).
+pub const EXIT_TEMPFAIL: i32 = 75;
+/// Most stdout a call may print.
+const MAX_STDOUT: usize = 16 << 20;
+/// How much of stderr error messages quote.
+const STDERR_TAIL: usize = 400;
+/// How much of an unparseable reply error messages quote.
+const REPLY_QUOTE: usize = 200;
+/// How long stdout and stderr are still read once the program has exited.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// The `[command]` settings of `coordinator.toml`.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandSettings {
+    /// Creates a machine (required).
+    #[serde(deserialize_with = "de_argv")]
+    pub create: Vec<String>,
+    /// Destroys a machine (required).
+    #[serde(deserialize_with = "de_argv")]
+    pub destroy: Vec<String>,
+    /// Lists machines by label prefix (required).
+    #[serde(deserialize_with = "de_argv")]
+    pub list: Vec<String>,
+    /// Lists offers (optional: empty means one default offer).
+    #[serde(deserialize_with = "de_argv")]
+    pub search: Vec<String>,
+    /// Looks one machine up by id (optional: empty means `list` is used).
+    #[serde(deserialize_with = "de_argv")]
+    pub get: Vec<String>,
+    /// Limit of one call (a duration such as "120s"; None means [`DEFAULT_TIMEOUT`]).
+    #[serde(deserialize_with = "de_timeout")]
+    pub timeout: Option<Duration>,
+}
+
+/// A program: a path, or an argv array whose first element is the path.
+fn de_argv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a program path or an array of strings (program and arguments)")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<String>, E> {
+            Ok(vec![s.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(s) = a.next_element::<String>()? {
+                v.push(s);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn de_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    super::de_duration(d).map(Some)
+}
+
+/// The `command` provider (see the module documentation for the protocol).
+#[derive(Clone, Debug)]
+pub struct CommandProvider {
+    create: Vec<String>,
+    destroy: Vec<String>,
+    list: Vec<String>,
+    search: Option<Vec<String>>,
+    get: Option<Vec<String>>,
+    timeout: Duration,
+}
+
+impl CommandProvider {
+    /// Checks the settings: `create`, `destroy` and `list` are required, `timeout` positive.
+    pub fn new(settings: CommandSettings) -> Result<CommandProvider, ProviderError> {
+        fn required(name: &str, v: Vec<String>) -> Result<Vec<String>, ProviderError> {
+            if v.first().is_none_or(|p| p.trim().is_empty()) {
+                return Err(ProviderError::Rejected(format!(
+                    "command provider: no `{name}` program (set {name} = [\"/path/to/program\", \
+                     \"arg\", ...] in the [command] table of coordinator.toml)"
+                )));
+            }
+            Ok(v)
+        }
+        fn optional(name: &str, v: Vec<String>) -> Result<Option<Vec<String>>, ProviderError> {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                required(name, v).map(Some)
+            }
+        }
+        let timeout = settings.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if timeout.is_zero() {
+            return Err(ProviderError::Rejected(
+                "command provider: timeout must be longer than 0s (e.g. timeout = \"120s\")".into(),
+            ));
+        }
+        Ok(CommandProvider {
+            create: required("create", settings.create)?,
+            destroy: required("destroy", settings.destroy)?,
+            list: required("list", settings.list)?,
+            search: optional("search", settings.search)?,
+            get: optional("get", settings.get)?,
+            timeout,
+        })
+    }
+
+    /// Runs `argv` for `op` with `input` on stdin; its stdout when it exits 0.
+    async fn call(
+        &self,
+        op: &str,
+        argv: &[String],
+        input: &Value,
+    ) -> Result<Vec<u8>, ProviderError> {
+        let prog = argv[0].as_str();
+        let what = format!("command provider: {op} program {prog}");
+        let mut cmd = tokio::process::Command::new(prog);
+        cmd.args(&argv[1..]);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("STANDBY_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.env("STANDBY_OP", op)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        tracing::debug!(op, program = prog, "running");
+        let mut child = spawn(&mut cmd, &what).await?;
+        // From here on, dropping this call (the coordinator's own time limit) kills the group.
+        let mut group = GroupKill(child.id().and_then(|p| i32::try_from(p).ok()));
+        let deadline = Instant::now() + self.timeout;
+
+        let mut payload = serde_json::to_vec(input).expect("a JSON value serialises");
+        payload.push(b'\n');
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let mut out = Vec::new();
+        let mut err = StderrSink::new(op, prog);
+        let mut status = None;
+        let mut overflow = false;
+        let mut timed_out = false;
+        {
+            let write = async move {
+                if let Some(mut w) = stdin {
+                    // A program that exits without reading its request is its own business.
+                    let _ = w.write_all(&payload).await;
+                    let _ = w.shutdown().await;
+                }
+            };
+            let read_out = read_capped(stdout, &mut out);
+            let read_err = err.drain(stderr);
+            tokio::pin!(write, read_out, read_err);
+            let (mut written, mut out_done, mut err_done) = (false, false, false);
+            let grace = tokio::time::sleep_until(deadline);
+            tokio::pin!(grace);
+            loop {
+                if status.is_some() && out_done && err_done {
+                    break;
+                }
+                tokio::select! {
+                    _ = &mut write, if !written => written = true,
+                    r = &mut read_out, if !out_done => {
+                        out_done = true;
+                        if !r {
+                            overflow = true;
+                            break;
+                        }
+                    }
+                    _ = &mut read_err, if !err_done => err_done = true,
+                    s = child.wait(), if status.is_none() => {
+                        match s {
+                            Ok(s) => status = Some(s),
+                            Err(e) => {
+                                return Err(ProviderError::Transient(format!(
+                                    "{what}: waiting for it: {e}"
+                                )));
+                            }
+                        }
+                        let cutoff = (Instant::now() + DRAIN_GRACE).min(deadline);
+                        grace.as_mut().reset(cutoff);
+                    }
+                    _ = &mut grace => {
+                        if status.is_none() {
+                            timed_out = true;
+                        } else {
+                            tracing::warn!(
+                                op,
+                                program = prog,
+                                "exited, but something it started still holds its stdout or \
+                                 stderr open; not waiting for it"
+                            );
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        if status.is_none() {
+            group.kill();
+            // Reap it (the process itself; kill_on_drop and tokio's reaper cover the rest).
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        }
+        group.0 = None;
+        let tail = err.tail();
+        if timed_out {
+            return Err(ProviderError::Transient(format!(
+                "{what} timed out after {} s and was killed{tail}",
+                self.timeout.as_secs_f64()
+            )));
+        }
+        if overflow {
+            return Err(ProviderError::Transient(format!(
+                "{what} printed more than {} MiB on stdout and was killed{tail}",
+                MAX_STDOUT >> 20
+            )));
+        }
+        let status = status.expect("the loop ends with a status or an error");
+        match status.code() {
+            Some(0) => Ok(out),
+            Some(EXIT_TEMPFAIL) => Err(ProviderError::Transient(format!(
+                "{what} failed temporarily (exit status {EXIT_TEMPFAIL}; retrying may help){tail}"
+            ))),
+            Some(c) => Err(ProviderError::Rejected(format!(
+                "{what} failed (exit status {c}){tail}"
+            ))),
+            None => Err(ProviderError::Transient(format!(
+                "{what} was killed by signal {}{tail}",
+                status.signal().unwrap_or(0)
+            ))),
+        }
+    }
+
+    /// Runs `op` and parses its reply as `T`.
+    async fn call_json<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &str,
+        argv: &[String],
+        input: &Value,
+    ) -> Result<T, ProviderError> {
+        let out = self.call(op, argv, input).await?;
+        serde_json::from_slice(&out).map_err(|e| {
+            let n = out.len().min(REPLY_QUOTE);
+            let quote = String::from_utf8_lossy(&out[..n]);
+            let more = if out.len() > n { "..." } else { "" };
+            ProviderError::Transient(format!(
+                "command provider: {op} program {} printed an unexpected reply ({e}): \
+                 {quote:?}{more} (see the protocol in the command provider's documentation)",
+                argv[0]
+            ))
+        })
+    }
+
+    async fn list_all(&self, prefix: &str) -> Result<Vec<Machine>, ProviderError> {
+        let input = json!({"op": "list", "prefix": prefix});
+        let v: Vec<WireMachine> = self.call_json("list", &self.list, &input).await?;
+        let mut out = Vec::new();
+        for w in v {
+            let m = w.into_machine("list", "")?;
+            if !m.label.is_empty() && m.label.starts_with(prefix) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl Provider for CommandProvider {
+    fn name(&self) -> &'static str {
+        "command"
+    }
+
+    async fn search(&self, role: Side) -> Result<Vec<Offer>, ProviderError> {
+        let Some(argv) = &self.search else {
+            return Ok(vec![Offer {
+                id: "default".into(),
+                num_gpus: u32::from(role == Side::Gpu),
+                reliability: 1.0,
+                ..Offer::default()
+            }]);
+        };
+        let input = json!({"op": "search", "role": role.as_str()});
+        let v: Vec<WireOffer> = self.call_json("search", argv, &input).await?;
+        v.into_iter().map(WireOffer::into_offer).collect()
+    }
+
+    async fn create(&self, offer: &Offer, s: &Startup) -> Result<Machine, ProviderError> {
+        let input = json!({
+            "op": "create",
+            "offer": offer,
+            "label": s.label,
+            "pair": s.pair,
+            "role": s.role.as_str(),
+            "coordinator": s.coordinator,
+            "join_token": s.join_token,
+        });
+        let w: WireMachine = self.call_json("create", &self.create, &input).await?;
+        let m = w.into_machine("create", &s.label)?;
+        if m.label != s.label {
+            tracing::warn!(
+                asked = %s.label,
+                got = %m.label,
+                "command provider: create returned a machine with another label"
+            );
+        }
+        Ok(m)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Machine>, ProviderError> {
+        let Some(argv) = &self.get else {
+            return Ok(self.list_all("").await?.into_iter().find(|m| m.id == id));
+        };
+        let input = json!({"op": "get", "id": id});
+        let w: Option<WireMachine> = self.call_json("get", argv, &input).await?;
+        w.map(|w| w.into_machine("get", "")).transpose()
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<Machine>, ProviderError> {
+        self.list_all(prefix).await
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), ProviderError> {
+        let input = json!({"op": "destroy", "id": id});
+        self.call("destroy", &self.destroy, &input).await.map(drop)
+    }
+}
+
+/// Kills a process group when dropped, unless emptied.
+struct GroupKill(Option<i32>);
+
+impl GroupKill {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take()
+            && pgid > 0
+        {
+            // SAFETY: kill(2) on the group we created for the program (process_group(0)); its
+            // leader is not reaped yet, so the id cannot have been reused.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Spawns, retrying briefly on ETXTBSY (a program file that was just written can be busy while
+/// another thread forks).
+async fn spawn(
+    cmd: &mut tokio::process::Command,
+    what: &str,
+) -> Result<tokio::process::Child, ProviderError> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(c) => return Ok(c),
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        " (check the path in the [command] table of coordinator.toml)"
+                    }
+                    std::io::ErrorKind::PermissionDenied => " (is it executable? chmod +x)",
+                    _ => "",
+                };
+                let msg = format!("{what} could not be started: {e}{hint}");
+                return Err(match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                        ProviderError::Rejected(msg)
+                    }
+                    _ if e.raw_os_error() == Some(libc::ENOEXEC) => ProviderError::Rejected(msg),
+                    _ => ProviderError::Transient(msg),
+                });
+            }
+        }
+    }
+}
+
+/// Reads all of `r` into `out`; false when it held more than [`MAX_STDOUT`] bytes.
+async fn read_capped(r: Option<impl AsyncRead + Unpin>, out: &mut Vec<u8>) -> bool {
+    let Some(r) = r else { return true };
+    let mut r = r.take(MAX_STDOUT as u64 + 1);
+    // A read error ends the reply early; the parse that follows reports it.
+    let _ = r.read_to_end(out).await;
+    out.len() <= MAX_STDOUT
+}
+
+/// The program's stderr: each line logged at debug level, the end kept for error messages.
+struct StderrSink<'a> {
+    op: &'a str,
+    prog: &'a str,
+    tail: Vec<u8>,
+    line: Vec<u8>,
+}
+
+impl<'a> StderrSink<'a> {
+    fn new(op: &'a str, prog: &'a str) -> StderrSink<'a> {
+        StderrSink {
+            op,
+            prog,
+            tail: Vec::new(),
+            line: Vec::new(),
+        }
+    }
+
+    async fn drain(&mut self, r: Option<impl AsyncRead + Unpin>) {
+        let Some(mut r) = r else { return };
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            self.tail.extend_from_slice(chunk);
+            if self.tail.len() > 4 * STDERR_TAIL {
+                self.tail.drain(..self.tail.len() - STDERR_TAIL);
+            }
+            for &b in chunk {
+                if b == b'\n' {
+                    self.flush_line();
+                } else if self.line.len() < 4096 {
+                    self.line.push(b);
+                }
+            }
+        }
+        self.flush_line();
+    }
+
+    fn flush_line(&mut self) {
+        if !self.line.is_empty() {
+            tracing::debug!(
+                op = self.op,
+                program = self.prog,
+                "stderr: {}",
+                String::from_utf8_lossy(&self.line).trim_end()
+            );
+            self.line.clear();
+        }
+    }
+
+    /// ": <last bytes of stderr>", or "" when it printed nothing.
+    fn tail(&self) -> String {
+        let start = self.tail.len().saturating_sub(STDERR_TAIL);
+        let s = String::from_utf8_lossy(&self.tail[start..]);
+        let s = s.trim();
+        if s.is_empty() {
+            String::new()
+        } else {
+            format!(": {s}")
+        }
+    }
+}
+
+fn id_string(op: &str, v: &Value) -> Result<String, ProviderError> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(ProviderError::Transient(format!(
+            "command provider: {op} replied with an entry whose id is {other} (want a non-empty \
+             string or a number)"
+        ))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct WireOffer {
+    #[serde(default)]
+    id: Value,
+    place: Option<String>,
+    region: Option<String>,
+    gpu_name: Option<String>,
+    num_gpus: Option<u32>,
+    price_per_hour: Option<f64>,
+    reliability: Option<f64>,
+    disk_gb: Option<f64>,
+    inet_down_mbps: Option<f64>,
+}
+
+impl WireOffer {
+    fn into_offer(self) -> Result<Offer, ProviderError> {
+        Ok(Offer {
+            id: id_string("search", &self.id)?,
+            place: self.place.unwrap_or_default(),
+            region: self.region.unwrap_or_default(),
+            gpu_name: self.gpu_name.unwrap_or_default(),
+            num_gpus: self.num_gpus.unwrap_or(0),
+            price_per_hour: self.price_per_hour.unwrap_or(0.0),
+            reliability: self.reliability.unwrap_or(0.0),
+            disk_gb: self.disk_gb.unwrap_or(0.0),
+            inet_down_mbps: self.inet_down_mbps.unwrap_or(0.0),
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct WireMachine {
+    #[serde(default)]
+    id: Value,
+    label: Option<String>,
+    state: Option<String>,
+    place: Option<String>,
+}
+
+impl WireMachine {
+    /// The machine; its label is `label` when the reply has none.
+    fn into_machine(self, op: &str, label: &str) -> Result<Machine, ProviderError> {
+        let state = match self.state.as_deref().unwrap_or("starting") {
+            "starting" => MachineState::Starting,
+            "running" => MachineState::Running,
+            "stopped" => MachineState::Stopped,
+            other => {
+                return Err(ProviderError::Transient(format!(
+                    "command provider: {op} replied with a machine in state {other:?} (want \
+                     \"starting\", \"running\" or \"stopped\")"
+                )));
+            }
+        };
+        Ok(Machine {
+            id: id_string(op, &self.id)?,
+            label: self
+                .label
+                .filter(|l| !l.is_empty())
+                .unwrap_or_else(|| label.to_string()),
+            state,
+            place: self.place.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    const TOKEN: &str = "sekrit-join-token-0123456789";
+
+    /// Writes an executable `#!/bin/sh` script `name` into `dir`.
+    fn script(dir: &Path, name: &str, body: &str) -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    /// A tiny directory-backed cloud: one file per machine under `<dir>/m/`, holding its state.
+    fn cloud(dir: &Path) -> CommandSettings {
+        let m = dir.join("m");
+        std::fs::create_dir_all(&m).unwrap();
+        let m = m.display();
+        let d = dir.display();
+        // The create script records everything it was given: argv, environment and stdin.
+        let create = script(
+            dir,
+            "create",
+            &format!(
+                r#"set -eu
+printf '%s\n' "$0" "$@" > {d}/create.argv
+env > {d}/create.env
+cat > {d}/create.stdin
+label=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["label"])' {d}/create.stdin)
+echo starting > {m}/"$label"
+printf '{{"id":"%s","place":"rack-1"}}\n' "$label""#
+            ),
+        );
+        // The listing ignores nothing and ends with two unlabelled machines.
+        let list = script(
+            dir,
+            "list",
+            &format!(
+                r#"set -eu
+cat > {d}/list.stdin
+printf '['
+for f in {m}/*; do
+  [ -e "$f" ] || continue
+  l=$(basename "$f")
+  printf '{{"id":"%s","label":"%s","state":"%s"}},' "$l" "$l" "$(cat "$f")"
+done
+echo '{{"id":"no-label"}},{{"id":"empty-label","label":""}}]'"#
+            ),
+        );
+        let get = script(
+            dir,
+            "get",
+            &format!(
+                r#"set -eu
+id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+if [ -e {m}/"$id" ]; then
+  printf '{{"id":"%s","label":"%s","state":"%s","place":"rack-1"}}\n' "$id" "$id" "$(cat {m}/"$id")"
+else
+  echo null
+fi"#
+            ),
+        );
+        let destroy = script(
+            dir,
+            "destroy",
+            &format!(
+                r#"set -eu
+id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+echo "$STANDBY_OP $id" >> {d}/destroyed
+rm -f {m}/"$id""#
+            ),
+        );
+        let search = script(
+            dir,
+            "search",
+            r#"set -eu
+role=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["role"])')
+if [ "$role" = gpu ]; then
+  echo '[{"id":"g1","gpu_name":"H100","num_gpus":8,"price_per_hour":2.5,"reliability":0.99,"region":"eu","place":"z1","disk_gb":500,"inet_down_mbps":1000,"extra":true},{"id":42}]'
+else
+  echo '[{"id":"c1","price_per_hour":0.1,"place":null}]'
+fi"#,
+        );
+        CommandSettings {
+            create: vec![create],
+            destroy: vec![destroy],
+            list: vec![list],
+            search: vec![search],
+            get: vec![get],
+            timeout: Some(Duration::from_secs(30)),
+        }
+    }
+
+    fn startup(label: &str) -> Startup {
+        Startup {
+            pair: "p1".into(),
+            role: Side::Gpu,
+            coordinator: "10.0.0.1:7700".into(),
+            join_token: TOKEN.into(),
+            label: label.into(),
+        }
+    }
+
+    fn only(dir: &Path, name: &str, body: &str) -> CommandProvider {
+        let p = script(dir, name, body);
+        CommandProvider::new(CommandSettings {
+            create: vec![p.clone()],
+            destroy: vec![p.clone()],
+            list: vec![p],
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn rejected(r: Result<impl std::fmt::Debug, ProviderError>) -> String {
+        match r {
+            Err(ProviderError::Rejected(m)) => m,
+            other => panic!("expected Rejected, got {other:?}"),
+        }
+    }
+
+    fn transient(r: Result<impl std::fmt::Debug, ProviderError>) -> String {
+        match r {
+            Err(ProviderError::Transient(m)) => m,
+            other => panic!("expected Transient, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_token_only_on_stdin() {
+        let t = tempfile::tempdir().unwrap();
+        let p = CommandProvider::new(cloud(t.path())).unwrap();
+        assert_eq!(p.name(), "command");
+
+        let offers = p.search(Side::Gpu).await.unwrap();
+        assert_eq!(offers.len(), 2);
+        assert_eq!(
+            offers[0],
+            Offer {
+                id: "g1".into(),
+                place: "z1".into(),
+                region: "eu".into(),
+                gpu_name: "H100".into(),
+                num_gpus: 8,
+                price_per_hour: 2.5,
+                reliability: 0.99,
+                disk_gb: 500.0,
+                inet_down_mbps: 1000.0,
+            }
+        );
+        assert_eq!(offers[1].id, "42");
+        let cpu = p.search(Side::Cpu).await.unwrap();
+        assert_eq!(cpu.len(), 1);
+        assert_eq!((cpu[0].id.as_str(), cpu[0].place.as_str()), ("c1", ""));
+
+        let m = p.create(&offers[0], &startup("sb-p1-gpu-1")).await.unwrap();
+        assert_eq!(
+            m,
+            Machine {
+                id: "sb-p1-gpu-1".into(),
+                label: "sb-p1-gpu-1".into(),
+                state: MachineState::Starting,
+                place: "rack-1".into(),
+            }
+        );
+        // The token is on stdin and nowhere else.
+        let argv = std::fs::read_to_string(t.path().join("create.argv")).unwrap();
+        let env = std::fs::read_to_string(t.path().join("create.env")).unwrap();
+        let stdin = std::fs::read_to_string(t.path().join("create.stdin")).unwrap();
+        assert!(!argv.contains(TOKEN), "{argv}");
+        assert!(!env.contains(TOKEN), "{env}");
+        assert!(env.lines().any(|l| l == "STANDBY_OP=create"), "{env}");
+        assert!(stdin.ends_with('\n'));
+        let req: Value = serde_json::from_str(&stdin).unwrap();
+        assert_eq!(req["op"], "create");
+        assert_eq!(req["join_token"], TOKEN);
+        assert_eq!(req["label"], "sb-p1-gpu-1");
+        assert_eq!(req["pair"], "p1");
+        assert_eq!(req["role"], "gpu");
+        assert_eq!(req["coordinator"], "10.0.0.1:7700");
+        assert_eq!(req["offer"]["id"], "g1");
+        assert_eq!(req["offer"]["num_gpus"], 8);
+        assert_eq!(req["offer"]["place"], "z1");
+
+        p.create(&offers[0], &startup("sb-p1-cpu-1")).await.unwrap();
+        std::fs::write(t.path().join("m/sb-p1-cpu-1"), "running").unwrap();
+        std::fs::write(t.path().join("m/other-1"), "stopped").unwrap();
+
+        let all = p.list("sb-").await.unwrap();
+        let ids: Vec<(&str, MachineState)> = all.iter().map(|m| (m.id.as_str(), m.state)).collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("sb-p1-cpu-1", MachineState::Running),
+                ("sb-p1-gpu-1", MachineState::Starting)
+            ]
+        );
+        let listed: Value =
+            serde_json::from_str(&std::fs::read_to_string(t.path().join("list.stdin")).unwrap())
+                .unwrap();
+        assert_eq!(listed, json!({"op": "list", "prefix": "sb-"}));
+        // The empty prefix lists everything labelled, the unlabelled entries are ignored.
+        let mut all: Vec<String> = p
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        all.sort();
+        assert_eq!(all, vec!["other-1", "sb-p1-cpu-1", "sb-p1-gpu-1"]);
+
+        let got = p.get("sb-p1-cpu-1").await.unwrap().unwrap();
+        assert_eq!(got.state, MachineState::Running);
+        assert_eq!(got.place, "rack-1");
+        assert_eq!(p.get("nope").await.unwrap(), None);
+
+        p.destroy("sb-p1-cpu-1").await.unwrap();
+        p.destroy("sb-p1-cpu-1").await.unwrap(); // already gone: still fine
+        assert_eq!(p.get("sb-p1-cpu-1").await.unwrap(), None);
+        let destroyed = std::fs::read_to_string(t.path().join("destroyed")).unwrap();
+        assert_eq!(destroyed, "destroy sb-p1-cpu-1\ndestroy sb-p1-cpu-1\n");
+        assert_eq!(p.list("sb-").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn get_falls_back_to_list_and_list_filters_by_prefix() {
+        let t = tempfile::tempdir().unwrap();
+        // This list ignores the prefix and prints everything.
+        let p = only(
+            t.path(),
+            "list",
+            r#"cat > /dev/null
+echo '[{"id":"1","label":"sb-a","state":"running","place":"h1"},{"id":"2","label":"xx-b","state":"stopped"},{"id":"3"}]'"#,
+        );
+        let ids: Vec<String> = p
+            .list("sb-")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, vec!["1"]);
+        assert_eq!(
+            p.get("2").await.unwrap(),
+            Some(Machine {
+                id: "2".into(),
+                label: "xx-b".into(),
+                state: MachineState::Stopped,
+                place: String::new(),
+            })
+        );
+        assert_eq!(p.get("1").await.unwrap().unwrap().place, "h1");
+        assert_eq!(p.get("3").await.unwrap(), None); // unlabelled: not ours
+        assert_eq!(p.get("9").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn default_search_offer() {
+        let t = tempfile::tempdir().unwrap();
+        let p = only(t.path(), "x", "exit 1");
+        let g = p.search(Side::Gpu).await.unwrap();
+        assert_eq!(
+            g,
+            vec![Offer {
+                id: "default".into(),
+                num_gpus: 1,
+                reliability: 1.0,
+                ..Offer::default()
+            }]
+        );
+        assert_eq!(p.search(Side::Cpu).await.unwrap()[0].num_gpus, 0);
+    }
+
+    #[tokio::test]
+    async fn exit_statuses_are_classified() {
+        let t = tempfile::tempdir().unwrap();
+        let p = only(
+            t.path(),
+            "tempfail",
+            "cat >/dev/null; echo 'quota check failed, try later' >&2; exit 75",
+        );
+        let m = transient(p.list("").await);
+        assert!(m.contains("list program"), "{m}");
+        assert!(m.contains("exit status 75"), "{m}");
+        assert!(m.contains("quota check failed, try later"), "{m}");
+
+        let p = only(
+            t.path(),
+            "fail",
+            "cat >/dev/null; yes 'padding padding' | head -n 200 >&2; echo 'zone does not exist' >&2; exit 1",
+        );
+        let m = rejected(p.create(&Offer::default(), &startup("l")).await);
+        assert!(m.contains("create program"), "{m}");
+        assert!(m.contains("/fail"), "{m}");
+        assert!(m.contains("exit status 1"), "{m}");
+        assert!(m.ends_with("zone does not exist"), "{m}");
+        assert!(m.len() < 600, "only the end of stderr is quoted: {m}");
+        assert!(!m.contains(TOKEN));
+
+        let p = only(t.path(), "signal", "kill -TERM $$");
+        let m = transient(p.destroy("x").await);
+        assert!(m.contains("signal 15"), "{m}");
+
+        // A program that does not read its request and exits 0 is fine for destroy.
+        let p = only(t.path(), "ok", "exit 0");
+        p.destroy("x").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unparseable_replies_are_transient() {
+        let t = tempfile::tempdir().unwrap();
+        let p = only(
+            t.path(),
+            "garbage",
+            "echo 'Error: something went wrong'; exit 0",
+        );
+        let m = transient(p.list("").await);
+        assert!(m.contains("unexpected reply"), "{m}");
+        assert!(m.contains("Error: something went wrong"), "{m}");
+        let m = transient(p.create(&Offer::default(), &startup("l")).await);
+        assert!(m.contains("create program"), "{m}");
+
+        let p = only(t.path(), "empty", "exit 0");
+        transient(p.create(&Offer::default(), &startup("l")).await);
+        let p = only(t.path(), "state", r#"echo '{"id":"a","state":"exploded"}'"#);
+        let m = transient(p.create(&Offer::default(), &startup("l")).await);
+        assert!(m.contains("exploded"), "{m}");
+        let p = only(t.path(), "noid", r#"echo '{"label":"l"}'"#);
+        transient(p.create(&Offer::default(), &startup("l")).await);
+        // A machine without a label from create carries the requested one.
+        let p = only(t.path(), "nolabel", r#"echo '{"id":7,"state":"running"}'"#);
+        let m = p.create(&Offer::default(), &startup("sb-x")).await.unwrap();
+        assert_eq!((m.id.as_str(), m.label.as_str()), ("7", "sb-x"));
+        assert_eq!(m.state, MachineState::Running);
+        // Long garbage is quoted only in part.
+        let p = only(t.path(), "long", "yes garbage | head -c 100000");
+        let m = transient(p.list("").await);
+        assert!(m.len() < 600, "{m}");
+    }
+
+    fn alive(pid: i32) -> bool {
+        // SAFETY: signal 0 only checks the process exists.
+        let exists = unsafe { libc::kill(pid, 0) } == 0;
+        exists
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+    }
+
+    fn read_pid(p: &PathBuf) -> i32 {
+        std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_process_group() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().display();
+        let body =
+            format!("sleep 1000 &\necho $! > {d}/child.pid\necho $$ > {d}/self.pid\nsleep 1000\n");
+        let path = script(t.path(), "hang", &body);
+        let p = CommandProvider::new(CommandSettings {
+            create: vec![path.clone()],
+            destroy: vec![path.clone()],
+            list: vec![path],
+            timeout: Some(Duration::from_secs(1)),
+            ..Default::default()
+        })
+        .unwrap();
+        let start = std::time::Instant::now();
+        let m = transient(p.list("").await);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(m.contains("timed out after 1 s"), "{m}");
+        let child = read_pid(&t.path().join("child.pid"));
+        let me = read_pid(&t.path().join("self.pid"));
+        // The background child is reparented and reaped by init: allow it a moment.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while (alive(child) || alive(me)) && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!alive(me), "the program survived its timeout");
+        assert!(!alive(child), "its child survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn abandoned_call_kills_the_process_group() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().display();
+        let body = format!(
+            "sleep 1000 &\necho $! > {d}/child.pid.tmp\nmv {d}/child.pid.tmp {d}/child.pid\nsleep 1000\n"
+        );
+        let p = only(t.path(), "hang", &body);
+        let pidfile = t.path().join("child.pid");
+        let r = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::select! {
+                r = p.list("") => panic!("the call ended: {r:?}"),
+                _ = async {
+                    while !pidfile.exists() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                } => {}
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "the script never started");
+        let child = read_pid(&pidfile);
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(child) && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!alive(child), "dropping the call left its child running");
+    }
+
+    #[tokio::test]
+    async fn exited_program_with_a_lingering_child_does_not_hang() {
+        let t = tempfile::tempdir().unwrap();
+        // The background child keeps stdout open after the program exits.
+        let p = only(t.path(), "linger", "echo '[]'\nsleep 5 &\nexit 0");
+        let start = std::time::Instant::now();
+        assert_eq!(p.list("").await.unwrap(), vec![]);
+        assert!(start.elapsed() < Duration::from_secs(20));
+    }
+
+    #[tokio::test]
+    async fn huge_stdout_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let p = only(t.path(), "huge", "cat /dev/zero");
+        let m = transient(p.list("").await);
+        assert!(m.contains("more than 16 MiB"), "{m}");
+    }
+
+    #[tokio::test]
+    async fn missing_or_unrunnable_programs_are_rejected() {
+        let t = tempfile::tempdir().unwrap();
+        let missing = t.path().join("does-not-exist").display().to_string();
+        let p = CommandProvider::new(CommandSettings {
+            create: vec![missing.clone()],
+            destroy: vec![missing.clone()],
+            list: vec![missing],
+            ..Default::default()
+        })
+        .unwrap();
+        let m = rejected(p.list("").await);
+        assert!(m.contains("does-not-exist"), "{m}");
+        assert!(m.contains("could not be started"), "{m}");
+
+        let plain = t.path().join("not-executable");
+        std::fs::write(&plain, "#!/bin/sh\necho []\n").unwrap();
+        let plain = plain.display().to_string();
+        let p = CommandProvider::new(CommandSettings {
+            create: vec![plain.clone()],
+            destroy: vec![plain.clone()],
+            list: vec![plain],
+            ..Default::default()
+        })
+        .unwrap();
+        let m = rejected(p.list("").await);
+        assert!(m.contains("chmod"), "{m}");
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let ok = |s: &str| toml::from_str::<CommandSettings>(s);
+        let s = ok(r#"
+            create = ["/opt/c.sh", "--zone", "x"]
+            destroy = "/opt/d.sh"
+            list = ["/opt/l.sh"]
+            timeout = "2m"
+        "#)
+        .unwrap();
+        assert_eq!(s.create, vec!["/opt/c.sh", "--zone", "x"]);
+        assert_eq!(s.destroy, vec!["/opt/d.sh"]);
+        assert!(s.search.is_empty() && s.get.is_empty());
+        assert_eq!(s.timeout, Some(Duration::from_secs(120)));
+        let p = CommandProvider::new(s.clone()).unwrap();
+        assert!(p.search.is_none() && p.get.is_none());
+        assert_eq!(p.timeout, Duration::from_secs(120));
+        assert_eq!(
+            CommandProvider::new(CommandSettings {
+                timeout: None,
+                ..s.clone()
+            })
+            .unwrap()
+            .timeout,
+            DEFAULT_TIMEOUT
+        );
+
+        let m = rejected(CommandProvider::new(CommandSettings {
+            list: vec![],
+            ..s.clone()
+        }));
+        assert!(m.contains("`list`"), "{m}");
+        let m = rejected(CommandProvider::new(CommandSettings {
+            create: vec![" ".into()],
+            ..s.clone()
+        }));
+        assert!(m.contains("`create`"), "{m}");
+        rejected(CommandProvider::new(CommandSettings {
+            get: vec!["".into(), "x".into()],
+            ..s.clone()
+        }));
+        rejected(CommandProvider::new(CommandSettings {
+            timeout: Some(Duration::ZERO),
+            ..s.clone()
+        }));
+        rejected(CommandProvider::new(CommandSettings::default()));
+
+        assert!(ok("create = 5").is_err());
+        assert!(ok("create = [1]").is_err());
+        assert!(ok("timeout = \"soon\"").is_err());
+        assert!(ok("typo = \"x\"").is_err());
+    }
+}

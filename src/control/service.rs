@@ -1,0 +1,483 @@
+//! The coordinator service: join, heartbeats, administration, health, reflection and metrics.
+//!
+//! Authorisation (Invariant 7): `Join` is the only call accepted without a client certificate
+//! and is authenticated by a single-use token; heartbeats need a pair certificate (`gpu` or
+//! `cpu`), and they speak for exactly that pair and role; every `Admin` call needs an admin
+//! certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::control::engine::Engine;
+use crate::control::failover::{Input, Policy, Timing};
+use crate::control::metrics::Metrics;
+use crate::control::store::{FileStore, Store};
+use crate::proto::admin_server::{Admin, AdminServer};
+use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
+use crate::proto::{
+    ActionReply, AgentReport, Command, Event, EventsRequest, JoinReply, JoinRequest,
+    ListPairsReply, ListPairsRequest, PairRequest, PairView,
+};
+use crate::trust::identity::{Identity, Role};
+use crate::trust::pki::Ca;
+use crate::trust::tls::{self, TlsMaterial};
+use crate::trust::token::Token;
+use crate::types::Side;
+
+/// Largest message the coordinator accepts.
+const MAX_MESSAGE: usize = 4 << 20;
+
+pub struct Shared {
+    pub engine: Engine,
+    ca: Ca,
+    token_key: Vec<u8>,
+    fingerprint: String,
+    store: Arc<dyn Store>,
+    cert_days: u32,
+}
+
+pub struct CoordinatorSvc(Arc<Shared>);
+pub struct AdminSvc(Arc<Shared>);
+
+fn side_of(role: Role) -> Side {
+    match role {
+        Role::Gpu => Side::Gpu,
+        Role::Cpu => Side::Cpu,
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorSvc {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let addr = tls::remote_addr(&req);
+        let r = req.into_inner();
+        let role = match r.role() {
+            crate::proto::Role::Gpu => Role::Gpu,
+            crate::proto::Role::Cpu => Role::Cpu,
+            crate::proto::Role::Unspecified => {
+                return Err(Status::invalid_argument("join request without a role"));
+            }
+        };
+        let now = crate::host::unix_ms_now() / 1000;
+        let s = &self.0;
+        let token =
+            Token::verify(&r.token, &s.token_key, &s.fingerprint, role, now).map_err(|e| {
+                tracing::warn!(?addr, error = %e, "join refused");
+                Status::permission_denied(e.to_string())
+            })?;
+        // Single use: recorded durably before the certificate is handed out.
+        let store = s.store.clone();
+        let (nonce, exp) = (token.nonce.clone(), token.expires_unix);
+        let first = tokio::task::spawn_blocking(move || store.use_token(&nonce, exp))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("recording the token: {e}")))?;
+        if !first {
+            tracing::warn!(?addr, pair = %token.pair, "join refused: token replayed");
+            return Err(Status::permission_denied(
+                crate::trust::token::TokenError::Replayed.to_string(),
+            ));
+        }
+        let id = Identity::node(&token.pair, role)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cert_pem =
+            s.ca.sign_csr(&r.csr_pem, &id, s.cert_days)
+                .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
+        s.engine.events.emit(Event {
+            unix_ms: crate::host::unix_ms_now(),
+            pair: token.pair.clone(),
+            kind: "joined".into(),
+            message: format!("{} agent {} joined from {:?}", role, r.machine, addr),
+            ..Default::default()
+        });
+        Ok(Response::new(JoinReply {
+            ca_pem: s.ca.cert_pem().to_string(),
+            cert_pem,
+            pair: token.pair,
+        }))
+    }
+
+    type HeartbeatStream = ReceiverStream<Result<Command, Status>>;
+
+    async fn heartbeat(
+        &self,
+        req: Request<Streaming<AgentReport>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let peer = tls::peer_of(&req)?;
+        let Identity::Node { pair, role } = peer.identity else {
+            return Err(Status::permission_denied(
+                "heartbeats need a pair certificate",
+            ));
+        };
+        let side = side_of(role);
+        let observed = peer.addr.map(|a| a.ip());
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let engine = self.0.engine.clone();
+        let conn = engine.next_conn();
+        engine.connect(&pair, conn, tx).await?;
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = inbound.message().await {
+                if engine.report(&pair, side, conn, r, observed).await.is_err() {
+                    break;
+                }
+            }
+            engine.disconnect(&pair, side, conn).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn admin<T>(req: &Request<T>) -> Result<String, Status> {
+    match tls::peer_of(req)?.identity {
+        Identity::Admin { name } => Ok(name),
+        other => Err(Status::permission_denied(format!(
+            "admin calls need an admin certificate; you are {other}"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminSvc {
+    async fn create_pair(&self, req: Request<PairRequest>) -> Result<Response<PairView>, Status> {
+        admin(&req)?;
+        Ok(Response::new(
+            self.0.engine.create(&req.into_inner().pair).await?,
+        ))
+    }
+
+    async fn list_pairs(
+        &self,
+        req: Request<ListPairsRequest>,
+    ) -> Result<Response<ListPairsReply>, Status> {
+        admin(&req)?;
+        Ok(Response::new(ListPairsReply {
+            pairs: self.0.engine.list().await?,
+        }))
+    }
+
+    async fn failover(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
+        let who = admin(&req)?;
+        let pair = req.into_inner().pair;
+        tracing::info!(%pair, admin = %who, "manual failover requested");
+        Ok(Response::new(self.0.engine.failover(&pair).await?))
+    }
+
+    async fn recover(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
+        admin(&req)?;
+        let pair = req.into_inner().pair;
+        Ok(Response::new(
+            self.0.engine.manual(&pair, Input::Recover).await?,
+        ))
+    }
+
+    async fn hibernate(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
+        admin(&req)?;
+        let pair = req.into_inner().pair;
+        Ok(Response::new(
+            self.0.engine.manual(&pair, Input::Hibernate).await?,
+        ))
+    }
+
+    async fn wake(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
+        admin(&req)?;
+        let pair = req.into_inner().pair;
+        Ok(Response::new(
+            self.0.engine.manual(&pair, Input::Wake).await?,
+        ))
+    }
+
+    type EventsStream = ReceiverStream<Result<Event, Status>>;
+
+    async fn events(
+        &self,
+        req: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        admin(&req)?;
+        let r = req.into_inner();
+        let engine = self.0.engine.clone();
+        let (recent, mut live) = engine.events.subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            for e in recent {
+                if (r.heartbeats || e.kind != "heartbeat") && tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            if !r.follow {
+                return;
+            }
+            if r.heartbeats {
+                engine.heartbeat_subscribers(1).await;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) => {
+                        if !r.heartbeats && e.kind == "heartbeat" {
+                            continue;
+                        }
+                        if tx.send(Ok(e)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Ok(Event {
+                                kind: "warning".into(),
+                                message: format!("{n} events dropped: the subscriber was too slow"),
+                                ..Default::default()
+                            }))
+                            .await;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if r.heartbeats {
+                engine.heartbeat_subscribers(-1).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Settings of `coordinator serve`.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub dir: PathBuf,
+    pub listen: String,
+    pub metrics_listen: String,
+    pub timing: Timing,
+    pub cert_days: u32,
+    /// Where machines come from: "local", "vastai", "gcp", "command" or "none" (replacements
+    /// join by hand).
+    pub provider: String,
+    /// Where CPU standbys come from, when not from `provider` ("" = the same).
+    pub cpu_provider: String,
+    pub policy: Policy,
+    pub provision: crate::control::provider::ProvisionConfig,
+    /// The coordinator's address as new machines dial it ("" = the bound address).
+    pub advertise: String,
+    /// `local` provider: where the agent binaries are, and extra arguments for them.
+    pub local_bin_dir: Option<PathBuf>,
+    pub local_agent_args: Vec<String>,
+    pub vastai: VastSettings,
+    pub gcp: crate::control::provider::gcp::GcpSettings,
+    pub command: crate::control::provider::command::CommandSettings,
+}
+
+/// Settings of the `vastai` provider.
+#[derive(Clone, Default)]
+pub struct VastSettings {
+    pub url: String,
+    /// The API key (from `VAST_API_KEY` or a file); never logged.
+    pub key: String,
+    pub image: String,
+    pub disk_gb: u32,
+    /// Where instances download agent-gpu from.
+    pub agent_url: String,
+}
+
+impl std::fmt::Debug for VastSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VastSettings")
+            .field("url", &self.url)
+            .field("image", &self.image)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The coordinator's own TLS directory (identity `standby://coordinator`), issued on demand.
+pub fn server_tls(dir: &Path, ca: &Ca) -> anyhow::Result<TlsMaterial> {
+    let d = dir.join("server");
+    if !d.join(crate::trust::pki::CERT_FILE).exists() {
+        ca.issue(&Identity::Coordinator, 3650)?.write_dir(&d)?;
+    }
+    Ok(TlsMaterial::load(&d)?)
+}
+
+/// The key that signs join tokens (created on first use, mode 0600).
+pub fn token_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let p = dir.join("token.key");
+    match std::fs::read(&p) {
+        Ok(k) if k.len() == 32 => Ok(k),
+        Ok(_) => anyhow::bail!("{} is not a 32-byte key", p.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k: [u8; 32] = rand::random();
+            crate::trust::pki::write_private(&p, &k)?;
+            Ok(k.to_vec())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// Mints a join token for `pair`/`role` valid for `ttl`.
+pub fn mint_token(dir: &Path, pair: &str, role: Role, ttl: Duration) -> anyhow::Result<String> {
+    crate::trust::identity::check_name(pair)?;
+    let ca = Ca::load(dir)?;
+    let key = token_key(dir)?;
+    let exp = crate::host::unix_ms_now() / 1000 + ttl.as_secs().max(1);
+    Ok(Token::new(pair, role, exp, &ca.fingerprint()).sign(&key))
+}
+
+type DynProvider = Arc<dyn crate::control::provider::Provider>;
+
+/// The provider called `name`, built from the options (None for "none").
+fn make_provider(name: &str, opts: &ServeOptions) -> anyhow::Result<Option<DynProvider>> {
+    let dir = &opts.dir;
+    Ok(match name {
+        "none" | "" => None,
+        "local" => {
+            let mut l = crate::control::provider::local::Local::new(
+                dir.join("machines"),
+                opts.local_bin_dir
+                    .clone()
+                    .unwrap_or_else(crate::control::provider::local::Local::default_bin_dir),
+                opts.timing.heartbeat,
+            );
+            l.extra_args = opts.local_agent_args.clone();
+            Some(Arc::new(l))
+        }
+        "vastai" => {
+            let v = &opts.vastai;
+            let mut p = crate::control::provider::vastai::VastAi::new(&v.url, v.key.clone())?;
+            if !v.image.is_empty() {
+                p.image = v.image.clone();
+            }
+            if v.disk_gb > 0 {
+                p.disk_gb = v.disk_gb;
+            }
+            p.agent_url = v.agent_url.clone();
+            Some(Arc::new(p))
+        }
+        "gcp" => {
+            let creds = crate::control::provider::gcp::Gcp::credentials_path(&opts.gcp)?;
+            Some(Arc::new(crate::control::provider::gcp::Gcp::new(
+                opts.gcp.clone(),
+                &creds,
+            )?))
+        }
+        "command" => Some(Arc::new(
+            crate::control::provider::command::CommandProvider::new(opts.command.clone())?,
+        )),
+        other => anyhow::bail!("unknown provider {other:?} (local, vastai, gcp, command, none)"),
+    })
+}
+
+/// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/serve.addr` and
+/// `<dir>/metrics.addr`.
+pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let dir = &opts.dir;
+    let ca = Ca::load(dir).with_context(|| {
+        format!(
+            "loading the CA from {} (run `coordinator init`)",
+            dir.display()
+        )
+    })?;
+    let material = server_tls(dir, &ca)?;
+    let token_key = token_key(dir)?;
+    let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let mut policy = opts.policy.clone();
+    policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
+    let gpu_provider = make_provider(&opts.provider, &opts)?;
+    let cpu_provider = match opts.cpu_provider.as_str() {
+        "" => gpu_provider.clone(),
+        name if name == opts.provider => gpu_provider.clone(),
+        name => make_provider(name, &opts)?,
+    };
+    let provider = match (gpu_provider, cpu_provider) {
+        (Some(gpu), Some(cpu)) => Some((gpu, cpu)),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "--provider none and --cpu-provider must go together (a pair provisions both roles or neither)"
+        ),
+    };
+    policy.provider = provider.is_some();
+    let coordinator_url = if opts.advertise.is_empty() {
+        if addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", addr.port())
+        } else {
+            addr.to_string()
+        }
+    } else {
+        opts.advertise.clone()
+    };
+    let mut cfg = opts.provision.clone();
+    if [opts.provider.as_str(), opts.cpu_provider.as_str()].contains(&"command") {
+        // The scripts' own limit answers first, with their output in the error.
+        let own = opts
+            .command
+            .timeout
+            .unwrap_or(crate::control::provider::command::DEFAULT_TIMEOUT);
+        cfg.call_timeout = cfg.call_timeout.max(own + Duration::from_secs(15));
+    }
+    let provisioning = provider.map(|(gpu, cpu)| crate::control::engine::Provisioning {
+        gpu,
+        cpu,
+        cfg,
+        coordinator_url,
+        token_key: token_key.clone(),
+        fingerprint: ca.fingerprint(),
+    });
+    let engine = Engine::start(
+        store.clone(),
+        opts.timing,
+        policy,
+        provisioning,
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
+    let shared = Arc::new(Shared {
+        engine,
+        fingerprint: ca.fingerprint(),
+        ca,
+        token_key,
+        store,
+        cert_days: opts.cert_days,
+    });
+
+    let mlistener = tokio::net::TcpListener::bind(&opts.metrics_listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.metrics_listen))?;
+    let maddr = mlistener.local_addr()?;
+    std::fs::write(dir.join("serve.addr"), addr.to_string())?;
+    std::fs::write(dir.join("metrics.addr"), maddr.to_string())?;
+    tracing::info!(%addr, metrics = %maddr, "coordinator serving");
+    let m = tokio::spawn(crate::control::metrics::serve(
+        mlistener,
+        metrics,
+        shutdown.clone(),
+    ));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorSvc>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let incoming = tls::incoming(listener, material.server_config_join()?, shutdown.clone());
+    tls::server_builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            CoordinatorServer::new(CoordinatorSvc(shared.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(AdminServer::new(AdminSvc(shared)).max_decoding_message_size(MAX_MESSAGE))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await?;
+    let _ = m.await;
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! The coordinator's durable state behind a [`Store`] trait: pairs (with their epochs, states and
+//! machines) and used join tokens.
+//!
+//! [`FileStore`] is the embedded default: an append-only log of framed, checksummed entries (the
+//! latest entry for a pair wins) that is compacted into a fresh log once it is mostly stale. A
+//! durable `put` is fsynced before it returns; many pairs written together cost one fsync. A
+//! replicated store (etcd with leader election) can implement the same trait.
+//! [`MemStore`] serves tests, with a restart that keeps only what was made durable.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use prost::Message;
+
+use crate::disk::crashsafe::{self, FrameError, frame, kind, read_frame};
+use crate::proto::state::{PairRecord, StoreEntry, UsedToken, store_entry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("store {path}: corrupt entry at offset {offset}")]
+    Corrupt { path: PathBuf, offset: u64 },
+}
+
+/// What a store holds.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub pairs: HashMap<String, PairRecord>,
+    pub used_tokens: HashMap<String, u64>,
+}
+
+pub trait Store: Send + Sync {
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Writes these pairs; `durable` waits until they are on disk.
+    fn put_pairs(&self, pairs: &[PairRecord], durable: bool) -> Result<(), StoreError>;
+    fn delete_pair(&self, name: &str) -> Result<(), StoreError>;
+    /// Records a token as used, durably. False when it already was (a replay).
+    fn use_token(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError>;
+}
+
+const LOG_KIND: u16 = kind::RECORD + 100;
+
+pub struct FileStore {
+    path: PathBuf,
+    inner: Mutex<FileInner>,
+}
+
+struct FileInner {
+    log: File,
+    state: Snapshot,
+    entries: u64,
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn apply(state: &mut Snapshot, e: StoreEntry) {
+    match e.entry {
+        Some(store_entry::Entry::Pair(p)) => {
+            state.pairs.insert(p.name.clone(), p);
+        }
+        Some(store_entry::Entry::DeletedPair(n)) => {
+            state.pairs.remove(&n);
+        }
+        Some(store_entry::Entry::Token(t)) => {
+            state.used_tokens.insert(t.nonce, t.expires_unix);
+        }
+        None => {}
+    }
+}
+
+impl FileStore {
+    /// Opens (or creates) `<dir>/coordinator.log`.
+    pub fn open(dir: &Path) -> Result<FileStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let path = dir.join("coordinator.log");
+        let mut state = Snapshot::default();
+        let mut entries = 0;
+        if let Ok(f) = File::open(&path) {
+            let len = f.metadata().map_err(io_at(&path))?.len();
+            let mut r = BufReader::new(f);
+            let mut offset = 0u64;
+            loop {
+                match read_frame(&mut r, LOG_KIND) {
+                    Ok(None) => break,
+                    Ok(Some(p)) => {
+                        offset += p.len() as u64 + 48;
+                        let e = StoreEntry::decode(&p[..]).map_err(|_| StoreError::Corrupt {
+                            path: path.clone(),
+                            offset,
+                        })?;
+                        apply(&mut state, e);
+                        entries += 1;
+                    }
+                    // A torn last entry (crash during an append): it never counted.
+                    Err(FrameError::Truncated | FrameError::Checksum | FrameError::Magic)
+                        if len.saturating_sub(offset) < (1 << 20) =>
+                    {
+                        tracing::warn!(offset, "cutting a torn entry off the coordinator store");
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(io_at(&path))?;
+                        f.set_len(offset).map_err(io_at(&path))?;
+                        f.sync_all().map_err(io_at(&path))?;
+                        break;
+                    }
+                    Err(_) => {
+                        return Err(StoreError::Corrupt {
+                            path: path.clone(),
+                            offset,
+                        });
+                    }
+                }
+            }
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        let store = FileStore {
+            path,
+            inner: Mutex::new(FileInner {
+                log,
+                state,
+                entries,
+            }),
+        };
+        store.compact_if_stale()?;
+        Ok(store)
+    }
+
+    fn append(&self, entries: &[StoreEntry], durable: bool) -> Result<(), StoreError> {
+        let mut g = self.inner.lock().expect("store lock");
+        self.write_locked(&mut g, entries, durable)?;
+        drop(g);
+        self.compact_if_stale()
+    }
+
+    /// Appends under the caller's lock, so a check made under the same lock still holds.
+    fn write_locked(
+        &self,
+        g: &mut FileInner,
+        entries: &[StoreEntry],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        let mut buf = Vec::new();
+        for e in entries {
+            buf.extend(frame(LOG_KIND, &e.encode_to_vec()));
+        }
+        g.log.write_all(&buf).map_err(io_at(&self.path))?;
+        if durable {
+            g.log.sync_data().map_err(io_at(&self.path))?;
+        }
+        for e in entries {
+            apply(&mut g.state, e.clone());
+        }
+        g.entries += entries.len() as u64;
+        Ok(())
+    }
+
+    /// Rewrites the log with only live entries once most of it is stale.
+    fn compact_if_stale(&self) -> Result<(), StoreError> {
+        let mut g = self.inner.lock().expect("store lock");
+        let now = crate::host::unix_ms_now() / 1000;
+        g.state.used_tokens.retain(|_, exp| *exp > now);
+        let live = (g.state.pairs.len() + g.state.used_tokens.len()) as u64;
+        if g.entries < 1024 || g.entries < 4 * live {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for p in g.state.pairs.values() {
+            let e = StoreEntry {
+                entry: Some(store_entry::Entry::Pair(p.clone())),
+            };
+            buf.extend(frame(LOG_KIND, &e.encode_to_vec()));
+        }
+        for (n, exp) in &g.state.used_tokens {
+            let e = StoreEntry {
+                entry: Some(store_entry::Entry::Token(UsedToken {
+                    nonce: n.clone(),
+                    expires_unix: *exp,
+                })),
+            };
+            buf.extend(frame(LOG_KIND, &e.encode_to_vec()));
+        }
+        crashsafe::write_atomic(&self.path, &buf).map_err(io_at(&self.path))?;
+        g.log = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io_at(&self.path))?;
+        g.entries = live;
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.inner.lock().expect("store lock").state.clone())
+    }
+
+    fn put_pairs(&self, pairs: &[PairRecord], durable: bool) -> Result<(), StoreError> {
+        let entries: Vec<StoreEntry> = pairs
+            .iter()
+            .map(|p| StoreEntry {
+                entry: Some(store_entry::Entry::Pair(p.clone())),
+            })
+            .collect();
+        self.append(&entries, durable)
+    }
+
+    fn delete_pair(&self, name: &str) -> Result<(), StoreError> {
+        self.append(
+            &[StoreEntry {
+                entry: Some(store_entry::Entry::DeletedPair(name.to_string())),
+            }],
+            true,
+        )
+    }
+
+    fn use_token(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError> {
+        // Checked and recorded under one lock: of many joins racing with one token, one wins.
+        let mut g = self.inner.lock().expect("store lock");
+        if g.state.used_tokens.contains_key(nonce) {
+            return Ok(false);
+        }
+        self.write_locked(
+            &mut g,
+            &[StoreEntry {
+                entry: Some(store_entry::Entry::Token(UsedToken {
+                    nonce: nonce.to_string(),
+                    expires_unix,
+                })),
+            }],
+            true,
+        )?;
+        drop(g);
+        self.compact_if_stale()?;
+        Ok(true)
+    }
+}
+
+/// An in-memory store for tests: [`MemStore::restart`] keeps only what was written durably.
+#[derive(Default)]
+pub struct MemStore {
+    durable: Mutex<Snapshot>,
+    volatile: Mutex<Snapshot>,
+}
+
+impl MemStore {
+    /// What a restarted coordinator would find.
+    pub fn restart(&self) -> MemStore {
+        let d = self.durable.lock().expect("mem").clone();
+        MemStore {
+            volatile: Mutex::new(d.clone()),
+            durable: Mutex::new(d),
+        }
+    }
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.volatile.lock().expect("mem").clone())
+    }
+
+    fn put_pairs(&self, pairs: &[PairRecord], durable: bool) -> Result<(), StoreError> {
+        for p in pairs {
+            self.volatile
+                .lock()
+                .expect("mem")
+                .pairs
+                .insert(p.name.clone(), p.clone());
+            if durable {
+                self.durable
+                    .lock()
+                    .expect("mem")
+                    .pairs
+                    .insert(p.name.clone(), p.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_pair(&self, name: &str) -> Result<(), StoreError> {
+        self.volatile.lock().expect("mem").pairs.remove(name);
+        self.durable.lock().expect("mem").pairs.remove(name);
+        Ok(())
+    }
+
+    fn use_token(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError> {
+        let mut v = self.volatile.lock().expect("mem");
+        if v.used_tokens.contains_key(nonce) {
+            return Ok(false);
+        }
+        v.used_tokens.insert(nonce.into(), expires_unix);
+        self.durable
+            .lock()
+            .expect("mem")
+            .used_tokens
+            .insert(nonce.into(), expires_unix);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str, epoch: u64) -> PairRecord {
+        PairRecord {
+            name: name.into(),
+            epoch,
+            state: "Syncing".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn file_store_survives_reopen_and_compacts() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = FileStore::open(d.path()).unwrap();
+            for e in 1..=3000u64 {
+                s.put_pairs(&[pair("a", e), pair("b", e)], e % 100 == 0)
+                    .unwrap();
+            }
+            s.delete_pair("b").unwrap();
+            assert!(s.use_token("n1", u64::MAX).unwrap());
+            assert!(!s.use_token("n1", u64::MAX).unwrap());
+        }
+        let size = std::fs::metadata(d.path().join("coordinator.log"))
+            .unwrap()
+            .len();
+        assert!(size < 64 * 1024, "log was not compacted: {size} bytes");
+        let s = FileStore::open(d.path()).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.pairs["a"].epoch, 3000);
+        assert!(!snap.pairs.contains_key("b"));
+        assert!(
+            !s.use_token("n1", u64::MAX).unwrap(),
+            "a used token stays used across restarts"
+        );
+    }
+
+    #[test]
+    fn torn_tail_is_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = FileStore::open(d.path()).unwrap();
+            s.put_pairs(&[pair("a", 5)], true).unwrap();
+        }
+        let p = d.path().join("coordinator.log");
+        let mut bytes = std::fs::read(&p).unwrap();
+        let whole = bytes.clone();
+        bytes.extend_from_slice(&whole[..whole.len() / 2]);
+        std::fs::write(&p, &bytes).unwrap();
+        let s = FileStore::open(d.path()).unwrap();
+        assert_eq!(s.load().unwrap().pairs["a"].epoch, 5);
+    }
+
+    #[test]
+    fn mem_store_restart_keeps_durable_only() {
+        let s = MemStore::default();
+        s.put_pairs(&[pair("a", 1)], true).unwrap();
+        s.put_pairs(&[pair("a", 2)], false).unwrap();
+        assert_eq!(s.load().unwrap().pairs["a"].epoch, 2);
+        assert_eq!(s.restart().load().unwrap().pairs["a"].epoch, 1);
+    }
+
+    /// Joins racing with one token (threads released together, round after round): exactly
+    /// one of them may use it.
+    #[test]
+    fn a_token_used_by_many_at_once_is_used_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(FileStore::open(d.path()).unwrap());
+        let rounds = 300;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, b) = (s.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    (0..rounds)
+                        .map(|r| {
+                            b.wait();
+                            s.use_token(&format!("n{r}"), u64::MAX).unwrap() as usize
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let won: Vec<Vec<usize>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for r in 0..rounds {
+            assert_eq!(won.iter().map(|w| w[r]).sum::<usize>(), 1, "round {r}");
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Moving a workspace from a sender to a receiver, generation by generation.
+//!
+//! The life of one write (ARCHITECTURE.md): [`watch`] notices it, [`scan`] plans it into a
+//! generation against the [`manifest`], [`send`] ships [`delta`]s ([`compress`]ed), and
+//! [`receive`] stages, verifies, journals and applies it, recording the result in its
+//! [`catalog`]. [`continuous`] is the loop that keeps doing this.
+
+pub mod catalog;
+pub mod compress;
+pub mod continuous;
+pub mod delta;
+pub mod manifest;
+pub mod receive;
+pub mod scan;
+pub mod send;
+pub mod watch;

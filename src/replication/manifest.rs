@@ -1,0 +1,353 @@
+//! The manifest: what a replica holds, path by path, and its blake3 root.
+//!
+//! Both ends keep one: the receiver's is the committed replica; the sender's index is its view of
+//! the receiver's manifest plus local inode numbers. The root covers kind, mode, mtime, size,
+//! content hash and link target of every path, in path order, and nothing local (inodes, flags),
+//! so equal roots mean equal replicas.
+
+use std::collections::BTreeMap;
+
+use crate::proto::state::Change;
+use crate::proto::{Entry, EntryKind};
+use crate::types::{Generation, RelPath};
+
+/// Kind of a manifest entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+impl Kind {
+    pub fn from_proto(k: i32) -> Option<Kind> {
+        match EntryKind::try_from(k).ok()? {
+            EntryKind::File => Some(Kind::File),
+            EntryKind::Dir => Some(Kind::Dir),
+            EntryKind::Symlink => Some(Kind::Symlink),
+            EntryKind::Unspecified => None,
+        }
+    }
+
+    pub fn to_proto(self) -> i32 {
+        match self {
+            Kind::File => EntryKind::File as i32,
+            Kind::Dir => EntryKind::Dir as i32,
+            Kind::Symlink => EntryKind::Symlink as i32,
+        }
+    }
+}
+
+pub fn kind_of(e: &Entry) -> Option<Kind> {
+    Kind::from_proto(e.kind)
+}
+
+/// A 32-byte manifest root.
+pub type Root = [u8; 32];
+
+/// Whether two entries describe the same replicated state (ignoring local fields).
+pub fn same_content(a: &Entry, b: &Entry) -> bool {
+    a.kind == b.kind
+        && a.mode == b.mode
+        && a.mtime_ns == b.mtime_ns
+        && a.size == b.size
+        && a.blake3 == b.blake3
+        && a.target == b.target
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("invalid path in change: {0}")]
+    Path(#[from] crate::types::PathError),
+    #[error("entry for {0} has no valid kind")]
+    Kind(RelPath),
+    #[error("{0}: parent is not a directory in the manifest")]
+    Orphan(RelPath),
+}
+
+/// Previous values of the paths an [`Manifest::apply_undoable`] touched, in order.
+#[derive(Debug)]
+pub struct Undo(Vec<(RelPath, Option<Entry>)>);
+
+#[derive(Clone, Debug, Default)]
+pub struct Manifest {
+    pub generation: Generation,
+    entries: BTreeMap<RelPath, Entry>,
+}
+
+impl Manifest {
+    pub fn new() -> Manifest {
+        Manifest::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, p: &RelPath) -> Option<&Entry> {
+        self.entries.get(p)
+    }
+
+    pub fn get_mut(&mut self, p: &RelPath) -> Option<&mut Entry> {
+        self.entries.get_mut(p)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&RelPath, &Entry)> {
+        self.entries.iter()
+    }
+
+    pub fn insert(&mut self, p: RelPath, e: Entry) -> Option<Entry> {
+        self.entries.insert(p, e)
+    }
+
+    pub fn remove(&mut self, p: &RelPath) -> Option<Entry> {
+        self.entries.remove(p)
+    }
+
+    /// Everything strictly below `p`.
+    pub fn subtree(&self, p: &RelPath) -> impl Iterator<Item = (&RelPath, &Entry)> {
+        let (lo, hi) = p.subtree_range();
+        self.entries.range(lo..hi)
+    }
+
+    /// Total bytes of regular files.
+    pub fn total_bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .filter(|e| kind_of(e) == Some(Kind::File))
+            .map(|e| e.size)
+            .sum()
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|e| kind_of(e) == Some(Kind::File))
+            .count()
+    }
+
+    /// The blake3 root over all entries in path order.
+    pub fn root(&self) -> Root {
+        let mut h = blake3::Hasher::new();
+        h.update(b"standby-manifest-v1");
+        for (p, e) in &self.entries {
+            hash_entry(&mut h, p, e);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Applies one generation's changes (already validated for syntax). Deleting a directory
+    /// removes everything below it as well.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<(), ManifestError> {
+        self.apply_undoable(changes).map(drop)
+    }
+
+    /// Like [`Manifest::apply`], returning what [`Manifest::undo`] needs to revert it. On error
+    /// the manifest is left unchanged.
+    pub fn apply_undoable(&mut self, changes: &[Change]) -> Result<Undo, ManifestError> {
+        let mut undo = Undo(Vec::new());
+        if let Err(e) = self.apply_inner(changes, &mut undo) {
+            self.undo(undo);
+            return Err(e);
+        }
+        Ok(undo)
+    }
+
+    /// Reverts an [`Manifest::apply_undoable`].
+    pub fn undo(&mut self, undo: Undo) {
+        for (p, old) in undo.0.into_iter().rev() {
+            match old {
+                Some(e) => self.entries.insert(p, e),
+                None => self.entries.remove(&p),
+            };
+        }
+    }
+
+    fn remove_logged(&mut self, p: &RelPath, undo: &mut Undo) -> Option<Entry> {
+        let old = self.entries.remove(p);
+        if old.is_some() {
+            undo.0.push((p.clone(), old.clone()));
+        }
+        old
+    }
+
+    fn apply_inner(&mut self, changes: &[Change], undo: &mut Undo) -> Result<(), ManifestError> {
+        for c in changes {
+            let p = RelPath::new(c.path.to_vec())?;
+            let new_kind = match &c.entry {
+                None => None,
+                Some(e) => Some(kind_of(e).ok_or_else(|| ManifestError::Kind(p.clone()))?),
+            };
+            // A directory that is deleted or becomes something else takes its subtree with it.
+            let was_dir = self.entries.get(&p).and_then(kind_of) == Some(Kind::Dir);
+            if was_dir && new_kind != Some(Kind::Dir) {
+                let below: Vec<RelPath> = self.subtree(&p).map(|(k, _)| k.clone()).collect();
+                for k in below {
+                    self.remove_logged(&k, undo);
+                }
+            }
+            match &c.entry {
+                None => {
+                    self.remove_logged(&p, undo);
+                }
+                Some(e) => {
+                    let old = self.entries.insert(p.clone(), e.clone());
+                    undo.0.push((p, old));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every entry's parent is a directory entry (the tree is well formed).
+    pub fn check_tree(&self) -> Result<(), ManifestError> {
+        for p in self.entries.keys() {
+            if let Some(parent) = p.parent() {
+                match self.entries.get(&parent).and_then(kind_of) {
+                    Some(Kind::Dir) => {}
+                    _ => return Err(ManifestError::Orphan(p.clone())),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hash_entry(h: &mut blake3::Hasher, p: &RelPath, e: &Entry) {
+    h.update(&(p.as_bytes().len() as u32).to_le_bytes());
+    h.update(p.as_bytes());
+    h.update(&[e.kind as u8]);
+    h.update(&e.mode.to_le_bytes());
+    h.update(&e.mtime_ns.to_le_bytes());
+    h.update(&e.size.to_le_bytes());
+    h.update(&(e.blake3.len() as u32).to_le_bytes());
+    h.update(&e.blake3);
+    h.update(&(e.target.len() as u32).to_le_bytes());
+    h.update(&e.target);
+}
+
+/// The entry fields that travel on the wire (local ones cleared).
+pub fn wire_entry(e: &Entry) -> Entry {
+    Entry {
+        ino: 0,
+        verify: false,
+        ..e.clone()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn file(size: u64, mtime: i64, hash: u8) -> Entry {
+        Entry {
+            kind: Kind::File.to_proto(),
+            mode: 0o644,
+            mtime_ns: mtime,
+            size,
+            blake3: vec![hash; 32].into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn dir() -> Entry {
+        Entry {
+            kind: Kind::Dir.to_proto(),
+            mode: 0o755,
+            ..Default::default()
+        }
+    }
+
+    fn upsert(p: &str, e: Entry) -> Change {
+        Change {
+            path: p.as_bytes().to_vec().into(),
+            entry: Some(e),
+            ..Default::default()
+        }
+    }
+
+    fn delete(p: &str) -> Change {
+        Change {
+            path: p.as_bytes().to_vec().into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn root_changes_with_any_replicated_field_only() {
+        let mut m = Manifest::new();
+        m.apply(&[upsert("d", dir()), upsert("d/f", file(3, 1, 1))])
+            .unwrap();
+        let r0 = m.root();
+        m.get_mut(&RelPath::new("d/f").unwrap()).unwrap().ino = 99;
+        assert_eq!(m.root(), r0, "inode is local");
+        for change in [
+            file(4, 1, 1),
+            file(3, 2, 1),
+            file(3, 1, 2),
+            Entry {
+                mode: 0o600,
+                ..file(3, 1, 1)
+            },
+        ] {
+            let mut m2 = m.clone();
+            m2.apply(&[upsert("d/f", change)]).unwrap();
+            assert_ne!(m2.root(), r0);
+        }
+    }
+
+    #[test]
+    fn deleting_a_dir_deletes_below_and_type_change() {
+        let mut m = Manifest::new();
+        m.apply(&[
+            upsert("d", dir()),
+            upsert("d/a", file(1, 1, 1)),
+            upsert("d/s", dir()),
+            upsert("d/s/b", file(1, 1, 1)),
+            upsert("d0", file(1, 1, 1)),
+        ])
+        .unwrap();
+        m.check_tree().unwrap();
+        let mut m2 = m.clone();
+        m2.apply(&[delete("d")]).unwrap();
+        assert_eq!(m2.len(), 1);
+        m.apply(&[upsert("d", file(1, 1, 1))]).unwrap();
+        assert_eq!(m.len(), 2);
+        m.check_tree().unwrap();
+    }
+
+    #[test]
+    fn undo_restores_exactly() {
+        let mut m = Manifest::new();
+        m.apply(&[
+            upsert("d", dir()),
+            upsert("d/a", file(1, 1, 1)),
+            upsert("x", file(2, 2, 2)),
+        ])
+        .unwrap();
+        let before = m.clone();
+        let u = m
+            .apply_undoable(&[
+                delete("d"),
+                upsert("x", file(3, 3, 3)),
+                upsert("d", file(4, 4, 4)),
+                upsert("new", dir()),
+            ])
+            .unwrap();
+        assert_ne!(m.root(), before.root());
+        m.undo(u);
+        assert_eq!(m.root(), before.root());
+        assert_eq!(m.len(), before.len());
+    }
+
+    #[test]
+    fn orphan_detected() {
+        let mut m = Manifest::new();
+        m.apply(&[upsert("x/y", file(1, 1, 1))]).unwrap();
+        assert!(m.check_tree().is_err());
+    }
+}

@@ -1,0 +1,479 @@
+//! Carrying out a committed generation on the workspace (the roll-forward of the journal).
+//!
+//! [`apply_record`] is idempotent: it may be interrupted at any instant and run again, at
+//! start-up, until it completes; the result is always exactly the committed generation. It
+//! relies on three facts: a staged file is renamed at most once (a missing stage file means the
+//! rename happened); a removal only removes what has the kind the record says was there (so a
+//! path already replaced by the new kind is left alone); and metadata is set to absolute values.
+//! Every path is reached through [`fsx::Root`], so a symlink planted anywhere in the tree can
+//! neither be followed nor written through.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+
+use crate::disk::fsx::{self, Found, Root};
+use crate::proto::state::Record;
+use crate::replication::manifest::{Kind, Manifest, kind_of};
+use crate::types::RelPath;
+
+fn found_is(found: Found, kind: Kind) -> bool {
+    matches!(
+        (found, kind),
+        (Found::File, Kind::File) | (Found::Dir, Kind::Dir) | (Found::Symlink, Kind::Symlink)
+    )
+}
+
+/// A path whose parents no longer lead to it.
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+fn context(e: io::Error, what: &str, p: &RelPath) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {p}: {e}"))
+}
+
+/// Applies `rec` to the workspace under `root`. `manifest` is the manifest *after* the record
+/// (directory metadata is taken from it). `stage` is the stage directory.
+pub fn apply_record(
+    root: &Root,
+    stage: BorrowedFd<'_>,
+    rec: &Record,
+    manifest: &Manifest,
+) -> io::Result<()> {
+    let mut changes = Vec::with_capacity(rec.changes.len());
+    for c in &rec.changes {
+        let p = RelPath::new(c.path.to_vec())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("record: {e}")))?;
+        changes.push((p, c));
+    }
+
+    // 1. Removals, deepest first: deletions and the old side of a change of kind.
+    let mut removals: Vec<(&RelPath, Kind)> = changes
+        .iter()
+        .filter_map(|(p, c)| {
+            let old = Kind::from_proto(c.old_kind)?;
+            let new = c.entry.as_ref().and_then(kind_of);
+            (new != Some(old)).then_some((p, old))
+        })
+        .collect();
+    removals.sort_by_key(|(p, _)| std::cmp::Reverse(p.depth()));
+    for (p, old) in removals {
+        let (dir, name) = match root.open_parent(p) {
+            Ok(x) => x,
+            // No directory on the way (gone, or replaced by a file in this very generation):
+            // nothing of ours is left to remove there, and nothing is followed.
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(context(e, "remove", p)),
+        };
+        if found_is(fsx::found_at(dir.as_fd(), name)?, old) {
+            let r = if old == Kind::Dir {
+                fsx::remove_tree_at(dir.as_fd(), name)
+            } else {
+                fsx::unlinkat(dir.as_fd(), name, false)
+            };
+            r.map_err(|e| context(e, "remove", p))?;
+        }
+    }
+
+    // 2. New directories, shallowest first: those staged whole are renamed into place (with
+    //    everything placed inside them), others created empty, private until step 5.
+    let mut dirs: Vec<(&RelPath, &crate::proto::state::Change)> = changes
+        .iter()
+        .filter(|(_, c)| c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) && !c.placed)
+        .map(|(p, c)| (p, *c))
+        .collect();
+    dirs.sort_by_key(|(p, _)| p.depth());
+    for (p, c) in &dirs {
+        let (dir, name) = root
+            .open_parent(p)
+            .map_err(|e| context(e, "create directory", p))?;
+        let found = fsx::found_at(dir.as_fd(), name)?;
+        if !c.stage.is_empty() && fsx::lstat_at(stage, c.stage.as_bytes())?.is_some() {
+            if found != Found::Missing {
+                return Err(io::Error::other(format!(
+                    "place directory {p}: a {found:?} is in the way"
+                )));
+            }
+            fsx::renameat(stage, c.stage.as_bytes(), dir.as_fd(), name)
+                .map_err(|e| context(e, "place directory", p))?;
+            continue;
+        }
+        match found {
+            Found::Dir => {}
+            Found::Missing => fsx::mkdirat(dir.as_fd(), name, 0o700)
+                .map_err(|e| context(e, "create directory", p))?,
+            other => {
+                return Err(io::Error::other(format!(
+                    "create directory {p}: a {other:?} is in the way"
+                )));
+            }
+        }
+    }
+
+    // From here on no directory is created, removed or moved: parents can be kept open.
+    let mut dirs = Dirs::new(root);
+
+    // 3. Staged content into place.
+    for (p, c) in &changes {
+        if c.stage.is_empty() || c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) {
+            continue;
+        }
+        if fsx::lstat_at(stage, c.stage.as_bytes())?.is_none() {
+            continue; // renamed by an earlier, interrupted run
+        }
+        let (dir, name) = dirs.parent(p).map_err(|e| context(e, "place", p))?;
+        fsx::renameat(stage, c.stage.as_bytes(), dir, name).map_err(|e| context(e, "place", p))?;
+    }
+
+    // 3b. Files updated in place from a patch (missing patch: applied by an earlier run, whose
+    //     results were made durable before the patch was removed).
+    for (p, c) in &changes {
+        if c.patch.is_empty() {
+            continue;
+        }
+        let patch = match fsx::openat_file(stage, c.patch.as_bytes()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(context(e, "open patch for", p)),
+        };
+        let size = c.entry.as_ref().map(|e| e.size).unwrap_or(0);
+        let (dir, name) = dirs.parent(p).map_err(|e| context(e, "patch", p))?;
+        let target = fsx::openat_write(dir, name).map_err(|e| context(e, "patch", p))?;
+        crate::replication::receive::stage::apply_patch(&patch, &target, &c.extents, size)
+            .map_err(|e| context(e, "patch", p))?;
+    }
+
+    // 3c. Small files written in place from their pack (missing pack: applied by an earlier
+    //     run, whose results were made durable before the pack was removed).
+    let mut packs: std::collections::HashMap<&str, Option<File>> = std::collections::HashMap::new();
+    let mut buf = Vec::new();
+    for (p, c) in &changes {
+        if c.pack.is_empty() {
+            continue;
+        }
+        let pack = match packs.entry(c.pack.as_str()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(match fsx::openat_file(stage, c.pack.as_bytes()) {
+                    Ok(f) => Some(f),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(context(e, "open pack for", p)),
+                })
+            }
+        };
+        let (Some(pack), Some(e)) = (pack.as_ref(), c.entry.as_ref()) else {
+            continue;
+        };
+        buf.resize(e.size as usize, 0);
+        pack.read_exact_at(&mut buf, c.pack_offset)
+            .map_err(|er| context(er, "read pack for", p))?;
+        let (dir, name) = dirs.parent(p).map_err(|er| context(er, "write", p))?;
+        let mut f = fsx::create_trunc(dir, name, e.mode).map_err(|er| context(er, "write", p))?;
+        f.write_all(&buf).map_err(|er| context(er, "write", p))?;
+        set_file_meta(&f, e).map_err(|er| context(er, "set metadata of", p))?;
+    }
+
+    // 4. Metadata of files and symlinks that were linked, kept or patched rather than staged.
+    for (p, c) in &changes {
+        let Some(e) = &c.entry else { continue };
+        let kind = kind_of(e);
+        if !c.set_meta || kind == Some(Kind::Dir) {
+            continue;
+        }
+        let (dir, name) = root
+            .open_parent(p)
+            .map_err(|e| context(e, "set metadata of", p))?;
+        if kind != Some(Kind::Symlink) {
+            fsx::chmodat(dir.as_fd(), name, e.mode).map_err(|er| context(er, "chmod", p))?;
+        }
+        fsx::set_mtime_at(dir.as_fd(), name, e.mtime_ns)
+            .map_err(|er| context(er, "set mtime of", p))?;
+    }
+
+    // 5. Directory metadata, deepest first: every changed directory and every parent of a
+    //    changed path (its mtime moved when entries were added or removed).
+    let mut touched: BTreeSet<RelPath> = BTreeSet::new();
+    for (p, c) in &changes {
+        if c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) {
+            touched.insert(p.clone());
+        }
+        if let Some(parent) = p.parent() {
+            touched.insert(parent);
+        }
+    }
+    let mut touched: Vec<RelPath> = touched.into_iter().collect();
+    touched.sort_by_key(|p| std::cmp::Reverse(p.depth()));
+    for p in &touched {
+        let Some(e) = manifest.get(p) else { continue };
+        if kind_of(e) != Some(Kind::Dir) {
+            continue;
+        }
+        let (dir, name) = match dirs.parent(p) {
+            Ok(x) => x,
+            Err(er) if gone(&er) => continue,
+            Err(er) => return Err(context(er, "set metadata of", p)),
+        };
+        if fsx::found_at(dir, name)? != Found::Dir {
+            continue;
+        }
+        fsx::chmodat(dir, name, e.mode).map_err(|er| context(er, "chmod", p))?;
+        fsx::set_mtime_at(dir, name, e.mtime_ns).map_err(|er| context(er, "set mtime of", p))?;
+    }
+    Ok(())
+}
+
+/// Sets a file's permission bits and modification time through its descriptor.
+pub fn set_file_meta(f: &File, e: &crate::proto::Entry) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(e.mode))?;
+    let t = std::time::SystemTime::UNIX_EPOCH
+        + std::time::Duration::from_nanos(e.mtime_ns.max(0) as u64);
+    f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+}
+
+/// Up to this many files or directories are fsynced one by one; beyond it, `syncfs` flushes the
+/// whole filesystem in one go (cheaper for big generations, but it also flushes unrelated dirty
+/// data, which small generations should not wait for).
+const FSYNC_EACH_MAX: usize = 32;
+
+/// Makes the staged content of `rec` durable (before its record is written).
+pub fn sync_staged(stage: BorrowedFd<'_>, rec: &Record) -> io::Result<()> {
+    let staged: BTreeSet<&str> = rec
+        .changes
+        .iter()
+        .flat_map(|c| [c.stage.as_str(), c.patch.as_str(), c.pack.as_str()])
+        .filter(|n| !n.is_empty())
+        .collect();
+    // A directory staged whole holds files that are in no list: flush everything.
+    let whole_dirs = rec.changes.iter().any(|c| {
+        c.placed || (!c.stage.is_empty() && c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir))
+    });
+    if staged.len() > FSYNC_EACH_MAX || whole_dirs {
+        return fsx::syncfs(stage);
+    }
+    let mut buckets = BTreeSet::new();
+    for name in staged {
+        match fsx::openat_file(stage, name.as_bytes()) {
+            Ok(f) => f.sync_all()?,
+            // A staged symlink cannot be opened; its directory entry is synced below.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {}
+            Err(e) => return Err(e),
+        }
+        buckets.insert(name.rsplit_once('/').map(|(b, _)| b).unwrap_or("."));
+    }
+    for b in buckets {
+        File::from(fsx::openat_dir(stage, b.as_bytes())?).sync_all()?;
+    }
+    Ok(())
+}
+
+/// Makes an applied record durable: every directory it touched that still exists (as a
+/// directory in `manifest`, the manifest after the record), and the workspace root.
+pub fn sync_applied(root: &Root, rec: &Record, manifest: &Manifest) -> io::Result<()> {
+    let mut dirs: BTreeSet<Option<RelPath>> = BTreeSet::new();
+    for c in &rec.changes {
+        let Ok(p) = RelPath::new(c.path.to_vec()) else {
+            continue;
+        };
+        if c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) {
+            dirs.insert(Some(p.clone()));
+        }
+        dirs.insert(p.parent());
+        if dirs.len() > FSYNC_EACH_MAX {
+            return fsx::syncfs(root.fd());
+        }
+    }
+    // Files written in place (patched, or from a pack): their data too.
+    let patched: Vec<RelPath> = rec
+        .changes
+        .iter()
+        .filter(|c| !c.patch.is_empty() || !c.pack.is_empty())
+        .filter_map(|c| RelPath::new(c.path.to_vec()).ok())
+        .collect();
+    if dirs.len() + patched.len() > FSYNC_EACH_MAX {
+        return fsx::syncfs(root.fd());
+    }
+    for p in &patched {
+        let (dir, name) = root.open_parent(p)?;
+        fsx::openat_file(dir.as_fd(), name)?.sync_all()?;
+    }
+    for d in dirs {
+        let fd = match &d {
+            None => fsx::openat_dir(root.fd(), b".")?,
+            Some(p) if manifest.get(p).and_then(kind_of) == Some(Kind::Dir) => root.open_dir(p)?,
+            Some(_) => continue, // removed, or no longer a directory
+        };
+        File::from(fd).sync_all()?;
+    }
+    Ok(())
+}
+
+/// Staged files are spread over this many subdirectories of the stage directory: creating
+/// thousands of files in one directory serialises on its lock.
+pub const STAGE_BUCKETS: u64 = 16;
+
+/// The bucket directory names, `00` to `0f`.
+pub fn stage_buckets() -> impl Iterator<Item = String> {
+    (0..STAGE_BUCKETS).map(|b| format!("{b:02x}"))
+}
+
+/// Creates the bucket directories if needed.
+pub fn prepare_stage(stage: BorrowedFd<'_>) -> io::Result<()> {
+    for b in stage_buckets() {
+        match fsx::mkdirat(stage, b.as_bytes(), 0o700) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything staged (leftovers of generations that never committed, and patches of
+/// applied ones), keeping the bucket directories. Returns how many entries were removed.
+pub fn clear_stage(stage: BorrowedFd<'_>) -> io::Result<usize> {
+    let buckets: BTreeSet<Vec<u8>> = stage_buckets().map(String::into_bytes).collect();
+    let mut removed = 0;
+    for n in fsx::list_dir(stage)? {
+        if buckets.contains(&n) && fsx::found_at(stage, &n)? == Found::Dir {
+            let dir = fsx::openat_dir(stage, &n)?;
+            for child in fsx::list_dir(dir.as_fd())? {
+                fsx::remove_tree_at(dir.as_fd(), &child)?;
+                removed += 1;
+            }
+        } else {
+            fsx::remove_tree_at(stage, &n)?;
+            removed += 1;
+        }
+    }
+    prepare_stage(stage)?;
+    Ok(removed)
+}
+
+/// Open parent directories, reused across the steps of an apply that no longer move
+/// directories (after removals and creations).
+struct Dirs<'r> {
+    root: &'r Root,
+    open: std::collections::HashMap<Option<RelPath>, std::os::fd::OwnedFd>,
+}
+
+impl<'r> Dirs<'r> {
+    fn new(root: &'r Root) -> Dirs<'r> {
+        Dirs {
+            root,
+            open: std::collections::HashMap::new(),
+        }
+    }
+
+    fn parent<'p>(&mut self, p: &'p RelPath) -> io::Result<(BorrowedFd<'_>, &'p [u8])> {
+        let key = p.parent();
+        if !self.open.contains_key(&key) {
+            let fd = match &key {
+                Some(d) => self.root.open_dir(d)?,
+                None => fsx::openat_dir(self.root.fd(), b".")?,
+            };
+            self.open.insert(key.clone(), fd);
+        }
+        Ok((self.open[&key].as_fd(), p.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::state::Change;
+    use crate::replication::manifest::tests::{dir, file};
+    use std::os::fd::AsFd;
+
+    fn ch(p: &str, entry: Option<crate::proto::Entry>, old: Option<Kind>) -> Change {
+        Change {
+            path: p.as_bytes().to_vec().into(),
+            entry,
+            old_kind: old.map(Kind::to_proto).unwrap_or(0),
+            ..Default::default()
+        }
+    }
+
+    /// Replaying a fully applied record (a crash right after applying it) changes nothing and
+    /// does not fail, even when a directory became a file.
+    #[test]
+    fn replay_is_idempotent_across_kind_changes() {
+        let ws = tempfile::tempdir().unwrap();
+        let st = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(ws.path().join("deep/a/b")).unwrap();
+        std::fs::write(ws.path().join("deep/a/b/f"), b"old").unwrap();
+        std::fs::write(ws.path().join("file-to-dir"), b"old").unwrap();
+        let root = Root::open(ws.path()).unwrap();
+        let stage = fsx::open_dir_path(st.path()).unwrap();
+        prepare_stage(stage.as_fd()).unwrap();
+        std::fs::write(st.path().join("00/new-deep"), b"now a file").unwrap();
+        let mut f = file(10, 1_000_000_000, 1);
+        f.mode = 0o640;
+        let rec = Record {
+            generation: 2,
+            changes: vec![
+                ch("deep/a/b/f", None, Some(Kind::File)),
+                ch("deep/a/b", None, Some(Kind::Dir)),
+                ch("deep/a", None, Some(Kind::Dir)),
+                Change {
+                    stage: "00/new-deep".into(),
+                    ..ch("deep", Some(f.clone()), Some(Kind::Dir))
+                },
+                ch("file-to-dir", Some(dir()), Some(Kind::File)),
+            ],
+            ..Default::default()
+        };
+        let mut m = Manifest::new();
+        m.insert(RelPath::new("deep").unwrap(), f);
+        m.insert(RelPath::new("file-to-dir").unwrap(), dir());
+        apply_record(&root, stage.as_fd(), &rec, &m).unwrap();
+        let check = || {
+            assert_eq!(
+                std::fs::read(ws.path().join("deep")).unwrap(),
+                b"now a file"
+            );
+            assert!(ws.path().join("file-to-dir").is_dir());
+        };
+        check();
+        apply_record(&root, stage.as_fd(), &rec, &m).unwrap();
+        check();
+        sync_applied(&root, &rec, &m).unwrap();
+    }
+
+    /// A symlink planted where the manifest has a file: setting the file's metadata must not
+    /// change the symlink's target outside the workspace (found with the `apply_record` fuzz
+    /// target; `fuzz/seeds/apply_record/chmod-through-planted-symlink`).
+    #[test]
+    fn set_meta_does_not_follow_a_planted_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let ws = tempfile::tempdir().unwrap();
+        let st = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        std::fs::write(&secret, b"x").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&secret, ws.path().join("f")).unwrap();
+        let root = Root::open(ws.path()).unwrap();
+        let stage = fsx::open_dir_path(st.path()).unwrap();
+        let mut f = file(1, 1_000_000_000, 1);
+        f.mode = 0o777;
+        let rec = Record {
+            generation: 2,
+            changes: vec![Change {
+                set_meta: true,
+                ..ch("f", Some(f.clone()), None)
+            }],
+            ..Default::default()
+        };
+        let mut m = Manifest::new();
+        m.insert(RelPath::new("f").unwrap(), f);
+        assert!(apply_record(&root, stage.as_fd(), &rec, &m).is_err());
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "chmod went through the symlink");
+    }
+}

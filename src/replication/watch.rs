@@ -1,0 +1,232 @@
+//! Change detection with inotify (the `notify` crate), feeding a debounced dirty set.
+//!
+//! Hazards (see RUST-NOTES): registering a recursive watch emits `Access(Open)` events for
+//! notify's own walk (filtered); a file created right after its directory can go unreported (a
+//! new directory is scanned whole, so it is covered); a kernel queue overflow arrives as a
+//! `Rescan` flag and our own queue overflowing is treated the same: everything is rescanned.
+//! Running out of watches (`MaxFilesWatch`) degrades to periodic full rescans, with a log line.
+
+use std::collections::BTreeSet;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::replication::scan::Exclude;
+use crate::types::RelPath;
+
+pub enum WatchEvent {
+    Paths(Vec<RelPath>),
+    /// Something was missed: rescan everything.
+    Rescan,
+}
+
+pub struct Watcher {
+    _inner: Option<RecommendedWatcher>,
+    pub rx: mpsc::Receiver<WatchEvent>,
+    overflow: Arc<AtomicBool>,
+    /// Why inotify is not in use, when it is not (then rely on periodic rescans).
+    pub degraded: Option<String>,
+}
+
+impl Watcher {
+    /// Whether events were dropped since the last call (rescan everything then).
+    pub fn take_overflow(&self) -> bool {
+        self.overflow.swap(false, Ordering::Relaxed)
+    }
+}
+
+fn relative(ws: &Path, p: &Path) -> Option<RelPath> {
+    let r = p.strip_prefix(ws).ok()?;
+    if r.as_os_str().is_empty() {
+        return None;
+    }
+    RelPath::new(r.as_os_str().as_bytes().to_vec()).ok()
+}
+
+pub fn watch(workspace: &Path, exclude: Exclude) -> Watcher {
+    let (tx, rx) = mpsc::channel(8192);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let ws: PathBuf = workspace.to_path_buf();
+    let of = overflow.clone();
+    let handler = move |res: notify::Result<notify::Event>| {
+        let ev = match res {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "watch error; rescanning");
+                of.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
+        if ev.need_rescan() {
+            if tx.try_send(WatchEvent::Rescan).is_err() {
+                of.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
+        match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return,
+            _ => {}
+        }
+        let paths: Vec<RelPath> = ev
+            .paths
+            .iter()
+            .filter_map(|p| relative(&ws, p))
+            .filter(|p| !exclude.is_excluded(p))
+            .collect();
+        if paths.is_empty() {
+            return;
+        }
+        if tx.try_send(WatchEvent::Paths(paths)).is_err() {
+            of.store(true, Ordering::Relaxed);
+        }
+    };
+    let mut degraded = None;
+    let inner = match notify::recommended_watcher(handler) {
+        Ok(mut w) => match w.watch(workspace, RecursiveMode::Recursive) {
+            Ok(()) => Some(w),
+            Err(e) => {
+                degraded = Some(format!("cannot watch {}: {e}", workspace.display()));
+                None
+            }
+        },
+        Err(e) => {
+            degraded = Some(format!("inotify unavailable: {e}"));
+            None
+        }
+    };
+    if let Some(why) = &degraded {
+        tracing::warn!(reason = %why, "change notification unavailable; falling back to periodic rescans");
+    }
+    Watcher {
+        _inner: inner,
+        rx,
+        overflow,
+        degraded,
+    }
+}
+
+/// Paths changed since the last generation, with the debounce clock.
+#[derive(Debug, Default)]
+pub struct DirtySet {
+    pub paths: BTreeSet<RelPath>,
+    pub full: bool,
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+    /// Paths that are due at once (the rest of a generation whose budget was spent).
+    pub urgent: bool,
+}
+
+impl DirtySet {
+    pub fn add(&mut self, paths: impl IntoIterator<Item = RelPath>, now: Instant) {
+        let mut any = false;
+        for p in paths {
+            self.paths.insert(p);
+            any = true;
+        }
+        if any {
+            self.touch(now);
+        }
+        if self.paths.len() > 100_000 {
+            self.paths.clear();
+            self.full = true;
+        }
+    }
+
+    /// Adds paths that should be synced without waiting for the debounce.
+    pub fn add_now(&mut self, paths: impl IntoIterator<Item = RelPath>) {
+        let now = Instant::now();
+        self.add(paths, now);
+        self.urgent = !self.is_empty();
+    }
+
+    pub fn add_full(&mut self, now: Instant) {
+        self.full = true;
+        self.touch(now);
+    }
+
+    fn touch(&mut self, now: Instant) {
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.paths.is_empty()
+    }
+
+    /// When the set should be synced: `debounce` after the last event, but no later than
+    /// `max_delay` after the first (so a constant trickle of writes cannot starve the sync).
+    pub fn due(&self, debounce: Duration, max_delay: Duration) -> Option<Instant> {
+        let (first, last) = (self.first?, self.last?);
+        if self.urgent {
+            return Some(first.min(last));
+        }
+        Some((last + debounce).min(first + max_delay))
+    }
+
+    pub fn take(&mut self) -> (BTreeSet<RelPath>, bool) {
+        self.first = None;
+        self.last = None;
+        self.urgent = false;
+        (
+            std::mem::take(&mut self.paths),
+            std::mem::take(&mut self.full),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debounce_bounded_by_max_delay() {
+        let t0 = Instant::now();
+        let mut d = DirtySet::default();
+        assert!(
+            d.due(Duration::from_millis(250), Duration::from_secs(1))
+                .is_none()
+        );
+        d.add([RelPath::new("a").unwrap()], t0);
+        assert_eq!(
+            d.due(Duration::from_millis(250), Duration::from_secs(1)),
+            Some(t0 + Duration::from_millis(250))
+        );
+        d.add(
+            [RelPath::new("b").unwrap()],
+            t0 + Duration::from_millis(900),
+        );
+        assert_eq!(
+            d.due(Duration::from_millis(250), Duration::from_secs(1)),
+            Some(t0 + Duration::from_secs(1))
+        );
+        let (p, full) = d.take();
+        assert_eq!(p.len(), 2);
+        assert!(!full);
+        assert!(d.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reports_writes_in_new_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = watch(d.path(), Exclude::default());
+        assert!(w.degraded.is_none());
+        std::fs::create_dir(d.path().join("new")).unwrap();
+        std::fs::write(d.path().join("new/f"), b"x").unwrap();
+        let mut seen = BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !seen.contains("new") {
+            match tokio::time::timeout_at(deadline, w.rx.recv()).await {
+                Ok(Some(WatchEvent::Paths(ps))) => seen.extend(ps.iter().map(|p| p.display())),
+                Ok(Some(WatchEvent::Rescan)) => break,
+                _ => panic!("no event for the new directory: {seen:?}"),
+            }
+        }
+    }
+}

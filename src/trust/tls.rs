@@ -1,0 +1,623 @@
+//! Mutual TLS for every connection (Invariant 7), with rustls and the ring provider only.
+//!
+//! Both sides present certificates from the coordinator's CA. A client verifies the server's
+//! chain against the CA and then its identity (URI SAN), never a host name: machines are
+//! reached by IP address, often through NAT port mappings. A server requires a client
+//! certificate from the CA and hands the client's [`PeerInfo`] to every request, where handlers
+//! authorise it. tonic's own TLS is not used; this module supplies the incoming stream and the
+//! connector.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::trust::identity::Identity;
+use crate::trust::pki::{CA_FILE, CERT_FILE, KEY_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: no usable PEM data: {detail}")]
+    Pem { path: String, detail: String },
+    #[error("{0}")]
+    Config(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("our own certificate: {0}")]
+    Identity(#[from] crate::trust::identity::IdentityError),
+    #[error("invalid address {0:?}: {1}")]
+    Address(String, String),
+}
+
+/// The crypto provider of the whole process: ring, and nothing else.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process default (harmless when already installed).
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A node's CA, certificate chain and key, as read from a TLS directory.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca: Vec<CertificateDer<'static>>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: Arc<PrivateKeyDer<'static>>,
+    pub identity: Identity,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsMaterial({})", self.identity)
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+    let certs = certs.map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.display().to_string(),
+            detail: "no certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
+impl TlsMaterial {
+    /// Reads `ca.pem`, `node.pem` and `node.key` from `dir`.
+    pub fn load(dir: &Path) -> Result<TlsMaterial, TlsError> {
+        let ca = certs(&dir.join(CA_FILE))?;
+        let chain = certs(&dir.join(CERT_FILE))?;
+        let kp = dir.join(KEY_FILE);
+        let key = PrivateKeyDer::from_pem_slice(&read(&kp)?).map_err(|e| TlsError::Pem {
+            path: kp.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let identity = Identity::from_cert_der(&chain[0])?;
+        Ok(TlsMaterial {
+            ca,
+            chain,
+            key: Arc::new(key),
+            identity,
+        })
+    }
+
+    /// Builds material from PEM text (certificates issued in memory).
+    pub fn from_node_cert(n: &crate::trust::pki::NodeCert) -> Result<TlsMaterial, TlsError> {
+        let pem = |what: &str, e: rustls_pki_types::pem::Error| TlsError::Pem {
+            path: what.into(),
+            detail: e.to_string(),
+        };
+        let ca: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(n.ca_pem.as_bytes()).collect();
+        let chain: Result<Vec<_>, _> =
+            CertificateDer::pem_slice_iter(n.cert_pem.as_bytes()).collect();
+        let chain = chain.map_err(|e| pem("certificate", e))?;
+        let key = PrivateKeyDer::from_pem_slice(n.key_pem.as_bytes()).map_err(|e| pem("key", e))?;
+        let identity = Identity::from_cert_der(chain.first().ok_or_else(|| TlsError::Pem {
+            path: "certificate".into(),
+            detail: "empty".into(),
+        })?)?;
+        Ok(TlsMaterial {
+            ca: ca.map_err(|e| pem("CA", e))?,
+            chain,
+            key: Arc::new(key),
+            identity,
+        })
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(roots)
+    }
+
+    /// Server side: client certificates from our CA are required.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_with(false)
+    }
+
+    /// Server side where a client may come without a certificate (the coordinator's join
+    /// endpoint); every other call still requires one (see [`peer_of`]). The CA certificate is
+    /// sent with ours so that a joining agent can pin it by fingerprint.
+    pub fn server_config_join(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_with(true)
+    }
+
+    fn server_config_with(&self, optional: bool) -> Result<Arc<ServerConfig>, TlsError> {
+        let builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider());
+        let verifier = if optional {
+            builder.allow_unauthenticated().build()?
+        } else {
+            builder.build()?
+        };
+        let mut chain = self.chain.clone();
+        if optional {
+            chain.extend(self.ca.iter().cloned());
+        }
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, self.key.clone_key())?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// Client side: the server must hold a certificate of our CA naming an identity `expect`
+    /// accepts.
+    pub fn client_config(&self, expect: Expect) -> Result<Arc<ClientConfig>, TlsError> {
+        let verifier = PeerVerifier {
+            roots: Arc::new(self.roots()?),
+            algs: provider().signature_verification_algorithms,
+            expect,
+        };
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// A client configuration for joining: no certificate of our own yet, and the server must
+/// present a chain whose CA has the SHA-256 `fingerprint` (from the join token) and name itself
+/// `standby://coordinator`.
+pub fn join_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = PinnedVerifier {
+        fingerprint: fingerprint.to_string(),
+        algs: provider().signature_verification_algorithms,
+    };
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct PinnedVerifier {
+    fingerprint: String,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| crate::trust::pki::fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the coordinator's CA does not match the join token's fingerprint".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &roots,
+            &[],
+            now,
+            self.algs.all,
+        )?;
+        match Identity::from_cert_der(end_entity) {
+            Ok(Identity::Coordinator) => Ok(ServerCertVerified::assertion()),
+            Ok(other) => Err(rustls::Error::General(format!(
+                "peer is {other}, expected {}",
+                Identity::Coordinator
+            ))),
+            Err(e) => Err(rustls::Error::General(format!("peer certificate: {e}"))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Which server identities a client accepts.
+#[derive(Clone, Debug)]
+pub enum Expect {
+    Exactly(Identity),
+    /// Any certificate of the CA (the identity is still required to be well formed).
+    AnyIdentity,
+}
+
+#[derive(Debug)]
+struct PeerVerifier {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+    expect: Expect,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        let id = Identity::from_cert_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        match &self.expect {
+            Expect::Exactly(want) if &id != want => Err(rustls::Error::General(format!(
+                "peer is {id}, expected {want}"
+            ))),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Who is on the other end of a server-side connection; in every request's extensions.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub identity: Identity,
+    pub addr: Option<SocketAddr>,
+}
+
+/// The authenticated peer of a request.
+pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<PeerInfo, tonic::Status> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .and_then(|c| c.peer.clone())
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))
+}
+
+/// The remote address of a request, authenticated or not.
+pub fn remote_addr<T>(req: &tonic::Request<T>) -> Option<SocketAddr> {
+    req.extensions().get::<ConnInfo>().map(|c| c.addr)
+}
+
+/// A server-side TLS connection with its authenticated peer (None: no certificate).
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: Option<PeerInfo>,
+    addr: SocketAddr,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            peer: self.info.clone(),
+            addr: self.addr,
+        }
+    }
+}
+
+/// What tonic stores per connection; handlers read it through [`peer_of`] and [`remote_addr`].
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    peer: Option<PeerInfo>,
+    addr: SocketAddr,
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections and completes TLS handshakes concurrently; yields authenticated
+/// connections. A failed handshake is logged and dropped, never ends the stream.
+pub fn incoming(
+    listener: TcpListener,
+    cfg: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(peer = %addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                // The verifier already required a certificate unless the server allows joins.
+                let identity = match tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Identity::from_cert_der(c))
+                {
+                    Some(Ok(id)) => Some(id),
+                    Some(Err(e)) => {
+                        tracing::info!(peer = %addr, error = %e, "client certificate refused");
+                        return;
+                    }
+                    None => None,
+                };
+                let conn = TlsConn {
+                    inner: tls,
+                    info: identity.map(|identity| PeerInfo {
+                        identity,
+                        addr: Some(addr),
+                    }),
+                    addr,
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Parses `host:port`, `https://host:port` or `http://host:port` into an endpoint URI.
+pub fn endpoint_uri(addr: &str) -> Result<Uri, TlsError> {
+    let bare = addr
+        .strip_prefix("https://")
+        .or_else(|| addr.strip_prefix("http://"))
+        .unwrap_or(addr)
+        .trim_end_matches('/');
+    let uri: Uri =
+        format!("http://{bare}")
+            .parse()
+            .map_err(|e: tonic::codegen::http::uri::InvalidUri| {
+                TlsError::Address(addr.into(), e.to_string())
+            })?;
+    if uri.port_u16().is_none() || uri.host().is_none_or(str::is_empty) {
+        return Err(TlsError::Address(addr.into(), "expected host:port".into()));
+    }
+    if uri.path() != "/" {
+        return Err(TlsError::Address(addr.into(), "unexpected path".into()));
+    }
+    Ok(uri)
+}
+
+#[derive(Clone)]
+struct Connector {
+    cfg: Arc<ClientConfig>,
+}
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send,
+    >,
+>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> ConnectFuture {
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no port"))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            // The name is not verified (identities are); it only fills SNI.
+            let name = ServerName::try_from("standby.peer").expect("static name");
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// HTTP/2 settings shared by all clients: large windows (bulk data), keepalive (long streams).
+pub fn endpoint(uri: Uri) -> Endpoint {
+    Endpoint::from(uri)
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+}
+
+/// Connects now; errors if the peer cannot be reached or fails verification.
+pub async fn connect(addr: &str, cfg: Arc<ClientConfig>) -> Result<Channel, anyhow::Error> {
+    let uri = endpoint_uri(addr)?;
+    Ok(endpoint(uri)
+        .connect_with_connector(Connector { cfg })
+        .await?)
+}
+
+/// A channel that connects on first use and reconnects as needed.
+pub fn connect_lazy(addr: &str, cfg: Arc<ClientConfig>) -> Result<Channel, TlsError> {
+    let uri = endpoint_uri(addr)?;
+    Ok(endpoint(uri).connect_with_connector_lazy(Connector { cfg }))
+}
+
+/// Server-side HTTP/2 settings matching [`endpoint`].
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_forms() {
+        for a in [
+            "127.0.0.1:7701",
+            "https://127.0.0.1:7701",
+            "http://h:1/",
+            "[::1]:7701",
+        ] {
+            endpoint_uri(a).unwrap_or_else(|e| panic!("{a}: {e}"));
+        }
+        for a in ["127.0.0.1", "https://", "h:1/x", "h:99999"] {
+            assert!(endpoint_uri(a).is_err(), "{a}");
+        }
+    }
+}
