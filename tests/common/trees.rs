@@ -20,7 +20,7 @@ pub enum Node {
 
 pub type Snapshot = BTreeMap<Vec<u8>, Node>;
 
-/// Every path below `root` (not `root` itself), skipping the names in `skip` at the top.
+/// Every path below `root` (not `root` itself), skipping the stage directory at the top.
 pub fn snapshot(root: &Path) -> Snapshot {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
