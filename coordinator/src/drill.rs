@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use standby::proto::{EventsRequest, ListPairsRequest, PairRequest};
+use standby::proto::admin_client::AdminClient;
+use standby::proto::{EventsRequest, ListPairsRequest, PairRequest, PairView};
+use tonic::transport::Channel;
 
 use crate::Remote;
 
@@ -58,7 +60,7 @@ const PHASES: [(&str, &str, &str); 4] = [
 ];
 
 /// Measures the phases from `(state entered, ms since the request, message)` transitions.
-pub fn phases(steps: &[(String, u64, String)], targets: &[Duration; 5]) -> Vec<Phase> {
+pub fn phases(steps: &[Transition], targets: &[Duration; 5]) -> Vec<Phase> {
     let at = |s: &str| steps.iter().find(|x| x.0 == s);
     let mut out = Vec::new();
     for (i, (name, from, to)) in PHASES.iter().enumerate() {
@@ -97,32 +99,14 @@ fn dur(s: &str, what: &str) -> anyhow::Result<Duration> {
     standby::cli::parse_duration(s).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
 }
 
+/// A transition as the drill saw it: (state entered, ms since the request, message).
+type Transition = (String, u64, String);
+
 pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
-    let targets = [
-        dur(&a.target_failover, "target-failover")?,
-        dur(&a.target_provisioning, "target-provisioning")?,
-        dur(&a.target_restore, "target-restore")?,
-        dur(&a.target_cutover, "target-cutover")?,
-        dur(&a.target_total, "target-total")?,
-    ];
+    let targets = targets(&a)?;
     let limit = dur(&a.limit, "limit")?;
     let mut c = crate::admin::connect(&a.remote).await?;
-    let list = |c: &mut standby::proto::admin_client::AdminClient<tonic::transport::Channel>| {
-        let mut c = c.clone();
-        let pair = a.pair.clone();
-        async move {
-            let ps = c
-                .list_pairs(ListPairsRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
-            ps.pairs
-                .into_iter()
-                .find(|p| p.pair == pair)
-                .ok_or_else(|| anyhow::anyhow!("no pair {pair}"))
-        }
-    };
-    let p = list(&mut c).await?;
+    let p = find_pair(&c, &a.pair).await?;
     if p.state != "Syncing" || p.primary != "gpu" {
         bail!(
             "drill refused: {} is {} with the {} primary; a drill starts from a healthy pair (Syncing, GPU primary)",
@@ -132,32 +116,89 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
         );
     }
     let epoch = p.epoch;
-    let mut events = c
+    let events = c
         .clone()
         .events(EventsRequest {
             follow: true,
             heartbeats: false,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(status)?
         .into_inner();
     let requested_ms = standby::host::unix_ms_now();
     c.failover(PairRequest {
         pair: a.pair.clone(),
     })
     .await
-    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    .map_err(status)?;
     if !a.json {
         println!(
             "drill: {} failed over on purpose at epoch {epoch}; following it back",
             a.pair
         );
     }
-    let mut steps: Vec<(String, u64, String)> = Vec::new();
+    let steps = follow(events, &a, epoch, requested_ms, limit).await?;
+    let ph = phases(&steps, &targets);
+    let passed = ph.iter().all(|p| p.met);
+    let report = serde_json::json!({
+        "pair": a.pair,
+        "epoch_before": epoch,
+        "epoch_after": find_pair(&c, &a.pair).await?.epoch,
+        "passed": passed,
+        "phases": ph,
+    });
+    if !a.json {
+        print_table(&ph);
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !passed {
+        bail!("the drill missed a target");
+    }
+    Ok(())
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// The five targets, in the order of [`PHASES`] and then the total.
+fn targets(a: &DrillArgs) -> anyhow::Result<[Duration; 5]> {
+    Ok([
+        dur(&a.target_failover, "target-failover")?,
+        dur(&a.target_provisioning, "target-provisioning")?,
+        dur(&a.target_restore, "target-restore")?,
+        dur(&a.target_cutover, "target-cutover")?,
+        dur(&a.target_total, "target-total")?,
+    ])
+}
+
+async fn find_pair(c: &AdminClient<Channel>, pair: &str) -> anyhow::Result<PairView> {
+    let ps = c
+        .clone()
+        .list_pairs(ListPairsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    ps.pairs
+        .into_iter()
+        .find(|p| p.pair == pair)
+        .ok_or_else(|| anyhow::anyhow!("no pair {pair}"))
+}
+
+/// Collects the pair's transitions from the request on (printing them unless --json) until it
+/// is `Syncing` two epochs later, or fails when `limit` passes first.
+async fn follow(
+    mut events: tonic::Streaming<standby::proto::Event>,
+    a: &DrillArgs,
+    epoch: u64,
+    requested_ms: u64,
+    limit: Duration,
+) -> anyhow::Result<Vec<Transition>> {
+    let mut steps: Vec<Transition> = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let e = tokio::select! {
-            e = events.message() => e.map_err(|s| anyhow::anyhow!("{}", s.message()))?,
+            e = events.message() => e.map_err(status)?,
             _ = tokio::time::sleep_until(deadline) => None,
         };
         let Some(e) = e else {
@@ -182,41 +223,28 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
         }
         steps.push((e.to_state.clone(), t, e.message.clone()));
         if e.to_state == "Syncing" && e.epoch >= epoch + 2 {
-            break;
+            return Ok(steps);
         }
     }
-    let ph = phases(&steps, &targets);
-    let passed = ph.iter().all(|p| p.met);
-    let report = serde_json::json!({
-        "pair": a.pair,
-        "epoch_before": epoch,
-        "epoch_after": list(&mut c).await?.epoch,
-        "passed": passed,
-        "phases": ph,
-    });
-    if !a.json {
-        println!();
+}
+
+fn print_table(ph: &[Phase]) {
+    println!();
+    println!(
+        "{:<13} {:>9} {:>10} {:>10}  result",
+        "phase", "start", "duration", "target"
+    );
+    for p in ph {
         println!(
-            "{:<13} {:>9} {:>10} {:>10}  result",
-            "phase", "start", "duration", "target"
+            "{:<13} {:>8.2}s {:>9.2}s {:>9.0}s  {}",
+            p.phase,
+            p.start_ms as f64 / 1000.0,
+            p.duration_ms as f64 / 1000.0,
+            p.target_ms as f64 / 1000.0,
+            if p.met { "met" } else { "MISSED" }
         );
-        for p in &ph {
-            println!(
-                "{:<13} {:>8.2}s {:>9.2}s {:>9.0}s  {}",
-                p.phase,
-                p.start_ms as f64 / 1000.0,
-                p.duration_ms as f64 / 1000.0,
-                p.target_ms as f64 / 1000.0,
-                if p.met { "met" } else { "MISSED" }
-            );
-        }
-        println!();
     }
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    if !passed {
-        bail!("the drill missed a target");
-    }
-    Ok(())
+    println!();
 }
 
 #[cfg(test)]
