@@ -3,7 +3,8 @@
 //!
 //! Events and time go in ([`Input`]), decisions come out ([`Action`]); there is no I/O here and
 //! no clock: every instant and wall-clock time comes from the caller (the inputs and
-//! [`PairMachine::wall_ms`]), which is what lets the unit tests replay any schedule.
+//! [`PairMachine::wall_ms`]), which is what lets the unit tests replay any schedule. Reading the
+//! clock here is a compile error (`clippy.toml`, denied below).
 //!
 //! The caller (the coordinator's engine) persists the record whenever an action says so,
 //! *before* acting on anything else in the same batch, and sends agents what
@@ -26,6 +27,7 @@
 //! One file per concern: `detection` (heartbeats, suspicion, confirmation, failover),
 //! `provisioning` (attempts, blocklist, backoff, deadlines), `restore` (restore progress,
 //! cutover, reseeding a standby), `hibernation`, `desired` (the commands agents should hold).
+#![deny(clippy::disallowed_methods)]
 
 mod desired;
 mod detection;
