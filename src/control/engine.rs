@@ -29,7 +29,7 @@ use crate::proto::{
     Promote, Receive, SetPeer, command,
 };
 use crate::types::Epoch;
-use crate::types::Side;
+use crate::types::{PerSide, Side};
 
 const RECENT_EVENTS: usize = 2000;
 const TICK: Duration = Duration::from_millis(200);
@@ -192,9 +192,9 @@ impl Engine {
                 name,
                 Entry {
                     m,
-                    conns: [None, None],
+                    conns: PerSide::default(),
                     others: HashMap::new(),
-                    figures: [Figures::default(), Figures::default()],
+                    figures: PerSide::default(),
                     blocked: false,
                 },
             );
@@ -342,10 +342,10 @@ struct Figures {
 
 struct Entry {
     m: PairMachine,
-    conns: [Option<Conn>; 2],
+    conns: PerSide<Option<Conn>>,
     /// Connections claiming a side for a machine the pair does not accept (an old GPU).
     others: HashMap<u64, Conn>,
-    figures: [Figures; 2],
+    figures: PerSide<Figures>,
     /// A durable write failed: no command goes out until the record is on disk.
     blocked: bool,
 }
@@ -357,14 +357,12 @@ impl Entry {
             self.m.state(),
             PairState::Restoring | PairState::CuttingOver
         )
-        .then(|| (self.figures[0].bytes_total, self.figures[1].workspace_bytes))
-    }
-}
-
-fn idx(side: Side) -> usize {
-    match side {
-        Side::Gpu => 0,
-        Side::Cpu => 1,
+        .then(|| {
+            (
+                self.figures.gpu.bytes_total,
+                self.figures.cpu.workspace_bytes,
+            )
+        })
     }
 }
 
@@ -465,8 +463,8 @@ impl Actor {
                     return;
                 };
                 e.others.remove(&conn);
-                if e.conns[idx(side)].as_ref().is_some_and(|c| c.id == conn) {
-                    e.conns[idx(side)] = None;
+                if e.conns[side].as_ref().is_some_and(|c| c.id == conn) {
+                    e.conns[side] = None;
                     self.metrics.agents_connected.dec();
                     let actions =
                         e.m.step(Input::Disconnected(side, Instant::now()), &self.timing);
@@ -759,7 +757,7 @@ impl Actor {
     fn create(&mut self, pair: &str) -> Result<(), Status> {
         crate::trust::identity::check_name(pair)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let rec = PairMachine::new_record(pair);
+        let rec = PairMachine::new_record(pair, unix_ms_now());
         self.store
             .put_pairs(std::slice::from_ref(&rec), true)
             .map_err(|e| Status::internal(format!("persisting the new pair: {e}")))?;
@@ -774,9 +772,9 @@ impl Actor {
             pair.to_string(),
             Entry {
                 m,
-                conns: [None, None],
+                conns: PerSide::default(),
                 others: HashMap::new(),
-                figures: [Figures::default(), Figures::default()],
+                figures: PerSide::default(),
                 blocked: false,
             },
         );
@@ -801,7 +799,7 @@ impl Actor {
             // replaced): fence it, listen to nothing it says.
             let c = match e.others.get_mut(&conn) {
                 Some(c) => c,
-                None => match e.conns[idx(side)].take_if(|c| c.id == conn) {
+                None => match e.conns[side].take_if(|c| c.id == conn) {
                     Some(c) => {
                         self.metrics.agents_connected.dec();
                         e.others.entry(conn).or_insert(c)
@@ -837,11 +835,11 @@ impl Actor {
             return;
         }
         if let Some(c) = e.others.remove(&conn) {
-            if e.conns[idx(side)].is_none() {
+            if e.conns[side].is_none() {
                 self.metrics.agents_connected.inc();
             }
-            e.conns[idx(side)] = Some(c);
-        } else if e.conns[idx(side)].as_ref().is_none_or(|c| c.id != conn) {
+            e.conns[side] = Some(c);
+        } else if e.conns[side].as_ref().is_none_or(|c| c.id != conn) {
             return; // from a connection that was replaced
         }
         let address = if !r.advertise.is_empty() {
@@ -865,7 +863,7 @@ impl Actor {
             (Side::Cpu, None) => Some(None),
             _ => None,
         };
-        e.figures[idx(side)] = Figures {
+        e.figures[side] = Figures {
             generation: r.generation,
             rpo_age_ms: r.rpo_age_ms,
             pending_bytes: r.pending_bytes,
@@ -892,7 +890,7 @@ impl Actor {
         // A machine that reports an epoch older than the pair's after a failover is the old
         // primary coming back: it is (still) told to stay fenced; say so once.
         if side == Side::Gpu && e.m.primary() == Side::Cpu && r.epoch < e.m.epoch().0 {
-            let c = e.conns[idx(side)].as_mut().expect("checked");
+            let c = e.conns[side].as_mut().expect("checked");
             if !c.warned_stale {
                 c.warned_stale = true;
                 self.events.emit(Event {
@@ -1041,7 +1039,7 @@ impl Actor {
         }
         for side in [Side::Gpu, Side::Cpu] {
             let desired = e.m.desired(side);
-            let Some(c) = e.conns[idx(side)].as_mut() else {
+            let Some(c) = e.conns[side].as_mut() else {
                 continue;
             };
             let mut sent = Vec::new();
@@ -1162,7 +1160,7 @@ impl Actor {
                 .set(n);
         }
         for (name, e) in &self.pairs {
-            for (side, seen) in [(Side::Gpu, &e.m.gpu), (Side::Cpu, &e.m.cpu)] {
+            for (side, seen) in e.m.seen.iter() {
                 if let Some(t) = seen.last_seen {
                     self.metrics
                         .heartbeat_age
@@ -1173,7 +1171,7 @@ impl Actor {
                         .set(now.duration_since(t).as_secs_f64());
                 }
             }
-            let g = &e.figures[0];
+            let g = &e.figures.gpu;
             let l = PairLabel { pair: name.clone() };
             let progress = match e.restore_bytes() {
                 None => 0.0,
@@ -1187,7 +1185,7 @@ impl Actor {
             self.metrics
                 .last_durable_generation
                 .get_or_create(&l)
-                .set(e.figures[1].generation.max(g.generation) as i64);
+                .set(e.figures.cpu.generation.max(g.generation) as i64);
         }
     }
 
@@ -1196,10 +1194,7 @@ impl Actor {
         let now = Instant::now();
         let mv = |side: Side, rec: &Option<MachineRecord>| {
             rec.as_ref().map(|m| {
-                let seen = match side {
-                    Side::Gpu => &e.m.gpu,
-                    Side::Cpu => &e.m.cpu,
-                };
+                let seen = &e.m.seen[side];
                 MachineView {
                     machine: m.machine.clone(),
                     address: m.address.clone(),
@@ -1208,8 +1203,8 @@ impl Actor {
                         .last_seen
                         .map(|t| now.duration_since(t).as_millis() as u64)
                         .unwrap_or(u64::MAX),
-                    connected: e.conns[idx(side)].is_some(),
-                    epoch: e.figures[idx(side)].epoch,
+                    connected: e.conns[side].is_some(),
+                    epoch: e.figures[side].epoch,
                 }
             })
         };
@@ -1225,13 +1220,13 @@ impl Actor {
             state: e.m.state().as_str().into(),
             epoch: e.m.epoch().0,
             primary: primary.as_str().into(),
-            last_durable_generation: e.figures[1].generation.max(e.figures[0].generation),
-            sync_lag_ms: e.figures[0].rpo_age_ms,
+            last_durable_generation: e.figures.cpu.generation.max(e.figures.gpu.generation),
+            sync_lag_ms: e.figures.gpu.rpo_age_ms,
             active_endpoint: active,
             gpu: mv(Side::Gpu, &e.m.rec.gpu),
             cpu: mv(Side::Cpu, &e.m.rec.cpu),
             reason: e.m.rec.reason.clone(),
-            pending_bytes: e.figures[0].pending_bytes,
+            pending_bytes: e.figures.gpu.pending_bytes,
             restore_done_bytes: e.restore_bytes().map_or(0, |r| r.0),
             restore_total_bytes: e.restore_bytes().map_or(0, |r| r.1),
             provisioning: e
