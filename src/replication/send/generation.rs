@@ -340,3 +340,58 @@ impl Timings {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::manifest::tests::file;
+    use crate::replication::scan::Stat;
+
+    fn job(base: Option<Entry>) -> Job {
+        let stat = Stat {
+            kind: crate::replication::manifest::Kind::File,
+            mode: 0o644,
+            mtime_ns: 5,
+            size: 3,
+            ino: 7,
+            target: vec![],
+        };
+        let path = RelPath::new("a").unwrap();
+        Job { path, stat, base }
+    }
+
+    fn content(n: &Needs) -> Option<upsert::Content> {
+        let Needs::Op(Op {
+            change: Some(crate::proto::op::Change::Upsert(u)),
+            ..
+        }) = n
+        else {
+            return None;
+        };
+        u.content.clone()
+    }
+
+    #[test]
+    fn a_rename_with_the_same_bytes_is_a_copy() {
+        let src = (RelPath::new("old").unwrap(), file(3, 1, 9));
+        let n = needs(&job(None), Some(&src), &file(3, 5, 9));
+        let from = upsert::Content::CopyFrom(b"old".to_vec().into());
+        assert_eq!(content(&n), Some(from));
+        let n = needs(&job(None), Some(&src), &file(3, 5, 8));
+        assert!(matches!(n, Needs::Bytes));
+    }
+
+    #[test]
+    fn a_reverified_file_moves_only_what_changed() {
+        let same = needs(&job(Some(file(3, 5, 9))), None, &file(3, 5, 9));
+        assert!(matches!(same, Needs::Nothing));
+        let touched = needs(&job(Some(file(3, 1, 9))), None, &file(3, 5, 9));
+        assert_eq!(content(&touched), Some(upsert::Content::Keep(true)));
+        let edited = needs(&job(Some(file(3, 5, 8))), None, &file(3, 5, 9));
+        assert!(matches!(edited, Needs::Bytes));
+        assert!(matches!(
+            needs(&job(None), None, &file(3, 5, 9)),
+            Needs::Bytes
+        ));
+    }
+}

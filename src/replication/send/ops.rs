@@ -79,3 +79,23 @@ pub(super) fn batches(ops: Vec<Op>) -> Vec<Vec<Op>> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_at_most_4096_ops_or_about_1_mib() {
+        let p = RelPath::new("f").unwrap();
+        let small: Vec<Op> = (0..5000).map(|_| delete_op(&p, Kind::File)).collect();
+        let sizes: Vec<usize> = batches(small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [4096, 904]);
+        let e = Entry::default();
+        let big: Vec<Op> = (0..3)
+            .map(|_| inline_op(&p, &e, vec![0; 600 << 10], false))
+            .collect();
+        let sizes: Vec<usize> = batches(big).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 1]);
+        assert!(batches(Vec::new()).is_empty());
+    }
+}

@@ -47,3 +47,55 @@ fn order_for_restore(jobs: &mut [Job]) {
             .then(a.path.cmp(&b.path))
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::manifest::Kind;
+    use crate::replication::scan::Stat;
+
+    fn job(path: &str, size: u64, mtime_ns: i64) -> Job {
+        let stat = Stat {
+            kind: Kind::File,
+            mode: 0o644,
+            mtime_ns,
+            size,
+            ino: 1,
+            target: vec![],
+        };
+        let path = RelPath::new(path).unwrap();
+        Job {
+            path,
+            stat,
+            base: None,
+        }
+    }
+
+    fn paths(jobs: &[Job]) -> Vec<String> {
+        jobs.iter().map(|j| j.path.display()).collect()
+    }
+
+    #[test]
+    fn small_and_recent_first_within_the_budget() {
+        let jobs = vec![
+            job("big-old", 4 << 20, 1),
+            job("small-old", 10, 1),
+            job("big-new", 4 << 20, 9),
+            job("small-new", 10, 9),
+        ];
+        let (keep, deferred) = within_budget(jobs, (4 << 20) + 20);
+        assert_eq!(paths(&keep), ["small-new", "small-old", "big-new"]);
+        assert_eq!(deferred.paths, [RelPath::new("big-old").unwrap()]);
+        assert_eq!(deferred.bytes, 4 << 20);
+    }
+
+    #[test]
+    fn the_first_file_always_fits() {
+        let (keep, deferred) = within_budget(vec![job("huge", 100, 1), job("b", 1, 1)], 10);
+        assert_eq!(paths(&keep), ["b"]);
+        assert_eq!(deferred.bytes, 100);
+        let (keep, deferred) = within_budget(vec![job("huge", 100, 1)], 10);
+        assert_eq!(paths(&keep), ["huge"]);
+        assert!(deferred.paths.is_empty());
+    }
+}
