@@ -236,6 +236,9 @@ struct ServeArgs {
     /// URL new machines download agent-gpu from.
     #[arg(long, env = "STANDBY_AGENT_URL")]
     agent_url: Option<String>,
+    /// SHA-256 (hex) of the agent-gpu at --agent-url; machines refuse a binary that differs.
+    #[arg(long, env = "STANDBY_AGENT_SHA256")]
+    agent_sha256: Option<String>,
     /// local provider: directory of the agent binaries (default: beside this program).
     #[arg(long, env = "STANDBY_AGENT_BIN_DIR")]
     agent_bin_dir: Option<PathBuf>,
@@ -457,6 +460,7 @@ fn vastai(
         image: f.get("vastai.image")?.unwrap_or_default(),
         disk_gb: f.get("vastai.disk_gb")?.unwrap_or(0),
         agent_url: f.pick(a.agent_url.clone(), "agent_url", String::new)?,
+        agent_sha256: f.pick(a.agent_sha256.clone(), "agent_sha256", String::new)?,
     })
 }
 
