@@ -20,12 +20,11 @@
 //!   number of files streaming, of bases awaiting their delta and of staging batches in flight
 //!   is capped.
 //!
-//! The pieces, in the order a generation meets them: [`startup`] (opening the replica),
-//! [`service`] (the gRPC entry points), [`session`] (hello, epoch, the message loop),
-//! [`validate`] (the pure checks of incoming ops), [`generation`] (staging one generation),
-//! [`batch`] and [`stream`] (writing content into the stage), [`signature`] (delta bases),
-//! [`commit`] (journal, apply, acknowledge), [`apply`] (the roll-forward) and [`stage`] (the
-//! staged file sinks).
+//! The pieces, in the order a generation meets them: `startup` (opening the replica),
+//! `service` (the gRPC entry points), `session` (hello, epoch, the message loop), `validate`
+//! (the pure checks of incoming ops), `generation` (staging one generation), `batch` and
+//! `stream` (writing content into the stage), `signature` (delta bases), `commit` (journal,
+//! apply, acknowledge), [`apply`] (the roll-forward) and [`stage`] (the staged file sinks).
 
 pub mod apply;
 mod batch;
