@@ -79,9 +79,11 @@ impl NodeCert {
     /// Writes `ca.pem`, `node.pem` and `node.key`, each mode 0600, into `dir` (mode 0700).
     pub fn write_dir(&self, dir: &Path) -> Result<(), PkiError> {
         create_private_dir(dir)?;
+        // The certificate last: a directory with `node.pem` is complete (an agent that joined
+        // and crashed half-way must not find a certificate without its key).
         write_private(&dir.join(CA_FILE), self.ca_pem.as_bytes())?;
-        write_private(&dir.join(CERT_FILE), self.cert_pem.as_bytes())?;
-        write_private(&dir.join(KEY_FILE), self.key_pem.as_bytes())
+        write_private(&dir.join(KEY_FILE), self.key_pem.as_bytes())?;
+        write_private(&dir.join(CERT_FILE), self.cert_pem.as_bytes())
     }
 }
 

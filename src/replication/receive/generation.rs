@@ -59,6 +59,9 @@ pub(super) struct Gen {
     /// Staging batches running beside the session.
     pub batches: VecDeque<JoinHandle<BatchOut>>,
     pub bases: Bases,
+    /// The session receiving it: a superseded session may still be discarding its own stage
+    /// names after it let go of the replica, so names never collide across sessions.
+    session: u64,
     seq: u64,
     /// Directories new in this generation, built whole in the stage (path inside it).
     new_dirs: HashMap<RelPath, Vec<u8>>,
@@ -67,9 +70,10 @@ pub(super) struct Gen {
 }
 
 impl Gen {
-    pub(super) fn new(generation: Generation) -> Gen {
+    pub(super) fn new(generation: Generation, session: u64) -> Gen {
         Gen {
             generation,
+            session,
             changes: BTreeMap::new(),
             streams: HashMap::new(),
             bases: Arc::new(Mutex::new(HashMap::new())),
@@ -93,8 +97,9 @@ impl Gen {
     pub(super) fn stage_name(&mut self) -> String {
         self.seq += 1;
         let name = format!(
-            "{:02x}/g{}-{}",
+            "{:02x}/s{}-g{}-{}",
             self.seq % STAGE_BUCKETS,
+            self.session,
             self.generation.0,
             self.seq
         );
@@ -412,12 +417,23 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn sessions_never_share_a_stage_name() {
+        // A superseded session discards its names after the next one may have begun the same
+        // generation: the two must never name the same staged file.
+        let mut old = Gen::new(Generation(7), 1);
+        let mut new = Gen::new(Generation(7), 2);
+        let olds: Vec<String> = (0..300).map(|_| old.stage_name()).collect();
+        let news: Vec<String> = (0..300).map(|_| new.stage_name()).collect();
+        assert!(olds.iter().all(|n| !news.contains(n)));
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn an_abandoned_generation_leaves_nothing_staged() {
         let d = tempfile::tempdir().unwrap();
         let stage = fsx::open_dir_path(d.path()).unwrap();
         crate::replication::receive::apply::prepare_stage(stage.as_fd()).unwrap();
-        let mut g = Gen::new(Generation(2));
+        let mut g = Gen::new(Generation(2), 1);
         // A streamed file whose patch became a full copy.
         let streamed = g.stage_name();
         std::fs::write(d.path().join(format!("{streamed}{FULL}")), b"full copy").unwrap();

@@ -40,6 +40,8 @@ pub(super) struct Session {
     pub epoch: Epoch,
     pub tx: Replies,
     sig_tx: mpsc::Sender<SigJob>,
+    /// This session's number, part of every stage name it creates (see `Gen::stage_name`).
+    id: u64,
     /// The generation being received, from its begin to its commit.
     pub cur: Option<Gen>,
 }
@@ -82,9 +84,12 @@ pub(super) async fn run_session(
         epoch,
         tx,
         sig_tx,
+        id,
         cur: None,
     };
-    // The loop owns the replica's lock: it is released when the loop ends.
+    // The loop owns the replica's lock: it is released when the loop ends, which can be before
+    // this session's open generation is discarded below. A newer session may be staging by
+    // then; stage names carry the session's number, so nothing of it is among what is removed.
     let result = s.serve(guard, &mut stream, &token).await;
     sig_worker.abort();
     if let Some(g) = s.cur.take() {
@@ -230,7 +235,7 @@ impl Session {
                 b.generation, m.generation
             )));
         }
-        self.cur = Some(Gen::new(expected));
+        self.cur = Some(Gen::new(expected, self.id));
         Ok(())
     }
 
