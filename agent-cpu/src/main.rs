@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use standby::agent::runtime::AgentConfig;
+use standby::agent::config::AgentConfig;
 use standby::cli::{
     FileConfig, defaults, fail, init_logging, parse_duration, parse_or_exit, usage_error,
 };

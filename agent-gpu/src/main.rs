@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use standby::agent::runtime::AgentConfig;
+use standby::agent::config::AgentConfig;
 use standby::agent::socket;
 use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
 use standby::replication::continuous::{self, LoopConfig, Target};
