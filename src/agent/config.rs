@@ -1,5 +1,5 @@
-//! What an agent runs with, whichever its role: built from the command line by each binary,
-//! read by the [`runtime`](crate::agent::runtime) and the tasks it starts.
+//! What an agent runs with, whichever its role: built once from the command line by
+//! [`crate::agent::args`], read by the [`runtime`](crate::agent::runtime) and the tasks it starts.
 
 use std::path::PathBuf;
 use std::time::Duration;
