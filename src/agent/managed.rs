@@ -63,8 +63,8 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
     tokio::spawn(dispatch(cmd_rx, probe_tx, m.node, m.peer));
 }
 
-/// Hands each command to the node, except the probe target, which goes to the probe; any
-/// command other than `Receive` means the GPU is not this agent's business any more.
+/// Hands each command to the node, except the probe target, which goes to the probe. Any
+/// other command but `Receive` also stops the probe: only a standby that receives watches a GPU.
 async fn dispatch(
     mut commands: mpsc::Receiver<Command>,
     probe_tx: watch::Sender<Option<String>>,
