@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use rustls_pki_types::pem::PemObject;
 
-use crate::proto::JoinRequest;
 use crate::proto::coordinator_client::CoordinatorClient;
+use crate::proto::{JoinReply, JoinRequest};
 use crate::trust::identity::{Identity, Role};
 use crate::trust::pki::{self, NodeCert};
 use crate::trust::tls::{self, TlsMaterial};
@@ -75,23 +75,7 @@ pub async fn join(
     }
     let id = Identity::node(&t.pair, role)?;
     let (csr, key_pem) = pki::new_csr(&id)?;
-    let cfg = tls::join_client_config(&t.ca_fingerprint)?;
-    let ch = tls::connect(url, cfg)
-        .await
-        .with_context(|| format!("joining via {url}"))?;
-    let reply = CoordinatorClient::new(ch)
-        .join(JoinRequest {
-            token: token.trim().to_string(),
-            role: match role {
-                Role::Gpu => crate::proto::Role::Gpu,
-                Role::Cpu => crate::proto::Role::Cpu,
-            } as i32,
-            csr_pem: csr,
-            machine: machine.to_string(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("the coordinator refused to join us: {}", s.message()))?
-        .into_inner();
+    let reply = request(url, token, &t, role, machine, csr).await?;
     // The CA we are handed must be the one the token pinned.
     let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(reply.ca_pem.as_bytes())
         .context("CA certificate from the coordinator")?;
@@ -110,4 +94,32 @@ pub async fn join(
     }
     tracing::info!(identity = %id, "joined");
     Ok(m)
+}
+
+/// Sends the CSR with the token, trusting only the CA whose fingerprint the token carries.
+async fn request(
+    url: &str,
+    token: &str,
+    t: &Token,
+    role: Role,
+    machine: &str,
+    csr_pem: String,
+) -> anyhow::Result<JoinReply> {
+    let cfg = tls::join_client_config(&t.ca_fingerprint)?;
+    let ch = tls::connect(url, cfg)
+        .await
+        .with_context(|| format!("joining via {url}"))?;
+    let reply = CoordinatorClient::new(ch)
+        .join(JoinRequest {
+            token: token.trim().to_string(),
+            role: match role {
+                Role::Gpu => crate::proto::Role::Gpu,
+                Role::Cpu => crate::proto::Role::Cpu,
+            } as i32,
+            csr_pem,
+            machine: machine.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("the coordinator refused to join us: {}", s.message()))?;
+    Ok(reply.into_inner())
 }

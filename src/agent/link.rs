@@ -34,15 +34,14 @@ fn drop_fraction() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs the link until `shutdown`, sending every command received to `commands`.
+/// Runs the link until `shutdown`, sending every command received to `commands`. The backoff
+/// between attempts doubles from 100 ms up to 2 s, with 0–30 % jitter.
 pub async fn run(
     opts: LinkOptions,
     report: ReportFn,
     commands: mpsc::Sender<Command>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let drop = drop_fraction();
     let cfg = match opts
         .tls
         .client_config(Expect::Exactly(Identity::Coordinator))
@@ -53,48 +52,17 @@ pub async fn run(
             return;
         }
     };
+    let link = Link {
+        url: opts.url,
+        interval: opts.interval,
+        cfg,
+        report,
+        commands,
+        drop: drop_fraction(),
+    };
+    let mut backoff = Duration::from_millis(100);
     loop {
-        let session = async {
-            let ch = tls::connect(&opts.url, cfg.clone()).await?;
-            let (tx, rx) = mpsc::channel::<AgentReport>(4);
-            let mut client = CoordinatorClient::new(ch);
-            let mut seq = 0u64;
-            let mut first = report();
-            first.seq = seq;
-            tx.send(first).await.ok();
-            let mut inbound = client
-                .heartbeat(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            tracing::info!(coordinator = %opts.url, "heartbeat stream open");
-            let mut tick = tokio::time::interval(opts.interval);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tick.tick() => {
-                        seq += 1;
-                        if drop > 0.0 && rand::rng().random_bool(drop) {
-                            continue;
-                        }
-                        let mut r = report();
-                        r.seq = seq;
-                        if tx.send(r).await.is_err() {
-                            anyhow::bail!("heartbeat stream closed");
-                        }
-                    }
-                    c = inbound.message() => match c? {
-                        Some(c) => {
-                            if commands.send(c).await.is_err() {
-                                return Ok(());
-                            }
-                        }
-                        None => anyhow::bail!("the coordinator closed the heartbeat stream"),
-                    },
-                }
-            }
-        };
-        let r: anyhow::Result<()> = session.await;
+        let r = link.session(&shutdown).await;
         if shutdown.is_cancelled() {
             return;
         }
@@ -110,5 +78,70 @@ pub async fn run(
             _ = tokio::time::sleep(backoff.mul_f64(1.0 + jitter)) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+struct Link {
+    url: String,
+    interval: Duration,
+    cfg: Arc<rustls::ClientConfig>,
+    report: ReportFn,
+    commands: mpsc::Sender<Command>,
+    /// The fraction of heartbeats skipped on purpose (see [`drop_fraction`]).
+    drop: f64,
+}
+
+impl Link {
+    /// One heartbeat stream, from connecting until it breaks (an error) or the agent stops or
+    /// stops listening to commands (Ok).
+    async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let ch = tls::connect(&self.url, self.cfg.clone()).await?;
+        let (tx, rx) = mpsc::channel::<AgentReport>(4);
+        let mut client = CoordinatorClient::new(ch);
+        let mut first = (self.report)();
+        first.seq = 0;
+        tx.send(first).await.ok();
+        let inbound = client
+            .heartbeat(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        tracing::info!(coordinator = %self.url, "heartbeat stream open");
+        self.pump(tx, inbound, shutdown).await
+    }
+
+    /// Sends a report every interval and passes each command on.
+    async fn pump(
+        &self,
+        tx: mpsc::Sender<AgentReport>,
+        mut inbound: tonic::Streaming<Command>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(self.interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    seq += 1;
+                    if self.drop > 0.0 && rand::rng().random_bool(self.drop) {
+                        continue;
+                    }
+                    let mut r = (self.report)();
+                    r.seq = seq;
+                    if tx.send(r).await.is_err() {
+                        anyhow::bail!("heartbeat stream closed");
+                    }
+                }
+                c = inbound.message() => match c? {
+                    Some(c) => {
+                        if self.commands.send(c).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    None => anyhow::bail!("the coordinator closed the heartbeat stream"),
+                },
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::hooks::{run_hook, run_hook_wait};
 use crate::proto::command::Cmd;
 use crate::replication::continuous::{self, Control, LoopConfig, Target};
 use crate::replication::receive::Receiver;
@@ -178,51 +179,64 @@ impl Node {
         if self.inner.freezing.swap(true, Ordering::SeqCst) {
             return;
         }
-        let node = self.clone();
-        tokio::spawn(async move {
-            let o = &node.inner.opts;
-            tracing::warn!(%epoch, "freezing: handing the primary role over");
-            if !o.on_demote.trim().is_empty() {
-                let st = crate::agent::runtime::run_hook_wait(
-                    "on_demote",
-                    &o.on_demote,
-                    &o.pair,
-                    epoch.0,
-                    &o.workspace,
-                    Duration::from_secs(300),
-                )
-                .await;
-                if let Err(e) = st {
-                    tracing::warn!(error = %e, "on_demote hook failed; freezing anyway");
-                }
-            }
-            // Two barriers: the second proves nothing changed after the first.
-            let mut ok = false;
-            for _ in 0..20 {
-                let before = node.inner.figures.lock().expect("figures").root.clone();
-                match node.flush(Duration::from_secs(600)).await {
-                    Ok(_) => {
-                        let after = node.inner.figures.lock().expect("figures").root.clone();
-                        if after == before {
-                            ok = true;
-                            break;
-                        }
+        tokio::spawn(self.clone().hand_over(epoch));
+    }
+
+    async fn hand_over(self, epoch: Epoch) {
+        tracing::warn!(%epoch, "freezing: handing the primary role over");
+        self.demote_hook(epoch).await;
+        if self.final_sync().await {
+            self.inner.frozen_epoch.fetch_max(epoch.0, Ordering::SeqCst);
+            tracing::warn!(%epoch, "frozen: everything written here is durable on the peer");
+        }
+        self.inner.freezing.store(false, Ordering::SeqCst);
+    }
+
+    /// Runs `on_demote` and waits for it; a failed hook does not stop the freeze.
+    async fn demote_hook(&self, epoch: Epoch) {
+        let o = &self.inner.opts;
+        if o.on_demote.trim().is_empty() {
+            return;
+        }
+        let st = run_hook_wait(
+            "on_demote",
+            &o.on_demote,
+            &o.pair,
+            epoch.0,
+            &o.workspace,
+            Duration::from_secs(300),
+        )
+        .await;
+        if let Err(e) = st {
+            tracing::warn!(error = %e, "on_demote hook failed; freezing anyway");
+        }
+    }
+
+    /// Flushes until two barriers in a row end at the same root: the second proves nothing
+    /// changed after the first. Gives up after 20 tries, or when the agent stops sending.
+    async fn final_sync(&self) -> bool {
+        for _ in 0..20 {
+            let before = self.sender_root();
+            match self.flush(Duration::from_secs(600)).await {
+                Ok(_) => {
+                    if self.sender_root() == before {
+                        return true;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "final sync failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
                 }
-                if !matches!(node.mode(), Mode::Send(_)) {
-                    break;
+                Err(e) => {
+                    tracing::warn!(error = %e, "final sync failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            if ok {
-                node.inner.frozen_epoch.fetch_max(epoch.0, Ordering::SeqCst);
-                tracing::warn!(%epoch, "frozen: everything written here is durable on the peer");
+            if !matches!(self.mode(), Mode::Send(_)) {
+                return false;
             }
-            node.inner.freezing.store(false, Ordering::SeqCst);
-        });
+        }
+        false
+    }
+
+    fn sender_root(&self) -> String {
+        self.inner.figures.lock().expect("figures").root.clone()
     }
 
     /// Waits until everything written before the call is durable on the peer.
@@ -278,135 +292,179 @@ impl Node {
         }
     }
 
+    /// Puts the agent in each mode it is given, one at a time, until `shutdown`.
     async fn drive(
         self,
         mut mode_rx: watch::Receiver<Mode>,
         mut ctl_rx: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) {
-        let inner = self.inner.clone();
+        // The epoch whose `on_promote` hook has run: a repeated Promote does not run it again.
         let mut hooked: Option<Epoch> = None;
-        loop {
-            if shutdown.is_cancelled() {
+        while !shutdown.is_cancelled() {
+            let mode = mode_rx.borrow_and_update().clone();
+            let next = match mode.clone() {
+                Mode::Send(t) => self.send(t, &mode_rx, &mut ctl_rx, &shutdown).await,
+                Mode::Receive(e) => self.receive(e).await,
+                Mode::Primary(e) => self.promote(e, &mut hooked).await,
+                Mode::Fenced(..) => self.fence(),
+                Mode::Idle => {
+                    self.inner.receiver.set_accepting(false);
+                    Next::Wait
+                }
+            };
+            match next {
+                Next::Again => {}
+                Next::Stop => return,
+                Next::Wait => {
+                    if !next_mode(&mode, &mut mode_rx, &mut ctl_rx, &shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replicates to `target`, and to the targets that follow while the mode stays Send, until
+    /// the mode changes or the agent stops; the sending loop answers the flushes meanwhile.
+    async fn send(
+        &self,
+        target: Target,
+        mode_rx: &watch::Receiver<Mode>,
+        ctl_rx: &mut mpsc::Receiver<Control>,
+        shutdown: &CancellationToken,
+    ) -> Next {
+        let recv = &self.inner.receiver;
+        recv.set_accepting(false);
+        let sender = match self.start_sender().await {
+            Ok(s) => s,
+            Err(next) => return next,
+        };
+        self.inner.figures.lock().expect("figures").fenced = false;
+        let (ttx, trx) = watch::channel(Some(target));
+        let stop = shutdown.child_token();
+        let fwd = tokio::spawn(forward_targets(mode_rx.clone(), ttx, stop.clone()));
+        let o = &self.inner.opts;
+        let sender =
+            continuous::run(sender, o.tls.clone(), trx, o.loop_cfg.clone(), ctl_rx, stop).await;
+        fwd.abort();
+        drop(sender);
+        recv.refresh_figures().await;
+        Next::Again
+    }
+
+    /// A sender over the replica state (locked while it sends).
+    async fn start_sender(&self) -> Result<Sender, Next> {
+        let guard = self.inner.receiver.state().lock_owned().await;
+        let (opts, figures) = (self.inner.opts.sender.clone(), self.inner.figures.clone());
+        match tokio::task::spawn_blocking(move || Sender::new(opts, guard, figures)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot start sending; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Err(Next::Again)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sender task failed");
+                Err(Next::Stop)
+            }
+        }
+    }
+
+    /// Accepts replication, at `epoch` when the coordinator names one (persisted first).
+    async fn receive(&self, epoch: Option<Epoch>) -> Next {
+        let recv = &self.inner.receiver;
+        if let Some(e) = epoch
+            && let Err(err) = recv.raise_epoch(e).await
+        {
+            tracing::error!(error = %err, "cannot persist the epoch; not accepting");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Next::Again;
+        }
+        self.inner.figures.lock().expect("figures").fenced = false;
+        recv.set_accepting(true);
+        Next::Wait
+    }
+
+    /// Becomes the primary at `epoch`; runs `on_promote` once per epoch.
+    async fn promote(&self, epoch: Epoch, hooked: &mut Option<Epoch>) -> Next {
+        let recv = &self.inner.receiver;
+        recv.set_accepting(false);
+        // Durable before anything else: from now on data of older epochs is refused.
+        if let Err(err) = recv.raise_epoch(epoch).await {
+            tracing::error!(error = %err, "cannot persist the new epoch; not promoting");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Next::Again;
+        }
+        recv.refresh_figures().await;
+        if *hooked != Some(epoch) {
+            *hooked = Some(epoch);
+            tracing::warn!(%epoch, "promoted: this machine is the primary now");
+            let o = &self.inner.opts;
+            run_hook("on_promote", &o.on_promote, &o.pair, epoch.0, &o.workspace);
+        }
+        Next::Wait
+    }
+
+    fn fence(&self) -> Next {
+        self.inner.receiver.set_accepting(false);
+        self.inner.figures.lock().expect("figures").fenced = true;
+        Next::Wait
+    }
+}
+
+/// What the driver does once it has entered a mode.
+enum Next {
+    /// Stay in the mode until it changes.
+    Wait,
+    /// Enter the current mode again now (the sending loop ended, or a step failed and waited).
+    Again,
+    /// Stop driving (the sender's task failed).
+    Stop,
+}
+
+/// While the mode stays Send, passes each new target on to the sending loop; any other mode
+/// stops the loop.
+async fn forward_targets(
+    mut mode_rx: watch::Receiver<Mode>,
+    targets: watch::Sender<Option<Target>>,
+    stop: CancellationToken,
+) {
+    while mode_rx.changed().await.is_ok() {
+        let m = mode_rx.borrow_and_update().clone();
+        match m {
+            Mode::Send(t) => {
+                let _ = targets.send(Some(t));
+            }
+            _ => {
+                stop.cancel();
                 break;
             }
-            let mode = mode_rx.borrow_and_update().clone();
-            let recv = &inner.receiver;
-            match mode.clone() {
-                Mode::Send(t) => {
-                    recv.set_accepting(false);
-                    let guard = recv.state().lock_owned().await;
-                    let (opts, figures) = (inner.opts.sender.clone(), inner.figures.clone());
-                    let sender =
-                        tokio::task::spawn_blocking(move || Sender::new(opts, guard, figures))
-                            .await;
-                    let sender = match sender {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, "cannot start sending; retrying");
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "sender task failed");
-                            break;
-                        }
-                    };
-                    inner.figures.lock().expect("figures").fenced = false;
-                    let (ttx, trx) = watch::channel(Some(t));
-                    let stop = shutdown.child_token();
-                    let fwd = {
-                        let mut rx = mode_rx.clone();
-                        let stop = stop.clone();
-                        tokio::spawn(async move {
-                            while rx.changed().await.is_ok() {
-                                let m = rx.borrow_and_update().clone();
-                                match m {
-                                    Mode::Send(t2) => {
-                                        let _ = ttx.send(Some(t2));
-                                    }
-                                    _ => {
-                                        stop.cancel();
-                                        break;
-                                    }
-                                }
-                            }
-                        })
-                    };
-                    let sender = continuous::run(
-                        sender,
-                        inner.opts.tls.clone(),
-                        trx,
-                        inner.opts.loop_cfg.clone(),
-                        &mut ctl_rx,
-                        stop,
-                    )
-                    .await;
-                    fwd.abort();
-                    drop(sender);
-                    recv.refresh_figures().await;
-                    continue;
+        }
+    }
+}
+
+/// Waits for the next mode; meanwhile flushes are refused, since nothing is being replicated.
+/// False when the agent stops.
+async fn next_mode(
+    mode: &Mode,
+    mode_rx: &mut watch::Receiver<Mode>,
+    ctl_rx: &mut mpsc::Receiver<Control>,
+    shutdown: &CancellationToken,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            r = mode_rx.changed() => return r.is_ok(),
+            c = ctl_rx.recv() => match c {
+                Some(Control::Flush { reply, .. }) => {
+                    let _ = reply.send(Err(format!(
+                        "not replicating: this agent is in {} mode",
+                        mode.name()
+                    )));
                 }
-                Mode::Receive(e) => {
-                    if let Some(e) = e
-                        && let Err(err) = recv.raise_epoch(e).await
-                    {
-                        tracing::error!(error = %err, "cannot persist the epoch; not accepting");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                    inner.figures.lock().expect("figures").fenced = false;
-                    recv.set_accepting(true);
-                }
-                Mode::Primary(e) => {
-                    recv.set_accepting(false);
-                    // Durable before anything else: from now on data of older epochs is refused.
-                    if let Err(err) = recv.raise_epoch(e).await {
-                        tracing::error!(error = %err, "cannot persist the new epoch; not promoting");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                    recv.refresh_figures().await;
-                    if hooked != Some(e) {
-                        hooked = Some(e);
-                        tracing::warn!(epoch = %e, "promoted: this machine is the primary now");
-                        let o = &inner.opts;
-                        crate::agent::runtime::run_hook(
-                            "on_promote",
-                            &o.on_promote,
-                            &o.pair,
-                            e.0,
-                            &o.workspace,
-                        );
-                    }
-                }
-                Mode::Fenced(..) => {
-                    recv.set_accepting(false);
-                    inner.figures.lock().expect("figures").fenced = true;
-                }
-                Mode::Idle => recv.set_accepting(false),
-            }
-            // Wait for the next mode; flushes cannot be answered meanwhile.
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = mode_rx.changed() => {
-                        if r.is_err() {
-                            return;
-                        }
-                        break;
-                    }
-                    c = ctl_rx.recv() => match c {
-                        Some(Control::Flush { reply, .. }) => {
-                            let _ = reply.send(Err(format!(
-                                "not replicating: this agent is in {} mode",
-                                mode.name()
-                            )));
-                        }
-                        None => return,
-                    },
-                }
-            }
+                None => return false,
+            },
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -42,7 +43,7 @@ pub async fn run(
             return;
         }
     };
-    let mut channel: Option<(String, tonic::transport::Channel)> = None;
+    let mut channel: Option<(String, Channel)> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -54,37 +55,61 @@ pub async fn run(
         let Some(url) = target.borrow().clone() else {
             continue;
         };
-        if channel.as_ref().is_none_or(|(u, _)| *u != url) {
-            match tls::connect_lazy(&url, cfg.clone()) {
-                Ok(ch) => channel = Some((url.clone(), ch)),
-                Err(e) => {
-                    state.lock().expect("probe").last_error = Some(e.to_string());
-                    continue;
-                }
-            }
-            state.lock().expect("probe").target = Some(url.clone());
-        }
-        let ch = channel.as_ref().expect("set").1.clone();
-        let r = tokio::time::timeout(
-            PROBE_DEADLINE,
-            HealthClient::new(ch).check(HealthCheckRequest {
-                service: String::new(),
-            }),
-        )
-        .await;
-        let mut s = state.lock().expect("probe");
-        match r {
-            Ok(Ok(_)) => {
-                s.last_ok = Some(Instant::now());
-                s.last_error = None;
-            }
-            Ok(Err(e)) => s.last_error = Some(e.message().to_string()),
-            Err(_) => {
-                s.last_error = Some(format!(
-                    "no answer within {} ms",
-                    PROBE_DEADLINE.as_millis()
-                ))
+        let Some(ch) = channel_to(&mut channel, &url, &cfg, &state) else {
+            continue;
+        };
+        let r = check(ch).await;
+        record(&state, r);
+    }
+}
+
+/// The channel to `url`, reused while the target stays the same (None, with the error
+/// recorded, when it cannot be made).
+fn channel_to(
+    channel: &mut Option<(String, Channel)>,
+    url: &str,
+    cfg: &Arc<rustls::ClientConfig>,
+    state: &Shared,
+) -> Option<Channel> {
+    if channel.as_ref().is_none_or(|(u, _)| u != url) {
+        match tls::connect_lazy(url, cfg.clone()) {
+            Ok(ch) => *channel = Some((url.to_string(), ch)),
+            Err(e) => {
+                state.lock().expect("probe").last_error = Some(e.to_string());
+                return None;
             }
         }
+        state.lock().expect("probe").target = Some(url.to_string());
+    }
+    channel.as_ref().map(|(_, ch)| ch.clone())
+}
+
+/// One health check, failed when it takes longer than [`PROBE_DEADLINE`].
+async fn check(ch: Channel) -> Result<(), String> {
+    let r = tokio::time::timeout(
+        PROBE_DEADLINE,
+        HealthClient::new(ch).check(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await;
+    match r {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.message().to_string()),
+        Err(_) => Err(format!(
+            "no answer within {} ms",
+            PROBE_DEADLINE.as_millis()
+        )),
+    }
+}
+
+fn record(state: &Shared, r: Result<(), String>) {
+    let mut s = state.lock().expect("probe");
+    match r {
+        Ok(()) => {
+            s.last_ok = Some(Instant::now());
+            s.last_error = None;
+        }
+        Err(e) => s.last_error = Some(e),
     }
 }

@@ -45,6 +45,22 @@ pub struct Reply {
     pub status: Option<serde_json::Value>,
 }
 
+impl Reply {
+    fn done() -> Reply {
+        Reply {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    fn failed(error: String) -> Reply {
+        Reply {
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+}
+
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET)
 }
@@ -88,64 +104,57 @@ async fn handle(
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Reply {
-            error: Some(format!("bad request: {e}")),
-            ..Default::default()
-        },
-        Ok(Request::Fault { reason }) => {
-            tracing::warn!(%reason, "fault injected through the control socket");
-            *fault.lock().expect("fault") = Some(format!("injected: {reason}"));
-            Reply {
-                ok: true,
-                ..Default::default()
-            }
-        }
+        Err(e) => Reply::failed(format!("bad request: {e}")),
+        Ok(Request::Fault { reason }) => inject(&fault, reason),
         Ok(Request::Status) => Reply {
-            ok: true,
             status: serde_json::to_value(figures.lock().expect("figures").clone()).ok(),
-            ..Default::default()
+            ..Reply::done()
         },
-        Ok(Request::Flush { timeout_ms }) => {
-            let (rtx, rrx) = oneshot::channel();
-            let _ = tx
-                .send(Control::Flush {
-                    asked: Instant::now(),
-                    reply: rtx,
-                })
-                .await;
-            match tokio::time::timeout(Duration::from_millis(timeout_ms), rrx).await {
-                Ok(Ok(Ok(g))) => Reply {
-                    ok: true,
-                    generation: Some(g),
-                    ..Default::default()
-                },
-                Ok(Ok(Err(e))) => Reply {
-                    error: Some(e),
-                    ..Default::default()
-                },
-                Ok(Err(_)) => Reply {
-                    error: Some("agent stopped".into()),
-                    ..Default::default()
-                },
-                Err(_) => {
-                    let f = figures.lock().expect("figures").clone();
-                    Reply {
-                        error: Some(format!(
-                            "not durable after {} ms{}",
-                            timeout_ms,
-                            f.last_error
-                                .map(|e| format!(" (last error: {e})"))
-                                .unwrap_or_default()
-                        )),
-                        ..Default::default()
-                    }
-                }
-            }
-        }
+        Ok(Request::Flush { timeout_ms }) => flush(&tx, &figures, timeout_ms).await,
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
     w.write_all(&out).await
+}
+
+fn inject(fault: &InjectedFault, reason: String) -> Reply {
+    tracing::warn!(%reason, "fault injected through the control socket");
+    *fault.lock().expect("fault") = Some(format!("injected: {reason}"));
+    Reply::done()
+}
+
+/// Asks the sending loop for a flush barrier and waits for it at most `timeout_ms`; a timeout
+/// says what went wrong last.
+async fn flush(
+    tx: &mpsc::Sender<Control>,
+    figures: &Mutex<SenderFigures>,
+    timeout_ms: u64,
+) -> Reply {
+    let (rtx, rrx) = oneshot::channel();
+    let _ = tx
+        .send(Control::Flush {
+            asked: Instant::now(),
+            reply: rtx,
+        })
+        .await;
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), rrx).await {
+        Ok(Ok(Ok(g))) => Reply {
+            generation: Some(g),
+            ..Reply::done()
+        },
+        Ok(Ok(Err(e))) => Reply::failed(e),
+        Ok(Err(_)) => Reply::failed("agent stopped".into()),
+        Err(_) => {
+            let last_error = figures.lock().expect("figures").last_error.clone();
+            Reply::failed(format!(
+                "not durable after {} ms{}",
+                timeout_ms,
+                last_error
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            ))
+        }
+    }
 }
 
 /// Sends one request to a running agent and returns its reply.

@@ -9,16 +9,22 @@
 //! A flush waits for a generation whose scan started after the flush was asked for and that
 //! left nothing behind (no file changing while read): everything written before the flush is
 //! then durable on the receiver.
+//!
+//! Each turn of `Loop::run` is the same few steps: follow a higher epoch from the coordinator,
+//! connect if needed (`Loop::connect`), wait for the first thing to happen (`Loop::wait`:
+//! a new target, changes, a flush, the session's loss, or a timer), then rescan and sync one
+//! generation when one is due (`Loop::sync_once`).
 
 use std::collections::BTreeSet;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::replication::send::{Sender, Session, SyncError, scope_of, unix_ms};
-use crate::replication::watch::{DirtySet, WatchEvent, watch};
+use crate::replication::send::{Report, Sender, Session, SyncError, scope_of, unix_ms};
+use crate::replication::watch::{DirtySet, WatchEvent, Watcher, watch};
 use crate::text::error_chain;
 use crate::trust::identity::Identity;
 use crate::trust::tls::TlsMaterial;
@@ -55,262 +61,428 @@ struct Waiter {
 /// Replicates until `shutdown` is cancelled (the agent stops, or it is told to stop sending);
 /// gives the sender back.
 pub async fn run(
-    mut sender: Sender,
+    sender: Sender,
     tls: TlsMaterial,
-    mut target: watch::Receiver<Option<Target>>,
+    target: watch::Receiver<Option<Target>>,
     cfg: LoopConfig,
     control: &mut mpsc::Receiver<Control>,
     shutdown: CancellationToken,
 ) -> Sender {
-    let mut watcher = watch(sender.workspace(), sender.exclude().clone());
-    let rescan_every = if watcher.degraded.is_some() {
-        cfg.rescan_interval.min(Duration::from_secs(5))
-    } else {
-        cfg.rescan_interval
-    };
-    let figures = sender.figures.clone();
-    let mut dirty = DirtySet::default();
-    dirty.add_full(Instant::now());
-    let mut waiters: Vec<Waiter> = Vec::new();
-    let mut session: Option<Session> = None;
-    let mut backoff = Duration::from_millis(100);
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut fenced: Option<String> = None;
-    let mut pending_since: Option<SystemTime> = None;
-    let mut next_rescan = tokio::time::Instant::now() + rescan_every;
+    let mut lp = Loop::new(sender, tls, target, cfg, control, shutdown);
+    lp.run().await;
+    lp.finish()
+}
 
-    let set_error = |msg: Option<String>, connected: bool| {
-        let mut f = figures.lock().expect("figures");
-        f.last_error = msg;
-        f.connected = connected;
-    };
+/// When to try connecting again: exponential backoff from 100 ms to 5 s, with 0–30 % jitter
+/// after a failed connection.
+struct Backoff {
+    delay: Duration,
+    retry_at: Option<tokio::time::Instant>,
+}
 
-    loop {
-        let current = target.borrow().clone();
-        if let Some(t) = &current
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn ready(&self) -> bool {
+        self.retry_at
+            .is_none_or(|t| t <= tokio::time::Instant::now())
+    }
+
+    /// A connection attempt failed: wait the delay plus jitter, and double it.
+    fn failed(&mut self) {
+        let jitter = rand::rng().random_range(0.0..0.3);
+        self.retry_at = Some(tokio::time::Instant::now() + self.delay.mul_f64(1.0 + jitter));
+        self.delay = (self.delay * 2).min(Self::MAX);
+    }
+
+    /// An open session broke: reconnect after the current delay.
+    fn lost(&mut self) {
+        self.retry_at = Some(tokio::time::Instant::now() + self.delay);
+    }
+}
+
+/// Why [`Loop::wait`] returned.
+enum Woke {
+    /// The agent stops.
+    Stop,
+    /// Something arrived (a target, changes, a flush, a lost session) and was noted.
+    Noted,
+    /// A timer fired: a sync, a retry or a rescan may be due.
+    Timer,
+}
+
+/// The sending loop's state. One task owns it: the sender, its session, the changes not yet
+/// durable on the receiver and the flushes waiting for them.
+struct Loop<'a> {
+    sender: Sender,
+    tls: TlsMaterial,
+    target: watch::Receiver<Option<Target>>,
+    cfg: LoopConfig,
+    control: &'a mut mpsc::Receiver<Control>,
+    shutdown: CancellationToken,
+    watcher: Watcher,
+    /// The rescan period: shorter when inotify is not in use.
+    rescan_every: Duration,
+    next_rescan: tokio::time::Instant,
+    dirty: DirtySet,
+    /// When the oldest change not yet durable was seen (the RPO clock).
+    pending_since: Option<SystemTime>,
+    waiters: Vec<Waiter>,
+    session: Option<Session>,
+    backoff: Backoff,
+    /// Why the receiver refused us as no longer the primary; no more sending until a higher
+    /// epoch comes with the target.
+    fenced: Option<String>,
+}
+
+impl<'a> Loop<'a> {
+    fn new(
+        sender: Sender,
+        tls: TlsMaterial,
+        target: watch::Receiver<Option<Target>>,
+        cfg: LoopConfig,
+        control: &'a mut mpsc::Receiver<Control>,
+        shutdown: CancellationToken,
+    ) -> Loop<'a> {
+        let watcher = watch(sender.workspace(), sender.exclude().clone());
+        let rescan_every = if watcher.degraded.is_some() {
+            cfg.rescan_interval.min(Duration::from_secs(5))
+        } else {
+            cfg.rescan_interval
+        };
+        let mut dirty = DirtySet::default();
+        dirty.add_full(Instant::now());
+        Loop {
+            sender,
+            tls,
+            target,
+            cfg,
+            control,
+            shutdown,
+            watcher,
+            rescan_every,
+            next_rescan: tokio::time::Instant::now() + rescan_every,
+            dirty,
+            pending_since: None,
+            waiters: Vec::new(),
+            session: None,
+            backoff: Backoff {
+                delay: Backoff::FIRST,
+                retry_at: None,
+            },
+            fenced: None,
+        }
+    }
+
+    async fn run(&mut self) {
+        loop {
+            let current = self.target.borrow().clone();
+            self.follow_epoch(current.as_ref());
+            if let Some(t) = &current
+                && self.may_connect()
+                && self.connect(t).await.is_break()
+            {
+                return;
+            }
+            let due = self.due();
+            match self.wait(current.as_ref(), due).await {
+                Woke::Stop => return,
+                Woke::Noted => continue,
+                Woke::Timer => {}
+            }
+            self.rescan_when_due();
+            if self.sync_due(due) && self.sync_once().await.is_break() {
+                return;
+            }
+        }
+    }
+
+    /// Flushes still waiting are told that replication stopped.
+    fn finish(self) -> Sender {
+        for w in self.waiters {
+            let _ = w
+                .reply
+                .send(Err("replication stopped before the flush completed".into()));
+        }
+        self.sender
+    }
+
+    /// A higher epoch from the coordinator is persisted at once and lifts a fence.
+    fn follow_epoch(&mut self, current: Option<&Target>) {
+        if let Some(t) = current
             && let Some(e) = t.epoch
-            && e > sender.epoch()
+            && e > self.sender.epoch()
         {
-            if let Err(err) = sender.raise_epoch(e) {
+            if let Err(err) = self.sender.raise_epoch(e) {
                 tracing::error!(error = %err, "cannot persist the new epoch");
             }
-            fenced = None;
-            figures.lock().expect("figures").fenced = false;
+            self.fenced = None;
+            self.sender.figures.lock().expect("figures").fenced = false;
         }
-        // (Re)connect when there is a target, we are not fenced, and no backoff is pending.
-        if session.is_none()
-            && fenced.is_none()
-            && retry_at.is_none_or(|t| t <= tokio::time::Instant::now())
-            && let Some(t) = &current
-        {
-            retry_at = None;
-            let r = async {
-                let ch =
-                    crate::replication::send::connect(&t.url, &tls, t.identity.clone()).await?;
-                sender.open_session(ch).await
-            };
-            let r = tokio::select! {
-                r = r => Some(r),
-                _ = shutdown.cancelled() => None,
-            };
-            match r {
-                None => break,
-                Some(Ok(s)) => {
-                    tracing::info!(peer = %t.url, generation = %s.receiver_generation, "replication session open");
-                    session = Some(s);
-                    backoff = Duration::from_millis(100);
-                    dirty.add_full(Instant::now());
-                    set_error(None, true);
-                }
-                Some(Err(e)) => {
-                    let msg = e.to_string();
-                    if e.is_fenced() {
-                        tracing::error!(error = %msg, "fenced: this machine is no longer the primary; not sending");
-                        fenced = Some(msg.clone());
-                        figures.lock().expect("figures").fenced = true;
-                        for w in waiters.drain(..) {
-                            let _ = w.reply.send(Err(msg.clone()));
-                        }
-                    } else {
-                        tracing::warn!(error = %msg, retry_in = ?backoff, "cannot replicate to the CPU agent");
-                    }
-                    set_error(Some(msg), false);
-                    let jitter = rand::rng().random_range(0.0..0.3);
-                    retry_at = Some(tokio::time::Instant::now() + backoff.mul_f64(1.0 + jitter));
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+    }
 
-        let due = if session.is_some() {
-            if waiters.is_empty() {
-                dirty
-                    .due(cfg.debounce, cfg.max_delay)
-                    .map(tokio::time::Instant::from_std)
-            } else {
-                Some(tokio::time::Instant::now())
-            }
-        } else {
-            None
+    /// (Re)connect when not connected, not fenced, and no backoff is pending.
+    fn may_connect(&self) -> bool {
+        self.session.is_none() && self.fenced.is_none() && self.backoff.ready()
+    }
+
+    /// Opens a session with `t`; Break when the agent stops meanwhile.
+    async fn connect(&mut self, t: &Target) -> ControlFlow<()> {
+        self.backoff.retry_at = None;
+        let opened = async {
+            let ch =
+                crate::replication::send::connect(&t.url, &self.tls, t.identity.clone()).await?;
+            self.sender.open_session(ch).await
         };
-        let wake = [due, retry_at, Some(next_rescan)]
+        let r = tokio::select! {
+            r = opened => r,
+            _ = self.shutdown.cancelled() => return ControlFlow::Break(()),
+        };
+        match r {
+            Ok(s) => {
+                tracing::info!(peer = %t.url, generation = %s.receiver_generation, "replication session open");
+                self.session = Some(s);
+                self.backoff.delay = Backoff::FIRST;
+                self.dirty.add_full(Instant::now());
+                self.set_error(None, true);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if e.is_fenced() {
+                    self.fence(msg.clone());
+                } else {
+                    tracing::warn!(error = %msg, retry_in = ?self.backoff.delay, "cannot replicate to the CPU agent");
+                }
+                self.set_error(Some(msg), false);
+                self.backoff.failed();
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// When the next generation is due: at once when a flush waits, after the debounce
+    /// otherwise; never without a session.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.session.as_ref()?;
+        if self.waiters.is_empty() {
+            self.dirty
+                .due(self.cfg.debounce, self.cfg.max_delay)
+                .map(tokio::time::Instant::from_std)
+        } else {
+            Some(tokio::time::Instant::now())
+        }
+    }
+
+    /// Waits for the first of: stop, a new target, changes, a flush, the session's loss, or
+    /// the next timer (`due`, the retry, the rescan).
+    async fn wait(&mut self, current: Option<&Target>, due: Option<tokio::time::Instant>) -> Woke {
+        let wake = [due, self.backoff.retry_at, Some(self.next_rescan)]
             .into_iter()
             .flatten()
             .min()
             .expect("rescan is always scheduled");
+        let lost = async {
+            match self.session.as_mut() {
+                Some(s) => s.lost().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = target.changed() => {
-                if target.borrow().as_ref() != current.as_ref() {
-                    tracing::info!("replication target changed");
-                    session = None;
-                    retry_at = None;
+            _ = self.shutdown.cancelled() => return Woke::Stop,
+            _ = self.target.changed() => self.retarget(current),
+            ev = self.watcher.rx.recv() => self.changed(ev),
+            c = self.control.recv() => {
+                if let Some(Control::Flush { asked, reply }) = c {
+                    self.flush_asked(asked, reply);
                 }
-                continue;
             }
-            ev = watcher.rx.recv() => {
-                let now = Instant::now();
-                match ev {
-                    Some(WatchEvent::Paths(ps)) => dirty.add(ps, now),
-                    Some(WatchEvent::Rescan) | None => dirty.add_full(now),
-                }
-                if pending_since.is_none() {
-                    pending_since = Some(SystemTime::now());
-                    figures.lock().expect("figures").oldest_pending_unix_ms = pending_since.map(unix_ms);
-                }
-                continue;
-            }
-            c = control.recv() => {
-                match c {
-                    Some(Control::Flush { asked, reply }) => {
-                        if let Some(why) = &fenced {
-                            let _ = reply.send(Err(why.clone()));
-                        } else {
-                            waiters.push(Waiter { asked, reply });
-                            dirty.add_full(Instant::now());
-                        }
-                    }
-                    None => {}
-                }
-                continue;
-            }
-            e = async {
-                match session.as_mut() {
-                    Some(s) => s.lost().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let msg = e.to_string();
-                tracing::warn!(error = %msg, "the replication session ended; reconnecting");
-                session = None;
-                set_error(Some(msg), false);
-                dirty.add_full(Instant::now());
-                retry_at = Some(tokio::time::Instant::now() + backoff);
-                continue;
-            }
-            _ = tokio::time::sleep_until(wake) => {}
+            e = lost => self.session_lost(e),
+            _ = tokio::time::sleep_until(wake) => return Woke::Timer,
         }
-        if tokio::time::Instant::now() >= next_rescan {
-            next_rescan = tokio::time::Instant::now() + rescan_every;
-            dirty.add_full(Instant::now());
+        Woke::Noted
+    }
+
+    /// A different target drops the session and any pending backoff.
+    fn retarget(&mut self, current: Option<&Target>) {
+        if self.target.borrow().as_ref() != current {
+            tracing::info!("replication target changed");
+            self.session = None;
+            self.backoff.retry_at = None;
         }
-        let Some(s) = session.as_mut() else { continue };
-        if due.is_none_or(|d| d > tokio::time::Instant::now()) && waiters.is_empty() {
-            continue;
+    }
+
+    /// The watcher saw changes (or missed some: then everything is dirty); starts the RPO clock.
+    fn changed(&mut self, ev: Option<WatchEvent>) {
+        let now = Instant::now();
+        match ev {
+            Some(WatchEvent::Paths(ps)) => self.dirty.add(ps, now),
+            Some(WatchEvent::Rescan) | None => self.dirty.add_full(now),
         }
-        if watcher.take_overflow() {
-            dirty.add_full(Instant::now());
+        if self.pending_since.is_none() {
+            self.pending_since = Some(SystemTime::now());
+            self.sender
+                .figures
+                .lock()
+                .expect("figures")
+                .oldest_pending_unix_ms = self.pending_since.map(unix_ms);
+        }
+    }
+
+    /// A flush waits for a full generation that starts after it; a fenced sender refuses it.
+    fn flush_asked(&mut self, asked: Instant, reply: oneshot::Sender<Result<u64, String>>) {
+        if let Some(why) = &self.fenced {
+            let _ = reply.send(Err(why.clone()));
+        } else {
+            self.waiters.push(Waiter { asked, reply });
+            self.dirty.add_full(Instant::now());
+        }
+    }
+
+    fn session_lost(&mut self, e: SyncError) {
+        let msg = e.to_string();
+        tracing::warn!(error = %msg, "the replication session ended; reconnecting");
+        self.session = None;
+        self.set_error(Some(msg), false);
+        self.dirty.add_full(Instant::now());
+        self.backoff.lost();
+    }
+
+    fn rescan_when_due(&mut self) {
+        if tokio::time::Instant::now() >= self.next_rescan {
+            self.next_rescan = tokio::time::Instant::now() + self.rescan_every;
+            self.dirty.add_full(Instant::now());
+        }
+    }
+
+    /// A generation is due when connected and the debounce has passed or a flush waits.
+    fn sync_due(&self, due: Option<tokio::time::Instant>) -> bool {
+        self.session.is_some()
+            && !(due.is_none_or(|d| d > tokio::time::Instant::now()) && self.waiters.is_empty())
+    }
+
+    /// Sends one generation of what is dirty (everything when a flush waits); Break when the
+    /// agent stops meanwhile.
+    async fn sync_once(&mut self) -> ControlFlow<()> {
+        let Some(s) = self.session.as_mut() else {
+            return ControlFlow::Continue(());
+        };
+        if self.watcher.take_overflow() {
+            self.dirty.add_full(Instant::now());
         }
         // Drain events already queued, so the scan covers every write made before now.
-        while let Ok(ev) = watcher.rx.try_recv() {
+        while let Ok(ev) = self.watcher.rx.try_recv() {
             match ev {
-                WatchEvent::Paths(ps) => dirty.add(ps, Instant::now()),
-                WatchEvent::Rescan => dirty.add_full(Instant::now()),
+                WatchEvent::Paths(ps) => self.dirty.add(ps, Instant::now()),
+                WatchEvent::Rescan => self.dirty.add_full(Instant::now()),
             }
         }
         let scan_started = Instant::now();
-        let (paths, full) = dirty.take();
-        let scope = scope_of(paths.clone(), full || !waiters.is_empty());
+        let (paths, full) = self.dirty.take();
+        let scope = scope_of(paths.clone(), full || !self.waiters.is_empty());
         let r = tokio::select! {
-            r = sender.sync_generation(s, scope, false) => r,
-            _ = shutdown.cancelled() => break,
+            r = self.sender.sync_generation(s, scope, false) => r,
+            _ = self.shutdown.cancelled() => return ControlFlow::Break(()),
         };
         match r {
-            Ok(report) => {
-                let paths_of = |v: &[String]| -> Vec<RelPath> {
-                    v.iter()
-                        .filter_map(|p| RelPath::new(p.as_bytes().to_vec()).ok())
-                        .collect()
-                };
-                let still: Vec<RelPath> = report
-                    .as_ref()
-                    .map(|r| paths_of(&r.still_changing))
-                    .unwrap_or_default();
-                let deferred: Vec<RelPath> = report
-                    .as_ref()
-                    .map(|r| paths_of(&r.deferred))
-                    .unwrap_or_default();
-                if let Some(r) = &report {
-                    tracing::debug!(
-                        generation = r.generation,
-                        files = r.files_changed,
-                        bytes_sent = r.bytes_sent,
-                        ms = r.duration_ms,
-                        "generation durable"
-                    );
-                }
-                let more = !deferred.is_empty();
-                if more {
-                    // The budget of this generation was spent: the rest follows at once.
-                    dirty.add_now(deferred);
-                }
-                if !still.is_empty() {
-                    tracing::info!(
-                        files = still.len(),
-                        "files changed while read; retrying them"
-                    );
-                    dirty.add(still, Instant::now());
-                } else if !more {
-                    let generation = sender.index().generation.0;
-                    let (done, keep): (Vec<Waiter>, Vec<Waiter>) =
-                        waiters.drain(..).partition(|w| w.asked <= scan_started);
-                    waiters = keep;
-                    for w in done {
-                        let _ = w.reply.send(Ok(generation));
-                    }
-                }
-                if dirty.is_empty() {
-                    pending_since = None;
-                }
-                let mut f = figures.lock().expect("figures");
-                f.oldest_pending_unix_ms = pending_since.map(unix_ms);
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                session = None;
-                dirty.add(paths, Instant::now());
-                dirty.add_full(Instant::now());
-                set_error(Some(msg.clone()), false);
-                if e.is_fenced() {
-                    tracing::error!(error = %msg, "fenced: this machine is no longer the primary; not sending");
-                    fenced = Some(msg.clone());
-                    figures.lock().expect("figures").fenced = true;
-                    for w in waiters.drain(..) {
-                        let _ = w.reply.send(Err(msg.clone()));
-                    }
-                } else {
-                    tracing::warn!(error = %msg, "generation failed; reconnecting");
-                    retry_at = Some(tokio::time::Instant::now() + backoff);
-                }
-            }
+            Ok(report) => self.synced(report, scan_started),
+            Err(e) => self.sync_failed(e, paths),
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A generation is durable: what it left behind goes back into the dirty set; when it left
+    /// nothing, the flushes asked before its scan are answered.
+    fn synced(&mut self, report: Option<Report>, scan_started: Instant) {
+        let (still, deferred) = leftovers(report.as_ref());
+        if let Some(r) = &report {
+            tracing::debug!(
+                generation = r.generation,
+                files = r.files_changed,
+                bytes_sent = r.bytes_sent,
+                ms = r.duration_ms,
+                "generation durable"
+            );
+        }
+        let more = !deferred.is_empty();
+        if more {
+            // The budget of this generation was spent: the rest follows at once.
+            self.dirty.add_now(deferred);
+        }
+        if !still.is_empty() {
+            tracing::info!(
+                files = still.len(),
+                "files changed while read; retrying them"
+            );
+            self.dirty.add(still, Instant::now());
+        } else if !more {
+            self.answer_flushes(scan_started);
+        }
+        if self.dirty.is_empty() {
+            self.pending_since = None;
+        }
+        let mut f = self.sender.figures.lock().expect("figures");
+        f.oldest_pending_unix_ms = self.pending_since.map(unix_ms);
+    }
+
+    fn answer_flushes(&mut self, scan_started: Instant) {
+        let generation = self.sender.index().generation.0;
+        let (done, keep): (Vec<Waiter>, Vec<Waiter>) = self
+            .waiters
+            .drain(..)
+            .partition(|w| w.asked <= scan_started);
+        self.waiters = keep;
+        for w in done {
+            let _ = w.reply.send(Ok(generation));
         }
     }
-    for w in waiters {
-        let _ = w
-            .reply
-            .send(Err("replication stopped before the flush completed".into()));
+
+    /// The generation failed: its paths stay dirty, with a full rescan on top; reconnect after
+    /// the backoff unless fenced.
+    fn sync_failed(&mut self, e: SyncError, paths: BTreeSet<RelPath>) {
+        let msg = e.to_string();
+        self.session = None;
+        self.dirty.add(paths, Instant::now());
+        self.dirty.add_full(Instant::now());
+        self.set_error(Some(msg.clone()), false);
+        if e.is_fenced() {
+            self.fence(msg);
+        } else {
+            tracing::warn!(error = %msg, "generation failed; reconnecting");
+            self.backoff.lost();
+        }
     }
-    sender
+
+    /// The receiver knows a newer primary: stop sending and refuse the waiting flushes.
+    fn fence(&mut self, msg: String) {
+        tracing::error!(error = %msg, "fenced: this machine is no longer the primary; not sending");
+        self.sender.figures.lock().expect("figures").fenced = true;
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(msg.clone()));
+        }
+        self.fenced = Some(msg);
+    }
+
+    fn set_error(&self, msg: Option<String>, connected: bool) {
+        let mut f = self.sender.figures.lock().expect("figures");
+        f.last_error = msg;
+        f.connected = connected;
+    }
+}
+
+/// What a generation left for the next: files that changed while read, and files deferred
+/// because its budget was spent.
+fn leftovers(report: Option<&Report>) -> (Vec<RelPath>, Vec<RelPath>) {
+    let paths_of = |v: &[String]| -> Vec<RelPath> {
+        v.iter()
+            .filter_map(|p| RelPath::new(p.as_bytes().to_vec()).ok())
+            .collect()
+    };
+    let still = report
+        .map(|r| paths_of(&r.still_changing))
+        .unwrap_or_default();
+    let deferred = report.map(|r| paths_of(&r.deferred)).unwrap_or_default();
+    (still, deferred)
 }
 
 /// One generation now (for `--once`): connect, sync everything, wait until durable. Files that
@@ -319,7 +491,7 @@ pub async fn once(
     sender: &mut Sender,
     tls: &TlsMaterial,
     target: &Target,
-) -> Result<crate::replication::send::Report, SyncError> {
+) -> Result<Report, SyncError> {
     let t = std::time::Instant::now();
     let ch = crate::replication::send::connect(&target.url, tls, target.identity.clone()).await?;
     let mut s = sender.open_session(ch).await?;
@@ -342,14 +514,7 @@ pub async fn once(
             .sync_generation(&mut s, crate::replication::scan::Scope::Paths(paths), true)
             .await?
             .expect("forced generation");
-        total.generation = r.generation;
-        total.files_changed += r.files_changed;
-        total.bytes_sent += r.bytes_sent;
-        total.duration_ms += r.duration_ms;
-        total.files_total = r.files_total;
-        total.bytes_total = r.bytes_total;
-        total.root = r.root;
-        total.still_changing = r.still_changing;
+        add_retry(&mut total, r);
     }
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "generation done");
     s.close().await;
@@ -362,6 +527,18 @@ pub async fn once(
         )));
     }
     Ok(total)
+}
+
+/// Folds a retry's report into the total: counts add up, the rest is the retry's.
+fn add_retry(total: &mut Report, r: Report) {
+    total.generation = r.generation;
+    total.files_changed += r.files_changed;
+    total.bytes_sent += r.bytes_sent;
+    total.duration_ms += r.duration_ms;
+    total.files_total = r.files_total;
+    total.bytes_total = r.bytes_total;
+    total.root = r.root;
+    total.still_changing = r.still_changing;
 }
 
 /// One line for an error, with its causes.

@@ -1,0 +1,318 @@
+//! The agents' command lines: the flags both agents take ([`AgentArgs`]), the ones only one side
+//! takes ([`GpuArgs`], [`CpuArgs`]), and the one place where they become an [`AgentConfig`].
+//!
+//! Precedence is the same for every setting: a flag, then its `STANDBY_*` environment variable
+//! (clap resolves those two), then the TOML file given with `--config`, then the default in
+//! [`defaults`]. Resolution stops at the first bad setting; the binaries exit 64 with its message.
+//!
+//! Some flags mean slightly different things on each side (the workspace is the protected
+//! directory on the GPU machine, the replica on the CPU standby): each binary rewords their help
+//! with `mut_arg`; the doc comments here say what the flag is on either side. `display_order`
+//! keeps each binary's `--help` in the order it always had, shared and side flags interleaved
+//! (agent-gpu's `--once`, declared in the binary, is 10).
+
+use std::path::PathBuf;
+
+use crate::agent::config::AgentConfig;
+use crate::cli::{FileConfig, defaults, parse_duration};
+use crate::replication::continuous::LoopConfig;
+use crate::trust::identity::Role;
+
+/// The flags both agents take.
+#[derive(clap::Args, Debug, Default)]
+pub struct AgentArgs {
+    /// The workspace: the directory protected on the GPU machine, its replica on the CPU standby.
+    #[arg(long, env = "STANDBY_WORKSPACE", display_order = 0)]
+    pub workspace: Option<PathBuf>,
+    /// Directory for the agent's own state (index or catalog, epoch, certificates).
+    #[arg(long, env = "STANDBY_STATE_DIR", display_order = 1)]
+    pub state_dir: Option<PathBuf>,
+    /// Directory with static certificates (ca.pem, node.pem, node.key).
+    #[arg(long, env = "STANDBY_TLS_DIR", display_order = 2)]
+    pub tls_dir: Option<PathBuf>,
+    /// The coordinator, as host:port.
+    #[arg(long, env = "STANDBY_COORDINATOR", display_order = 4)]
+    pub coordinator: Option<String>,
+    /// Single-use token from `coordinator token` (first start only).
+    #[arg(long, env = "STANDBY_JOIN_TOKEN", display_order = 5)]
+    pub join_token: Option<String>,
+    /// Address this agent listens on.
+    #[arg(long, env = "STANDBY_LISTEN", display_order = 6)]
+    pub listen: Option<String>,
+    /// Address others should use to reach this agent, when it differs from --listen (NAT).
+    #[arg(long, env = "STANDBY_ADVERTISE", display_order = 7)]
+    pub advertise: Option<String>,
+    /// Machine name reported to the coordinator (default: the host name).
+    #[arg(long, env = "STANDBY_MACHINE", display_order = 8)]
+    pub machine: Option<String>,
+    /// Heartbeat interval.
+    #[arg(long, env = "STANDBY_HEARTBEAT_INTERVAL", display_order = 9)]
+    pub heartbeat_interval: Option<String>,
+    /// Command run (with sh -c, waited for) before this machine hands the primary role over:
+    /// stop the application here.
+    #[arg(long, env = "STANDBY_ON_DEMOTE", display_order = 15)]
+    pub on_demote: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, env = "STANDBY_CONFIG", display_order = 16)]
+    pub config: Option<PathBuf>,
+}
+
+/// The flags only agent-gpu takes: its static peer and how it sends.
+#[derive(clap::Args, Debug, Default)]
+pub struct GpuArgs {
+    /// The paired agent-cpu of a static pair, as host:port.
+    #[arg(long, env = "STANDBY_PEER", display_order = 3)]
+    pub peer: Option<String>,
+    /// Quiet time after the last change before a generation is sent.
+    #[arg(long, env = "STANDBY_DEBOUNCE", display_order = 11)]
+    pub debounce: Option<String>,
+    /// Longest a change may wait while writes keep coming.
+    #[arg(long, env = "STANDBY_MAX_DELAY", display_order = 12)]
+    pub max_delay: Option<String>,
+    /// Period of the quick-check rescan that catches anything inotify missed.
+    #[arg(long, env = "STANDBY_RESCAN_INTERVAL", display_order = 13)]
+    pub rescan_interval: Option<String>,
+    /// zstd level for data on the wire (0 turns compression off).
+    #[arg(long, env = "STANDBY_COMPRESS_LEVEL", display_order = 14)]
+    pub compress_level: Option<i32>,
+}
+
+/// The flags only agent-cpu takes.
+#[derive(clap::Args, Debug, Default)]
+pub struct CpuArgs {
+    /// Command run (with sh -c) when this machine is promoted to primary.
+    #[arg(long, env = "STANDBY_ON_PROMOTE", display_order = 10)]
+    pub on_promote: Option<String>,
+}
+
+impl GpuArgs {
+    /// agent-gpu's configuration: a static pair (`--peer` with `--tls-dir`) or a coordinator,
+    /// never both.
+    pub fn resolve(self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
+        let file = shared.file()?;
+        let compress_level = compress_level(&file, self.compress_level)?;
+        let peer = file.pick_opt(self.peer, "peer")?;
+        let coordinator = file.pick_opt(shared.coordinator.take(), "coordinator")?;
+        let tls_dir = file.pick_opt(shared.tls_dir.take(), "tls_dir")?;
+        match (&peer, &coordinator) {
+            (Some(_), Some(_)) => {
+                return Err("give either --peer (static pair) or --coordinator, not both".into());
+            }
+            (None, None) => return Err("--peer (static pair) or --coordinator is required".into()),
+            (Some(_), None) if tls_dir.is_none() => {
+                return Err("a static pair needs --tls-dir".into());
+            }
+            _ => {}
+        }
+        let on_demote = shared.on_demote.take();
+        let base = shared.resolve(&file, Role::Gpu, tls_dir, coordinator)?;
+        Ok(AgentConfig {
+            peer,
+            loop_cfg: LoopConfig {
+                debounce: file.pick_duration(self.debounce, "debounce", defaults::DEBOUNCE)?,
+                max_delay: file.pick_duration(self.max_delay, "max_delay", defaults::MAX_DELAY)?,
+                rescan_interval: file.pick_duration(
+                    self.rescan_interval,
+                    "rescan_interval",
+                    defaults::RESCAN_INTERVAL,
+                )?,
+            },
+            compress_level,
+            on_demote: file.pick(on_demote, "on_demote", String::new)?,
+            ..base
+        })
+    }
+}
+
+impl CpuArgs {
+    /// agent-cpu's configuration: static certificates or a coordinator (or both).
+    pub fn resolve(self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
+        let file = shared.file()?;
+        let tls_dir = file.pick_opt(shared.tls_dir.take(), "tls_dir")?;
+        let coordinator = file.pick_opt(shared.coordinator.take(), "coordinator")?;
+        if tls_dir.is_none() && coordinator.is_none() {
+            return Err("--tls-dir (static pair) or --coordinator is required".into());
+        }
+        let on_demote = shared.on_demote.take();
+        let base = shared.resolve(&file, Role::Cpu, tls_dir, coordinator)?;
+        Ok(AgentConfig {
+            on_promote: file.pick(self.on_promote, "on_promote", String::new)?,
+            on_demote: file.pick(on_demote, "on_demote", String::new)?,
+            ..base
+        })
+    }
+}
+
+impl AgentArgs {
+    fn file(&self) -> Result<FileConfig, String> {
+        FileConfig::load(self.config.as_deref())
+    }
+
+    /// The settings both sides resolve alike; the side-specific ones get their defaults here
+    /// and are overridden by the caller (who already took `tls_dir` and `coordinator`).
+    fn resolve(
+        self,
+        file: &FileConfig,
+        role: Role,
+        tls_dir: Option<PathBuf>,
+        coordinator: Option<String>,
+    ) -> Result<AgentConfig, String> {
+        let listen = match role {
+            Role::Gpu => defaults::GPU_LISTEN,
+            Role::Cpu => defaults::CPU_LISTEN,
+        };
+        Ok(AgentConfig {
+            role,
+            workspace: required(file, self.workspace, "workspace")?,
+            state_dir: required(file, self.state_dir, "state_dir")?,
+            tls_dir,
+            peer: None,
+            coordinator,
+            join_token: file.pick_opt(self.join_token, "join_token")?,
+            listen: file.pick(self.listen, "listen", || listen.to_string())?,
+            advertise: file.pick(self.advertise, "advertise", String::new)?,
+            machine: file.pick(self.machine, "machine", crate::host::name)?,
+            heartbeat: file.pick_duration(
+                self.heartbeat_interval,
+                "heartbeat_interval",
+                defaults::HEARTBEAT,
+            )?,
+            loop_cfg: default_loop(),
+            compress_level: defaults::COMPRESS_LEVEL,
+            on_promote: String::new(),
+            on_demote: String::new(),
+        })
+    }
+}
+
+/// A setting without a default: the flag, else the file, else a usage error naming the flag.
+fn required(file: &FileConfig, flag: Option<PathBuf>, key: &str) -> Result<PathBuf, String> {
+    file.pick_opt(flag, key)?
+        .ok_or_else(|| format!("--{} is required", key.replace('_', "-")))
+}
+
+fn compress_level(file: &FileConfig, flag: Option<i32>) -> Result<i32, String> {
+    let level = file.pick(flag, "compress_level", || defaults::COMPRESS_LEVEL)?;
+    if !(0..=19).contains(&level) {
+        return Err(format!("--compress-level must be 0..=19, not {level}"));
+    }
+    Ok(level)
+}
+
+/// The replication loop's timing when nothing sets it (agent-cpu has no flags for it).
+fn default_loop() -> LoopConfig {
+    LoopConfig {
+        debounce: parse_duration(defaults::DEBOUNCE).expect("default"),
+        max_delay: parse_duration(defaults::MAX_DELAY).expect("default"),
+        rescan_interval: parse_duration(defaults::RESCAN_INTERVAL).expect("default"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn shared(dir: &std::path::Path) -> AgentArgs {
+        AgentArgs {
+            workspace: Some(dir.join("ws")),
+            state_dir: Some(dir.join("state")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_file_which_wins_over_the_default() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = d.path().join("agent.toml");
+        std::fs::write(
+            &toml,
+            "debounce = \"500ms\"\nmax_delay = \"3s\"\nmachine = \"m1\"\n",
+        )
+        .unwrap();
+        let gpu = GpuArgs {
+            peer: Some("cpu:7701".into()),
+            debounce: Some("2s".into()),
+            ..Default::default()
+        };
+        let args = AgentArgs {
+            tls_dir: Some(d.path().join("tls")),
+            config: Some(toml),
+            ..shared(d.path())
+        };
+        let c = gpu.resolve(args).unwrap();
+        assert_eq!(c.role, Role::Gpu);
+        assert_eq!(c.loop_cfg.debounce, Duration::from_secs(2));
+        assert_eq!(c.loop_cfg.max_delay, Duration::from_secs(3));
+        assert_eq!(c.loop_cfg.rescan_interval, Duration::from_secs(60));
+        assert_eq!(c.machine, "m1");
+        assert_eq!(c.listen, defaults::GPU_LISTEN);
+        assert_eq!(c.compress_level, defaults::COMPRESS_LEVEL);
+        assert_eq!(c.heartbeat, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_gpu_needs_exactly_one_way_to_its_peer() {
+        let d = tempfile::tempdir().unwrap();
+        let both = GpuArgs {
+            peer: Some("cpu:7701".into()),
+            ..Default::default()
+        };
+        let args = AgentArgs {
+            coordinator: Some("coord:7700".into()),
+            ..shared(d.path())
+        };
+        assert!(both.resolve(args).unwrap_err().contains("not both"));
+        let none = GpuArgs::default().resolve(shared(d.path())).unwrap_err();
+        assert!(none.contains("is required"), "{none}");
+        let static_pair = GpuArgs {
+            peer: Some("cpu:7701".into()),
+            ..Default::default()
+        };
+        let e = static_pair.resolve(shared(d.path())).unwrap_err();
+        assert!(e.contains("--tls-dir"), "{e}");
+        let loud = GpuArgs {
+            compress_level: Some(20),
+            ..Default::default()
+        };
+        assert!(
+            loud.resolve(shared(d.path()))
+                .unwrap_err()
+                .contains("0..=19")
+        );
+    }
+
+    #[test]
+    fn the_cpu_takes_its_hooks_and_the_loop_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let args = AgentArgs {
+            coordinator: Some("coord:7700".into()),
+            on_demote: Some("stop-app".into()),
+            ..shared(d.path())
+        };
+        let cpu = CpuArgs {
+            on_promote: Some("start-app".into()),
+        };
+        let c = cpu.resolve(args).unwrap();
+        assert_eq!(c.role, Role::Cpu);
+        assert_eq!(
+            (c.on_promote.as_str(), c.on_demote.as_str()),
+            ("start-app", "stop-app")
+        );
+        assert_eq!(c.listen, defaults::CPU_LISTEN);
+        assert_eq!(c.loop_cfg.debounce, Duration::from_millis(250));
+        assert!(c.peer.is_none());
+        let e = CpuArgs::default().resolve(shared(d.path())).unwrap_err();
+        assert!(
+            e.contains("--tls-dir (static pair) or --coordinator"),
+            "{e}"
+        );
+        let no_workspace = AgentArgs {
+            workspace: None,
+            coordinator: Some("coord:7700".into()),
+            ..shared(d.path())
+        };
+        let e = CpuArgs::default().resolve(no_workspace).unwrap_err();
+        assert_eq!(e, "--workspace is required");
+    }
+}

@@ -1,0 +1,29 @@
+//! What an agent runs with, whichever its role: built once from the command line by
+//! [`crate::agent::args`], read by the [`runtime`](crate::agent::runtime) and the tasks it starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::replication::continuous::LoopConfig;
+use crate::trust::identity::Role;
+
+/// Everything an agent needs to run.
+#[derive(Debug)]
+pub struct AgentConfig {
+    pub role: Role,
+    pub workspace: PathBuf,
+    pub state_dir: PathBuf,
+    pub tls_dir: Option<PathBuf>,
+    /// Static pair (GPU): the CPU agent to replicate to.
+    pub peer: Option<String>,
+    pub coordinator: Option<String>,
+    pub join_token: Option<String>,
+    pub listen: String,
+    pub advertise: String,
+    pub machine: String,
+    pub heartbeat: Duration,
+    pub loop_cfg: LoopConfig,
+    pub compress_level: i32,
+    pub on_promote: String,
+    pub on_demote: String,
+}
