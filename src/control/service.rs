@@ -460,8 +460,9 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         .await
         .with_context(|| format!("listening on {}", opts.metrics_listen))?;
     let maddr = mlistener.local_addr()?;
-    std::fs::write(dir.join("serve.addr"), addr.to_string())?;
-    std::fs::write(dir.join("metrics.addr"), maddr.to_string())?;
+    // Replaced atomically, `serve.addr` last: whoever waits for it finds both complete.
+    crate::disk::crashsafe::write_atomic(&dir.join("metrics.addr"), maddr.to_string().as_bytes())?;
+    crate::disk::crashsafe::write_atomic(&dir.join("serve.addr"), addr.to_string().as_bytes())?;
     tracing::info!(%addr, metrics = %maddr, "coordinator serving");
     let m = tokio::spawn(crate::control::metrics::serve(
         mlistener,

@@ -246,15 +246,17 @@ impl Coord {
             .spawn()
             .unwrap();
         self.proc = Some(Proc(child));
+        let mut addr = String::new();
         let ok = wait_until(Duration::from_secs(30), || {
-            fs::read_to_string(self.dir.join("serve.addr")).is_ok_and(|a| !a.is_empty())
+            addr = fs::read_to_string(self.dir.join("serve.addr")).unwrap_or_default();
+            !addr.is_empty()
         });
         assert!(
             ok,
             "coordinator did not start: {}",
             fs::read_to_string(&self.log).unwrap_or_default()
         );
-        self.addr = fs::read_to_string(self.dir.join("serve.addr")).unwrap();
+        self.addr = addr;
         self.metrics = fs::read_to_string(self.dir.join("metrics.addr")).unwrap();
     }
 
