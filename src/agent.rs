@@ -9,14 +9,14 @@
 
 pub mod args;
 pub mod config;
-pub mod endpoint;
-pub mod hooks;
-pub mod join;
-pub mod link;
-pub mod managed;
-pub mod node;
-pub mod nvml;
-pub mod probe;
-pub mod report;
+pub(crate) mod endpoint;
+pub(crate) mod hooks;
+pub(crate) mod join;
+pub(crate) mod link;
+pub(crate) mod managed;
+pub(crate) mod node;
+pub(crate) mod nvml;
+pub(crate) mod probe;
+pub(crate) mod report;
 pub mod runtime;
 pub mod socket;

@@ -1,7 +1,7 @@
 //! Durable local state: crash-safe files, confined filesystem calls, state directories and
 //! the agent's durable epoch. Nothing here knows about the network.
 
-pub mod crashsafe;
+pub(crate) mod crashsafe;
 pub mod epoch;
 pub mod fsx;
-pub mod statedir;
+pub(crate) mod statedir;

@@ -5,12 +5,12 @@
 //! [`receive`] stages, verifies, journals and applies it, recording the result in its
 //! [`catalog`]. [`continuous`] is the loop that keeps doing this.
 
-pub mod catalog;
-pub mod compress;
-pub mod continuous;
+pub(crate) mod catalog;
+pub(crate) mod compress;
+pub(crate) mod continuous;
 pub mod delta;
 pub mod manifest;
 pub mod receive;
-pub mod scan;
-pub mod send;
-pub mod watch;
+pub(crate) mod scan;
+pub(crate) mod send;
+pub(crate) mod watch;

@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::replication::send::{Report, Sender, Session, SyncError, scope_of, unix_ms};
 use crate::replication::watch::{DirtySet, WatchEvent, Watcher, watch};
-use crate::text::error_chain;
 use crate::trust::identity::Identity;
 use crate::trust::tls::TlsMaterial;
 use crate::types::{Epoch, RelPath};
@@ -539,9 +538,4 @@ fn add_retry(total: &mut Report, r: Report) {
     total.bytes_total = r.bytes_total;
     total.root = r.root;
     total.still_changing = r.still_changing;
-}
-
-/// One line for an error, with its causes.
-pub fn describe(e: &SyncError) -> String {
-    error_chain(e)
 }

@@ -34,7 +34,7 @@ mod refusal;
 mod service;
 mod session;
 mod signature;
-pub mod stage;
+pub(crate) mod stage;
 mod startup;
 mod stream;
 mod validate;

@@ -356,6 +356,7 @@ pub enum Action {
     },
 }
 
+#[cfg(test)]
 impl Action {
     pub fn path(&self) -> &RelPath {
         match self {
@@ -370,8 +371,6 @@ impl Action {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub actions: Vec<Action>,
-    /// Paths of the tree that were skipped (specials) or kept (unreadable).
-    pub skipped: usize,
 }
 
 impl Plan {
@@ -390,10 +389,7 @@ pub fn plan(index: &Manifest, walk: &Walk, roots: &[Option<RelPath>]) -> Plan {
             actions.push(a);
         }
     }
-    Plan {
-        actions,
-        skipped: walk.skipped.len() + walk.unreadable.len(),
-    }
+    Plan { actions }
 }
 
 /// Index entries that vanished within the covered roots (those under an unreadable directory
