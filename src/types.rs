@@ -250,16 +250,28 @@ pub enum Side {
 }
 
 impl Side {
-    /// The side a persisted role string names ("cpu"; anything else is the GPU, as records
-    /// written before roles were stored say nothing).
-    pub fn from_record(role: &str) -> Side {
-        if role == "cpu" { Side::Cpu } else { Side::Gpu }
+    /// The side a persisted role names (unspecified is the GPU, as records written before
+    /// roles were stored say nothing).
+    pub fn from_record(role: crate::proto::Role) -> Side {
+        match role {
+            crate::proto::Role::Cpu => Side::Cpu,
+            crate::proto::Role::Gpu | crate::proto::Role::Unspecified => Side::Gpu,
+        }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Side::Gpu => "gpu",
             Side::Cpu => "cpu",
+        }
+    }
+}
+
+impl From<Side> for crate::proto::Role {
+    fn from(side: Side) -> crate::proto::Role {
+        match side {
+            Side::Gpu => crate::proto::Role::Gpu,
+            Side::Cpu => crate::proto::Role::Cpu,
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use standby::proto::{EventsRequest, ListPairsRequest, PairRequest};
+use standby::proto::{EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, Role};
 
 use crate::Remote;
 
@@ -123,12 +123,12 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
         }
     };
     let p = list(&mut c).await?;
-    if p.state != "Syncing" || p.primary != "gpu" {
+    if p.state() != PairState::Syncing || p.primary() != Role::Gpu {
         bail!(
             "drill refused: {} is {} with the {} primary; a drill starts from a healthy pair (Syncing, GPU primary)",
             a.pair,
-            p.state,
-            p.primary
+            p.state(),
+            p.primary()
         );
     }
     let epoch = p.epoch;
@@ -167,7 +167,7 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
                 steps.iter().map(|s| &s.0).collect::<Vec<_>>()
             );
         };
-        if e.pair != a.pair || e.kind != "transition" || e.unix_ms < requested_ms {
+        if e.pair != a.pair || e.kind() != EventKind::Transition || e.unix_ms < requested_ms {
             continue;
         }
         let t = e.unix_ms.saturating_sub(requested_ms);
@@ -175,13 +175,13 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
             println!(
                 "[{:>7.2}s] {} -> {}: {}",
                 t as f64 / 1000.0,
-                e.from_state,
-                e.to_state,
+                e.from_state(),
+                e.to_state(),
                 e.message
             );
         }
-        steps.push((e.to_state.clone(), t, e.message.clone()));
-        if e.to_state == "Syncing" && e.epoch >= epoch + 2 {
+        steps.push((e.to_state().to_string(), t, e.message.clone()));
+        if e.to_state() == PairState::Syncing && e.epoch >= epoch + 2 {
             break;
         }
     }

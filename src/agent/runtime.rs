@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::proto::{AgentReport, GpuHealth, PeerContact};
+use crate::proto::{AgentMode, AgentReport, GpuHealth, PeerContact};
 use crate::trust::tls::{self, TlsMaterial};
 
 /// Serves gRPC health on `listen` over mutual TLS (what the paired agent probes). Returns the
@@ -65,7 +65,7 @@ pub fn report(
 ) -> AgentReport {
     let now_ms = crate::replication::send::unix_ms(SystemTime::now());
     let f = &n.sender;
-    let sending = n.mode == "send";
+    let sending = n.mode == AgentMode::Send;
     AgentReport {
         machine: machine.into(),
         epoch: n.epoch,
@@ -73,7 +73,7 @@ pub fn report(
         listen_port: listen_port as u32,
         workspace: workspace.display().to_string(),
         generation: n.generation,
-        primary: sending || n.mode == "primary",
+        primary: sending || n.mode == AgentMode::Primary,
         fenced: n.fenced,
         rpo_age_ms: if sending {
             f.oldest_pending_unix_ms

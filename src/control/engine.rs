@@ -23,10 +23,10 @@ use crate::control::metrics::{KindLabel, Metrics, PairLabel, PairSideLabel, Tran
 use crate::control::provider::{MachineState, Provider, ProviderError, ProvisionConfig, Startup};
 use crate::control::store::Store;
 use crate::host::unix_ms_now;
-use crate::proto::state::{MachineRecord, PairRecord};
+use crate::proto::state::{MachineRecord, PairRecord, Phase};
 use crate::proto::{
-    ActionReply, AgentReport, Command, Event, Fence, Freeze, MachineView, PairView, ProbeTarget,
-    Promote, Receive, SetPeer, command,
+    ActionReply, AgentReport, Command, Event, EventKind, Fence, Freeze, MachineView, PairView,
+    ProbeTarget, Promote, Receive, Role, SetPeer, command,
 };
 use crate::types::Epoch;
 use crate::types::Side;
@@ -49,7 +49,7 @@ impl Events {
     }
 
     pub fn emit(&self, e: Event) {
-        tracing::info!(pair = %e.pair, kind = %e.kind, from = %e.from_state, to = %e.to_state, epoch = e.epoch, "{}", e.message);
+        tracing::info!(pair = %e.pair, kind = %e.kind(), from = %e.from_state(), to = %e.to_state(), epoch = e.epoch, "{}", e.message);
         let mut r = self.recent.lock().expect("events");
         if r.len() == RECENT_EVENTS {
             r.pop_front();
@@ -67,11 +67,11 @@ impl Events {
     }
 }
 
-fn event(pair: &str, kind: &str, message: String) -> Event {
+fn event(pair: &str, kind: EventKind, message: String) -> Event {
     Event {
         unix_ms: unix_ms_now(),
         pair: pair.to_string(),
-        kind: kind.to_string(),
+        kind: kind.into(),
         message,
         ..Default::default()
     }
@@ -183,7 +183,7 @@ impl Engine {
         for (name, rec) in snap.pairs {
             let mut m = PairMachine::resume(rec, now);
             m.policy = policy.clone();
-            metrics.set_state(&name, None, m.state().as_str());
+            metrics.set_state(&name, None, m.state());
             metrics
                 .pair_epoch
                 .get_or_create(&PairLabel { pair: name.clone() })
@@ -368,6 +368,11 @@ fn idx(side: Side) -> usize {
     }
 }
 
+/// A state as a proto field holds it.
+fn proto_state(s: PairState) -> i32 {
+    crate::proto::PairState::from(s).into()
+}
+
 fn command_for(d: &Desired) -> Command {
     Command {
         cmd: Some(match d {
@@ -437,7 +442,7 @@ impl Actor {
                     }
                     self.events.emit(event(
                         &pair,
-                        "created",
+                        EventKind::Created,
                         "pair created by its first agent".into(),
                     ));
                 }
@@ -481,7 +486,7 @@ impl Actor {
                 } else {
                     self.create(&pair).map(|_| {
                         self.events
-                            .emit(event(&pair, "created", "pair created".into()));
+                            .emit(event(&pair, EventKind::Created, "pair created".into()));
                         self.view(&pair)
                     })
                 };
@@ -502,7 +507,7 @@ impl Actor {
                 let actions = e.m.step(input, &self.timing);
                 let refused = actions.iter().find_map(|a| match a {
                     Action::Warn {
-                        kind: "refused",
+                        kind: EventKind::Refused,
                         message,
                     } => Some(message.clone()),
                     _ => None,
@@ -519,7 +524,7 @@ impl Actor {
                     Some(msg) => Err(Status::failed_precondition(msg)),
                     None => Ok(ActionReply {
                         pair: pair.clone(),
-                        state: e.m.state().as_str().into(),
+                        state: proto_state(e.m.state()),
                         epoch: e.m.epoch().0,
                         message: said.unwrap_or_else(|| e.m.rec.reason.clone()),
                     }),
@@ -560,7 +565,7 @@ impl Actor {
                         .inc();
                     self.events.emit(event(
                         "",
-                        "orphan",
+                        EventKind::Orphan,
                         format!(
                             "destroyed machine {label}: it carries our label but no pair owns it"
                         ),
@@ -588,14 +593,14 @@ impl Actor {
         let rec = &e.m.rec;
         // A failed machine is torn down before the next is tried (never two at once).
         if let Some(p) = &rec.provision
-            && p.phase == "create"
+            && p.phase() == Phase::Create
             && p.next_try_unix_ms <= now
             && !rec.teardown.iter().any(|t| t.role == p.role)
             && let Some(m) = &p.machine
         {
             let op = format!("create:{}", m.label);
             if self.inflight.insert(op.clone()) {
-                let role = Side::from_record(&p.role);
+                let role = Side::from_record(p.role());
                 let blocked = e.m.blocked();
                 let label = m.label.clone();
                 let tx = self.self_tx.clone();
@@ -631,7 +636,7 @@ impl Actor {
             }
             let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), pair.to_string());
             tokio::spawn(async move {
-                let r = destroy_machine(&prov, Side::from_record(&m.role), &m.label, &m.id).await;
+                let r = destroy_machine(&prov, Side::from_record(m.role()), &m.label, &m.id).await;
                 let input = match r {
                     Ok(()) => Some(Input::Destroyed { label: m.label }),
                     Err(e) => {
@@ -659,10 +664,10 @@ impl Actor {
                 }
             }
             if let Some(p) = &r.provision
-                && p.phase == "boot"
+                && p.phase() == Phase::Boot
                 && let Some(m) = &p.machine
             {
-                watch.push((Side::from_record(&p.role), m.label.clone(), m.id.clone()));
+                watch.push((Side::from_record(p.role()), m.label.clone(), m.id.clone()));
             }
             for (side, label, id) in watch {
                 let op = format!("get:{label}");
@@ -765,7 +770,7 @@ impl Actor {
             .map_err(|e| Status::internal(format!("persisting the new pair: {e}")))?;
         let mut m = PairMachine::resume(rec, Instant::now());
         m.policy = self.policy.clone();
-        self.metrics.set_state(pair, None, m.state().as_str());
+        self.metrics.set_state(pair, None, m.state());
         self.metrics
             .pair_epoch
             .get_or_create(&PairLabel { pair: pair.into() })
@@ -823,7 +828,7 @@ impl Actor {
                     epoch: e.m.epoch().0,
                     ..event(
                         pair,
-                        "fenced",
+                        EventKind::Fenced,
                         format!(
                             "{} ({}) reported at epoch {}; it is not the pair's {}: fenced",
                             r.machine,
@@ -874,7 +879,7 @@ impl Actor {
             workspace_bytes: r.workspace_bytes,
         };
         let status = AgentStatus {
-            mode: r.mode.clone(),
+            mode: r.mode(),
             root: r.root.clone(),
             generation: r.generation,
             frozen_epoch: r.frozen_epoch,
@@ -899,7 +904,7 @@ impl Actor {
                     epoch: e.m.epoch().0,
                     ..event(
                         pair,
-                        "fenced",
+                        EventKind::Fenced,
                         format!(
                             "the old GPU ({}) came back at epoch {}; it is fenced: the CPU is primary at epoch {}",
                             r.machine,
@@ -970,8 +975,7 @@ impl Actor {
             match a {
                 Action::Persist | Action::PersistSoon => {}
                 Action::Transition { from, to, reason } => {
-                    self.metrics
-                        .set_state(pair, Some(from.as_str()), to.as_str());
+                    self.metrics.set_state(pair, Some(from), to);
                     self.metrics
                         .pair_epoch
                         .get_or_create(&PairLabel { pair: pair.into() })
@@ -984,14 +988,14 @@ impl Actor {
                         })
                         .inc();
                     self.events.emit(Event {
-                        from_state: from.as_str().into(),
-                        to_state: to.as_str().into(),
+                        from_state: proto_state(from),
+                        to_state: proto_state(to),
                         epoch,
-                        ..event(pair, "transition", reason)
+                        ..event(pair, EventKind::Transition, reason)
                     });
                 }
                 Action::Warn { kind, message } => {
-                    if kind == "blind" {
+                    if kind == EventKind::Blind {
                         self.metrics
                             .blind
                             .get_or_create(&PairLabel { pair: pair.into() })
@@ -1009,7 +1013,7 @@ impl Actor {
                         epoch,
                         ..event(
                             pair,
-                            "recovered",
+                            EventKind::Recovered,
                             format!("protected again {} ms after the failure", d.as_millis()),
                         )
                     });
@@ -1022,8 +1026,8 @@ impl Actor {
                         .inc();
                     self.events.emit(Event {
                         epoch,
-                        to_state: PairState::FailedOver.as_str().into(),
-                        ..event(pair, "failover", e.m.rec.reason.clone())
+                        to_state: proto_state(PairState::FailedOver),
+                        ..event(pair, EventKind::Failover, e.m.rec.reason.clone())
                     });
                 }
             }
@@ -1099,10 +1103,10 @@ impl Actor {
                     let v = self.view(name);
                     self.events.emit(Event {
                         epoch: v.epoch,
-                        to_state: v.state.clone(),
+                        to_state: v.state,
                         ..event(
                             name,
-                            "heartbeat",
+                            EventKind::Heartbeat,
                             format!(
                                 "gpu {} cpu {} lag {} ms generation {}",
                                 v.gpu.as_ref().map_or("absent".into(), |m| format!(
@@ -1149,16 +1153,18 @@ impl Actor {
                 .iter()
                 .chain(r.provision.iter().filter_map(|p| p.machine.as_ref()))
             {
-                match m.role.as_str() {
-                    "cpu" => cpus += 1,
-                    _ => gpus += 1,
+                match Side::from_record(m.role()) {
+                    Side::Cpu => cpus += 1,
+                    Side::Gpu => gpus += 1,
                 }
             }
         }
-        for (kind, n) in [("gpu", gpus), ("cpu", cpus)] {
+        for (side, n) in [(Side::Gpu, gpus), (Side::Cpu, cpus)] {
             self.metrics
                 .machines
-                .get_or_create(&KindLabel { kind: kind.into() })
+                .get_or_create(&KindLabel {
+                    kind: side.as_str().into(),
+                })
                 .set(n);
         }
         for (name, e) in &self.pairs {
@@ -1222,9 +1228,9 @@ impl Actor {
         .unwrap_or_default();
         PairView {
             pair: name.to_string(),
-            state: e.m.state().as_str().into(),
+            state: proto_state(e.m.state()),
             epoch: e.m.epoch().0,
-            primary: primary.as_str().into(),
+            primary: Role::from(primary).into(),
             last_durable_generation: e.figures[1].generation.max(e.figures[0].generation),
             sync_lag_ms: e.figures[0].rpo_age_ms,
             active_endpoint: active,
@@ -1243,7 +1249,10 @@ impl Actor {
                     let m = p.machine.clone().unwrap_or_default();
                     let mut s = format!(
                         "{} attempt {} ({}): {}",
-                        p.role, p.attempt, p.phase, m.label
+                        p.role(),
+                        p.attempt,
+                        p.phase(),
+                        m.label
                     );
                     if !p.last_error.is_empty() {
                         s.push_str(&format!("; last error: {}", p.last_error));

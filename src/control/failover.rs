@@ -16,7 +16,8 @@
 use std::time::{Duration, Instant};
 
 use crate::host::unix_ms_now;
-use crate::proto::state::{Blocked, MachineRecord, OwnedMachine, PairRecord, Provision};
+use crate::proto::state::{Blocked, MachineRecord, OwnedMachine, PairRecord, Phase, Provision};
+use crate::proto::{AgentMode, EventKind, Role};
 use crate::types::{Epoch, Side};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -112,8 +113,7 @@ impl Contact {
 /// What an agent said about its replication in its last report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentStatus {
-    /// "send", "receive", "primary", "fenced", "idle".
-    pub mode: String,
+    pub mode: AgentMode,
     /// Manifest root (hex) it last agreed with its peer.
     pub root: String,
     pub generation: u64,
@@ -232,7 +232,7 @@ pub enum Action {
         reason: String,
     },
     /// A warning worth an event and a metric, but no transition.
-    Warn { kind: &'static str, message: String },
+    Warn { kind: EventKind, message: String },
     /// A failure was detected this long after the GPU was last heard from.
     Detected(Duration),
     /// A failover happened (counted in metrics).
@@ -274,9 +274,9 @@ impl PairMachine {
     pub fn new_record(name: &str) -> PairRecord {
         PairRecord {
             name: name.to_string(),
-            state: PairState::Pending.as_str().into(),
+            state: crate::proto::PairState::from(PairState::Pending).into(),
             epoch: 1,
-            primary: Side::Gpu.as_str().into(),
+            primary: Role::from(Side::Gpu).into(),
             changed_unix_ms: unix_ms_now(),
             ..Default::default()
         }
@@ -297,7 +297,7 @@ impl PairMachine {
     }
 
     pub fn state(&self) -> PairState {
-        PairState::parse(&self.rec.state).unwrap_or(PairState::Pending)
+        PairState::try_from(self.rec.state()).unwrap_or(PairState::Pending)
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -305,7 +305,7 @@ impl PairMachine {
     }
 
     pub fn primary(&self) -> Side {
-        Side::from_record(&self.rec.primary)
+        Side::from_record(self.rec.primary())
     }
 
     fn seen(&mut self, side: Side) -> &mut Seen {
@@ -320,7 +320,7 @@ impl PairMachine {
         if from == to {
             return;
         }
-        self.rec.state = to.as_str().into();
+        self.rec.set_state(to.into());
         self.rec.reason = reason.clone();
         self.rec.changed_unix_ms = unix_ms_now();
         out.push(Action::Persist);
@@ -425,7 +425,7 @@ impl PairMachine {
                     out.retain(|a| !matches!(a, Action::Detected(_)));
                 } else {
                     out.push(Action::Warn {
-                        kind: "refused",
+                        kind: EventKind::Refused,
                         message: "failover refused: the CPU is already the primary".into(),
                     });
                 }
@@ -458,13 +458,13 @@ impl PairMachine {
                     m.id = id.clone();
                     m.offer = offer;
                     m.place = place.clone();
-                    if p.phase == "create" {
-                        p.phase = "boot".into();
+                    if p.phase() == Phase::Create {
+                        p.set_phase(Phase::Boot);
                         p.deadline_unix_ms = wall + boot;
                     }
                     out.push(Action::Persist);
                     out.push(Action::Warn {
-                        kind: "provisioning",
+                        kind: EventKind::Provisioning,
                         message: format!(
                             "created {label} (id {id}{}); waiting for its agent to join",
                             if place.is_empty() {
@@ -506,7 +506,7 @@ impl PairMachine {
                 if self.rec.teardown.len() != before {
                     out.push(Action::Persist);
                     out.push(Action::Warn {
-                        kind: "destroyed",
+                        kind: EventKind::Destroyed,
                         message: format!("machine {label} destroyed"),
                     });
                 }
@@ -529,7 +529,7 @@ impl PairMachine {
     /// claiming the side (an old GPU coming back) is fenced, not listened to.
     pub fn accepts(&self, side: Side, machine: &str) -> bool {
         if let Some(p) = &self.rec.provision
-            && p.role == side.as_str()
+            && p.role() == Role::from(side)
         {
             return self.provisioning_label() == Some(machine);
         }
@@ -593,12 +593,12 @@ impl PairMachine {
         self.rec.teardown.extend(old);
         let label = self.new_label(role);
         self.rec.provision = Some(Provision {
-            role: role.as_str().into(),
+            role: Role::from(role).into(),
             attempt: 1,
-            phase: "create".into(),
+            phase: Phase::Create.into(),
             machine: Some(OwnedMachine {
                 label,
-                role: role.as_str().into(),
+                role: Role::from(role).into(),
                 ..Default::default()
             }),
             next_try_unix_ms: self.wall_ms,
@@ -618,9 +618,9 @@ impl PairMachine {
         let Some(mut p) = self.rec.provision.take() else {
             return;
         };
-        let role = Side::from_record(&p.role);
+        let role = Side::from_record(p.role());
         if let Some(m) = p.machine.take()
-            && (!m.id.is_empty() || p.phase == "boot")
+            && (!m.id.is_empty() || p.phase() == Phase::Boot)
         {
             self.rec.teardown.push(m);
         }
@@ -632,20 +632,20 @@ impl PairMachine {
         let jitter = blake3::hash(label.as_bytes()).as_bytes()[0] as f64 / 255.0 * 0.3;
         let wait = backoff.mul_f64(1.0 + jitter);
         p.attempt += 1;
-        p.phase = "create".into();
+        p.set_phase(Phase::Create);
         p.last_error = why.clone();
         p.deadline_unix_ms = 0;
         p.next_try_unix_ms = self.wall_ms + wait.as_millis() as u64;
         p.machine = Some(OwnedMachine {
             label,
-            role: role.as_str().into(),
+            role: Role::from(role).into(),
             ..Default::default()
         });
         self.rec.provision = Some(p);
         out.push(Action::Persist);
         out.push(Action::AttemptFailed);
         out.push(Action::Warn {
-            kind: "provisioning",
+            kind: EventKind::Provisioning,
             message: format!("{why}; next attempt in {} ms", wait.as_millis()),
         });
     }
@@ -653,7 +653,7 @@ impl PairMachine {
     /// An agent reported as `label`: the machine being provisioned has joined.
     fn joined(&mut self, side: Side, label: &str, out: &mut Vec<Action>) {
         let Some(p) = &self.rec.provision else { return };
-        if p.role != side.as_str() || self.provisioning_label() != Some(label) {
+        if p.role() != Role::from(side) || self.provisioning_label() != Some(label) {
             return;
         }
         let p = self.rec.provision.take().expect("checked");
@@ -672,7 +672,7 @@ impl PairMachine {
                 self.rec.cpu_owned = owned;
                 out.push(Action::Persist);
                 out.push(Action::Warn {
-                    kind: "provisioning",
+                    kind: EventKind::Provisioning,
                     message: format!("{label} joined; seeding it from the GPU"),
                 });
             }
@@ -687,11 +687,11 @@ impl PairMachine {
         match self.state() {
             PairState::Restoring
                 if same
-                    && c.mode == "send"
+                    && c.mode == AgentMode::Send
                     && c.connected
                     && c.pending_bytes == 0
                     && c.rpo_age_ms == 0
-                    && g.mode == "receive" =>
+                    && g.mode == AgentMode::Receive =>
             {
                 self.go(
                     PairState::CuttingOver,
@@ -703,10 +703,10 @@ impl PairMachine {
                 if same
                     && c.frozen_epoch >= epoch
                     && c.pending_bytes == 0
-                    && g.mode == "receive" =>
+                    && g.mode == AgentMode::Receive =>
             {
                 self.rec.epoch += 1;
-                self.rec.primary = Side::Gpu.as_str().into();
+                self.rec.set_primary(Role::Gpu);
                 self.rec.restore_started_unix_ms = 0;
                 let took = self.recovered(out);
                 self.go(
@@ -724,10 +724,10 @@ impl PairMachine {
                     && same
                     && g.frozen_epoch >= epoch
                     && g.pending_bytes == 0
-                    && c.mode == "receive" =>
+                    && c.mode == AgentMode::Receive =>
             {
                 self.rec.epoch += 1;
-                self.rec.primary = Side::Cpu.as_str().into();
+                self.rec.set_primary(Role::Cpu);
                 self.rec.hibernate = false;
                 self.rec.failed_over_unix_ms = self.wall_ms;
                 if let Some(o) = self.rec.gpu_owned.take() {
@@ -745,10 +745,10 @@ impl PairMachine {
             PairState::Degraded
                 if self.rec.provision.is_none()
                     && same
-                    && g.mode == "send"
+                    && g.mode == AgentMode::Send
                     && g.connected
                     && g.pending_bytes == 0
-                    && c.mode == "receive" =>
+                    && c.mode == AgentMode::Receive =>
             {
                 let took = self.recovered(out);
                 self.go(
@@ -785,8 +785,8 @@ impl PairMachine {
                         out,
                     );
                 } else if let Some(p) = &self.rec.provision
-                    && p.role == "gpu"
-                    && p.phase == "boot"
+                    && p.role() == Role::Gpu
+                    && p.phase() == Phase::Boot
                 {
                     self.retry(
                         "the new GPU machine is gone before its agent joined".into(),
@@ -804,9 +804,9 @@ impl PairMachine {
             Side::Cpu => {
                 let silent = self.cpu_silence(now) >= t.failover_after;
                 if let Some(p) = &self.rec.provision
-                    && p.role == "cpu"
+                    && p.role() == Role::Cpu
                 {
-                    if p.phase == "boot" {
+                    if p.phase() == Phase::Boot {
                         self.retry(
                             "the new CPU machine is gone before its agent joined".into(),
                             out,
@@ -827,7 +827,7 @@ impl PairMachine {
                     );
                 } else if self.primary() == Side::Cpu {
                     out.push(Action::Warn {
-                        kind: "critical",
+                        kind: EventKind::Critical,
                         message:
                             "the provider reports the CPU machine gone while it is the primary"
                                 .into(),
@@ -847,7 +847,7 @@ impl PairMachine {
                 p.next_try_unix_ms = self.wall_ms;
                 out.push(Action::Persist);
                 out.push(Action::Warn {
-                    kind: "provisioning",
+                    kind: EventKind::Provisioning,
                     message: "retrying provisioning now (operator)".into(),
                 });
             }
@@ -878,7 +878,7 @@ impl PairMachine {
             self.rec.hibernate = true;
             out.push(Action::Persist);
             out.push(Action::Warn {
-                kind: "hibernate",
+                kind: EventKind::Hibernate,
                 message: "hibernating: the GPU makes a final sync, then its machine is released"
                     .into(),
             });
@@ -939,7 +939,7 @@ impl PairMachine {
                 "the GPU agent is silent but the CPU agent cannot confirm (it is silent too): not failing over".to_string()
             };
             out.push(Action::Warn {
-                kind: "blind",
+                kind: EventKind::Blind,
                 message,
             });
         }
@@ -983,7 +983,7 @@ impl PairMachine {
             return;
         }
         if let Some(p) = &self.rec.provision
-            && p.phase == "boot"
+            && p.phase() == Phase::Boot
             && p.deadline_unix_ms > 0
             && self.wall_ms > p.deadline_unix_ms
         {
@@ -1002,7 +1002,7 @@ impl PairMachine {
         {
             self.idle_since = None;
             out.push(Action::Warn {
-                kind: "hibernate",
+                kind: EventKind::Hibernate,
                 message: format!("the GPU has been idle for {} s", after.as_secs()),
             });
             self.hibernate(out);
@@ -1019,14 +1019,14 @@ impl PairMachine {
     ) {
         if self.rec.cpu.is_none() {
             out.push(Action::Warn {
-                kind: "refused",
+                kind: EventKind::Refused,
                 message: format!("cannot fail over ({reason}): no CPU standby has joined"),
             });
             return;
         }
         // Epoch first: persisted with the transition, before any agent is told.
         self.rec.epoch += 1;
-        self.rec.primary = Side::Cpu.as_str().into();
+        self.rec.set_primary(Role::Cpu);
         self.rec.failed_over_unix_ms = self.wall_ms;
         self.rec.hibernate = false;
         self.warned_blind = false;
@@ -1088,7 +1088,7 @@ impl PairMachine {
 
 fn refuse(out: &mut Vec<Action>, message: String) {
     out.push(Action::Warn {
-        kind: "refused",
+        kind: EventKind::Refused,
         message,
     });
 }
@@ -1287,7 +1287,15 @@ mod tests {
             );
             warned += a
                 .iter()
-                .filter(|x| matches!(x, Action::Warn { kind: "blind", .. }))
+                .filter(|x| {
+                    matches!(
+                        x,
+                        Action::Warn {
+                            kind: EventKind::Blind,
+                            ..
+                        }
+                    )
+                })
                 .count();
         }
         assert_eq!(m.state(), PairState::Suspect);
@@ -1300,7 +1308,7 @@ mod tests {
         let (mut m, t0, t) = syncing();
         let a = m.step(Input::Tick(t0 + ms(10_000)), &t);
         assert!(!transitions(&a).contains(&PairState::FailedOver));
-        assert!(a.iter().any(|x| matches!(x, Action::Warn { kind: "blind", message } if message.contains("cannot confirm"))));
+        assert!(a.iter().any(|x| matches!(x, Action::Warn { kind: EventKind::Blind, message } if message.contains("cannot confirm"))));
     }
 
     #[test]
@@ -1348,7 +1356,7 @@ mod tests {
         let t0 = Instant::now();
         let t = Timing::default();
         let mut rec = PairMachine::new_record("p");
-        rec.state = PairState::Syncing.as_str().into();
+        rec.set_state(PairState::Syncing.into());
         rec.gpu = machine("g:7702");
         let mut m = PairMachine::resume(rec, t0);
         let a = m.step(Input::Manual(t0), &t);
@@ -1444,9 +1452,9 @@ mod tests {
         m.wall_ms = 1_000_000;
     }
 
-    fn status(mode: &str, root: &str) -> AgentStatus {
+    fn status(mode: AgentMode, root: &str) -> AgentStatus {
         AgentStatus {
-            mode: mode.into(),
+            mode,
             root: root.into(),
             connected: true,
             ..Default::default()
@@ -1476,7 +1484,7 @@ mod tests {
                 Side::Gpu,
                 Report {
                     machine: named(&label, "10.0.0.9:7702"),
-                    status: status("idle", ""),
+                    status: status(AgentMode::Idle, ""),
                     ..report(t0 + ms(300), 1)
                 },
             ),
@@ -1529,13 +1537,13 @@ mod tests {
             },
             &t,
         );
-        assert_eq!(m.rec.provision.as_ref().unwrap().phase, "boot");
+        assert_eq!(m.rec.provision.as_ref().unwrap().phase(), Phase::Boot);
         let a = m.step(
             Input::Report(
                 Side::Gpu,
                 Report {
                     machine: named(&label, "10.0.0.9:7702"),
-                    status: status("idle", ""),
+                    status: status(AgentMode::Idle, ""),
                     ..report(t0 + ms(1000), 1)
                 },
             ),
@@ -1555,12 +1563,12 @@ mod tests {
             }]
         );
         // Roots differ: still restoring.
-        m.gpu.status = status("receive", "aa");
+        m.gpu.status = status(AgentMode::Receive, "aa");
         let a = m.step(
             Input::Report(
                 Side::Cpu,
                 Report {
-                    status: status("send", "bb"),
+                    status: status(AgentMode::Send, "bb"),
                     ..cpu_report(t0 + ms(1500), None)
                 },
             ),
@@ -1573,7 +1581,7 @@ mod tests {
                 Side::Gpu,
                 Report {
                     machine: named(&label, "10.0.0.9:7702"),
-                    status: status("receive", "bb"),
+                    status: status(AgentMode::Receive, "bb"),
                     ..report(t0 + ms(2000), 2)
                 },
             ),
@@ -1592,7 +1600,7 @@ mod tests {
                 Report {
                     status: AgentStatus {
                         frozen_epoch: 2,
-                        ..status("send", "bb")
+                        ..status(AgentMode::Send, "bb")
                     },
                     ..cpu_report(t0 + ms(2500), None)
                 },
@@ -1703,14 +1711,14 @@ mod tests {
             m.desired(Side::Gpu)
                 .contains(&Desired::Freeze { epoch: Epoch(1) })
         );
-        m.cpu.status = status("receive", "cc");
+        m.cpu.status = status(AgentMode::Receive, "cc");
         let a = m.step(
             Input::Report(
                 Side::Gpu,
                 Report {
                     status: AgentStatus {
                         frozen_epoch: 1,
-                        ..status("send", "cc")
+                        ..status(AgentMode::Send, "cc")
                     },
                     ..report(t0, 1)
                 },
@@ -1731,7 +1739,7 @@ mod tests {
         assert!(matches!(
             &a[0],
             Action::Warn {
-                kind: "refused",
+                kind: EventKind::Refused,
                 ..
             }
         ));
@@ -1754,7 +1762,7 @@ mod tests {
                 Side::Cpu,
                 Report {
                     machine: named(&label, "10.0.0.3:7701"),
-                    status: status("receive", ""),
+                    status: status(AgentMode::Receive, ""),
                     ..cpu_report(t0 + ms(6000), None)
                 },
             ),
@@ -1768,12 +1776,12 @@ mod tests {
                 epoch: Epoch(1)
             }]
         );
-        m.cpu.status = status("receive", "dd");
+        m.cpu.status = status(AgentMode::Receive, "dd");
         let a = m.step(
             Input::Report(
                 Side::Gpu,
                 Report {
-                    status: status("send", "dd"),
+                    status: status(AgentMode::Send, "dd"),
                     ..report(t0 + ms(7000), 1)
                 },
             ),
@@ -1791,7 +1799,7 @@ mod tests {
     fn gpu_sends(m: &mut PairMachine, at: Instant, connected: bool, t: &Timing) -> Vec<Action> {
         let st = AgentStatus {
             connected,
-            ..status("send", "dd")
+            ..status(AgentMode::Send, "dd")
         };
         m.step(
             Input::Report(
@@ -1818,7 +1826,7 @@ mod tests {
                 Side::Cpu,
                 Report {
                     machine: machine("10.0.0.2:7701"),
-                    status: status("receive", "dd"),
+                    status: status(AgentMode::Receive, "dd"),
                     ..cpu_report(at, probe_ok_age)
                 },
             ),
@@ -1896,7 +1904,7 @@ mod tests {
         );
         let a = m.step(Input::Recover, &t);
         assert!(
-            matches!(&a[0], Action::Warn { kind: "refused", message } if message.contains("no provider"))
+            matches!(&a[0], Action::Warn { kind: EventKind::Refused, message } if message.contains("no provider"))
         );
         assert_eq!(m.state(), PairState::FailedOver);
     }

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::control::failover::PairState;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PairLabel {
     pub pair: String,
@@ -266,22 +268,22 @@ impl Metrics {
     }
 
     /// Marks `state` as the pair's current state (and clears the previous one).
-    pub fn set_state(&self, pair: &str, prev: Option<&str>, state: &str) {
+    pub fn set_state(&self, pair: &str, prev: Option<PairState>, state: PairState) {
         if let Some(p) = prev {
             self.pair_state.remove(&PairStateLabel {
                 pair: pair.into(),
-                state: p.into(),
+                state: p.as_str().into(),
             });
         }
         self.pair_state
             .get_or_create(&PairStateLabel {
                 pair: pair.into(),
-                state: state.into(),
+                state: state.as_str().into(),
             })
             .set(1);
         self.pair_protected
             .get_or_create(&PairLabel { pair: pair.into() })
-            .set((state == "Syncing") as i64);
+            .set((state == PairState::Syncing) as i64);
     }
 
     /// Every metric name this exports, as it appears in the exposition (histograms also
@@ -325,8 +327,8 @@ mod tests {
     #[test]
     fn exposition_has_the_contract_names() {
         let m = Metrics::new();
-        m.set_state("p", None, "Syncing");
-        m.set_state("p", Some("Syncing"), "FailedOver");
+        m.set_state("p", None, PairState::Syncing);
+        m.set_state("p", Some(PairState::Syncing), PairState::FailedOver);
         m.failovers
             .get_or_create(&PairLabel { pair: "p".into() })
             .inc();

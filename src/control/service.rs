@@ -22,7 +22,7 @@ use crate::control::store::{FileStore, Store};
 use crate::proto::admin_server::{Admin, AdminServer};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
-    ActionReply, AgentReport, Command, Event, EventsRequest, JoinReply, JoinRequest,
+    ActionReply, AgentReport, Command, Event, EventKind, EventsRequest, JoinReply, JoinRequest,
     ListPairsReply, ListPairsRequest, PairRequest, PairView,
 };
 use crate::trust::identity::{Identity, Role};
@@ -93,7 +93,7 @@ impl Coordinator for CoordinatorSvc {
         s.engine.events.emit(Event {
             unix_ms: crate::host::unix_ms_now(),
             pair: token.pair.clone(),
-            kind: "joined".into(),
+            kind: EventKind::Joined.into(),
             message: format!("{} agent {} joined from {:?}", role, r.machine, addr),
             ..Default::default()
         });
@@ -207,7 +207,9 @@ impl Admin for AdminSvc {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             for e in recent {
-                if (r.heartbeats || e.kind != "heartbeat") && tx.send(Ok(e)).await.is_err() {
+                if (r.heartbeats || e.kind() != EventKind::Heartbeat)
+                    && tx.send(Ok(e)).await.is_err()
+                {
                     return;
                 }
             }
@@ -220,7 +222,7 @@ impl Admin for AdminSvc {
             loop {
                 match live.recv().await {
                     Ok(e) => {
-                        if !r.heartbeats && e.kind == "heartbeat" {
+                        if !r.heartbeats && e.kind() == EventKind::Heartbeat {
                             continue;
                         }
                         if tx.send(Ok(e)).await.is_err() {
@@ -230,7 +232,7 @@ impl Admin for AdminSvc {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         let _ = tx
                             .send(Ok(Event {
-                                kind: "warning".into(),
+                                kind: EventKind::Warning.into(),
                                 message: format!("{n} events dropped: the subscriber was too slow"),
                                 ..Default::default()
                             }))

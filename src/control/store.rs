@@ -323,7 +323,7 @@ mod tests {
         PairRecord {
             name: name.into(),
             epoch,
-            state: "Syncing".into(),
+            state: crate::proto::PairState::Syncing.into(),
             ..Default::default()
         }
     }
