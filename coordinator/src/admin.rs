@@ -98,9 +98,9 @@ pub async fn pairs(r: &Remote, json: bool) -> anyhow::Result<()> {
         println!(
             "{:<16} {:<12} {:>5} {:<7} {:>10} {:>7}ms  {:<24} {:<24} {}",
             p.pair,
-            p.state().to_string(),
+            p.state(),
             p.epoch,
-            p.primary().to_string(),
+            p.primary(),
             p.last_durable_generation,
             p.sync_lag_ms,
             age(&p.gpu),
@@ -249,12 +249,7 @@ pub async fn events(r: &Remote, json: bool, follow: bool, heartbeats: bool) -> a
                 } else {
                     format!(" {} -> {}", e.from_state(), e.to_state())
                 };
-            println!(
-                "{t} {:<12} {:<10}{arrow} {}",
-                e.pair,
-                e.kind().to_string(),
-                e.message
-            );
+            println!("{t} {:<12} {:<10}{arrow} {}", e.pair, e.kind(), e.message);
         }
     }
     Ok(())

@@ -422,7 +422,7 @@ fn agent_status(r: &AgentReport) -> AgentStatus {
     }
 }
 
-/// The operator's message refused by the machine, if it was.
+/// Why the machine refused an operator's request, if it did.
 fn refusal(actions: &[Action]) -> Option<String> {
     actions.iter().find_map(|a| match a {
         Action::Warn {

@@ -3,7 +3,8 @@
 //! "Command-line contract": `"state": "Syncing"`, `"primary": "gpu"`, `"kind": "failover"`).
 //!
 //! A value this build does not know (a newer peer's) reads as UNSPECIFIED through prost's
-//! accessors; it converts to no [`PairState`] and is spelled as nothing, never a panic.
+//! accessors; it converts to no [`PairState`] and is spelled as nothing, never a panic. The
+//! spellings honour width and alignment (`{:<12}`), for the command line's tables.
 //!
 //! [`Side`]'s conversions live beside it in `types`. Events, provisioning phases and agent modes
 //! need no enum of their own: the generated ones (`proto::EventKind`, `proto::state::Phase`,
@@ -59,14 +60,14 @@ impl TryFrom<proto::PairState> for PairState {
 /// a state).
 impl fmt::Display for proto::PairState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(PairState::try_from(*self).map_or("", PairState::as_str))
+        f.pad(PairState::try_from(*self).map_or("", PairState::as_str))
     }
 }
 
 /// "gpu" or "cpu" (nothing when unspecified).
 impl fmt::Display for proto::Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             proto::Role::Unspecified => "",
             role => Side::from_record(*role).as_str(),
         })
@@ -99,14 +100,14 @@ impl proto::EventKind {
 
 impl fmt::Display for proto::EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
 /// "create" or "boot", as the pair's provisioning line shows it.
 impl fmt::Display for proto::state::Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             proto::state::Phase::Unspecified => "",
             proto::state::Phase::Create => "create",
             proto::state::Phase::Boot => "boot",
@@ -130,6 +131,7 @@ mod tests {
             Err(Unspecified)
         );
         assert_eq!(proto::PairState::Unspecified.to_string(), "");
+        assert_eq!(format!("{:<8}|", proto::PairState::Syncing), "Syncing |");
     }
 
     #[test]
