@@ -371,6 +371,20 @@ mod tests {
         assert_eq!(s.load().unwrap().pairs["a"].epoch, 5);
     }
 
+    /// The state and the primary were strings at field numbers 2 and 4, now reserved: such a
+    /// record still decodes (nothing is misread as an enum), without them.
+    #[test]
+    fn records_from_before_the_enums_decode_without_their_strings() {
+        let mut old = vec![0x0a, 1, b'a', 0x12, 10];
+        old.extend_from_slice(b"FailedOver");
+        old.extend_from_slice(&[0x18, 7, 0x22, 3]);
+        old.extend_from_slice(b"cpu");
+        let rec = PairRecord::decode(&old[..]).unwrap();
+        assert_eq!((rec.name.as_str(), rec.epoch), ("a", 7));
+        assert_eq!(rec.state(), crate::proto::PairState::Unspecified);
+        assert_eq!(rec.primary(), crate::proto::Role::Unspecified);
+    }
+
     #[test]
     fn mem_store_restart_keeps_durable_only() {
         let s = MemStore::default();
