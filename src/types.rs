@@ -1,4 +1,5 @@
-//! Newtypes shared by every layer: [`Epoch`], [`Generation`] and [`RelPath`].
+//! Newtypes shared by every layer: [`Epoch`], [`Generation`], [`RelPath`], and [`Side`] with its
+//! per-side container [`PerSide`].
 //!
 //! `RelPath` is the confinement boundary (Invariant 7): every path that arrives from the network
 //! is parsed into one, and a `RelPath` can only name something strictly inside a workspace.
@@ -264,6 +265,91 @@ impl Side {
             Side::Gpu => "gpu",
             Side::Cpu => "cpu",
         }
+    }
+
+    /// Both sides, GPU first (the order [`PerSide::iter`] follows).
+    pub const ALL: [Side; 2] = [Side::Gpu, Side::Cpu];
+}
+
+/// One value per [`Side`] of a pair, chosen by indexing with the side (`v[side]`) rather than by
+/// matching on it at every use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PerSide<T> {
+    pub gpu: T,
+    pub cpu: T,
+}
+
+impl<T> PerSide<T> {
+    pub const fn new(gpu: T, cpu: T) -> PerSide<T> {
+        PerSide { gpu, cpu }
+    }
+
+    pub fn get(&self, side: Side) -> &T {
+        match side {
+            Side::Gpu => &self.gpu,
+            Side::Cpu => &self.cpu,
+        }
+    }
+
+    pub fn get_mut(&mut self, side: Side) -> &mut T {
+        match side {
+            Side::Gpu => &mut self.gpu,
+            Side::Cpu => &mut self.cpu,
+        }
+    }
+
+    /// Each side with its value, GPU first.
+    pub fn iter(&self) -> impl Iterator<Item = (Side, &T)> {
+        Side::ALL.into_iter().zip([&self.gpu, &self.cpu])
+    }
+
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> PerSide<U> {
+        PerSide {
+            gpu: f(self.gpu),
+            cpu: f(self.cpu),
+        }
+    }
+}
+
+impl<T> std::ops::Index<Side> for PerSide<T> {
+    type Output = T;
+
+    fn index(&self, side: Side) -> &T {
+        self.get(side)
+    }
+}
+
+impl<T> std::ops::IndexMut<Side> for PerSide<T> {
+    fn index_mut(&mut self, side: Side) -> &mut T {
+        self.get_mut(side)
+    }
+}
+
+#[cfg(test)]
+mod per_side_tests {
+    use super::*;
+
+    #[test]
+    fn indexing_selects_the_named_side() {
+        let mut v = PerSide::new(1, 2);
+        assert_eq!((v[Side::Gpu], v[Side::Cpu]), (1, 2));
+        assert_eq!((*v.get(Side::Gpu), *v.get(Side::Cpu)), (1, 2));
+        v[Side::Cpu] = 20;
+        *v.get_mut(Side::Gpu) += 10;
+        assert_eq!(v, PerSide { gpu: 11, cpu: 20 });
+    }
+
+    #[test]
+    fn iter_and_map_keep_each_value_with_its_side() {
+        let v = PerSide::new("g", "c");
+        let seen: Vec<_> = v.iter().map(|(s, x)| (s, *x)).collect();
+        assert_eq!(seen, [(Side::Gpu, "g"), (Side::Cpu, "c")]);
+        assert_eq!(v.map(str::len), PerSide::new(1, 1));
+        assert_eq!(
+            PerSide::new(2, 3).map(|x| x * 10),
+            PerSide { gpu: 20, cpu: 30 }
+        );
+        assert_eq!(PerSide::<Option<u8>>::default(), PerSide::new(None, None));
     }
 }
 

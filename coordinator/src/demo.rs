@@ -174,8 +174,11 @@ async fn wait_for(
     }
 }
 
+/// Every regular file of a tree by relative path: its size and blake3.
+type Tree = BTreeMap<String, (u64, blake3::Hash)>;
+
 /// blake3 of every regular file under `root`, by relative path.
-fn tree(root: &Path) -> anyhow::Result<BTreeMap<String, (u64, blake3::Hash)>> {
+fn tree(root: &Path) -> anyhow::Result<Tree> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -198,7 +201,7 @@ fn tree(root: &Path) -> anyhow::Result<BTreeMap<String, (u64, blake3::Hash)>> {
 }
 
 /// One digest over a tree: every path with its size and blake3.
-fn digest(t: &BTreeMap<String, (u64, blake3::Hash)>) -> blake3::Hash {
+fn digest(t: &Tree) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     for (p, (n, f)) in t {
         h.update(p.as_bytes());
@@ -281,13 +284,294 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     r
 }
 
+/// The story, act by act; each act says what it did as it happens.
 async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow::Result<()> {
-    let dir = rig.dir.clone();
-    say(t0, format!("directory {}", dir.display()));
-    crate::init_quiet(&dir)?;
-    let timing = Timing::default();
+    let mut demo = Demo::set_up(bins, rig, t0).await?;
+    demo.join_pair(rig).await?;
+    let before = demo.replicate(a.dataset_mib).await?;
+    let timeline = demo.follow_transitions().await?;
+    let killed = demo.kill_gpu(rig)?;
+    demo.fail_over().await?;
+    let done = demo.recover(killed.at).await?;
+    let recovered = killed.at.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    timeline.follower.abort();
+    let new_gpu = done
+        .gpu
+        .as_ref()
+        .map(|m| m.machine.clone())
+        .unwrap_or_default();
+    let check = demo.verify(&before, &new_gpu)?;
+    let steps = timeline.steps.lock().expect("steps").clone();
+    print_timeline(&steps, killed.unix_ms, recovered, &new_gpu, done.epoch);
+    check.print(&before, &new_gpu)?;
+    println!();
+    println!(
+        "demo passed: recovered {:.1} s after the kill, nothing lost",
+        recovered.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What the acts share: the demo's directory and clock, the agent binaries, the coordinator's
+/// address and an admin connection to it.
+struct Demo {
+    dir: PathBuf,
+    bins: PathBuf,
+    t0: Instant,
+    addr: String,
+    admin: AdminClient<tonic::transport::Channel>,
+}
+
+/// The transitions of the pair, collected while the story goes on.
+struct Timeline {
+    steps: Arc<Mutex<Vec<Step>>>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+/// When the GPU agent was killed (the timeline's zero).
+struct Killed {
+    at: Instant,
+    unix_ms: u64,
+}
+
+/// What is written on the CPU while it is the primary, and must reach the new GPU.
+const FAILOVER_NOTE: &str = "written on the CPU standby while it was the primary\n";
+const FAILOVER_FILE: &str = "ckpt/written-during-failover.txt";
+
+impl Demo {
+    fn say(&self, msg: impl std::fmt::Display) {
+        say(self.t0, msg)
+    }
+
+    fn gpu_ws(&self) -> PathBuf {
+        self.dir.join("gpu-0/workspace")
+    }
+
+    fn cpu_ws(&self) -> PathBuf {
+        self.dir.join("cpu-0/workspace")
+    }
+
+    /// Act 1: a CA, a coordinator with the `local` provider on loopback, and an admin
+    /// connection to it.
+    async fn set_up(bins: &Path, rig: &Rig, t0: Instant) -> anyhow::Result<Demo> {
+        let dir = rig.dir.clone();
+        say(t0, format!("directory {}", dir.display()));
+        crate::init_quiet(&dir)?;
+        let timing = Timing::default();
+        let addr = start_coordinator(&dir, bins, timing, rig.shutdown.clone()).await?;
+        say(
+            t0,
+            format!(
+                "coordinator on {addr} (mTLS; heartbeat {} ms, failover after {} ms of silence the CPU confirms)",
+                timing.heartbeat.as_millis(),
+                timing.failover_after.as_millis()
+            ),
+        );
+        let m = TlsMaterial::load(&dir.join("admin"))?;
+        let ch = tls::connect(
+            &addr,
+            m.client_config(Expect::Exactly(Identity::Coordinator))?,
+        )
+        .await?;
+        Ok(Demo {
+            dir,
+            bins: bins.to_path_buf(),
+            t0,
+            addr,
+            admin: AdminClient::new(ch),
+        })
+    }
+
+    /// Act 2: both agents join with tokens and the pair starts syncing.
+    async fn join_pair(&mut self, rig: &mut Rig) -> anyhow::Result<()> {
+        let ttl = Duration::from_secs(600);
+        let cpu_token = standby::control::service::mint_token(&self.dir, PAIR, Role::Cpu, ttl)?;
+        let gpu_token = standby::control::service::mint_token(&self.dir, PAIR, Role::Gpu, ttl)?;
+        rig.children.push(spawn_agent(
+            &self.bins, "cpu", &self.dir, &self.addr, &cpu_token,
+        )?);
+        rig.children.push(spawn_agent(
+            &self.bins, "gpu", &self.dir, &self.addr, &gpu_token,
+        )?);
+        let p = wait_for(
+            &mut self.admin,
+            Duration::from_secs(30),
+            "the pair to sync",
+            |p| p.state() == PairState::Syncing,
+        )
+        .await?;
+        self.say(format!(
+            "pair {PAIR} Syncing at epoch {}: GPU agent demo-gpu-0, CPU standby demo-cpu-0",
+            p.epoch
+        ));
+        Ok(())
+    }
+
+    /// Act 3, healthy replication: the workload is written and flushed, and the CPU replica
+    /// equals the GPU workspace. Returns the flushed tree.
+    async fn replicate(&self, dataset_mib: u64) -> anyhow::Result<Tree> {
+        {
+            let (ws, t0) = (self.gpu_ws(), self.t0);
+            tokio::task::spawn_blocking(move || workload(&ws, dataset_mib, t0)).await??;
+        }
+        let flushed = Instant::now();
+        let out = Command::new(self.bins.join("agent-gpu"))
+            .args(["flush", "--state-dir"])
+            .arg(self.dir.join("gpu-0/state"))
+            .args(["--timeout", "60s"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "agent-gpu flush failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let before = tree(&self.gpu_ws())?;
+        let replica = tree(&self.cpu_ws())?;
+        if before != replica {
+            bail!("after the flush the CPU replica differs from the GPU workspace");
+        }
+        self.say(format!(
+            "flushed in {} ms: {} files, {} durable on the CPU standby (blake3 {})",
+            flushed.elapsed().as_millis(),
+            before.len(),
+            mib(before.values().map(|v| v.0).sum()),
+            &digest(&before).to_hex()[..16]
+        ));
+        Ok(before)
+    }
+
+    /// Follows the pair's transitions from now on, printing each as it comes.
+    async fn follow_transitions(&self) -> anyhow::Result<Timeline> {
+        let steps: Arc<Mutex<Vec<Step>>> = Arc::default();
+        let mut events = self
+            .admin
+            .clone()
+            .events(EventsRequest {
+                follow: true,
+                heartbeats: false,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        let (seen, t0) = (steps.clone(), self.t0);
+        let since = standby::host::unix_ms_now();
+        let follower = tokio::spawn(async move {
+            while let Ok(Some(e)) = events.message().await {
+                // The stream starts with history: only what happens from now on counts.
+                if e.pair != PAIR || e.kind() != EventKind::Transition || e.unix_ms < since {
+                    continue;
+                }
+                say(
+                    t0,
+                    format!("{} -> {}: {}", e.from_state(), e.to_state(), e.message),
+                );
+                seen.lock().expect("steps").push(Step {
+                    unix_ms: e.unix_ms,
+                    to: e.to_state().to_string(),
+                    message: e.message.clone(),
+                });
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(Timeline { steps, follower })
+    }
+
+    /// Act 4, the failure: SIGKILL to the GPU agent.
+    fn kill_gpu(&self, rig: &mut Rig) -> anyhow::Result<Killed> {
+        let gpu = &mut rig.children[1];
+        let killed = Killed {
+            at: Instant::now(),
+            unix_ms: standby::host::unix_ms_now(),
+        };
+        gpu.kill().context("killing the GPU agent")?;
+        let _ = gpu.wait();
+        self.say("SIGKILL to the GPU agent (demo-gpu-0): the GPU machine is gone");
+        Ok(killed)
+    }
+
+    /// Act 5, failover: the CPU becomes the primary, and work goes on there (it must survive
+    /// the way back).
+    async fn fail_over(&mut self) -> anyhow::Result<()> {
+        wait_for(&mut self.admin, Duration::from_secs(30), "failover", |p| {
+            p.primary() == proto::Role::Cpu && p.epoch >= 2
+        })
+        .await?;
+        std::fs::write(self.cpu_ws().join(FAILOVER_FILE), FAILOVER_NOTE)?;
+        self.say("wrote ckpt/written-during-failover.txt on the CPU (now primary)");
+        Ok(())
+    }
+
+    /// Act 6, provisioning, restore and cutover: waits until a new GPU is the primary again,
+    /// showing the restore's progress in quarters.
+    async fn recover(&mut self, killed: Instant) -> anyhow::Result<PairView> {
+        let mut last_pct = 0;
+        loop {
+            let p = pair(&mut self.admin).await?.context("the pair vanished")?;
+            if p.state() == PairState::Syncing && p.epoch >= 3 && p.primary() == proto::Role::Gpu {
+                return Ok(p);
+            }
+            if p.state() == PairState::Restoring && p.restore_total_bytes > 0 {
+                let pct = (p.restore_done_bytes * 100 / p.restore_total_bytes).min(100);
+                if pct >= last_pct + 25 {
+                    last_pct = pct - pct % 25;
+                    self.say(format!(
+                        "restore {pct:>3}%: {} of {}",
+                        mib(p.restore_done_bytes),
+                        mib(p.restore_total_bytes)
+                    ));
+                }
+            }
+            if killed.elapsed() > Duration::from_secs(150) {
+                bail!(
+                    "not recovered within 150 s: {} at epoch {} ({})",
+                    p.state(),
+                    p.epoch,
+                    p.reason
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Act 7, verification: the new GPU holds exactly the CPU's replica, which holds
+    /// everything flushed before the kill plus what was written on the CPU meanwhile.
+    fn verify(&self, before: &Tree, new_gpu: &str) -> anyhow::Result<Check> {
+        let new_ws = self.dir.join("machines").join(new_gpu).join("workspace");
+        if !new_ws.is_dir() {
+            bail!(
+                "the new GPU machine {new_gpu:?} has no workspace under {}",
+                self.dir.display()
+            );
+        }
+        let cpu_now = tree(&self.cpu_ws())?;
+        let gpu_now = tree(&new_ws)?;
+        let lost = before
+            .iter()
+            .filter(|(p, v)| gpu_now.get(*p) != Some(v))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let note_kept =
+            std::fs::read_to_string(new_ws.join(FAILOVER_FILE)).is_ok_and(|s| s == FAILOVER_NOTE);
+        Ok(Check {
+            cpu_now,
+            gpu_now,
+            lost,
+            note_kept,
+        })
+    }
+}
+
+/// Starts the coordinator in this process; its address once it listens.
+async fn start_coordinator(
+    dir: &Path,
+    bins: &Path,
+    timing: Timing,
+    shutdown: CancellationToken,
+) -> anyhow::Result<String> {
     let opts = standby::control::service::ServeOptions {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".into(),
         metrics_listen: "127.0.0.1:0".into(),
         timing,
@@ -308,15 +592,14 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
         gcp: Default::default(),
         command: Default::default(),
     };
-    let shutdown = rig.shutdown.clone();
     let server = tokio::spawn(standby::control::service::serve(opts, shutdown));
     let addr_file = dir.join("serve.addr");
     let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
+    loop {
         if let Ok(a) = std::fs::read_to_string(&addr_file)
             && !a.is_empty()
         {
-            break a;
+            return Ok(a);
         }
         if server.is_finished() {
             match server.await {
@@ -328,199 +611,38 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
             bail!("the coordinator did not start");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    say(
-        t0,
-        format!(
-            "coordinator on {addr} (mTLS; heartbeat {} ms, failover after {} ms of silence the CPU confirms)",
-            timing.heartbeat.as_millis(),
-            timing.failover_after.as_millis()
-        ),
-    );
-    let m = TlsMaterial::load(&dir.join("admin"))?;
-    let ch = tls::connect(
-        &addr,
-        m.client_config(Expect::Exactly(Identity::Coordinator))?,
-    )
-    .await?;
-    let mut admin = AdminClient::new(ch);
-
-    let ttl = Duration::from_secs(600);
-    let cpu_token = standby::control::service::mint_token(&dir, PAIR, Role::Cpu, ttl)?;
-    let gpu_token = standby::control::service::mint_token(&dir, PAIR, Role::Gpu, ttl)?;
-    rig.children
-        .push(spawn_agent(bins, "cpu", &dir, &addr, &cpu_token)?);
-    rig.children
-        .push(spawn_agent(bins, "gpu", &dir, &addr, &gpu_token)?);
-    let p = wait_for(
-        &mut admin,
-        Duration::from_secs(30),
-        "the pair to sync",
-        |p| p.state() == PairState::Syncing,
-    )
-    .await?;
-    say(
-        t0,
-        format!(
-            "pair {PAIR} Syncing at epoch {}: GPU agent demo-gpu-0, CPU standby demo-cpu-0",
-            p.epoch
-        ),
-    );
-
-    let gpu_ws = dir.join("gpu-0/workspace");
-    let cpu_ws = dir.join("cpu-0/workspace");
-    {
-        let (ws, n) = (gpu_ws.clone(), a.dataset_mib);
-        tokio::task::spawn_blocking(move || workload(&ws, n, t0)).await??;
     }
-    let flushed = Instant::now();
-    let out = Command::new(bins.join("agent-gpu"))
-        .args(["flush", "--state-dir"])
-        .arg(dir.join("gpu-0/state"))
-        .args(["--timeout", "60s"])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "agent-gpu flush failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let before = tree(&gpu_ws)?;
-    let replica = tree(&cpu_ws)?;
-    if before != replica {
-        bail!("after the flush the CPU replica differs from the GPU workspace");
-    }
-    say(
-        t0,
-        format!(
-            "flushed in {} ms: {} files, {} durable on the CPU standby (blake3 {})",
-            flushed.elapsed().as_millis(),
-            before.len(),
-            mib(before.values().map(|v| v.0).sum()),
-            &digest(&before).to_hex()[..16]
-        ),
-    );
+}
 
-    // Transitions as the coordinator reports them.
-    let steps: Arc<Mutex<Vec<Step>>> = Arc::default();
-    let mut events = admin
-        .clone()
-        .events(EventsRequest {
-            follow: true,
-            heartbeats: false,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
-    let seen = steps.clone();
-    let since = standby::host::unix_ms_now();
-    let follower = tokio::spawn(async move {
-        while let Ok(Some(e)) = events.message().await {
-            // The stream starts with history: only what happens from now on counts.
-            if e.pair != PAIR || e.kind() != EventKind::Transition || e.unix_ms < since {
-                continue;
-            }
-            say(
-                t0,
-                format!("{} -> {}: {}", e.from_state(), e.to_state(), e.message),
-            );
-            seen.lock().expect("steps").push(Step {
-                unix_ms: e.unix_ms,
-                to: e.to_state().to_string(),
-                message: e.message.clone(),
-            });
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    let gpu = &mut rig.children[1];
-    let killed = Instant::now();
-    let killed_ms = standby::host::unix_ms_now();
-    gpu.kill().context("killing the GPU agent")?;
-    let _ = gpu.wait();
-    say(
-        t0,
-        "SIGKILL to the GPU agent (demo-gpu-0): the GPU machine is gone",
-    );
-
-    wait_for(&mut admin, Duration::from_secs(30), "failover", |p| {
-        p.primary() == proto::Role::Cpu && p.epoch >= 2
-    })
-    .await?;
-    // The CPU is the primary now: work goes on there, and must survive the way back.
-    let note = "written on the CPU standby while it was the primary\n";
-    std::fs::write(cpu_ws.join("ckpt/written-during-failover.txt"), note)?;
-    say(
-        t0,
-        "wrote ckpt/written-during-failover.txt on the CPU (now primary)",
-    );
-
-    let mut last_pct = 0;
-    let done = loop {
-        let p = pair(&mut admin).await?.context("the pair vanished")?;
-        if p.state() == PairState::Syncing && p.epoch >= 3 && p.primary() == proto::Role::Gpu {
-            break p;
-        }
-        if p.state() == PairState::Restoring && p.restore_total_bytes > 0 {
-            let pct = (p.restore_done_bytes * 100 / p.restore_total_bytes).min(100);
-            if pct >= last_pct + 25 {
-                last_pct = pct - pct % 25;
-                say(
-                    t0,
-                    format!(
-                        "restore {pct:>3}%: {} of {}",
-                        mib(p.restore_done_bytes),
-                        mib(p.restore_total_bytes)
-                    ),
-                );
-            }
-        }
-        if killed.elapsed() > Duration::from_secs(150) {
-            bail!(
-                "not recovered within 150 s: {} at epoch {} ({})",
-                p.state(),
-                p.epoch,
-                p.reason
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let recovered = killed.elapsed();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    follower.abort();
-    let new_gpu = done
-        .gpu
-        .as_ref()
-        .map(|m| m.machine.clone())
-        .unwrap_or_default();
-    let new_ws = dir.join("machines").join(&new_gpu).join("workspace");
-    if !new_ws.is_dir() {
-        bail!(
-            "the new GPU machine {new_gpu:?} has no workspace under {}",
-            dir.display()
-        );
-    }
-
-    // Verification: the new GPU holds exactly the CPU's replica, which holds everything
-    // flushed before the kill plus what was written on the CPU meanwhile.
-    let cpu_now = tree(&cpu_ws)?;
-    let gpu_now = tree(&new_ws)?;
-    let lost: Vec<&String> = before
-        .iter()
-        .filter(|(p, v)| gpu_now.get(*p) != Some(v))
-        .map(|(p, _)| p)
-        .collect();
-    let ok_note = std::fs::read_to_string(new_ws.join("ckpt/written-during-failover.txt"))
-        .is_ok_and(|s| s == note);
-
-    // The timeline.
-    let steps = steps.lock().expect("steps").clone();
+/// The timeline table, from the SIGKILL (t = 0) to the GPU primary again.
+fn print_timeline(steps: &[Step], killed_ms: u64, recovered: Duration, new_gpu: &str, epoch: u64) {
     println!();
     println!("Timeline (from the SIGKILL, t = 0)");
     println!(
         "{:<14} {:>9} {:>10}  what happened",
         "phase", "start", "duration"
     );
+    for (phase, start, dur, what) in &timeline_rows(steps, killed_ms) {
+        let what: String = what.chars().take(110).collect();
+        println!(
+            "{:<14} {:>8.2}s {:>9.2}s  {}",
+            phase,
+            start.as_secs_f64(),
+            dur.as_secs_f64(),
+            what
+        );
+    }
+    println!(
+        "{:<14} {:>8.2}s {:>10}  {}",
+        "Recovered",
+        recovered.as_secs_f64(),
+        "",
+        format_args!("{new_gpu} is the primary again at epoch {epoch}")
+    );
+}
+
+/// (phase, start, duration, what happened): detection, then each transition until the next.
+fn timeline_rows(steps: &[Step], killed_ms: u64) -> Vec<(String, Duration, Duration, String)> {
     let ms = |u: u64| Duration::from_millis(u.saturating_sub(killed_ms));
     let mut rows: Vec<(String, Duration, Duration, String)> = Vec::new();
     let first = steps.first().map_or(Duration::ZERO, |s| ms(s.unix_ms));
@@ -540,60 +662,55 @@ async fn story(a: &DemoArgs, bins: &Path, rig: &mut Rig, t0: Instant) -> anyhow:
             s.message.clone(),
         ));
     }
-    for (phase, start, dur, what) in &rows {
-        let what: String = what.chars().take(110).collect();
+    rows
+}
+
+/// What verification found.
+struct Check {
+    cpu_now: Tree,
+    gpu_now: Tree,
+    /// Flushed files missing or changed on the new GPU.
+    lost: Vec<String>,
+    /// Whether the file written on the CPU during the failover reached the new GPU.
+    note_kept: bool,
+}
+
+impl Check {
+    /// Prints the digests of the three trees and the verdict; an error when anything is off.
+    fn print(&self, before: &Tree, new_gpu: &str) -> anyhow::Result<()> {
+        println!();
+        println!("Verification (blake3 of every file)");
+        let line = |who: &str, t: &Tree| {
+            println!(
+                "  {who:<34} {:>5} files {:>10}  {}",
+                t.len(),
+                mib(t.values().map(|v| v.0).sum()),
+                digest(t).to_hex()
+            );
+        };
+        line("flushed on the old GPU before kill", before);
+        line("CPU standby (replica)", &self.cpu_now);
+        line(&format!("new GPU ({new_gpu})"), &self.gpu_now);
+        let same = self.cpu_now == self.gpu_now;
         println!(
-            "{:<14} {:>8.2}s {:>9.2}s  {}",
-            phase,
-            start.as_secs_f64(),
-            dur.as_secs_f64(),
-            what
+            "  new GPU == CPU replica: {}; flushed files kept: {}; file written during failover: {}",
+            if same { "identical" } else { "DIFFERENT" },
+            if self.lost.is_empty() {
+                "all".to_string()
+            } else {
+                format!("{} missing or changed", self.lost.len())
+            },
+            if self.note_kept { "present" } else { "MISSING" }
         );
+        if !same {
+            bail!("the new GPU's workspace differs from the CPU replica");
+        }
+        if !self.lost.is_empty() {
+            bail!("flushed files lost or changed: {:?}", self.lost);
+        }
+        if !self.note_kept {
+            bail!("the file written on the CPU during the failover is not on the new GPU");
+        }
+        Ok(())
     }
-    println!(
-        "{:<14} {:>8.2}s {:>10}  {}",
-        "Recovered",
-        recovered.as_secs_f64(),
-        "",
-        format_args!("{new_gpu} is the primary again at epoch {}", done.epoch)
-    );
-    println!();
-    println!("Verification (blake3 of every file)");
-    let line = |who: &str, t: &BTreeMap<String, (u64, blake3::Hash)>| {
-        println!(
-            "  {who:<34} {:>5} files {:>10}  {}",
-            t.len(),
-            mib(t.values().map(|v| v.0).sum()),
-            digest(t).to_hex()
-        );
-    };
-    line("flushed on the old GPU before kill", &before);
-    line("CPU standby (replica)", &cpu_now);
-    line(&format!("new GPU ({new_gpu})"), &gpu_now);
-    let same = cpu_now == gpu_now;
-    println!(
-        "  new GPU == CPU replica: {}; flushed files kept: {}; file written during failover: {}",
-        if same { "identical" } else { "DIFFERENT" },
-        if lost.is_empty() {
-            "all".to_string()
-        } else {
-            format!("{} missing or changed", lost.len())
-        },
-        if ok_note { "present" } else { "MISSING" }
-    );
-    if !same {
-        bail!("the new GPU's workspace differs from the CPU replica");
-    }
-    if !lost.is_empty() {
-        bail!("flushed files lost or changed: {:?}", lost);
-    }
-    if !ok_note {
-        bail!("the file written on the CPU during the failover is not on the new GPU");
-    }
-    println!();
-    println!(
-        "demo passed: recovered {:.1} s after the kill, nothing lost",
-        recovered.as_secs_f64()
-    );
-    Ok(())
 }

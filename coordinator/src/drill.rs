@@ -6,7 +6,11 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use standby::proto::{EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, Role};
+use standby::proto::admin_client::AdminClient;
+use standby::proto::{
+    EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, PairView, Role,
+};
+use tonic::transport::Channel;
 
 use crate::Remote;
 
@@ -49,25 +53,33 @@ pub struct Phase {
     pub what: String,
 }
 
-/// Phases from transition times (ms since the request): (name, entered-at state, left-at state).
-const PHASES: [(&str, &str, &str); 4] = [
-    ("failover", "", "FailedOver"),
-    ("provisioning", "Provisioning", "Restoring"),
-    ("restore", "Restoring", "CuttingOver"),
-    ("cutover", "CuttingOver", "Syncing"),
+/// Phases from transition times (ms since the request): (name, entered-at state (none: the
+/// request itself), left-at state).
+const PHASES: [(&str, Option<PairState>, PairState); 4] = [
+    ("failover", None, PairState::FailedOver),
+    (
+        "provisioning",
+        Some(PairState::Provisioning),
+        PairState::Restoring,
+    ),
+    (
+        "restore",
+        Some(PairState::Restoring),
+        PairState::CuttingOver,
+    ),
+    ("cutover", Some(PairState::CuttingOver), PairState::Syncing),
 ];
 
 /// Measures the phases from `(state entered, ms since the request, message)` transitions.
-pub fn phases(steps: &[(String, u64, String)], targets: &[Duration; 5]) -> Vec<Phase> {
-    let at = |s: &str| steps.iter().find(|x| x.0 == s);
+pub fn phases(steps: &[Transition], targets: &[Duration; 5]) -> Vec<Phase> {
+    let at = |s: PairState| steps.iter().find(|x| x.0 == s);
     let mut out = Vec::new();
     for (i, (name, from, to)) in PHASES.iter().enumerate() {
-        let start = if from.is_empty() {
-            Some(0)
-        } else {
-            at(from).map(|x| x.1)
+        let start = match from {
+            None => Some(0),
+            Some(from) => at(*from).map(|x| x.1),
         };
-        let (Some(start), Some(end)) = (start, at(to)) else {
+        let (Some(start), Some(end)) = (start, at(*to)) else {
             continue;
         };
         let d = end.1.saturating_sub(start);
@@ -80,7 +92,7 @@ pub fn phases(steps: &[(String, u64, String)], targets: &[Duration; 5]) -> Vec<P
             what: end.2.clone(),
         });
     }
-    if let Some(end) = at("Syncing") {
+    if let Some(end) = at(PairState::Syncing) {
         out.push(Phase {
             phase: "total",
             start_ms: 0,
@@ -97,32 +109,14 @@ fn dur(s: &str, what: &str) -> anyhow::Result<Duration> {
     standby::cli::parse_duration(s).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
 }
 
+/// A transition as the drill saw it: (state entered, ms since the request, message).
+type Transition = (PairState, u64, String);
+
 pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
-    let targets = [
-        dur(&a.target_failover, "target-failover")?,
-        dur(&a.target_provisioning, "target-provisioning")?,
-        dur(&a.target_restore, "target-restore")?,
-        dur(&a.target_cutover, "target-cutover")?,
-        dur(&a.target_total, "target-total")?,
-    ];
+    let targets = targets(&a)?;
     let limit = dur(&a.limit, "limit")?;
     let mut c = crate::admin::connect(&a.remote).await?;
-    let list = |c: &mut standby::proto::admin_client::AdminClient<tonic::transport::Channel>| {
-        let mut c = c.clone();
-        let pair = a.pair.clone();
-        async move {
-            let ps = c
-                .list_pairs(ListPairsRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
-            ps.pairs
-                .into_iter()
-                .find(|p| p.pair == pair)
-                .ok_or_else(|| anyhow::anyhow!("no pair {pair}"))
-        }
-    };
-    let p = list(&mut c).await?;
+    let p = find_pair(&c, &a.pair).await?;
     if p.state() != PairState::Syncing || p.primary() != Role::Gpu {
         bail!(
             "drill refused: {} is {} with the {} primary; a drill starts from a healthy pair (Syncing, GPU primary)",
@@ -132,39 +126,96 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
         );
     }
     let epoch = p.epoch;
-    let mut events = c
+    let events = c
         .clone()
         .events(EventsRequest {
             follow: true,
             heartbeats: false,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(status)?
         .into_inner();
     let requested_ms = standby::host::unix_ms_now();
     c.failover(PairRequest {
         pair: a.pair.clone(),
     })
     .await
-    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    .map_err(status)?;
     if !a.json {
         println!(
             "drill: {} failed over on purpose at epoch {epoch}; following it back",
             a.pair
         );
     }
-    let mut steps: Vec<(String, u64, String)> = Vec::new();
+    let steps = follow(events, &a, epoch, requested_ms, limit).await?;
+    let ph = phases(&steps, &targets);
+    let passed = ph.iter().all(|p| p.met);
+    let report = serde_json::json!({
+        "pair": a.pair,
+        "epoch_before": epoch,
+        "epoch_after": find_pair(&c, &a.pair).await?.epoch,
+        "passed": passed,
+        "phases": ph,
+    });
+    if !a.json {
+        print_table(&ph);
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !passed {
+        bail!("the drill missed a target");
+    }
+    Ok(())
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// The five targets, in the order of [`PHASES`] and then the total.
+fn targets(a: &DrillArgs) -> anyhow::Result<[Duration; 5]> {
+    Ok([
+        dur(&a.target_failover, "target-failover")?,
+        dur(&a.target_provisioning, "target-provisioning")?,
+        dur(&a.target_restore, "target-restore")?,
+        dur(&a.target_cutover, "target-cutover")?,
+        dur(&a.target_total, "target-total")?,
+    ])
+}
+
+async fn find_pair(c: &AdminClient<Channel>, pair: &str) -> anyhow::Result<PairView> {
+    let ps = c
+        .clone()
+        .list_pairs(ListPairsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    ps.pairs
+        .into_iter()
+        .find(|p| p.pair == pair)
+        .ok_or_else(|| anyhow::anyhow!("no pair {pair}"))
+}
+
+/// Collects the pair's transitions from the request on (printing them unless --json) until it
+/// is `Syncing` two epochs later, or fails when `limit` passes first.
+async fn follow(
+    mut events: tonic::Streaming<standby::proto::Event>,
+    a: &DrillArgs,
+    epoch: u64,
+    requested_ms: u64,
+    limit: Duration,
+) -> anyhow::Result<Vec<Transition>> {
+    let mut steps: Vec<Transition> = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let e = tokio::select! {
-            e = events.message() => e.map_err(|s| anyhow::anyhow!("{}", s.message()))?,
+            e = events.message() => e.map_err(status)?,
             _ = tokio::time::sleep_until(deadline) => None,
         };
         let Some(e) = e else {
             bail!(
                 "the drill did not finish within {} s (transitions so far: {:?})",
                 limit.as_secs(),
-                steps.iter().map(|s| &s.0).collect::<Vec<_>>()
+                steps.iter().map(|s| s.0.to_string()).collect::<Vec<_>>()
             );
         };
         if e.pair != a.pair || e.kind() != EventKind::Transition || e.unix_ms < requested_ms {
@@ -180,43 +231,30 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
                 e.message
             );
         }
-        steps.push((e.to_state().to_string(), t, e.message.clone()));
+        steps.push((e.to_state(), t, e.message.clone()));
         if e.to_state() == PairState::Syncing && e.epoch >= epoch + 2 {
-            break;
+            return Ok(steps);
         }
     }
-    let ph = phases(&steps, &targets);
-    let passed = ph.iter().all(|p| p.met);
-    let report = serde_json::json!({
-        "pair": a.pair,
-        "epoch_before": epoch,
-        "epoch_after": list(&mut c).await?.epoch,
-        "passed": passed,
-        "phases": ph,
-    });
-    if !a.json {
-        println!();
+}
+
+fn print_table(ph: &[Phase]) {
+    println!();
+    println!(
+        "{:<13} {:>9} {:>10} {:>10}  result",
+        "phase", "start", "duration", "target"
+    );
+    for p in ph {
         println!(
-            "{:<13} {:>9} {:>10} {:>10}  result",
-            "phase", "start", "duration", "target"
+            "{:<13} {:>8.2}s {:>9.2}s {:>9.0}s  {}",
+            p.phase,
+            p.start_ms as f64 / 1000.0,
+            p.duration_ms as f64 / 1000.0,
+            p.target_ms as f64 / 1000.0,
+            if p.met { "met" } else { "MISSED" }
         );
-        for p in &ph {
-            println!(
-                "{:<13} {:>8.2}s {:>9.2}s {:>9.0}s  {}",
-                p.phase,
-                p.start_ms as f64 / 1000.0,
-                p.duration_ms as f64 / 1000.0,
-                p.target_ms as f64 / 1000.0,
-                if p.met { "met" } else { "MISSED" }
-            );
-        }
-        println!();
     }
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    if !passed {
-        bail!("the drill missed a target");
-    }
-    Ok(())
+    println!();
 }
 
 #[cfg(test)]
@@ -225,13 +263,13 @@ mod tests {
 
     #[test]
     fn phases_are_measured_between_transitions_and_checked_against_targets() {
-        let s = |st: &str, t: u64| (st.to_string(), t, format!("-> {st}"));
+        let s = |st: PairState, t: u64| (st, t, format!("-> {st}"));
         let steps = vec![
-            s("FailedOver", 120),
-            s("Provisioning", 300),
-            s("Restoring", 2_300),
-            s("CuttingOver", 9_300),
-            s("Syncing", 9_800),
+            s(PairState::FailedOver, 120),
+            s(PairState::Provisioning, 300),
+            s(PairState::Restoring, 2_300),
+            s(PairState::CuttingOver, 9_300),
+            s(PairState::Syncing, 9_800),
         ];
         let secs = Duration::from_secs;
         let ph = phases(&steps, &[secs(1), secs(60), secs(5), secs(1), secs(60)]);

@@ -101,6 +101,14 @@ enum Cmd {
         #[arg(long, default_value = defaults::TOKEN_TTL)]
         ttl: String,
     },
+    // The admin verbs come last, as they always have in the help.
+    #[command(flatten)]
+    Admin(AdminCmd),
+}
+
+/// The admin verbs: requests to a running coordinator, made with an admin certificate.
+#[derive(Subcommand, Debug)]
+enum AdminCmd {
     /// List pairs (state, epoch, primary, lag, machines).
     Pairs {
         #[command(flatten)]
@@ -228,6 +236,9 @@ struct ServeArgs {
     /// URL new machines download agent-gpu from.
     #[arg(long, env = "STANDBY_AGENT_URL")]
     agent_url: Option<String>,
+    /// SHA-256 (hex) of the agent-gpu at --agent-url; machines refuse a binary that differs.
+    #[arg(long, env = "STANDBY_AGENT_SHA256")]
+    agent_sha256: Option<String>,
     /// local provider: directory of the agent binaries (default: beside this program).
     #[arg(long, env = "STANDBY_AGENT_BIN_DIR")]
     agent_bin_dir: Option<PathBuf>,
@@ -239,8 +250,18 @@ struct ServeArgs {
 fn main() {
     let cli: Cli = parse_or_exit();
     standby::trust::tls::install_default_provider();
-    let rt = || tokio::runtime::Runtime::new().expect("tokio runtime");
-    let r = match cli.cmd {
+    if let Err(e) = run(cli.cmd) {
+        fail(&e);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("tokio runtime")
+}
+
+/// One handler per verb; each starts logging at its own level.
+fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Init { dir } => {
             init_logging("warn");
             init(&dir)
@@ -256,25 +277,10 @@ fn main() {
             init_logging("warn");
             cert(&dir, pair, role, name, &out, days)
         }
-        Cmd::Serve(a) => {
-            let opts = serve_options(*a).unwrap_or_else(|e| usage_error(e));
-            init_logging("info");
-            let files = standby::cli::raise_nofile_limit();
-            tracing::debug!(files, "open file limit");
-            rt().block_on(async {
-                let shutdown = tokio_util::sync::CancellationToken::new();
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    standby::cli::stop_signal().await;
-                    tracing::info!("stopping");
-                    stop.cancel();
-                });
-                standby::control::service::serve(opts, shutdown).await
-            })
-        }
+        Cmd::Serve(a) => serve(*a),
         Cmd::Drill(a) => {
             init_logging("warn");
-            rt().block_on(drill::run(*a))
+            runtime().block_on(drill::run(*a))
         }
         Cmd::Demo(a) => {
             init_logging("error");
@@ -291,61 +297,62 @@ fn main() {
             standby::control::service::mint_token(&dir, &pair, role.into(), ttl)
                 .map(|t| println!("{t}"))
         }
-        Cmd::Pairs { remote, json } => {
+        Cmd::Admin(cmd) => {
             init_logging("warn");
-            rt().block_on(admin::pairs(&remote, json))
+            runtime().block_on(admin_verb(cmd))
         }
-        Cmd::Pair {
+    }
+}
+
+/// `coordinator serve`: the options are checked before logging starts (a usage error exits
+/// 64); runs until SIGINT or SIGTERM.
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let opts = serve_options(a).unwrap_or_else(|e| usage_error(e));
+    init_logging("info");
+    let files = standby::cli::raise_nofile_limit();
+    tracing::debug!(files, "open file limit");
+    runtime().block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            standby::cli::stop_signal().await;
+            tracing::info!("stopping");
+            stop.cancel();
+        });
+        standby::control::service::serve(opts, shutdown).await
+    })
+}
+
+async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
+    match cmd {
+        AdminCmd::Pairs { remote, json } => admin::pairs(&remote, json).await,
+        AdminCmd::Pair {
             cmd: PairCmd::Create { pair, remote },
-        } => {
-            init_logging("warn");
-            rt().block_on(admin::create(&remote, &pair))
+        } => admin::create(&remote, &pair).await,
+        AdminCmd::Failover { pair, remote } => {
+            admin::action(&remote, &pair, admin::Verb::Failover, false).await
         }
-        Cmd::Failover { pair, remote } => {
-            init_logging("warn");
-            rt().block_on(admin::action(&remote, &pair, admin::Verb::Failover, false))
-        }
-        Cmd::Recover {
+        AdminCmd::Recover {
             pair,
             remote,
             follow,
-        } => {
-            init_logging("warn");
-            rt().block_on(admin::action(&remote, &pair, admin::Verb::Recover, follow))
-        }
-        Cmd::Hibernate {
+        } => admin::action(&remote, &pair, admin::Verb::Recover, follow).await,
+        AdminCmd::Hibernate {
             pair,
             remote,
             follow,
-        } => {
-            init_logging("warn");
-            rt().block_on(admin::action(
-                &remote,
-                &pair,
-                admin::Verb::Hibernate,
-                follow,
-            ))
-        }
-        Cmd::Wake {
+        } => admin::action(&remote, &pair, admin::Verb::Hibernate, follow).await,
+        AdminCmd::Wake {
             pair,
             remote,
             follow,
-        } => {
-            init_logging("warn");
-            rt().block_on(admin::action(&remote, &pair, admin::Verb::Wake, follow))
-        }
-        Cmd::Events {
+        } => admin::action(&remote, &pair, admin::Verb::Wake, follow).await,
+        AdminCmd::Events {
             remote,
             json,
             follow,
             heartbeats,
-        } => {
-            init_logging("warn");
-            rt().block_on(admin::events(&remote, json, follow, heartbeats))
-        }
-    };
-    if let Err(e) = r {
-        fail(&e);
+        } => admin::events(&remote, json, follow, heartbeats).await,
     }
 }
 
@@ -355,9 +362,40 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
         p.exists().then_some(p)
     });
     let f = FileConfig::load(file.as_deref())?;
+    let timing = timing(&f, &a)?;
+    Ok(standby::control::service::ServeOptions {
+        listen: f.pick(a.listen.clone(), "listen", || {
+            format!("0.0.0.0:{}", defaults::COORDINATOR_PORT)
+        })?,
+        metrics_listen: f.pick(a.metrics_listen.clone(), "metrics_listen", || {
+            format!("0.0.0.0:{}", defaults::METRICS_PORT)
+        })?,
+        timing,
+        cert_days: f.pick(a.cert_days, "cert_days", || defaults::CERT_DAYS)?,
+        provider: f.pick(a.provider.clone(), "provider", || "local".to_string())?,
+        cpu_provider: f.pick(a.cpu_provider.clone(), "cpu_provider", String::new)?,
+        policy: policy(&f, &a)?,
+        provision: ProvisionConfig {
+            gpu: f.get("provision.gpu")?.unwrap_or_default(),
+            cpu: f.get("provision.cpu")?.unwrap_or_default(),
+            sweep_interval: f.pick_duration(a.sweep_interval.clone(), "sweep_interval", "60s")?,
+            ..ProvisionConfig::default()
+        },
+        advertise: f.pick(a.advertise.clone(), "advertise", String::new)?,
+        local_bin_dir: f.pick_opt(a.agent_bin_dir.clone(), "agent_bin_dir")?,
+        local_agent_args: Vec::new(),
+        vastai: vastai(&f, &a)?,
+        gcp: f.get("gcp")?.unwrap_or_default(),
+        command: f.get("command")?.unwrap_or_default(),
+        dir: a.dir,
+    })
+}
+
+/// Heartbeats and failure detection; failover needs at least one heartbeat of silence.
+fn timing(f: &FileConfig, a: &ServeArgs) -> Result<Timing, String> {
     let timing = Timing {
         heartbeat: f.pick_duration(
-            a.heartbeat_interval,
+            a.heartbeat_interval.clone(),
             "heartbeat_interval",
             defaults::HEARTBEAT,
         )?,
@@ -365,7 +403,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
             defaults::SUSPECT_AFTER_MISSED
         })?,
         failover_after: f.pick_duration(
-            a.failover_after,
+            a.failover_after.clone(),
             "failover_after",
             defaults::FAILOVER_AFTER,
         )?,
@@ -375,65 +413,54 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
             "failover_after must be at least one heartbeat, suspect_after_missed at least 1".into(),
         );
     }
-    Ok(standby::control::service::ServeOptions {
-        dir: a.dir,
-        listen: f.pick(a.listen, "listen", || {
-            format!("0.0.0.0:{}", defaults::COORDINATOR_PORT)
+    Ok(timing)
+}
+
+/// Recovery: automatic or not, boot timeout, blocklisting, idle hibernation, back-off.
+fn policy(f: &FileConfig, a: &ServeArgs) -> Result<Policy, String> {
+    Ok(Policy {
+        auto_recover: f.pick(a.auto_recover, "auto_recover", || true)?,
+        boot_timeout: f.pick_duration(
+            a.boot_timeout.clone(),
+            "boot_timeout",
+            defaults::BOOT_TIMEOUT,
+        )?,
+        blocklist_for: f.pick_duration(
+            a.blocklist_for.clone(),
+            "blocklist_for",
+            defaults::BLOCKLIST_FOR,
+        )?,
+        idle_hibernate_after: Some(f.pick_duration(
+            a.idle_hibernate_after.clone(),
+            "idle_hibernate_after",
+            "0s",
+        )?)
+        .filter(|d| !d.is_zero()),
+        backoff_base: f.pick_duration(a.backoff_base.clone(), "backoff_base", "5s")?,
+        ..Policy::default()
+    })
+}
+
+/// The vastai provider's settings; the API key from its file, else `VAST_API_KEY`.
+fn vastai(
+    f: &FileConfig,
+    a: &ServeArgs,
+) -> Result<standby::control::service::VastSettings, String> {
+    Ok(standby::control::service::VastSettings {
+        url: f.pick(a.vastai_url.clone(), "vastai.url", || {
+            "https://console.vast.ai".to_string()
         })?,
-        metrics_listen: f.pick(a.metrics_listen, "metrics_listen", || {
-            format!("0.0.0.0:{}", defaults::METRICS_PORT)
-        })?,
-        timing,
-        cert_days: f.pick(a.cert_days, "cert_days", || defaults::CERT_DAYS)?,
-        provider: f.pick(a.provider, "provider", || "local".to_string())?,
-        cpu_provider: f.pick(a.cpu_provider, "cpu_provider", String::new)?,
-        policy: Policy {
-            auto_recover: f.pick(a.auto_recover, "auto_recover", || true)?,
-            boot_timeout: f.pick_duration(
-                a.boot_timeout,
-                "boot_timeout",
-                defaults::BOOT_TIMEOUT,
-            )?,
-            blocklist_for: f.pick_duration(
-                a.blocklist_for,
-                "blocklist_for",
-                defaults::BLOCKLIST_FOR,
-            )?,
-            idle_hibernate_after: Some(f.pick_duration(
-                a.idle_hibernate_after,
-                "idle_hibernate_after",
-                "0s",
-            )?)
-            .filter(|d| !d.is_zero()),
-            backoff_base: f.pick_duration(a.backoff_base, "backoff_base", "5s")?,
-            ..Policy::default()
+        key: match f.pick_opt(a.vastai_api_key_file.clone(), "vastai.api_key_file")? {
+            Some(p) => std::fs::read_to_string(&p)
+                .map_err(|e| format!("reading {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+            None => std::env::var("VAST_API_KEY").unwrap_or_default(),
         },
-        provision: ProvisionConfig {
-            gpu: f.get("provision.gpu")?.unwrap_or_default(),
-            cpu: f.get("provision.cpu")?.unwrap_or_default(),
-            sweep_interval: f.pick_duration(a.sweep_interval, "sweep_interval", "60s")?,
-            ..ProvisionConfig::default()
-        },
-        advertise: f.pick(a.advertise, "advertise", String::new)?,
-        local_bin_dir: f.pick_opt(a.agent_bin_dir, "agent_bin_dir")?,
-        local_agent_args: Vec::new(),
-        vastai: standby::control::service::VastSettings {
-            url: f.pick(a.vastai_url, "vastai.url", || {
-                "https://console.vast.ai".to_string()
-            })?,
-            key: match f.pick_opt(a.vastai_api_key_file, "vastai.api_key_file")? {
-                Some(p) => std::fs::read_to_string(&p)
-                    .map_err(|e| format!("reading {}: {e}", p.display()))?
-                    .trim()
-                    .to_string(),
-                None => std::env::var("VAST_API_KEY").unwrap_or_default(),
-            },
-            image: f.get("vastai.image")?.unwrap_or_default(),
-            disk_gb: f.get("vastai.disk_gb")?.unwrap_or(0),
-            agent_url: f.pick(a.agent_url, "agent_url", String::new)?,
-        },
-        gcp: f.get("gcp")?.unwrap_or_default(),
-        command: f.get("command")?.unwrap_or_default(),
+        image: f.get("vastai.image")?.unwrap_or_default(),
+        disk_gb: f.get("vastai.disk_gb")?.unwrap_or(0),
+        agent_url: f.pick(a.agent_url.clone(), "agent_url", String::new)?,
+        agent_sha256: f.pick(a.agent_sha256.clone(), "agent_sha256", String::new)?,
     })
 }
 

@@ -36,8 +36,7 @@ use crate::proto::{
     ActionReply, AgentReport, Command, Event, EventKind, Fence, Freeze, MachineView, PairView,
     ProbeTarget, Promote, Receive, Role, SetPeer, command,
 };
-use crate::types::Epoch;
-use crate::types::Side;
+use crate::types::{Epoch, PerSide, Side};
 use events::event;
 use provisioning::Call;
 
@@ -286,10 +285,10 @@ impl From<&AgentReport> for Figures {
 
 struct Entry {
     m: PairMachine,
-    conns: [Option<Conn>; 2],
+    conns: PerSide<Option<Conn>>,
     /// Connections claiming a side for a machine the pair does not accept (an old GPU).
     others: HashMap<u64, Conn>,
-    figures: [Figures; 2],
+    figures: PerSide<Figures>,
     /// A durable write failed: no command goes out until the record is on disk.
     blocked: bool,
 }
@@ -313,9 +312,9 @@ impl Entry {
             .set(m.epoch().0 as i64);
         Entry {
             m,
-            conns: [None, None],
+            conns: PerSide::default(),
             others: HashMap::new(),
-            figures: [Figures::default(), Figures::default()],
+            figures: PerSide::default(),
             blocked: false,
         }
     }
@@ -326,14 +325,12 @@ impl Entry {
             self.m.state(),
             PairState::Restoring | PairState::CuttingOver
         )
-        .then(|| (self.figures[0].bytes_total, self.figures[1].workspace_bytes))
-    }
-}
-
-fn idx(side: Side) -> usize {
-    match side {
-        Side::Gpu => 0,
-        Side::Cpu => 1,
+        .then(|| {
+            (
+                self.figures.gpu.bytes_total,
+                self.figures.cpu.workspace_bytes,
+            )
+        })
     }
 }
 
@@ -533,8 +530,8 @@ impl Actor {
             return;
         };
         e.others.remove(&conn);
-        if e.conns[idx(side)].as_ref().is_some_and(|c| c.id == conn) {
-            e.conns[idx(side)] = None;
+        if e.conns[side].as_ref().is_some_and(|c| c.id == conn) {
+            e.conns[side] = None;
             self.metrics.agents_connected.dec();
             let actions =
                 e.m.step(Input::Disconnected(side, Instant::now()), &self.timing);
@@ -615,7 +612,7 @@ impl Actor {
     fn create(&mut self, pair: &str) -> Result<(), Status> {
         crate::trust::identity::check_name(pair)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let rec = PairMachine::new_record(pair);
+        let rec = PairMachine::new_record(pair, unix_ms_now());
         self.store
             .put_pairs(std::slice::from_ref(&rec), true)
             .map_err(|e| Status::internal(format!("persisting the new pair: {e}")))?;
@@ -648,7 +645,7 @@ impl Actor {
         if !self.claim(pair, side, conn) {
             return; // from a connection that was replaced
         }
-        self.pairs.get_mut(pair).expect("checked").figures[idx(side)] = Figures::from(&r);
+        self.pairs.get_mut(pair).expect("checked").figures[side] = Figures::from(&r);
         self.warn_stale_gpu(pair, side, &r);
         if side == Side::Gpu {
             self.gpu_metrics(pair, &r);
@@ -670,7 +667,7 @@ impl Actor {
         let e = self.pairs.get_mut(pair).expect("checked");
         let c = match e.others.get_mut(&conn) {
             Some(c) => c,
-            None => match e.conns[idx(side)].take_if(|c| c.id == conn) {
+            None => match e.conns[side].take_if(|c| c.id == conn) {
                 Some(c) => {
                     self.metrics.agents_connected.dec();
                     e.others.entry(conn).or_insert(c)
@@ -708,12 +705,12 @@ impl Actor {
     fn claim(&mut self, pair: &str, side: Side, conn: u64) -> bool {
         let e = self.pairs.get_mut(pair).expect("checked");
         let Some(c) = e.others.remove(&conn) else {
-            return e.conns[idx(side)].as_ref().is_some_and(|c| c.id == conn);
+            return e.conns[side].as_ref().is_some_and(|c| c.id == conn);
         };
-        if e.conns[idx(side)].is_none() {
+        if e.conns[side].is_none() {
             self.metrics.agents_connected.inc();
         }
-        e.conns[idx(side)] = Some(c);
+        e.conns[side] = Some(c);
         true
     }
 
@@ -724,7 +721,7 @@ impl Actor {
         if side != Side::Gpu || e.m.primary() != Side::Cpu || r.epoch >= e.m.epoch().0 {
             return;
         }
-        let c = e.conns[idx(side)].as_mut().expect("claimed");
+        let c = e.conns[side].as_mut().expect("claimed");
         if c.warned_stale {
             return;
         }
@@ -865,9 +862,9 @@ impl Actor {
         if e.blocked {
             return;
         }
-        for side in [Side::Gpu, Side::Cpu] {
+        for side in Side::ALL {
             let desired = e.m.desired(side);
-            let Some(c) = e.conns[idx(side)].as_mut() else {
+            let Some(c) = e.conns[side].as_mut() else {
                 continue;
             };
             let mut sent = Vec::new();
@@ -984,7 +981,7 @@ impl Actor {
     fn refresh_metrics(&self, now: Instant) {
         self.count_machines();
         for (name, e) in &self.pairs {
-            for (side, seen) in [(Side::Gpu, &e.m.gpu), (Side::Cpu, &e.m.cpu)] {
+            for (side, seen) in e.m.seen.iter() {
                 if let Some(t) = seen.last_seen {
                     self.metrics
                         .heartbeat_age
@@ -995,7 +992,7 @@ impl Actor {
                         .set(now.duration_since(t).as_secs_f64());
                 }
             }
-            let g = &e.figures[0];
+            let g = &e.figures.gpu;
             let l = PairLabel { pair: name.clone() };
             let progress = match e.restore_bytes() {
                 None => 0.0,
@@ -1009,29 +1006,26 @@ impl Actor {
             self.metrics
                 .last_durable_generation
                 .get_or_create(&l)
-                .set(e.figures[1].generation.max(g.generation) as i64);
+                .set(e.figures.cpu.generation.max(g.generation) as i64);
         }
     }
 
     /// Provider machines owned, being created or being destroyed, by role.
     fn count_machines(&self) {
-        let (mut gpus, mut cpus) = (0i64, 0i64);
+        let mut count = PerSide::<i64>::default();
         for e in self.pairs.values() {
             let r = &e.m.rec;
-            gpus += i64::from(r.gpu_owned.is_some());
-            cpus += i64::from(r.cpu_owned.is_some());
+            count.gpu += i64::from(r.gpu_owned.is_some());
+            count.cpu += i64::from(r.cpu_owned.is_some());
             for m in r
                 .teardown
                 .iter()
                 .chain(r.provision.iter().filter_map(|p| p.machine.as_ref()))
             {
-                match Side::from_record(m.role()) {
-                    Side::Cpu => cpus += 1,
-                    Side::Gpu => gpus += 1,
-                }
+                count[Side::from_record(m.role())] += 1;
             }
         }
-        for (side, n) in [(Side::Gpu, gpus), (Side::Cpu, cpus)] {
+        for (side, &n) in count.iter() {
             self.metrics
                 .machines
                 .get_or_create(&KindLabel {
@@ -1055,13 +1049,13 @@ impl Actor {
             state: proto_state(e.m.state()),
             epoch: e.m.epoch().0,
             primary: Role::from(primary).into(),
-            last_durable_generation: e.figures[1].generation.max(e.figures[0].generation),
-            sync_lag_ms: e.figures[0].rpo_age_ms,
+            last_durable_generation: e.figures.cpu.generation.max(e.figures.gpu.generation),
+            sync_lag_ms: e.figures.gpu.rpo_age_ms,
             active_endpoint: active,
             gpu: machine_view(e, Side::Gpu),
             cpu: machine_view(e, Side::Cpu),
             reason: e.m.rec.reason.clone(),
-            pending_bytes: e.figures[0].pending_bytes,
+            pending_bytes: e.figures.gpu.pending_bytes,
             restore_done_bytes: e.restore_bytes().map_or(0, |r| r.0),
             restore_total_bytes: e.restore_bytes().map_or(0, |r| r.1),
             provisioning: provisioning_line(&e.m.rec),
@@ -1071,10 +1065,11 @@ impl Actor {
 
 /// One machine of a pair as `pairs` shows it (None until its agent reported).
 fn machine_view(e: &Entry, side: Side) -> Option<MachineView> {
-    let (rec, seen) = match side {
-        Side::Gpu => (&e.m.rec.gpu, &e.m.gpu),
-        Side::Cpu => (&e.m.rec.cpu, &e.m.cpu),
+    let rec = match side {
+        Side::Gpu => &e.m.rec.gpu,
+        Side::Cpu => &e.m.rec.cpu,
     };
+    let seen = &e.m.seen[side];
     let m = rec.as_ref()?;
     Some(MachineView {
         machine: m.machine.clone(),
@@ -1084,8 +1079,8 @@ fn machine_view(e: &Entry, side: Side) -> Option<MachineView> {
             .last_seen
             .map(|t| t.elapsed().as_millis() as u64)
             .unwrap_or(u64::MAX),
-        connected: e.conns[idx(side)].is_some(),
-        epoch: e.figures[idx(side)].epoch,
+        connected: e.conns[side].is_some(),
+        epoch: e.figures[side].epoch,
     })
 }
 

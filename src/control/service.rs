@@ -284,8 +284,10 @@ pub struct VastSettings {
     pub key: String,
     pub image: String,
     pub disk_gb: u32,
-    /// Where instances download agent-gpu from.
+    /// Where instances download agent-gpu from, and its SHA-256 (required with a URL: the
+    /// on-start script refuses a downloaded binary it cannot check).
     pub agent_url: String,
+    pub agent_sha256: String,
 }
 
 impl std::fmt::Debug for VastSettings {
@@ -357,7 +359,14 @@ fn make_provider(name: &str, opts: &ServeOptions) -> anyhow::Result<Option<DynPr
             if v.disk_gb > 0 {
                 p.disk_gb = v.disk_gb;
             }
+            if !v.agent_url.is_empty() && v.agent_sha256.len() != 64 {
+                anyhow::bail!(
+                    "vastai: agent_url needs agent_sha256, the 64-hex SHA-256 of agent-gpu \
+                     (sha256sum agent-gpu)"
+                );
+            }
             p.agent_url = v.agent_url.clone();
+            p.agent_sha256 = v.agent_sha256.clone();
             Some(Arc::new(p))
         }
         "gcp" => {

@@ -87,88 +87,22 @@ impl Catalog {
     pub fn open(dir: &Path, name: &str) -> Result<Loaded, CatalogError> {
         let snap_path = dir.join(format!("{name}.snap"));
         let log_path = dir.join(format!("{name}.log"));
-        let (mut manifest, snap_len) = read_snapshot(&snap_path)?;
+        let (manifest, snap_len) = read_snapshot(&snap_path)?;
         let mut log = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(&log_path)
             .map_err(io_err(&log_path))?;
-        let file_len = log.metadata().map_err(io_err(&log_path))?.len();
-        let mut reader = BufReader::new(&mut log);
-        let mut offset = 0u64;
-        let mut last: Option<Record> = None;
-        let mut last_applied = true;
-        loop {
-            match read_frame(&mut reader, kind::RECORD) {
-                Ok(None) => break,
-                Ok(Some(payload)) => {
-                    let len = payload.len() as u64 + 48;
-                    let rec =
-                        Record::decode(&payload[..]).map_err(|source| CatalogError::Decode {
-                            path: log_path.clone(),
-                            source,
-                        })?;
-                    offset += len;
-                    if rec.generation <= manifest.generation.0 && !rec.applied {
-                        // Already folded into the snapshot by a compaction.
-                        continue;
-                    }
-                    if rec.applied {
-                        if last
-                            .as_ref()
-                            .is_some_and(|l| l.generation == rec.generation)
-                        {
-                            last_applied = true;
-                        }
-                        continue;
-                    }
-                    if rec.generation != manifest.generation.0 + 1 {
-                        return Err(CatalogError::Order {
-                            path: log_path.clone(),
-                            last: manifest.generation.0,
-                            found: rec.generation,
-                        });
-                    }
-                    manifest
-                        .apply(&rec.changes)
-                        .map_err(|source| CatalogError::Manifest {
-                            path: log_path.clone(),
-                            source,
-                        })?;
-                    manifest.generation = Generation(rec.generation);
-                    last = Some(rec);
-                    last_applied = false;
-                }
-                Err(FrameError::Truncated) | Err(FrameError::Checksum) | Err(FrameError::Magic)
-                    if tail_is_torn(&log_path, offset, file_len) =>
-                {
-                    tracing::warn!(
-                        path = %log_path.display(),
-                        offset,
-                        "cutting off a torn record at the end of the log (a commit that never completed)"
-                    );
-                    drop(reader);
-                    log.set_len(offset).map_err(io_err(&log_path))?;
-                    log.sync_all().map_err(io_err(&log_path))?;
-                    break;
-                }
-                Err(FrameError::Io(source)) => {
-                    return Err(CatalogError::Io {
-                        path: log_path.clone(),
-                        source,
-                    });
-                }
-                Err(_) => {
-                    return Err(CatalogError::Corrupt {
-                        path: log_path.clone(),
-                        offset,
-                    });
-                }
-            }
-        }
+        let mut replay = Replay {
+            path: &log_path,
+            manifest,
+            last: None,
+            last_applied: true,
+        };
+        replay.run(&mut log)?;
+        let (manifest, unapplied) = replay.finish();
         let log_len = log.seek(SeekFrom::End(0)).map_err(io_err(&log_path))?;
-        let unapplied = if last_applied { None } else { last };
         Ok(Loaded {
             catalog: Catalog {
                 snap_path,
@@ -251,6 +185,103 @@ impl Catalog {
     /// Replaces the whole catalog with `m` (used when a sender adopts a receiver's manifest).
     pub fn reset(&mut self, m: &Manifest) -> Result<(), CatalogError> {
         self.compact(m)
+    }
+}
+
+/// Replaying the log over the snapshot's manifest, at start-up.
+struct Replay<'p> {
+    path: &'p Path,
+    manifest: Manifest,
+    /// The last record folded in, and whether its `applied` marker followed.
+    last: Option<Record>,
+    last_applied: bool,
+}
+
+impl Replay<'_> {
+    /// Folds in every record of the log; cuts off a torn tail, refuses anything else damaged.
+    fn run(&mut self, log: &mut File) -> Result<(), CatalogError> {
+        let file_len = log.metadata().map_err(io_err(self.path))?.len();
+        let mut reader = BufReader::new(&mut *log);
+        let mut offset = 0u64;
+        loop {
+            match read_frame(&mut reader, kind::RECORD) {
+                Ok(None) => return Ok(()),
+                Ok(Some(payload)) => {
+                    self.fold(&payload)?;
+                    offset += payload.len() as u64 + 48;
+                }
+                Err(FrameError::Truncated) | Err(FrameError::Checksum) | Err(FrameError::Magic)
+                    if tail_is_torn(self.path, offset, file_len) =>
+                {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        offset,
+                        "cutting off a torn record at the end of the log (a commit that never completed)"
+                    );
+                    drop(reader);
+                    log.set_len(offset).map_err(io_err(self.path))?;
+                    log.sync_all().map_err(io_err(self.path))?;
+                    return Ok(());
+                }
+                Err(FrameError::Io(source)) => {
+                    return Err(CatalogError::Io {
+                        path: self.path.to_path_buf(),
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(CatalogError::Corrupt {
+                        path: self.path.to_path_buf(),
+                        offset,
+                    });
+                }
+            }
+        }
+    }
+
+    /// One record: a generation to fold into the manifest, or the marker of the last one.
+    fn fold(&mut self, payload: &[u8]) -> Result<(), CatalogError> {
+        let rec = Record::decode(payload).map_err(|source| CatalogError::Decode {
+            path: self.path.to_path_buf(),
+            source,
+        })?;
+        if rec.generation <= self.manifest.generation.0 && !rec.applied {
+            // Already folded into the snapshot by a compaction.
+            return Ok(());
+        }
+        if rec.applied {
+            if self
+                .last
+                .as_ref()
+                .is_some_and(|l| l.generation == rec.generation)
+            {
+                self.last_applied = true;
+            }
+            return Ok(());
+        }
+        if rec.generation != self.manifest.generation.0 + 1 {
+            return Err(CatalogError::Order {
+                path: self.path.to_path_buf(),
+                last: self.manifest.generation.0,
+                found: rec.generation,
+            });
+        }
+        self.manifest
+            .apply(&rec.changes)
+            .map_err(|source| CatalogError::Manifest {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
+        self.manifest.generation = Generation(rec.generation);
+        self.last = Some(rec);
+        self.last_applied = false;
+        Ok(())
+    }
+
+    /// The manifest, and the last record if its marker is missing.
+    fn finish(self) -> (Manifest, Option<Record>) {
+        let unapplied = if self.last_applied { None } else { self.last };
+        (self.manifest, unapplied)
     }
 }
 

@@ -20,6 +20,17 @@ pub fn compress(data: &[u8], level: i32) -> io::Result<Vec<u8>> {
     })
 }
 
+/// The data compressed, when that pays: not at level 0 (compression off), not for inputs under
+/// 512 bytes, and not when it saves less than 1/32 of the size (the receiver would spend more
+/// time decompressing than the connection saves).
+pub fn if_smaller(data: &[u8], level: i32) -> Option<Vec<u8>> {
+    if level == 0 || data.len() < 512 {
+        return None;
+    }
+    let c = compress(data, level).ok()?;
+    (c.len() < data.len() - data.len() / 32).then_some(c)
+}
+
 /// Decompresses at most `capacity` bytes (more is an error).
 pub fn decompress(data: &[u8], capacity: usize) -> io::Result<Vec<u8>> {
     DECOMPRESSOR.with(|d| {
@@ -40,5 +51,24 @@ mod tests {
         assert!(c.len() < data.len());
         assert_eq!(super::decompress(&c, data.len()).unwrap(), data);
         assert!(super::decompress(&c, data.len() - 1).is_err());
+    }
+
+    #[test]
+    fn if_smaller_only_when_it_pays() {
+        let text = b"hello hello hello hello hello hello".repeat(100);
+        assert!(super::if_smaller(&text, 0).is_none());
+        assert!(super::if_smaller(&text[..511], 1).is_none());
+        let c = super::if_smaller(&text, 1).expect("repetitive text compresses");
+        assert_eq!(super::decompress(&c, text.len()).unwrap(), text);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 56) as u8
+            })
+            .collect();
+        assert!(super::if_smaller(&noise, 1).is_none());
     }
 }

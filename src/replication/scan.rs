@@ -139,27 +139,37 @@ impl Walk {
         if exclude.is_excluded(&p) {
             return;
         }
-        let Some(mut st) = Stat::from_metadata(m) else {
-            tracing::warn!(path = %p, "skipping a device, fifo or socket: not replicated");
-            self.skipped.push(p);
+        let Some(st) = self.stat(&p, m, &p.to_path(root)) else {
             return;
         };
-        if st.kind == Kind::Symlink {
-            match fs::read_link(p.to_path(root)) {
-                Ok(t) => st.target = t.as_os_str().as_bytes().to_vec(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(e) => {
-                    tracing::warn!(path = %p, error = %e, "cannot read symlink; keeping the replica's copy");
-                    self.unreadable.push(p);
-                    return;
-                }
-            }
-        }
         let is_dir = st.kind == Kind::Dir;
         self.entries.insert(p.clone(), st);
         if is_dir {
             self.walk_dir(root, Some(p), exclude);
         }
+    }
+
+    /// The stat of `p` (at `abs`) to record, with a symlink's target; `None` for what is not
+    /// replicated (noted in `skipped`), what vanished, or an unreadable link (noted in
+    /// `unreadable`).
+    fn stat(&mut self, p: &RelPath, m: &Metadata, abs: &Path) -> Option<Stat> {
+        let Some(mut st) = Stat::from_metadata(m) else {
+            tracing::warn!(path = %p, "skipping a device, fifo or socket: not replicated");
+            self.skipped.push(p.clone());
+            return None;
+        };
+        if st.kind == Kind::Symlink {
+            match fs::read_link(abs) {
+                Ok(t) => st.target = t.as_os_str().as_bytes().to_vec(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+                Err(e) => {
+                    tracing::warn!(path = %p, error = %e, "cannot read symlink; keeping the replica's copy");
+                    self.unreadable.push(p.clone());
+                    return None;
+                }
+            }
+        }
+        Some(st)
     }
 
     /// Walks everything below `dir` (the root when None).
@@ -170,21 +180,8 @@ impl Walk {
                 Some(d) => d.to_path(root),
                 None => root.to_path_buf(),
             };
-            let rd = match fs::read_dir(&abs) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if let Some(d) = &d {
-                        self.entries.remove(d);
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(path = %abs.display(), error = %e, "cannot read directory; keeping the replica's copy of it");
-                    if let Some(d) = d {
-                        self.unreadable.push(d);
-                    }
-                    continue;
-                }
+            let Some(rd) = self.read_dir(&abs, d.as_ref()) else {
+                continue;
             };
             for de in rd {
                 let de = match de {
@@ -197,52 +194,69 @@ impl Walk {
                         break;
                     }
                 };
-                let name = de.file_name();
-                let p = match &d {
-                    Some(d) => d.join(name.as_bytes()),
-                    None => RelPath::new(name.as_bytes().to_vec()),
-                };
-                let p = match p {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::warn!(name = ?name, error = %e, "skipping an unrepresentable name");
-                        continue;
-                    }
-                };
-                if exclude.is_excluded(&p) {
-                    continue;
+                if let Some(sub) = self.visit(d.as_ref(), &de, exclude) {
+                    stack.push(Some(sub));
                 }
-                let m = match de.metadata() {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        tracing::warn!(path = %p, error = %e, "cannot stat; keeping the replica's copy");
-                        self.unreadable.push(p);
-                        continue;
-                    }
-                };
-                let Some(mut st) = Stat::from_metadata(&m) else {
-                    tracing::warn!(path = %p, "skipping a device, fifo or socket: not replicated");
-                    self.skipped.push(p);
-                    continue;
-                };
-                if st.kind == Kind::Symlink {
-                    match fs::read_link(de.path()) {
-                        Ok(t) => st.target = t.as_os_str().as_bytes().to_vec(),
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => {
-                            tracing::warn!(path = %p, error = %e, "cannot read symlink; keeping the replica's copy");
-                            self.unreadable.push(p);
-                            continue;
-                        }
-                    }
-                }
-                if st.kind == Kind::Dir {
-                    stack.push(Some(p.clone()));
-                }
-                self.entries.insert(p, st);
             }
         }
+    }
+
+    /// Opens a directory for listing. A directory that vanished is forgotten; one that cannot
+    /// be read is noted in `unreadable` (the root's failure only in the log).
+    fn read_dir(&mut self, abs: &Path, d: Option<&RelPath>) -> Option<fs::ReadDir> {
+        match fs::read_dir(abs) {
+            Ok(rd) => Some(rd),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(d) = d {
+                    self.entries.remove(d);
+                }
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %abs.display(), error = %e, "cannot read directory; keeping the replica's copy of it");
+                if let Some(d) = d {
+                    self.unreadable.push(d.clone());
+                }
+                None
+            }
+        }
+    }
+
+    /// Records one directory entry of `d`; returns its path when it is a directory to walk.
+    fn visit(
+        &mut self,
+        d: Option<&RelPath>,
+        de: &fs::DirEntry,
+        exclude: &Exclude,
+    ) -> Option<RelPath> {
+        let name = de.file_name();
+        let p = match d {
+            Some(d) => d.join(name.as_bytes()),
+            None => RelPath::new(name.as_bytes().to_vec()),
+        };
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(name = ?name, error = %e, "skipping an unrepresentable name");
+                return None;
+            }
+        };
+        if exclude.is_excluded(&p) {
+            return None;
+        }
+        let m = match de.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %p, error = %e, "cannot stat; keeping the replica's copy");
+                self.unreadable.push(p);
+                return None;
+            }
+        };
+        let st = self.stat(&p, &m, &de.path())?;
+        let sub = (st.kind == Kind::Dir).then(|| p.clone());
+        self.entries.insert(p, st);
+        sub
     }
 }
 
@@ -258,50 +272,14 @@ pub enum Scope {
 /// Walks the scope. Also returns the set of "roots" covered: index entries at or below a
 /// covered root that the walk did not find are deletions.
 pub fn walk(root: &Path, scope: &Scope, exclude: &Exclude) -> (Walk, Vec<Option<RelPath>>) {
-    let mut w = Walk::default();
     match scope {
         Scope::Full => {
+            let mut w = Walk::default();
             w.walk_dir(root, None, exclude);
             (w, vec![None])
         }
         Scope::Paths(paths) => {
-            // Drop paths below another listed directory path: the parent's walk covers them.
-            let mut covered: Vec<RelPath> = Vec::new();
-            let mut extra: BTreeSet<RelPath> = BTreeSet::new();
-            for p in paths {
-                if let Some(parent) = p.parent() {
-                    extra.insert(parent);
-                }
-            }
-            let all: BTreeSet<RelPath> =
-                paths.iter().cloned().chain(extra.iter().cloned()).collect();
-            for p in &all {
-                if exclude.is_excluded(p) {
-                    continue;
-                }
-                if covered
-                    .iter()
-                    .any(|c| p.starts_with(c) && p != c && paths.contains(c))
-                {
-                    continue;
-                }
-                match stat_path(&p.to_path(root)) {
-                    Ok(Some(m)) => {
-                        if paths.contains(p) {
-                            w.add(root, p.clone(), &m, exclude);
-                        } else if let Some(st) = Stat::from_metadata(&m) {
-                            // A parent only: its own metadata, not its subtree.
-                            w.entries.insert(p.clone(), st);
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(path = %p, error = %e, "cannot stat; keeping the replica's copy");
-                        w.unreadable.push(p.clone());
-                    }
-                }
-                covered.push(p.clone());
-            }
+            let w = walk_paths(root, paths, exclude);
             // Deletions are only inferred at and below the flagged paths themselves.
             let roots = paths
                 .iter()
@@ -312,6 +290,44 @@ pub fn walk(root: &Path, scope: &Scope, exclude: &Exclude) -> (Walk, Vec<Option<
             (w, roots)
         }
     }
+}
+
+/// Walks the flagged paths (directories with their subtrees) and the parents of each (their
+/// own metadata only).
+fn walk_paths(root: &Path, paths: &BTreeSet<RelPath>, exclude: &Exclude) -> Walk {
+    let mut w = Walk::default();
+    let parents: BTreeSet<RelPath> = paths.iter().filter_map(RelPath::parent).collect();
+    let all: BTreeSet<RelPath> = paths.iter().cloned().chain(parents).collect();
+    // Paths below another listed directory path are skipped: the parent's walk covers them.
+    let mut covered: Vec<RelPath> = Vec::new();
+    for p in &all {
+        if exclude.is_excluded(p) {
+            continue;
+        }
+        if covered
+            .iter()
+            .any(|c| p.starts_with(c) && p != c && paths.contains(c))
+        {
+            continue;
+        }
+        match stat_path(&p.to_path(root)) {
+            Ok(Some(m)) => {
+                if paths.contains(p) {
+                    w.add(root, p.clone(), &m, exclude);
+                } else if let Some(st) = Stat::from_metadata(&m) {
+                    // A parent only: its own metadata, not its subtree.
+                    w.entries.insert(p.clone(), st);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(path = %p, error = %e, "cannot stat; keeping the replica's copy");
+                w.unreadable.push(p.clone());
+            }
+        }
+        covered.push(p.clone());
+    }
+    w
 }
 
 /// One thing to do for a path in the next generation.
@@ -366,11 +382,24 @@ impl Plan {
 
 /// Compares a walk with the index and decides what to send.
 pub fn plan(index: &Manifest, walk: &Walk, roots: &[Option<RelPath>]) -> Plan {
-    let mut actions = Vec::new();
-    let keep_under: Vec<&RelPath> = walk.unreadable.iter().collect();
-    let kept = |p: &RelPath| keep_under.iter().any(|k| p.starts_with(k));
+    let gone = vanished(index, walk, roots);
+    let mut by_ino = vanished_inodes(&gone);
+    let mut actions = deletions(&gone);
+    for (p, st) in &walk.entries {
+        if let Some(a) = compare(p, st, index.get(p), &mut by_ino) {
+            actions.push(a);
+        }
+    }
+    Plan {
+        actions,
+        skipped: walk.skipped.len() + walk.unreadable.len(),
+    }
+}
 
-    // Index entries that vanished (within the covered roots).
+/// Index entries that vanished within the covered roots (those under an unreadable directory
+/// are kept, not vanished).
+fn vanished(index: &Manifest, walk: &Walk, roots: &[Option<RelPath>]) -> BTreeMap<RelPath, Entry> {
+    let kept = |p: &RelPath| walk.unreadable.iter().any(|k| p.starts_with(k));
     let mut gone: BTreeMap<RelPath, Entry> = BTreeMap::new();
     for r in roots {
         let candidates: Box<dyn Iterator<Item = (&RelPath, &Entry)>> = match r {
@@ -389,17 +418,25 @@ pub fn plan(index: &Manifest, walk: &Walk, roots: &[Option<RelPath>]) -> Plan {
             }
         }
     }
-    // Inodes of vanished files, for rename detection.
-    let mut by_ino: HashMap<u64, (RelPath, Entry)> = HashMap::new();
-    for (p, e) in &gone {
+    gone
+}
+
+/// Inodes of vanished files, for rename detection.
+fn vanished_inodes(gone: &BTreeMap<RelPath, Entry>) -> HashMap<u64, (RelPath, Entry)> {
+    let mut by_ino = HashMap::new();
+    for (p, e) in gone {
         if kind_of(e) == Some(Kind::File) && e.ino != 0 {
             by_ino.insert(e.ino, (p.clone(), e.clone()));
         }
     }
+    by_ino
+}
 
-    // A deleted directory removes its subtree on the replica: only the top needs an action.
+/// A deleted directory removes its subtree on the replica: only the top needs an action.
+fn deletions(gone: &BTreeMap<RelPath, Entry>) -> Vec<Action> {
+    let mut actions = Vec::new();
     let mut deleted_dirs: Vec<RelPath> = Vec::new();
-    for (p, e) in &gone {
+    for (p, e) in gone {
         if deleted_dirs.iter().any(|d| p.starts_with(d)) {
             continue;
         }
@@ -412,70 +449,58 @@ pub fn plan(index: &Manifest, walk: &Walk, roots: &[Option<RelPath>]) -> Plan {
             old: k,
         });
     }
+    actions
+}
 
-    for (p, st) in &walk.entries {
-        let old = index.get(p);
-        match (old, st.kind) {
-            (Some(o), _) if kind_of(o) != Some(st.kind) => {
-                // A change of kind is one upsert: the receiver removes what was there (a
-                // directory with its subtree) before placing the new kind.
-                actions.push(new_action(p, st, None, &mut by_ino));
-            }
-            (Some(o), Kind::File) => {
-                if st.matches(o) {
-                    if o.verify {
-                        actions.push(Action::Content {
-                            path: p.clone(),
-                            stat: st.clone(),
-                            base: Some(o.clone()),
-                            renamed_from: None,
-                            verify_only: true,
-                        });
-                    }
-                } else if o.size == st.size
-                    && o.mtime_ns == st.mtime_ns
-                    && o.ino == st.ino
-                    && !o.verify
-                {
-                    actions.push(Action::Meta {
-                        path: p.clone(),
-                        stat: st.clone(),
-                        old: o.clone(),
-                    });
-                } else {
-                    actions.push(Action::Content {
-                        path: p.clone(),
-                        stat: st.clone(),
-                        base: Some(o.clone()),
-                        renamed_from: None,
-                        verify_only: false,
-                    });
-                }
-            }
-            (Some(o), _) => {
-                if !(o.mode == st.mode
-                    && o.mtime_ns == st.mtime_ns
-                    && o.target[..] == st.target[..])
-                {
-                    actions.push(Action::Node {
-                        path: p.clone(),
-                        stat: st.clone(),
-                    });
-                } else if o.ino != st.ino {
-                    // Same state, new inode (recreated): record the inode only.
-                    actions.push(Action::Node {
-                        path: p.clone(),
-                        stat: st.clone(),
-                    });
-                }
-            }
-            (None, _) => actions.push(new_action(p, st, None, &mut by_ino)),
-        }
+/// What to do about one path found by the walk, given its index entry.
+fn compare(
+    p: &RelPath,
+    st: &Stat,
+    old: Option<&Entry>,
+    by_ino: &mut HashMap<u64, (RelPath, Entry)>,
+) -> Option<Action> {
+    match (old, st.kind) {
+        // A change of kind is one upsert: the receiver removes what was there (a directory
+        // with its subtree) before placing the new kind.
+        (Some(o), _) if kind_of(o) != Some(st.kind) => Some(new_action(p, st, None, by_ino)),
+        (Some(o), Kind::File) => compare_file(p, st, o),
+        (Some(o), _) => compare_node(p, st, o),
+        (None, _) => Some(new_action(p, st, None, by_ino)),
     }
-    Plan {
-        actions,
-        skipped: walk.skipped.len() + walk.unreadable.len(),
+}
+
+/// A file the index holds: unchanged (maybe to re-verify), new metadata only, or new content.
+fn compare_file(p: &RelPath, st: &Stat, o: &Entry) -> Option<Action> {
+    let content = |verify_only| Action::Content {
+        path: p.clone(),
+        stat: st.clone(),
+        base: Some(o.clone()),
+        renamed_from: None,
+        verify_only,
+    };
+    if st.matches(o) {
+        o.verify.then(|| content(true))
+    } else if o.size == st.size && o.mtime_ns == st.mtime_ns && o.ino == st.ino && !o.verify {
+        Some(Action::Meta {
+            path: p.clone(),
+            stat: st.clone(),
+            old: o.clone(),
+        })
+    } else {
+        Some(content(false))
     }
+}
+
+/// A directory or symlink the index holds: an update when its state or (recreated) its inode
+/// changed.
+fn compare_node(p: &RelPath, st: &Stat, o: &Entry) -> Option<Action> {
+    let same_state =
+        o.mode == st.mode && o.mtime_ns == st.mtime_ns && o.target[..] == st.target[..];
+    // Same state, new inode (recreated): record the inode only.
+    (!same_state || o.ino != st.ino).then(|| Action::Node {
+        path: p.clone(),
+        stat: st.clone(),
+    })
 }
 
 fn new_action(

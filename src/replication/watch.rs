@@ -52,21 +52,61 @@ fn relative(ws: &Path, p: &Path) -> Option<RelPath> {
 pub fn watch(workspace: &Path, exclude: Exclude) -> Watcher {
     let (tx, rx) = mpsc::channel(8192);
     let overflow = Arc::new(AtomicBool::new(false));
-    let ws: PathBuf = workspace.to_path_buf();
-    let of = overflow.clone();
-    let handler = move |res: notify::Result<notify::Event>| {
+    let events = Events {
+        ws: workspace.to_path_buf(),
+        exclude,
+        tx,
+        overflow: overflow.clone(),
+    };
+    let (inner, degraded) = match start(workspace, move |res: notify::Result<notify::Event>| {
+        events.handle(res)
+    }) {
+        Ok(w) => (Some(w), None),
+        Err(why) => {
+            tracing::warn!(reason = %why, "change notification unavailable; falling back to periodic rescans");
+            (None, Some(why))
+        }
+    };
+    Watcher {
+        _inner: inner,
+        rx,
+        overflow,
+        degraded,
+    }
+}
+
+/// A recursive inotify watch of the workspace, or why there is none.
+fn start(
+    workspace: &Path,
+    handler: impl notify::EventHandler,
+) -> Result<RecommendedWatcher, String> {
+    let mut w =
+        notify::recommended_watcher(handler).map_err(|e| format!("inotify unavailable: {e}"))?;
+    w.watch(workspace, RecursiveMode::Recursive)
+        .map_err(|e| format!("cannot watch {}: {e}", workspace.display()))?;
+    Ok(w)
+}
+
+/// Turns notify's events into [`WatchEvent`]s, on notify's thread.
+struct Events {
+    ws: PathBuf,
+    exclude: Exclude,
+    tx: mpsc::Sender<WatchEvent>,
+    overflow: Arc<AtomicBool>,
+}
+
+impl Events {
+    fn handle(&self, res: notify::Result<notify::Event>) {
         let ev = match res {
             Ok(ev) => ev,
             Err(e) => {
                 tracing::warn!(error = %e, "watch error; rescanning");
-                of.store(true, Ordering::Relaxed);
+                self.overflow.store(true, Ordering::Relaxed);
                 return;
             }
         };
         if ev.need_rescan() {
-            if tx.try_send(WatchEvent::Rescan).is_err() {
-                of.store(true, Ordering::Relaxed);
-            }
+            self.send(WatchEvent::Rescan);
             return;
         }
         match ev.kind {
@@ -77,38 +117,19 @@ pub fn watch(workspace: &Path, exclude: Exclude) -> Watcher {
         let paths: Vec<RelPath> = ev
             .paths
             .iter()
-            .filter_map(|p| relative(&ws, p))
-            .filter(|p| !exclude.is_excluded(p))
+            .filter_map(|p| relative(&self.ws, p))
+            .filter(|p| !self.exclude.is_excluded(p))
             .collect();
-        if paths.is_empty() {
-            return;
+        if !paths.is_empty() {
+            self.send(WatchEvent::Paths(paths));
         }
-        if tx.try_send(WatchEvent::Paths(paths)).is_err() {
-            of.store(true, Ordering::Relaxed);
-        }
-    };
-    let mut degraded = None;
-    let inner = match notify::recommended_watcher(handler) {
-        Ok(mut w) => match w.watch(workspace, RecursiveMode::Recursive) {
-            Ok(()) => Some(w),
-            Err(e) => {
-                degraded = Some(format!("cannot watch {}: {e}", workspace.display()));
-                None
-            }
-        },
-        Err(e) => {
-            degraded = Some(format!("inotify unavailable: {e}"));
-            None
-        }
-    };
-    if let Some(why) = &degraded {
-        tracing::warn!(reason = %why, "change notification unavailable; falling back to periodic rescans");
     }
-    Watcher {
-        _inner: inner,
-        rx,
-        overflow,
-        degraded,
+
+    /// Our queue being full counts as an overflow: everything is rescanned.
+    fn send(&self, ev: WatchEvent) {
+        if self.tx.try_send(ev).is_err() {
+            self.overflow.store(true, Ordering::Relaxed);
+        }
     }
 }
 

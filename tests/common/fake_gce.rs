@@ -221,7 +221,8 @@ impl GceState {
             .env("STANDBY_WORKSPACE", &i.workspace)
             .env("STANDBY_LISTEN_PORT", free_port().to_string())
             .env("STANDBY_LISTEN_HOST", "127.0.0.1")
-            .env("STANDBY_USE_SYSTEMD", "0");
+            .env("STANDBY_USE_SYSTEMD", "0")
+            .env("STANDBY_USER", test_user());
         // The script talks to the fake's metadata server: run it off the server's thread.
         let (errors, name) = (self.boot_errors.clone(), name.to_string());
         std::thread::spawn(move || {
@@ -234,6 +235,16 @@ impl GceState {
             }
         });
     }
+}
+
+/// The user running the tests: the on-start scripts run the agent as this user (as root they
+/// would otherwise create the user `standby`, which cannot reach the tests' directories).
+fn test_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 type Reply = (StatusCode, String);
@@ -436,8 +447,40 @@ async fn insert(
         Err(e) => return error(400, "parseError", &format!("Parse Error: {e}")),
     };
     let name = b["name"].as_str().unwrap_or("").to_string();
+    if let Some(field) = invalid_field(&b, &name, &zone, &rid) {
+        return error(
+            400,
+            "invalid",
+            &format!("Invalid value for field '{field}'"),
+        );
+    }
+    if st.instances.contains_key(&name) {
+        return error(
+            409,
+            "alreadyExists",
+            &format!(
+                "The resource 'projects/{project}/zones/{zone}/instances/{name}' already exists"
+            ),
+        );
+    }
+    let op = if st.faults.exhausted.contains(&zone) {
+        st.exhausted_op(&project, &zone, &name)
+    } else {
+        st.create(&name, &zone, b)
+    };
+    let op_name = op["name"].as_str().unwrap().to_string();
+    st.request_ids.insert(rid, op_name);
+    if st.faults.insert_503 > 0 && st.instances.contains_key(&name) {
+        st.faults.insert_503 -= 1;
+        return error(503, "backendError", "Service Unavailable");
+    }
+    (StatusCode::OK, op.to_string())
+}
+
+/// The first field of an insert's body (or its request id) that the real API would refuse.
+fn invalid_field(b: &Value, name: &str, zone: &str, rid: &str) -> Option<&'static str> {
     let checks = [
-        (valid_name(&name), "name"),
+        (valid_name(name), "name"),
         (
             b["machineType"]
                 .as_str()
@@ -472,71 +515,58 @@ async fn insert(
             "requestId (a UUID)",
         ),
     ];
-    if let Some((_, field)) = checks.iter().find(|(ok, _)| !ok) {
-        return error(
-            400,
-            "invalid",
-            &format!("Invalid value for field '{field}'"),
-        );
-    }
-    if st.instances.contains_key(&name) {
-        return error(
-            409,
-            "alreadyExists",
-            &format!(
-                "The resource 'projects/{project}/zones/{zone}/instances/{name}' already exists"
-            ),
-        );
-    }
-    let op = if st.faults.exhausted.contains(&zone) {
-        let mut op = st.new_op(
-            &zone,
+    checks.iter().find(|(ok, _)| !ok).map(|(_, field)| *field)
+}
+
+impl GceState {
+    /// An insert into an exhausted zone: an operation that ends in
+    /// `ZONE_RESOURCE_POOL_EXHAUSTED`, nothing created.
+    fn exhausted_op(&mut self, project: &str, zone: &str, name: &str) -> Value {
+        let mut op = self.new_op(
+            zone,
             "insert",
-            &name,
+            name,
             Duration::from_millis(200),
             Then::Nothing,
         );
         let n = op["name"].as_str().unwrap().to_string();
         let err = json!({"errors": [{"code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": format!("The zone 'projects/{project}/zones/{zone}' does not have enough resources available to fulfill the request.")}]});
-        st.ops.get_mut(&n).unwrap().json["error"] = err.clone();
+        self.ops.get_mut(&n).unwrap().json["error"] = err.clone();
         op["error"] = err;
         op
-    } else {
-        let boots = if st.faults.never_boot > 0 {
-            st.faults.never_boot -= 1;
+    }
+
+    /// A new instance, PROVISIONING until its insert operation finishes and boots it (unless
+    /// the `never_boot` fault keeps its startup script from running).
+    fn create(&mut self, name: &str, zone: &str, body: Value) -> Value {
+        let boots = if self.faults.never_boot > 0 {
+            self.faults.never_boot -= 1;
             false
         } else {
             true
         };
-        let dir = st.dir.join(&name);
-        st.instances.insert(
-            name.clone(),
+        let dir = self.dir.join(name);
+        self.instances.insert(
+            name.to_string(),
             GceInstance {
-                name: name.clone(),
-                zone: zone.clone(),
+                name: name.to_string(),
+                zone: zone.to_string(),
                 status: "PROVISIONING".into(),
-                body: b,
+                body,
                 state_dir: dir.join("state"),
                 workspace: dir.join("workspace"),
                 boots,
                 booted: false,
             },
         );
-        st.new_op(
-            &zone,
+        self.new_op(
+            zone,
             "insert",
-            &name,
+            name,
             Duration::from_millis(300),
-            Then::Boot(name.clone()),
+            Then::Boot(name.to_string()),
         )
-    };
-    let op_name = op["name"].as_str().unwrap().to_string();
-    st.request_ids.insert(rid, op_name);
-    if st.faults.insert_503 > 0 && st.instances.contains_key(&name) {
-        st.faults.insert_503 -= 1;
-        return error(503, "backendError", "Service Unavailable");
     }
-    (StatusCode::OK, op.to_string())
 }
 
 async fn operation(

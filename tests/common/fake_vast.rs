@@ -147,28 +147,7 @@ async fn create(
     };
     let boots = !st.faults.never_boot.contains(&offer);
     if boots {
-        // The container starts and runs the on-start script with the instance's environment.
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let mut cmd = std::process::Command::new("bash");
-        cmd.arg(&st.script)
-            .env("STANDBY_AGENT_BIN", &st.agent_bin)
-            .env("STANDBY_STATE_DIR", &inst.state_dir)
-            .env("STANDBY_WORKSPACE", &inst.workspace)
-            .env("STANDBY_LISTEN_PORT", port.to_string())
-            .env("PUBLIC_IPADDR", " 127.0.0.1\n")
-            .env(format!("VAST_TCP_PORT_{port}"), port.to_string());
-        for (k, v) in req["env"].as_object().unwrap() {
-            if k.starts_with("STANDBY_") {
-                cmd.env(k, v.as_str().unwrap_or(""));
-            }
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "on-start script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        on_start(&st, &dir, &inst, &req["env"]);
     }
     let inst = Instance {
         booted: boots,
@@ -182,6 +161,43 @@ async fn create(
         );
     }
     ok(json!({"success": true, "new_contract": id}))
+}
+
+/// The container starts and runs the on-start script with the instance's environment (the
+/// `STANDBY_*` variables of the request's `env`).
+fn on_start(st: &VastState, dir: &std::path::Path, inst: &Instance, env: &Value) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(&st.script)
+        .env("STANDBY_AGENT_BIN", &st.agent_bin)
+        .env("STANDBY_STATE_DIR", &inst.state_dir)
+        .env("STANDBY_WORKSPACE", &inst.workspace)
+        .env("STANDBY_LISTEN_PORT", port.to_string())
+        .env("PUBLIC_IPADDR", " 127.0.0.1\n")
+        .env("STANDBY_USER", test_user())
+        .env(format!("VAST_TCP_PORT_{port}"), port.to_string());
+    for (k, v) in env.as_object().unwrap() {
+        if k.starts_with("STANDBY_") {
+            cmd.env(k, v.as_str().unwrap_or(""));
+        }
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "on-start script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The user running the tests: the on-start scripts run the agent as this user (as root they
+/// would otherwise create the user `standby`, which cannot reach the tests' directories).
+fn test_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 async fn show(

@@ -60,7 +60,7 @@
 //! holding it open.
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -191,111 +191,50 @@ impl CommandProvider {
     ) -> Result<Vec<u8>, ProviderError> {
         let prog = argv[0].as_str();
         let what = format!("command provider: {op} program {prog}");
-        let mut cmd = tokio::process::Command::new(prog);
-        cmd.args(&argv[1..]);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("STANDBY_") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.env("STANDBY_OP", op)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+        let mut cmd = program(op, argv);
         tracing::debug!(op, program = prog, "running");
         let mut child = spawn(&mut cmd, &what).await?;
         // From here on, dropping this call (the coordinator's own time limit) kills the group.
         let mut group = GroupKill(child.id().and_then(|p| i32::try_from(p).ok()));
         let deadline = Instant::now() + self.timeout;
-
-        let mut payload = serde_json::to_vec(input).expect("a JSON value serialises");
-        payload.push(b'\n');
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
         let mut out = Vec::new();
         let mut err = StderrSink::new(op, prog);
-        let mut status = None;
-        let mut overflow = false;
-        let mut timed_out = false;
-        {
-            let write = async move {
-                if let Some(mut w) = stdin {
-                    // A program that exits without reading its request is its own business.
-                    let _ = w.write_all(&payload).await;
-                    let _ = w.shutdown().await;
-                }
-            };
-            let read_out = read_capped(stdout, &mut out);
-            let read_err = err.drain(stderr);
-            tokio::pin!(write, read_out, read_err);
-            let (mut written, mut out_done, mut err_done) = (false, false, false);
-            let grace = tokio::time::sleep_until(deadline);
-            tokio::pin!(grace);
-            loop {
-                if status.is_some() && out_done && err_done {
-                    break;
-                }
-                tokio::select! {
-                    _ = &mut write, if !written => written = true,
-                    r = &mut read_out, if !out_done => {
-                        out_done = true;
-                        if !r {
-                            overflow = true;
-                            break;
-                        }
-                    }
-                    _ = &mut read_err, if !err_done => err_done = true,
-                    s = child.wait(), if status.is_none() => {
-                        match s {
-                            Ok(s) => status = Some(s),
-                            Err(e) => {
-                                return Err(ProviderError::Transient(format!(
-                                    "{what}: waiting for it: {e}"
-                                )));
-                            }
-                        }
-                        let cutoff = (Instant::now() + DRAIN_GRACE).min(deadline);
-                        grace.as_mut().reset(cutoff);
-                    }
-                    _ = &mut grace => {
-                        if status.is_none() {
-                            timed_out = true;
-                        } else {
-                            tracing::warn!(
-                                op,
-                                program = prog,
-                                "exited, but something it started still holds its stdout or \
-                                 stderr open; not waiting for it"
-                            );
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-        if status.is_none() {
+        let end = converse(&mut child, input, deadline, &mut out, &mut err)
+            .await
+            .map_err(|e| ProviderError::Transient(format!("{what}: waiting for it: {e}")))?;
+        if !end.exited() {
             group.kill();
             // Reap it (the process itself; kill_on_drop and tokio's reaper cover the rest).
             let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
         }
         group.0 = None;
-        let tail = err.tail();
-        if timed_out {
-            return Err(ProviderError::Transient(format!(
-                "{what} timed out after {} s and was killed{tail}",
-                self.timeout.as_secs_f64()
-            )));
-        }
-        if overflow {
-            return Err(ProviderError::Transient(format!(
-                "{what} printed more than {} MiB on stdout and was killed{tail}",
-                MAX_STDOUT >> 20
-            )));
-        }
-        let status = status.expect("the loop ends with a status or an error");
+        self.verdict(end, out, &what, &err.tail())
+    }
+
+    /// The reply of a call that ended with `end`: stdout on exit status 0, else the error its
+    /// ending and exit status mean (see the module documentation); `tail` quotes stderr.
+    fn verdict(
+        &self,
+        end: Ending,
+        out: Vec<u8>,
+        what: &str,
+        tail: &str,
+    ) -> Result<Vec<u8>, ProviderError> {
+        let status = match end {
+            Ending::TimedOut => {
+                return Err(ProviderError::Transient(format!(
+                    "{what} timed out after {} s and was killed{tail}",
+                    self.timeout.as_secs_f64()
+                )));
+            }
+            Ending::Overflow { .. } => {
+                return Err(ProviderError::Transient(format!(
+                    "{what} printed more than {} MiB on stdout and was killed{tail}",
+                    MAX_STDOUT >> 20
+                )));
+            }
+            Ending::Exited(status) => status,
+        };
         match status.code() {
             Some(0) => Ok(out),
             Some(EXIT_TEMPFAIL) => Err(ProviderError::Transient(format!(
@@ -403,6 +342,109 @@ impl Provider for CommandProvider {
     async fn destroy(&self, id: &str) -> Result<(), ProviderError> {
         let input = json!({"op": "destroy", "id": id});
         self.call("destroy", &self.destroy, &input).await.map(drop)
+    }
+}
+
+/// The command for `argv`: no `STANDBY_*` variables but `STANDBY_OP`, every stream piped, in a
+/// process group of its own (so a timeout can kill all it started).
+fn program(op: &str, argv: &[String]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("STANDBY_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("STANDBY_OP", op)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+/// How the exchange with a program ended.
+enum Ending {
+    /// It exited, and its stdout and stderr were read (or their grace period ran out).
+    Exited(ExitStatus),
+    /// It ran past the deadline.
+    TimedOut,
+    /// It printed more than [`MAX_STDOUT`]; `exited` says whether it had exited already.
+    Overflow { exited: bool },
+}
+
+impl Ending {
+    /// Whether the program has exited (otherwise its group is still to be killed).
+    fn exited(&self) -> bool {
+        match self {
+            Ending::Exited(_) => true,
+            Ending::TimedOut => false,
+            Ending::Overflow { exited } => *exited,
+        }
+    }
+}
+
+/// Writes `input` (and a newline) to the program's stdin and closes it, reads its stdout into
+/// `out` and its stderr into `err`, and waits for it to exit, until `deadline`. Once it has
+/// exited, stdout and stderr are read for at most [`DRAIN_GRACE`] more.
+async fn converse(
+    child: &mut tokio::process::Child,
+    input: &Value,
+    deadline: Instant,
+    out: &mut Vec<u8>,
+    err: &mut StderrSink<'_>,
+) -> std::io::Result<Ending> {
+    let mut payload = serde_json::to_vec(input).expect("a JSON value serialises");
+    payload.push(b'\n');
+    let stdin = child.stdin.take();
+    let write = async move {
+        if let Some(mut w) = stdin {
+            // A program that exits without reading its request is its own business.
+            let _ = w.write_all(&payload).await;
+            let _ = w.shutdown().await;
+        }
+    };
+    let (op, prog) = (err.op, err.prog);
+    let read_out = read_capped(child.stdout.take(), out);
+    let read_err = err.drain(child.stderr.take());
+    tokio::pin!(write, read_out, read_err);
+    let (mut written, mut out_done, mut err_done) = (false, false, false);
+    let mut status = None;
+    let grace = tokio::time::sleep_until(deadline);
+    tokio::pin!(grace);
+    loop {
+        if let Some(s) = status
+            && out_done
+            && err_done
+        {
+            return Ok(Ending::Exited(s));
+        }
+        tokio::select! {
+            _ = &mut write, if !written => written = true,
+            r = &mut read_out, if !out_done => {
+                out_done = true;
+                if !r {
+                    return Ok(Ending::Overflow { exited: status.is_some() });
+                }
+            }
+            _ = &mut read_err, if !err_done => err_done = true,
+            s = child.wait(), if status.is_none() => {
+                status = Some(s?);
+                let cutoff = (Instant::now() + DRAIN_GRACE).min(deadline);
+                grace.as_mut().reset(cutoff);
+            }
+            _ = &mut grace => {
+                let Some(s) = status else { return Ok(Ending::TimedOut) };
+                tracing::warn!(
+                    op,
+                    program = prog,
+                    "exited, but something it started still holds its stdout or stderr open; \
+                     not waiting for it"
+                );
+                return Ok(Ending::Exited(s));
+            }
+        }
     }
 }
 

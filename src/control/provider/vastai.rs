@@ -21,8 +21,10 @@ pub struct VastAi {
     pub image: String,
     /// Disk to allocate, GB.
     pub disk_gb: u32,
-    /// Where instances download agent-gpu from (passed to the on-start script).
+    /// Where instances download agent-gpu from (passed to the on-start script), and its
+    /// SHA-256, which the script requires before it runs a downloaded binary.
     pub agent_url: String,
+    pub agent_sha256: String,
 }
 
 impl std::fmt::Debug for VastAi {
@@ -56,6 +58,7 @@ impl VastAi {
             image: "pytorch/pytorch:latest".into(),
             disk_gb: 100,
             agent_url: String::new(),
+            agent_sha256: String::new(),
         })
     }
 
@@ -185,6 +188,7 @@ impl Provider for VastAi {
                 "STANDBY_MACHINE": s.label,
                 "STANDBY_PAIR": s.pair,
                 "STANDBY_AGENT_URL": self.agent_url,
+                "STANDBY_AGENT_SHA256": self.agent_sha256,
                 "-p 7702:7702": "1",
             },
             "onstart": ONSTART,

@@ -8,14 +8,14 @@
 //! Every path is reached through [`fsx::Root`], so a symlink planted anywhere in the tree can
 //! neither be followed nor written through.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, hash_map};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 
 use crate::disk::fsx::{self, Found, Root};
-use crate::proto::state::Record;
+use crate::proto::state::{Change, Record};
 use crate::replication::manifest::{Kind, Manifest, kind_of};
 use crate::types::RelPath;
 
@@ -38,22 +38,43 @@ fn context(e: io::Error, what: &str, p: &RelPath) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {p}: {e}"))
 }
 
+/// A record's changes, with their paths parsed.
+type Changes<'a> = [(RelPath, &'a Change)];
+
 /// Applies `rec` to the workspace under `root`. `manifest` is the manifest *after* the record
 /// (directory metadata is taken from it). `stage` is the stage directory.
+///
+/// The steps run in this order, each idempotent on its own (see the module doc).
 pub fn apply_record(
     root: &Root,
     stage: BorrowedFd<'_>,
     rec: &Record,
     manifest: &Manifest,
 ) -> io::Result<()> {
+    let changes = parse_changes(rec)?;
+    remove_old(root, &changes)?;
+    create_dirs(root, stage, &changes)?;
+    // From here on no directory is created, removed or moved: parents can be kept open.
+    let mut dirs = Dirs::new(root);
+    place_staged(stage, &mut dirs, &changes)?;
+    patch_in_place(stage, &mut dirs, &changes)?;
+    write_packed(stage, &mut dirs, &changes)?;
+    set_meta(root, &changes)?;
+    set_dir_meta(&mut dirs, manifest, &changes)
+}
+
+fn parse_changes(rec: &Record) -> io::Result<Vec<(RelPath, &Change)>> {
     let mut changes = Vec::with_capacity(rec.changes.len());
     for c in &rec.changes {
         let p = RelPath::new(c.path.to_vec())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("record: {e}")))?;
         changes.push((p, c));
     }
+    Ok(changes)
+}
 
-    // 1. Removals, deepest first: deletions and the old side of a change of kind.
+/// 1. Removals, deepest first: deletions and the old side of a change of kind.
+fn remove_old(root: &Root, changes: &Changes<'_>) -> io::Result<()> {
     let mut removals: Vec<(&RelPath, Kind)> = changes
         .iter()
         .filter_map(|(p, c)| {
@@ -80,10 +101,13 @@ pub fn apply_record(
             r.map_err(|e| context(e, "remove", p))?;
         }
     }
+    Ok(())
+}
 
-    // 2. New directories, shallowest first: those staged whole are renamed into place (with
-    //    everything placed inside them), others created empty, private until step 5.
-    let mut dirs: Vec<(&RelPath, &crate::proto::state::Change)> = changes
+/// 2. New directories, shallowest first: those staged whole are renamed into place (with
+///    everything placed inside them), others created empty, private until step 5.
+fn create_dirs(root: &Root, stage: BorrowedFd<'_>, changes: &Changes<'_>) -> io::Result<()> {
+    let mut dirs: Vec<(&RelPath, &Change)> = changes
         .iter()
         .filter(|(_, c)| c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) && !c.placed)
         .map(|(p, c)| (p, *c))
@@ -115,12 +139,16 @@ pub fn apply_record(
             }
         }
     }
+    Ok(())
+}
 
-    // From here on no directory is created, removed or moved: parents can be kept open.
-    let mut dirs = Dirs::new(root);
-
-    // 3. Staged content into place.
-    for (p, c) in &changes {
+/// 3. Staged content into place.
+fn place_staged(
+    stage: BorrowedFd<'_>,
+    dirs: &mut Dirs<'_>,
+    changes: &Changes<'_>,
+) -> io::Result<()> {
+    for (p, c) in changes {
         if c.stage.is_empty() || c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) {
             continue;
         }
@@ -130,10 +158,17 @@ pub fn apply_record(
         let (dir, name) = dirs.parent(p).map_err(|e| context(e, "place", p))?;
         fsx::renameat(stage, c.stage.as_bytes(), dir, name).map_err(|e| context(e, "place", p))?;
     }
+    Ok(())
+}
 
-    // 3b. Files updated in place from a patch (missing patch: applied by an earlier run, whose
-    //     results were made durable before the patch was removed).
-    for (p, c) in &changes {
+/// 3b. Files updated in place from a patch (missing patch: applied by an earlier run, whose
+///     results were made durable before the patch was removed).
+fn patch_in_place(
+    stage: BorrowedFd<'_>,
+    dirs: &mut Dirs<'_>,
+    changes: &Changes<'_>,
+) -> io::Result<()> {
+    for (p, c) in changes {
         if c.patch.is_empty() {
             continue;
         }
@@ -148,24 +183,25 @@ pub fn apply_record(
         crate::replication::receive::stage::apply_patch(&patch, &target, &c.extents, size)
             .map_err(|e| context(e, "patch", p))?;
     }
+    Ok(())
+}
 
-    // 3c. Small files written in place from their pack (missing pack: applied by an earlier
-    //     run, whose results were made durable before the pack was removed).
-    let mut packs: std::collections::HashMap<&str, Option<File>> = std::collections::HashMap::new();
+/// 3c. Small files written in place from their pack (missing pack: applied by an earlier
+///     run, whose results were made durable before the pack was removed).
+fn write_packed(
+    stage: BorrowedFd<'_>,
+    dirs: &mut Dirs<'_>,
+    changes: &Changes<'_>,
+) -> io::Result<()> {
+    let mut packs: HashMap<&str, Option<File>> = HashMap::new();
     let mut buf = Vec::new();
-    for (p, c) in &changes {
+    for (p, c) in changes {
         if c.pack.is_empty() {
             continue;
         }
         let pack = match packs.entry(c.pack.as_str()) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(match fsx::openat_file(stage, c.pack.as_bytes()) {
-                    Ok(f) => Some(f),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(context(e, "open pack for", p)),
-                })
-            }
+            hash_map::Entry::Occupied(o) => o.into_mut(),
+            hash_map::Entry::Vacant(v) => v.insert(open_pack(stage, &c.pack, p)?),
         };
         let (Some(pack), Some(e)) = (pack.as_ref(), c.entry.as_ref()) else {
             continue;
@@ -178,9 +214,21 @@ pub fn apply_record(
         f.write_all(&buf).map_err(|er| context(er, "write", p))?;
         set_file_meta(&f, e).map_err(|er| context(er, "set metadata of", p))?;
     }
+    Ok(())
+}
 
-    // 4. Metadata of files and symlinks that were linked, kept or patched rather than staged.
-    for (p, c) in &changes {
+/// A staged pack, or `None` when an earlier run applied it and removed it.
+fn open_pack(stage: BorrowedFd<'_>, name: &str, p: &RelPath) -> io::Result<Option<File>> {
+    match fsx::openat_file(stage, name.as_bytes()) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(context(e, "open pack for", p)),
+    }
+}
+
+/// 4. Metadata of files and symlinks that were linked, kept or patched rather than staged.
+fn set_meta(root: &Root, changes: &Changes<'_>) -> io::Result<()> {
+    for (p, c) in changes {
         let Some(e) = &c.entry else { continue };
         let kind = kind_of(e);
         if !c.set_meta || kind == Some(Kind::Dir) {
@@ -195,11 +243,14 @@ pub fn apply_record(
         fsx::set_mtime_at(dir.as_fd(), name, e.mtime_ns)
             .map_err(|er| context(er, "set mtime of", p))?;
     }
+    Ok(())
+}
 
-    // 5. Directory metadata, deepest first: every changed directory and every parent of a
-    //    changed path (its mtime moved when entries were added or removed).
+/// 5. Directory metadata, deepest first: every changed directory and every parent of a
+///    changed path (its mtime moved when entries were added or removed).
+fn set_dir_meta(dirs: &mut Dirs<'_>, manifest: &Manifest, changes: &Changes<'_>) -> io::Result<()> {
     let mut touched: BTreeSet<RelPath> = BTreeSet::new();
-    for (p, c) in &changes {
+    for (p, c) in changes {
         if c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) {
             touched.insert(p.clone());
         }
@@ -359,14 +410,14 @@ pub fn clear_stage(stage: BorrowedFd<'_>) -> io::Result<usize> {
 /// directories (after removals and creations).
 struct Dirs<'r> {
     root: &'r Root,
-    open: std::collections::HashMap<Option<RelPath>, std::os::fd::OwnedFd>,
+    open: HashMap<Option<RelPath>, std::os::fd::OwnedFd>,
 }
 
 impl<'r> Dirs<'r> {
     fn new(root: &'r Root) -> Dirs<'r> {
         Dirs {
             root,
-            open: std::collections::HashMap::new(),
+            open: HashMap::new(),
         }
     }
 

@@ -1,0 +1,338 @@
+//! One replication session: the hello, taking the replica over from an older session, the
+//! epoch check, then one handler per message until the sender closes the stream.
+//!
+//! The session holds the replica's lock from its hello to its end; a newer session of the same
+//! sender cancels it (see `take_over`). Whatever generation is still open when the session ends
+//! is abandoned: nothing of it was committed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use super::generation::Gen;
+use super::refusal::bad;
+use super::signature::{SigJob, sig_worker};
+use super::stream::StreamMsg;
+use super::validate::rel;
+use super::{Inner, PROTOCOL, State};
+use crate::proto::{
+    Begin, Chunk, FileEnd, Hello, HelloReply, ManifestChunk, ManifestItem, SigRequest, SyncRequest,
+    SyncResponse, sync_request, sync_response,
+};
+use crate::replication::delta;
+use crate::replication::manifest::{Kind, Manifest, kind_of};
+use crate::types::Epoch;
+
+/// Where replies to the sender go.
+pub(super) type Replies = mpsc::Sender<Result<SyncResponse, Status>>;
+/// The replica, held by the session.
+pub(super) type Guard = OwnedMutexGuard<State>;
+
+/// A session past its hello.
+pub(super) struct Session {
+    pub inner: Arc<Inner>,
+    /// The session's epoch (the hello's, durable by now).
+    pub epoch: Epoch,
+    pub tx: Replies,
+    sig_tx: mpsc::Sender<SigJob>,
+    /// The generation being received, from its begin to its commit.
+    pub cur: Option<Gen>,
+}
+
+/// Runs a session from its hello to its end.
+pub(super) async fn run_session(
+    inner: Arc<Inner>,
+    id: u64,
+    mut stream: Streaming<SyncRequest>,
+    tx: Replies,
+) -> Result<(), Status> {
+    let Some(hello) = read_hello(&mut stream).await? else {
+        return Ok(());
+    };
+    let token = take_over(&inner, id);
+    let mut guard = lock_replica(&inner, &token).await?;
+    // Roll forward a commit whose application failed earlier, before anything else.
+    if let Some(rec) = guard.unapplied.take() {
+        let inner2 = inner.clone();
+        let (g, r) = blocking(guard, move |st| {
+            super::commit::retry_apply(&inner2, st, rec)
+        })
+        .await?;
+        guard = g;
+        r?;
+    }
+    let epoch = enter_epoch(&inner, &mut guard, Epoch(hello.epoch))?;
+    inner.figures.lock().expect("figures").session_active = true;
+    tracing::info!(sender = %hello.sender, epoch = %epoch, generation = %guard.manifest.generation, "session started");
+    send(
+        &tx,
+        sync_response::Msg::Hello(hello_reply(&guard.manifest, epoch)),
+    )
+    .await?;
+
+    let (sig_tx, sig_rx) = mpsc::channel::<SigJob>(64);
+    let sig_worker = tokio::spawn(sig_worker(inner.clone(), sig_rx, tx.clone()));
+    let mut s = Session {
+        inner: inner.clone(),
+        epoch,
+        tx,
+        sig_tx,
+        cur: None,
+    };
+    // The loop owns the replica's lock: it is released when the loop ends.
+    let result = s.serve(guard, &mut stream, &token).await;
+    sig_worker.abort();
+    if let Some(g) = s.cur.take() {
+        g.abandon(&inner.stage).await;
+    }
+    result
+}
+
+/// The session's first message, which must be a hello in our protocol; `None` when the sender
+/// closed the stream before saying anything.
+async fn read_hello(stream: &mut Streaming<SyncRequest>) -> Result<Option<Hello>, Status> {
+    let first = match stream.next().await {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => return Err(e),
+        None => return Ok(None),
+    };
+    let Some(sync_request::Msg::Hello(hello)) = first.msg else {
+        return Err(bad("the first message of a session must be hello"));
+    };
+    if hello.protocol != PROTOCOL {
+        return Err(Status::failed_precondition(format!(
+            "protocol {} not supported (this receiver speaks {PROTOCOL})",
+            hello.protocol
+        )));
+    }
+    Ok(Some(hello))
+}
+
+/// Takes over from an older session of the same sender, which is cancelled.
+fn take_over(inner: &Inner, id: u64) -> CancellationToken {
+    let token = CancellationToken::new();
+    if let Some((_, old)) = inner
+        .session
+        .lock()
+        .expect("session lock")
+        .replace((id, token.clone()))
+    {
+        old.cancel();
+    }
+    token
+}
+
+/// Waits for the replica, as long as this session is not superseded, for at most a minute.
+async fn lock_replica(inner: &Inner, token: &CancellationToken) -> Result<Guard, Status> {
+    tokio::select! {
+        g = inner.state.clone().lock_owned() => Ok(g),
+        _ = token.cancelled() => Err(Status::cancelled("superseded by a newer session")),
+        _ = tokio::time::sleep(Duration::from_secs(60)) => Err(Status::unavailable("replica busy")),
+    }
+}
+
+/// Fences a stale sender, and makes a newer epoch durable before acting on it.
+fn enter_epoch(inner: &Inner, st: &mut State, hello_epoch: Epoch) -> Result<Epoch, Status> {
+    let epoch = st.epoch.get();
+    if hello_epoch < epoch {
+        return Err(Status::failed_precondition(format!(
+            "fenced: stale epoch {hello_epoch} < {epoch}; this replica no longer accepts data from that epoch"
+        )));
+    }
+    if hello_epoch > epoch {
+        st.epoch
+            .raise(hello_epoch)
+            .map_err(|e| Status::internal(format!("persisting epoch: {e}")))?;
+        inner.figures.lock().expect("figures").epoch = hello_epoch;
+    }
+    Ok(hello_epoch)
+}
+
+fn hello_reply(m: &Manifest, epoch: Epoch) -> HelloReply {
+    HelloReply {
+        protocol: PROTOCOL,
+        epoch: epoch.0,
+        generation: m.generation.0,
+        root: m.root().to_vec().into(),
+        entries: m.len() as u64,
+    }
+}
+
+impl Session {
+    /// Handles messages until the sender closes the stream, an error, or a newer session.
+    async fn serve(
+        &mut self,
+        mut guard: Guard,
+        stream: &mut Streaming<SyncRequest>,
+        token: &CancellationToken,
+    ) -> Result<(), Status> {
+        loop {
+            let msg = tokio::select! {
+                m = stream.next() => m,
+                _ = token.cancelled() => return Err(Status::cancelled("superseded by a newer session")),
+            };
+            let msg = match msg {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            };
+            self.inner.figures.lock().expect("figures").last_data = Some(Instant::now());
+            let Some(msg) = msg.msg else {
+                return Err(bad("empty message"));
+            };
+            guard = self.handle(guard, msg).await?;
+        }
+    }
+
+    /// One message; the replica's lock passes through (a commit works on it off this thread).
+    async fn handle(&mut self, guard: Guard, msg: sync_request::Msg) -> Result<Guard, Status> {
+        use sync_request::Msg;
+        match msg {
+            Msg::Hello(_) => return Err(bad("hello sent twice")),
+            Msg::Manifest(_) => self.send_manifest(&guard.manifest).await?,
+            Msg::Begin(b) => self.begin(&guard.manifest, b)?,
+            Msg::Ops(ops) => self.ops(&guard.manifest, ops.ops).await?,
+            Msg::Sig(s) => self.sig(&guard.manifest, s).await?,
+            Msg::Chunk(c) => self.chunk(c).await?,
+            Msg::End(end) => self.end(end).await?,
+            Msg::Commit(c) => return self.commit(guard, c).await,
+        }
+        Ok(guard)
+    }
+
+    /// The current generation, or why `what` cannot come now.
+    fn current(&mut self, what: &str) -> Result<&mut Gen, Status> {
+        self.cur
+            .as_mut()
+            .ok_or_else(|| bad(format!("{what} outside a generation")))
+    }
+
+    async fn send_manifest(&self, m: &Manifest) -> Result<(), Status> {
+        if self.cur.is_some() {
+            return Err(bad("manifest asked for in the middle of a generation"));
+        }
+        send_manifest(m, &self.tx).await
+    }
+
+    fn begin(&mut self, m: &Manifest, b: Begin) -> Result<(), Status> {
+        if self.cur.is_some() {
+            return Err(bad("begin inside a generation"));
+        }
+        let expected = m.generation.next();
+        if b.generation != expected.0 {
+            return Err(Status::failed_precondition(format!(
+                "generation {} cannot follow committed generation {}",
+                b.generation, m.generation
+            )));
+        }
+        self.cur = Some(Gen::new(expected));
+        Ok(())
+    }
+
+    async fn ops(&mut self, m: &Manifest, ops: Vec<crate::proto::Op>) -> Result<(), Status> {
+        let inner = self.inner.clone();
+        self.current("ops")?.receive_ops(&inner, m, ops).await
+    }
+
+    /// Queues a signature request for the signature worker.
+    async fn sig(&mut self, m: &Manifest, s: SigRequest) -> Result<(), Status> {
+        let bases = self.current("signature request")?.bases.clone();
+        delta::check_block_size(s.block_size).map_err(|e| bad(e.to_string()))?;
+        let path = rel(&s.path)?;
+        let expect = m
+            .get(&path)
+            .filter(|e| kind_of(e) == Some(Kind::File))
+            .cloned();
+        let job = SigJob {
+            file: s.file,
+            path,
+            block_size: s.block_size,
+            expect,
+            bases,
+        };
+        self.sig_tx
+            .send(job)
+            .await
+            .map_err(|_| Status::internal("signature worker stopped"))
+    }
+
+    async fn chunk(&mut self, c: Chunk) -> Result<(), Status> {
+        let g = self.current("chunk")?;
+        let h = g
+            .streams
+            .get(&c.file)
+            .ok_or_else(|| bad(format!("chunk for unknown file {}", c.file)))?;
+        h.tx.send(StreamMsg::Chunk(c))
+            .await
+            .map_err(|_| Status::internal("stream writer stopped"))
+    }
+
+    async fn end(&mut self, end: FileEnd) -> Result<(), Status> {
+        let g = self.current("file end")?;
+        let h = g
+            .streams
+            .remove(&end.file)
+            .ok_or_else(|| bad(format!("end of unknown file {}", end.file)))?;
+        h.tx.send(StreamMsg::End(end))
+            .await
+            .map_err(|_| Status::internal("stream writer stopped"))?;
+        g.finishing.push((h.path, h.done));
+        Ok(())
+    }
+}
+
+pub(super) async fn send(tx: &Replies, msg: sync_response::Msg) -> Result<(), Status> {
+    tx.send(Ok(SyncResponse { msg: Some(msg) }))
+        .await
+        .map_err(|_| Status::cancelled("sender went away"))
+}
+
+/// Runs `f` on the blocking pool with the replica state, and hands the state back.
+pub(super) async fn blocking<T: Send + 'static>(
+    mut guard: Guard,
+    f: impl FnOnce(&mut State) -> T + Send + 'static,
+) -> Result<(Guard, T), Status> {
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut guard);
+        (guard, r)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("worker failed: {e}")))
+}
+
+/// Sends the committed manifest in chunks of about 1 MiB.
+async fn send_manifest(m: &Manifest, tx: &Replies) -> Result<(), Status> {
+    let root = Bytes::from(m.root().to_vec());
+    let chunk = |items, last| {
+        sync_response::Msg::Manifest(ManifestChunk {
+            generation: m.generation.0,
+            root: root.clone(),
+            items,
+            last,
+        })
+    };
+    let mut items = Vec::new();
+    let mut size = 0usize;
+    let mut iter = m.iter().peekable();
+    while let Some((p, e)) = iter.next() {
+        size += p.as_bytes().len() + 64 + e.target.len();
+        items.push(ManifestItem {
+            path: p.as_bytes().to_vec().into(),
+            entry: Some(e.clone()),
+        });
+        if size > (1 << 20) || iter.peek().is_none() {
+            let last = iter.peek().is_none();
+            send(tx, chunk(std::mem::take(&mut items), last)).await?;
+            size = 0;
+        }
+    }
+    if m.is_empty() {
+        send(tx, chunk(vec![], true)).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! Streamed files: one worker per file on the blocking pool writes its chunks in order
+//! (literals or delta windows, maybe compressed), hashes what it wrote, and at the file's end
+//! says whether the content is verified.
+//!
+//! A chunk that cannot be decoded does not end the session: the file is marked corrupt, its
+//! later chunks are dropped, and at its end it is rejected (sent again whole). Only local i/o
+//! failures and chunks over the size limit end the session.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use super::Inner;
+use super::apply::set_file_meta;
+use super::refusal::{bad, status_io};
+use super::stage::{Base, Direct, Patch};
+use crate::disk::fsx;
+use crate::proto::state::Extent;
+use crate::proto::{Chunk, Entry, FileEnd, chunk};
+use crate::replication::{compress, delta};
+use crate::text::hex;
+use crate::types::RelPath;
+
+/// Suffix of a streamed file's full staged copy, once its in-place patch grew too big.
+pub(super) const FULL: &str = ".full";
+
+pub(super) enum StreamMsg {
+    Chunk(Chunk),
+    End(FileEnd),
+}
+
+/// The session's side of a stream worker.
+pub(super) struct StreamHandle {
+    pub path: RelPath,
+    pub tx: mpsc::Sender<StreamMsg>,
+    pub done: oneshot::Receiver<Result<Finished, Status>>,
+}
+
+/// A stream the worker has finished.
+pub(super) struct Finished {
+    pub name: Vec<u8>,
+    pub placed: bool,
+    pub outcome: StreamOutcome,
+}
+
+pub(super) enum StreamOutcome {
+    Aborted,
+    Rejected(String),
+    /// Verified; `patch` holds the extents when the file is to be updated in place.
+    Verified {
+        entry: Entry,
+        patch: Option<Vec<Extent>>,
+    },
+}
+
+/// A streamed file about to be written.
+pub(super) struct NewStream {
+    pub path: RelPath,
+    /// Location inside the stage (a bucket file, or the final name in a staged directory).
+    pub name: Vec<u8>,
+    /// Inside a new directory staged whole.
+    pub placed: bool,
+    pub entry: Entry,
+    /// The replica's committed copy, for a delta.
+    pub base: Option<Arc<Base>>,
+    /// Inode of the replica's file, patched in place.
+    pub base_ino: u64,
+}
+
+/// Where a streamed file's bytes go (see `stage`).
+enum Sink {
+    Direct(Direct),
+    Patch(Patch),
+    /// Transient, while a patch turns into a full copy.
+    Switching,
+}
+
+/// A stream as its worker sees it.
+struct OpenStream {
+    path: RelPath,
+    name: Vec<u8>,
+    placed: bool,
+    sink: Sink,
+    entry: Entry,
+    hasher: blake3::Hasher,
+    written: u64,
+    base: Option<Arc<Base>>,
+    base_ino: u64,
+    corrupt: Option<String>,
+}
+
+/// Opens a streamed file's sink (a patch when there is a non-empty base to patch in place) and
+/// starts its worker.
+pub(super) fn open_stream(inner: &Arc<Inner>, n: NewStream) -> Result<StreamHandle, Status> {
+    let stage = inner.stage.as_fd();
+    let sink = match &n.base {
+        Some(b) if !b.bytes().is_empty() && !n.placed => {
+            Patch::create(stage, &n.name).map(Sink::Patch)
+        }
+        _ => Direct::create(stage, &n.name).map(Sink::Direct),
+    }
+    .map_err(|e| status_io("staging", e))?;
+    let s = OpenStream {
+        path: n.path,
+        name: n.name,
+        placed: n.placed,
+        sink,
+        entry: n.entry,
+        hasher: blake3::Hasher::new(),
+        written: 0,
+        base: n.base,
+        base_ino: n.base_ino,
+        corrupt: None,
+    };
+    Ok(spawn_stream(inner.clone(), s))
+}
+
+/// Writes one streamed file on a blocking thread, chunk by chunk, in order.
+fn spawn_stream(inner: Arc<Inner>, mut s: OpenStream) -> StreamHandle {
+    let (tx, mut rx) = mpsc::channel::<StreamMsg>(4);
+    let (done_tx, done) = oneshot::channel();
+    let path = s.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut failed: Option<Status> = None;
+        while let Some(m) = rx.blocking_recv() {
+            match m {
+                StreamMsg::Chunk(c) => {
+                    if failed.is_none()
+                        && let Err(e) = write_chunk(inner.stage.as_fd(), &mut s, c)
+                    {
+                        failed = Some(e);
+                    }
+                }
+                StreamMsg::End(end) => {
+                    let _ = done_tx.send(end_stream(&inner, &mut s, &end, failed.take()));
+                    return;
+                }
+            }
+        }
+    });
+    StreamHandle { path, tx, done }
+}
+
+/// The end of a stream: a failed one leaves nothing staged, the others are checked.
+fn end_stream(
+    inner: &Inner,
+    s: &mut OpenStream,
+    end: &FileEnd,
+    failed: Option<Status>,
+) -> Result<Finished, Status> {
+    if let Some(e) = failed {
+        let _ = fsx::unlinkat(inner.stage.as_fd(), &s.name, false);
+        return Err(e);
+    }
+    finish_stream(inner, s, end).map(|outcome| Finished {
+        name: s.name.clone(),
+        placed: s.placed,
+        outcome,
+    })
+}
+
+fn write_chunk(stage_fd: BorrowedFd<'_>, s: &mut OpenStream, c: Chunk) -> Result<(), Status> {
+    if s.corrupt.is_some() {
+        return Ok(());
+    }
+    let len = c.len as usize;
+    if len > delta::MAX_CHUNK {
+        return Err(bad(format!(
+            "{}: chunk of {len} bytes exceeds the limit",
+            s.path
+        )));
+    }
+    let data = match decode(s, c.data, len) {
+        Ok(d) => d,
+        Err(why) => {
+            s.corrupt = Some(why);
+            return Ok(());
+        }
+    };
+    s.hasher.update(&data);
+    let pos = s.written;
+    s.written += len as u64;
+    s.write(stage_fd, pos, &data)
+}
+
+/// A chunk's new bytes, or why they cannot be had.
+fn decode(s: &OpenStream, data: Option<chunk::Data>, len: usize) -> Result<Bytes, String> {
+    match data {
+        Some(chunk::Data::Literal(b)) => {
+            if b.len() != len {
+                Err(format!("literal of {} bytes declared as {len}", b.len()))
+            } else {
+                Ok(b)
+            }
+        }
+        Some(chunk::Data::LiteralZstd(b)) => compress::decompress(&b, len)
+            .map_err(|e| format!("undecodable compressed literal: {e}"))
+            .and_then(|d| {
+                if d.len() == len {
+                    Ok(d.into())
+                } else {
+                    Err(format!("literal of {} bytes declared as {len}", d.len()))
+                }
+            }),
+        Some(chunk::Data::Delta(d)) => apply(s, &d, len).map(Bytes::from),
+        Some(chunk::Data::DeltaZstd(d)) => compress::decompress(&d, 2 * len + (1 << 20))
+            .map_err(|e| format!("undecodable compressed delta: {e}"))
+            .and_then(|d| apply(s, &d, len).map(Bytes::from)),
+        None => Err("chunk without data".into()),
+    }
+}
+
+fn apply(s: &OpenStream, delta: &[u8], len: usize) -> Result<Vec<u8>, String> {
+    let Some(base) = &s.base else {
+        return Err("delta chunk for a file sent without a base".into());
+    };
+    delta::apply_window(base.bytes(), delta, len).map_err(|e| e.to_string())
+}
+
+impl OpenStream {
+    /// Writes `data`, found at `pos` in the new file, to the sink.
+    fn write(&mut self, stage_fd: BorrowedFd<'_>, pos: u64, data: &[u8]) -> Result<(), Status> {
+        let io = |e| status_io("writing staged data", e);
+        match &mut self.sink {
+            Sink::Direct(w) => w.write(data).map_err(io)?,
+            Sink::Patch(p) => {
+                let base = self.base.as_ref().map(|b| b.bytes()).unwrap_or(&[]);
+                p.add(base, pos, data).map_err(io)?;
+                if p.too_big(self.written) {
+                    // Most of the file changed: a full copy is cheaper than patching in place.
+                    self.switch_to_full(stage_fd).map_err(io)?;
+                }
+            }
+            Sink::Switching => return Err(Status::internal("stream in an inconsistent state")),
+        }
+        Ok(())
+    }
+
+    /// Turns the patch into a full copy staged as `<name>.full`.
+    fn switch_to_full(&mut self, stage_fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let Sink::Patch(p) = std::mem::replace(&mut self.sink, Sink::Switching) else {
+            unreachable!()
+        };
+        let base = self.base.as_ref().map(|b| b.bytes()).unwrap_or(&[]);
+        let mut full = self.name.clone();
+        full.extend_from_slice(FULL.as_bytes());
+        let w = Direct::create(stage_fd, &full)?;
+        let w = p.into_direct(base, self.written, w)?;
+        let _ = fsx::unlinkat(stage_fd, &self.name, false);
+        self.name = full;
+        self.sink = Sink::Direct(w);
+        Ok(())
+    }
+}
+
+/// Why a finished stream's content cannot be committed, if it cannot.
+fn rejection(s: &OpenStream, end: &FileEnd) -> Option<String> {
+    if let Some(c) = &s.corrupt {
+        Some(c.clone())
+    } else if s.written != end.size {
+        Some(format!(
+            "{} bytes received, {} declared",
+            s.written, end.size
+        ))
+    } else if s.hasher.finalize().as_bytes()[..] != end.blake3[..] {
+        Some(format!(
+            "blake3 mismatch: received {}, declared {}",
+            s.hasher.finalize().to_hex(),
+            hex(&end.blake3)
+        ))
+    } else {
+        None
+    }
+}
+
+fn finish_stream(
+    inner: &Inner,
+    s: &mut OpenStream,
+    end: &FileEnd,
+) -> Result<StreamOutcome, Status> {
+    let sink = std::mem::replace(&mut s.sink, Sink::Switching);
+    let unlink = |s: &OpenStream, sink: Sink| {
+        drop(sink);
+        let _ = fsx::unlinkat(inner.stage.as_fd(), &s.name, false);
+    };
+    if end.aborted {
+        unlink(s, sink);
+        return Ok(StreamOutcome::Aborted);
+    }
+    if let Some(why) = rejection(s, end) {
+        unlink(s, sink);
+        return Ok(StreamOutcome::Rejected(why));
+    }
+    let mut e = s.entry.clone();
+    e.size = end.size;
+    e.blake3 = end.blake3.clone();
+    seal(sink, e, end.size, s.base_ino)
+}
+
+/// Closes a verified stream's sink: a full copy gets the entry's metadata, a patch keeps the
+/// replica file's inode.
+fn seal(sink: Sink, mut e: Entry, size: u64, base_ino: u64) -> Result<StreamOutcome, Status> {
+    let io = |er| status_io("staging", er);
+    match sink {
+        Sink::Direct(w) => {
+            let f = w.finish(size).map_err(io)?;
+            set_file_meta(&f, &e).map_err(io)?;
+            e.ino = f.metadata().map_err(io)?.ino();
+            Ok(StreamOutcome::Verified {
+                entry: e,
+                patch: None,
+            })
+        }
+        Sink::Patch(p) => {
+            let extents = p.extents.clone();
+            p.finish().map_err(io)?;
+            e.ino = base_ino;
+            Ok(StreamOutcome::Verified {
+                entry: e,
+                patch: Some(extents),
+            })
+        }
+        Sink::Switching => Err(Status::internal("stream in an inconsistent state")),
+    }
+}
