@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod provider;
 pub mod service;
 pub mod store;
+pub mod wire;

@@ -251,10 +251,13 @@ pub enum Side {
 }
 
 impl Side {
-    /// The side a persisted role string names ("cpu"; anything else is the GPU, as records
-    /// written before roles were stored say nothing).
-    pub fn from_record(role: &str) -> Side {
-        if role == "cpu" { Side::Cpu } else { Side::Gpu }
+    /// The side a persisted role names (unspecified is the GPU, as records written before
+    /// roles were stored say nothing).
+    pub fn from_record(role: crate::proto::Role) -> Side {
+        match role {
+            crate::proto::Role::Cpu => Side::Cpu,
+            crate::proto::Role::Gpu | crate::proto::Role::Unspecified => Side::Gpu,
+        }
     }
 
     pub fn as_str(self) -> &'static str {
@@ -347,5 +350,14 @@ mod per_side_tests {
             PerSide { gpu: 20, cpu: 30 }
         );
         assert_eq!(PerSide::<Option<u8>>::default(), PerSide::new(None, None));
+    }
+}
+
+impl From<Side> for crate::proto::Role {
+    fn from(side: Side) -> crate::proto::Role {
+        match side {
+            Side::Gpu => crate::proto::Role::Gpu,
+            Side::Cpu => crate::proto::Role::Cpu,
+        }
     }
 }

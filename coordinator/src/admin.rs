@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use standby::proto::admin_client::AdminClient;
-use standby::proto::{EventsRequest, ListPairsRequest, PairRequest, PairView};
+use standby::proto::{
+    EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, PairView,
+};
 use standby::trust::identity::Identity;
 use standby::trust::tls::{self, Expect, TlsMaterial};
 use tonic::transport::Channel;
@@ -44,9 +46,9 @@ fn machine_json(m: &Option<standby::proto::MachineView>) -> serde_json::Value {
 pub fn pair_json(p: &PairView) -> serde_json::Value {
     serde_json::json!({
         "pair": p.pair,
-        "state": p.state,
+        "state": p.state().to_string(),
         "epoch": p.epoch,
-        "primary": p.primary,
+        "primary": p.primary().to_string(),
         "last_durable_generation": p.last_durable_generation,
         "sync_lag_ms": p.sync_lag_ms,
         "pending_bytes": p.pending_bytes,
@@ -96,9 +98,9 @@ pub async fn pairs(r: &Remote, json: bool) -> anyhow::Result<()> {
         println!(
             "{:<16} {:<12} {:>5} {:<7} {:>10} {:>7}ms  {:<24} {:<24} {}",
             p.pair,
-            p.state,
+            p.state(),
             p.epoch,
-            p.primary,
+            p.primary(),
             p.last_durable_generation,
             p.sync_lag_ms,
             age(&p.gpu),
@@ -116,7 +118,7 @@ pub async fn create(r: &Remote, pair: &str) -> anyhow::Result<()> {
         .await
         .map_err(status)?
         .into_inner();
-    println!("pair {} created ({}, epoch {})", p.pair, p.state, p.epoch);
+    println!("pair {} created ({}, epoch {})", p.pair, p.state(), p.epoch);
     Ok(())
 }
 
@@ -142,24 +144,27 @@ pub async fn action(r: &Remote, pair: &str, verb: Verb, follow: bool) -> anyhow:
     .into_inner();
     println!(
         "{}: {} at epoch {} ({})",
-        a.pair, a.state, a.epoch, a.message
+        a.pair,
+        a.state(),
+        a.epoch,
+        a.message
     );
     if follow {
-        let until: &[&str] = match verb {
-            Verb::Hibernate => &["Hibernated"],
-            _ => &["Syncing"],
+        let until = match verb {
+            Verb::Hibernate => PairState::Hibernated,
+            _ => PairState::Syncing,
         };
         follow_pair(&mut c, pair, until).await?;
     }
     Ok(())
 }
 
-/// Follows a pair until it reaches one of `until`: its state as it changes, and a progress
+/// Follows a pair until it reaches `until`: its state as it changes, and a progress
 /// bar while the workspace is restored.
 async fn follow_pair(
     c: &mut AdminClient<Channel>,
     pair: &str,
-    until: &[&str],
+    until: PairState,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     let started = std::time::Instant::now();
@@ -175,7 +180,7 @@ async fn follow_pair(
         let Some(p) = ps.into_iter().find(|p| p.pair == pair) else {
             anyhow::bail!("pair {pair} is gone");
         };
-        let line = format!("{} ({})", p.state, p.reason);
+        let line = format!("{} ({})", p.state(), p.reason);
         if line != last {
             if bar {
                 println!();
@@ -207,7 +212,7 @@ async fn follow_pair(
             std::io::stdout().flush().ok();
             bar = true;
         }
-        if until.contains(&p.state.as_str()) {
+        if p.state() == until {
             if bar {
                 println!();
             }
@@ -229,20 +234,22 @@ pub async fn events(r: &Remote, json: bool, follow: bool, heartbeats: bool) -> a
             println!(
                 "{}",
                 serde_json::json!({
-                    "unix_ms": e.unix_ms, "pair": e.pair, "kind": e.kind, "from": e.from_state,
-                    "to": e.to_state, "epoch": e.epoch, "message": e.message,
+                    "unix_ms": e.unix_ms, "pair": e.pair, "kind": e.kind().to_string(),
+                    "from": e.from_state().to_string(), "to": e.to_state().to_string(),
+                    "epoch": e.epoch, "message": e.message,
                 })
             );
         } else {
             let t = humantime::format_rfc3339_millis(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.unix_ms),
             );
-            let arrow = if e.to_state.is_empty() || e.kind != "transition" {
-                String::new()
-            } else {
-                format!(" {} -> {}", e.from_state, e.to_state)
-            };
-            println!("{t} {:<12} {:<10}{arrow} {}", e.pair, e.kind, e.message);
+            let arrow =
+                if e.to_state() == PairState::Unspecified || e.kind() != EventKind::Transition {
+                    String::new()
+                } else {
+                    format!(" {} -> {}", e.from_state(), e.to_state())
+                };
+            println!("{t} {:<12} {:<10}{arrow} {}", e.pair, e.kind(), e.message);
         }
     }
     Ok(())

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use standby::control::failover::{Policy, Timing};
 use standby::proto::admin_client::AdminClient;
-use standby::proto::{EventsRequest, ListPairsRequest, PairView};
+use standby::proto::{self, EventKind, EventsRequest, ListPairsRequest, PairState, PairView};
 use standby::trust::identity::{Identity, Role};
 use standby::trust::tls::{self, Expect, TlsMaterial};
 use tokio_util::sync::CancellationToken;
@@ -164,7 +164,9 @@ async fn wait_for(
                 limit.as_secs(),
                 now.map_or("absent".into(), |p| format!(
                     "{} at epoch {}: {}",
-                    p.state, p.epoch, p.reason
+                    p.state(),
+                    p.epoch,
+                    p.reason
                 ))
             );
         }
@@ -396,7 +398,7 @@ impl Demo {
             &mut self.admin,
             Duration::from_secs(30),
             "the pair to sync",
-            |p| p.state == "Syncing",
+            |p| p.state() == PairState::Syncing,
         )
         .await?;
         self.say(format!(
@@ -458,16 +460,16 @@ impl Demo {
         let follower = tokio::spawn(async move {
             while let Ok(Some(e)) = events.message().await {
                 // The stream starts with history: only what happens from now on counts.
-                if e.pair != PAIR || e.kind != "transition" || e.unix_ms < since {
+                if e.pair != PAIR || e.kind() != EventKind::Transition || e.unix_ms < since {
                     continue;
                 }
                 say(
                     t0,
-                    format!("{} -> {}: {}", e.from_state, e.to_state, e.message),
+                    format!("{} -> {}: {}", e.from_state(), e.to_state(), e.message),
                 );
                 seen.lock().expect("steps").push(Step {
                     unix_ms: e.unix_ms,
-                    to: e.to_state.clone(),
+                    to: e.to_state().to_string(),
                     message: e.message.clone(),
                 });
             }
@@ -493,7 +495,7 @@ impl Demo {
     /// the way back).
     async fn fail_over(&mut self) -> anyhow::Result<()> {
         wait_for(&mut self.admin, Duration::from_secs(30), "failover", |p| {
-            p.primary == "cpu" && p.epoch >= 2
+            p.primary() == proto::Role::Cpu && p.epoch >= 2
         })
         .await?;
         std::fs::write(self.cpu_ws().join(FAILOVER_FILE), FAILOVER_NOTE)?;
@@ -507,10 +509,10 @@ impl Demo {
         let mut last_pct = 0;
         loop {
             let p = pair(&mut self.admin).await?.context("the pair vanished")?;
-            if p.state == "Syncing" && p.epoch >= 3 && p.primary == "gpu" {
+            if p.state() == PairState::Syncing && p.epoch >= 3 && p.primary() == proto::Role::Gpu {
                 return Ok(p);
             }
-            if p.state == "Restoring" && p.restore_total_bytes > 0 {
+            if p.state() == PairState::Restoring && p.restore_total_bytes > 0 {
                 let pct = (p.restore_done_bytes * 100 / p.restore_total_bytes).min(100);
                 if pct >= last_pct + 25 {
                     last_pct = pct - pct % 25;
@@ -524,7 +526,7 @@ impl Demo {
             if killed.elapsed() > Duration::from_secs(150) {
                 bail!(
                     "not recovered within 150 s: {} at epoch {} ({})",
-                    p.state,
+                    p.state(),
                     p.epoch,
                     p.reason
                 );

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 use standby::proto::admin_client::AdminClient;
-use standby::proto::{EventsRequest, ListPairsRequest, PairRequest, PairView};
+use standby::proto::{
+    EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, PairView, Role,
+};
 use tonic::transport::Channel;
 
 use crate::Remote;
@@ -51,25 +53,33 @@ pub struct Phase {
     pub what: String,
 }
 
-/// Phases from transition times (ms since the request): (name, entered-at state, left-at state).
-const PHASES: [(&str, &str, &str); 4] = [
-    ("failover", "", "FailedOver"),
-    ("provisioning", "Provisioning", "Restoring"),
-    ("restore", "Restoring", "CuttingOver"),
-    ("cutover", "CuttingOver", "Syncing"),
+/// Phases from transition times (ms since the request): (name, entered-at state (none: the
+/// request itself), left-at state).
+const PHASES: [(&str, Option<PairState>, PairState); 4] = [
+    ("failover", None, PairState::FailedOver),
+    (
+        "provisioning",
+        Some(PairState::Provisioning),
+        PairState::Restoring,
+    ),
+    (
+        "restore",
+        Some(PairState::Restoring),
+        PairState::CuttingOver,
+    ),
+    ("cutover", Some(PairState::CuttingOver), PairState::Syncing),
 ];
 
 /// Measures the phases from `(state entered, ms since the request, message)` transitions.
 pub fn phases(steps: &[Transition], targets: &[Duration; 5]) -> Vec<Phase> {
-    let at = |s: &str| steps.iter().find(|x| x.0 == s);
+    let at = |s: PairState| steps.iter().find(|x| x.0 == s);
     let mut out = Vec::new();
     for (i, (name, from, to)) in PHASES.iter().enumerate() {
-        let start = if from.is_empty() {
-            Some(0)
-        } else {
-            at(from).map(|x| x.1)
+        let start = match from {
+            None => Some(0),
+            Some(from) => at(*from).map(|x| x.1),
         };
-        let (Some(start), Some(end)) = (start, at(to)) else {
+        let (Some(start), Some(end)) = (start, at(*to)) else {
             continue;
         };
         let d = end.1.saturating_sub(start);
@@ -82,7 +92,7 @@ pub fn phases(steps: &[Transition], targets: &[Duration; 5]) -> Vec<Phase> {
             what: end.2.clone(),
         });
     }
-    if let Some(end) = at("Syncing") {
+    if let Some(end) = at(PairState::Syncing) {
         out.push(Phase {
             phase: "total",
             start_ms: 0,
@@ -100,19 +110,19 @@ fn dur(s: &str, what: &str) -> anyhow::Result<Duration> {
 }
 
 /// A transition as the drill saw it: (state entered, ms since the request, message).
-type Transition = (String, u64, String);
+type Transition = (PairState, u64, String);
 
 pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
     let targets = targets(&a)?;
     let limit = dur(&a.limit, "limit")?;
     let mut c = crate::admin::connect(&a.remote).await?;
     let p = find_pair(&c, &a.pair).await?;
-    if p.state != "Syncing" || p.primary != "gpu" {
+    if p.state() != PairState::Syncing || p.primary() != Role::Gpu {
         bail!(
             "drill refused: {} is {} with the {} primary; a drill starts from a healthy pair (Syncing, GPU primary)",
             a.pair,
-            p.state,
-            p.primary
+            p.state(),
+            p.primary()
         );
     }
     let epoch = p.epoch;
@@ -205,10 +215,10 @@ async fn follow(
             bail!(
                 "the drill did not finish within {} s (transitions so far: {:?})",
                 limit.as_secs(),
-                steps.iter().map(|s| &s.0).collect::<Vec<_>>()
+                steps.iter().map(|s| s.0.to_string()).collect::<Vec<_>>()
             );
         };
-        if e.pair != a.pair || e.kind != "transition" || e.unix_ms < requested_ms {
+        if e.pair != a.pair || e.kind() != EventKind::Transition || e.unix_ms < requested_ms {
             continue;
         }
         let t = e.unix_ms.saturating_sub(requested_ms);
@@ -216,13 +226,13 @@ async fn follow(
             println!(
                 "[{:>7.2}s] {} -> {}: {}",
                 t as f64 / 1000.0,
-                e.from_state,
-                e.to_state,
+                e.from_state(),
+                e.to_state(),
                 e.message
             );
         }
-        steps.push((e.to_state.clone(), t, e.message.clone()));
-        if e.to_state == "Syncing" && e.epoch >= epoch + 2 {
+        steps.push((e.to_state(), t, e.message.clone()));
+        if e.to_state() == PairState::Syncing && e.epoch >= epoch + 2 {
             return Ok(steps);
         }
     }
@@ -253,13 +263,13 @@ mod tests {
 
     #[test]
     fn phases_are_measured_between_transitions_and_checked_against_targets() {
-        let s = |st: &str, t: u64| (st.to_string(), t, format!("-> {st}"));
+        let s = |st: PairState, t: u64| (st, t, format!("-> {st}"));
         let steps = vec![
-            s("FailedOver", 120),
-            s("Provisioning", 300),
-            s("Restoring", 2_300),
-            s("CuttingOver", 9_300),
-            s("Syncing", 9_800),
+            s(PairState::FailedOver, 120),
+            s(PairState::Provisioning, 300),
+            s(PairState::Restoring, 2_300),
+            s(PairState::CuttingOver, 9_300),
+            s(PairState::Syncing, 9_800),
         ];
         let secs = Duration::from_secs;
         let ph = phases(&steps, &[secs(1), secs(60), secs(5), secs(1), secs(60)]);

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::hooks::{run_hook, run_hook_wait};
+use crate::proto::AgentMode;
 use crate::proto::command::Cmd;
 use crate::replication::continuous::{self, Control, LoopConfig, Target};
 use crate::replication::receive::Receiver;
@@ -41,6 +42,17 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode as heartbeats report it.
+    pub fn kind(&self) -> AgentMode {
+        match self {
+            Mode::Idle => AgentMode::Idle,
+            Mode::Receive(_) => AgentMode::Receive,
+            Mode::Send(_) => AgentMode::Send,
+            Mode::Primary(_) => AgentMode::Primary,
+            Mode::Fenced(..) => AgentMode::Fenced,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Idle => "idle",
@@ -81,7 +93,7 @@ pub struct Node {
 /// The parts of a heartbeat report that depend on the mode.
 #[derive(Clone, Debug, Default)]
 pub struct NodeReport {
-    pub mode: &'static str,
+    pub mode: AgentMode,
     pub epoch: u64,
     pub generation: u64,
     pub root: String,
@@ -265,7 +277,7 @@ impl Node {
         let rf = self.inner.receiver.figures();
         if let Mode::Send(_) = mode {
             NodeReport {
-                mode: mode.name(),
+                mode: mode.kind(),
                 epoch: f.epoch,
                 generation: f.last_durable_generation,
                 root: f.root.clone(),
@@ -278,7 +290,7 @@ impl Node {
             }
         } else {
             NodeReport {
-                mode: mode.name(),
+                mode: mode.kind(),
                 epoch: rf.epoch.0,
                 generation: rf.generation.0,
                 root: hex(&rf.root),

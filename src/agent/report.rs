@@ -11,7 +11,7 @@ use crate::agent::node::{Node, NodeReport};
 use crate::agent::nvml::Nvml;
 use crate::agent::probe::{self, ProbeState};
 use crate::agent::socket::InjectedFault;
-use crate::proto::{AgentReport, GpuHealth, PeerContact};
+use crate::proto::{AgentMode, AgentReport, GpuHealth, PeerContact};
 use crate::trust::identity::Role;
 
 /// Builds one heartbeat report per interval from the agent's live state.
@@ -82,7 +82,7 @@ impl Reporter {
     ) -> AgentReport {
         let now_ms = crate::replication::send::unix_ms(SystemTime::now());
         let f = &n.sender;
-        let sending = n.mode == "send";
+        let sending = n.mode == AgentMode::Send;
         AgentReport {
             machine: self.machine.clone(),
             epoch: n.epoch,
@@ -90,7 +90,7 @@ impl Reporter {
             listen_port: self.listen_port as u32,
             workspace: self.workspace.display().to_string(),
             generation: n.generation,
-            primary: sending || n.mode == "primary",
+            primary: sending || n.mode == AgentMode::Primary,
             fenced: n.fenced,
             rpo_age_ms: if sending {
                 f.oldest_pending_unix_ms

@@ -6,13 +6,22 @@
 //! machine says so *before* telling any agent anything (a failed write blocks the pair's commands
 //! until it succeeds), records events and metrics, and then sends each connected agent whatever
 //! the record says it should have been told and its connection has not received yet.
+//!
+//! [`Engine`] is the handle the gRPC service holds; [`Actor`] is the task, with one handler per
+//! [`Msg`]. Provider calls live in `provisioning`, the event log in `events`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod events;
+mod provisioning;
+
+pub use events::Events;
+pub use provisioning::Provisioning;
+
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -20,62 +29,18 @@ use crate::control::failover::{
     Action, AgentStatus, Desired, Input, PairMachine, PairState, Policy, Report, Timing,
 };
 use crate::control::metrics::{KindLabel, Metrics, PairLabel, PairSideLabel, TransitionLabel};
-use crate::control::provider::{MachineState, Provider, ProviderError, ProvisionConfig, Startup};
 use crate::control::store::Store;
 use crate::host::unix_ms_now;
 use crate::proto::state::{MachineRecord, PairRecord};
 use crate::proto::{
-    ActionReply, AgentReport, Command, Event, Fence, Freeze, MachineView, PairView, ProbeTarget,
-    Promote, Receive, SetPeer, command,
+    ActionReply, AgentReport, Command, Event, EventKind, Fence, Freeze, MachineView, PairView,
+    ProbeTarget, Promote, Receive, Role, SetPeer, command,
 };
-use crate::types::Epoch;
-use crate::types::{PerSide, Side};
+use crate::types::{Epoch, PerSide, Side};
+use events::event;
+use provisioning::Call;
 
-const RECENT_EVENTS: usize = 2000;
 const TICK: Duration = Duration::from_millis(200);
-
-/// Recent events and a live feed of new ones.
-pub struct Events {
-    tx: broadcast::Sender<Event>,
-    recent: Mutex<VecDeque<Event>>,
-}
-
-impl Events {
-    fn new() -> Events {
-        Events {
-            tx: broadcast::channel(8192).0,
-            recent: Mutex::new(VecDeque::new()),
-        }
-    }
-
-    pub fn emit(&self, e: Event) {
-        tracing::info!(pair = %e.pair, kind = %e.kind, from = %e.from_state, to = %e.to_state, epoch = e.epoch, "{}", e.message);
-        let mut r = self.recent.lock().expect("events");
-        if r.len() == RECENT_EVENTS {
-            r.pop_front();
-        }
-        r.push_back(e.clone());
-        drop(r);
-        let _ = self.tx.send(e);
-    }
-
-    /// The recent past, and a receiver for what comes next (no gap between the two).
-    pub fn subscribe(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
-        let r = self.recent.lock().expect("events");
-        let rx = self.tx.subscribe();
-        (r.iter().cloned().collect(), rx)
-    }
-}
-
-fn event(pair: &str, kind: &str, message: String) -> Event {
-    Event {
-        unix_ms: unix_ms_now(),
-        pair: pair.to_string(),
-        kind: kind.to_string(),
-        message,
-        ..Default::default()
-    }
-}
 
 enum Msg {
     Connect {
@@ -111,7 +76,7 @@ enum Msg {
     /// The outcome of a provider call, as an input for the pair.
     Provider {
         pair: String,
-        op: String,
+        op: Call,
         input: Option<Input>,
     },
     /// The sweeper asks whether any pair owns `label`.
@@ -124,37 +89,6 @@ enum Msg {
         destroyed: Vec<(String, &'static str)>,
     },
     HeartbeatSubscribers(isize),
-}
-
-/// What the engine needs to create and destroy machines.
-pub struct Provisioning {
-    /// Where GPU machines come from.
-    pub gpu: Arc<dyn Provider>,
-    /// Where CPU standbys come from (often the same provider as `gpu`).
-    pub cpu: Arc<dyn Provider>,
-    pub cfg: ProvisionConfig,
-    /// The coordinator as new machines dial it.
-    pub coordinator_url: String,
-    pub token_key: Vec<u8>,
-    pub fingerprint: String,
-}
-
-impl Provisioning {
-    pub fn provider(&self, side: Side) -> &Arc<dyn Provider> {
-        match side {
-            Side::Gpu => &self.gpu,
-            Side::Cpu => &self.cpu,
-        }
-    }
-
-    /// Each distinct provider once (the sweeper lists every one).
-    pub fn providers(&self) -> Vec<Arc<dyn Provider>> {
-        let mut v = vec![self.gpu.clone()];
-        if !Arc::ptr_eq(&self.gpu, &self.cpu) {
-            v.push(self.cpu.clone());
-        }
-        v
-    }
 }
 
 /// A handle on the engine; cheap to clone.
@@ -181,23 +115,8 @@ impl Engine {
         let events = Arc::new(Events::new());
         let mut pairs = HashMap::new();
         for (name, rec) in snap.pairs {
-            let mut m = PairMachine::resume(rec, now);
-            m.policy = policy.clone();
-            metrics.set_state(&name, None, m.state().as_str());
-            metrics
-                .pair_epoch
-                .get_or_create(&PairLabel { pair: name.clone() })
-                .set(m.epoch().0 as i64);
-            pairs.insert(
-                name,
-                Entry {
-                    m,
-                    conns: PerSide::default(),
-                    others: HashMap::new(),
-                    figures: PerSide::default(),
-                    blocked: false,
-                },
-            );
+            let entry = Entry::resume(&name, rec, now, &policy, &metrics);
+            pairs.insert(name, entry);
         }
         metrics.pairs.set(pairs.len() as i64);
         tracing::info!(pairs = pairs.len(), "coordinator state loaded");
@@ -329,6 +248,17 @@ struct Conn {
     warned_stale: bool,
 }
 
+impl Conn {
+    fn new(id: u64, tx: mpsc::Sender<Result<Command, Status>>) -> Conn {
+        Conn {
+            id,
+            tx,
+            sent: Vec::new(),
+            warned_stale: false,
+        }
+    }
+}
+
 /// The latest figures an agent reported.
 #[derive(Clone, Debug, Default)]
 struct Figures {
@@ -338,6 +268,19 @@ struct Figures {
     epoch: u64,
     bytes_total: u64,
     workspace_bytes: u64,
+}
+
+impl From<&AgentReport> for Figures {
+    fn from(r: &AgentReport) -> Figures {
+        Figures {
+            generation: r.generation,
+            rpo_age_ms: r.rpo_age_ms,
+            pending_bytes: r.pending_bytes,
+            epoch: r.epoch,
+            bytes_total: r.bytes_total,
+            workspace_bytes: r.workspace_bytes,
+        }
+    }
 }
 
 struct Entry {
@@ -351,6 +294,31 @@ struct Entry {
 }
 
 impl Entry {
+    /// A pair's entry from its record (a new pair, or one loaded at start-up), with its state
+    /// and epoch shown in the metrics.
+    fn resume(
+        name: &str,
+        rec: PairRecord,
+        now: Instant,
+        policy: &Policy,
+        metrics: &Metrics,
+    ) -> Entry {
+        let mut m = PairMachine::resume(rec, now);
+        m.policy = policy.clone();
+        metrics.set_state(name, None, m.state());
+        metrics
+            .pair_epoch
+            .get_or_create(&PairLabel { pair: name.into() })
+            .set(m.epoch().0 as i64);
+        Entry {
+            m,
+            conns: PerSide::default(),
+            others: HashMap::new(),
+            figures: PerSide::default(),
+            blocked: false,
+        }
+    }
+
     /// While a restore runs: bytes on the new GPU and bytes of the CPU's workspace.
     fn restore_bytes(&self) -> Option<(u64, u64)> {
         matches!(
@@ -364,6 +332,11 @@ impl Entry {
             )
         })
     }
+}
+
+/// A state as a proto field holds it.
+fn proto_state(s: PairState) -> i32 {
+    crate::proto::PairState::from(s).into()
 }
 
 fn command_for(d: &Desired) -> Command {
@@ -385,14 +358,95 @@ fn command_for(d: &Desired) -> Command {
     }
 }
 
+/// What a heartbeat tells the failover machine.
+fn detection_report(side: Side, r: AgentReport, observed: Option<IpAddr>) -> Report {
+    let fatal = r
+        .gpu
+        .as_ref()
+        .filter(|g| g.fatal)
+        .map(|g| g.fatal_reason.clone());
+    let probe = match (side, &r.peer) {
+        (Side::Cpu, Some(p)) => Some(
+            p.probe_ever_ok
+                .then(|| Duration::from_millis(p.probe_ok_age_ms)),
+        ),
+        (Side::Cpu, None) => Some(None),
+        _ => None,
+    };
+    let status = agent_status(&r);
+    Report {
+        at: Instant::now(),
+        epoch: Epoch(r.epoch),
+        fatal,
+        probe_ok_age: probe,
+        machine: Some(MachineRecord {
+            address: address_of(&r, observed),
+            machine: r.machine,
+            workspace: r.workspace,
+        }),
+        status,
+    }
+}
+
+/// Where others reach the agent: what it advertises, else the address it was seen at with its
+/// listen port ("" when neither is known).
+fn address_of(r: &AgentReport, observed: Option<IpAddr>) -> String {
+    if !r.advertise.is_empty() {
+        return r.advertise.clone();
+    }
+    match (observed, r.listen_port) {
+        (Some(ip), port) if port != 0 => SocketAddr::new(ip, port as u16).to_string(),
+        _ => String::new(),
+    }
+}
+
+fn agent_status(r: &AgentReport) -> AgentStatus {
+    AgentStatus {
+        mode: r.mode(),
+        root: r.root.clone(),
+        generation: r.generation,
+        frozen_epoch: r.frozen_epoch,
+        pending_bytes: r.pending_bytes,
+        rpo_age_ms: r.rpo_age_ms,
+        connected: r.connected,
+        bytes_total: r.bytes_total,
+        workspace_bytes: r.workspace_bytes,
+        utilization: r
+            .gpu
+            .as_ref()
+            .filter(|g| g.count > 0)
+            .map(|g| g.utilization),
+    }
+}
+
+/// Why the machine refused an operator's request, if it did.
+fn refusal(actions: &[Action]) -> Option<String> {
+    actions.iter().find_map(|a| match a {
+        Action::Warn {
+            kind: EventKind::Refused,
+            message,
+        } => Some(message.clone()),
+        _ => None,
+    })
+}
+
+/// The last thing the machine said about a request (a transition's reason or a warning).
+fn last_word(actions: &[Action]) -> Option<String> {
+    actions.iter().rev().find_map(|a| match a {
+        Action::Transition { reason, .. } => Some(reason.clone()),
+        Action::Warn { message, .. } => Some(message.clone()),
+        _ => None,
+    })
+}
+
 struct Actor {
     pairs: HashMap<String, Entry>,
     timing: Timing,
     policy: Policy,
     prov: Option<Arc<Provisioning>>,
     self_tx: mpsc::Sender<Msg>,
-    /// Provider calls under way, by "<op>:<label>".
-    inflight: HashSet<String>,
+    /// Provider calls under way.
+    inflight: HashSet<Call>,
     last_poll: Instant,
     last_sweep: Instant,
     store: Arc<dyn Store>,
@@ -427,30 +481,7 @@ impl Actor {
 
     fn handle(&mut self, m: Msg) {
         match m {
-            Msg::Connect { pair, conn, tx } => {
-                if !self.pairs.contains_key(&pair) {
-                    if let Err(e) = self.create(&pair) {
-                        let _ = tx.try_send(Err(e));
-                        return;
-                    }
-                    self.events.emit(event(
-                        &pair,
-                        "created",
-                        "pair created by its first agent".into(),
-                    ));
-                }
-                let e = self.pairs.get_mut(&pair).expect("created");
-                // Which machine this is, is known from its first report.
-                e.others.insert(
-                    conn,
-                    Conn {
-                        id: conn,
-                        tx,
-                        sent: Vec::new(),
-                        warned_stale: false,
-                    },
-                );
-            }
+            Msg::Connect { pair, conn, tx } => self.on_connect(&pair, conn, tx),
             Msg::Report {
                 pair,
                 side,
@@ -458,300 +489,124 @@ impl Actor {
                 report,
                 observed,
             } => self.report(&pair, side, conn, *report, observed),
-            Msg::Disconnect { pair, side, conn } => {
-                let Some(e) = self.pairs.get_mut(&pair) else {
-                    return;
-                };
-                e.others.remove(&conn);
-                if e.conns[side].as_ref().is_some_and(|c| c.id == conn) {
-                    e.conns[side] = None;
-                    self.metrics.agents_connected.dec();
-                    let actions =
-                        e.m.step(Input::Disconnected(side, Instant::now()), &self.timing);
-                    self.act(&pair, actions);
-                }
-            }
+            Msg::Disconnect { pair, side, conn } => self.on_disconnect(&pair, side, conn),
             Msg::Create { pair, reply } => {
-                let r = if self.pairs.contains_key(&pair) {
-                    Err(Status::already_exists(format!(
-                        "pair {pair} already exists"
-                    )))
-                } else {
-                    self.create(&pair).map(|_| {
-                        self.events
-                            .emit(event(&pair, "created", "pair created".into()));
-                        self.view(&pair)
-                    })
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(self.on_create(&pair));
             }
             Msg::List { reply } => {
-                let mut names: Vec<&String> = self.pairs.keys().collect();
-                names.sort();
-                let views = names.into_iter().map(|n| self.view(n)).collect();
-                let _ = reply.send(views);
+                let _ = reply.send(self.views());
             }
             Msg::Manual { pair, input, reply } => {
-                let Some(e) = self.pairs.get_mut(&pair) else {
-                    let _ = reply.send(Err(Status::not_found(format!("no pair {pair}"))));
-                    return;
-                };
-                e.m.wall_ms = unix_ms_now();
-                let actions = e.m.step(input, &self.timing);
-                let refused = actions.iter().find_map(|a| match a {
-                    Action::Warn {
-                        kind: "refused",
-                        message,
-                    } => Some(message.clone()),
-                    _ => None,
-                });
-                let said = actions.iter().rev().find_map(|a| match a {
-                    Action::Transition { reason, .. } => Some(reason.clone()),
-                    Action::Warn { message, .. } => Some(message.clone()),
-                    _ => None,
-                });
-                self.act(&pair, actions);
-                self.drive_provider(&pair);
-                let e = &self.pairs[&pair];
-                let r = match refused {
-                    Some(msg) => Err(Status::failed_precondition(msg)),
-                    None => Ok(ActionReply {
-                        pair: pair.clone(),
-                        state: e.m.state().as_str().into(),
-                        epoch: e.m.epoch().0,
-                        message: said.unwrap_or_else(|| e.m.rec.reason.clone()),
-                    }),
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(self.on_manual(&pair, input));
             }
-            Msg::Provider { pair, op, input } => {
-                self.inflight.remove(&op);
-                if let Some(input) = input
-                    && let Some(e) = self.pairs.get_mut(&pair)
-                {
-                    e.m.wall_ms = unix_ms_now();
-                    let actions = e.m.step(input, &self.timing);
-                    self.act(&pair, actions);
-                    self.drive_provider(&pair);
-                }
-            }
+            Msg::Provider { pair, op, input } => self.on_provider(&pair, &op, input),
             Msg::Owned { label, reply } => {
-                let owned = self.pairs.values().any(|e| {
-                    let r = &e.m.rec;
-                    [&r.gpu_owned, &r.cpu_owned]
-                        .into_iter()
-                        .flatten()
-                        .chain(r.teardown.iter())
-                        .chain(r.provision.iter().filter_map(|p| p.machine.as_ref()))
-                        .any(|m| m.label == label)
-                });
-                let _ = reply.send(owned);
+                let _ = reply.send(self.owns(&label));
             }
-            Msg::SweepDone { destroyed } => {
-                self.inflight.remove("sweep");
-                for (label, provider) in destroyed {
-                    self.metrics
-                        .orphans_destroyed
-                        .get_or_create(&KindLabel {
-                            kind: provider.into(),
-                        })
-                        .inc();
-                    self.events.emit(event(
-                        "",
-                        "orphan",
-                        format!(
-                            "destroyed machine {label}: it carries our label but no pair owns it"
-                        ),
-                    ));
-                }
-            }
+            Msg::SweepDone { destroyed } => self.on_sweep_done(destroyed),
             Msg::HeartbeatSubscribers(d) => self.hb_subscribers += d,
         }
     }
 
-    /// Starts the provider calls the pair's record asks for and that are not under way:
-    /// creating the machine being provisioned (when its next try is due) and destroying
-    /// machines on the teardown list.
-    fn drive_provider(&mut self, pair: &str) {
-        let Some(prov) = self.prov.clone() else {
-            return;
-        };
-        let Some(e) = self.pairs.get(pair) else {
-            return;
-        };
-        if e.blocked {
-            return; // the intent is not durable yet
+    /// A new heartbeat stream. Which machine it is, is known from its first report.
+    fn on_connect(&mut self, pair: &str, conn: u64, tx: mpsc::Sender<Result<Command, Status>>) {
+        if !self.pairs.contains_key(pair) {
+            if let Err(e) = self.create(pair) {
+                let _ = tx.try_send(Err(e));
+                return;
+            }
+            self.events.emit(event(
+                pair,
+                EventKind::Created,
+                "pair created by its first agent".into(),
+            ));
         }
-        let now = unix_ms_now();
-        let rec = &e.m.rec;
-        // A failed machine is torn down before the next is tried (never two at once).
-        if let Some(p) = &rec.provision
-            && p.phase == "create"
-            && p.next_try_unix_ms <= now
-            && !rec.teardown.iter().any(|t| t.role == p.role)
-            && let Some(m) = &p.machine
+        let e = self.pairs.get_mut(pair).expect("created");
+        e.others.insert(conn, Conn::new(conn, tx));
+    }
+
+    fn on_disconnect(&mut self, pair: &str, side: Side, conn: u64) {
+        let Some(e) = self.pairs.get_mut(pair) else {
+            return;
+        };
+        e.others.remove(&conn);
+        if e.conns[side].as_ref().is_some_and(|c| c.id == conn) {
+            e.conns[side] = None;
+            self.metrics.agents_connected.dec();
+            let actions =
+                e.m.step(Input::Disconnected(side, Instant::now()), &self.timing);
+            self.act(pair, actions);
+        }
+    }
+
+    fn on_create(&mut self, pair: &str) -> Result<PairView, Status> {
+        if self.pairs.contains_key(pair) {
+            return Err(Status::already_exists(format!(
+                "pair {pair} already exists"
+            )));
+        }
+        self.create(pair)?;
+        self.events
+            .emit(event(pair, EventKind::Created, "pair created".into()));
+        Ok(self.view(pair))
+    }
+
+    /// Every pair's view, by name.
+    fn views(&self) -> Vec<PairView> {
+        let mut names: Vec<&String> = self.pairs.keys().collect();
+        names.sort();
+        names.into_iter().map(|n| self.view(n)).collect()
+    }
+
+    /// An operator's request: the reply carries what the machine said, or its refusal.
+    fn on_manual(&mut self, pair: &str, input: Input) -> Result<ActionReply, Status> {
+        let Some(e) = self.pairs.get_mut(pair) else {
+            return Err(Status::not_found(format!("no pair {pair}")));
+        };
+        e.m.wall_ms = unix_ms_now();
+        let actions = e.m.step(input, &self.timing);
+        let (refused, said) = (refusal(&actions), last_word(&actions));
+        self.act(pair, actions);
+        self.drive_provider(pair);
+        if let Some(msg) = refused {
+            return Err(Status::failed_precondition(msg));
+        }
+        let e = &self.pairs[pair];
+        Ok(ActionReply {
+            pair: pair.to_string(),
+            state: proto_state(e.m.state()),
+            epoch: e.m.epoch().0,
+            message: said.unwrap_or_else(|| e.m.rec.reason.clone()),
+        })
+    }
+
+    fn on_provider(&mut self, pair: &str, op: &Call, input: Option<Input>) {
+        self.inflight.remove(op);
+        if let Some(input) = input
+            && let Some(e) = self.pairs.get_mut(pair)
         {
-            let op = format!("create:{}", m.label);
-            if self.inflight.insert(op.clone()) {
-                let role = Side::from_record(&p.role);
-                let blocked = e.m.blocked();
-                let label = m.label.clone();
-                let tx = self.self_tx.clone();
-                let pair = pair.to_string();
-                let metrics = self.metrics.clone();
-                let prov = prov.clone();
-                tokio::spawn(async move {
-                    let input = create_machine(&prov, &pair, role, &label, &blocked).await;
-                    let outcome = match &input {
-                        Input::Created { .. } => "created",
-                        _ => "failed",
-                    };
-                    metrics
-                        .provisioning_attempts
-                        .get_or_create(&KindLabel {
-                            kind: outcome.into(),
-                        })
-                        .inc();
-                    let _ = tx
-                        .send(Msg::Provider {
-                            pair,
-                            op,
-                            input: Some(input),
-                        })
-                        .await;
-                });
-            }
-        }
-        for m in rec.teardown.clone() {
-            let op = format!("destroy:{}", m.label);
-            if !self.inflight.insert(op.clone()) {
-                continue;
-            }
-            let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), pair.to_string());
-            tokio::spawn(async move {
-                let r = destroy_machine(&prov, Side::from_record(&m.role), &m.label, &m.id).await;
-                let input = match r {
-                    Ok(()) => Some(Input::Destroyed { label: m.label }),
-                    Err(e) => {
-                        tracing::warn!(label = %m.label, error = %e, "destroying a machine failed; will retry");
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        None
-                    }
-                };
-                let _ = tx.send(Msg::Provider { pair, op, input }).await;
-            });
+            e.m.wall_ms = unix_ms_now();
+            let actions = e.m.step(input, &self.timing);
+            self.act(pair, actions);
+            self.drive_provider(pair);
         }
     }
 
-    /// Asks the provider about every machine a pair owns; one that is gone becomes an input.
-    fn poll_provider(&mut self) {
-        let Some(prov) = self.prov.clone() else {
-            return;
-        };
-        for (name, e) in &self.pairs {
-            let r = &e.m.rec;
-            let mut watch: Vec<(Side, String, String)> = Vec::new();
-            for (side, o) in [(Side::Gpu, &r.gpu_owned), (Side::Cpu, &r.cpu_owned)] {
-                if let Some(o) = o {
-                    watch.push((side, o.label.clone(), o.id.clone()));
-                }
-            }
-            if let Some(p) = &r.provision
-                && p.phase == "boot"
-                && let Some(m) = &p.machine
-            {
-                watch.push((Side::from_record(&p.role), m.label.clone(), m.id.clone()));
-            }
-            for (side, label, id) in watch {
-                let op = format!("get:{label}");
-                if !self.inflight.insert(op.clone()) {
-                    continue;
-                }
-                let (prov, tx, pair) = (prov.clone(), self.self_tx.clone(), name.clone());
-                let limit = prov.cfg.call_timeout;
-                tokio::spawn(async move {
-                    let p = prov.provider(side);
-                    let r = if id.is_empty() {
-                        // Its id is not known (the agent joined before the create returned, or
-                        // the coordinator restarted in between): find it by its label.
-                        tokio::time::timeout(limit, async {
-                            p.list(&label)
-                                .await
-                                .map(|ms| ms.into_iter().find(|m| m.label == label))
-                        })
-                        .await
-                    } else {
-                        tokio::time::timeout(limit, p.get(&id)).await
-                    };
-                    let gone = match r {
-                        Ok(Ok(None)) => Some("gone".to_string()),
-                        Ok(Ok(Some(m))) if m.state == MachineState::Stopped => {
-                            Some("stopped".to_string())
-                        }
-                        _ => None,
-                    };
-                    let input = gone.map(|how| {
-                        tracing::warn!(%pair, %label, how, "the provider reports a machine not running");
-                        Input::ProviderGone(side, Instant::now())
-                    });
-                    let _ = tx.send(Msg::Provider { pair, op, input }).await;
-                });
-            }
+    fn on_sweep_done(&mut self, destroyed: Vec<(String, &'static str)>) {
+        self.inflight.remove(&Call::Sweep);
+        for (label, provider) in destroyed {
+            self.metrics
+                .orphans_destroyed
+                .get_or_create(&KindLabel {
+                    kind: provider.into(),
+                })
+                .inc();
+            self.events.emit(event(
+                "",
+                EventKind::Orphan,
+                format!("destroyed machine {label}: it carries our label but no pair owns it"),
+            ));
         }
-    }
-
-    /// Destroys machines that carry our label prefix but that no pair owns (a create that
-    /// succeeded after it was given up, a coordinator that died between create and persist).
-    fn sweep(&mut self) {
-        let Some(prov) = self.prov.clone() else {
-            return;
-        };
-        if !self.inflight.insert("sweep".into()) {
-            return;
-        }
-        let tx = self.self_tx.clone();
-        let prefix = format!("{}-", self.policy.label_prefix);
-        tokio::spawn(async move {
-            let mut destroyed = Vec::new();
-            for provider in prov.providers() {
-                match tokio::time::timeout(prov.cfg.call_timeout, provider.list(&prefix)).await {
-                    Ok(Ok(machines)) => {
-                        for m in machines {
-                            let (reply, rx) = oneshot::channel();
-                            if tx
-                                .send(Msg::Owned {
-                                    label: m.label.clone(),
-                                    reply,
-                                })
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                            if rx.await.unwrap_or(true) {
-                                continue;
-                            }
-                            match destroy_with(&provider, prov.cfg.call_timeout, &m.label, &m.id)
-                                .await
-                            {
-                                Ok(()) => destroyed.push((m.label, provider.name())),
-                                Err(e) => {
-                                    tracing::warn!(label = %m.label, error = %e, "cannot destroy an orphan")
-                                }
-                            }
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(provider = provider.name(), error = %e, "sweeper: listing machines failed")
-                    }
-                    Err(_) => tracing::warn!(
-                        provider = provider.name(),
-                        "sweeper: listing machines timed out"
-                    ),
-                }
-            }
-            let _ = tx.send(Msg::SweepDone { destroyed }).await;
-        });
     }
 
     fn create(&mut self, pair: &str) -> Result<(), Status> {
@@ -761,27 +616,14 @@ impl Actor {
         self.store
             .put_pairs(std::slice::from_ref(&rec), true)
             .map_err(|e| Status::internal(format!("persisting the new pair: {e}")))?;
-        let mut m = PairMachine::resume(rec, Instant::now());
-        m.policy = self.policy.clone();
-        self.metrics.set_state(pair, None, m.state().as_str());
-        self.metrics
-            .pair_epoch
-            .get_or_create(&PairLabel { pair: pair.into() })
-            .set(m.epoch().0 as i64);
-        self.pairs.insert(
-            pair.to_string(),
-            Entry {
-                m,
-                conns: PerSide::default(),
-                others: HashMap::new(),
-                figures: PerSide::default(),
-                blocked: false,
-            },
-        );
+        let entry = Entry::resume(pair, rec, Instant::now(), &self.policy, &self.metrics);
+        self.pairs.insert(pair.to_string(), entry);
         self.metrics.pairs.set(self.pairs.len() as i64);
         Ok(())
     }
 
+    /// A heartbeat: from the side's accepted machine it steps the pair; from any other machine
+    /// claiming the side, it only earns a fence.
     fn report(
         &mut self,
         pair: &str,
@@ -797,146 +639,21 @@ impl Actor {
         if !e.m.accepts(side, &r.machine) {
             // Not the machine this side belongs to (an old GPU coming back after it was
             // replaced): fence it, listen to nothing it says.
-            let c = match e.others.get_mut(&conn) {
-                Some(c) => c,
-                None => match e.conns[side].take_if(|c| c.id == conn) {
-                    Some(c) => {
-                        self.metrics.agents_connected.dec();
-                        e.others.entry(conn).or_insert(c)
-                    }
-                    None => return,
-                },
-            };
-            let d = Desired::Fence {
-                epoch: e.m.epoch(),
-                reason: format!(
-                    "machine {} is not this pair's {} any more",
-                    r.machine,
-                    side.as_str()
-                ),
-            };
-            if !c.sent.contains(&d) && c.tx.try_send(Ok(command_for(&d))).is_ok() {
-                c.sent = vec![d];
-                self.events.emit(Event {
-                    epoch: e.m.epoch().0,
-                    ..event(
-                        pair,
-                        "fenced",
-                        format!(
-                            "{} ({}) reported at epoch {}; it is not the pair's {}: fenced",
-                            r.machine,
-                            side.as_str(),
-                            r.epoch,
-                            side.as_str()
-                        ),
-                    )
-                });
-            }
+            self.fence_stranger(pair, side, conn, &r);
             return;
         }
-        if let Some(c) = e.others.remove(&conn) {
-            if e.conns[side].is_none() {
-                self.metrics.agents_connected.inc();
-            }
-            e.conns[side] = Some(c);
-        } else if e.conns[side].as_ref().is_none_or(|c| c.id != conn) {
+        if !self.claim(pair, side, conn) {
             return; // from a connection that was replaced
         }
-        let address = if !r.advertise.is_empty() {
-            r.advertise.clone()
-        } else {
-            match (observed, r.listen_port) {
-                (Some(ip), port) if port != 0 => SocketAddr::new(ip, port as u16).to_string(),
-                _ => String::new(),
-            }
-        };
-        let fatal = r
-            .gpu
-            .as_ref()
-            .filter(|g| g.fatal)
-            .map(|g| g.fatal_reason.clone());
-        let probe = match (side, &r.peer) {
-            (Side::Cpu, Some(p)) => Some(
-                p.probe_ever_ok
-                    .then(|| Duration::from_millis(p.probe_ok_age_ms)),
-            ),
-            (Side::Cpu, None) => Some(None),
-            _ => None,
-        };
-        e.figures[side] = Figures {
-            generation: r.generation,
-            rpo_age_ms: r.rpo_age_ms,
-            pending_bytes: r.pending_bytes,
-            epoch: r.epoch,
-            bytes_total: r.bytes_total,
-            workspace_bytes: r.workspace_bytes,
-        };
-        let status = AgentStatus {
-            mode: r.mode.clone(),
-            root: r.root.clone(),
-            generation: r.generation,
-            frozen_epoch: r.frozen_epoch,
-            pending_bytes: r.pending_bytes,
-            rpo_age_ms: r.rpo_age_ms,
-            connected: r.connected,
-            bytes_total: r.bytes_total,
-            workspace_bytes: r.workspace_bytes,
-            utilization: r
-                .gpu
-                .as_ref()
-                .filter(|g| g.count > 0)
-                .map(|g| g.utilization),
-        };
-        // A machine that reports an epoch older than the pair's after a failover is the old
-        // primary coming back: it is (still) told to stay fenced; say so once.
-        if side == Side::Gpu && e.m.primary() == Side::Cpu && r.epoch < e.m.epoch().0 {
-            let c = e.conns[side].as_mut().expect("checked");
-            if !c.warned_stale {
-                c.warned_stale = true;
-                self.events.emit(Event {
-                    epoch: e.m.epoch().0,
-                    ..event(
-                        pair,
-                        "fenced",
-                        format!(
-                            "the old GPU ({}) came back at epoch {}; it is fenced: the CPU is primary at epoch {}",
-                            r.machine,
-                            r.epoch,
-                            e.m.epoch()
-                        ),
-                    )
-                });
-            }
+        self.pairs.get_mut(pair).expect("checked").figures[side] = Figures::from(&r);
+        self.warn_stale_gpu(pair, side, &r);
+        if side == Side::Gpu {
+            self.gpu_metrics(pair, &r);
         }
-        let report = Report {
-            at: Instant::now(),
-            epoch: Epoch(r.epoch),
-            fatal,
-            probe_ok_age: probe,
-            machine: Some(MachineRecord {
-                machine: r.machine,
-                address,
-                workspace: r.workspace,
-            }),
-            status,
-        };
+        let report = detection_report(side, r, observed);
+        let e = self.pairs.get_mut(pair).expect("checked");
         e.m.wall_ms = unix_ms_now();
         let actions = e.m.step(Input::Report(side, report), &self.timing);
-        if side == Side::Gpu {
-            let l = PairLabel { pair: pair.into() };
-            self.metrics
-                .rpo_age
-                .get_or_create(&l)
-                .set(r.rpo_age_ms as f64 / 1000.0);
-            self.metrics
-                .pending_bytes
-                .get_or_create(&l)
-                .set(r.pending_bytes as i64);
-            self.metrics
-                .replication_lag
-                .get_or_create(&l)
-                .set(r.last_sync_ms as f64 / 1000.0);
-        }
         let provider_work = actions.contains(&Action::Persist);
         self.act(pair, actions);
         if provider_work {
@@ -944,11 +661,117 @@ impl Actor {
         }
     }
 
+    /// Tells a machine the pair does not accept for `side` that it is fenced (once per
+    /// connection), and moves its connection out of the side's slot.
+    fn fence_stranger(&mut self, pair: &str, side: Side, conn: u64, r: &AgentReport) {
+        let e = self.pairs.get_mut(pair).expect("checked");
+        let c = match e.others.get_mut(&conn) {
+            Some(c) => c,
+            None => match e.conns[side].take_if(|c| c.id == conn) {
+                Some(c) => {
+                    self.metrics.agents_connected.dec();
+                    e.others.entry(conn).or_insert(c)
+                }
+                None => return,
+            },
+        };
+        let d = Desired::Fence {
+            epoch: e.m.epoch(),
+            reason: format!(
+                "machine {} is not this pair's {} any more",
+                r.machine,
+                side.as_str()
+            ),
+        };
+        if c.sent.contains(&d) || c.tx.try_send(Ok(command_for(&d))).is_err() {
+            return;
+        }
+        c.sent = vec![d];
+        let message = format!(
+            "{} ({}) reported at epoch {}; it is not the pair's {}: fenced",
+            r.machine,
+            side.as_str(),
+            r.epoch,
+            side.as_str()
+        );
+        self.events.emit(Event {
+            epoch: e.m.epoch().0,
+            ..event(pair, EventKind::Fenced, message)
+        });
+    }
+
+    /// Makes `conn` the side's connection once it speaks for the accepted machine. False when
+    /// it was replaced by a newer one.
+    fn claim(&mut self, pair: &str, side: Side, conn: u64) -> bool {
+        let e = self.pairs.get_mut(pair).expect("checked");
+        let Some(c) = e.others.remove(&conn) else {
+            return e.conns[side].as_ref().is_some_and(|c| c.id == conn);
+        };
+        if e.conns[side].is_none() {
+            self.metrics.agents_connected.inc();
+        }
+        e.conns[side] = Some(c);
+        true
+    }
+
+    /// A machine that reports an epoch older than the pair's after a failover is the old
+    /// primary coming back: it is (still) told to stay fenced; say so once.
+    fn warn_stale_gpu(&mut self, pair: &str, side: Side, r: &AgentReport) {
+        let e = self.pairs.get_mut(pair).expect("checked");
+        if side != Side::Gpu || e.m.primary() != Side::Cpu || r.epoch >= e.m.epoch().0 {
+            return;
+        }
+        let c = e.conns[side].as_mut().expect("claimed");
+        if c.warned_stale {
+            return;
+        }
+        c.warned_stale = true;
+        let message = format!(
+            "the old GPU ({}) came back at epoch {}; it is fenced: the CPU is primary at epoch {}",
+            r.machine,
+            r.epoch,
+            e.m.epoch()
+        );
+        self.events.emit(Event {
+            epoch: e.m.epoch().0,
+            ..event(pair, EventKind::Fenced, message)
+        });
+    }
+
+    /// The GPU agent's replication figures.
+    fn gpu_metrics(&self, pair: &str, r: &AgentReport) {
+        let l = PairLabel { pair: pair.into() };
+        self.metrics
+            .rpo_age
+            .get_or_create(&l)
+            .set(r.rpo_age_ms as f64 / 1000.0);
+        self.metrics
+            .pending_bytes
+            .get_or_create(&l)
+            .set(r.pending_bytes as i64);
+        self.metrics
+            .replication_lag
+            .get_or_create(&l)
+            .set(r.last_sync_ms as f64 / 1000.0);
+    }
+
     /// Carries out a machine's actions: persist first, then events, metrics and commands.
     fn act(&mut self, pair: &str, actions: Vec<Action>) {
-        let Some(e) = self.pairs.get_mut(pair) else {
+        let Some(e) = self.pairs.get(pair) else {
             return;
         };
+        let epoch = e.m.epoch().0;
+        self.persist(pair, &actions);
+        for a in actions {
+            self.record(pair, epoch, a);
+        }
+        self.sync_commands(pair);
+    }
+
+    /// Writes the record now when the actions say so (blocking the pair's commands while that
+    /// fails), or with the next batch.
+    fn persist(&mut self, pair: &str, actions: &[Action]) {
+        let e = self.pairs.get_mut(pair).expect("checked");
         if actions.contains(&Action::Persist) {
             match self.store.put_pairs(std::slice::from_ref(&e.m.rec), true) {
                 Ok(()) => {
@@ -963,70 +786,72 @@ impl Actor {
         } else if actions.contains(&Action::PersistSoon) {
             self.soon.insert(pair.to_string());
         }
-        let epoch = e.m.epoch().0;
-        for a in actions {
-            match a {
-                Action::Persist | Action::PersistSoon => {}
-                Action::Transition { from, to, reason } => {
-                    self.metrics
-                        .set_state(pair, Some(from.as_str()), to.as_str());
-                    self.metrics
-                        .pair_epoch
-                        .get_or_create(&PairLabel { pair: pair.into() })
-                        .set(epoch as i64);
-                    self.metrics
-                        .transitions
-                        .get_or_create(&TransitionLabel {
-                            from: from.as_str().into(),
-                            to: to.as_str().into(),
-                        })
-                        .inc();
-                    self.events.emit(Event {
-                        from_state: from.as_str().into(),
-                        to_state: to.as_str().into(),
-                        epoch,
-                        ..event(pair, "transition", reason)
-                    });
+    }
+
+    /// The events and metrics of one action.
+    fn record(&mut self, pair: &str, epoch: u64, a: Action) {
+        let l = PairLabel { pair: pair.into() };
+        match a {
+            Action::Persist | Action::PersistSoon | Action::AttemptFailed => {}
+            Action::Transition { from, to, reason } => {
+                self.transition(pair, epoch, from, to, reason)
+            }
+            Action::Warn { kind, message } => {
+                if kind == EventKind::Blind {
+                    self.metrics.blind.get_or_create(&l).inc();
                 }
-                Action::Warn { kind, message } => {
-                    if kind == "blind" {
-                        self.metrics
-                            .blind
-                            .get_or_create(&PairLabel { pair: pair.into() })
-                            .inc();
-                    }
-                    self.events.emit(Event {
-                        epoch,
-                        ..event(pair, kind, message)
-                    });
-                }
-                Action::Detected(d) => self.metrics.detect_seconds.observe(d.as_secs_f64()),
-                Action::Recovered(d) => {
-                    self.metrics.recovery_seconds.observe(d.as_secs_f64());
-                    self.events.emit(Event {
-                        epoch,
-                        ..event(
-                            pair,
-                            "recovered",
-                            format!("protected again {} ms after the failure", d.as_millis()),
-                        )
-                    });
-                }
-                Action::AttemptFailed => {}
-                Action::FailedOver => {
-                    self.metrics
-                        .failovers
-                        .get_or_create(&PairLabel { pair: pair.into() })
-                        .inc();
-                    self.events.emit(Event {
-                        epoch,
-                        to_state: PairState::FailedOver.as_str().into(),
-                        ..event(pair, "failover", e.m.rec.reason.clone())
-                    });
-                }
+                self.events.emit(Event {
+                    epoch,
+                    ..event(pair, kind, message)
+                });
+            }
+            Action::Detected(d) => self.metrics.detect_seconds.observe(d.as_secs_f64()),
+            Action::Recovered(d) => {
+                self.metrics.recovery_seconds.observe(d.as_secs_f64());
+                let message = format!("protected again {} ms after the failure", d.as_millis());
+                self.events.emit(Event {
+                    epoch,
+                    ..event(pair, EventKind::Recovered, message)
+                });
+            }
+            Action::FailedOver => {
+                self.metrics.failovers.get_or_create(&l).inc();
+                let reason = self.pairs[pair].m.rec.reason.clone();
+                self.events.emit(Event {
+                    epoch,
+                    to_state: proto_state(PairState::FailedOver),
+                    ..event(pair, EventKind::Failover, reason)
+                });
             }
         }
-        self.sync_commands(pair);
+    }
+
+    fn transition(
+        &mut self,
+        pair: &str,
+        epoch: u64,
+        from: PairState,
+        to: PairState,
+        reason: String,
+    ) {
+        self.metrics.set_state(pair, Some(from), to);
+        self.metrics
+            .pair_epoch
+            .get_or_create(&PairLabel { pair: pair.into() })
+            .set(epoch as i64);
+        self.metrics
+            .transitions
+            .get_or_create(&TransitionLabel {
+                from: from.as_str().into(),
+                to: to.as_str().into(),
+            })
+            .inc();
+        self.events.emit(Event {
+            from_state: proto_state(from),
+            to_state: proto_state(to),
+            epoch,
+            ..event(pair, EventKind::Transition, reason)
+        });
     }
 
     /// Sends each connected agent what it should have been told and has not been.
@@ -1037,7 +862,7 @@ impl Actor {
         if e.blocked {
             return;
         }
-        for side in [Side::Gpu, Side::Cpu] {
+        for side in Side::ALL {
             let desired = e.m.desired(side);
             let Some(c) = e.conns[side].as_mut() else {
                 continue;
@@ -1052,72 +877,89 @@ impl Actor {
         }
     }
 
+    /// Time passes for every pair; every fifth tick (`slow`) also writes the batch, refreshes
+    /// the gauges and sends heartbeat summaries.
     fn tick(&mut self, slow: bool) {
         let now = Instant::now();
         let names: Vec<String> = self.pairs.keys().cloned().collect();
         for name in &names {
-            let e = self.pairs.get_mut(name).expect("listed");
-            if e.blocked {
-                // Retry the write that blocked this pair.
-                if self
-                    .store
-                    .put_pairs(std::slice::from_ref(&e.m.rec), true)
-                    .is_ok()
-                {
-                    e.blocked = false;
-                } else {
-                    continue;
-                }
-            }
-            e.m.wall_ms = unix_ms_now();
-            let actions = e.m.step(Input::Tick(now), &self.timing);
-            if !actions.is_empty() {
-                self.act(name, actions);
-            }
-            self.drive_provider(name);
+            self.tick_pair(name, now);
         }
-        if let Some(p) = self.prov.clone() {
-            if now.duration_since(self.last_poll) >= p.cfg.poll_interval {
-                self.last_poll = now;
-                self.poll_provider();
-            }
-            if now.duration_since(self.last_sweep) >= p.cfg.sweep_interval {
-                self.last_sweep = now;
-                self.sweep();
-            }
-        }
+        self.tick_provider(now);
         if slow {
             self.flush_soon();
             self.refresh_metrics(now);
-            if self.hb_subscribers > 0
-                && now.duration_since(self.last_summary) >= Duration::from_secs(5)
+            self.summaries(&names, now);
+        }
+    }
+
+    fn tick_pair(&mut self, name: &str, now: Instant) {
+        let e = self.pairs.get_mut(name).expect("listed");
+        if e.blocked {
+            // Retry the write that blocked this pair.
+            if self
+                .store
+                .put_pairs(std::slice::from_ref(&e.m.rec), true)
+                .is_err()
             {
-                self.last_summary = now;
-                for name in &names {
-                    let v = self.view(name);
-                    self.events.emit(Event {
-                        epoch: v.epoch,
-                        to_state: v.state.clone(),
-                        ..event(
-                            name,
-                            "heartbeat",
-                            format!(
-                                "gpu {} cpu {} lag {} ms generation {}",
-                                v.gpu.as_ref().map_or("absent".into(), |m| format!(
-                                    "{} ms ago",
-                                    m.last_heartbeat_ms
-                                )),
-                                v.cpu.as_ref().map_or("absent".into(), |m| format!(
-                                    "{} ms ago",
-                                    m.last_heartbeat_ms
-                                )),
-                                v.sync_lag_ms,
-                                v.last_durable_generation
-                            ),
-                        )
-                    });
-                }
+                return;
             }
+            e.blocked = false;
+        }
+        e.m.wall_ms = unix_ms_now();
+        let actions = e.m.step(Input::Tick(now), &self.timing);
+        if !actions.is_empty() {
+            self.act(name, actions);
+        }
+        self.drive_provider(name);
+    }
+
+    /// Polls the provider and sweeps orphans, each on its own interval.
+    fn tick_provider(&mut self, now: Instant) {
+        let Some(p) = self.prov.clone() else {
+            return;
+        };
+        if now.duration_since(self.last_poll) >= p.cfg.poll_interval {
+            self.last_poll = now;
+            self.poll_provider();
+        }
+        if now.duration_since(self.last_sweep) >= p.cfg.sweep_interval {
+            self.last_sweep = now;
+            self.sweep();
+        }
+    }
+
+    /// A heartbeat summary of each pair, every 5 s while someone asked for them.
+    fn summaries(&mut self, names: &[String], now: Instant) {
+        if self.hb_subscribers <= 0
+            || now.duration_since(self.last_summary) < Duration::from_secs(5)
+        {
+            return;
+        }
+        self.last_summary = now;
+        for name in names {
+            self.events.emit(self.summary(name));
+        }
+    }
+
+    fn summary(&self, name: &str) -> Event {
+        let v = self.view(name);
+        let age = |m: &Option<MachineView>| {
+            m.as_ref().map_or("absent".into(), |m| {
+                format!("{} ms ago", m.last_heartbeat_ms)
+            })
+        };
+        let message = format!(
+            "gpu {} cpu {} lag {} ms generation {}",
+            age(&v.gpu),
+            age(&v.cpu),
+            v.sync_lag_ms,
+            v.last_durable_generation
+        );
+        Event {
+            epoch: v.epoch,
+            to_state: v.state,
+            ..event(name, EventKind::Heartbeat, message)
         }
     }
 
@@ -1137,28 +979,7 @@ impl Actor {
     }
 
     fn refresh_metrics(&self, now: Instant) {
-        let (mut gpus, mut cpus) = (0i64, 0i64);
-        for e in self.pairs.values() {
-            let r = &e.m.rec;
-            gpus += i64::from(r.gpu_owned.is_some());
-            cpus += i64::from(r.cpu_owned.is_some());
-            for m in r
-                .teardown
-                .iter()
-                .chain(r.provision.iter().filter_map(|p| p.machine.as_ref()))
-            {
-                match m.role.as_str() {
-                    "cpu" => cpus += 1,
-                    _ => gpus += 1,
-                }
-            }
-        }
-        for (kind, n) in [("gpu", gpus), ("cpu", cpus)] {
-            self.metrics
-                .machines
-                .get_or_create(&KindLabel { kind: kind.into() })
-                .set(n);
-        }
+        self.count_machines();
         for (name, e) in &self.pairs {
             for (side, seen) in e.m.seen.iter() {
                 if let Some(t) = seen.last_seen {
@@ -1189,25 +1010,33 @@ impl Actor {
         }
     }
 
+    /// Provider machines owned, being created or being destroyed, by role.
+    fn count_machines(&self) {
+        let mut count = PerSide::<i64>::default();
+        for e in self.pairs.values() {
+            let r = &e.m.rec;
+            count.gpu += i64::from(r.gpu_owned.is_some());
+            count.cpu += i64::from(r.cpu_owned.is_some());
+            for m in r
+                .teardown
+                .iter()
+                .chain(r.provision.iter().filter_map(|p| p.machine.as_ref()))
+            {
+                count[Side::from_record(m.role())] += 1;
+            }
+        }
+        for (side, &n) in count.iter() {
+            self.metrics
+                .machines
+                .get_or_create(&KindLabel {
+                    kind: side.as_str().into(),
+                })
+                .set(n);
+        }
+    }
+
     fn view(&self, name: &str) -> PairView {
         let e = &self.pairs[name];
-        let now = Instant::now();
-        let mv = |side: Side, rec: &Option<MachineRecord>| {
-            rec.as_ref().map(|m| {
-                let seen = &e.m.seen[side];
-                MachineView {
-                    machine: m.machine.clone(),
-                    address: m.address.clone(),
-                    workspace: m.workspace.clone(),
-                    last_heartbeat_ms: seen
-                        .last_seen
-                        .map(|t| now.duration_since(t).as_millis() as u64)
-                        .unwrap_or(u64::MAX),
-                    connected: e.conns[side].is_some(),
-                    epoch: e.figures[side].epoch,
-                }
-            })
-        };
         let primary = e.m.primary();
         let active = match primary {
             Side::Gpu => e.m.rec.gpu.as_ref(),
@@ -1217,176 +1046,59 @@ impl Actor {
         .unwrap_or_default();
         PairView {
             pair: name.to_string(),
-            state: e.m.state().as_str().into(),
+            state: proto_state(e.m.state()),
             epoch: e.m.epoch().0,
-            primary: primary.as_str().into(),
+            primary: Role::from(primary).into(),
             last_durable_generation: e.figures.cpu.generation.max(e.figures.gpu.generation),
             sync_lag_ms: e.figures.gpu.rpo_age_ms,
             active_endpoint: active,
-            gpu: mv(Side::Gpu, &e.m.rec.gpu),
-            cpu: mv(Side::Cpu, &e.m.rec.cpu),
+            gpu: machine_view(e, Side::Gpu),
+            cpu: machine_view(e, Side::Cpu),
             reason: e.m.rec.reason.clone(),
             pending_bytes: e.figures.gpu.pending_bytes,
             restore_done_bytes: e.restore_bytes().map_or(0, |r| r.0),
             restore_total_bytes: e.restore_bytes().map_or(0, |r| r.1),
-            provisioning: e
-                .m
-                .rec
-                .provision
-                .as_ref()
-                .map(|p| {
-                    let m = p.machine.clone().unwrap_or_default();
-                    let mut s = format!(
-                        "{} attempt {} ({}): {}",
-                        p.role, p.attempt, p.phase, m.label
-                    );
-                    if !p.last_error.is_empty() {
-                        s.push_str(&format!("; last error: {}", p.last_error));
-                    }
-                    s
-                })
-                .unwrap_or_default(),
+            provisioning: provisioning_line(&e.m.rec),
         }
     }
 }
 
-/// One provisioning attempt: settle what a previous attempt with this label left (by listing
-/// the label), otherwise choose the best offer and create. An ambiguous failure is settled by
-/// listing the label again, never by creating twice.
-async fn create_machine(
-    prov: &Provisioning,
-    pair: &str,
-    role: Side,
-    label: &str,
-    blocked: &[String],
-) -> Input {
-    let limit = prov.cfg.call_timeout;
-    let p = prov.provider(role);
-    let failed = |error: String, block: Vec<String>| Input::CreateFailed {
-        label: label.to_string(),
-        error,
-        block,
+/// One machine of a pair as `pairs` shows it (None until its agent reported).
+fn machine_view(e: &Entry, side: Side) -> Option<MachineView> {
+    let rec = match side {
+        Side::Gpu => &e.m.rec.gpu,
+        Side::Cpu => &e.m.rec.cpu,
     };
-    let find = || async {
-        match tokio::time::timeout(limit, p.list(label)).await {
-            Ok(Ok(ms)) => Ok(ms.into_iter().find(|m| m.label == label)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("listing machines timed out".to_string()),
-        }
-    };
-    match find().await {
-        Ok(Some(m)) => {
-            return Input::Created {
-                label: label.to_string(),
-                id: m.id,
-                offer: String::new(),
-                place: m.place,
-            };
-        }
-        Ok(None) => {}
-        Err(e) => return failed(format!("cannot list machines: {e}"), vec![]),
-    }
-    let filter = match role {
-        Side::Gpu => &prov.cfg.gpu,
-        Side::Cpu => &prov.cfg.cpu,
-    };
-    let offers = match tokio::time::timeout(limit, p.search(role)).await {
-        Ok(Ok(o)) => filter.rank(o, blocked),
-        Ok(Err(e)) => return failed(format!("searching offers: {e}"), vec![]),
-        Err(_) => return failed("searching offers timed out".into(), vec![]),
-    };
-    let Some(offer) = offers.into_iter().next() else {
-        return failed(
-            "no offer matches the configured filter (or all are blocklisted)".into(),
-            vec![],
-        );
-    };
-    let role_id = match role {
-        Side::Gpu => crate::trust::identity::Role::Gpu,
-        Side::Cpu => crate::trust::identity::Role::Cpu,
-    };
-    let exp = unix_ms_now() / 1000 + prov.cfg.token_ttl.as_secs().max(60);
-    let token = crate::trust::token::Token::new(pair, role_id, exp, &prov.fingerprint)
-        .sign(&prov.token_key);
-    let startup = Startup {
-        pair: pair.to_string(),
-        role,
-        coordinator: prov.coordinator_url.clone(),
-        join_token: token,
-        label: label.to_string(),
-    };
-    tracing::info!(%pair, %label, offer = %offer.id, price = offer.price_per_hour, "creating a machine");
-    let r = tokio::time::timeout(limit, p.create(&offer, &startup)).await;
-    let created = |id: String, place: String| Input::Created {
-        label: label.to_string(),
-        id,
-        offer: offer.id.clone(),
-        place: if place.is_empty() {
-            offer.place.clone()
-        } else {
-            place
-        },
-    };
-    match r {
-        Ok(Ok(m)) => created(m.id, m.place),
-        Ok(Err(ProviderError::Rejected(e))) => failed(e, vec![offer.id.clone()]),
-        Ok(Err(ProviderError::Unavailable { place, message })) => {
-            failed(message, vec![offer.id.clone(), place])
-        }
-        Ok(Err(e @ (ProviderError::Transient(_) | ProviderError::Conflict(_)))) => {
-            match find().await {
-                Ok(Some(m)) => created(m.id, m.place),
-                _ => failed(
-                    format!("create failed ({e}); no machine carries the label"),
-                    vec![],
-                ),
-            }
-        }
-        Err(_) => match find().await {
-            Ok(Some(m)) => created(m.id, m.place),
-            _ => failed(
-                "create timed out; no machine carries the label".into(),
-                vec![],
-            ),
-        },
-    }
+    let seen = &e.m.seen[side];
+    let m = rec.as_ref()?;
+    Some(MachineView {
+        machine: m.machine.clone(),
+        address: m.address.clone(),
+        workspace: m.workspace.clone(),
+        last_heartbeat_ms: seen
+            .last_seen
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(u64::MAX),
+        connected: e.conns[side].is_some(),
+        epoch: e.figures[side].epoch,
+    })
 }
 
-/// Destroys a machine by id, or finds it by label first when its id was never learnt.
-async fn destroy_machine(
-    prov: &Provisioning,
-    side: Side,
-    label: &str,
-    id: &str,
-) -> Result<(), String> {
-    destroy_with(prov.provider(side), prov.cfg.call_timeout, label, id).await
-}
-
-async fn destroy_with(
-    p: &Arc<dyn Provider>,
-    limit: Duration,
-    label: &str,
-    id: &str,
-) -> Result<(), String> {
-    let ids: Vec<String> = if id.is_empty() {
-        match tokio::time::timeout(limit, p.list(label)).await {
-            Ok(Ok(ms)) => ms
-                .into_iter()
-                .filter(|m| m.label == label)
-                .map(|m| m.id)
-                .collect(),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("listing machines timed out".into()),
-        }
-    } else {
-        vec![id.to_string()]
+/// "gpu attempt 2 (boot): <label>; last error: ..." ("" when nothing is being provisioned).
+fn provisioning_line(rec: &PairRecord) -> String {
+    let Some(p) = &rec.provision else {
+        return String::new();
     };
-    for id in ids {
-        match tokio::time::timeout(limit, p.destroy(&id)).await {
-            Ok(Ok(())) => tracing::info!(%label, %id, "machine destroyed"),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("destroy timed out".into()),
-        }
+    let m = p.machine.clone().unwrap_or_default();
+    let mut s = format!(
+        "{} attempt {} ({}): {}",
+        p.role(),
+        p.attempt,
+        p.phase(),
+        m.label
+    );
+    if !p.last_error.is_empty() {
+        s.push_str(&format!("; last error: {}", p.last_error));
     }
-    Ok(())
+    s
 }

@@ -40,6 +40,7 @@ mod tests;
 use std::time::{Duration, Instant};
 
 use crate::proto::state::{MachineRecord, OwnedMachine, PairRecord};
+use crate::proto::{AgentMode, EventKind, Role};
 use crate::types::{Epoch, PerSide, Side};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -135,8 +136,7 @@ impl Contact {
 /// What an agent said about its replication in its last report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentStatus {
-    /// "send", "receive", "primary", "fenced", "idle".
-    pub mode: String,
+    pub mode: AgentMode,
     /// Manifest root (hex) it last agreed with its peer.
     pub root: String,
     pub generation: u64,
@@ -255,7 +255,7 @@ pub enum Action {
         reason: String,
     },
     /// A warning worth an event and a metric, but no transition.
-    Warn { kind: &'static str, message: String },
+    Warn { kind: EventKind, message: String },
     /// A failure was detected this long after the GPU was last heard from.
     Detected(Duration),
     /// A failover happened (counted in metrics).
@@ -298,9 +298,9 @@ impl PairMachine {
     pub fn new_record(name: &str, wall_ms: u64) -> PairRecord {
         PairRecord {
             name: name.to_string(),
-            state: PairState::Pending.as_str().into(),
+            state: crate::proto::PairState::from(PairState::Pending).into(),
             epoch: 1,
-            primary: Side::Gpu.as_str().into(),
+            primary: Role::from(Side::Gpu).into(),
             changed_unix_ms: wall_ms,
             ..Default::default()
         }
@@ -320,7 +320,7 @@ impl PairMachine {
     }
 
     pub fn state(&self) -> PairState {
-        PairState::parse(&self.rec.state).unwrap_or(PairState::Pending)
+        PairState::try_from(self.rec.state()).unwrap_or(PairState::Pending)
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -328,7 +328,7 @@ impl PairMachine {
     }
 
     pub fn primary(&self) -> Side {
-        Side::from_record(&self.rec.primary)
+        Side::from_record(self.rec.primary())
     }
 
     /// Feeds one input to the machine and returns what the caller must do, in order.
@@ -365,7 +365,7 @@ impl PairMachine {
         if from == to {
             return;
         }
-        self.rec.state = to.as_str().into();
+        self.rec.set_state(to.into());
         self.rec.reason = reason.clone();
         self.rec.changed_unix_ms = self.wall_ms;
         out.push(Action::Persist);
@@ -401,7 +401,7 @@ impl PairMachine {
 
 fn refuse(out: &mut Vec<Action>, message: String) {
     out.push(Action::Warn {
-        kind: "refused",
+        kind: EventKind::Refused,
         message,
     });
 }

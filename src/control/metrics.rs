@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::control::failover::PairState;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PairLabel {
     pub pair: String,
@@ -115,8 +117,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut r = Registry::default();
-        let m = Metrics {
+        let mut m = Metrics {
             pair_state: Family::default(),
             pair_epoch: Family::default(),
             pair_protected: Family::default(),
@@ -142,119 +143,135 @@ impl Metrics {
             registry: Mutex::new(Registry::default()),
             names: Vec::new(),
         };
+        let mut r = Registry::default();
         let mut reg = Reg {
             r: &mut r,
             names: Vec::new(),
         };
+        m.register_pairs(&mut reg);
+        m.register_failover(&mut reg);
+        m.register_fleet(&mut reg);
+        m.names = reg.names;
+        *m.registry.get_mut().expect("registry") = r;
+        m
+    }
+
+    /// Per pair: its state, epoch, protection and replication figures.
+    fn register_pairs(&self, reg: &mut Reg<'_>) {
         reg.plain(
             "standby_pair_state",
             "1 for the pair's current state (Syncing, Suspect, FailedOver, ...)",
-            m.pair_state.clone(),
+            self.pair_state.clone(),
         );
         reg.plain(
             "standby_pair_epoch",
             "The pair's fencing epoch",
-            m.pair_epoch.clone(),
+            self.pair_epoch.clone(),
         );
         reg.plain(
             "standby_pair_protected",
             "1 when a durable, verified copy of the primary exists on the other machine (Syncing)",
-            m.pair_protected.clone(),
+            self.pair_protected.clone(),
         );
         reg.unit(
             "standby_pair_replication_lag",
             "Duration of the GPU agent's last generation (change seen to durable on the CPU)",
             Unit::Seconds,
-            m.replication_lag.clone(),
+            self.replication_lag.clone(),
         );
         reg.unit(
             "standby_pair_rpo_age",
             "Age of the oldest change not yet durable on the CPU (0: nothing pending)",
             Unit::Seconds,
-            m.rpo_age.clone(),
+            self.rpo_age.clone(),
         );
         reg.unit(
             "standby_pair_pending",
             "Bytes of changed files not yet durable on the CPU",
             Unit::Bytes,
-            m.pending_bytes.clone(),
+            self.pending_bytes.clone(),
         );
         reg.plain(
             "standby_pair_last_durable_generation",
             "Last generation acknowledged durable by the CPU",
-            m.last_durable_generation.clone(),
+            self.last_durable_generation.clone(),
         );
         reg.unit(
             "standby_pair_heartbeat_age",
             "Time since the coordinator last heard from the agent",
             Unit::Seconds,
-            m.heartbeat_age.clone(),
+            self.heartbeat_age.clone(),
         );
+    }
+
+    /// Failovers and what led to them.
+    fn register_failover(&self, reg: &mut Reg<'_>) {
         reg.plain(
             "standby_failovers",
             "Failovers performed",
-            m.failovers.clone(),
+            self.failovers.clone(),
         );
         reg.unit(
             "standby_time_to_detect",
             "From the GPU agent's last heartbeat to the failover decision",
             Unit::Seconds,
-            m.detect_seconds.clone(),
+            self.detect_seconds.clone(),
         );
         reg.plain(
             "standby_coordinator_blind",
             "Times the coordinator lost sight of a GPU agent that its CPU agent still reached",
-            m.blind.clone(),
+            self.blind.clone(),
         );
         reg.plain(
             "standby_pair_transitions",
             "State transitions",
-            m.transitions.clone(),
+            self.transitions.clone(),
         );
+    }
+
+    /// The coordinator's agents, pairs and provider machines.
+    fn register_fleet(&self, reg: &mut Reg<'_>) {
         reg.plain(
             "standby_agents_connected",
             "Agents with an open heartbeat stream",
-            m.agents_connected.clone(),
+            self.agents_connected.clone(),
         );
         reg.plain(
             "standby_heartbeats",
             "Heartbeats received",
-            m.heartbeats.clone(),
+            self.heartbeats.clone(),
         );
         reg.plain(
             "standby_pairs",
             "Pairs known to the coordinator",
-            m.pairs.clone(),
+            self.pairs.clone(),
         );
         reg.plain(
             "standby_pair_restore_progress",
             "Fraction of the replica restored to a new GPU (0..1)",
-            m.restore_progress.clone(),
+            self.restore_progress.clone(),
         );
         reg.plain(
             "standby_provisioning_attempts",
             "Machine creations attempted, by outcome",
-            m.provisioning_attempts.clone(),
+            self.provisioning_attempts.clone(),
         );
         reg.plain(
             "standby_orphans_destroyed",
             "Machines destroyed because no pair owned them",
-            m.orphans_destroyed.clone(),
+            self.orphans_destroyed.clone(),
         );
         reg.plain(
             "standby_machines",
             "Provider machines the coordinator owns or is creating or destroying, by role",
-            m.machines.clone(),
+            self.machines.clone(),
         );
         reg.unit(
             "standby_recovery",
             "From a failover (or hibernation, or a lost CPU) to the pair being protected again",
             Unit::Seconds,
-            m.recovery_seconds.clone(),
+            self.recovery_seconds.clone(),
         );
-        let names = reg.names;
-        *m.registry.lock().expect("registry") = r;
-        Metrics { names, ..m }
     }
 
     /// The OpenMetrics text exposition.
@@ -266,22 +283,22 @@ impl Metrics {
     }
 
     /// Marks `state` as the pair's current state (and clears the previous one).
-    pub fn set_state(&self, pair: &str, prev: Option<&str>, state: &str) {
+    pub fn set_state(&self, pair: &str, prev: Option<PairState>, state: PairState) {
         if let Some(p) = prev {
             self.pair_state.remove(&PairStateLabel {
                 pair: pair.into(),
-                state: p.into(),
+                state: p.as_str().into(),
             });
         }
         self.pair_state
             .get_or_create(&PairStateLabel {
                 pair: pair.into(),
-                state: state.into(),
+                state: state.as_str().into(),
             })
             .set(1);
         self.pair_protected
             .get_or_create(&PairLabel { pair: pair.into() })
-            .set((state == "Syncing") as i64);
+            .set((state == PairState::Syncing) as i64);
     }
 
     /// Every metric name this exports, as it appears in the exposition (histograms also
@@ -325,8 +342,8 @@ mod tests {
     #[test]
     fn exposition_has_the_contract_names() {
         let m = Metrics::new();
-        m.set_state("p", None, "Syncing");
-        m.set_state("p", Some("Syncing"), "FailedOver");
+        m.set_state("p", None, PairState::Syncing);
+        m.set_state("p", Some(PairState::Syncing), PairState::FailedOver);
         m.failovers
             .get_or_create(&PairLabel { pair: "p".into() })
             .inc();

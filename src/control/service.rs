@@ -5,6 +5,7 @@
 //! `cpu`), and they speak for exactly that pair and role; every `Admin` call needs an admin
 //! certificate.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +16,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::engine::Engine;
+use crate::control::engine::{Engine, Provisioning};
 use crate::control::failover::{Input, Policy, Timing};
 use crate::control::metrics::Metrics;
+use crate::control::provider::ProvisionConfig;
 use crate::control::store::{FileStore, Store};
 use crate::proto::admin_server::{Admin, AdminServer};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
-    ActionReply, AgentReport, Command, Event, EventsRequest, JoinReply, JoinRequest,
+    ActionReply, AgentReport, Command, Event, EventKind, EventsRequest, JoinReply, JoinRequest,
     ListPairsReply, ListPairsRequest, PairRequest, PairView,
 };
 use crate::trust::identity::{Identity, Role};
@@ -93,7 +95,7 @@ impl Coordinator for CoordinatorSvc {
         s.engine.events.emit(Event {
             unix_ms: crate::host::unix_ms_now(),
             pair: token.pair.clone(),
-            kind: "joined".into(),
+            kind: EventKind::Joined.into(),
             message: format!("{} agent {} joined from {:?}", role, r.machine, addr),
             ..Default::default()
         });
@@ -207,7 +209,9 @@ impl Admin for AdminSvc {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             for e in recent {
-                if (r.heartbeats || e.kind != "heartbeat") && tx.send(Ok(e)).await.is_err() {
+                if (r.heartbeats || e.kind() != EventKind::Heartbeat)
+                    && tx.send(Ok(e)).await.is_err()
+                {
                     return;
                 }
             }
@@ -220,7 +224,7 @@ impl Admin for AdminSvc {
             loop {
                 match live.recv().await {
                     Ok(e) => {
-                        if !r.heartbeats && e.kind == "heartbeat" {
+                        if !r.heartbeats && e.kind() == EventKind::Heartbeat {
                             continue;
                         }
                         if tx.send(Ok(e)).await.is_err() {
@@ -230,7 +234,7 @@ impl Admin for AdminSvc {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         let _ = tx
                             .send(Ok(Event {
-                                kind: "warning".into(),
+                                kind: EventKind::Warning.into(),
                                 message: format!("{n} events dropped: the subscriber was too slow"),
                                 ..Default::default()
                             }))
@@ -393,52 +397,12 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     let token_key = token_key(dir)?;
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
-        .await
-        .with_context(|| format!("listening on {}", opts.listen))?;
+    let listener = bind(&opts.listen).await?;
     let addr = listener.local_addr()?;
     let mut policy = opts.policy.clone();
     policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
-    let gpu_provider = make_provider(&opts.provider, &opts)?;
-    let cpu_provider = match opts.cpu_provider.as_str() {
-        "" => gpu_provider.clone(),
-        name if name == opts.provider => gpu_provider.clone(),
-        name => make_provider(name, &opts)?,
-    };
-    let provider = match (gpu_provider, cpu_provider) {
-        (Some(gpu), Some(cpu)) => Some((gpu, cpu)),
-        (None, None) => None,
-        _ => anyhow::bail!(
-            "--provider none and --cpu-provider must go together (a pair provisions both roles or neither)"
-        ),
-    };
-    policy.provider = provider.is_some();
-    let coordinator_url = if opts.advertise.is_empty() {
-        if addr.ip().is_unspecified() {
-            format!("127.0.0.1:{}", addr.port())
-        } else {
-            addr.to_string()
-        }
-    } else {
-        opts.advertise.clone()
-    };
-    let mut cfg = opts.provision.clone();
-    if [opts.provider.as_str(), opts.cpu_provider.as_str()].contains(&"command") {
-        // The scripts' own limit answers first, with their output in the error.
-        let own = opts
-            .command
-            .timeout
-            .unwrap_or(crate::control::provider::command::DEFAULT_TIMEOUT);
-        cfg.call_timeout = cfg.call_timeout.max(own + Duration::from_secs(15));
-    }
-    let provisioning = provider.map(|(gpu, cpu)| crate::control::engine::Provisioning {
-        gpu,
-        cpu,
-        cfg,
-        coordinator_url,
-        token_key: token_key.clone(),
-        fingerprint: ca.fingerprint(),
-    });
+    let provisioning = provisioning(&opts, addr, &ca, &token_key)?;
+    policy.provider = provisioning.is_some();
     let engine = Engine::start(
         store.clone(),
         opts.timing,
@@ -456,9 +420,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         cert_days: opts.cert_days,
     });
 
-    let mlistener = tokio::net::TcpListener::bind(&opts.metrics_listen)
-        .await
-        .with_context(|| format!("listening on {}", opts.metrics_listen))?;
+    let mlistener = bind(&opts.metrics_listen).await?;
     let maddr = mlistener.local_addr()?;
     // Replaced atomically, `serve.addr` last: whoever waits for it finds both complete.
     crate::disk::crashsafe::write_atomic(&dir.join("metrics.addr"), maddr.to_string().as_bytes())?;
@@ -469,7 +431,87 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         metrics,
         shutdown.clone(),
     ));
+    serve_grpc(listener, &material, shared, shutdown).await?;
+    let _ = m.await;
+    Ok(())
+}
 
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))
+}
+
+/// What the engine needs to create machines (None with the provider `none`: replacements join
+/// by hand).
+fn provisioning(
+    opts: &ServeOptions,
+    addr: SocketAddr,
+    ca: &Ca,
+    token_key: &[u8],
+) -> anyhow::Result<Option<Provisioning>> {
+    let Some((gpu, cpu)) = providers(opts)? else {
+        return Ok(None);
+    };
+    Ok(Some(Provisioning {
+        gpu,
+        cpu,
+        cfg: provision_config(opts),
+        coordinator_url: coordinator_url(opts, addr),
+        token_key: token_key.to_vec(),
+        fingerprint: ca.fingerprint(),
+    }))
+}
+
+/// The GPU and the CPU providers: both or neither.
+fn providers(opts: &ServeOptions) -> anyhow::Result<Option<(DynProvider, DynProvider)>> {
+    let gpu = make_provider(&opts.provider, opts)?;
+    let cpu = match opts.cpu_provider.as_str() {
+        "" => gpu.clone(),
+        name if name == opts.provider => gpu.clone(),
+        name => make_provider(name, opts)?,
+    };
+    match (gpu, cpu) {
+        (Some(gpu), Some(cpu)) => Ok(Some((gpu, cpu))),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!(
+            "--provider none and --cpu-provider must go together (a pair provisions both roles or neither)"
+        ),
+    }
+}
+
+/// The coordinator as new machines dial it: `--advertise`, else the bound address (loopback
+/// when bound to all interfaces).
+fn coordinator_url(opts: &ServeOptions, addr: SocketAddr) -> String {
+    if !opts.advertise.is_empty() {
+        opts.advertise.clone()
+    } else if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+fn provision_config(opts: &ServeOptions) -> ProvisionConfig {
+    let mut cfg = opts.provision.clone();
+    if [opts.provider.as_str(), opts.cpu_provider.as_str()].contains(&"command") {
+        // The scripts' own limit answers first, with their output in the error.
+        let own = opts
+            .command
+            .timeout
+            .unwrap_or(crate::control::provider::command::DEFAULT_TIMEOUT);
+        cfg.call_timeout = cfg.call_timeout.max(own + Duration::from_secs(15));
+    }
+    cfg
+}
+
+/// The gRPC server (coordinator, admin, health, reflection) until `shutdown`.
+async fn serve_grpc(
+    listener: tokio::net::TcpListener,
+    material: &TlsMaterial,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorSvc>>()
@@ -488,6 +530,5 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         .add_service(AdminServer::new(AdminSvc(shared)).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
-    let _ = m.await;
     Ok(())
 }

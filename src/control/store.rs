@@ -6,6 +6,11 @@
 //! durable `put` is fsynced before it returns; many pairs written together cost one fsync. A
 //! replicated store (etcd with leader election) can implement the same trait.
 //! [`MemStore`] serves tests, with a restart that keeps only what was made durable.
+//!
+//! A log written before the pair state, roles and phase were enums is migrated when it is opened
+//! (`legacy`), and rewritten at once in the new form.
+
+pub mod legacy;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -28,6 +33,12 @@ pub enum StoreError {
     },
     #[error("store {path}: corrupt entry at offset {offset}")]
     Corrupt { path: PathBuf, offset: u64 },
+    #[error("store {path}: {source}")]
+    Legacy {
+        path: PathBuf,
+        #[source]
+        source: legacy::Refused,
+    },
 }
 
 /// What a store holds.
@@ -66,6 +77,20 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Decodes the entry framed at `offset`, migrating a pair from before the enums (true when it
+/// was).
+fn read_entry(path: &Path, offset: u64, bytes: &[u8]) -> Result<(StoreEntry, bool), StoreError> {
+    let mut e = StoreEntry::decode(bytes).map_err(|_| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+    })?;
+    let migrated = legacy::migrate_entry(&mut e, bytes).map_err(|source| StoreError::Legacy {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((e, migrated))
+}
+
 fn apply(state: &mut Snapshot, e: StoreEntry) {
     match e.entry {
         Some(store_entry::Entry::Pair(p)) => {
@@ -88,6 +113,7 @@ impl FileStore {
         let path = dir.join("coordinator.log");
         let mut state = Snapshot::default();
         let mut entries = 0;
+        let mut migrated = 0;
         if let Ok(f) = File::open(&path) {
             let len = f.metadata().map_err(io_at(&path))?.len();
             let mut r = BufReader::new(f);
@@ -97,10 +123,8 @@ impl FileStore {
                     Ok(None) => break,
                     Ok(Some(p)) => {
                         offset += p.len() as u64 + 48;
-                        let e = StoreEntry::decode(&p[..]).map_err(|_| StoreError::Corrupt {
-                            path: path.clone(),
-                            offset,
-                        })?;
+                        let (e, old) = read_entry(&path, offset, &p)?;
+                        migrated += u64::from(old);
                         apply(&mut state, e);
                         entries += 1;
                     }
@@ -139,6 +163,13 @@ impl FileStore {
                 entries,
             }),
         };
+        if migrated > 0 {
+            tracing::info!(
+                entries = migrated,
+                "migrated records from before the enums; rewriting the coordinator store"
+            );
+            store.compact(&mut store.inner.lock().expect("store lock"))?;
+        }
         store.compact_if_stale()?;
         Ok(store)
     }
@@ -181,6 +212,13 @@ impl FileStore {
         if g.entries < 1024 || g.entries < 4 * live {
             return Ok(());
         }
+        self.compact(&mut g)
+    }
+
+    /// Rewrites the log with only the live entries (crash-safely: the old log stays whole until
+    /// the new one replaces it).
+    fn compact(&self, g: &mut FileInner) -> Result<(), StoreError> {
+        let live = (g.state.pairs.len() + g.state.used_tokens.len()) as u64;
         let mut buf = Vec::new();
         for p in g.state.pairs.values() {
             let e = StoreEntry {
@@ -318,12 +356,16 @@ impl Store for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::failover::{self, PairMachine};
+    use crate::proto::state::Phase;
+    use crate::proto::{PairState, Role};
+    use crate::types::Side;
 
     fn pair(name: &str, epoch: u64) -> PairRecord {
         PairRecord {
             name: name.into(),
             epoch,
-            state: "Syncing".into(),
+            state: PairState::Syncing.into(),
             ..Default::default()
         }
     }
@@ -369,6 +411,132 @@ mod tests {
         std::fs::write(&p, &bytes).unwrap();
         let s = FileStore::open(d.path()).unwrap();
         assert_eq!(s.load().unwrap().pairs["a"].epoch, 5);
+    }
+
+    /// The state and the primary were strings at field numbers 2 and 4, now reserved: such a
+    /// record still decodes (nothing is misread as an enum), without them; the migration reads
+    /// them from the same bytes.
+    #[test]
+    fn records_from_before_the_enums_decode_without_their_strings_and_are_migrated() {
+        let mut old = vec![0x0a, 1, b'a', 0x12, 10];
+        old.extend_from_slice(b"FailedOver");
+        old.extend_from_slice(&[0x18, 7, 0x22, 3]);
+        old.extend_from_slice(b"cpu");
+        let mut rec = PairRecord::decode(&old[..]).unwrap();
+        assert_eq!((rec.name.as_str(), rec.epoch), ("a", 7));
+        assert_eq!(rec.state(), PairState::Unspecified);
+        assert_eq!(rec.primary(), Role::Unspecified);
+        assert!(legacy::migrate(&mut rec, &old).unwrap());
+        assert_eq!((rec.name.as_str(), rec.epoch), ("a", 7));
+        assert_eq!(rec.state(), PairState::FailedOver);
+        assert_eq!(rec.primary(), Role::Cpu);
+        // Migrated once: nothing is left to fill in.
+        assert!(!legacy::migrate(&mut rec, &old).unwrap());
+    }
+
+    /// `tag` as a length-delimited field holding `v` (all short here: a one-byte length).
+    fn ld(tag: u8, v: &[u8]) -> Vec<u8> {
+        assert!(v.len() < 128);
+        let mut out = vec![tag << 3 | 2, v.len() as u8];
+        out.extend_from_slice(v);
+        out
+    }
+
+    /// Writes a coordinator log holding these pair records (as bytes), one entry each.
+    fn legacy_log(dir: &Path, records: &[Vec<u8>]) {
+        let mut log = Vec::new();
+        for r in records {
+            log.extend(frame(LOG_KIND, &ld(1, r)));
+        }
+        std::fs::write(dir.join("coordinator.log"), log).unwrap();
+    }
+
+    /// A store written before the enums: a failed-over pair (the CPU primary, the failed GPU
+    /// waiting to be destroyed) and one provisioning a new GPU. They load as they were, and the
+    /// log is rewritten in the new form at once.
+    #[test]
+    fn a_failed_over_pair_from_before_the_enums_loads_failed_over_with_the_cpu_primary() {
+        let d = tempfile::tempdir().unwrap();
+        let failed_over = [
+            ld(1, b"a"),
+            vec![0x18, 7],
+            ld(2, b"FailedOver"),
+            ld(4, b"cpu"),
+            ld(13, &[ld(1, b"sb-a-cpu-1"), ld(3, b"cpu")].concat()),
+            ld(14, &[ld(1, b"sb-a-gpu-2"), ld(3, b"gpu")].concat()),
+        ]
+        .concat();
+        let provisioning = [
+            ld(1, b"b"),
+            vec![0x18, 3],
+            ld(2, b"Provisioning"),
+            ld(4, b"cpu"),
+            ld(
+                10,
+                &[
+                    ld(1, b"gpu"),
+                    vec![0x10, 2],
+                    ld(3, b"boot"),
+                    ld(4, &[ld(1, b"sb-b-gpu-3"), ld(3, b"gpu")].concat()),
+                ]
+                .concat(),
+            ),
+        ]
+        .concat();
+        legacy_log(d.path(), &[failed_over, provisioning]);
+        for _reopened in 0..2 {
+            let snap = FileStore::open(d.path()).unwrap().load().unwrap();
+            let a = &snap.pairs["a"];
+            assert_eq!(
+                (a.state(), a.primary(), a.epoch),
+                (PairState::FailedOver, Role::Cpu, 7)
+            );
+            assert_eq!(a.cpu_owned.as_ref().unwrap().role(), Role::Cpu);
+            assert_eq!(a.teardown[0].role(), Role::Gpu);
+            let m = PairMachine::resume(a.clone(), std::time::Instant::now());
+            assert_eq!(m.state(), failover::PairState::FailedOver);
+            assert_eq!(m.primary(), Side::Cpu);
+            let b = &snap.pairs["b"];
+            assert_eq!(
+                (b.state(), b.primary()),
+                (PairState::Provisioning, Role::Cpu)
+            );
+            let p = b.provision.as_ref().unwrap();
+            assert_eq!(
+                (p.role(), p.phase(), p.attempt),
+                (Role::Gpu, Phase::Boot, 2)
+            );
+            assert_eq!(p.machine.as_ref().unwrap().role(), Role::Gpu);
+        }
+        let log = std::fs::read(d.path().join("coordinator.log")).unwrap();
+        assert!(
+            !log.windows(10).any(|w| w == b"FailedOver"),
+            "the log still holds the old strings"
+        );
+    }
+
+    /// An old string this build does not know is never guessed at: the store does not open,
+    /// and says which pair.
+    #[test]
+    fn an_unknown_string_from_before_the_enums_refuses_the_load() {
+        for record in [
+            [ld(1, b"a"), ld(2, b"Sinking")].concat(),
+            [ld(1, b"a"), ld(2, b"Syncing"), ld(4, b"tpu")].concat(),
+            [
+                ld(1, b"a"),
+                ld(10, &[ld(1, b"gpu"), ld(3, b"warm")].concat()),
+            ]
+            .concat(),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            legacy_log(d.path(), &[record]);
+            let Err(e) = FileStore::open(d.path()) else {
+                panic!("a record with an unknown old string loaded");
+            };
+            let e = crate::text::error_chain(&e);
+            assert!(e.contains("pair a:"), "{e}");
+            assert!(e.contains("does not know"), "{e}");
+        }
     }
 
     #[test]

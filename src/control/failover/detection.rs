@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{Action, Contact, PairMachine, PairState, Report, Timing};
 use crate::proto::state::MachineRecord;
+use crate::proto::{EventKind, Role};
 use crate::types::Side;
 
 impl PairMachine {
@@ -95,7 +96,7 @@ impl PairMachine {
     pub(super) fn on_manual(&mut self, now: Instant, out: &mut Vec<Action>) {
         if self.primary() != Side::Gpu {
             out.push(Action::Warn {
-                kind: "refused",
+                kind: EventKind::Refused,
                 message: "failover refused: the CPU is already the primary".into(),
             });
             return;
@@ -160,7 +161,7 @@ impl PairMachine {
                 "the GPU agent is silent but the CPU agent cannot confirm (it is silent too): not failing over".to_string()
             };
             out.push(Action::Warn {
-                kind: "blind",
+                kind: EventKind::Blind,
                 message,
             });
         }
@@ -275,7 +276,7 @@ impl PairMachine {
             );
         } else if self.primary() == Side::Cpu {
             out.push(Action::Warn {
-                kind: "critical",
+                kind: EventKind::Critical,
                 message: "the provider reports the CPU machine gone while it is the primary".into(),
             });
         }
@@ -286,13 +287,13 @@ impl PairMachine {
     pub(super) fn fail_over(&mut self, reason: String, silence: Duration, out: &mut Vec<Action>) {
         if self.rec.cpu.is_none() {
             out.push(Action::Warn {
-                kind: "refused",
+                kind: EventKind::Refused,
                 message: format!("cannot fail over ({reason}): no CPU standby has joined"),
             });
             return;
         }
         self.rec.epoch += 1;
-        self.rec.primary = Side::Cpu.as_str().into();
+        self.rec.set_primary(Role::Cpu);
         self.rec.failed_over_unix_ms = self.wall_ms;
         self.rec.hibernate = false;
         self.warned_blind = false;

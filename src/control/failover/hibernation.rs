@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use super::{Action, PairMachine, PairState, refuse};
+use crate::proto::{EventKind, Role};
 use crate::types::Side;
 
 impl PairMachine {
@@ -25,7 +26,7 @@ impl PairMachine {
             self.rec.hibernate = true;
             out.push(Action::Persist);
             out.push(Action::Warn {
-                kind: "hibernate",
+                kind: EventKind::Hibernate,
                 message: "hibernating: the GPU makes a final sync, then its machine is released"
                     .into(),
             });
@@ -36,7 +37,7 @@ impl PairMachine {
     /// the GPU machine is released.
     pub(super) fn hibernated(&mut self, out: &mut Vec<Action>) {
         self.rec.epoch += 1;
-        self.rec.primary = Side::Cpu.as_str().into();
+        self.rec.set_primary(Role::Cpu);
         self.rec.hibernate = false;
         self.rec.failed_over_unix_ms = self.wall_ms;
         if let Some(o) = self.rec.gpu_owned.take() {
@@ -85,7 +86,7 @@ impl PairMachine {
         {
             self.idle_since = None;
             out.push(Action::Warn {
-                kind: "hibernate",
+                kind: EventKind::Hibernate,
                 message: format!("the GPU has been idle for {} s", after.as_secs()),
             });
             self.hibernate(out);

@@ -8,7 +8,8 @@
 //! and blocklist entries are persisted, so they are wall-clock times (`wall_ms`).
 
 use super::{Action, PairMachine, PairState, refuse};
-use crate::proto::state::{Blocked, OwnedMachine, Provision};
+use crate::proto::state::{Blocked, OwnedMachine, Phase, Provision};
+use crate::proto::{EventKind, Role};
 use crate::types::Side;
 
 impl PairMachine {
@@ -46,7 +47,7 @@ impl PairMachine {
         self.rec
             .provision
             .as_ref()
-            .is_some_and(|p| p.role == side.as_str())
+            .is_some_and(|p| p.role() == Role::from(side))
     }
 
     /// Whether a machine for `side` was created and its agent has not joined yet.
@@ -56,7 +57,7 @@ impl PairMachine {
                 .rec
                 .provision
                 .as_ref()
-                .is_some_and(|p| p.phase == "boot")
+                .is_some_and(|p| p.phase() == Phase::Boot)
     }
 
     /// The provider created `label`: watch it by its id and give its agent the boot timeout.
@@ -77,8 +78,8 @@ impl PairMachine {
             m.id = id.clone();
             m.offer = offer;
             m.place = place.clone();
-            if p.phase == "create" {
-                p.phase = "boot".into();
+            if p.phase() == Phase::Create {
+                p.set_phase(Phase::Boot);
                 p.deadline_unix_ms = wall + boot;
             }
             out.push(Action::Persist);
@@ -88,7 +89,7 @@ impl PairMachine {
                 format!(", {place}")
             };
             out.push(Action::Warn {
-                kind: "provisioning",
+                kind: EventKind::Provisioning,
                 message: format!("created {label} (id {id}{place}); waiting for its agent to join"),
             });
         } else if let Some(m) = [&mut self.rec.gpu_owned, &mut self.rec.cpu_owned]
@@ -130,7 +131,7 @@ impl PairMachine {
         if self.rec.teardown.len() != before {
             out.push(Action::Persist);
             out.push(Action::Warn {
-                kind: "destroyed",
+                kind: EventKind::Destroyed,
                 message: format!("machine {label} destroyed"),
             });
         }
@@ -147,7 +148,7 @@ impl PairMachine {
                 p.next_try_unix_ms = self.wall_ms;
                 out.push(Action::Persist);
                 out.push(Action::Warn {
-                    kind: "provisioning",
+                    kind: EventKind::Provisioning,
                     message: "retrying provisioning now (operator)".into(),
                 });
             }
@@ -173,7 +174,7 @@ impl PairMachine {
             return true;
         }
         if let Some(p) = &self.rec.provision
-            && p.phase == "boot"
+            && p.phase() == Phase::Boot
             && p.deadline_unix_ms > 0
             && self.wall_ms > p.deadline_unix_ms
         {
@@ -229,12 +230,12 @@ impl PairMachine {
         self.rec.teardown.extend(old);
         let label = self.new_label(role);
         self.rec.provision = Some(Provision {
-            role: role.as_str().into(),
+            role: Role::from(role).into(),
             attempt: 1,
-            phase: "create".into(),
+            phase: Phase::Create.into(),
             machine: Some(OwnedMachine {
                 label,
-                role: role.as_str().into(),
+                role: Role::from(role).into(),
                 ..Default::default()
             }),
             next_try_unix_ms: self.wall_ms,
@@ -254,29 +255,29 @@ impl PairMachine {
         let Some(mut p) = self.rec.provision.take() else {
             return;
         };
-        let role = Side::from_record(&p.role);
+        let role = Side::from_record(p.role());
         if let Some(m) = p.machine.take()
-            && (!m.id.is_empty() || p.phase == "boot")
+            && (!m.id.is_empty() || p.phase() == Phase::Boot)
         {
             self.rec.teardown.push(m);
         }
         let label = self.new_label(role);
         let wait = self.backoff(p.attempt, &label);
         p.attempt += 1;
-        p.phase = "create".into();
+        p.set_phase(Phase::Create);
         p.last_error = why.clone();
         p.deadline_unix_ms = 0;
         p.next_try_unix_ms = self.wall_ms + wait.as_millis() as u64;
         p.machine = Some(OwnedMachine {
             label,
-            role: role.as_str().into(),
+            role: Role::from(role).into(),
             ..Default::default()
         });
         self.rec.provision = Some(p);
         out.push(Action::Persist);
         out.push(Action::AttemptFailed);
         out.push(Action::Warn {
-            kind: "provisioning",
+            kind: EventKind::Provisioning,
             message: format!("{why}; next attempt in {} ms", wait.as_millis()),
         });
     }
@@ -312,7 +313,7 @@ impl PairMachine {
             Side::Cpu => {
                 out.push(Action::Persist);
                 out.push(Action::Warn {
-                    kind: "provisioning",
+                    kind: EventKind::Provisioning,
                     message: format!("{label} joined; seeding it from the GPU"),
                 });
             }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use super::{Action, PairMachine, PairState};
-use crate::types::Side;
+use crate::proto::{AgentMode, Role};
 
 impl PairMachine {
     /// Moves restore, cutover, hibernation and reseeding along as the agents report.
@@ -19,11 +19,11 @@ impl PairMachine {
         match self.state() {
             PairState::Restoring
                 if same
-                    && c.mode == "send"
+                    && c.mode == AgentMode::Send
                     && c.connected
                     && c.pending_bytes == 0
                     && c.rpo_age_ms == 0
-                    && g.mode == "receive" =>
+                    && g.mode == AgentMode::Receive =>
             {
                 self.go(
                     PairState::CuttingOver,
@@ -35,7 +35,7 @@ impl PairMachine {
                 if same
                     && c.frozen_epoch >= epoch
                     && c.pending_bytes == 0
-                    && g.mode == "receive" =>
+                    && g.mode == AgentMode::Receive =>
             {
                 self.cut_over(out)
             }
@@ -44,17 +44,17 @@ impl PairMachine {
                     && same
                     && g.frozen_epoch >= epoch
                     && g.pending_bytes == 0
-                    && c.mode == "receive" =>
+                    && c.mode == AgentMode::Receive =>
             {
                 self.hibernated(out)
             }
             PairState::Degraded
                 if self.rec.provision.is_none()
                     && same
-                    && g.mode == "send"
+                    && g.mode == AgentMode::Send
                     && g.connected
                     && g.pending_bytes == 0
-                    && c.mode == "receive" =>
+                    && c.mode == AgentMode::Receive =>
             {
                 self.reseeded(out)
             }
@@ -65,7 +65,7 @@ impl PairMachine {
     /// The frozen CPU's last changes are on the new GPU: it becomes the primary at a new epoch.
     fn cut_over(&mut self, out: &mut Vec<Action>) {
         self.rec.epoch += 1;
-        self.rec.primary = Side::Gpu.as_str().into();
+        self.rec.set_primary(Role::Gpu);
         self.rec.restore_started_unix_ms = 0;
         let took = self.recovered(out);
         self.go(

@@ -1,4 +1,5 @@
 use super::*;
+use crate::proto::state::Phase;
 
 /// Some instant to start a schedule from. The machine never reads the clock itself (the lint
 /// denied in the parent); a test needs one real `Instant` to add offsets to.
@@ -197,7 +198,15 @@ fn no_failover_when_only_the_coordinator_lost_the_gpu() {
         );
         warned += a
             .iter()
-            .filter(|x| matches!(x, Action::Warn { kind: "blind", .. }))
+            .filter(|x| {
+                matches!(
+                    x,
+                    Action::Warn {
+                        kind: EventKind::Blind,
+                        ..
+                    }
+                )
+            })
             .count();
     }
     assert_eq!(m.state(), PairState::Suspect);
@@ -210,7 +219,7 @@ fn no_failover_when_the_cpu_is_silent_too() {
     let (mut m, t0, t) = syncing();
     let a = m.step(Input::Tick(t0 + ms(10_000)), &t);
     assert!(!transitions(&a).contains(&PairState::FailedOver));
-    assert!(a.iter().any(|x| matches!(x, Action::Warn { kind: "blind", message } if message.contains("cannot confirm"))));
+    assert!(a.iter().any(|x| matches!(x, Action::Warn { kind: EventKind::Blind, message } if message.contains("cannot confirm"))));
 }
 
 #[test]
@@ -258,7 +267,7 @@ fn no_failover_without_a_cpu_standby() {
     let t0 = now();
     let t = Timing::default();
     let mut rec = PairMachine::new_record("p", 0);
-    rec.state = PairState::Syncing.as_str().into();
+    rec.set_state(PairState::Syncing.into());
     rec.gpu = machine("g:7702");
     let mut m = PairMachine::resume(rec, t0);
     let a = m.step(Input::Manual(t0), &t);
@@ -354,9 +363,9 @@ fn with_provider(m: &mut PairMachine) {
     m.wall_ms = 1_000_000;
 }
 
-fn status(mode: &str, root: &str) -> AgentStatus {
+fn status(mode: AgentMode, root: &str) -> AgentStatus {
     AgentStatus {
-        mode: mode.into(),
+        mode,
         root: root.into(),
         connected: true,
         ..Default::default()
@@ -386,7 +395,7 @@ fn a_machine_that_joins_before_its_create_returns_gets_its_id() {
             Side::Gpu,
             Report {
                 machine: named(&label, "10.0.0.9:7702"),
-                status: status("idle", ""),
+                status: status(AgentMode::Idle, ""),
                 ..report(t0 + ms(300), 1)
             },
         ),
@@ -439,13 +448,13 @@ fn recovery_provisions_restores_and_cuts_over() {
         },
         &t,
     );
-    assert_eq!(m.rec.provision.as_ref().unwrap().phase, "boot");
+    assert_eq!(m.rec.provision.as_ref().unwrap().phase(), Phase::Boot);
     let a = m.step(
         Input::Report(
             Side::Gpu,
             Report {
                 machine: named(&label, "10.0.0.9:7702"),
-                status: status("idle", ""),
+                status: status(AgentMode::Idle, ""),
                 ..report(t0 + ms(1000), 1)
             },
         ),
@@ -465,12 +474,12 @@ fn recovery_provisions_restores_and_cuts_over() {
         }]
     );
     // Roots differ: still restoring.
-    m.seen.gpu.status = status("receive", "aa");
+    m.seen.gpu.status = status(AgentMode::Receive, "aa");
     let a = m.step(
         Input::Report(
             Side::Cpu,
             Report {
-                status: status("send", "bb"),
+                status: status(AgentMode::Send, "bb"),
                 ..cpu_report(t0 + ms(1500), None)
             },
         ),
@@ -483,7 +492,7 @@ fn recovery_provisions_restores_and_cuts_over() {
             Side::Gpu,
             Report {
                 machine: named(&label, "10.0.0.9:7702"),
-                status: status("receive", "bb"),
+                status: status(AgentMode::Receive, "bb"),
                 ..report(t0 + ms(2000), 2)
             },
         ),
@@ -502,7 +511,7 @@ fn recovery_provisions_restores_and_cuts_over() {
             Report {
                 status: AgentStatus {
                     frozen_epoch: 2,
-                    ..status("send", "bb")
+                    ..status(AgentMode::Send, "bb")
                 },
                 ..cpu_report(t0 + ms(2500), None)
             },
@@ -613,14 +622,14 @@ fn hibernate_then_wake() {
         m.desired(Side::Gpu)
             .contains(&Desired::Freeze { epoch: Epoch(1) })
     );
-    m.seen.cpu.status = status("receive", "cc");
+    m.seen.cpu.status = status(AgentMode::Receive, "cc");
     let a = m.step(
         Input::Report(
             Side::Gpu,
             Report {
                 status: AgentStatus {
                     frozen_epoch: 1,
-                    ..status("send", "cc")
+                    ..status(AgentMode::Send, "cc")
                 },
                 ..report(t0, 1)
             },
@@ -641,7 +650,7 @@ fn hibernate_then_wake() {
     assert!(matches!(
         &a[0],
         Action::Warn {
-            kind: "refused",
+            kind: EventKind::Refused,
             ..
         }
     ));
@@ -664,7 +673,7 @@ fn a_lost_cpu_standby_is_replaced_and_seeded() {
             Side::Cpu,
             Report {
                 machine: named(&label, "10.0.0.3:7701"),
-                status: status("receive", ""),
+                status: status(AgentMode::Receive, ""),
                 ..cpu_report(t0 + ms(6000), None)
             },
         ),
@@ -678,12 +687,12 @@ fn a_lost_cpu_standby_is_replaced_and_seeded() {
             epoch: Epoch(1)
         }]
     );
-    m.seen.cpu.status = status("receive", "dd");
+    m.seen.cpu.status = status(AgentMode::Receive, "dd");
     let a = m.step(
         Input::Report(
             Side::Gpu,
             Report {
-                status: status("send", "dd"),
+                status: status(AgentMode::Send, "dd"),
                 ..report(t0 + ms(7000), 1)
             },
         ),
@@ -701,7 +710,7 @@ fn a_lost_cpu_standby_is_replaced_and_seeded() {
 fn gpu_sends(m: &mut PairMachine, at: Instant, connected: bool, t: &Timing) -> Vec<Action> {
     let st = AgentStatus {
         connected,
-        ..status("send", "dd")
+        ..status(AgentMode::Send, "dd")
     };
     m.step(
         Input::Report(
@@ -728,7 +737,7 @@ fn cpu_back(
             Side::Cpu,
             Report {
                 machine: machine("10.0.0.2:7701"),
-                status: status("receive", "dd"),
+                status: status(AgentMode::Receive, "dd"),
                 ..cpu_report(at, probe_ok_age)
             },
         ),
@@ -806,7 +815,7 @@ fn without_a_provider_recovery_is_refused_with_a_reason() {
     );
     let a = m.step(Input::Recover, &t);
     assert!(
-        matches!(&a[0], Action::Warn { kind: "refused", message } if message.contains("no provider"))
+        matches!(&a[0], Action::Warn { kind: EventKind::Refused, message } if message.contains("no provider"))
     );
     assert_eq!(m.state(), PairState::FailedOver);
 }
