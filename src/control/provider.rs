@@ -1,4 +1,4 @@
-//! Where machines come from: one trait over every provider (DESIGN.md "Providers").
+//! Where machines come from: one trait over every provider (ARCHITECTURE.md, "Providers").
 //!
 //! The coordinator only ever asks a provider to search offers, create a machine with a unique
 //! label, look machines up by id or label prefix, and destroy them. Labels are what make

@@ -1,6 +1,7 @@
 //! The coordinator's enums as they travel and as they are stored: one conversion between each
-//! Rust enum and its proto form, and how the command line spells each proto enum (DESIGN.md
-//! "Command-line contract": `"state": "Syncing"`, `"primary": "gpu"`, `"kind": "failover"`).
+//! Rust enum and its proto form, and how the command line spells each proto enum (README.md,
+//! "A managed pair", `pairs --json`: `"state": "Syncing"`, `"primary": "gpu"`,
+//! `"kind": "failover"`).
 //!
 //! A value this build does not know (a newer peer's) reads as UNSPECIFIED through prost's
 //! accessors; it converts to no [`PairState`] and is spelled as nothing, never a panic. The

@@ -1,6 +1,6 @@
 //! Change detection with inotify (the `notify` crate), feeding a debounced dirty set.
 //!
-//! Hazards (see RUST-NOTES): registering a recursive watch emits `Access(Open)` events for
+//! Hazards (measured on notify 8): registering a recursive watch emits `Access(Open)` events for
 //! notify's own walk (filtered); a file created right after its directory can go unreported (a
 //! new directory is scanned whole, so it is covered); a kernel queue overflow arrives as a
 //! `Rescan` flag and our own queue overflowing is treated the same: everything is rescanned.

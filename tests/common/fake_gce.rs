@@ -1,7 +1,7 @@
 //! A stateful fake of the Compute Engine REST API and its OAuth token endpoint (the shapes in
-//! PROVIDERS.md): service-account JWTs are verified (RS256 signature, iss, aud, scope, expiry)
-//! before an access token is issued, and every API call needs one. Inserts are idempotent by
-//! `requestId`, return Operations that finish a little later, and can be made to fail:
+//! ARCHITECTURE.md, "Providers"): service-account JWTs are verified (RS256 signature, iss, aud,
+//! scope, expiry) before an access token is issued, and every API call needs one. Inserts are
+//! idempotent by `requestId`, return Operations that finish a little later, and can be made to fail:
 //! 429 rate limits, `ZONE_RESOURCE_POOL_EXHAUSTED`, a 503 after the instance was created, and
 //! an instance whose startup script never runs. A booting instance runs the real startup script
 //! from `deploy/` against the fake's metadata server, which starts a real agent-cpu. A test can

@@ -1,4 +1,4 @@
-//! A stateful fake of the Vast.ai REST API (the shapes in PROVIDERS.md), with faults to inject:
+//! A stateful fake of the Vast.ai REST API (the shapes in ARCHITECTURE.md, "Providers"), with faults to inject:
 //! 429s on search, offers that vanish (410 `no_such_ask`), instances whose agent never starts,
 //! and creates that answer 500 after creating. An instance that boots runs the real on-start
 //! script from `deploy/`, which starts a real agent-gpu.

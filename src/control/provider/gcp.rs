@@ -1,6 +1,6 @@
 //! The `gcp` provider: CPU standbys as Spot e2 VMs on Google Compute Engine, through its REST API
-//! (facts in `PROVIDERS.md`). It rents CPU machines only; GPUs come from another provider
-//! (`--provider vastai --cpu-provider gcp`).
+//! (the API facts it relies on: ARCHITECTURE.md, "Providers"). It rents CPU machines only; GPUs
+//! come from another provider (`--provider vastai --cpu-provider gcp`).
 //!
 //! - Auth: a service-account key file (`credentials_file` or `GOOGLE_APPLICATION_CREDENTIALS`)
 //!   is turned into an RS256-signed JWT (iss = client_email, scope compute, aud = token_uri)

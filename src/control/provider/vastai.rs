@@ -1,6 +1,6 @@
 //! The `vastai` provider: GPU machines rented on Vast.ai through its REST API (facts in
-//! `PROVIDERS.md`). Instances carry our unique label; a create has no idempotency key, so after
-//! a timeout or 5xx the coordinator looks the label up before anything else. The API key comes
+//! ARCHITECTURE.md, "Providers"). Instances carry our unique label; a create has no idempotency
+//! key, so after a timeout or 5xx the coordinator looks the label up before anything else. The API key comes
 //! from the environment (`VAST_API_KEY`) or a file and is never logged.
 
 use std::time::Duration;
