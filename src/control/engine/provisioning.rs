@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::event;
 use super::{Actor, Msg};
 use crate::control::failover::Input;
 use crate::control::metrics::{KindLabel, Metrics};
@@ -18,6 +19,7 @@ use crate::control::provider::{
     Machine, MachineState, Offer, Provider, ProviderError, ProvisionConfig, Startup,
 };
 use crate::host::unix_ms_now;
+use crate::proto::EventKind;
 use crate::proto::state::{PairRecord, Phase};
 use crate::types::Side;
 
@@ -62,6 +64,19 @@ pub(super) enum Call {
 }
 
 impl Actor {
+    /// A provider call came back; what its outcome means (if anything) is the pair's input.
+    pub(super) fn on_provider(&mut self, pair: &str, op: &Call, input: Option<Input>) {
+        self.inflight.remove(op);
+        if let Some(input) = input
+            && let Some(e) = self.pairs.get_mut(pair)
+        {
+            e.m.wall_ms = unix_ms_now();
+            let actions = e.m.step(input, &self.timing);
+            self.act(pair, actions);
+            self.drive_provider(pair);
+        }
+    }
+
     /// Starts the provider calls the pair's record asks for and that are not under way:
     /// creating the machine being provisioned (when its next try is due) and destroying
     /// machines on the teardown list.
@@ -182,6 +197,24 @@ impl Actor {
             }
             let _ = tx.send(Msg::SweepDone { destroyed }).await;
         });
+    }
+
+    /// The sweeper is done: count and announce each orphan it destroyed.
+    pub(super) fn on_sweep_done(&mut self, destroyed: Vec<(String, &'static str)>) {
+        self.inflight.remove(&Call::Sweep);
+        for (label, provider) in destroyed {
+            self.metrics
+                .orphans_destroyed
+                .get_or_create(&KindLabel {
+                    kind: provider.into(),
+                })
+                .inc();
+            self.events.emit(event(
+                "",
+                EventKind::Orphan,
+                format!("destroyed machine {label}: it carries our label but no pair owns it"),
+            ));
+        }
     }
 
     /// Whether any pair owns the machine labelled `label` (the sweeper asks).
