@@ -1,5 +1,5 @@
-//! Rolling a committed generation forward (`standby::apply::apply_record`) on a real temporary
-//! workspace, for an arbitrary sequence of generations and local tampering.
+//! Rolling a committed generation forward (`standby::replication::receive::apply::apply_record`)
+//! on a real temporary workspace, for an arbitrary sequence of generations and local tampering.
 //!
 //! Each run builds `base/{ws,stage,outside}` on tmpfs. Generations are built the way the
 //! receiver builds its records (old kinds from the current manifest, staged files, symlinks and
@@ -28,11 +28,11 @@ use std::path::{Path, PathBuf};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use standby::apply::{apply_record, clear_stage, prepare_stage};
-use standby::fsx::{self, Root};
-use standby::manifest::{Kind, Manifest, kind_of};
+use standby::disk::fsx::{self, Root};
 use standby::proto::Entry;
 use standby::proto::state::{Change, Extent, Record};
+use standby::replication::manifest::{Kind, Manifest, kind_of};
+use standby::replication::receive::apply::{apply_record, clear_stage, prepare_stage};
 use standby::types::RelPath;
 
 #[derive(Arbitrary, Debug)]
@@ -310,7 +310,7 @@ impl World {
     fn write_stage_file(&self, name: &str, data: &[u8], e: &Entry) {
         let mut f = fsx::create_excl(self.stage.as_fd(), name.as_bytes()).unwrap();
         f.write_all(data).unwrap();
-        standby::apply::set_file_meta(&f, e).unwrap();
+        standby::replication::receive::apply::set_file_meta(&f, e).unwrap();
     }
 
     /// Builds a record as the receiver would; None for an op the receiver would refuse.

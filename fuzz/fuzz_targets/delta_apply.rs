@@ -12,7 +12,9 @@
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use standby::delta::{HASH_LEN, MAX_CHUNK, MIN_BLOCK, apply_window, check_signature, signature};
+use standby::replication::delta::{
+    HASH_LEN, MAX_CHUNK, MIN_BLOCK, apply_window, check_signature, signature,
+};
 
 const MD4_MAGIC: u32 = 0x7273_0136;
 const SMALL_BLOCKS: [u32; 5] = [256, 512, 1024, 2048, 4096];

@@ -8,8 +8,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use standby::identity::Role;
-use standby::token::{Token, TokenError};
+use standby::trust::identity::Role;
+use standby::trust::token::{Token, TokenError};
 
 const KEY: [u8; 32] = [0x5a; 32];
 const OTHER_KEY: [u8; 32] = [0xa5; 32];
