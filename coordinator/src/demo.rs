@@ -93,6 +93,17 @@ fn agent_bins() -> anyhow::Result<PathBuf> {
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
+        // `cargo run` gave this process the package's CARGO_PKG_*, CARGO_MANIFEST_* and OUT_DIR.
+        // ring's build script declares `rerun-if-env-changed` on several of them, so a nested
+        // cargo that inherits them reruns it and rebuilds ring and everything above it (rustls,
+        // reqwest, tonic, this crate) twice: once here, and once more in the next plain build.
+        // Without them this build only compiles and links the two agents.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_") || k.starts_with("CARGO_MANIFEST_") || k == "OUT_DIR" {
+                cmd.env_remove(&key);
+            }
+        }
         let st = cmd.status().context("running cargo build")?;
         if !st.success() {
             bail!("building the agents failed");

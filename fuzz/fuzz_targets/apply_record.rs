@@ -1,6 +1,5 @@
-//! Rolling a committed generation forward
-//! (`standby::replication::receive::apply::apply_record`) on a real temporary workspace, for an
-//! arbitrary sequence of generations and local tampering.
+//! Rolling a committed generation forward (`standby::replication::receive::apply::apply_record`)
+//! on a real temporary workspace, for an arbitrary sequence of generations and local tampering.
 //!
 //! Each run builds `base/{ws,stage,outside}` on tmpfs. Generations are built the way the
 //! receiver builds its records (old kinds from the current manifest, staged files, symlinks and

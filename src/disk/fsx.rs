@@ -4,26 +4,39 @@
 //! target is reached by opening one component at a time with `O_NOFOLLOW | O_DIRECTORY`, so a
 //! symlink anywhere on the way makes the operation fail instead of escaping the root, whatever
 //! was placed in the tree before. Nothing here follows a symlink in the final component either.
+//!
+//! The system calls go through `rustix` (safe wrappers over the raw calls); names are turned into
+//! C strings here so a NUL in a name is refused the same way by every function.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+
 use crate::types::RelPath;
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
+/// What [`lstat_at`] returns: `st_mode`, `st_size`, `st_ino`, `st_mtime`, `st_mtime_nsec`, ...
+pub use rustix::fs::Stat;
 
 fn cname(name: &[u8]) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
+}
+
+/// `openat(dir, name)` that never follows a symlink in `name` and never leaks into a child.
+fn open_at(dir: BorrowedFd<'_>, name: &[u8], flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+    let c = cname(name)?;
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(rustix::fs::openat(
+        dir,
+        &c,
+        flags,
+        Mode::from_raw_mode(mode),
+    )?)
 }
 
 /// A directory opened as the root of confined operations.
@@ -42,11 +55,11 @@ pub enum Found {
 }
 
 impl Found {
-    pub fn from_mode(mode: libc::mode_t) -> Found {
-        match mode & libc::S_IFMT {
-            libc::S_IFREG => Found::File,
-            libc::S_IFDIR => Found::Dir,
-            libc::S_IFLNK => Found::Symlink,
+    pub fn from_mode(mode: u32) -> Found {
+        match FileType::from_raw_mode(mode) {
+            FileType::RegularFile => Found::File,
+            FileType::Directory => Found::Dir,
+            FileType::Symlink => Found::Symlink,
             _ => Found::Other,
         }
     }
@@ -62,102 +75,45 @@ pub fn through_symlink(path: &RelPath) -> io::Error {
 
 pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     let c = cname(path.as_os_str().as_bytes())?;
-    let fd = cvt(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(&c, flags, Mode::empty())?)
 }
 
 /// Opens `name` inside `dir` as a directory without following a symlink.
 pub fn openat_dir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
-    let c = cname(name)?;
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    })?;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    open_at(dir, name, OFlags::RDONLY | OFlags::DIRECTORY, 0)
 }
 
 /// Opens regular file `name` inside `dir` for reading, without following a symlink.
 pub fn openat_file(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
-    let c = cname(name)?;
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    })?;
-    Ok(unsafe { File::from_raw_fd(fd) })
+    Ok(open_at(dir, name, OFlags::RDONLY, 0)?.into())
 }
 
 /// Opens existing regular file `name` inside `dir` for writing in place, without following a
 /// symlink.
 pub fn openat_write(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
-    let c = cname(name)?;
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    })?;
-    Ok(unsafe { File::from_raw_fd(fd) })
+    Ok(open_at(dir, name, OFlags::WRONLY, 0)?.into())
 }
 
 /// Creates or truncates regular file `name` inside `dir` for writing (never through a symlink).
 pub fn create_trunc(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<File> {
-    let c = cname(name)?;
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            (mode & 0o777) as libc::c_uint,
-        )
-    })?;
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC;
+    Ok(open_at(dir, name, flags, mode & 0o777)?.into())
 }
 
 /// Creates `name` inside `dir` exclusively, for reading and writing, mode 0600.
 pub fn create_excl(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
-    let c = cname(name)?;
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    })?;
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
+    Ok(open_at(dir, name, flags, 0o600)?.into())
 }
 
-pub fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<libc::stat>> {
+pub fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Stat>> {
     let c = cname(name)?;
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            return Ok(None);
-        }
-        return Err(e);
+    match rustix::fs::statat(dir, &c, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(Some(st))
 }
 
 pub fn found_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Found> {
@@ -174,15 +130,7 @@ pub fn renameat(
     to: &[u8],
 ) -> io::Result<()> {
     let (f, t) = (cname(from)?, cname(to)?);
-    cvt(unsafe {
-        libc::renameat(
-            from_dir.as_raw_fd(),
-            f.as_ptr(),
-            to_dir.as_raw_fd(),
-            t.as_ptr(),
-        )
-    })
-    .map(drop)
+    Ok(rustix::fs::renameat(from_dir, &f, to_dir, &t)?)
 }
 
 pub fn linkat(
@@ -192,68 +140,71 @@ pub fn linkat(
     to: &[u8],
 ) -> io::Result<()> {
     let (f, t) = (cname(from)?, cname(to)?);
-    cvt(unsafe {
-        libc::linkat(
-            from_dir.as_raw_fd(),
-            f.as_ptr(),
-            to_dir.as_raw_fd(),
-            t.as_ptr(),
-            0,
-        )
-    })
-    .map(drop)
+    Ok(rustix::fs::linkat(
+        from_dir,
+        &f,
+        to_dir,
+        &t,
+        AtFlags::empty(),
+    )?)
 }
 
 pub fn symlinkat(target: &[u8], dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     let (t, n) = (cname(target)?, cname(name)?);
-    cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), n.as_ptr()) }).map(drop)
+    Ok(rustix::fs::symlinkat(&t, dir, &n)?)
 }
 
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
     let n = cname(name)?;
-    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), n.as_ptr(), mode as libc::mode_t) }).map(drop)
+    Ok(rustix::fs::mkdirat(dir, &n, Mode::from_raw_mode(mode))?)
 }
 
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &[u8], is_dir: bool) -> io::Result<()> {
     let n = cname(name)?;
-    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), flags) }).map(drop)
+    let flags = if is_dir {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
+    Ok(rustix::fs::unlinkat(dir, &n, flags)?)
 }
 
 /// Sets permission bits of `name` inside `dir`. A symlink there is refused (`EOPNOTSUPP`), never
 /// followed: a symlink planted where a file was expected must not carry the change outside the
-/// root. (glibc and musl do this through an `O_PATH` descriptor and `/proc/self/fd`.)
+/// root. Linux's `fchmodat` has no `AT_SYMLINK_NOFOLLOW` (rustix refuses the flag outright), so
+/// this does what glibc and musl do for it: open the name itself with `O_PATH | O_NOFOLLOW`,
+/// refuse a symlink, and change the mode of exactly that inode through `/proc/self/fd`.
 pub fn chmodat(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
-    let n = cname(name)?;
-    cvt(unsafe {
-        libc::fchmodat(
-            dir.as_raw_fd(),
-            n.as_ptr(),
-            mode as libc::mode_t,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    let inode = open_at(dir, name, OFlags::PATH, 0)?;
+    if FileType::from_raw_mode(rustix::fs::fstat(&inode)?.st_mode) == FileType::Symlink {
+        return Err(Errno::OPNOTSUPP.into());
+    }
+    let by_fd = format!("/proc/self/fd/{}", inode.as_raw_fd());
+    match rustix::fs::chmod(by_fd.as_str(), Mode::from_raw_mode(mode)) {
+        // No /proc: glibc answers the same.
+        Err(Errno::NOENT) => Err(Errno::OPNOTSUPP.into()),
+        r => Ok(r?),
+    }
 }
 
 /// Sets the modification time of `name` inside `dir` (of a symlink itself, never its target).
 /// The access time is set to the same value.
 pub fn set_mtime_at(dir: BorrowedFd<'_>, name: &[u8], mtime_ns: i64) -> io::Result<()> {
     let n = cname(name)?;
-    let ts = libc::timespec {
+    let ts = Timespec {
         tv_sec: mtime_ns.div_euclid(1_000_000_000),
         tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
     };
-    let times = [ts, ts];
-    cvt(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            n.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    let times = Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    };
+    Ok(rustix::fs::utimensat(
+        dir,
+        &n,
+        &times,
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?)
 }
 
 /// Removes `name` inside `dir` and everything below it, never following a symlink.
@@ -273,37 +224,30 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
 
 /// Names in a directory (without `.` and `..`).
 pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
-    // fdopendir takes ownership of the descriptor it is given: hand it a duplicate.
-    let dup = cvt(unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
-    let dp = unsafe { libc::fdopendir(dup) };
-    if dp.is_null() {
-        let e = io::Error::last_os_error();
-        unsafe { libc::close(dup) };
-        return Err(e);
-    }
-    unsafe { libc::rewinddir(dp) };
+    // A directory stream owns the descriptor it reads: hand it a duplicate, rewound, since a
+    // duplicate shares its position with `dir`.
+    let mut entries = rustix::fs::Dir::new(rustix::io::fcntl_dupfd_cloexec(dir, 0)?)?;
+    entries.rewind();
     let mut names = Vec::new();
-    loop {
-        let ent = unsafe { libc::readdir(dp) };
-        if ent.is_null() {
-            break;
-        }
-        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
         if name != b"." && name != b".." {
             names.push(name.to_vec());
         }
     }
-    unsafe { libc::closedir(dp) };
     Ok(names)
 }
 
 /// Flushes the whole filesystem holding `fd` (data, metadata and directory entries).
 pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
-    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+    Ok(rustix::fs::syncfs(fd)?)
 }
 
 /// Starts write-back of a byte range without waiting, so a later sync has less to do.
 pub fn start_writeback(f: &File, offset: u64, len: u64) {
+    // rustix has no `sync_file_range`. A hint only: its result is of no use to the caller.
+    // SAFETY: a plain system call on a descriptor `f` keeps open; no memory is passed.
     unsafe {
         libc::sync_file_range(
             f.as_raw_fd(),
@@ -317,9 +261,8 @@ pub fn start_writeback(f: &File, offset: u64, len: u64) {
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let c = cname(path.as_os_str().as_bytes())?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut s) })?;
-    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+    let s = rustix::fs::statvfs(c.as_c_str())?;
+    Ok(s.f_bavail * s.f_frsize)
 }
 
 impl Root {
@@ -337,8 +280,8 @@ impl Root {
     pub fn open_dir(&self, rel: &RelPath) -> io::Result<OwnedFd> {
         let mut cur = openat_dir(self.fd(), b".")?;
         for comp in rel.as_bytes().split(|b| *b == b'/') {
-            cur = openat_dir(cur.as_fd(), comp).map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::ENOTDIR) => through_symlink(rel),
+            cur = openat_dir(cur.as_fd(), comp).map_err(|e| match Errno::from_io_error(&e) {
+                Some(Errno::LOOP | Errno::NOTDIR) => through_symlink(rel),
                 _ => e,
             })?;
         }
