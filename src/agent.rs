@@ -1,11 +1,11 @@
 //! The runtime both agents share: what a machine in a pair runs besides replication itself.
 //!
 //! From the command line in: [`args`] resolves flags, environment and file into an
-//! [`config::AgentConfig`]; [`runtime`] opens the identity ([`join`]) and the replica and runs
-//! the agent: its [`endpoint`], its local control [`socket`], the [`node`] that replicates in
-//! whichever direction its mode says (running the operator's [`hooks`] when the role changes),
-//! and, when a coordinator manages it, the [`managed`] tasks: the heartbeat [`link`] carrying
-//! each [`report`], the CPU's [`probe`] of its GPU peer, GPU health from [`nvml`].
+//! [`config::AgentConfig`]; [`runtime`] opens the identity (`join`) and the replica and runs
+//! the agent: its `endpoint`, its local control [`socket`], the `node` that replicates in
+//! whichever direction its mode says (running the operator's `hooks` when the role changes),
+//! and, when a coordinator manages it, the `managed` tasks: the heartbeat `link` carrying
+//! each `report`, the CPU's `probe` of its GPU peer, GPU health from `nvml`.
 
 pub mod args;
 pub mod config;

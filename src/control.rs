@@ -3,10 +3,10 @@
 //!
 //! This layer uses the foundations, `disk` and `trust`, never `replication` or `agent`.
 
-pub mod engine;
+pub(crate) mod engine;
 pub mod failover;
 pub mod metrics;
 pub mod provider;
 pub mod service;
-pub mod store;
-pub mod wire;
+pub(crate) mod store;
+pub(crate) mod wire;

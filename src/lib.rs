@@ -1,23 +1,50 @@
 //! Standby: the shared engine of `agent-gpu`, `agent-cpu` and `coordinator`.
 //!
-//! The crate is layered; each layer uses only the layers above it in this list
-//! (ARCHITECTURE.md, "Layers"):
+//! The crate is layered (ARCHITECTURE.md, "Layers"). The dependency rule:
+//! `types ← disk ← trust ← replication ← agent`, and `control` uses the foundations, `disk` and
+//! `trust` only, never `replication` or `agent` (checked by `tests/layers.rs`). What only the crate
+//! uses is `pub(crate)`. Modules, from the bottom layer up:
 //!
-//! 1. Foundations: [`types`] (epochs, generations, confined paths, pair sides), [`text`]
-//!    (hex, error chains), [`host`] (this machine's name and wall clock), [`cli`] (program
-//!    plumbing shared by the three binaries), [`proto`] (generated gRPC and record types).
-//! 2. [`disk`]: crash-safe state files, confined filesystem calls, state directories,
-//!    durable epochs.
-//! 3. [`trust`]: certificate identities, the CA, mutual TLS, join tokens.
-//! 4. [`replication`]: manifests, scanning and watching a workspace, deltas, the sender,
-//!    the receiver and the continuous loop.
-//! 5. [`agent`]: the runtime both agents share (node, coordinator link, hooks, probe, NVML,
-//!    join, control socket).
-//! 6. [`control`]: the coordinator: the failover state machine, the engine, the gRPC service,
-//!    the store, metrics and providers.
+//! Foundations
+//! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
+//! - [`text`]: hex digests and one-line error chains.
+//! - [`host`]: this machine's name and wall clock.
+//! - [`cli`]: defaults, flag/environment/TOML layering, durations, logging, exit codes.
+//! - [`proto`]: the generated gRPC services and durable record types.
 //!
-//! The dependency rule: `types ← disk ← trust ← replication ← agent`. `control` uses the
-//! foundations, `disk` and `trust` only: never `replication` or `agent`.
+//! [`disk`]
+//! - `disk::crashsafe`: framed, checksummed, atomically replaced state files and records.
+//! - [`disk::fsx`]: filesystem calls confined below a root (the only `unsafe`).
+//! - `disk::statedir`: one agent per state directory.
+//! - [`disk::epoch`]: the durable fencing epoch.
+//!
+//! [`trust`]
+//! - [`trust::identity`]: URI SAN identities. [`trust::pki`]: the CA.
+//! - [`trust::tls`]: mutual TLS. [`trust::token`]: join tokens.
+//!
+//! [`replication`]
+//! - [`replication::manifest`]: what a replica holds and its blake3 root; `catalog` keeps one
+//!   durably.
+//! - `scan`: what changed; `watch`: inotify and the dirty set.
+//! - [`replication::delta`]: rsync deltas made safe for the network; `compress`: zstd.
+//! - `send` (folder): the sending side of a session, generation by generation.
+//! - [`replication::receive`] (folder): the receiving side: session, validation, staging,
+//!   commit, [`replication::receive::apply`] (the roll-forward).
+//! - `continuous`: the loop that watches, syncs, reconnects and answers flushes.
+//!
+//! [`agent`]
+//! - [`agent::args`], [`agent::config`]: the agents' shared command line and configuration.
+//! - [`agent::runtime`]: an agent from start to stop; `node`: the replica and its mode.
+//! - `managed`, `link`, `report`: the coordinator link, heartbeats and commands.
+//! - `endpoint`, `probe`: what the peer probes and how; `hooks`: `on_promote`/`on_demote`.
+//! - `nvml`: GPU health; `join`: getting an identity; [`agent::socket`]: the control socket.
+//!
+//! [`control`]
+//! - [`control::failover`] (folder): the pure per-pair state machine.
+//! - `engine` (folder): the task that owns every pair; `store`: durable state; `wire`: enums
+//!   as they travel.
+//! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
+//! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
 pub mod agent;
 pub mod cli;

@@ -1,9 +1,9 @@
 //! Moving a workspace from a sender to a receiver, generation by generation.
 //!
-//! The life of one write (ARCHITECTURE.md): [`watch`] notices it, [`scan`] plans it into a
-//! generation against the [`manifest`], [`send`] ships [`delta`]s ([`compress`]ed), and
+//! The life of one write (ARCHITECTURE.md): `watch` notices it, `scan` plans it into a
+//! generation against the [`manifest`], `send` ships [`delta`]s (`compress`ed), and
 //! [`receive`] stages, verifies, journals and applies it, recording the result in its
-//! [`catalog`]. [`continuous`] is the loop that keeps doing this.
+//! `catalog`. `continuous` is the loop that keeps doing this.
 
 pub(crate) mod catalog;
 pub(crate) mod compress;

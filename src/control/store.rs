@@ -5,7 +5,7 @@
 //! latest entry for a pair wins) that is compacted into a fresh log once it is mostly stale. A
 //! durable `put` is fsynced before it returns; many pairs written together cost one fsync. A
 //! replicated store (etcd with leader election) can implement the same trait.
-//! [`MemStore`] serves tests, with a restart that keeps only what was made durable.
+//! `MemStore` serves tests, with a restart that keeps only what was made durable.
 //!
 //! A log written before the pair state, roles and phase were enums is migrated when it is opened
 //! (`legacy`), and rewritten at once in the new form.
@@ -292,12 +292,14 @@ impl Store for FileStore {
 }
 
 /// An in-memory store for tests: [`MemStore::restart`] keeps only what was written durably.
+#[cfg(test)]
 #[derive(Default)]
 pub struct MemStore {
     durable: Mutex<Snapshot>,
     volatile: Mutex<Snapshot>,
 }
 
+#[cfg(test)]
 impl MemStore {
     /// What a restarted coordinator would find.
     pub fn restart(&self) -> MemStore {
@@ -309,6 +311,7 @@ impl MemStore {
     }
 }
 
+#[cfg(test)]
 impl Store for MemStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(self.volatile.lock().expect("mem").clone())

@@ -24,7 +24,7 @@
 //! `service` (the gRPC entry points), `session` (hello, epoch, the message loop), `validate`
 //! (the pure checks of incoming ops), `generation` (staging one generation), `batch` and
 //! `stream` (writing content into the stage), `signature` (delta bases), `commit` (journal,
-//! apply, acknowledge), [`apply`] (the roll-forward) and [`stage`] (the staged file sinks).
+//! apply, acknowledge), [`apply`] (the roll-forward) and `stage` (the staged file sinks).
 
 pub mod apply;
 mod batch;
