@@ -14,7 +14,7 @@
 //!
 //! [`disk`]
 //! - `disk::crashsafe`: framed, checksummed, atomically replaced state files and records.
-//! - [`disk::fsx`]: filesystem calls confined below a root (the only `unsafe`).
+//! - [`disk::fsx`]: filesystem calls confined below a root.
 //! - `disk::statedir`: one agent per state directory.
 //! - [`disk::epoch`]: the durable fencing epoch.
 //!
