@@ -445,8 +445,8 @@ fn policy(f: &FileConfig, a: &ServeArgs) -> Result<Policy, String> {
 fn vastai(
     f: &FileConfig,
     a: &ServeArgs,
-) -> Result<standby::control::service::VastSettings, String> {
-    Ok(standby::control::service::VastSettings {
+) -> Result<standby::control::provider::vastai::VastSettings, String> {
+    Ok(standby::control::provider::vastai::VastSettings {
         url: f.pick(a.vastai_url.clone(), "vastai.url", || {
             "https://console.vast.ai".to_string()
         })?,

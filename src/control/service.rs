@@ -271,32 +271,9 @@ pub struct ServeOptions {
     /// `local` provider: where the agent binaries are, and extra arguments for them.
     pub local_bin_dir: Option<PathBuf>,
     pub local_agent_args: Vec<String>,
-    pub vastai: VastSettings,
+    pub vastai: crate::control::provider::vastai::VastSettings,
     pub gcp: crate::control::provider::gcp::GcpSettings,
     pub command: crate::control::provider::command::CommandSettings,
-}
-
-/// Settings of the `vastai` provider.
-#[derive(Clone, Default)]
-pub struct VastSettings {
-    pub url: String,
-    /// The API key (from `VAST_API_KEY` or a file); never logged.
-    pub key: String,
-    pub image: String,
-    pub disk_gb: u32,
-    /// Where instances download agent-gpu from, and its SHA-256 (required with a URL: the
-    /// on-start script refuses a downloaded binary it cannot check).
-    pub agent_url: String,
-    pub agent_sha256: String,
-}
-
-impl std::fmt::Debug for VastSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VastSettings")
-            .field("url", &self.url)
-            .field("image", &self.image)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The coordinator's own TLS directory (identity `standby://coordinator`), issued on demand.
@@ -351,22 +328,7 @@ fn make_provider(name: &str, opts: &ServeOptions) -> anyhow::Result<Option<DynPr
             Some(Arc::new(l))
         }
         "vastai" => {
-            let v = &opts.vastai;
-            let mut p = crate::control::provider::vastai::VastAi::new(&v.url, v.key.clone())?;
-            if !v.image.is_empty() {
-                p.image = v.image.clone();
-            }
-            if v.disk_gb > 0 {
-                p.disk_gb = v.disk_gb;
-            }
-            if !v.agent_url.is_empty() && v.agent_sha256.len() != 64 {
-                anyhow::bail!(
-                    "vastai: agent_url needs agent_sha256, the 64-hex SHA-256 of agent-gpu \
-                     (sha256sum agent-gpu)"
-                );
-            }
-            p.agent_url = v.agent_url.clone();
-            p.agent_sha256 = v.agent_sha256.clone();
+            let p = crate::control::provider::vastai::VastAi::new(opts.vastai.clone())?;
             Some(Arc::new(p))
         }
         "gcp" => {

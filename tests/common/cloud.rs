@@ -39,3 +39,13 @@ pub fn cloud_machines(cloud: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The user running the tests: the on-start scripts run the agent as this user (as root they
+/// would otherwise create the user `standby`, which cannot reach the tests' directories).
+pub fn test_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

@@ -222,7 +222,7 @@ impl GceState {
             .env("STANDBY_LISTEN_PORT", free_port().to_string())
             .env("STANDBY_LISTEN_HOST", "127.0.0.1")
             .env("STANDBY_USE_SYSTEMD", "0")
-            .env("STANDBY_USER", test_user());
+            .env("STANDBY_USER", super::test_user());
         // The script talks to the fake's metadata server: run it off the server's thread.
         let (errors, name) = (self.boot_errors.clone(), name.to_string());
         std::thread::spawn(move || {
@@ -235,16 +235,6 @@ impl GceState {
             }
         });
     }
-}
-
-/// The user running the tests: the on-start scripts run the agent as this user (as root they
-/// would otherwise create the user `standby`, which cannot reach the tests' directories).
-fn test_user() -> String {
-    let out = std::process::Command::new("id")
-        .arg("-un")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 type Reply = (StatusCode, String);

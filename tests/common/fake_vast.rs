@@ -175,7 +175,7 @@ fn on_start(st: &VastState, dir: &std::path::Path, inst: &Instance, env: &Value)
         .env("STANDBY_WORKSPACE", &inst.workspace)
         .env("STANDBY_LISTEN_PORT", port.to_string())
         .env("PUBLIC_IPADDR", " 127.0.0.1\n")
-        .env("STANDBY_USER", test_user())
+        .env("STANDBY_USER", super::test_user())
         .env(format!("VAST_TCP_PORT_{port}"), port.to_string());
     for (k, v) in env.as_object().unwrap() {
         if k.starts_with("STANDBY_") {
@@ -188,16 +188,6 @@ fn on_start(st: &VastState, dir: &std::path::Path, inst: &Instance, env: &Value)
         "on-start script failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The user running the tests: the on-start scripts run the agent as this user (as root they
-/// would otherwise create the user `standby`, which cannot reach the tests' directories).
-fn test_user() -> String {
-    let out = std::process::Command::new("id")
-        .arg("-un")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 async fn show(

@@ -13,13 +13,16 @@ use crate::types::Side;
 /// The on-start script the instances run (installs and starts agent-gpu; idempotent).
 pub const ONSTART: &str = include_str!("../../../deploy/vastai-onstart.sh");
 
-pub struct VastAi {
-    base: String,
-    key: String,
-    http: reqwest::Client,
-    /// Docker image of the instances.
+/// Settings of the `vastai` provider (`coordinator.toml` `[vastai]` and flags).
+#[derive(Clone, Default)]
+pub struct VastSettings {
+    /// API base URL.
+    pub url: String,
+    /// The API key (from `VAST_API_KEY` or a file); never logged.
+    pub key: String,
+    /// Docker image of the instances (empty: `pytorch/pytorch:latest`).
     pub image: String,
-    /// Disk to allocate, GB.
+    /// Disk to allocate, GB (0: 100).
     pub disk_gb: u32,
     /// Where instances download agent-gpu from (passed to the on-start script), and its
     /// SHA-256, which the script requires before it runs a downloaded binary.
@@ -27,13 +30,20 @@ pub struct VastAi {
     pub agent_sha256: String,
 }
 
-impl std::fmt::Debug for VastAi {
+impl std::fmt::Debug for VastSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VastAi")
-            .field("base", &self.base)
+        f.debug_struct("VastSettings")
+            .field("url", &self.url)
             .field("key", &"<redacted>")
-            .finish()
+            .field("image", &self.image)
+            .finish_non_exhaustive()
     }
+}
+
+#[derive(Debug)]
+pub struct VastAi {
+    s: VastSettings,
+    http: reqwest::Client,
 }
 
 fn transient(e: reqwest::Error) -> ProviderError {
@@ -41,31 +51,43 @@ fn transient(e: reqwest::Error) -> ProviderError {
 }
 
 impl VastAi {
-    pub fn new(base: &str, key: String) -> Result<VastAi, ProviderError> {
-        if key.trim().is_empty() {
+    /// Checks the settings (an API key; a SHA-256 with any download URL) and fills in defaults.
+    pub fn new(mut s: VastSettings) -> Result<VastAi, ProviderError> {
+        if s.key.trim().is_empty() {
             return Err(ProviderError::Rejected(
                 "vast.ai: no API key (set VAST_API_KEY or vastai_api_key_file)".into(),
             ));
+        }
+        if !s.agent_url.is_empty() && s.agent_sha256.len() != 64 {
+            return Err(ProviderError::Rejected(
+                "vastai: agent_url needs agent_sha256, the 64-hex SHA-256 of agent-gpu \
+                 (sha256sum agent-gpu)"
+                    .into(),
+            ));
+        }
+        s.url = s.url.trim_end_matches('/').to_string();
+        s.key = s.key.trim().to_string();
+        if s.image.is_empty() {
+            s.image = "pytorch/pytorch:latest".into();
+        }
+        if s.disk_gb == 0 {
+            s.disk_gb = 100;
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(transient)?;
-        Ok(VastAi {
-            base: base.trim_end_matches('/').to_string(),
-            key: key.trim().to_string(),
-            http,
-            image: "pytorch/pytorch:latest".into(),
-            disk_gb: 100,
-            agent_url: String::new(),
-            agent_sha256: String::new(),
-        })
+        Ok(VastAi { s, http })
     }
 
     /// Sends a request and classifies the answer: 2xx JSON, or an error that says whether
     /// trying again can help.
     async fn call(&self, req: reqwest::RequestBuilder, what: &str) -> Result<Value, ProviderError> {
-        let resp = req.bearer_auth(&self.key).send().await.map_err(transient)?;
+        let resp = req
+            .bearer_auth(&self.s.key)
+            .send()
+            .await
+            .map_err(transient)?;
         let status = resp.status();
         let body = resp.text().await.map_err(transient)?;
         if status.is_success() {
@@ -136,12 +158,12 @@ impl Provider for VastAi {
             "type": "on-demand",
             "order": [["dph_total", "asc"]],
             "limit": 64,
-            "allocated_storage": self.disk_gb,
+            "allocated_storage": self.s.disk_gb,
         });
         let v = self
             .call(
                 self.http
-                    .post(format!("{}/api/v0/bundles/", self.base))
+                    .post(format!("{}/api/v0/bundles/", self.s.url))
                     .json(&body),
                 "search",
             )
@@ -178,8 +200,8 @@ impl Provider for VastAi {
     async fn create(&self, offer: &Offer, s: &Startup) -> Result<Machine, ProviderError> {
         let body = json!({
             "client_id": "me",
-            "image": self.image,
-            "disk": self.disk_gb,
+            "image": self.s.image,
+            "disk": self.s.disk_gb,
             "label": s.label,
             "runtype": "ssh_direct",
             "env": {
@@ -187,8 +209,8 @@ impl Provider for VastAi {
                 "STANDBY_JOIN_TOKEN": s.join_token,
                 "STANDBY_MACHINE": s.label,
                 "STANDBY_PAIR": s.pair,
-                "STANDBY_AGENT_URL": self.agent_url,
-                "STANDBY_AGENT_SHA256": self.agent_sha256,
+                "STANDBY_AGENT_URL": self.s.agent_url,
+                "STANDBY_AGENT_SHA256": self.s.agent_sha256,
                 "-p 7702:7702": "1",
             },
             "onstart": ONSTART,
@@ -197,7 +219,7 @@ impl Provider for VastAi {
         let r = self
             .call(
                 self.http
-                    .put(format!("{}/api/v0/asks/{}/", self.base, offer.id))
+                    .put(format!("{}/api/v0/asks/{}/", self.s.url, offer.id))
                     .json(&body),
                 "create",
             )
@@ -236,7 +258,7 @@ impl Provider for VastAi {
         let r = self
             .call(
                 self.http
-                    .get(format!("{}/api/v0/instances/{id}/", self.base))
+                    .get(format!("{}/api/v0/instances/{id}/", self.s.url))
                     .query(&[("owner", "me")]),
                 "show",
             )
@@ -265,7 +287,7 @@ impl Provider for VastAi {
             let v = self
                 .call(
                     self.http
-                        .get(format!("{}/api/v1/instances/", self.base))
+                        .get(format!("{}/api/v1/instances/", self.s.url))
                         .query(&q),
                     "list",
                 )
@@ -296,7 +318,7 @@ impl Provider for VastAi {
         let r = self
             .call(
                 self.http
-                    .delete(format!("{}/api/v0/instances/{id}/", self.base)),
+                    .delete(format!("{}/api/v0/instances/{id}/", self.s.url)),
                 "destroy",
             )
             .await;
@@ -305,5 +327,59 @@ impl Provider for VastAi {
             Err(ProviderError::Rejected(m)) if m.contains("HTTP 404") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> VastSettings {
+        crate::trust::tls::install_default_provider();
+        VastSettings {
+            url: "http://127.0.0.1:1/".into(),
+            key: " k ".into(),
+            ..VastSettings::default()
+        }
+    }
+
+    #[test]
+    fn a_download_without_its_sha256_or_a_missing_key_is_refused() {
+        let no_sha = VastSettings {
+            agent_url: "http://127.0.0.1:1/agent-gpu".into(),
+            ..settings()
+        };
+        let e = VastAi::new(no_sha).unwrap_err().to_string();
+        assert!(e.contains("agent_sha256"), "{e}");
+        let no_key = VastSettings {
+            key: " ".into(),
+            ..settings()
+        };
+        assert!(
+            VastAi::new(no_key)
+                .unwrap_err()
+                .to_string()
+                .contains("API key")
+        );
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_set_and_the_key_is_never_shown() {
+        let pinned = VastSettings {
+            agent_url: "http://127.0.0.1:1/agent-gpu".into(),
+            agent_sha256: "a".repeat(64),
+            ..settings()
+        };
+        let v = VastAi::new(pinned).unwrap();
+        assert_eq!(
+            (
+                v.s.url.as_str(),
+                v.s.key.as_str(),
+                v.s.image.as_str(),
+                v.s.disk_gb
+            ),
+            ("http://127.0.0.1:1", "k", "pytorch/pytorch:latest", 100)
+        );
+        assert!(!format!("{v:?}").contains("\"k\""), "{v:?}");
     }
 }
