@@ -417,7 +417,8 @@ async fn admin_calls_need_an_admin_certificate() {
     // A pair certificate (from the same CA) is not enough.
     let ca = standby::trust::pki::Ca::load(&coord.dir).unwrap();
     let id =
-        standby::trust::identity::Identity::node("p", standby::trust::identity::Role::Gpu).unwrap();
+        standby::trust::identity::Identity::node("p", standby::trust::identity::Role::Gpu, "m")
+            .unwrap();
     ca.issue(&id, 1)
         .unwrap()
         .write_dir(&t.path().join("node"))

@@ -830,13 +830,15 @@ async fn join(
         standby::proto::Role::Cpu => Role::Cpu,
         _ => Role::Gpu,
     };
-    let (csr, _key) = standby::trust::pki::new_csr(&Identity::node("p", id_role).unwrap()).unwrap();
+    let (csr, _key) =
+        standby::trust::pki::new_csr(&Identity::node("p", id_role, "raw").unwrap()).unwrap();
     CoordinatorClient::new(ch)
         .join(JoinRequest {
             token: token.to_string(),
             role: role as i32,
             csr_pem: csr,
             machine: "raw".into(),
+            advertise: String::new(),
         })
         .await
         .map(|r| r.into_inner())
@@ -916,7 +918,7 @@ async fn join_tokens_from_a_raw_client_are_refused_unless_fresh_genuine_and_for_
     let cert = rustls_pki_types::CertificateDer::from_pem_slice(reply.cert_pem.as_bytes()).unwrap();
     assert_eq!(
         Identity::from_cert_der(&cert).unwrap(),
-        Identity::node("p", Role::Gpu).unwrap()
+        Identity::node("p", Role::Gpu, "raw").unwrap()
     );
     // Then never again: replayed one after the other, or many at once.
     let e = join(&c.addr, &fp, &good, Wire::Gpu)
@@ -933,7 +935,8 @@ async fn join_tokens_from_a_raw_client_are_refused_unless_fresh_genuine_and_for_
                     .await
                     .unwrap();
                 let (csr, _) =
-                    standby::trust::pki::new_csr(&Identity::node("p", Role::Cpu).unwrap()).unwrap();
+                    standby::trust::pki::new_csr(&Identity::node("p", Role::Cpu, "raw").unwrap())
+                        .unwrap();
                 let mut client = CoordinatorClient::new(ch);
                 b.wait().await;
                 client
@@ -942,6 +945,7 @@ async fn join_tokens_from_a_raw_client_are_refused_unless_fresh_genuine_and_for_
                         role: Wire::Cpu as i32,
                         csr_pem: csr,
                         machine: "raw".into(),
+                        advertise: String::new(),
                     })
                     .await
             })

@@ -71,7 +71,8 @@ enum Cmd {
         pair: Option<String>,
         #[arg(long, value_enum)]
         role: CertRole,
-        /// Admin name (for --role admin; default "admin").
+        /// For --role admin the admin's name (default "admin"); for gpu and cpu the machine the
+        /// certificate names (default: the role).
         #[arg(long)]
         name: Option<String>,
         /// Output directory.
@@ -527,14 +528,13 @@ fn cert(
             let Some(pair) = pair else {
                 usage_error("--pair is required for gpu and cpu certificates");
             };
-            Identity::node(
-                &pair,
-                if matches!(role, CertRole::Gpu) {
-                    Role::Gpu
-                } else {
-                    Role::Cpu
-                },
-            )?
+            let role = if matches!(role, CertRole::Gpu) {
+                Role::Gpu
+            } else {
+                Role::Cpu
+            };
+            let machine = name.unwrap_or_else(|| role.to_string());
+            Identity::node(&pair, role, &machine)?
         }
     };
     ca.issue(&id, days)?.write_dir(out)?;

@@ -73,7 +73,7 @@ pub async fn join(
             t.role
         );
     }
-    let id = Identity::node(&t.pair, role)?;
+    let id = Identity::node(&t.pair, role, machine)?;
     let (csr, key_pem) = pki::new_csr(&id)?;
     let reply = request(url, token, &t, role, machine, csr).await?;
     // The CA we are handed must be the one the token pinned.
@@ -118,6 +118,7 @@ async fn request(
             } as i32,
             csr_pem,
             machine: machine.to_string(),
+            advertise: String::new(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("the coordinator refused to join us: {}", s.message()))?;

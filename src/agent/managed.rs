@@ -14,8 +14,8 @@ use crate::agent::report::Reporter;
 use crate::agent::socket::InjectedFault;
 use crate::proto::Command;
 use crate::proto::command::Cmd;
-use crate::trust::identity::{Identity, Role};
-use crate::trust::tls::TlsMaterial;
+use crate::trust::identity::Role;
+use crate::trust::tls::{Expect, TlsMaterial};
 
 /// The running agent's parts the managed tasks share.
 pub struct Managed {
@@ -23,7 +23,7 @@ pub struct Managed {
     pub url: String,
     pub tls: TlsMaterial,
     /// The identity the paired agent's certificate carries.
-    pub peer: Identity,
+    pub peer: Expect,
     pub node: Node,
     pub fault: InjectedFault,
     /// The port the endpoint is bound to (reported, for the peer to reach it).
@@ -69,7 +69,7 @@ async fn dispatch(
     mut commands: mpsc::Receiver<Command>,
     probe_tx: watch::Sender<Option<String>>,
     node: Node,
-    peer: Identity,
+    peer: Expect,
 ) {
     while let Some(c) = commands.recv().await {
         let Some(cmd) = c.cmd else { continue };

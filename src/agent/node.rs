@@ -158,7 +158,7 @@ impl Node {
 
     /// Acts on a command from the coordinator. `peer` is the identity the peer's certificate
     /// must carry when this agent sends to it.
-    pub fn command(&self, cmd: Cmd, peer: &crate::trust::identity::Identity) {
+    pub fn command(&self, cmd: Cmd, peer: &crate::trust::tls::Expect) {
         match cmd {
             Cmd::SetPeer(p) => self.set_mode(Mode::Send(Target {
                 url: p.url,
@@ -174,7 +174,8 @@ impl Node {
                 self.set_mode(Mode::Fenced(Epoch(f.epoch), f.reason))
             }
             Cmd::Freeze(f) => self.freeze(Epoch(f.epoch)),
-            Cmd::Probe(_) => {}
+            // Renewal and revocation lists are handled by the coordinator link.
+            Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) => {}
         }
     }
 

@@ -12,7 +12,6 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::trust::identity::Identity;
 use crate::trust::tls::{self, Expect, TlsMaterial};
 
 /// How long one probe may take before it counts as a failure.
@@ -31,12 +30,12 @@ pub type Shared = Arc<Mutex<ProbeState>>;
 pub async fn run(
     mut target: watch::Receiver<Option<String>>,
     tls: TlsMaterial,
-    peer: Identity,
+    peer: Expect,
     interval: Duration,
     state: Shared,
     shutdown: CancellationToken,
 ) {
-    let cfg = match tls.client_config(Expect::Exactly(peer)) {
+    let cfg = match tls.client_config(peer) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the probe TLS configuration");

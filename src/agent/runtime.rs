@@ -18,14 +18,16 @@ use crate::disk::statedir::{self, StateLock};
 use crate::replication::continuous::{self, Control, Target};
 use crate::replication::receive::{Receiver, ReceiverOptions};
 use crate::replication::send::{Report, Sender, SenderOptions};
-use crate::trust::identity::{Identity, Role};
-use crate::trust::tls::{self, TlsMaterial};
+use crate::trust::identity::Role;
+use crate::trust::tls::{self, Expect, TlsMaterial};
 
 /// The agent's identity and its opened replica.
 pub struct Opened {
     pub material: TlsMaterial,
     pub pair: String,
-    pub peer: Identity,
+    /// The machine the certificate names.
+    pub machine: String,
+    pub peer: Expect,
     pub receiver: Receiver,
     pub lock: StateLock,
 }
@@ -42,7 +44,18 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
     )
     .await?;
     let pair = material.identity.pair().expect("node identity").to_string();
-    let peer = Identity::node(&pair, cfg.role.peer())?;
+    let machine = material
+        .identity
+        .machine()
+        .expect("node identity")
+        .to_string();
+    if machine != cfg.machine {
+        tracing::info!(certificate = %machine, configured = %cfg.machine, "this agent is the machine its certificate names");
+    }
+    let peer = Expect::Seat {
+        pair: pair.clone(),
+        role: cfg.role.peer(),
+    };
     let lock = statedir::lock(&cfg.state_dir)?;
     let opts = ReceiverOptions {
         workspace: cfg.workspace.clone(),
@@ -58,6 +71,7 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
     Ok(Opened {
         material,
         pair,
+        machine,
         peer,
         receiver,
         lock,
@@ -67,14 +81,17 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
 /// Runs an agent until it is told to stop: serves its endpoint (health, and replication into
 /// it when it receives), its control socket, heartbeats and commands when a coordinator
 /// manages it, and replication in whichever direction its mode says.
-pub async fn run(cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
+pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
     let Opened {
         material,
         pair,
+        machine,
         peer,
         receiver,
         lock: _lock,
     } = o;
+    // Reports and logs name the machine the certificate names (the coordinator checks it).
+    cfg.machine = machine;
     log_ready(&cfg, &receiver);
     let shutdown = stop_on_signal();
     let router = tls::server_builder().add_service(receiver.service());
@@ -168,7 +185,7 @@ fn node_options(cfg: &AgentConfig, pair: &str, material: &TlsMaterial) -> NodeOp
 
 /// A GPU of a static pair sends from the start; a managed GPU waits for the coordinator; a CPU
 /// receives.
-fn initial_mode(cfg: &AgentConfig, peer: &Identity) -> Mode {
+fn initial_mode(cfg: &AgentConfig, peer: &Expect) -> Mode {
     match (cfg.role, &cfg.peer) {
         (Role::Gpu, Some(url)) => Mode::Send(Target {
             url: url.clone(),

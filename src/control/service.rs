@@ -87,7 +87,7 @@ impl Coordinator for CoordinatorSvc {
                 crate::trust::token::TokenError::Replayed.to_string(),
             ));
         }
-        let id = Identity::node(&token.pair, role)
+        let id = Identity::node(&token.pair, role, &r.machine)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let cert_pem =
             s.ca.sign_csr(&r.csr_pem, &id, s.cert_days)
@@ -113,7 +113,7 @@ impl Coordinator for CoordinatorSvc {
         req: Request<Streaming<AgentReport>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let peer = tls::peer_of(&req)?;
-        let Identity::Node { pair, role } = peer.identity else {
+        let Identity::Node { pair, role, .. } = peer.identity else {
             return Err(Status::permission_denied(
                 "heartbeats need a pair certificate",
             ));

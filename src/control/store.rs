@@ -102,7 +102,8 @@ fn apply(state: &mut Snapshot, e: StoreEntry) {
         Some(store_entry::Entry::Token(t)) => {
             state.used_tokens.insert(t.nonce, t.expires_unix);
         }
-        None => {}
+        // Issued certificates are kept by the certificate registry (not yet read back here).
+        Some(store_entry::Entry::Cert(_)) | None => {}
     }
 }
 

@@ -149,6 +149,7 @@ pub mod kind {
     pub const SNAPSHOT_ITEMS: u16 = 3;
     pub const RECORD: u16 = 4;
     pub const PENDING: u16 = 5;
+    pub const REVOCATIONS: u16 = 6;
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::replication::send::{Report, Sender, Session, SyncError, scope_of, unix_ms};
 use crate::replication::watch::{DirtySet, WatchEvent, Watcher, watch};
-use crate::trust::identity::Identity;
+use crate::trust::tls::Expect;
 use crate::trust::tls::TlsMaterial;
 use crate::types::{Epoch, RelPath};
 
@@ -40,7 +40,7 @@ pub struct LoopConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub url: String,
-    pub identity: Identity,
+    pub identity: Expect,
     /// The epoch the coordinator says is current for this target.
     pub epoch: Option<Epoch>,
 }

@@ -54,7 +54,7 @@ use crate::proto::replica_server::ReplicaServer;
 use crate::proto::state::Record;
 use crate::replication::catalog::Catalog;
 use crate::replication::manifest::Manifest;
-use crate::trust::identity::Identity;
+use crate::trust::tls::Expect;
 use crate::types::{Epoch, Generation};
 
 pub use service::ReplicaService;
@@ -72,8 +72,8 @@ pub const MAX_INLINE: usize = 4 << 20;
 pub struct ReceiverOptions {
     pub workspace: PathBuf,
     pub state_dir: PathBuf,
-    /// The only identity allowed to replicate into this receiver.
-    pub sender: Identity,
+    /// The only identities allowed to replicate into this receiver.
+    pub sender: Expect,
     /// On a first start (no catalog yet), take what is already in the workspace as generation 0,
     /// so a sender can reuse it as delta bases (a CPU standby seeded by hand). An agent that will
     /// send first does not need it.
@@ -124,7 +124,7 @@ struct Inner {
     root: Root,
     stage_path: PathBuf,
     stage: OwnedFd,
-    sender: Identity,
+    sender: Expect,
     state: Arc<tokio::sync::Mutex<State>>,
     /// The session holding (or waiting for) the replica, and how to end it.
     session: Mutex<Option<(u64, CancellationToken)>>,

@@ -235,7 +235,7 @@ mod tests {
     #[test]
     fn issue_and_read_back_identity() {
         let ca = Ca::generate().unwrap();
-        let id = Identity::node("p1", Role::Cpu).unwrap();
+        let id = Identity::node("p1", Role::Cpu, "m1").unwrap();
         let n = ca.issue(&id, 30).unwrap();
         let der = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
@@ -255,7 +255,7 @@ mod tests {
         let mut p = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
-        let id = Identity::node("mine", Role::Gpu).unwrap();
+        let id = Identity::node("mine", Role::Gpu, "m2").unwrap();
         let pem = ca.sign_csr(&csr, &id, 1).unwrap();
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);

@@ -4,8 +4,8 @@
 //! chain against the CA and then its identity (URI SAN), never a host name: machines are
 //! reached by IP address, often through NAT port mappings. A server requires a client
 //! certificate from the CA and hands the client's [`PeerInfo`] to every request, where handlers
-//! authorise it. tonic's own TLS is not used; this module supplies the incoming stream and the
-//! connector.
+//! authorise it. Both refuse revoked certificates (`verify`). tonic's own TLS is not used; this
+//! module supplies the incoming stream and the connector.
 
 use std::fmt;
 use std::future::Future;
@@ -18,12 +18,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,8 +30,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::trust::identity::Identity;
+use crate::trust::identity::{CertFacts, Identity};
+use crate::trust::keys::Keys;
 use crate::trust::pki::{CA_FILE, CERT_FILE, KEY_FILE};
+use crate::trust::revocation::DenyList;
+use crate::trust::verify::{ClientVerifier, PeerVerifier, PinnedVerifier};
+
+pub use crate::trust::verify::Expect;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -64,13 +68,24 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A node's CA, certificate chain and key, as read from a TLS directory.
+/// A node's CA, certificate chain and key, as read from a TLS directory, and what its verifiers
+/// refuse. Clones share the keys (a renewal reaches every configuration built from any clone)
+/// and the deny list.
 #[derive(Clone)]
 pub struct TlsMaterial {
     pub ca: Vec<CertificateDer<'static>>,
+    /// The chain and key as loaded (the join endpoint presents these; see [`TlsMaterial::keys`]
+    /// for what is presented now).
     pub chain: Vec<CertificateDer<'static>>,
     pub key: Arc<PrivateKeyDer<'static>>,
     pub identity: Identity,
+    /// What this process presents from its next handshake on (replaced by a renewal).
+    pub keys: Arc<Keys>,
+    /// Certificates every verifier built from this material refuses.
+    pub deny: DenyList,
+    /// Server side: let certificates that expired at most this long ago through the handshake
+    /// (the coordinator, so agents can renew after an outage; see `verify`).
+    pub expired_grace: Option<Duration>,
 }
 
 impl fmt::Debug for TlsMaterial {
@@ -112,13 +127,34 @@ impl TlsMaterial {
             path: kp.display().to_string(),
             detail: e.to_string(),
         })?;
-        let identity = Identity::from_cert_der(&chain[0])?;
+        TlsMaterial::new(ca, chain, key)
+    }
+
+    fn new(
+        ca: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<TlsMaterial, TlsError> {
+        let first = chain.first().ok_or_else(|| TlsError::Pem {
+            path: "certificate".into(),
+            detail: "empty".into(),
+        })?;
+        let identity = Identity::from_cert_der(first)?;
+        let keys = Keys::new(chain.clone(), key.clone_key())?;
         Ok(TlsMaterial {
             ca,
             chain,
             key: Arc::new(key),
             identity,
+            keys: Arc::new(keys),
+            deny: DenyList::new(),
+            expired_grace: None,
         })
+    }
+
+    /// What the certificate presented now says (its serial and validity change on renewal).
+    pub fn facts(&self) -> CertFacts {
+        self.keys.facts()
     }
 
     /// Builds material from PEM text (certificates issued in memory).
@@ -132,16 +168,7 @@ impl TlsMaterial {
             CertificateDer::pem_slice_iter(n.cert_pem.as_bytes()).collect();
         let chain = chain.map_err(|e| pem("certificate", e))?;
         let key = PrivateKeyDer::from_pem_slice(n.key_pem.as_bytes()).map_err(|e| pem("key", e))?;
-        let identity = Identity::from_cert_der(chain.first().ok_or_else(|| TlsError::Pem {
-            path: "certificate".into(),
-            detail: "empty".into(),
-        })?)?;
-        Ok(TlsMaterial {
-            ca: ca.map_err(|e| pem("CA", e))?,
-            chain,
-            key: Arc::new(key),
-            identity,
-        })
+        TlsMaterial::new(ca.map_err(|e| pem("CA", e))?, chain, key)
     }
 
     fn roots(&self) -> Result<RootCertStore, TlsError> {
@@ -167,19 +194,27 @@ impl TlsMaterial {
     fn server_config_with(&self, optional: bool) -> Result<Arc<ServerConfig>, TlsError> {
         let builder =
             WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider());
-        let verifier = if optional {
+        let inner = if optional {
             builder.allow_unauthenticated().build()?
         } else {
             builder.build()?
         };
-        let mut chain = self.chain.clone();
-        if optional {
-            chain.extend(self.ca.iter().cloned());
-        }
-        let mut cfg = ServerConfig::builder_with_provider(provider())
+        let verifier = Arc::new(ClientVerifier {
+            inner,
+            deny: self.deny.clone(),
+            expired_grace: self.expired_grace,
+        });
+        let builder = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, self.key.clone_key())?;
+            .with_client_cert_verifier(verifier);
+        let mut cfg = if optional {
+            // The CA goes with our certificate, for a joining agent to pin by fingerprint.
+            let mut chain = self.chain.clone();
+            chain.extend(self.ca.iter().cloned());
+            builder.with_single_cert(chain, self.key.clone_key())?
+        } else {
+            builder.with_cert_resolver(self.keys.clone())
+        };
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
@@ -191,12 +226,13 @@ impl TlsMaterial {
             roots: Arc::new(self.roots()?),
             algs: provider().signature_verification_algorithms,
             expect,
+            deny: self.deny.clone(),
         };
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_client_cert_resolver(self.keys.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
@@ -219,142 +255,14 @@ pub fn join_client_config(fingerprint: &str) -> Result<Arc<ClientConfig>, TlsErr
     Ok(Arc::new(cfg))
 }
 
-#[derive(Debug)]
-struct PinnedVerifier {
-    fingerprint: String,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| crate::trust::pki::fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the coordinator's CA does not match the join token's fingerprint".into(),
-                )
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &roots,
-            &[],
-            now,
-            self.algs.all,
-        )?;
-        match Identity::from_cert_der(end_entity) {
-            Ok(Identity::Coordinator) => Ok(ServerCertVerified::assertion()),
-            Ok(other) => Err(rustls::Error::General(format!(
-                "peer is {other}, expected {}",
-                Identity::Coordinator
-            ))),
-            Err(e) => Err(rustls::Error::General(format!("peer certificate: {e}"))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// Which server identities a client accepts.
-#[derive(Clone, Debug)]
-pub enum Expect {
-    Exactly(Identity),
-    /// Any certificate of the CA (the identity is still required to be well formed).
-    AnyIdentity,
-}
-
-#[derive(Debug)]
-struct PeerVerifier {
-    roots: Arc<RootCertStore>,
-    algs: WebPkiSupportedAlgorithms,
-    expect: Expect,
-}
-
-impl ServerCertVerifier for PeerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
-        let id = Identity::from_cert_der(end_entity)
-            .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
-        match &self.expect {
-            Expect::Exactly(want) if &id != want => Err(rustls::Error::General(format!(
-                "peer is {id}, expected {want}"
-            ))),
-            _ => Ok(ServerCertVerified::assertion()),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 /// Who is on the other end of a server-side connection; in every request's extensions.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub identity: Identity,
     pub addr: Option<SocketAddr>,
+    /// The certificate's serial number (hex): what revocation names.
+    pub serial: String,
+    pub not_after_unix: i64,
 }
 
 /// The authenticated peer of a request.
@@ -471,14 +379,14 @@ pub fn incoming(
                     }
                 };
                 // The verifier already required a certificate unless the server allows joins.
-                let identity = match tls
+                let facts = match tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .map(|c| Identity::from_cert_der(c))
+                    .map(|c| CertFacts::from_der(c))
                 {
-                    Some(Ok(id)) => Some(id),
+                    Some(Ok(f)) => Some(f),
                     Some(Err(e)) => {
                         tracing::info!(peer = %addr, error = %e, "client certificate refused");
                         return;
@@ -487,9 +395,11 @@ pub fn incoming(
                 };
                 let conn = TlsConn {
                     inner: tls,
-                    info: identity.map(|identity| PeerInfo {
-                        identity,
+                    info: facts.map(|f| PeerInfo {
+                        identity: f.identity,
                         addr: Some(addr),
+                        serial: f.serial,
+                        not_after_unix: f.not_after_unix,
                     }),
                     addr,
                 };

@@ -12,6 +12,7 @@ pub(super) fn command_for(d: &Desired) -> Command {
     Command {
         cmd: Some(match d {
             Desired::SetPeer { url, epoch } => command::Cmd::SetPeer(SetPeer {
+                machine: String::new(),
                 url: url.clone(),
                 epoch: epoch.0,
             }),
@@ -20,8 +21,14 @@ pub(super) fn command_for(d: &Desired) -> Command {
                 epoch: epoch.0,
                 reason: reason.clone(),
             }),
-            Desired::Probe { url } => command::Cmd::Probe(ProbeTarget { url: url.clone() }),
-            Desired::Receive { epoch } => command::Cmd::Receive(Receive { epoch: epoch.0 }),
+            Desired::Probe { url } => command::Cmd::Probe(ProbeTarget {
+                url: url.clone(),
+                machine: String::new(),
+            }),
+            Desired::Receive { epoch } => command::Cmd::Receive(Receive {
+                epoch: epoch.0,
+                peer: String::new(),
+            }),
             Desired::Freeze { epoch } => command::Cmd::Freeze(Freeze { epoch: epoch.0 }),
         }),
     }

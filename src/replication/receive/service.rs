@@ -27,7 +27,7 @@ impl ReplicaService {
 
     /// Only the paired sender replicates, and only while this agent accepts it.
     fn admit(&self, peer: &tls::PeerInfo) -> Result<(), Status> {
-        if peer.identity != self.inner.sender {
+        if !self.inner.sender.accepts(&peer.identity) {
             tracing::warn!(peer = %peer.identity, addr = ?peer.addr, "replication refused: not the paired sender");
             return Err(Status::permission_denied(format!(
                 "replication is accepted only from {}; you are {}",
@@ -45,9 +45,9 @@ impl ReplicaService {
 
     /// The sender, its pair's other side, the coordinator and admins may read the figures.
     fn may_read_status(&self, identity: &Identity) -> bool {
-        *identity == self.inner.sender
+        self.inner.sender.accepts(identity)
             || matches!(identity, Identity::Admin { .. } | Identity::Coordinator)
-            || identity.pair() == self.inner.sender.pair()
+            || identity.pair().is_some() && identity.pair() == self.inner.sender.pair()
     }
 }
 

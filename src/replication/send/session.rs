@@ -251,10 +251,10 @@ fn not_fenced(hello: &HelloReply, ours: Epoch) -> Result<(), SyncError> {
 pub async fn connect(
     url: &str,
     tls: &crate::trust::tls::TlsMaterial,
-    peer: crate::trust::identity::Identity,
+    peer: crate::trust::tls::Expect,
 ) -> Result<Channel, SyncError> {
     let cfg = tls
-        .client_config(crate::trust::tls::Expect::Exactly(peer))
+        .client_config(peer)
         .map_err(|e| SyncError::Local(e.to_string()))?;
     crate::trust::tls::connect(url, cfg)
         .await
