@@ -61,7 +61,7 @@ impl std::fmt::Display for Expect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Expect::Exactly(id) => write!(f, "{id}"),
-            Expect::Seat { pair, role } => write!(f, "the {role} of pair {pair}"),
+            Expect::Seat { pair, role } => write!(f, "standby://pair/{pair}/{role}/*"),
             Expect::AnyIdentity => f.write_str("any identity"),
         }
     }
