@@ -5,15 +5,30 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::disk::crashsafe::{self, kind};
 
 /// Serial numbers (lower-case hex, as [`crate::trust::identity::serial_hex`] spells them)
 /// shared by every verifier built from the same material; replaced whole when a new list
-/// arrives. Cheap to clone.
+/// arrives. Cheap to clone. Verifiers note whom they refused, for the owner to report as
+/// events and metrics ([`DenyList::take_refused`]).
 #[derive(Clone, Debug, Default)]
-pub struct DenyList(Arc<RwLock<Arc<BTreeSet<String>>>>);
+pub struct DenyList {
+    serials: Arc<RwLock<Arc<BTreeSet<String>>>>,
+    refused: Arc<Mutex<Vec<Refused>>>,
+}
+
+/// A revoked certificate a verifier refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Its identity URI.
+    pub identity: String,
+    pub serial: String,
+}
+
+/// Refusals kept until taken (more are counted in the log only).
+const MAX_REFUSED: usize = 256;
 
 /// Largest list an agent accepts (entries leave the list once their certificates expire).
 pub const MAX_SERIALS: usize = 100_000;
@@ -42,12 +57,25 @@ impl DenyList {
     }
 
     pub fn contains(&self, serial: &str) -> bool {
-        self.0.read().expect("deny list").contains(serial)
+        self.serials.read().expect("deny list").contains(serial)
     }
 
     /// The current list.
     pub fn serials(&self) -> Arc<BTreeSet<String>> {
-        self.0.read().expect("deny list").clone()
+        self.serials.read().expect("deny list").clone()
+    }
+
+    /// Notes a refusal (verifiers call this).
+    pub fn note_refused(&self, r: Refused) {
+        let mut v = self.refused.lock().expect("refusals");
+        if v.len() < MAX_REFUSED {
+            v.push(r);
+        }
+    }
+
+    /// The refusals noted since the last call.
+    pub fn take_refused(&self) -> Vec<Refused> {
+        std::mem::take(&mut *self.refused.lock().expect("refusals"))
     }
 
     /// Replaces the list; true when it changed. Malformed serials are refused (the whole list).
@@ -56,7 +84,7 @@ impl DenyList {
         serials: impl IntoIterator<Item = String>,
     ) -> Result<bool, RevocationError> {
         let new = checked(serials)?;
-        let mut cur = self.0.write().expect("deny list");
+        let mut cur = self.serials.write().expect("deny list");
         if **cur == new {
             return Ok(false);
         }
@@ -131,6 +159,12 @@ mod tests {
         assert!(l.replace(["0a1b".to_string(), "ff".to_string()]).unwrap());
         assert!(!l.replace(["ff".to_string(), "0a1b".to_string()]).unwrap());
         assert!(shared.contains("0a1b") && !shared.contains("0a1c"));
+        shared.note_refused(Refused {
+            identity: "standby://pair/p/gpu/m".into(),
+            serial: "0a1b".into(),
+        });
+        assert_eq!(l.take_refused().len(), 1);
+        assert!(l.take_refused().is_empty());
         l.save(&p).unwrap();
         let back = DenyList::load(&p).unwrap();
         assert_eq!(*back.serials(), *l.serials());

@@ -23,7 +23,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::trust::identity::{CertFacts, Identity, Role};
-use crate::trust::revocation::DenyList;
+use crate::trust::revocation::{DenyList, Refused};
 
 /// Which server identities a client accepts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +80,10 @@ fn not_revoked(
         CertFacts::from_der(end_entity).map_err(|e| general(format!("peer certificate: {e}")))?;
     if deny.contains(&facts.serial) {
         tracing::warn!(identity = %facts.identity, serial = %facts.serial, "refused a revoked certificate");
+        deny.note_refused(Refused {
+            identity: facts.identity.uri(),
+            serial: facts.serial,
+        });
         return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
     }
     Ok(facts)
