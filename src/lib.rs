@@ -19,8 +19,10 @@
 //! - [`disk::epoch`]: the durable fencing epoch.
 //!
 //! [`trust`]
-//! - [`trust::identity`]: URI SAN identities. [`trust::pki`]: the CA.
-//! - [`trust::tls`]: mutual TLS. [`trust::token`]: join tokens.
+//! - [`trust::identity`]: URI SAN identities, certificate facts. [`trust::pki`]: the CA.
+//! - [`trust::tls`]: mutual TLS. [`trust::verify`]: the verifiers.
+//! - [`trust::revocation`]: the deny list. [`trust::keys`]: the renewable certificate.
+//! - [`trust::token`]: join tokens.
 //!
 //! [`replication`]
 //! - [`replication::manifest`]: what a replica holds and its blake3 root; `catalog` keeps one
