@@ -1,6 +1,7 @@
 //! Support for end-to-end tests: certificates ([`pki`]), the real binaries as processes
 //! ([`processes`]), seeded trees and exact snapshots ([`trees`]), the test clouds ([`cloud`],
-//! [`fake_gce`], [`fake_vast`]), network faults ([`netns`]) and whole sites ([`site`]).
+//! [`fake_gce`], [`fake_vast`]), the `local` provider ([`local`]), network faults ([`netns`]) and
+//! whole sites ([`site`]).
 //! Everything is re-exported here, so a test says `use common::*`.
 #![allow(dead_code)]
 
@@ -11,6 +12,7 @@ mod cloud;
 pub mod fake_gce;
 #[allow(dead_code)]
 pub mod fake_vast;
+mod local;
 pub mod netns;
 mod pki;
 mod processes;
@@ -21,6 +23,8 @@ mod trees;
 // Each test binary uses a part of this support; a glob it takes nothing from is not an error.
 #[allow(unused_imports)]
 pub use cloud::*;
+#[allow(unused_imports)]
+pub use local::*;
 #[allow(unused_imports)]
 pub use pki::*;
 #[allow(unused_imports)]
