@@ -418,7 +418,7 @@ async fn admin_calls_need_an_admin_certificate() {
     let ca = standby::trust::pki::Ca::load(&coord.dir).unwrap();
     let id =
         standby::trust::identity::Identity::node("p", standby::trust::identity::Role::Gpu).unwrap();
-    ca.issue(&id, 1)
+    ca.issue(&id, 1, &[])
         .unwrap()
         .write_dir(&t.path().join("node"))
         .unwrap();
