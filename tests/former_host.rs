@@ -137,10 +137,14 @@ async fn the_former_gpu_host_cannot_touch_the_replica_after_recovery() {
     // (as if the CA had been tricked into one) claims a huge epoch: refused, epoch unchanged.
     let ca = Ca::load(&coord.dir).unwrap();
     let intruder = t.path().join("intruder-tls");
-    ca.issue(&Identity::node(PAIR, Role::Gpu, "intruder").unwrap(), 1)
-        .unwrap()
-        .write_dir(&intruder)
-        .unwrap();
+    ca.issue(
+        &Identity::node(PAIR, Role::Gpu, "intruder").unwrap(),
+        1,
+        &[],
+    )
+    .unwrap()
+    .write_dir(&intruder)
+    .unwrap();
     for epoch in [1_000_000, cpu_epoch, cpu_epoch - 1] {
         let e = raw(&cpu_addr, &intruder, epoch)
             .await

@@ -368,7 +368,7 @@ impl Demo {
     async fn set_up(bins: &Path, rig: &Rig, t0: Instant) -> anyhow::Result<Demo> {
         let dir = rig.dir.clone();
         say(t0, format!("directory {}", dir.display()));
-        crate::init_quiet(&dir)?;
+        crate::init_quiet(&dir, &[])?;
         let timing = Timing::default();
         let addr = start_coordinator(&dir, bins, timing, rig.shutdown.clone()).await?;
         say(

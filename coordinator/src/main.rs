@@ -11,8 +11,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use standby::cli::{FileConfig, defaults, fail, init_logging, parse_or_exit, usage_error};
 use standby::control::failover::{Policy, Timing};
 use standby::control::provider::ProvisionConfig;
+use standby::control::service;
 use standby::trust::identity::{Identity, Role};
-use standby::trust::pki::Ca;
+use standby::trust::pki::{Ca, San, server_sans};
 
 /// The Standby coordinator.
 #[derive(Parser, Debug)]
@@ -57,31 +58,20 @@ pub struct Remote {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create the certificate authority, an admin certificate and coordinator.toml under DIR.
+    /// Create the certificate authority, an admin certificate, the server certificate and
+    /// coordinator.toml under DIR.
     Init {
         #[arg(long, env = "STANDBY_DIR")]
         dir: PathBuf,
+        /// A host name or IP address clients dial the coordinator by, for the server
+        /// certificate besides localhost, 127.0.0.1, ::1 and this machine's host name
+        /// (repeatable, or comma-separated).
+        #[arg(long, env = "STANDBY_SAN", value_delimiter = ',')]
+        san: Vec<San>,
     },
-    /// Issue a static certificate: writes OUT/ca.pem, OUT/node.pem, OUT/node.key (mode 0600).
-    Cert {
-        #[arg(long, env = "STANDBY_DIR")]
-        dir: PathBuf,
-        /// The pair the certificate belongs to (for gpu and cpu).
-        #[arg(long)]
-        pair: Option<String>,
-        #[arg(long, value_enum)]
-        role: CertRole,
-        /// For --role admin the admin's name (default "admin"); for gpu and cpu the machine the
-        /// certificate names (default: the role).
-        #[arg(long)]
-        name: Option<String>,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = defaults::CERT_DAYS)]
-        days: u32,
-    },
+    /// Issue a static certificate: writes OUT/ca.pem, OUT/node.pem, OUT/node.key (mode 0600);
+    /// or, with --server, issue the coordinator's own server certificate again.
+    Cert(CertArgs),
     /// Run the coordinator.
     Serve(Box<ServeArgs>),
     /// The whole story on this machine: a pair on loopback, a workload, the GPU agent killed,
@@ -178,6 +168,36 @@ enum PairCmd {
 }
 
 #[derive(clap::Args, Debug)]
+struct CertArgs {
+    #[arg(long, env = "STANDBY_DIR")]
+    dir: PathBuf,
+    /// The pair the certificate belongs to (for gpu and cpu).
+    #[arg(long)]
+    pair: Option<String>,
+    #[arg(long, value_enum, required_unless_present = "server")]
+    role: Option<CertRole>,
+    /// For --role admin the admin's name (default "admin"); for gpu and cpu the machine the
+    /// certificate names (default: the role).
+    #[arg(long)]
+    name: Option<String>,
+    /// Output directory.
+    #[arg(long, required_unless_present = "server")]
+    out: Option<PathBuf>,
+    /// Replace the coordinator's server certificate (DIR/server) with one for the default names
+    /// and every --san (they replace the names it had); takes effect when the coordinator
+    /// restarts.
+    #[arg(long, conflicts_with_all = ["pair", "role", "name", "out"])]
+    server: bool,
+    /// A host name or IP address the certificate is also valid for (repeatable, or
+    /// comma-separated; for --server and gpu or cpu certificates).
+    #[arg(long, value_delimiter = ',')]
+    san: Vec<San>,
+    /// Validity in days [default: 365; 3650 with --server].
+    #[arg(long)]
+    days: Option<u32>,
+}
+
+#[derive(clap::Args, Debug)]
 struct ServeArgs {
     #[arg(long, env = "STANDBY_DIR")]
     dir: PathBuf,
@@ -263,20 +283,13 @@ fn runtime() -> tokio::runtime::Runtime {
 /// One handler per verb; each starts logging at its own level.
 fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Init { dir } => {
+        Cmd::Init { dir, san } => {
             init_logging("warn");
-            init(&dir)
+            init(&dir, &san)
         }
-        Cmd::Cert {
-            dir,
-            pair,
-            role,
-            name,
-            out,
-            days,
-        } => {
+        Cmd::Cert(a) => {
             init_logging("warn");
-            cert(&dir, pair, role, name, &out, days)
+            cert(a)
         }
         Cmd::Serve(a) => serve(*a),
         Cmd::Drill(a) => {
@@ -465,15 +478,17 @@ fn vastai(
     })
 }
 
-fn init(dir: &Path) -> anyhow::Result<()> {
-    let fingerprint = init_quiet(dir)?;
+fn init(dir: &Path, sans: &[San]) -> anyhow::Result<()> {
+    let fingerprint = init_quiet(dir, sans)?;
     println!("CA fingerprint (sha256): {fingerprint}");
     println!("admin certificate: {}", dir.join("admin").display());
+    println!("server certificate for: {}", names(&server_sans(sans)));
     Ok(())
 }
 
-/// Creates the CA, the admin certificate and coordinator.toml; returns the CA's fingerprint.
-pub(crate) fn init_quiet(dir: &Path) -> anyhow::Result<String> {
+/// Creates the CA, the admin certificate, the server certificate (also valid for `sans`) and
+/// coordinator.toml; returns the CA's fingerprint.
+pub(crate) fn init_quiet(dir: &Path, sans: &[San]) -> anyhow::Result<String> {
     if dir.join("ca.key").exists() {
         bail!(
             "{} already holds a CA; refusing to replace it (every certificate depends on it)",
@@ -483,10 +498,11 @@ pub(crate) fn init_quiet(dir: &Path) -> anyhow::Result<String> {
     standby::trust::pki::create_private_dir(dir)?;
     let ca = Ca::generate()?;
     ca.save(dir)?;
-    let admin = ca.issue(&Identity::admin("admin")?, defaults::CERT_DAYS)?;
+    let admin = ca.issue(&Identity::admin("admin")?, defaults::CERT_DAYS, &[])?;
     admin.write_dir(&dir.join("admin"))?;
-    standby::control::service::server_tls(dir, &ca)?;
-    standby::control::service::token_key(dir)?;
+    ca.issue_server(sans)?
+        .write_dir(&dir.join(service::SERVER_TLS_DIR))?;
+    service::token_key(dir)?;
     let toml = format!(
         "# Standby coordinator configuration. Every key can also be given as a flag or a\n\
          # STANDBY_* environment variable (which win over this file).\n\
@@ -508,24 +524,29 @@ pub(crate) fn init_quiet(dir: &Path) -> anyhow::Result<String> {
     Ok(ca.fingerprint())
 }
 
-fn cert(
-    dir: &Path,
-    pair: Option<String>,
-    role: CertRole,
-    name: Option<String>,
-    out: &Path,
-    days: u32,
-) -> anyhow::Result<()> {
-    let ca = Ca::load(dir).with_context(|| {
+/// `coordinator cert`: a static node or admin certificate, or the server certificate again.
+fn cert(a: CertArgs) -> anyhow::Result<()> {
+    let ca = Ca::load(&a.dir).with_context(|| {
         format!(
             "loading the CA from {} (run `coordinator init` first)",
-            dir.display()
+            a.dir.display()
         )
     })?;
+    if a.server {
+        return server_cert(&a, &ca);
+    }
+    let (Some(role), Some(out)) = (a.role, a.out.as_deref()) else {
+        usage_error("--role and --out are required (or --server)");
+    };
     let id = match role {
-        CertRole::Admin => Identity::admin(name.as_deref().or(pair.as_deref()).unwrap_or("admin"))?,
+        CertRole::Admin if !a.san.is_empty() => {
+            usage_error("--san is for --server and gpu or cpu certificates, not admin ones")
+        }
+        CertRole::Admin => {
+            Identity::admin(a.name.as_deref().or(a.pair.as_deref()).unwrap_or("admin"))?
+        }
         CertRole::Gpu | CertRole::Cpu => {
-            let Some(pair) = pair else {
+            let Some(pair) = &a.pair else {
                 usage_error("--pair is required for gpu and cpu certificates");
             };
             let role = if matches!(role, CertRole::Gpu) {
@@ -533,11 +554,34 @@ fn cert(
             } else {
                 Role::Cpu
             };
-            let machine = name.unwrap_or_else(|| role.to_string());
-            Identity::node(&pair, role, &machine)?
+            let machine = a.name.clone().unwrap_or_else(|| role.to_string());
+            Identity::node(pair, role, &machine)?
         }
     };
-    ca.issue(&id, days)?.write_dir(out)?;
+    let days = a.days.unwrap_or(defaults::CERT_DAYS);
+    ca.issue(&id, days, &a.san)?.write_dir(out)?;
     println!("{} -> {}", id, out.display());
     Ok(())
+}
+
+/// `coordinator cert --server`: the server certificate for the default names and `--san`,
+/// replacing the one in DIR/server (a coordinator that moved to a new address).
+fn server_cert(a: &CertArgs, ca: &Ca) -> anyhow::Result<()> {
+    let out = a.dir.join(service::SERVER_TLS_DIR);
+    let cert = match a.days {
+        Some(days) => ca.issue(&Identity::Coordinator, days, &server_sans(&a.san))?,
+        None => ca.issue_server(&a.san)?,
+    };
+    cert.write_dir(&out)?;
+    println!("{} -> {}", Identity::Coordinator, out.display());
+    println!("server certificate for: {}", names(&server_sans(&a.san)));
+    println!("restart the coordinator to serve it");
+    Ok(())
+}
+
+fn names(sans: &[San]) -> String {
+    sans.iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

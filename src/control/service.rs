@@ -90,7 +90,7 @@ impl Coordinator for CoordinatorSvc {
         let id = Identity::node(&token.pair, role, &r.machine)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let cert_pem =
-            s.ca.sign_csr(&r.csr_pem, &id, s.cert_days)
+            s.ca.sign_csr(&r.csr_pem, &id, s.cert_days, &[])
                 .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
         s.engine.events.emit(Event {
             unix_ms: crate::host::unix_ms_now(),
@@ -276,11 +276,15 @@ pub struct ServeOptions {
     pub command: crate::control::provider::command::CommandSettings,
 }
 
-/// The coordinator's own TLS directory (identity `standby://coordinator`), issued on demand.
+/// The coordinator's own TLS directory, under its directory.
+pub const SERVER_TLS_DIR: &str = "server";
+
+/// The coordinator's own TLS directory (identity `standby://coordinator`, the default host
+/// names), issued on demand.
 pub fn server_tls(dir: &Path, ca: &Ca) -> anyhow::Result<TlsMaterial> {
-    let d = dir.join("server");
+    let d = dir.join(SERVER_TLS_DIR);
     if !d.join(crate::trust::pki::CERT_FILE).exists() {
-        ca.issue(&Identity::Coordinator, 3650)?.write_dir(&d)?;
+        ca.issue_server(&[])?.write_dir(&d)?;
     }
     Ok(TlsMaterial::load(&d)?)
 }

@@ -1,11 +1,16 @@
 //! The certificate authority: a CA key pair kept by the coordinator, and certificates that name
 //! their holder by URI SAN. Issued certificates never inherit anything a requester asked for
-//! (a CSR can ask to be a CA): every field is set here.
+//! (a CSR can ask to be a CA): every field is set here. Besides the URI identity a certificate
+//! may carry DNS and IP names ([`San`]) for the addresses its holder serves, so that stock gRPC
+//! clients verify host names as usual; those too are chosen here, never by a requester.
 
+use std::fmt;
 use std::fs;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::str::FromStr;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -87,6 +92,130 @@ impl NodeCert {
     }
 }
 
+/// A host name or address a certificate is valid for, besides its identity: what a stock client
+/// (grpcurl, Python grpcio, grpc-go) checks against the host it dialled. Only the coordinator
+/// chooses these (its flags, an agent's advertised address), never a certificate request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum San {
+    /// A DNS name, lower case, without wildcards.
+    Dns(String),
+    Ip(IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SanError {
+    #[error("empty host name")]
+    Empty,
+    #[error("{0:?}: longer than 253 characters")]
+    TooLong(String),
+    #[error("{0:?}: wildcards are not allowed (name each host)")]
+    Wildcard(String),
+    #[error(
+        "{0:?}: not an IP address, nor a DNS name (labels of 1 to 63 letters, digits or \
+         '-', not starting or ending with '-', the last one not all digits)"
+    )]
+    Invalid(String),
+}
+
+/// The longest DNS name, in its text form without the trailing dot.
+const MAX_DNS_NAME: usize = 253;
+const MAX_DNS_LABEL: usize = 63;
+
+impl FromStr for San {
+    type Err = SanError;
+
+    /// An IP address (IPv6 also in brackets) or a DNS name.
+    fn from_str(s: &str) -> Result<San, SanError> {
+        let s = s.trim();
+        let unbracketed = s
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(s);
+        if let Ok(ip) = unbracketed.parse::<IpAddr>() {
+            return Ok(San::Ip(ip));
+        }
+        check_dns_name(s)?;
+        Ok(San::Dns(s.to_ascii_lowercase()))
+    }
+}
+
+/// A DNS name as certificates carry it: no wildcards, no trailing dot, and a last label that
+/// cannot be read as a number (so `10.0.0.256` is refused, not taken as a name).
+fn check_dns_name(s: &str) -> Result<(), SanError> {
+    if s.is_empty() {
+        return Err(SanError::Empty);
+    }
+    if s.len() > MAX_DNS_NAME {
+        return Err(SanError::TooLong(
+            s.chars().take(40).collect::<String>() + "...",
+        ));
+    }
+    if s.contains('*') {
+        return Err(SanError::Wildcard(s.to_string()));
+    }
+    let label_ok = |l: &str| {
+        (1..=MAX_DNS_LABEL).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let last_numeric = s
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    if !s.split('.').all(label_ok) || last_numeric {
+        return Err(SanError::Invalid(s.to_string()));
+    }
+    Ok(())
+}
+
+impl fmt::Display for San {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            San::Dns(name) => f.write_str(name),
+            San::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+impl San {
+    /// The names every coordinator server certificate carries: `localhost`, both loopback
+    /// addresses, and this machine's host name when it is a valid DNS name.
+    pub fn defaults() -> Vec<San> {
+        let mut v = vec![
+            San::Dns("localhost".into()),
+            San::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            San::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        ];
+        match crate::host::name().parse::<San>() {
+            Ok(own @ San::Dns(_)) => v.push(own),
+            _ => tracing::debug!("the host name is not a DNS name; not in the certificate"),
+        }
+        v
+    }
+
+    fn to_rcgen(&self) -> Result<SanType, PkiError> {
+        Ok(match self {
+            San::Dns(name) => SanType::DnsName(name.as_str().try_into()?),
+            San::Ip(ip) => SanType::IpAddress(*ip),
+        })
+    }
+}
+
+/// [`San::defaults`] followed by `extra`, each name once.
+pub fn server_sans(extra: &[San]) -> Vec<San> {
+    let mut v = San::defaults();
+    for s in extra {
+        if !v.contains(s) {
+            v.push(s.clone());
+        }
+    }
+    v
+}
+
+/// How long a coordinator's server certificate is valid, in days.
+pub const SERVER_CERT_DAYS: u32 = 3650;
+
 pub struct Ca {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
@@ -163,12 +292,15 @@ impl Ca {
         fingerprint(&self.cert_der)
     }
 
-    fn params_for(id: &Identity, days: u32) -> Result<CertificateParams, PkiError> {
+    fn params_for(id: &Identity, days: u32, sans: &[San]) -> Result<CertificateParams, PkiError> {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, id.uri());
         p.distinguished_name = dn;
         p.subject_alt_names = vec![SanType::URI(id.uri().try_into()?)];
+        for san in sans {
+            p.subject_alt_names.push(san.to_rcgen()?);
+        }
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
@@ -187,28 +319,46 @@ impl Ca {
         &self,
         id: &Identity,
         days: u32,
+        sans: &[San],
         public: &impl PublicKeyData,
     ) -> Result<String, PkiError> {
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        Ok(Self::params_for(id, days)?
+        Ok(Self::params_for(id, days, sans)?
             .signed_by(public, &issuer)?
             .pem())
     }
 
-    /// A certificate for `id` with a fresh key pair.
-    pub fn issue(&self, id: &Identity, days: u32) -> Result<NodeCert, PkiError> {
+    /// A certificate for `id` with a fresh key pair, also valid for the host names `sans`.
+    pub fn issue(&self, id: &Identity, days: u32, sans: &[San]) -> Result<NodeCert, PkiError> {
         let key = KeyPair::generate()?;
         Ok(NodeCert {
             ca_pem: self.cert_pem.clone(),
-            cert_pem: self.sign(id, days, &key)?,
+            cert_pem: self.sign(id, days, sans, &key)?,
             key_pem: key.serialize_pem(),
         })
     }
 
-    /// Signs a CSR's public key as `id`. Nothing but the key is taken from the request.
-    pub fn sign_csr(&self, csr_pem: &str, id: &Identity, days: u32) -> Result<String, PkiError> {
+    /// The coordinator's server certificate: [`server_sans`] of `extra`, for
+    /// [`SERVER_CERT_DAYS`].
+    pub fn issue_server(&self, extra: &[San]) -> Result<NodeCert, PkiError> {
+        self.issue(
+            &Identity::Coordinator,
+            SERVER_CERT_DAYS,
+            &server_sans(extra),
+        )
+    }
+
+    /// Signs a CSR's public key as `id`, also valid for the host names `sans`. Nothing but the
+    /// key is taken from the request (whatever names it asks for are ignored).
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        days: u32,
+        sans: &[San],
+    ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        self.sign(id, days, &csr.public_key)
+        self.sign(id, days, sans, &csr.public_key)
     }
 }
 
@@ -236,7 +386,7 @@ mod tests {
     fn issue_and_read_back_identity() {
         let ca = Ca::generate().unwrap();
         let id = Identity::node("p1", Role::Cpu, "m1").unwrap();
-        let n = ca.issue(&id, 30).unwrap();
+        let n = ca.issue(&id, 30, &[]).unwrap();
         let der = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
         let d = tempfile::tempdir().unwrap();
@@ -256,11 +406,129 @@ mod tests {
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
         let id = Identity::node("mine", Role::Gpu, "m2").unwrap();
-        let pem = ca.sign_csr(&csr, &id, 1).unwrap();
+        let pem = ca.sign_csr(&csr, &id, 1, &[]).unwrap();
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
         let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(!x.is_ca());
+        assert_eq!(names_of(&pem), Vec::<String>::new(), "no name from the CSR");
+        // The names are the coordinator's, whatever the request asked for.
+        let pem = ca
+            .sign_csr(&csr, &id, 1, &["gpu-7.example".parse().unwrap()])
+            .unwrap();
+        assert_eq!(names_of(&pem), ["gpu-7.example"]);
+    }
+
+    /// The DNS and IP names of a certificate, as text.
+    fn names_of(pem: &str) -> Vec<String> {
+        use x509_parser::extensions::GeneralName;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = x.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                GeneralName::IPAddress(b) => Some(match <[u8; 4]>::try_from(*b) {
+                    Ok(v4) => IpAddr::from(v4).to_string(),
+                    Err(_) => IpAddr::from(<[u8; 16]>::try_from(*b).unwrap()).to_string(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn san_parses_addresses_and_names() {
+        let ok = [
+            ("127.0.0.1", San::Ip("127.0.0.1".parse().unwrap())),
+            ("[::1]", San::Ip("::1".parse().unwrap())),
+            ("2001:db8::7", San::Ip("2001:db8::7".parse().unwrap())),
+            ("Coord.Example.COM", San::Dns("coord.example.com".into())),
+            ("gpu-7", San::Dns("gpu-7".into())),
+            ("a1.b2.c3d", San::Dns("a1.b2.c3d".into())),
+        ];
+        for (text, want) in ok {
+            assert_eq!(text.parse::<San>(), Ok(want), "{text}");
+        }
+        let long_label = format!("{}.example", "a".repeat(64));
+        let long_name = ["abcdefghi"; 26].join(".");
+        assert_eq!("".parse::<San>(), Err(SanError::Empty));
+        assert!(matches!(
+            long_name.parse::<San>(),
+            Err(SanError::TooLong(_))
+        ));
+        assert!(matches!(
+            "*.example.com".parse::<San>(),
+            Err(SanError::Wildcard(_))
+        ));
+        for bad in [
+            "a_b.example",
+            "-a.example",
+            "a-.example",
+            "a..example",
+            "example.",
+            "10.0.0.256",
+            "1.2.3",
+            "host:7700",
+            "http://x",
+            "ex ample",
+            long_label.as_str(),
+        ] {
+            assert!(
+                matches!(bad.parse::<San>(), Err(SanError::Invalid(_))),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn server_certificate_names_its_addresses_and_keeps_its_identity() {
+        let ca = Ca::generate().unwrap();
+        let extra: Vec<San> = ["coord.example", "10.1.2.3", "localhost"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let n = ca.issue_server(&extra).unwrap();
+        let der = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
+        assert_eq!(
+            Identity::from_cert_der(&der).unwrap(),
+            Identity::Coordinator
+        );
+        let names = names_of(&n.cert_pem);
+        for want in ["localhost", "127.0.0.1", "::1", "coord.example", "10.1.2.3"] {
+            assert_eq!(
+                names.iter().filter(|n| *n == want).count(),
+                1,
+                "{want} in {names:?}"
+            );
+        }
+        // A stock verifier (webpki, with host name checks) accepts exactly those names.
+        let verify = |host: &str| server_name_check(&ca, &n, host);
+        for host in ["localhost", "127.0.0.1", "::1", "coord.example", "10.1.2.3"] {
+            assert!(verify(host), "{host} refused");
+        }
+        for host in ["other.example", "127.0.0.2", "coord.example.evil"] {
+            assert!(!verify(host), "{host} accepted");
+        }
+    }
+
+    /// Whether rustls' ordinary web PKI verifier accepts `n` for the host `host`.
+    fn server_name_check(ca: &Ca, n: &NodeCert, host: &str) -> bool {
+        use rustls::client::WebPkiServerVerifier;
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls_pki_types::{ServerName, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der.clone()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let v = WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap();
+        let leaf = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
+        let name = ServerName::try_from(host.to_string()).unwrap();
+        v.verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+            .is_ok()
     }
 
     #[test]
