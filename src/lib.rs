@@ -20,7 +20,8 @@
 //!
 //! [`trust`]
 //! - [`trust::identity`]: URI SAN identities. [`trust::pki`]: the CA.
-//! - [`trust::tls`]: mutual TLS. [`trust::token`]: join tokens.
+//! - [`trust::tls`]: mutual TLS. [`trust::token`]: join tokens. [`trust::quota`]: counted
+//!   permits per address or identity.
 //!
 //! [`replication`]
 //! - [`replication::manifest`]: what a replica holds and its blake3 root; `catalog` keeps one
