@@ -55,6 +55,18 @@ pub struct AgentArgs {
     /// TOML configuration file.
     #[arg(long, env = "STANDBY_CONFIG", display_order = 16)]
     pub config: Option<PathBuf>,
+    /// Give files written into this machine's workspace by replication (the CPU's replica, a
+    /// restored GPU) the setuid and setgid bits the sender's files have. Off: those bits are
+    /// masked, so no file from the other machine becomes a setuid program here.
+    #[arg(
+        long,
+        env = "STANDBY_KEEP_SETUID",
+        display_order = 17,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub keep_setuid: Option<bool>,
 }
 
 /// The flags only agent-gpu takes: its static peer and how it sends.
@@ -181,6 +193,7 @@ impl AgentArgs {
             compress_level: defaults::COMPRESS_LEVEL,
             on_promote: String::new(),
             on_demote: String::new(),
+            keep_setuid: file.pick(self.keep_setuid, "keep_setuid", || false)?,
         })
     }
 }
@@ -249,6 +262,27 @@ mod tests {
         assert_eq!(c.listen, defaults::GPU_LISTEN);
         assert_eq!(c.compress_level, defaults::COMPRESS_LEVEL);
         assert_eq!(c.heartbeat, Duration::from_secs(1));
+        assert!(!c.keep_setuid, "setuid bits are masked unless asked");
+    }
+
+    #[test]
+    fn keep_setuid_is_layered_like_every_setting() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = d.path().join("agent.toml");
+        std::fs::write(&toml, "keep_setuid = true\n").unwrap();
+        let resolve = |flag: Option<bool>, config: Option<PathBuf>| {
+            let args = AgentArgs {
+                coordinator: Some("coord:7700".into()),
+                keep_setuid: flag,
+                config,
+                ..shared(d.path())
+            };
+            CpuArgs::default().resolve(args).unwrap().keep_setuid
+        };
+        assert!(!resolve(None, None));
+        assert!(resolve(None, Some(toml.clone())));
+        assert!(!resolve(Some(false), Some(toml)));
+        assert!(resolve(Some(true), None));
     }
 
     #[test]
