@@ -173,6 +173,11 @@ impl AgentArgs {
             Role::Gpu => defaults::GPU_LISTEN,
             Role::Cpu => defaults::CPU_LISTEN,
         };
+        let machine = file.pick(self.machine, "machine", crate::host::name)?;
+        let advertise = file.pick(self.advertise, "advertise", String::new)?;
+        if coordinator.is_some() {
+            reportable(&machine, &advertise)?;
+        }
         Ok(AgentConfig {
             role,
             workspace: required(file, self.workspace, "workspace")?,
@@ -182,8 +187,8 @@ impl AgentArgs {
             coordinator,
             join_token: file.pick_opt(self.join_token, "join_token")?,
             listen: file.pick(self.listen, "listen", || listen.to_string())?,
-            advertise: file.pick(self.advertise, "advertise", String::new)?,
-            machine: file.pick(self.machine, "machine", crate::host::name)?,
+            advertise,
+            machine,
             heartbeat: file.pick_duration(
                 self.heartbeat_interval,
                 "heartbeat_interval",
@@ -196,6 +201,24 @@ impl AgentArgs {
             keep_setuid: file.pick(self.keep_setuid, "keep_setuid", || false)?,
         })
     }
+}
+
+/// The longest `--advertise` a coordinator accepts in a report.
+const ADVERTISE_MAX: usize = 255;
+
+/// A managed agent's machine name and advertised address as the coordinator accepts them in a
+/// report (a report breaking a limit is refused whole): said at start, not at each heartbeat.
+fn reportable(machine: &str, advertise: &str) -> Result<(), String> {
+    crate::trust::identity::check_name(machine).map_err(|_| {
+        format!(
+            "machine name {machine:?} (--machine, default the host name): 1 to 63 letters, \
+             digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    })?;
+    if advertise.len() > ADVERTISE_MAX {
+        return Err(format!("--advertise is longer than {ADVERTISE_MAX} bytes"));
+    }
+    Ok(())
 }
 
 /// A setting without a default: the flag, else the file, else a usage error naming the flag.
@@ -348,5 +371,36 @@ mod tests {
         };
         let e = CpuArgs::default().resolve(no_workspace).unwrap_err();
         assert_eq!(e, "--workspace is required");
+    }
+
+    #[test]
+    fn a_managed_agent_needs_a_machine_name_and_address_the_coordinator_accepts() {
+        let d = tempfile::tempdir().unwrap();
+        let managed = |machine: &str, advertise: &str| AgentArgs {
+            coordinator: Some("coord:7700".into()),
+            machine: Some(machine.into()),
+            advertise: Some(advertise.into()),
+            ..shared(d.path())
+        };
+        assert!(CpuArgs::default().resolve(managed("cpu-1", "")).is_ok());
+        let e = CpuArgs::default()
+            .resolve(managed(&"m".repeat(64), ""))
+            .unwrap_err();
+        assert!(e.contains("machine name"), "{e}");
+        let e = CpuArgs::default()
+            .resolve(managed("cpu 1", ""))
+            .unwrap_err();
+        assert!(e.contains("machine name"), "{e}");
+        let e = CpuArgs::default()
+            .resolve(managed("cpu-1", &"a".repeat(256)))
+            .unwrap_err();
+        assert!(e.contains("--advertise"), "{e}");
+        // A static pair reports to no one.
+        let args = AgentArgs {
+            tls_dir: Some(d.path().join("tls")),
+            machine: Some("any name at all".into()),
+            ..shared(d.path())
+        };
+        assert!(CpuArgs::default().resolve(args).is_ok());
     }
 }
