@@ -1042,7 +1042,10 @@ fn setuid_bits_are_masked_on_the_replica_and_a_fifo_does_not_stall_the_sender() 
     let (state, tls) = (t.path().join("gpu"), pki.node("p", Role::Gpu));
 
     let first = once_within_a_minute(&src, &state, &tls, &cpu.addr);
-    assert_eq!(first["files_total"], 3, "the FIFO is no file to send: {first}");
+    assert_eq!(
+        first["files_total"], 3,
+        "the FIFO is no file to send: {first}"
+    );
     for (p, data, mode) in files {
         assert_eq!(fs::read(replica.join(p)).unwrap(), data, "{p}: content");
         assert_eq!(mode_of(&replica.join(p)), mode & !0o6000, "{p}: mode");
