@@ -1028,7 +1028,7 @@ fn setuid_bits_are_masked_on_the_replica_and_a_fifo_does_not_stall_the_sender() 
     fs::set_permissions(src.join("bin"), fs::Permissions::from_mode(0o2775)).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &src.join("bin/pipe"),
+        src.join("bin/pipe"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o644),
         0,
