@@ -28,6 +28,13 @@ pub mod defaults {
     pub const GPU_PORT: u16 = 7702;
     pub const CPU_LISTEN: &str = "0.0.0.0:7701";
     pub const GPU_LISTEN: &str = "0.0.0.0:7702";
+    /// Concurrent TCP connections one source address may hold on a listener (handshakes
+    /// included).
+    pub const CONNECTIONS_PER_ADDRESS: usize = 64;
+    /// Concurrent heartbeat streams per agent certificate.
+    pub const HEARTBEATS_PER_IDENTITY: usize = 2;
+    /// Concurrent `Events` subscriptions per admin certificate.
+    pub const EVENTS_PER_ADMIN: usize = 4;
 }
 
 /// Exit code for a usage error (EX_USAGE).

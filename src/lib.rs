@@ -22,7 +22,7 @@
 //! - [`trust::identity`]: URI SAN identities, certificate facts. [`trust::pki`]: the CA.
 //! - [`trust::tls`]: mutual TLS. [`trust::verify`]: the verifiers.
 //! - [`trust::revocation`]: the deny list. [`trust::keys`]: the renewable certificate.
-//! - [`trust::token`]: join tokens.
+//! - [`trust::token`]: join tokens. [`trust::quota`]: counted permits per address or identity.
 //!
 //! [`replication`]
 //! - [`replication::manifest`]: what a replica holds and its blake3 root; `catalog` keeps one

@@ -1,4 +1,5 @@
-//! Formatting shared by every layer: hex digests and one-line error chains.
+//! Formatting shared by every layer: hex digests, one-line error chains, and free text cut to
+//! what a report may carry.
 
 /// Lower-case hex of some bytes (digests, roots, nonces).
 pub fn hex(bytes: &[u8]) -> String {
@@ -18,4 +19,35 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The longest free text (an error, a fault's reason) an agent's report may carry; the
+/// coordinator refuses a report with more (`control::wire`'s limits).
+pub const REPORT_TEXT_MAX: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate("short".into(), 10), "short");
+        assert_eq!(truncate("abcdef".into(), 3), "abc");
+        // 'é' is two bytes: cutting inside it drops it.
+        assert_eq!(truncate("aé".into(), 2), "a");
+        let long = truncate("ü".repeat(1000), REPORT_TEXT_MAX);
+        assert!(long.len() <= REPORT_TEXT_MAX && long.chars().all(|c| c == 'ü'));
+    }
 }

@@ -737,3 +737,35 @@ fn the_dockerfile_caches_dependencies_and_checks_health() {
         Err(e) => eprintln!("skipping hadolint: not installed ({e})"),
     }
 }
+
+/// Reflection and anonymous `grpc.health.v1` are off on the coordinator by default: the
+/// container's health check holds the admin certificate (an admin call over mutual TLS), and
+/// nothing in `deploy/` probes the coordinator without one or turns either back on.
+#[test]
+fn health_checks_hold_a_certificate() {
+    let d = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    // The instruction: its line and the continuation lines after it.
+    let mut check = String::new();
+    for line in d
+        .split("\nHEALTHCHECK ")
+        .nth(1)
+        .expect("no HEALTHCHECK")
+        .lines()
+    {
+        check.push_str(line);
+        if !line.ends_with('\\') {
+            break;
+        }
+    }
+    assert!(
+        check.contains("\"pairs\"") && check.contains("\"--tls-dir\""),
+        "the health check is not an admin call with a certificate: {check}"
+    );
+    for e in std::fs::read_dir(deploy().join("systemd")).unwrap() {
+        let p = e.unwrap().path();
+        let s = std::fs::read_to_string(&p).unwrap();
+        for needle in ["grpc_health_probe", "--reflection", "--public-health"] {
+            assert!(!s.contains(needle), "{}: {needle}", p.display());
+        }
+    }
+}

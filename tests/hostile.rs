@@ -4,6 +4,11 @@
 //! are expired, replayed, altered or for another role. Each is refused with a clear status; the
 //! agent keeps serving and never panics, and the replica stays exactly the last committed
 //! generation with nothing left staged.
+//!
+//! Hostile files and strings (issue 13): setuid programs and a FIFO in the GPU workspace;
+//! reports with oversized strings, a third heartbeat stream and a fifth events subscription
+//! from raw clients holding genuine certificates; reflection and anonymous health, off by
+//! default.
 
 mod common;
 mod raw;
@@ -969,4 +974,434 @@ async fn join_tokens_from_a_raw_client_are_refused_unless_fresh_genuine_and_for_
         refused(e, Code::PermissionDenied, "already used");
     }
     assert_no_panic(&c.log_text());
+}
+
+// ---- Hostile files in the workspace --------------------------------------------------------
+
+fn mode_of(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Sets a path's mtime an hour back, so no entry is "racily clean" (re-hashed next time).
+fn age_an_hour(p: &Path) {
+    let t = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::open(p)
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+}
+
+/// `agent-gpu --once`, failing the test (rather than hanging it) should it never end.
+fn once_within_a_minute(src: &Path, state: &Path, tls: &Path, peer: &str) -> serde_json::Value {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (src, state, tls, peer) = (
+        src.to_owned(),
+        state.to_owned(),
+        tls.to_owned(),
+        peer.to_owned(),
+    );
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(|| once(&src, &state, &tls, &peer)));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(report)) => report,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("agent-gpu --once did not finish: stalled on something in the workspace"),
+    }
+}
+
+/// A setuid and a setgid program and a setgid directory on the GPU reach the replica with their
+/// content but without those bits; a FIFO beside them (which would block a reader forever) is
+/// skipped and the rest replicates. Sending again sends nothing: the sender's index keeps the
+/// sender's modes, so the masked replica never looks out of date.
+#[test]
+fn setuid_bits_are_masked_on_the_replica_and_a_fifo_does_not_stall_the_sender() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("bin")).unwrap();
+    let files: [(&str, &[u8], u32); 3] = [
+        ("bin/suid", b"#!/bin/sh\nid\n", 0o4755),
+        ("bin/sgid", b"#!/bin/sh\nid -g\n", 0o2711),
+        ("data.txt", b"plain data", 0o640),
+    ];
+    for (p, data, mode) in files {
+        fs::write(src.join(p), data).unwrap();
+        fs::set_permissions(src.join(p), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::set_permissions(src.join("bin"), fs::Permissions::from_mode(0o2775)).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        src.join("bin/pipe"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    for p in ["bin/suid", "bin/sgid", "data.txt", "bin"] {
+        age_an_hour(&src.join(p));
+    }
+    let replica = t.path().join("replica");
+    let cpu = Cpu::start(&replica, &t.path().join("cpu"), &pki.node("p", Role::Cpu));
+    let (state, tls) = (t.path().join("gpu"), pki.node("p", Role::Gpu));
+
+    let first = once_within_a_minute(&src, &state, &tls, &cpu.addr);
+    assert_eq!(
+        first["files_total"], 3,
+        "the FIFO is no file to send: {first}"
+    );
+    for (p, data, mode) in files {
+        assert_eq!(fs::read(replica.join(p)).unwrap(), data, "{p}: content");
+        assert_eq!(mode_of(&replica.join(p)), mode & !0o6000, "{p}: mode");
+    }
+    assert_eq!(mode_of(&replica.join("bin")), 0o775, "bin: mode");
+    assert!(
+        !replica.join("bin/pipe").exists(),
+        "a FIFO is not replicated"
+    );
+    // The sender's own files are untouched.
+    assert_eq!(mode_of(&src.join("bin/suid")), 0o4755);
+
+    let again = once_within_a_minute(&src, &state, &tls, &cpu.addr);
+    assert_eq!(again["files_changed"], 0, "nothing is sent again: {again}");
+    assert_eq!(again["root"], first["root"]);
+    assert_eq!(mode_of(&replica.join("bin/suid")), 0o755);
+    assert_no_panic(&cpu.log_text());
+}
+
+// ---- Hostile agents and admins at the coordinator -------------------------------------------
+
+/// A certificate for `pair`/`role` from the coordinator's own CA, as a raw client holds it (for
+/// machine `raw-gpu`, the name `honest_report` gives).
+fn agent_material(c: &Coord, pair: &str, role: Role) -> TlsMaterial {
+    let ca = standby::trust::pki::Ca::load(&c.dir).unwrap();
+    let cert = ca
+        .issue(&Identity::node(pair, role, "raw-gpu").unwrap(), 1, &[])
+        .unwrap();
+    TlsMaterial::from_node_cert(&cert).unwrap()
+}
+
+async fn coordinator_channel(c: &Coord, m: &TlsMaterial) -> Channel {
+    let cfg = m
+        .client_config(Expect::Exactly(Identity::Coordinator))
+        .unwrap();
+    tls::connect(&c.addr, cfg).await.unwrap()
+}
+
+/// A raw heartbeat stream: the reports to send, and the commands (or the refusal).
+struct Beat {
+    tx: tokio::sync::mpsc::Sender<AgentReport>,
+    rx: Result<tonic::Streaming<Command>, Status>,
+}
+
+async fn beat(c: &Coord, m: &TlsMaterial) -> Beat {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let rx = CoordinatorClient::new(coordinator_channel(c, m).await)
+        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|r| r.into_inner());
+    Beat { tx, rx }
+}
+
+fn honest_report() -> AgentReport {
+    AgentReport {
+        seq: 1,
+        machine: "raw-gpu".into(),
+        workspace: "/workspace".into(),
+        ..Default::default()
+    }
+}
+
+/// The stream's end: the status it ended with (commands before it are skipped).
+async fn end_of(b: &mut Beat) -> Status {
+    let rx = b.rx.as_mut().expect("the stream was accepted");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), rx.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return Status::ok("ended"),
+            Ok(Err(e)) => return e,
+            Err(_) => panic!("the stream never ended"),
+        }
+    }
+}
+
+async fn pair_view(admin: &TlsMaterial, c: &Coord, pair: &str) -> Option<PairView> {
+    let mut client =
+        standby::proto::admin_client::AdminClient::new(coordinator_channel(c, admin).await);
+    let pairs = client
+        .list_pairs(ListPairsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    pairs.pairs.into_iter().find(|p| p.pair == pair)
+}
+
+/// Reports whose strings break their limits, from a raw client holding a genuine agent
+/// certificate: each is refused with INVALID_ARGUMENT naming the field, the stream ends, and
+/// nothing of it is stored or acted on (a fatal GPU fault with an oversized reason fails
+/// nothing over). An honest report is taken as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_report_strings_are_refused_and_nothing_of_them_is_used() {
+    standby::trust::tls::install_default_provider();
+    let t = tempfile::tempdir().unwrap();
+    let c = Coord::start(&t.path().join("coord"), &[]);
+    let gpu = agent_material(&c, "p", Role::Gpu);
+    let admin = TlsMaterial::load(&c.dir.join("admin")).unwrap();
+    let long = |n: usize| "x".repeat(n);
+    let cases: Vec<(&str, AgentReport)> = vec![
+        (
+            "machine",
+            AgentReport {
+                machine: long(64),
+                ..honest_report()
+            },
+        ),
+        (
+            "machine",
+            AgentReport {
+                machine: "gpu\n1".into(),
+                ..honest_report()
+            },
+        ),
+        (
+            "advertise",
+            AgentReport {
+                advertise: long(256),
+                ..honest_report()
+            },
+        ),
+        (
+            "workspace",
+            AgentReport {
+                workspace: long(4097),
+                ..honest_report()
+            },
+        ),
+        (
+            "last_error",
+            AgentReport {
+                last_error: long(1025),
+                ..honest_report()
+            },
+        ),
+        (
+            "gpu.fatal_reason",
+            AgentReport {
+                gpu: Some(GpuHealth {
+                    count: 1,
+                    fatal: true,
+                    fatal_reason: long(1025),
+                    ..Default::default()
+                }),
+                ..honest_report()
+            },
+        ),
+        (
+            "peer.probe_error",
+            AgentReport {
+                peer: Some(PeerContact {
+                    probe_error: long(1025),
+                    ..Default::default()
+                }),
+                ..honest_report()
+            },
+        ),
+    ];
+    for (field, report) in cases {
+        let mut b = beat(&c, &gpu).await;
+        b.tx.send(report).await.unwrap();
+        let e = end_of(&mut b).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().contains(field), "{field}: {e:?}");
+    }
+    let view = pair_view(&admin, &c, "p").await.expect("the pair exists");
+    let gpu_view = view.gpu.clone().unwrap_or_default();
+    assert_eq!(
+        gpu_view.machine, "",
+        "no refused report was stored: {view:?}"
+    );
+    assert_ne!(view.state(), standby::proto::PairState::FailedOver);
+    let events = c.admin(&["events", "--json"]);
+    assert!(!String::from_utf8_lossy(&events.stdout).contains(&long(64)));
+
+    // An honest agent goes on as before.
+    let b = beat(&c, &gpu).await;
+    b.tx.send(honest_report()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = pair_view(&admin, &c, "p").await;
+        if v.as_ref()
+            .and_then(|v| v.gpu.as_ref())
+            .is_some_and(|g| g.machine == "raw-gpu")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the honest report was never taken: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(b);
+    assert!(!c.log_text().contains("panicked"));
+}
+
+/// Two heartbeat streams per agent certificate at most: a third is refused with
+/// RESOURCE_EXHAUSTED while both are open, and is taken once one of them ends. Another
+/// certificate has places of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_third_heartbeat_stream_per_certificate_is_refused() {
+    standby::trust::tls::install_default_provider();
+    let t = tempfile::tempdir().unwrap();
+    let c = Coord::start(&t.path().join("coord"), &[]);
+    let gpu = agent_material(&c, "p", Role::Gpu);
+    let one = beat(&c, &gpu).await;
+    one.rx.as_ref().expect("first");
+    let two = beat(&c, &gpu).await;
+    two.rx.as_ref().expect("second");
+    let e = beat(&c, &gpu).await.rx.expect_err("a third");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("heartbeat streams"), "{e:?}");
+    let cpu = agent_material(&c, "p", Role::Cpu);
+    beat(&c, &cpu)
+        .await
+        .rx
+        .expect("the CPU's certificate has its own places");
+    // One ends: its place comes back (the server notices on its own time).
+    drop(one);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let _three = loop {
+        let b = beat(&c, &gpu).await;
+        match &b.rx {
+            Ok(_) => break b,
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop(two);
+    assert!(!c.log_text().contains("panicked"));
+}
+
+async fn subscribe(c: &Coord, admin: &TlsMaterial) -> Result<tonic::Streaming<Event>, Status> {
+    standby::proto::admin_client::AdminClient::new(coordinator_channel(c, admin).await)
+        .events(EventsRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Four following `Events` subscriptions per admin at most: the fifth is refused with
+/// RESOURCE_EXHAUSTED, and a place comes back when a subscriber goes away, even while no event
+/// is flowing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifth_events_subscription_per_admin_is_refused() {
+    standby::trust::tls::install_default_provider();
+    let t = tempfile::tempdir().unwrap();
+    let c = Coord::start(&t.path().join("coord"), &[]);
+    let admin = TlsMaterial::load(&c.dir.join("admin")).unwrap();
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(
+            subscribe(&c, &admin)
+                .await
+                .unwrap_or_else(|e| panic!("{i}: {e:?}")),
+        );
+    }
+    let e = subscribe(&c, &admin).await.expect_err("a fifth");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("event subscriptions"), "{e:?}");
+    // The admin's other calls are not limited by it.
+    assert!(pair_view(&admin, &c, "none").await.is_none());
+    held.pop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match subscribe(&c, &admin).await {
+            Ok(s) => {
+                held.push(s);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!c.log_text().contains("panicked"));
+}
+
+/// Reflection is off unless `--reflection`; health answers only clients with a certificate of
+/// the CA unless `--public-health`.
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_and_unauthenticated_health_are_off_by_default() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
+    standby::trust::tls::install_default_provider();
+    let t = tempfile::tempdir().unwrap();
+    let mut c = Coord::start(&t.path().join("coord"), &[]);
+    let fp = standby::trust::pki::Ca::load(&c.dir).unwrap().fingerprint();
+    let agent = agent_material(&c, "p", Role::Cpu);
+
+    let reflect = |ch: Channel| async move {
+        let req = ServerReflectionRequest {
+            message_request: Some(server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+            ..Default::default()
+        };
+        let mut stream = ServerReflectionClient::new(ch)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await?
+            .into_inner();
+        stream.message().await.map(|m| m.is_some())
+    };
+    let health = |ch: Channel| async move {
+        HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    let anonymous = || async {
+        tls::connect(&c.addr, tls::join_client_config(&fp).unwrap())
+            .await
+            .unwrap()
+    };
+
+    let e = reflect(coordinator_channel(&c, &agent).await)
+        .await
+        .expect_err("reflection is off");
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    health(coordinator_channel(&c, &agent).await)
+        .await
+        .expect("health with a certificate");
+    let e = health(anonymous().await)
+        .await
+        .expect_err("health without a certificate");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    c.args_push(&["--reflection", "--public-health"]);
+    c.restart();
+    let anonymous = || async {
+        tls::connect(&c.addr, tls::join_client_config(&fp).unwrap())
+            .await
+            .unwrap()
+    };
+    assert!(
+        reflect(coordinator_channel(&c, &agent).await)
+            .await
+            .expect("reflection on")
+    );
+    health(anonymous().await).await.expect("public health");
+    assert!(!c.log_text().contains("panicked"));
 }

@@ -602,6 +602,8 @@ async fn start_coordinator(
         vastai: Default::default(),
         gcp: Default::default(),
         command: Default::default(),
+        reflection: false,
+        public_health: false,
     };
     let server = tokio::spawn(standby::control::service::serve(opts, shutdown));
     let addr_file = dir.join("serve.addr");

@@ -266,6 +266,13 @@ struct ServeArgs {
     /// TOML configuration file (default: <dir>/coordinator.toml when it exists).
     #[arg(long, env = "STANDBY_CONFIG")]
     config: Option<PathBuf>,
+    /// Serve gRPC reflection on the public listener (off by default).
+    #[arg(long, env = "STANDBY_REFLECTION", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    reflection: Option<bool>,
+    /// Answer grpc.health.v1 without a client certificate (default: only clients with a
+    /// certificate of this CA, any role).
+    #[arg(long, env = "STANDBY_PUBLIC_HEALTH", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    public_health: Option<bool>,
 }
 
 fn main() {
@@ -401,6 +408,8 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
         vastai: vastai(&f, &a)?,
         gcp: f.get("gcp")?.unwrap_or_default(),
         command: f.get("command")?.unwrap_or_default(),
+        reflection: f.pick(a.reflection, "reflection", || false)?,
+        public_health: f.pick(a.public_health, "public_health", || false)?,
         dir: a.dir,
     })
 }

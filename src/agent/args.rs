@@ -55,6 +55,18 @@ pub struct AgentArgs {
     /// TOML configuration file.
     #[arg(long, env = "STANDBY_CONFIG", display_order = 16)]
     pub config: Option<PathBuf>,
+    /// Give files written into this machine's workspace by replication (the CPU's replica, a
+    /// restored GPU) the setuid and setgid bits the sender's files have. Off: those bits are
+    /// masked, so no file from the other machine becomes a setuid program here.
+    #[arg(
+        long,
+        env = "STANDBY_KEEP_SETUID",
+        display_order = 17,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub keep_setuid: Option<bool>,
 }
 
 /// The flags only agent-gpu takes: its static peer and how it sends.
@@ -161,6 +173,11 @@ impl AgentArgs {
             Role::Gpu => defaults::GPU_LISTEN,
             Role::Cpu => defaults::CPU_LISTEN,
         };
+        let machine = file.pick(self.machine, "machine", crate::host::name)?;
+        let advertise = file.pick(self.advertise, "advertise", String::new)?;
+        if coordinator.is_some() {
+            reportable(&machine, &advertise)?;
+        }
         Ok(AgentConfig {
             role,
             workspace: required(file, self.workspace, "workspace")?,
@@ -170,8 +187,8 @@ impl AgentArgs {
             coordinator,
             join_token: file.pick_opt(self.join_token, "join_token")?,
             listen: file.pick(self.listen, "listen", || listen.to_string())?,
-            advertise: file.pick(self.advertise, "advertise", String::new)?,
-            machine: file.pick(self.machine, "machine", crate::host::name)?,
+            advertise,
+            machine,
             heartbeat: file.pick_duration(
                 self.heartbeat_interval,
                 "heartbeat_interval",
@@ -181,8 +198,27 @@ impl AgentArgs {
             compress_level: defaults::COMPRESS_LEVEL,
             on_promote: String::new(),
             on_demote: String::new(),
+            keep_setuid: file.pick(self.keep_setuid, "keep_setuid", || false)?,
         })
     }
+}
+
+/// The longest `--advertise` a coordinator accepts in a report.
+const ADVERTISE_MAX: usize = 255;
+
+/// A managed agent's machine name and advertised address as the coordinator accepts them in a
+/// report (a report breaking a limit is refused whole): said at start, not at each heartbeat.
+fn reportable(machine: &str, advertise: &str) -> Result<(), String> {
+    crate::trust::identity::check_name(machine).map_err(|_| {
+        format!(
+            "machine name {machine:?} (--machine, default the host name): 1 to 63 letters, \
+             digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    })?;
+    if advertise.len() > ADVERTISE_MAX {
+        return Err(format!("--advertise is longer than {ADVERTISE_MAX} bytes"));
+    }
+    Ok(())
 }
 
 /// A setting without a default: the flag, else the file, else a usage error naming the flag.
@@ -249,6 +285,27 @@ mod tests {
         assert_eq!(c.listen, defaults::GPU_LISTEN);
         assert_eq!(c.compress_level, defaults::COMPRESS_LEVEL);
         assert_eq!(c.heartbeat, Duration::from_secs(1));
+        assert!(!c.keep_setuid, "setuid bits are masked unless asked");
+    }
+
+    #[test]
+    fn keep_setuid_is_layered_like_every_setting() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = d.path().join("agent.toml");
+        std::fs::write(&toml, "keep_setuid = true\n").unwrap();
+        let resolve = |flag: Option<bool>, config: Option<PathBuf>| {
+            let args = AgentArgs {
+                coordinator: Some("coord:7700".into()),
+                keep_setuid: flag,
+                config,
+                ..shared(d.path())
+            };
+            CpuArgs::default().resolve(args).unwrap().keep_setuid
+        };
+        assert!(!resolve(None, None));
+        assert!(resolve(None, Some(toml.clone())));
+        assert!(!resolve(Some(false), Some(toml)));
+        assert!(resolve(Some(true), None));
     }
 
     #[test]
@@ -314,5 +371,36 @@ mod tests {
         };
         let e = CpuArgs::default().resolve(no_workspace).unwrap_err();
         assert_eq!(e, "--workspace is required");
+    }
+
+    #[test]
+    fn a_managed_agent_needs_a_machine_name_and_address_the_coordinator_accepts() {
+        let d = tempfile::tempdir().unwrap();
+        let managed = |machine: &str, advertise: &str| AgentArgs {
+            coordinator: Some("coord:7700".into()),
+            machine: Some(machine.into()),
+            advertise: Some(advertise.into()),
+            ..shared(d.path())
+        };
+        assert!(CpuArgs::default().resolve(managed("cpu-1", "")).is_ok());
+        let e = CpuArgs::default()
+            .resolve(managed(&"m".repeat(64), ""))
+            .unwrap_err();
+        assert!(e.contains("machine name"), "{e}");
+        let e = CpuArgs::default()
+            .resolve(managed("cpu 1", ""))
+            .unwrap_err();
+        assert!(e.contains("machine name"), "{e}");
+        let e = CpuArgs::default()
+            .resolve(managed("cpu-1", &"a".repeat(256)))
+            .unwrap_err();
+        assert!(e.contains("--advertise"), "{e}");
+        // A static pair reports to no one.
+        let args = AgentArgs {
+            tls_dir: Some(d.path().join("tls")),
+            machine: Some("any name at all".into()),
+            ..shared(d.path())
+        };
+        assert!(CpuArgs::default().resolve(args).is_ok());
     }
 }

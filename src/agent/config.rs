@@ -26,4 +26,6 @@ pub struct AgentConfig {
     pub compress_level: i32,
     pub on_promote: String,
     pub on_demote: String,
+    /// Keep the sender's setuid and setgid bits on replicated files (masked when false).
+    pub keep_setuid: bool,
 }

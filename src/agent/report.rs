@@ -71,6 +71,9 @@ impl Reporter {
             g.fatal = true;
             g.fatal_reason = reason;
         }
+        if let Some(g) = gpu.as_mut() {
+            g.fatal_reason = report_text(std::mem::take(&mut g.fatal_reason));
+        }
         gpu
     }
 
@@ -104,7 +107,7 @@ impl Reporter {
             disk_free_bytes: disk_free(&self.workspace),
             gpu,
             last_error: if sending {
-                f.last_error.clone().unwrap_or_default()
+                report_text(f.last_error.clone().unwrap_or_default())
             } else {
                 String::new()
             },
@@ -127,8 +130,14 @@ fn peer_contact(p: &ProbeState, last_data: Option<Instant>) -> PeerContact {
         probe_ok_age_ms: ms_since(p.last_ok),
         probe_ever_ok: p.last_ok.is_some(),
         last_data_age_ms: ms_since(last_data),
-        probe_error: p.last_error.clone().unwrap_or_default(),
+        probe_error: report_text(p.last_error.clone().unwrap_or_default()),
     }
+}
+
+/// Free text cut to what the coordinator accepts in a report: a longer field would get the
+/// whole report refused.
+fn report_text(s: String) -> String {
+    crate::text::truncate(s, crate::text::REPORT_TEXT_MAX)
 }
 
 /// Free bytes on the filesystem holding `path` (0 when unknown).

@@ -64,6 +64,7 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
         // A CPU standby seeded by hand reuses what it holds; a GPU sends first.
         adopt: cfg.role == Role::Cpu,
         accepting: cfg.role == Role::Cpu,
+        keep_setuid: cfg.keep_setuid,
     };
     let receiver = tokio::task::spawn_blocking(move || Receiver::open(opts))
         .await?

@@ -4,6 +4,12 @@
 //! and is authenticated by a single-use token; heartbeats need a pair certificate (`gpu` or
 //! `cpu`), and they speak for exactly that pair and role; every `Admin` call needs an admin
 //! certificate.
+//!
+//! Bounded per identity: at most two heartbeat streams per agent certificate and four `Events`
+//! subscriptions per admin at once (RESOURCE_EXHAUSTED beyond); a report whose strings break
+//! their limits (`wire::check_report`) ends its stream with INVALID_ARGUMENT. Reflection, and
+//! health for clients without a certificate, are served only when asked for (`--reflection`,
+//! `--public-health`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::engine::{Engine, Provisioning};
@@ -29,6 +36,7 @@ use crate::proto::{
 };
 use crate::trust::identity::{Identity, Role};
 use crate::trust::pki::Ca;
+use crate::trust::quota::{Permit, Quota};
 use crate::trust::tls::{self, TlsMaterial};
 use crate::trust::token::Token;
 use crate::types::Side;
@@ -43,6 +51,10 @@ pub struct Shared {
     fingerprint: String,
     store: Arc<dyn Store>,
     cert_days: u32,
+    /// Heartbeat streams per agent certificate (its URI).
+    heartbeats: Quota<String>,
+    /// `Events` subscriptions per admin name.
+    subscriptions: Quota<String>,
 }
 
 pub struct CoordinatorSvc(Arc<Shared>);
@@ -113,6 +125,11 @@ impl Coordinator for CoordinatorSvc {
         req: Request<Streaming<AgentReport>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let peer = tls::peer_of(&req)?;
+        let slot = take(
+            &self.0.heartbeats,
+            peer.identity.to_string(),
+            "heartbeat streams",
+        )?;
         let Identity::Node { pair, role, .. } = peer.identity else {
             return Err(Status::permission_denied(
                 "heartbeats need a pair certificate",
@@ -122,11 +139,21 @@ impl Coordinator for CoordinatorSvc {
         let observed = peer.addr.map(|a| a.ip());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
+        let refuse = tx.clone();
         let engine = self.0.engine.clone();
         let conn = engine.next_conn();
         engine.connect(&pair, conn, tx).await?;
         tokio::spawn(async move {
+            let _slot = slot;
             while let Ok(Some(r)) = inbound.message().await {
+                // Nothing of a report over its limits is stored or used; the stream ends.
+                if let Err(e) = crate::control::wire::check_report(&r) {
+                    tracing::warn!(%pair, side = side.as_str(), error = %e, "report refused");
+                    let _ = refuse
+                        .send(Err(Status::invalid_argument(e.to_string())))
+                        .await;
+                    break;
+                }
                 if engine.report(&pair, side, conn, r, observed).await.is_err() {
                     break;
                 }
@@ -135,6 +162,14 @@ impl Coordinator for CoordinatorSvc {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// A place in `quota` for `key`, or RESOURCE_EXHAUSTED naming what is limited.
+fn take(quota: &Quota<String>, key: String, what: &str) -> Result<Permit<String>, Status> {
+    quota.try_take(&key).ok_or_else(|| {
+        tracing::warn!(identity = %key, limit = quota.limit(), "refused: too many {what}");
+        Status::resource_exhausted(format!("{key} already has {} {what} open", quota.limit()))
+    })
 }
 
 fn admin<T>(req: &Request<T>) -> Result<String, Status> {
@@ -202,52 +237,59 @@ impl Admin for AdminSvc {
         &self,
         req: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        admin(&req)?;
+        let who = admin(&req)?;
+        let slot = take(&self.0.subscriptions, who, "event subscriptions")?;
         let r = req.into_inner();
         let engine = self.0.engine.clone();
-        let (recent, mut live) = engine.events.subscribe();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            for e in recent {
-                if (r.heartbeats || e.kind() != EventKind::Heartbeat)
-                    && tx.send(Ok(e)).await.is_err()
-                {
-                    return;
-                }
-            }
-            if !r.follow {
-                return;
-            }
-            if r.heartbeats {
-                engine.heartbeat_subscribers(1).await;
-            }
-            loop {
-                match live.recv().await {
-                    Ok(e) => {
-                        if !r.heartbeats && e.kind() == EventKind::Heartbeat {
-                            continue;
-                        }
-                        if tx.send(Ok(e)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Ok(Event {
-                                kind: EventKind::Warning.into(),
-                                message: format!("{n} events dropped: the subscriber was too slow"),
-                                ..Default::default()
-                            }))
-                            .await;
-                    }
-                    Err(_) => break,
-                }
-            }
-            if r.heartbeats {
-                engine.heartbeat_subscribers(-1).await;
-            }
+            let _slot = slot;
+            forward_events(&engine, r, tx).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Sends the recent events, then (following) each new one, until the subscriber goes away.
+async fn forward_events(
+    engine: &Engine,
+    r: EventsRequest,
+    tx: mpsc::Sender<Result<Event, Status>>,
+) {
+    let (recent, mut live) = engine.events.subscribe();
+    for e in recent {
+        if (r.heartbeats || e.kind() != EventKind::Heartbeat) && tx.send(Ok(e)).await.is_err() {
+            return;
+        }
+    }
+    if !r.follow {
+        return;
+    }
+    if r.heartbeats {
+        engine.heartbeat_subscribers(1).await;
+    }
+    loop {
+        // A subscriber that left is noticed even when no event comes (its place is given back).
+        let next = tokio::select! {
+            _ = tx.closed() => break,
+            next = live.recv() => next,
+        };
+        let e = match next {
+            Ok(e) if !r.heartbeats && e.kind() == EventKind::Heartbeat => continue,
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Event {
+                kind: EventKind::Warning.into(),
+                message: format!("{n} events dropped: the subscriber was too slow"),
+                ..Default::default()
+            },
+            Err(_) => break,
+        };
+        if tx.send(Ok(e)).await.is_err() {
+            break;
+        }
+    }
+    if r.heartbeats {
+        engine.heartbeat_subscribers(-1).await;
     }
 }
 
@@ -274,6 +316,11 @@ pub struct ServeOptions {
     pub vastai: crate::control::provider::vastai::VastSettings,
     pub gcp: crate::control::provider::gcp::GcpSettings,
     pub command: crate::control::provider::command::CommandSettings,
+    /// Serve gRPC reflection (off by default: it maps the whole API for anyone).
+    pub reflection: bool,
+    /// Answer `grpc.health.v1` without a client certificate (off by default: only clients with
+    /// a certificate of our CA, any role, are answered).
+    pub public_health: bool,
 }
 
 /// The coordinator's own TLS directory, under its directory.
@@ -384,6 +431,8 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         token_key,
         store,
         cert_days: opts.cert_days,
+        heartbeats: Quota::new(crate::cli::defaults::HEARTBEATS_PER_IDENTITY),
+        subscriptions: Quota::new(crate::cli::defaults::EVENTS_PER_ADMIN),
     });
 
     let mlistener = bind(&opts.metrics_listen).await?;
@@ -397,7 +446,11 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         metrics,
         shutdown.clone(),
     ));
-    serve_grpc(listener, &material, shared, shutdown).await?;
+    let public = Public {
+        reflection: opts.reflection,
+        health: opts.public_health,
+    };
+    serve_grpc(listener, &material, shared, public, shutdown).await?;
     let _ = m.await;
     Ok(())
 }
@@ -471,24 +524,43 @@ fn provision_config(opts: &ServeOptions) -> ProvisionConfig {
     cfg
 }
 
-/// The gRPC server (coordinator, admin, health, reflection) until `shutdown`.
+/// What the public listener serves beyond the coordinator and admin services.
+struct Public {
+    reflection: bool,
+    /// Health for clients without a certificate.
+    health: bool,
+}
+
+/// The gRPC server (coordinator, admin, health, and reflection when asked) until `shutdown`.
 async fn serve_grpc(
     listener: tokio::net::TcpListener,
     material: &TlsMaterial,
     shared: Arc<Shared>,
+    public: Public,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorSvc>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = match public.reflection {
+        true => Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .build_v1()?,
+        ),
+        false => None,
+    };
+    // Health answers only a client with a certificate of our CA (any role), unless public.
+    let (open_health, checked_health) = match public.health {
+        true => (Some(health), None),
+        false => (None, Some(InterceptedService::new(health, certified))),
+    };
     let incoming = tls::incoming(listener, material.server_config_join()?, shutdown.clone());
     tls::server_builder()
-        .add_service(health)
-        .add_service(reflection)
+        .add_optional_service(open_health)
+        .add_optional_service(checked_health)
+        .add_optional_service(reflection)
         .add_service(
             CoordinatorServer::new(CoordinatorSvc(shared.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
@@ -497,4 +569,10 @@ async fn serve_grpc(
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     Ok(())
+}
+
+/// Lets through only requests whose client presented a certificate of our CA.
+fn certified(req: Request<()>) -> Result<Request<()>, Status> {
+    tls::peer_of(&req)?;
+    Ok(req)
 }

@@ -10,12 +10,18 @@
 //! [`Side`]'s conversions live beside it in `types`. Events, provisioning phases and agent modes
 //! need no enum of their own: the generated ones (`proto::EventKind`, `proto::state::Phase`,
 //! `proto::AgentMode`) are used directly, UNSPECIFIED meaning "not said".
+//!
+//! What an agent's report may carry at most is checked in `limits` ([`check_report`]).
+
+mod limits;
 
 use std::fmt;
 
 use crate::control::failover::PairState;
 use crate::proto;
 use crate::types::Side;
+
+pub use limits::check_report;
 
 impl From<PairState> for proto::PairState {
     fn from(s: PairState) -> proto::PairState {

@@ -84,15 +84,19 @@ pub fn openat_dir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
     open_at(dir, name, OFlags::RDONLY | OFlags::DIRECTORY, 0)
 }
 
-/// Opens regular file `name` inside `dir` for reading, without following a symlink.
+/// Opening a FIFO or a device never waits, nor makes a terminal ours.
+const NO_WAIT: OFlags = OFlags::NONBLOCK.union(OFlags::NOCTTY);
+
+/// Opens regular file `name` inside `dir` for reading, without following a symlink (nor
+/// blocking, should a FIFO or device have been put there: callers check the kind with `fstat`).
 pub fn openat_file(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
-    Ok(open_at(dir, name, OFlags::RDONLY, 0)?.into())
+    Ok(open_at(dir, name, OFlags::RDONLY | NO_WAIT, 0)?.into())
 }
 
 /// Opens existing regular file `name` inside `dir` for writing in place, without following a
-/// symlink.
+/// symlink (nor blocking, as [`openat_file`]).
 pub fn openat_write(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
-    Ok(open_at(dir, name, OFlags::WRONLY, 0)?.into())
+    Ok(open_at(dir, name, OFlags::WRONLY | NO_WAIT, 0)?.into())
 }
 
 /// Creates or truncates regular file `name` inside `dir` for writing (never through a symlink).

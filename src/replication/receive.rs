@@ -56,6 +56,7 @@ use crate::replication::catalog::Catalog;
 use crate::replication::manifest::Manifest;
 use crate::trust::tls::Expect;
 use crate::types::{Epoch, Generation};
+use apply::SetIdBits;
 
 pub use service::ReplicaService;
 
@@ -80,6 +81,19 @@ pub struct ReceiverOptions {
     pub adopt: bool,
     /// Accept sessions from the start (a standby) or only once told to (see `set_accepting`).
     pub accepting: bool,
+    /// Give replica files the sender's setuid and setgid bits (`--keep-setuid`); masked when
+    /// false, the default ([`apply::SetIdBits`]).
+    pub keep_setuid: bool,
+}
+
+impl ReceiverOptions {
+    fn setid_bits(&self) -> SetIdBits {
+        if self.keep_setuid {
+            SetIdBits::Keep
+        } else {
+            SetIdBits::Mask
+        }
+    }
 }
 
 /// Figures for status calls and heartbeats, readable without the replica lock.
@@ -131,6 +145,8 @@ struct Inner {
     sessions: AtomicU64,
     figures: Mutex<Figures>,
     accepting: AtomicBool,
+    /// What becomes of the sender's setuid and setgid bits on disk.
+    setid: SetIdBits,
 }
 
 #[derive(Clone)]
@@ -154,6 +170,7 @@ impl Receiver {
     /// on first start. Blocking; call before serving.
     pub fn open(opts: ReceiverOptions) -> Result<Receiver, OpenError> {
         let opened = startup::open(&opts)?;
+        let setid = opts.setid_bits();
         let mut figures = Figures {
             epoch: opened.epoch.get(),
             ..Default::default()
@@ -176,6 +193,7 @@ impl Receiver {
                 sessions: AtomicU64::new(0),
                 figures: Mutex::new(figures),
                 accepting: AtomicBool::new(opts.accepting),
+                setid,
             }),
         })
     }

@@ -11,7 +11,9 @@
 //!   `verify = true` and are re-hashed by the next scan ("racily clean", as git does).
 //! - A directory that cannot be read is not "empty": its index subtree is kept unchanged, so an
 //!   `EACCES` never deletes data on the replica.
-//! - Devices, fifos and sockets are skipped with a warning; they are not replicated.
+//! - Devices, fifos and sockets are skipped with a warning; they are not replicated. One can
+//!   also appear where the scan saw a regular file, before the file is read: every read of a
+//!   workspace file goes through [`open_regular`], which never blocks on such a thing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, Metadata};
@@ -90,6 +92,35 @@ impl Stat {
             && e.mode == self.mode
             && (self.kind != Kind::Symlink || e.target[..] == self.target[..])
     }
+}
+
+/// Opens `path` for reading only if it is a regular file, without following a symlink and
+/// without blocking: `O_NONBLOCK` so that a FIFO swapped in since the scan (or a device) does
+/// not wait for a writer, `O_NOCTTY` so that a terminal never becomes ours, then `fstat` on what
+/// was opened. `None` (with a warning) when it is anything else, or a symlink now; `NotFound`
+/// is passed on. On a regular file `O_NONBLOCK` changes nothing.
+pub fn open_regular(path: &Path) -> io::Result<Option<fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    let f = match opened {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        // A socket (or a FIFO opened for writing) cannot be opened at all.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            tracing::warn!(path = %path.display(), "not a regular file any more; skipped");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let ft = f.metadata()?.file_type();
+    if !ft.is_file() {
+        tracing::warn!(path = %path.display(), kind = ?ft, "not a regular file any more; skipped");
+        return Ok(None);
+    }
+    Ok(Some(f))
 }
 
 /// Paths never replicated: the stage directory and a state directory inside the workspace.
@@ -528,7 +559,7 @@ fn new_action(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
@@ -694,5 +725,54 @@ mod tests {
         let ex = Exclude::new(d.path(), &d.path().join("nowhere"));
         let (w, _) = walk(d.path(), &Scope::Full, &ex);
         assert!(w.entries.is_empty());
+    }
+
+    /// A FIFO at `p` (created without `unsafe`).
+    pub(crate) fn mkfifo(p: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// Runs `f` on another thread; a call that blocks fails the test instead of hanging it.
+    pub(crate) fn must_not_block<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("blocked on a non-regular file")
+    }
+
+    #[test]
+    fn fifos_and_sockets_are_skipped_and_never_opened_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().to_path_buf();
+        fs::write(r.join("f"), b"data").unwrap();
+        fs::write(r.join("swapped"), b"was a file").unwrap();
+        mkfifo(&r.join("fifo"));
+        let _sock = std::os::unix::net::UnixListener::bind(r.join("sock")).unwrap();
+        let (w, _) = full(&r);
+        let names: BTreeSet<String> = w.entries.keys().map(|p| p.to_string()).collect();
+        assert_eq!(names, BTreeSet::from(["f".into(), "swapped".into()]));
+        // Swapped for a FIFO after the scan saw a regular file: skipped, not waited on.
+        fs::remove_file(r.join("swapped")).unwrap();
+        mkfifo(&r.join("swapped"));
+        let opened = must_not_block(move || {
+            ["swapped", "fifo", "sock", "f"].map(|n| open_regular(&r.join(n)).unwrap().is_some())
+        });
+        assert_eq!(opened, [false, false, false, true]);
+        let mut data = String::new();
+        io::Read::read_to_string(
+            &mut open_regular(&d.path().join("f")).unwrap().unwrap(),
+            &mut data,
+        )
+        .unwrap();
+        assert_eq!(data, "data", "a regular file reads normally");
     }
 }

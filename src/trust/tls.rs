@@ -7,15 +7,16 @@
 //! authorise it. Both refuse revoked certificates (`verify`). tonic's own TLS is not used; this
 //! module supplies the incoming stream and the connector.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use rustls::crypto::CryptoProvider;
@@ -36,6 +37,7 @@ use crate::trust::pki::{CA_FILE, CERT_FILE, KEY_FILE};
 use crate::trust::revocation::DenyList;
 use crate::trust::verify::{ClientVerifier, PeerVerifier, PinnedVerifier};
 
+use crate::trust::quota::{Permit, Quota};
 pub use crate::trust::verify::Expect;
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +285,8 @@ pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: Option<PeerInfo>,
     addr: SocketAddr,
+    /// Its place in the per-address cap, given back when the connection closes.
+    _slot: Permit<IpAddr>,
 }
 
 impl Connected for TlsConn {
@@ -341,15 +345,32 @@ impl AsyncWrite for TlsConn {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts TCP connections and completes TLS handshakes concurrently; yields authenticated
-/// connections. A failed handshake is logged and dropped, never ends the stream.
+/// connections. A failed handshake is logged and dropped, never ends the stream. At most
+/// `defaults::CONNECTIONS_PER_ADDRESS` connections per source address ([`incoming_capped`]).
 pub fn incoming(
     listener: TcpListener,
     cfg: Arc<ServerConfig>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
+    let cap = crate::cli::defaults::CONNECTIONS_PER_ADDRESS;
+    incoming_capped(listener, cfg, shutdown, cap)
+}
+
+/// [`incoming`] with at most `per_address` concurrent connections from one source IP, counted
+/// from `accept` (handshakes in progress included) until the connection closes. One more is
+/// closed at once, before any TLS, and logged at most once a second per address, so one host
+/// cannot use up the server's handshakes, memory or file descriptors.
+pub fn incoming_capped(
+    listener: TcpListener,
+    cfg: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+    per_address: usize,
+) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let quota = Quota::new(per_address);
     tokio::spawn(async move {
+        let mut refusals = Refusals::default();
         loop {
             let (tcp, addr) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -362,52 +383,92 @@ pub fn incoming(
                     }
                 },
             };
+            let Some(slot) = quota.try_take(&addr.ip()) else {
+                refusals.note(addr, per_address);
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(peer = %addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                // The verifier already required a certificate unless the server allows joins.
-                let facts = match tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| CertFacts::from_der(c))
-                {
-                    Some(Ok(f)) => Some(f),
-                    Some(Err(e)) => {
-                        tracing::info!(peer = %addr, error = %e, "client certificate refused");
-                        return;
-                    }
-                    None => None,
-                };
-                let conn = TlsConn {
-                    inner: tls,
-                    info: facts.map(|f| PeerInfo {
-                        identity: f.identity,
-                        addr: Some(addr),
-                        serial: f.serial,
-                        not_after_unix: f.not_after_unix,
-                    }),
-                    addr,
-                };
-                let _ = tx.send(Ok(conn)).await;
+                if let Some(conn) = handshake(&acceptor, tcp, addr, slot).await {
+                    let _ = tx.send(Ok(conn)).await;
+                }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The TLS handshake of one accepted connection and its peer's identity; `None` (logged) when
+/// it fails, times out or presents a certificate without a valid identity.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    slot: Permit<IpAddr>,
+) -> Option<TlsConn> {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(peer = %addr, "TLS handshake timed out");
+            return None;
+        }
+    };
+    // The verifier already required a certificate unless the server allows joins.
+    let facts = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| CertFacts::from_der(c))
+    {
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => {
+            tracing::info!(peer = %addr, error = %e, "client certificate refused");
+            return None;
+        }
+        None => None,
+    };
+    Some(TlsConn {
+        inner: tls,
+        info: facts.map(|f| PeerInfo {
+            identity: f.identity,
+            addr: Some(addr),
+            serial: f.serial,
+            not_after_unix: f.not_after_unix,
+        }),
+        addr,
+        _slot: slot,
+    })
+}
+
+/// When each address was last logged as over its connection cap: at most one line a second
+/// per address, however fast it knocks.
+#[derive(Default)]
+struct Refusals {
+    logged: HashMap<IpAddr, Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, addr: SocketAddr, cap: usize) {
+        let now = Instant::now();
+        if self.logged.len() > 4096 {
+            self.logged
+                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(1));
+        }
+        match self.logged.get(&addr.ip()) {
+            Some(t) if now.duration_since(*t) < Duration::from_secs(1) => {}
+            _ => {
+                self.logged.insert(addr.ip(), now);
+                tracing::warn!(peer = %addr, cap, "too many connections from this address; closed");
+            }
+        }
+    }
 }
 
 /// Parses `host:port`, `https://host:port` or `http://host:port` into an endpoint URI.
@@ -529,5 +590,69 @@ mod tests {
         for a in ["127.0.0.1", "https://", "h:1/x", "h:99999"] {
             assert!(endpoint_uri(a).is_err(), "{a}");
         }
+    }
+
+    /// A TLS handshake with `addr` from source address `from` (a loopback address).
+    async fn tls_from(from: IpAddr, addr: SocketAddr, fp: &str) -> io::Result<()> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(from, 0))?;
+        let tcp = sock.connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(join_client_config(fp).unwrap());
+        let name = ServerName::try_from("coordinator").unwrap();
+        connector.connect(name, tcp).await.map(drop)
+    }
+
+    async fn tcp_from(from: IpAddr, addr: SocketAddr) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(from, 0)).unwrap();
+        sock.connect(addr).await.unwrap()
+    }
+
+    /// The cap counts server-side connections from `accept` until they are dropped; connections
+    /// are accepted in order, so each step below sees the ones before it.
+    #[tokio::test]
+    async fn connections_per_source_address_are_capped() {
+        use tokio_stream::StreamExt;
+        install_default_provider();
+        let ca = crate::trust::pki::Ca::generate().unwrap();
+        let m = TlsMaterial::from_node_cert(&ca.issue(&Identity::Coordinator, 1, &[]).unwrap())
+            .unwrap();
+        let fp = ca.fingerprint();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let cfg = m.server_config_join().unwrap();
+        let mut inc = incoming_capped(listener, cfg, shutdown.clone(), 2);
+        let one: IpAddr = "127.0.0.1".parse().unwrap();
+        let two: IpAddr = "127.0.0.2".parse().unwrap();
+
+        // Two connections from one address are served (and held here, server side).
+        tls_from(one, addr, &fp).await.expect("first");
+        let first = inc.next().await.unwrap().unwrap();
+        tls_from(one, addr, &fp).await.expect("second");
+        let _second = inc.next().await.unwrap().unwrap();
+        // A third is closed before any TLS; another address has places of its own.
+        tls_from(one, addr, &fp).await.expect_err("over the cap");
+        tls_from(two, addr, &fp).await.expect("another address");
+        let _other = inc.next().await.unwrap().unwrap();
+        // A connection gives its place back when it closes; one that never starts its
+        // handshake holds a place too.
+        drop(first);
+        let idle = tcp_from(one, addr).await;
+        tls_from(one, addr, &fp)
+            .await
+            .expect_err("the idle connection holds the place");
+        drop(idle);
+        let mut served = false;
+        for _ in 0..600 {
+            if tls_from(one, addr, &fp).await.is_ok() {
+                served = true;
+                break;
+            }
+            // The server notices the idle connection's end on its own time.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(served, "the closed idle connection's place never came back");
+        shutdown.cancel();
     }
 }

@@ -7,6 +7,9 @@
 //! path already replaced by the new kind is left alone); and metadata is set to absolute values.
 //! Every path is reached through [`fsx::Root`], so a symlink planted anywhere in the tree can
 //! neither be followed nor written through.
+//!
+//! Modes are set through [`SetIdBits`]: by default no file or directory of the replica ever
+//! gets the setuid or setgid bit, whatever the sender's mode says.
 
 use std::collections::{BTreeSet, HashMap, hash_map};
 use std::fs::File;
@@ -38,11 +41,39 @@ fn context(e: io::Error, what: &str, p: &RelPath) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {p}: {e}"))
 }
 
+/// What the replica does with the setuid and setgid bits (0o4000, 0o2000) of the sender's
+/// modes. Masked by default: a file planted on a rented GPU machine must never become a setuid
+/// program on the standby (or on a new GPU restored from it). `Keep` is the operator's opt-in
+/// (`--keep-setuid`).
+///
+/// Only what is written to disk is masked: manifests and records keep the sender's mode, so both
+/// peers still compute the same manifest root, and the sender's quick-check, which compares its
+/// files with its index (the receiver's manifest), never sees a difference to send again. When
+/// this replica later sends (a promoted standby, a restore), its own scan sees the masked mode
+/// on disk and sends it once as a metadata change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SetIdBits {
+    #[default]
+    Mask,
+    Keep,
+}
+
+impl SetIdBits {
+    /// The mode to set on disk for the sender's `mode`.
+    pub fn mode(self, mode: u32) -> u32 {
+        match self {
+            SetIdBits::Mask => mode & !0o6000,
+            SetIdBits::Keep => mode,
+        }
+    }
+}
+
 /// A record's changes, with their paths parsed.
 type Changes<'a> = [(RelPath, &'a Change)];
 
 /// Applies `rec` to the workspace under `root`. `manifest` is the manifest *after* the record
-/// (directory metadata is taken from it). `stage` is the stage directory.
+/// (directory metadata is taken from it). `stage` is the stage directory. `bits` says what
+/// becomes of setuid and setgid bits.
 ///
 /// The steps run in this order, each idempotent on its own (see the module doc).
 pub fn apply_record(
@@ -50,6 +81,7 @@ pub fn apply_record(
     stage: BorrowedFd<'_>,
     rec: &Record,
     manifest: &Manifest,
+    bits: SetIdBits,
 ) -> io::Result<()> {
     let changes = parse_changes(rec)?;
     remove_old(root, &changes)?;
@@ -58,9 +90,9 @@ pub fn apply_record(
     let mut dirs = Dirs::new(root);
     place_staged(stage, &mut dirs, &changes)?;
     patch_in_place(stage, &mut dirs, &changes)?;
-    write_packed(stage, &mut dirs, &changes)?;
-    set_meta(root, &changes)?;
-    set_dir_meta(&mut dirs, manifest, &changes)
+    write_packed(stage, &mut dirs, &changes, bits)?;
+    set_meta(root, &changes, bits)?;
+    set_dir_meta(&mut dirs, manifest, &changes, bits)
 }
 
 fn parse_changes(rec: &Record) -> io::Result<Vec<(RelPath, &Change)>> {
@@ -180,6 +212,9 @@ fn patch_in_place(
         let size = c.entry.as_ref().map(|e| e.size).unwrap_or(0);
         let (dir, name) = dirs.parent(p).map_err(|e| context(e, "patch", p))?;
         let target = fsx::openat_write(dir, name).map_err(|e| context(e, "patch", p))?;
+        if !target.metadata()?.is_file() {
+            return Err(io::Error::other(format!("patch {p}: not a regular file")));
+        }
         crate::replication::receive::stage::apply_patch(&patch, &target, &c.extents, size)
             .map_err(|e| context(e, "patch", p))?;
     }
@@ -192,6 +227,7 @@ fn write_packed(
     stage: BorrowedFd<'_>,
     dirs: &mut Dirs<'_>,
     changes: &Changes<'_>,
+    bits: SetIdBits,
 ) -> io::Result<()> {
     let mut packs: HashMap<&str, Option<File>> = HashMap::new();
     let mut buf = Vec::new();
@@ -210,9 +246,10 @@ fn write_packed(
         pack.read_exact_at(&mut buf, c.pack_offset)
             .map_err(|er| context(er, "read pack for", p))?;
         let (dir, name) = dirs.parent(p).map_err(|er| context(er, "write", p))?;
-        let mut f = fsx::create_trunc(dir, name, e.mode).map_err(|er| context(er, "write", p))?;
+        let mode = bits.mode(e.mode);
+        let mut f = fsx::create_trunc(dir, name, mode).map_err(|er| context(er, "write", p))?;
         f.write_all(&buf).map_err(|er| context(er, "write", p))?;
-        set_file_meta(&f, e).map_err(|er| context(er, "set metadata of", p))?;
+        set_file_meta(&f, e, bits).map_err(|er| context(er, "set metadata of", p))?;
     }
     Ok(())
 }
@@ -227,7 +264,7 @@ fn open_pack(stage: BorrowedFd<'_>, name: &str, p: &RelPath) -> io::Result<Optio
 }
 
 /// 4. Metadata of files and symlinks that were linked, kept or patched rather than staged.
-fn set_meta(root: &Root, changes: &Changes<'_>) -> io::Result<()> {
+fn set_meta(root: &Root, changes: &Changes<'_>, bits: SetIdBits) -> io::Result<()> {
     for (p, c) in changes {
         let Some(e) = &c.entry else { continue };
         let kind = kind_of(e);
@@ -238,7 +275,8 @@ fn set_meta(root: &Root, changes: &Changes<'_>) -> io::Result<()> {
             .open_parent(p)
             .map_err(|e| context(e, "set metadata of", p))?;
         if kind != Some(Kind::Symlink) {
-            fsx::chmodat(dir.as_fd(), name, e.mode).map_err(|er| context(er, "chmod", p))?;
+            fsx::chmodat(dir.as_fd(), name, bits.mode(e.mode))
+                .map_err(|er| context(er, "chmod", p))?;
         }
         fsx::set_mtime_at(dir.as_fd(), name, e.mtime_ns)
             .map_err(|er| context(er, "set mtime of", p))?;
@@ -248,7 +286,12 @@ fn set_meta(root: &Root, changes: &Changes<'_>) -> io::Result<()> {
 
 /// 5. Directory metadata, deepest first: every changed directory and every parent of a
 ///    changed path (its mtime moved when entries were added or removed).
-fn set_dir_meta(dirs: &mut Dirs<'_>, manifest: &Manifest, changes: &Changes<'_>) -> io::Result<()> {
+fn set_dir_meta(
+    dirs: &mut Dirs<'_>,
+    manifest: &Manifest,
+    changes: &Changes<'_>,
+    bits: SetIdBits,
+) -> io::Result<()> {
     let mut touched: BTreeSet<RelPath> = BTreeSet::new();
     for (p, c) in changes {
         if c.entry.as_ref().and_then(kind_of) == Some(Kind::Dir) {
@@ -273,16 +316,17 @@ fn set_dir_meta(dirs: &mut Dirs<'_>, manifest: &Manifest, changes: &Changes<'_>)
         if fsx::found_at(dir, name)? != Found::Dir {
             continue;
         }
-        fsx::chmodat(dir, name, e.mode).map_err(|er| context(er, "chmod", p))?;
+        fsx::chmodat(dir, name, bits.mode(e.mode)).map_err(|er| context(er, "chmod", p))?;
         fsx::set_mtime_at(dir, name, e.mtime_ns).map_err(|er| context(er, "set mtime of", p))?;
     }
     Ok(())
 }
 
-/// Sets a file's permission bits and modification time through its descriptor.
-pub fn set_file_meta(f: &File, e: &crate::proto::Entry) -> io::Result<()> {
+/// Sets a file's permission bits (setuid and setgid as `bits` says) and modification time
+/// through its descriptor.
+pub fn set_file_meta(f: &File, e: &crate::proto::Entry, bits: SetIdBits) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    f.set_permissions(std::fs::Permissions::from_mode(e.mode))?;
+    f.set_permissions(std::fs::Permissions::from_mode(bits.mode(e.mode)))?;
     let t = std::time::SystemTime::UNIX_EPOCH
         + std::time::Duration::from_nanos(e.mtime_ns.max(0) as u64);
     f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
@@ -482,7 +526,7 @@ mod tests {
         let mut m = Manifest::new();
         m.insert(RelPath::new("deep").unwrap(), f);
         m.insert(RelPath::new("file-to-dir").unwrap(), dir());
-        apply_record(&root, stage.as_fd(), &rec, &m).unwrap();
+        apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask).unwrap();
         let check = || {
             assert_eq!(
                 std::fs::read(ws.path().join("deep")).unwrap(),
@@ -491,7 +535,7 @@ mod tests {
             assert!(ws.path().join("file-to-dir").is_dir());
         };
         check();
-        apply_record(&root, stage.as_fd(), &rec, &m).unwrap();
+        apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask).unwrap();
         check();
         sync_applied(&root, &rec, &m).unwrap();
     }
@@ -523,8 +567,80 @@ mod tests {
         };
         let mut m = Manifest::new();
         m.insert(RelPath::new("f").unwrap(), f);
-        assert!(apply_record(&root, stage.as_fd(), &rec, &m).is_err());
+        assert!(apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask).is_err());
         let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o600, "chmod went through the symlink");
+    }
+
+    /// Applies a record with a setuid file written from a pack, a setgid directory and the
+    /// metadata of an existing file set to setuid+setgid; returns the modes found on disk.
+    fn modes_after(bits: SetIdBits) -> [u32; 3] {
+        use std::os::unix::fs::PermissionsExt;
+        let ws = tempfile::tempdir().unwrap();
+        let st = tempfile::tempdir().unwrap();
+        std::fs::write(ws.path().join("kept"), b"kept").unwrap();
+        let root = Root::open(ws.path()).unwrap();
+        let stage = fsx::open_dir_path(st.path()).unwrap();
+        prepare_stage(stage.as_fd()).unwrap();
+        std::fs::write(st.path().join("00/pack"), b"#!/bin/sh\n").unwrap();
+        let mut packed = file(10, 1_000_000_000, 1);
+        packed.mode = 0o4755;
+        let mut d = dir();
+        d.mode = 0o2775;
+        let mut kept = file(4, 1_000_000_000, 2);
+        kept.mode = 0o6755;
+        let rec = Record {
+            generation: 2,
+            changes: vec![
+                Change {
+                    pack: "00/pack".into(),
+                    ..ch("suid", Some(packed.clone()), None)
+                },
+                ch("sgid", Some(d.clone()), None),
+                Change {
+                    set_meta: true,
+                    ..ch("kept", Some(kept.clone()), Some(Kind::File))
+                },
+            ],
+            ..Default::default()
+        };
+        let mut m = Manifest::new();
+        for (p, e) in [("suid", packed), ("sgid", d), ("kept", kept)] {
+            m.insert(RelPath::new(p).unwrap(), e);
+        }
+        apply_record(&root, stage.as_fd(), &rec, &m, bits).unwrap();
+        assert_eq!(
+            std::fs::read(ws.path().join("suid")).unwrap(),
+            b"#!/bin/sh\n",
+            "content intact"
+        );
+        ["suid", "sgid", "kept"].map(|n| {
+            std::fs::metadata(ws.path().join(n))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        })
+    }
+
+    #[test]
+    fn setuid_and_setgid_are_masked_unless_kept() {
+        assert_eq!(modes_after(SetIdBits::Mask), [0o755, 0o775, 0o755]);
+        assert_eq!(modes_after(SetIdBits::Keep), [0o4755, 0o2775, 0o6755]);
+    }
+
+    #[test]
+    fn staged_files_are_masked_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = File::create(d.path().join("f")).unwrap();
+        let mut e = file(0, 1_000_000_000, 1);
+        e.mode = 0o6711;
+        set_file_meta(&f, &e, SetIdBits::Mask).unwrap();
+        let mode = |f: &File| f.metadata().unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&f), 0o711);
+        set_file_meta(&f, &e, SetIdBits::Keep).unwrap();
+        assert_eq!(mode(&f), 0o6711);
+        assert_eq!(e.mode, 0o6711, "the entry keeps the sender's mode");
     }
 }

@@ -176,7 +176,7 @@ fn stage_placed(inner: &Inner, j: InlineJob, loc: &[u8]) -> io::Result<Option<En
     };
     let mut f = fsx::create_excl(inner.stage.as_fd(), loc)?;
     f.write_all(&data)?;
-    set_file_meta(&f, &j.entry)?;
+    set_file_meta(&f, &j.entry, inner.setid)?;
     let mut e = j.entry;
     e.ino = f.metadata()?.ino();
     Ok(Some(e))

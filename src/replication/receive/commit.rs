@@ -195,9 +195,15 @@ fn apply_committed(
     t_staged: Duration,
 ) -> Result<(), Status> {
     let generation = st.manifest.generation;
-    if let Err(e) = apply_record(&inner.root, inner.stage.as_fd(), &rec, &st.manifest)
-        .and_then(|_| sync_applied(&inner.root, &rec, &st.manifest))
-        .and_then(|_| clear_stage(inner.stage.as_fd()).map(drop))
+    if let Err(e) = apply_record(
+        &inner.root,
+        inner.stage.as_fd(),
+        &rec,
+        &st.manifest,
+        inner.setid,
+    )
+    .and_then(|_| sync_applied(&inner.root, &rec, &st.manifest))
+    .and_then(|_| clear_stage(inner.stage.as_fd()).map(drop))
     {
         tracing::error!(error = %e, %generation, "applying a committed generation failed; it will be rolled forward");
         st.unapplied = Some(rec);
@@ -215,8 +221,14 @@ fn apply_committed(
 
 /// Rolls forward a committed record whose application failed earlier in this process.
 pub(super) fn retry_apply(inner: &Inner, st: &mut State, rec: Record) -> Result<(), Status> {
-    let r = apply_record(&inner.root, inner.stage.as_fd(), &rec, &st.manifest)
-        .and_then(|_| sync_applied(&inner.root, &rec, &st.manifest));
+    let r = apply_record(
+        &inner.root,
+        inner.stage.as_fd(),
+        &rec,
+        &st.manifest,
+        inner.setid,
+    )
+    .and_then(|_| sync_applied(&inner.root, &rec, &st.manifest));
     match r {
         Ok(()) => {
             let _ = st.catalog.mark_applied(Generation(rec.generation));

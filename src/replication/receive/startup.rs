@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::apply::{apply_record, clear_stage, prepare_stage, sync_applied};
+use super::apply::{SetIdBits, apply_record, clear_stage, prepare_stage, sync_applied};
 use super::{CATALOG, OpenError, ReceiverOptions};
 use crate::disk::epoch::EpochStore;
 use crate::disk::fsx::{self, Root};
 use crate::proto::Entry;
 use crate::replication::catalog::{Catalog, Loaded};
 use crate::replication::manifest::{Kind, Manifest};
-use crate::replication::scan::STAGE_DIR_NAME;
+use crate::replication::scan::{STAGE_DIR_NAME, open_regular};
 use crate::types::{Generation, RelPath};
 
 /// Everything `Receiver::open` found or made on disk.
@@ -39,7 +39,7 @@ pub(super) fn open(opts: &ReceiverOptions) -> Result<Opened, OpenError> {
     prepare_stage(stage.as_fd())?;
     let fresh = opts.adopt && !catalog_exists(&opts.state_dir);
     let loaded = Catalog::open(&opts.state_dir, CATALOG)?;
-    let (mut manifest, mut catalog) = recover(&root, &stage, loaded)?;
+    let (mut manifest, mut catalog) = recover(&root, &stage, loaded, opts.setid_bits())?;
     if fresh {
         manifest = adopt(&opts.workspace, &stage_path)?;
         if !manifest.is_empty() {
@@ -86,7 +86,12 @@ fn catalog_exists(state_dir: &Path) -> bool {
 
 /// Rolls forward the last committed generation if its application was cut short, then clears
 /// what generations that never committed left in the stage.
-fn recover(root: &Root, stage: &OwnedFd, loaded: Loaded) -> Result<(Manifest, Catalog), OpenError> {
+fn recover(
+    root: &Root,
+    stage: &OwnedFd,
+    loaded: Loaded,
+    bits: SetIdBits,
+) -> Result<(Manifest, Catalog), OpenError> {
     let manifest = loaded.manifest;
     let mut catalog = loaded.catalog;
     if let Some(rec) = loaded.unapplied {
@@ -94,7 +99,7 @@ fn recover(root: &Root, stage: &OwnedFd, loaded: Loaded) -> Result<(Manifest, Ca
             generation = rec.generation,
             "rolling forward a committed generation"
         );
-        apply_record(root, stage.as_fd(), &rec, &manifest)?;
+        apply_record(root, stage.as_fd(), &rec, &manifest, bits)?;
         sync_applied(root, &rec, &manifest)?;
         catalog.mark_applied(Generation(rec.generation))?;
         catalog.sync()?;
@@ -121,9 +126,9 @@ fn adopt(workspace: &Path, stage_path: &Path) -> io::Result<Manifest> {
         .filter_map(|(p, st)| {
             let mut e = st.entry();
             if st.kind == Kind::File {
-                let mut h = blake3::Hasher::new();
-                match h.update_mmap(p.to_path(workspace)) {
-                    Ok(_) => e.blake3 = h.finalize().as_bytes().to_vec().into(),
+                match hash_regular(&p.to_path(workspace)) {
+                    Ok(Some(hash)) => e.blake3 = hash.as_bytes().to_vec().into(),
+                    Ok(None) => return None,
                     Err(err) => {
                         tracing::warn!(path = %p, error = %err, "cannot read while adopting; leaving it out");
                         return None;
@@ -138,4 +143,15 @@ fn adopt(workspace: &Path, stage_path: &Path) -> io::Result<Manifest> {
         m.insert(p, e);
     }
     Ok(m)
+}
+
+/// The blake3 of a regular file, opened without blocking (`None`: not a regular file any more,
+/// see [`open_regular`]).
+fn hash_regular(path: &Path) -> io::Result<Option<blake3::Hash>> {
+    let Some(f) = open_regular(path)? else {
+        return Ok(None);
+    };
+    let mut h = blake3::Hasher::new();
+    h.update_reader(f)?;
+    Ok(Some(h.finalize()))
 }

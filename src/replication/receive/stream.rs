@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use super::Inner;
-use super::apply::set_file_meta;
+use super::apply::{SetIdBits, set_file_meta};
 use super::refusal::{bad, status_io};
 use super::stage::{Base, Direct, Patch};
 use crate::disk::fsx;
@@ -298,17 +298,22 @@ fn finish_stream(
     let mut e = s.entry.clone();
     e.size = end.size;
     e.blake3 = end.blake3.clone();
-    seal(sink, e, end.size, s.base_ino)
+    seal(sink, e, (end.size, s.base_ino), inner.setid)
 }
 
 /// Closes a verified stream's sink: a full copy gets the entry's metadata, a patch keeps the
 /// replica file's inode.
-fn seal(sink: Sink, mut e: Entry, size: u64, base_ino: u64) -> Result<StreamOutcome, Status> {
+fn seal(
+    sink: Sink,
+    mut e: Entry,
+    (size, base_ino): (u64, u64),
+    bits: SetIdBits,
+) -> Result<StreamOutcome, Status> {
     let io = |er| status_io("staging", er);
     match sink {
         Sink::Direct(w) => {
             let f = w.finish(size).map_err(io)?;
-            set_file_meta(&f, &e).map_err(io)?;
+            set_file_meta(&f, &e, bits).map_err(io)?;
             e.ino = f.metadata().map_err(io)?.ino();
             Ok(StreamOutcome::Verified {
                 entry: e,

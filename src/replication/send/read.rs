@@ -1,4 +1,5 @@
-//! Reading a file that may change under us. A file is opened without following symlinks and
+//! Reading a file that may change under us. A file is opened without following symlinks or
+//! blocking ([`open_regular`]: a FIFO or device swapped in since the scan is skipped) and
 //! checked against its scan before and after it is read: if its size, mtime or inode moved, the
 //! read does not count ([`FileRead::Changed`]) and the file waits for the next generation.
 //!
@@ -7,12 +8,12 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::SystemTime;
 
 use crate::proto::Entry;
-use crate::replication::scan::{RACY_WINDOW_NS, Stat};
+use crate::replication::scan::{RACY_WINDOW_NS, Stat, open_regular};
 use crate::types::RelPath;
 
 /// The result of reading one file.
@@ -30,16 +31,13 @@ pub(super) fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// Opens the file the scan saw; `None` if it is gone, a symlink now, or different.
+/// Opens the file the scan saw; `None` if it is gone, a symlink or not a regular file now, or
+/// different.
 pub(super) fn open_checked(ws: &Path, p: &RelPath, st: &Stat) -> io::Result<Option<File>> {
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p.to_path(ws))
-    {
-        Ok(f) => f,
+    let f = match open_regular(&p.to_path(ws)) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(None),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
         Err(e) => return Err(e),
     };
     if !unchanged(&f, st)? {
@@ -88,4 +86,29 @@ pub(super) fn hash_file(ws: &Path, p: &RelPath, st: &Stat) -> FileRead {
         return FileRead::Changed;
     }
     FileRead::Done(entry_for(st, h.finalize(), t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::scan::tests::{mkfifo, must_not_block};
+
+    /// A FIFO swapped in between the scan and the read: the file waits for the next generation
+    /// and the read does not wait for a writer.
+    #[test]
+    fn a_fifo_swapped_in_after_the_scan_is_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let ws = d.path().to_path_buf();
+        std::fs::write(ws.join("ckpt"), b"weights").unwrap();
+        let st = Stat::from_metadata(&std::fs::symlink_metadata(ws.join("ckpt")).unwrap()).unwrap();
+        let p = RelPath::new("ckpt").unwrap();
+        assert!(matches!(hash_file(&ws, &p, &st), FileRead::Done(_)));
+        std::fs::remove_file(ws.join("ckpt")).unwrap();
+        mkfifo(&ws.join("ckpt"));
+        let (read, opened) = must_not_block(move || {
+            let read = matches!(hash_file(&ws, &p, &st), FileRead::Changed);
+            (read, open_checked(&ws, &p, &st).unwrap().is_none())
+        });
+        assert!(read && opened);
+    }
 }
