@@ -203,12 +203,11 @@ impl PairMachine {
 
     fn new_label(&mut self, role: Side) -> String {
         self.rec.provisions += 1;
-        format!(
-            "{}-{}-{}-{}",
-            self.policy.label_prefix,
-            self.rec.name,
-            role.as_str(),
-            self.rec.provisions
+        machine_label(
+            &self.policy.label_prefix,
+            &self.rec.name,
+            role,
+            self.rec.provisions,
         )
     }
 
@@ -319,4 +318,23 @@ impl PairMachine {
             }
         }
     }
+}
+
+/// Longest machine name a certificate can carry (`trust::identity::check_name`).
+const MAX_LABEL: usize = 63;
+
+/// `<prefix>-<pair>-<role>-<n>`, the unique label (and machine name) of a provisioned machine.
+/// A pair name too long to fit is cut and followed by a hash of the whole name, so labels stay
+/// valid machine names and distinct pairs never share one.
+pub(crate) fn machine_label(prefix: &str, pair: &str, role: Side, n: u64) -> String {
+    let tail = format!("-{}-{n}", role.as_str());
+    let room = MAX_LABEL.saturating_sub(prefix.len() + 1 + tail.len());
+    if pair.len() <= room {
+        return format!("{prefix}-{pair}{tail}");
+    }
+    let hash = crate::text::hex(&blake3::hash(pair.as_bytes()).as_bytes()[..3]);
+    let keep = room.saturating_sub(hash.len() + 1);
+    // Pair names are ASCII (`check_name`), so any byte index is a character boundary.
+    let cut = pair[..keep.min(pair.len())].trim_end_matches(['-', '.', '_']);
+    format!("{prefix}-{cut}-{hash}{tail}")
 }

@@ -819,3 +819,30 @@ fn without_a_provider_recovery_is_refused_with_a_reason() {
     );
     assert_eq!(m.state(), PairState::FailedOver);
 }
+
+#[test]
+fn machine_labels_are_valid_machine_names_for_any_pair_name() {
+    use super::provisioning::machine_label;
+    use crate::trust::identity::check_name;
+    let prefix = "sb-0123abcd";
+    assert_eq!(
+        machine_label(prefix, "p1", Side::Gpu, 7),
+        "sb-0123abcd-p1-gpu-7"
+    );
+    let long_a = format!("{}a", "x".repeat(62));
+    let long_b = format!("{}b", "x".repeat(62));
+    let a = machine_label(prefix, &long_a, Side::Cpu, 123_456);
+    let b = machine_label(prefix, &long_b, Side::Cpu, 123_456);
+    for l in [&a, &b] {
+        assert!(check_name(l).is_ok(), "{l}");
+        assert!(
+            l.starts_with("sb-0123abcd-xxx") && l.ends_with("-cpu-123456"),
+            "{l}"
+        );
+    }
+    assert_ne!(a, b, "two long names sharing a prefix get distinct labels");
+    // A cut that ends on a separator does not leave two in a row.
+    let dashed = format!("{}-{}", "y".repeat(30), "z".repeat(32));
+    let l = machine_label(prefix, &dashed, Side::Gpu, 1);
+    assert!(check_name(&l).is_ok() && !l.contains("--"), "{l}");
+}
