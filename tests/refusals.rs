@@ -99,23 +99,55 @@ fn wait_listening(state: &std::path::Path) -> String {
     }
 }
 
+/// A certificate for `id` valid from `from` to `to` seconds from now, into `out`.
+fn cert_with_validity(pki: &Pki, id: &Identity, from: i64, to: i64, out: &std::path::Path) {
+    let ca_pem = fs::read_to_string(pki.dir.path().join("ca/ca.pem")).unwrap();
+    let ca_key = fs::read_to_string(pki.dir.path().join("ca/ca.key")).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.uri().try_into().unwrap())];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now + time::Duration::seconds(from);
+    p.not_after = now + time::Duration::seconds(to);
+    p.use_authority_key_identifier_extension = true;
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    standby::trust::pki::NodeCert {
+        ca_pem,
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+    .write_dir(out)
+    .unwrap();
+}
+
 /// A coordinator that sends scripted commands on every heartbeat stream and keeps the reports.
 #[derive(Clone, Default)]
 struct FakeCoordinator {
     addr: String,
     commands: std::sync::Arc<std::sync::Mutex<Vec<Command>>>,
     reports: std::sync::Arc<std::sync::Mutex<Vec<AgentReport>>>,
+    /// Lets client certificates expired this long ago through (as the coordinator does).
+    expired_grace: Option<std::time::Duration>,
 }
 
 impl FakeCoordinator {
     async fn start(pki: &Pki) -> FakeCoordinator {
+        FakeCoordinator::default().serve(pki).await
+    }
+
+    async fn serve(mut self, pki: &Pki) -> FakeCoordinator {
         let cert = pki.ca.issue(&Identity::Coordinator, 30).unwrap();
-        let material = TlsMaterial::from_node_cert(&cert).unwrap();
+        let mut material = TlsMaterial::from_node_cert(&cert).unwrap();
+        material.expired_grace = self.expired_grace;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let fake = FakeCoordinator {
-            addr: listener.local_addr().unwrap().to_string(),
-            ..Default::default()
-        };
+        self.addr = listener.local_addr().unwrap().to_string();
+        let fake = self;
         let token = tokio_util::sync::CancellationToken::new();
         let incoming = tls::incoming(listener, material.server_config().unwrap(), token);
         tokio::spawn(
@@ -131,6 +163,27 @@ impl FakeCoordinator {
             .lock()
             .unwrap()
             .push(Command { cmd: Some(cmd) });
+    }
+
+    /// The CSR of the agent's renewal request number `n` (counting reports that carry one).
+    async fn next_csr(&self, n: usize) -> String {
+        let csrs = |reports: &Vec<AgentReport>| -> Vec<String> {
+            reports
+                .iter()
+                .filter(|r| !r.csr_pem.is_empty())
+                .map(|r| r.csr_pem.clone())
+                .collect()
+        };
+        let what = format!("renewal request {n}");
+        self.wait_report(|_| true, &what).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(c) = csrs(&self.reports.lock().unwrap()).get(n) {
+                return c.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "{what} never came");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits (up to 30 s) for a report that satisfies `ok`.
@@ -369,6 +422,53 @@ async fn only_the_machine_the_coordinator_named_may_send() {
     let saved = standby::trust::revocation::DenyList::load(&s.cpu.state.join("revoked")).unwrap();
     assert_eq!(saved.serials().len(), 1);
     assert_eq!(durable_epoch(&s.cpu.state), 2);
+    s.assert_intact();
+}
+
+/// An agent whose certificate expired while the coordinator was away: it still dials the
+/// coordinator (which lets such a connection renew), asks with a new key, refuses a certificate
+/// for another machine, takes its own (written where it was loaded from) and serves with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_certificate_is_renewed_over_the_heartbeat_stream() {
+    let mut s = Setup::new();
+    let mut coord = FakeCoordinator::default();
+    coord.expired_grace = Some(std::time::Duration::from_secs(30 * 86_400));
+    let coord = coord.serve(&s.pki).await;
+    let id = Identity::node("p", Role::Cpu, "cpu").unwrap();
+    let dir = s.t.path().join("expired-tls");
+    cert_with_validity(&s.pki, &id, -7200, -60, &dir);
+    let expired = TlsMaterial::load(&dir).unwrap().facts();
+    s.cpu.kill();
+    s.cpu.tls = dir.clone();
+    let _cpu = start_managed_cpu(&s, &coord.addr);
+    let addr = wait_listening(&s.cpu.state);
+    let gtls = s.pki.node("p", Role::Gpu);
+    // Agent to agent stays strict: nobody takes the expired certificate.
+    assert!(raw(&addr, &gtls, 1).await.is_err());
+    let csr = coord.next_csr(0).await;
+    // A certificate for another machine is refused; the agent asks again.
+    let other = Identity::node("p", Role::Cpu, "someone-else").unwrap();
+    coord.push(command::Cmd::Renewed(Renewed {
+        cert_pem: s.pki.ca.sign_csr(&csr, &other, 30).unwrap(),
+    }));
+    let csr = coord.next_csr(1).await;
+    assert_eq!(TlsMaterial::load(&dir).unwrap().facts(), expired);
+    let good = s.pki.ca.sign_csr(&csr, &id, 30).unwrap();
+    coord.push(command::Cmd::Renewed(Renewed {
+        cert_pem: good.clone(),
+    }));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fs::read_to_string(dir.join("node.pem")).unwrap() != good {
+        assert!(std::time::Instant::now() < deadline, "not renewed on disk");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!dir.join("node.pem.next").exists() && !dir.join("node.key.next").exists());
+    // Served with the new certificate from the next handshake on.
+    let r = raw(&addr, &gtls, 1)
+        .await
+        .expect("the renewed certificate is presented");
+    assert_eq!(r.hello.epoch, 1);
+    drop(r);
     s.assert_intact();
 }
 
