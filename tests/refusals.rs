@@ -431,9 +431,12 @@ async fn only_the_machine_the_coordinator_named_may_send() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_certificate_is_renewed_over_the_heartbeat_stream() {
     let mut s = Setup::new();
-    let mut coord = FakeCoordinator::default();
-    coord.expired_grace = Some(std::time::Duration::from_secs(30 * 86_400));
-    let coord = coord.serve(&s.pki).await;
+    let coord = FakeCoordinator {
+        expired_grace: Some(std::time::Duration::from_secs(30 * 86_400)),
+        ..Default::default()
+    }
+    .serve(&s.pki)
+    .await;
     let id = Identity::node("p", Role::Cpu, "cpu").unwrap();
     let dir = s.t.path().join("expired-tls");
     cert_with_validity(&s.pki, &id, -7200, -60, &dir);
