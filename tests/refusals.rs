@@ -322,6 +322,10 @@ async fn stale_epoch_is_refused_durably() {
 async fn a_forged_epoch_never_raises_the_receivers() {
     let s = Setup::new();
     let former = machine_cert(&s.pki, "p", Role::Gpu, "former-gpu");
+    // The real GPU's session in progress is not interrupted by any of what follows.
+    let mut real = raw(&s.cpu.addr, &s.pki.node("p", Role::Gpu), 1)
+        .await
+        .unwrap();
     for forged in [1_000_000, 2] {
         let e = raw(&s.cpu.addr, &former, forged)
             .await
@@ -349,6 +353,13 @@ async fn a_forged_epoch_never_raises_the_receivers() {
     assert!(!out.status.success(), "the forged epoch must be refused");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("epoch mismatch"), "{err}");
+    real.send(sync_request::Msg::Manifest(ManifestRequest {}))
+        .await;
+    match real.recv().await {
+        Ok(sync_response::Msg::Manifest(m)) => assert_eq!(m.generation, real.hello.generation),
+        other => panic!("the real session was disturbed: {other:?}"),
+    }
+    drop(real);
     assert!(!s.cpu.workspace.join("planted.txt").exists());
     fs::remove_file(src.join("planted.txt")).unwrap();
     assert_eq!(durable_epoch(&s.cpu.state), 1);

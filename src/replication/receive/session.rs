@@ -71,6 +71,10 @@ pub(super) async fn run_session(
     let Some(hello) = read_hello(&mut stream).await? else {
         return Ok(());
     };
+    // Checked against the figures first, so a sender at the wrong epoch cannot end the session
+    // in progress; checked again under the replica lock below, where it counts.
+    let durable = inner.figures.lock().expect("figures").epoch;
+    enter_epoch(&sender, durable, Epoch(hello.epoch))?;
     let token = take_over(&inner, id, &sender.serial);
     let mut guard = lock_replica(&inner, &token).await?;
     // Roll forward a commit whose application failed earlier, before anything else.
@@ -83,7 +87,7 @@ pub(super) async fn run_session(
         guard = g;
         r?;
     }
-    let epoch = enter_epoch(&sender, &guard, Epoch(hello.epoch))?;
+    let epoch = enter_epoch(&sender, guard.epoch.get(), Epoch(hello.epoch))?;
     inner.figures.lock().expect("figures").session_active = true;
     tracing::info!(sender = %hello.sender, identity = %sender.identity, epoch = %epoch, generation = %guard.manifest.generation, "session started");
     send(
@@ -159,9 +163,9 @@ async fn lock_replica(inner: &Inner, token: &CancellationToken) -> Result<Guard,
 
 /// The session's epoch: exactly the durable one. A stale sender is fenced; a sender ahead of
 /// this receiver is refused, never followed (epochs come only from the coordinator).
-fn enter_epoch(sender: &Admitted, st: &State, hello_epoch: Epoch) -> Result<Epoch, Status> {
-    admit_epoch(&sender.expected, hello_epoch, st.epoch.get()).map_err(|r| {
-        tracing::warn!(identity = %sender.identity, hello = %hello_epoch, durable = %st.epoch.get(), "session refused: epoch");
+fn enter_epoch(sender: &Admitted, durable: Epoch, hello_epoch: Epoch) -> Result<Epoch, Status> {
+    admit_epoch(&sender.expected, hello_epoch, durable).map_err(|r| {
+        tracing::warn!(identity = %sender.identity, hello = %hello_epoch, %durable, "session refused: epoch");
         Status::from(r)
     })
 }
