@@ -99,15 +99,8 @@ impl Dispatcher {
             let Some(cmd) = c.cmd else { continue };
             match cmd {
                 Cmd::Probe(p) => self.probe(p),
-                Cmd::Renewed(r) => {
-                    if let Err(e) = self.renewal.renewed(&r.cert_pem) {
-                        tracing::warn!(error = %e, "renewed certificate not taken; asking again");
-                    }
-                }
-                Cmd::Revocations(r) => {
-                    let receiver = self.node.receiver();
-                    revocations::apply(r.serials, &self.tls.deny, &self.state_dir, receiver)
-                }
+                Cmd::Renewed(r) => self.renewed(r.cert_pem).await,
+                Cmd::Revocations(r) => self.revocations(r.serials).await,
                 other => {
                     if !matches!(other, Cmd::Receive(_)) {
                         let _ = self.probe.send(None);
@@ -115,6 +108,30 @@ impl Dispatcher {
                     self.node.command(other);
                 }
             }
+        }
+    }
+
+    /// Takes a renewed certificate (written and synced off the async threads).
+    async fn renewed(&self, cert_pem: String) {
+        let renewal = self.renewal.clone();
+        let r = tokio::task::spawn_blocking(move || renewal.renewed(&cert_pem)).await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewed certificate not taken; asking again"),
+            Err(e) => tracing::error!(error = %e, "renewal task failed"),
+        }
+    }
+
+    /// Takes the coordinator's revocation list (saved off the async threads).
+    async fn revocations(&self, serials: Vec<String>) {
+        let (deny, dir) = (self.tls.deny.clone(), self.state_dir.clone());
+        let receiver = self.node.receiver().clone();
+        let r = tokio::task::spawn_blocking(move || {
+            revocations::apply(serials, &deny, &dir, &receiver)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "revocation task failed");
         }
     }
 
