@@ -5,7 +5,8 @@
 //! the agent: its `endpoint`, its local control [`socket`], the `node` that replicates in
 //! whichever direction its mode says (running the operator's `hooks` when the role changes),
 //! and, when a coordinator manages it, the `managed` tasks: the heartbeat `link` carrying
-//! each `report`, the CPU's `probe` of its GPU peer, GPU health from `nvml`.
+//! each `report`, the CPU's `probe` of its GPU peer, GPU health from `nvml`, certificate
+//! `renewal` and the coordinator's `revocations`.
 
 pub mod args;
 pub mod config;
@@ -17,6 +18,8 @@ pub(crate) mod managed;
 pub(crate) mod node;
 pub(crate) mod nvml;
 pub(crate) mod probe;
+pub(crate) mod renewal;
 pub(crate) mod report;
+pub(crate) mod revocations;
 pub mod runtime;
 pub mod socket;

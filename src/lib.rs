@@ -30,8 +30,8 @@
 //! - `scan`: what changed; `watch`: inotify and the dirty set.
 //! - [`replication::delta`]: rsync deltas made safe for the network; `compress`: zstd.
 //! - `send` (folder): the sending side of a session, generation by generation.
-//! - [`replication::receive`] (folder): the receiving side: session, validation, staging,
-//!   commit, [`replication::receive::apply`] (the roll-forward).
+//! - [`replication::receive`] (folder): the receiving side: admission (who may send, at which
+//!   epoch), session, validation, staging, commit, [`replication::receive::apply`] (the roll-forward).
 //! - `continuous`: the loop that watches, syncs, reconnects and answers flushes.
 //!
 //! [`agent`]
@@ -39,7 +39,8 @@
 //! - [`agent::runtime`]: an agent from start to stop; `node`: the replica and its mode.
 //! - `managed`, `link`, `report`: the coordinator link, heartbeats and commands.
 //! - `endpoint`, `probe`: what the peer probes and how; `hooks`: `on_promote`/`on_demote`.
-//! - `nvml`: GPU health; `join`: getting an identity; [`agent::socket`]: the control socket.
+//! - `nvml`: GPU health; `join`: getting an identity; `renewal`: renewing it; `revocations`: the
+//!   coordinator's deny list, kept on disk; [`agent::socket`]: the control socket.
 //!
 //! [`control`]
 //! - [`control::failover`] (folder): the pure per-pair state machine.

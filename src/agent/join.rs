@@ -4,13 +4,15 @@
 //! Joining generates the key pair locally (the private key never leaves the machine), sends a
 //! CSR with the token, and verifies the coordinator on this very first connection against the CA
 //! fingerprint the token carries. The signed certificate is kept in the state directory, so the
-//! agent restarts without a token.
+//! agent restarts without a token, and renews it later in place (`renewal`); a renewal a crash
+//! cut short is rolled forward here, before the directory is loaded.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use rustls_pki_types::pem::PemObject;
 
+use crate::agent::config::AgentConfig;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{JoinReply, JoinRequest};
 use crate::trust::identity::{Identity, Role};
@@ -23,49 +25,65 @@ pub fn joined_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("tls")
 }
 
-/// The agent's TLS material: from `tls_dir`, from an earlier join, or by joining now.
-pub async fn identity(
-    role: Role,
-    state_dir: &Path,
-    tls_dir: Option<&Path>,
-    coordinator: Option<&str>,
-    join_token: Option<&str>,
-    machine: &str,
-) -> anyhow::Result<TlsMaterial> {
-    let dir = match tls_dir {
-        Some(d) => d.to_path_buf(),
-        None => joined_dir(state_dir),
-    };
+/// The directory the agent's certificate lives in: `--tls-dir`, or where joining put it.
+pub fn cert_dir(cfg: &AgentConfig) -> PathBuf {
+    match &cfg.tls_dir {
+        Some(d) => d.clone(),
+        None => joined_dir(&cfg.state_dir),
+    }
+}
+
+/// The agent's TLS material: from `--tls-dir`, from an earlier join, or by joining now.
+pub async fn identity(cfg: &AgentConfig) -> anyhow::Result<TlsMaterial> {
+    let dir = cert_dir(cfg);
+    if pki::finish_renewal(&dir)
+        .with_context(|| format!("completing a certificate renewal in {}", dir.display()))?
+    {
+        tracing::info!(dir = %dir.display(), "completed a certificate renewal cut short");
+    }
     let m = if dir.join(pki::CERT_FILE).exists() {
         TlsMaterial::load(&dir)
             .with_context(|| format!("loading certificates from {}", dir.display()))?
-    } else if tls_dir.is_some() {
+    } else if cfg.tls_dir.is_some() {
         bail!("no certificate in {}", dir.display());
     } else {
-        let (Some(url), Some(token)) = (coordinator, join_token) else {
+        let (Some(url), Some(token)) = (&cfg.coordinator, &cfg.join_token) else {
             bail!(
                 "no certificate yet: give --tls-dir, or --coordinator with a --join-token to join"
             );
         };
-        join(url, token, role, machine, &dir).await?
+        let who = Joiner {
+            role: cfg.role,
+            machine: &cfg.machine,
+            advertise: &cfg.advertise,
+        };
+        join(url, token, &who, &dir).await?
     };
     match &m.identity {
-        Identity::Node { role: r, .. } if *r == role => Ok(m),
+        Identity::Node { role: r, .. } if *r == cfg.role => Ok(m),
         other => bail!(
-            "the certificate in {} is {other}, this agent needs a {role} certificate",
-            dir.display()
+            "the certificate in {} is {other}, this agent needs a {} certificate",
+            dir.display(),
+            cfg.role
         ),
     }
+}
+
+/// Who joins: the seat's role, the machine's name and the address others reach it at.
+pub struct Joiner<'a> {
+    pub role: Role,
+    pub machine: &'a str,
+    pub advertise: &'a str,
 }
 
 /// Joins with `token`; writes `ca.pem`, `node.pem`, `node.key` into `dir`.
 pub async fn join(
     url: &str,
     token: &str,
-    role: Role,
-    machine: &str,
+    who: &Joiner<'_>,
     dir: &Path,
 ) -> anyhow::Result<TlsMaterial> {
+    let role = who.role;
     let (t, _) = Token::parse(token).context("join token")?;
     if t.role != role {
         bail!(
@@ -73,9 +91,9 @@ pub async fn join(
             t.role
         );
     }
-    let id = Identity::node(&t.pair, role, machine)?;
+    let id = Identity::node(&t.pair, role, who.machine)?;
     let (csr, key_pem) = pki::new_csr(&id)?;
-    let reply = request(url, token, &t, role, machine, csr).await?;
+    let reply = request(url, token, &t, who, csr).await?;
     // The CA we are handed must be the one the token pinned.
     let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(reply.ca_pem.as_bytes())
         .context("CA certificate from the coordinator")?;
@@ -101,8 +119,7 @@ async fn request(
     url: &str,
     token: &str,
     t: &Token,
-    role: Role,
-    machine: &str,
+    who: &Joiner<'_>,
     csr_pem: String,
 ) -> anyhow::Result<JoinReply> {
     let cfg = tls::join_client_config(&t.ca_fingerprint)?;
@@ -112,13 +129,13 @@ async fn request(
     let reply = CoordinatorClient::new(ch)
         .join(JoinRequest {
             token: token.trim().to_string(),
-            role: match role {
+            role: match who.role {
                 Role::Gpu => crate::proto::Role::Gpu,
                 Role::Cpu => crate::proto::Role::Cpu,
             } as i32,
             csr_pem,
-            machine: machine.to_string(),
-            advertise: String::new(),
+            machine: who.machine.to_string(),
+            advertise: who.advertise.to_string(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("the coordinator refused to join us: {}", s.message()))?;

@@ -1,6 +1,8 @@
-//! What an agent runs when a coordinator manages it: the heartbeat link, the CPU's probe of its
-//! GPU peer, and the dispatch of the coordinator's commands to the node.
+//! What an agent runs when a coordinator manages it: the heartbeat link (with the renewal
+//! request in its reports), the CPU's probe of its GPU peer, and the dispatch of the
+//! coordinator's commands: to the node, the probe, the renewal and the revocation list.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -9,21 +11,23 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::config::AgentConfig;
 use crate::agent::link::{self, LinkOptions, ReportFn};
 use crate::agent::node::Node;
-use crate::agent::probe;
+use crate::agent::probe::{self, ProbeTarget};
+use crate::agent::renewal::Renewal;
 use crate::agent::report::Reporter;
+use crate::agent::revocations;
 use crate::agent::socket::InjectedFault;
 use crate::proto::Command;
 use crate::proto::command::Cmd;
 use crate::trust::identity::Role;
-use crate::trust::tls::{Expect, TlsMaterial};
+use crate::trust::tls::TlsMaterial;
 
 /// The running agent's parts the managed tasks share.
 pub struct Managed {
     /// The coordinator, as host:port.
     pub url: String,
     pub tls: TlsMaterial,
-    /// The identity the paired agent's certificate carries.
-    pub peer: Expect,
+    /// The directory the certificate was loaded from (a renewal replaces it there).
+    pub cert_dir: PathBuf,
     pub node: Node,
     pub fault: InjectedFault,
     /// The port the endpoint is bound to (reported, for the peer to reach it).
@@ -35,12 +39,11 @@ pub struct Managed {
 pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let probe = probe::Shared::default();
-    let (probe_tx, probe_rx) = watch::channel(None::<String>);
+    let (probe_tx, probe_rx) = watch::channel(None::<ProbeTarget>);
     if cfg.role == Role::Cpu {
         tokio::spawn(probe::run(
             probe_rx,
             m.tls.clone(),
-            m.peer.clone(),
             cfg.heartbeat,
             probe.clone(),
             shutdown.clone(),
@@ -53,39 +56,98 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
         probe,
         m.fault,
     ));
-    let report: ReportFn = Arc::new(move || reporter.report());
+    let renewal = Arc::new(Renewal::new(m.cert_dir, &m.tls));
+    let report: ReportFn = {
+        let renewal = renewal.clone();
+        Arc::new(move || {
+            let mut r = reporter.report();
+            r.csr_pem = renewal.csr(crate::host::unix_ms_now() as i64 / 1000);
+            r
+        })
+    };
+    let dispatcher = Dispatcher {
+        probe: probe_tx,
+        node: m.node,
+        renewal,
+        tls: m.tls.clone(),
+        state_dir: cfg.state_dir.clone(),
+    };
     let opts = LinkOptions {
         url: m.url,
         tls: m.tls,
         interval: cfg.heartbeat,
     };
     tokio::spawn(link::run(opts, report, cmd_tx, shutdown.clone()));
-    tokio::spawn(dispatch(cmd_rx, probe_tx, m.node, m.peer));
+    tokio::spawn(dispatcher.run(cmd_rx));
 }
 
-/// Hands each command to the node, except the probe target, which goes to the probe. Any
-/// other command but `Receive` also stops the probe: only a standby that receives watches a GPU.
-async fn dispatch(
-    mut commands: mpsc::Receiver<Command>,
-    probe_tx: watch::Sender<Option<String>>,
+/// Where the coordinator's commands go.
+struct Dispatcher {
+    probe: watch::Sender<Option<ProbeTarget>>,
     node: Node,
-    peer: Expect,
-) {
-    while let Some(c) = commands.recv().await {
-        let Some(cmd) = c.cmd else { continue };
-        match cmd {
-            Cmd::Probe(p) => {
-                if probe_tx.borrow().as_deref() != Some(p.url.as_str()) {
-                    tracing::info!(gpu = %p.url, "probing the GPU agent");
-                    let _ = probe_tx.send(Some(p.url));
+    renewal: Arc<Renewal>,
+    tls: TlsMaterial,
+    state_dir: PathBuf,
+}
+
+impl Dispatcher {
+    /// Hands each command to the node, except the probe target (to the probe), a renewed
+    /// certificate and the revocation list. Any other command but `Receive` also stops the
+    /// probe: only a standby that receives watches a GPU.
+    async fn run(self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(c) = commands.recv().await {
+            let Some(cmd) = c.cmd else { continue };
+            match cmd {
+                Cmd::Probe(p) => self.probe(p),
+                Cmd::Renewed(r) => self.renewed(r.cert_pem).await,
+                Cmd::Revocations(r) => self.revocations(r.serials).await,
+                other => {
+                    if !matches!(other, Cmd::Receive(_)) {
+                        let _ = self.probe.send(None);
+                    }
+                    self.node.command(other);
                 }
             }
-            other => {
-                if !matches!(other, Cmd::Receive(_)) {
-                    let _ = probe_tx.send(None);
-                }
-                node.command(other, &peer);
+        }
+    }
+
+    /// Takes a renewed certificate (written and synced off the async threads).
+    async fn renewed(&self, cert_pem: String) {
+        let renewal = self.renewal.clone();
+        let r = tokio::task::spawn_blocking(move || renewal.renewed(&cert_pem)).await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewed certificate not taken; asking again"),
+            Err(e) => tracing::error!(error = %e, "renewal task failed"),
+        }
+    }
+
+    /// Takes the coordinator's revocation list (saved off the async threads).
+    async fn revocations(&self, serials: Vec<String>) {
+        let (deny, dir) = (self.tls.deny.clone(), self.state_dir.clone());
+        let receiver = self.node.receiver().clone();
+        let r = tokio::task::spawn_blocking(move || {
+            revocations::apply(serials, &deny, &dir, &receiver)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "revocation task failed");
+        }
+    }
+
+    /// Probes the GPU at the address and machine the coordinator names.
+    fn probe(&self, p: crate::proto::ProbeTarget) {
+        let expect = match self.node.peer_expect(&p.machine) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "probe target refused");
+                return;
             }
+        };
+        let target = ProbeTarget { url: p.url, expect };
+        if self.probe.borrow().as_ref() != Some(&target) {
+            tracing::info!(gpu = %target.url, expect = %target.expect, "probing the GPU agent");
+            let _ = self.probe.send(Some(target));
         }
     }
 }

@@ -20,10 +20,11 @@ use crate::agent::hooks::{run_hook, run_hook_wait};
 use crate::proto::AgentMode;
 use crate::proto::command::Cmd;
 use crate::replication::continuous::{self, Control, LoopConfig, Target};
-use crate::replication::receive::Receiver;
+use crate::replication::receive::{Expected, Receiver};
 use crate::replication::send::{Sender, SenderFigures, SenderOptions};
 use crate::text::hex;
-use crate::trust::tls::TlsMaterial;
+use crate::trust::identity::Identity;
+use crate::trust::tls::{Expect, TlsMaterial};
 use crate::types::Epoch;
 
 /// What the agent does now.
@@ -31,14 +32,23 @@ use crate::types::Epoch;
 pub enum Mode {
     /// Neither sends nor accepts (a managed agent before the coordinator speaks).
     Idle,
-    /// Accepts replication from the peer at this epoch (None: the epoch it already has).
-    Receive(Option<Epoch>),
+    /// Accepts replication from the machine and at the epoch the coordinator named (None: from
+    /// the peer seat at the durable epoch, a static pair).
+    Receive(Option<Named>),
     /// Replicates the workspace to a peer.
     Send(Target),
     /// The primary with nobody to replicate to (a CPU after failover).
     Primary(Epoch),
     /// Another machine is the primary: neither sends nor accepts.
     Fenced(Epoch, String),
+}
+
+/// The sender a `Receive` command names (its machine, or any machine of the peer seat when
+/// the coordinator does not say) and the exact epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named {
+    pub epoch: Epoch,
+    pub sender: Expect,
 }
 
 impl Mode {
@@ -66,6 +76,8 @@ impl Mode {
 
 pub struct NodeOptions {
     pub pair: String,
+    /// The peer's seat (its pair and role); the coordinator's commands name the machine in it.
+    pub seat: Expect,
     pub workspace: PathBuf,
     pub sender: SenderOptions,
     pub tls: TlsMaterial,
@@ -82,6 +94,9 @@ struct Inner {
     frozen_epoch: AtomicU64,
     freezing: AtomicBool,
     ctl: mpsc::Sender<Control>,
+    /// The last coordinator command refused (reported as the heartbeat's `last_error` until a
+    /// command is accepted).
+    refused: Mutex<Option<String>>,
 }
 
 /// A handle on the running agent; cheap to clone.
@@ -103,6 +118,8 @@ pub struct NodeReport {
     pub connected: bool,
     pub fenced: bool,
     pub sender: SenderFigures,
+    /// What went wrong last: a refused command, else the sender's last error while sending.
+    pub last_error: String,
 }
 
 impl Node {
@@ -125,6 +142,7 @@ impl Node {
                 frozen_epoch: AtomicU64::new(0),
                 freezing: AtomicBool::new(false),
                 ctl: ctl_tx.clone(),
+                refused: Mutex::new(None),
             }),
         };
         let h = tokio::spawn(node.clone().drive(mode_rx, ctl_rx, shutdown));
@@ -156,16 +174,28 @@ impl Node {
         });
     }
 
-    /// Acts on a command from the coordinator. `peer` is the identity the peer's certificate
-    /// must carry when this agent sends to it.
-    pub fn command(&self, cmd: Cmd, peer: &crate::trust::tls::Expect) {
+    /// Acts on a command from the coordinator, unless its epoch is below the durable one (a
+    /// command from before a failover, replayed or forged) or it names an invalid machine:
+    /// that is refused, logged and reported.
+    pub fn command(&self, cmd: Cmd) {
+        let r = check_epoch(&cmd, self.durable_epoch()).and_then(|()| self.apply(cmd));
+        if let Err(why) = &r {
+            tracing::warn!(error = %why, "coordinator command refused");
+        }
+        *self.inner.refused.lock().expect("refused") = r.err();
+    }
+
+    fn apply(&self, cmd: Cmd) -> Result<(), String> {
         match cmd {
             Cmd::SetPeer(p) => self.set_mode(Mode::Send(Target {
+                identity: self.peer_expect(&p.machine)?,
                 url: p.url,
-                identity: peer.clone(),
                 epoch: Some(Epoch(p.epoch)),
             })),
-            Cmd::Receive(r) => self.set_mode(Mode::Receive(Some(Epoch(r.epoch)))),
+            Cmd::Receive(r) => self.set_mode(Mode::Receive(Some(Named {
+                epoch: Epoch(r.epoch),
+                sender: self.peer_expect(&r.peer)?,
+            }))),
             Cmd::Promote(p) => self.set_mode(Mode::Primary(Epoch(p.epoch))),
             Cmd::Fence(f) => {
                 if !matches!(self.mode(), Mode::Fenced(..)) {
@@ -174,9 +204,21 @@ impl Node {
                 self.set_mode(Mode::Fenced(Epoch(f.epoch), f.reason))
             }
             Cmd::Freeze(f) => self.freeze(Epoch(f.epoch)),
-            // Renewal and revocation lists are handled by the coordinator link.
+            // Probes, renewal and revocation lists are handled beside the node (`managed`).
             Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) => {}
         }
+        Ok(())
+    }
+
+    /// The durable epoch (the receiver's, or the sender's while it holds the replica).
+    pub fn durable_epoch(&self) -> Epoch {
+        let sent = self.inner.figures.lock().expect("figures").epoch;
+        Epoch(sent.max(self.inner.receiver.figures().epoch.0))
+    }
+
+    /// Who the peer must be: exactly `machine` of the peer seat, or ("") any machine of it.
+    pub fn peer_expect(&self, machine: &str) -> Result<Expect, String> {
+        peer_expect(&self.inner.opts.seat, machine)
     }
 
     /// Cutover or hibernation: the `on_demote` hook stops the application, then a final sync
@@ -287,6 +329,7 @@ impl Node {
                 bytes_total: f.workspace_bytes,
                 connected: f.connected,
                 fenced: f.fenced,
+                last_error: self.refused().or(f.last_error.clone()).unwrap_or_default(),
                 sender: f,
             }
         } else {
@@ -300,9 +343,14 @@ impl Node {
                 bytes_total: rf.bytes,
                 connected: rf.session_active,
                 fenced: matches!(mode, Mode::Fenced(..)),
+                last_error: self.refused().unwrap_or_default(),
                 sender: f,
             }
         }
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.inner.refused.lock().expect("refused").clone()
     }
 
     /// Puts the agent in each mode it is given, one at a time, until `shutdown`.
@@ -384,17 +432,26 @@ impl Node {
         }
     }
 
-    /// Accepts replication, at `epoch` when the coordinator names one (persisted first).
-    async fn receive(&self, epoch: Option<Epoch>) -> Next {
+    /// Accepts replication from the sender the coordinator named, at its epoch (persisted
+    /// first), or in a static pair from the peer seat at the durable epoch.
+    async fn receive(&self, named: Option<Named>) -> Next {
         let recv = &self.inner.receiver;
-        if let Some(e) = epoch
-            && let Err(err) = recv.raise_epoch(e).await
-        {
-            tracing::error!(error = %err, "cannot persist the epoch; not accepting");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return Next::Again;
-        }
+        let expected = match named {
+            None => Expected::seat(self.inner.opts.seat.clone()),
+            Some(n) => {
+                if let Err(err) = recv.raise_epoch(n.epoch).await {
+                    tracing::error!(error = %err, "cannot persist the epoch; not accepting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return Next::Again;
+                }
+                Expected {
+                    sender: n.sender,
+                    epoch: Some(n.epoch),
+                }
+            }
+        };
         self.inner.figures.lock().expect("figures").fenced = false;
+        recv.expect(expected);
         recv.set_accepting(true);
         Next::Wait
     }
@@ -423,6 +480,55 @@ impl Node {
         self.inner.receiver.set_accepting(false);
         self.inner.figures.lock().expect("figures").fenced = true;
         Next::Wait
+    }
+}
+
+/// A command's epoch must not be below the durable one.
+fn check_epoch(cmd: &Cmd, durable: Epoch) -> Result<(), String> {
+    match command_epoch(cmd) {
+        Some(e) if e < durable => Err(format!(
+            "refused {} at epoch {e}: this agent is at epoch {durable}",
+            command_name(cmd)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Exactly `machine` of `seat`, or ("", the coordinator does not say) any machine of it.
+fn peer_expect(seat: &Expect, machine: &str) -> Result<Expect, String> {
+    let Expect::Seat { pair, role } = seat else {
+        return Ok(seat.clone());
+    };
+    if machine.is_empty() {
+        return Ok(seat.clone());
+    }
+    Identity::node(pair, *role, machine)
+        .map(Expect::Exactly)
+        .map_err(|e| format!("the coordinator named an invalid peer machine: {e}"))
+}
+
+/// The epoch a coordinator command carries (none for those without one).
+fn command_epoch(cmd: &Cmd) -> Option<Epoch> {
+    match cmd {
+        Cmd::SetPeer(p) => Some(Epoch(p.epoch)),
+        Cmd::Receive(r) => Some(Epoch(r.epoch)),
+        Cmd::Promote(p) => Some(Epoch(p.epoch)),
+        Cmd::Fence(f) => Some(Epoch(f.epoch)),
+        Cmd::Freeze(f) => Some(Epoch(f.epoch)),
+        Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) => None,
+    }
+}
+
+fn command_name(cmd: &Cmd) -> &'static str {
+    match cmd {
+        Cmd::SetPeer(_) => "SetPeer",
+        Cmd::Receive(_) => "Receive",
+        Cmd::Promote(_) => "Promote",
+        Cmd::Fence(_) => "Fence",
+        Cmd::Freeze(_) => "Freeze",
+        Cmd::Probe(_) => "Probe",
+        Cmd::Renewed(_) => "Renewed",
+        Cmd::Revocations(_) => "Revocations",
     }
 }
 
@@ -479,5 +585,61 @@ async fn next_mode(
                 None => return false,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Fence, Freeze, ProbeTarget, Promote, Receive, SetPeer};
+    use crate::trust::identity::Role;
+
+    fn with_epoch(e: u64) -> Vec<Cmd> {
+        vec![
+            Cmd::SetPeer(SetPeer {
+                url: "127.0.0.1:1".into(),
+                epoch: e,
+                machine: "m".into(),
+            }),
+            Cmd::Receive(Receive {
+                epoch: e,
+                peer: "m".into(),
+            }),
+            Cmd::Promote(Promote { epoch: e }),
+            Cmd::Fence(Fence {
+                epoch: e,
+                reason: "r".into(),
+            }),
+            Cmd::Freeze(Freeze { epoch: e }),
+        ]
+    }
+
+    #[test]
+    fn commands_below_the_durable_epoch_are_refused() {
+        for cmd in with_epoch(4) {
+            let why = check_epoch(&cmd, Epoch(5)).unwrap_err();
+            assert!(
+                why.contains("at epoch 4: this agent is at epoch 5"),
+                "{why}"
+            );
+            assert!(why.contains(command_name(&cmd)), "{why}");
+        }
+        for cmd in with_epoch(5).into_iter().chain(with_epoch(6)) {
+            assert_eq!(check_epoch(&cmd, Epoch(5)), Ok(()), "{cmd:?}");
+        }
+        let probe = Cmd::Probe(ProbeTarget::default());
+        assert_eq!(check_epoch(&probe, Epoch(5)), Ok(()));
+    }
+
+    #[test]
+    fn the_named_machine_narrows_the_seat() {
+        let seat = Expect::Seat {
+            pair: "p".into(),
+            role: Role::Cpu,
+        };
+        assert_eq!(peer_expect(&seat, ""), Ok(seat.clone()));
+        let m2 = Identity::node("p", Role::Cpu, "m2").unwrap();
+        assert_eq!(peer_expect(&seat, "m2"), Ok(Expect::Exactly(m2)));
+        assert!(peer_expect(&seat, "bad/name").is_err());
     }
 }

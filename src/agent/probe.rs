@@ -14,6 +14,14 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::trust::tls::{self, Expect, TlsMaterial};
 
+/// What to probe: the GPU agent's address and who must answer there (the machine the
+/// coordinator names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub url: String,
+    pub expect: Expect,
+}
+
 /// How long one probe may take before it counts as a failure.
 pub const PROBE_DEADLINE: Duration = Duration::from_millis(800);
 
@@ -28,21 +36,13 @@ pub type Shared = Arc<Mutex<ProbeState>>;
 
 /// Probes `target` (when set) every `interval` until `shutdown`.
 pub async fn run(
-    mut target: watch::Receiver<Option<String>>,
+    mut target: watch::Receiver<Option<ProbeTarget>>,
     tls: TlsMaterial,
-    peer: Expect,
     interval: Duration,
     state: Shared,
     shutdown: CancellationToken,
 ) {
-    let cfg = match tls.client_config(peer) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the probe TLS configuration");
-            return;
-        }
-    };
-    let mut channel: Option<(String, Channel)> = None;
+    let mut channel: Option<(ProbeTarget, Channel)> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -51,10 +51,10 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = target.changed() => {}
         }
-        let Some(url) = target.borrow().clone() else {
+        let Some(t) = target.borrow().clone() else {
             continue;
         };
-        let Some(ch) = channel_to(&mut channel, &url, &cfg, &state) else {
+        let Some(ch) = channel_to(&mut channel, &t, &tls, &state) else {
             continue;
         };
         let r = check(ch).await;
@@ -62,23 +62,27 @@ pub async fn run(
     }
 }
 
-/// The channel to `url`, reused while the target stays the same (None, with the error
-/// recorded, when it cannot be made).
+/// The channel to the target, reused while it stays the same (None, with the error recorded,
+/// when it cannot be made).
 fn channel_to(
-    channel: &mut Option<(String, Channel)>,
-    url: &str,
-    cfg: &Arc<rustls::ClientConfig>,
+    channel: &mut Option<(ProbeTarget, Channel)>,
+    t: &ProbeTarget,
+    tls: &TlsMaterial,
     state: &Shared,
 ) -> Option<Channel> {
-    if channel.as_ref().is_none_or(|(u, _)| u != url) {
-        match tls::connect_lazy(url, cfg.clone()) {
-            Ok(ch) => *channel = Some((url.to_string(), ch)),
+    if channel.as_ref().is_none_or(|(cur, _)| cur != t) {
+        let made = tls
+            .client_config(t.expect.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| tls::connect_lazy(&t.url, cfg).map_err(|e| e.to_string()));
+        match made {
+            Ok(ch) => *channel = Some((t.clone(), ch)),
             Err(e) => {
-                state.lock().expect("probe").last_error = Some(e.to_string());
+                state.lock().expect("probe").last_error = Some(e);
                 return None;
             }
         }
-        state.lock().expect("probe").target = Some(url.to_string());
+        state.lock().expect("probe").target = Some(t.url.clone());
     }
     channel.as_ref().map(|(_, ch)| ch.clone())
 }

@@ -106,11 +106,7 @@ impl Reporter {
             last_durable_unix_ms: f.last_durable_unix_ms,
             disk_free_bytes: disk_free(&self.workspace),
             gpu,
-            last_error: if sending {
-                report_text(f.last_error.clone().unwrap_or_default())
-            } else {
-                String::new()
-            },
+            last_error: report_text(n.last_error.clone()),
             bytes_total: n.bytes_total,
             last_sync_ms: f.last_sync_ms,
             peer: probe.map(|(p, last_data)| peer_contact(p, last_data)),

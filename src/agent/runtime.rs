@@ -13,13 +13,14 @@ use crate::agent::config::AgentConfig;
 use crate::agent::managed::{self, Managed};
 use crate::agent::node::{Mode, Node, NodeOptions};
 use crate::agent::socket::{self, InjectedFault};
-use crate::agent::{endpoint, join};
+use crate::agent::{endpoint, join, revocations};
 use crate::disk::statedir::{self, StateLock};
 use crate::replication::continuous::{self, Control, Target};
 use crate::replication::receive::{Receiver, ReceiverOptions};
 use crate::replication::send::{Report, Sender, SenderOptions};
 use crate::trust::identity::Role;
 use crate::trust::tls::{self, Expect, TlsMaterial};
+use crate::types::Epoch;
 
 /// The agent's identity and its opened replica.
 pub struct Opened {
@@ -32,17 +33,10 @@ pub struct Opened {
     pub lock: StateLock,
 }
 
-/// Joins (or loads certificates), locks the state directory and opens the replica state.
+/// Joins (or loads certificates), locks the state directory, loads the revocation list and
+/// opens the replica state, all before anything is served.
 pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
-    let material = join::identity(
-        cfg.role,
-        &cfg.state_dir,
-        cfg.tls_dir.as_deref(),
-        cfg.coordinator.as_deref(),
-        cfg.join_token.as_deref(),
-        &cfg.machine,
-    )
-    .await?;
+    let mut material = join::identity(cfg).await?;
     let pair = material.identity.pair().expect("node identity").to_string();
     let machine = material
         .identity
@@ -57,10 +51,12 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
         role: cfg.role.peer(),
     };
     let lock = statedir::lock(&cfg.state_dir)?;
+    material.deny = revocations::load(&cfg.state_dir)?;
     let opts = ReceiverOptions {
         workspace: cfg.workspace.clone(),
         state_dir: cfg.state_dir.clone(),
         sender: peer.clone(),
+        deny: material.deny.clone(),
         // A CPU standby seeded by hand reuses what it holds; a GPU sends first.
         adopt: cfg.role == Role::Cpu,
         accepting: cfg.role == Role::Cpu,
@@ -69,6 +65,12 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
     let receiver = tokio::task::spawn_blocking(move || Receiver::open(opts))
         .await?
         .context("opening the replica")?;
+    // Every pair starts at epoch 1 (the sender's first session raises its own 0 to 1 too), so
+    // a receiver holds it before any hello: from then on only the coordinator raises it.
+    receiver
+        .raise_epoch(FIRST_EPOCH)
+        .await
+        .context("persisting the first epoch")?;
     Ok(Opened {
         material,
         pair,
@@ -78,6 +80,9 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
         lock,
     })
 }
+
+/// The epoch every pair starts at.
+const FIRST_EPOCH: Epoch = Epoch(1);
 
 /// Runs an agent until it is told to stop: serves its endpoint (health, and replication into
 /// it when it receives), its control socket, heartbeats and commands when a coordinator
@@ -99,7 +104,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
     let (addr, endpoint) =
         endpoint::serve(&cfg.listen, &material, router, shutdown.clone()).await?;
     std::fs::write(cfg.state_dir.join("listen.addr"), addr.to_string())?;
-    let options = node_options(&cfg, &pair, &material);
+    let options = node_options(&cfg, &pair, &peer, &material);
     let initial = initial_mode(&cfg, &peer);
     let (node, ctl_tx, driver) = Node::start(options, receiver, initial, shutdown.clone());
     let fault: InjectedFault = Arc::new(Mutex::new(None));
@@ -108,7 +113,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
         let m = Managed {
             url: url.clone(),
             tls: material.clone(),
-            peer,
+            cert_dir: join::cert_dir(&cfg),
             node,
             fault,
             listen_port: addr.port(),
@@ -172,9 +177,15 @@ fn sender_options(cfg: &AgentConfig) -> SenderOptions {
     opts
 }
 
-fn node_options(cfg: &AgentConfig, pair: &str, material: &TlsMaterial) -> NodeOptions {
+fn node_options(
+    cfg: &AgentConfig,
+    pair: &str,
+    seat: &Expect,
+    material: &TlsMaterial,
+) -> NodeOptions {
     NodeOptions {
         pair: pair.to_string(),
+        seat: seat.clone(),
         workspace: cfg.workspace.clone(),
         sender: sender_options(cfg),
         tls: material.clone(),

@@ -10,7 +10,10 @@
 //!   applying it. The replica is always exactly one committed generation.
 //! - **Durability before ack** (2): staged data is synced before the record, the workspace
 //!   after applying it; only then is the generation acknowledged.
-//! - **Fencing** (3): a session carrying an older epoch than the durable one is refused.
+//! - **Fencing** (3): a session must carry exactly the durable epoch, which only the coordinator
+//!   (or a static pair's own first epoch) sets; a hello never raises it (`admission`). Before
+//!   every commit, under the replica lock, the session is checked again: still accepting, the
+//!   same expected sender and epoch, the sender not revoked, the durable epoch unchanged.
 //! - **Verification** (4): every file's blake3 is checked before it can be committed; a
 //!   mismatch is answered with a retry (the sender sends it whole), never committed.
 //! - **One generation at a time**: one session at a time holds the replica; a newer session
@@ -21,11 +24,13 @@
 //!   is capped.
 //!
 //! The pieces, in the order a generation meets them: `startup` (opening the replica),
-//! `service` (the gRPC entry points), `session` (hello, epoch, the message loop), `validate`
+//! `service` (the gRPC entry points), `admission` (who may send, at which epoch), `session`
+//! (hello, epoch, the message loop), `validate`
 //! (the pure checks of incoming ops), `generation` (staging one generation), `batch` and
 //! `stream` (writing content into the stage), `signature` (delta bases), `commit` (journal,
 //! apply, acknowledge), [`apply`] (the roll-forward) and `stage` (the staged file sinks).
 
+mod admission;
 pub mod apply;
 mod batch;
 mod commit;
@@ -54,10 +59,12 @@ use crate::proto::replica_server::ReplicaServer;
 use crate::proto::state::Record;
 use crate::replication::catalog::Catalog;
 use crate::replication::manifest::Manifest;
+use crate::trust::revocation::DenyList;
 use crate::trust::tls::Expect;
 use crate::types::{Epoch, Generation};
 use apply::SetIdBits;
 
+pub use admission::Expected;
 pub use service::ReplicaService;
 
 /// Name of the catalog (`<state-dir>/replica.{snap,log}`) holding an agent's replica state.
@@ -73,8 +80,11 @@ pub const MAX_INLINE: usize = 4 << 20;
 pub struct ReceiverOptions {
     pub workspace: PathBuf,
     pub state_dir: PathBuf,
-    /// The only identities allowed to replicate into this receiver.
+    /// The peer seat: who may read the replica's status, and who may replicate in until told
+    /// otherwise (see [`Receiver::expect`]).
     pub sender: Expect,
+    /// Revoked certificates: a session whose sender is on it ends (see [`Receiver::end_revoked`]).
+    pub deny: DenyList,
     /// On a first start (no catalog yet), take what is already in the workspace as generation 0,
     /// so a sender can reuse it as delta bases (a CPU standby seeded by hand). An agent that will
     /// send first does not need it.
@@ -138,15 +148,27 @@ struct Inner {
     root: Root,
     stage_path: PathBuf,
     stage: OwnedFd,
+    /// The peer seat (status reads).
     sender: Expect,
+    /// Who may replicate in now, and at which epoch.
+    expected: Mutex<Expected>,
+    deny: DenyList,
     state: Arc<tokio::sync::Mutex<State>>,
     /// The session holding (or waiting for) the replica, and how to end it.
-    session: Mutex<Option<(u64, CancellationToken)>>,
+    session: Mutex<Option<Slot>>,
     sessions: AtomicU64,
     figures: Mutex<Figures>,
     accepting: AtomicBool,
     /// What becomes of the sender's setuid and setgid bits on disk.
     setid: SetIdBits,
+}
+
+/// The session holding the replica: its number, how to end it, and its sender's certificate
+/// serial (a revocation ends it).
+struct Slot {
+    id: u64,
+    token: CancellationToken,
+    serial: String,
 }
 
 #[derive(Clone)]
@@ -182,7 +204,9 @@ impl Receiver {
                 root: opened.root,
                 stage_path: opened.stage_path,
                 stage: opened.stage,
+                expected: Mutex::new(Expected::seat(opts.sender.clone())),
                 sender: opts.sender,
+                deny: opts.deny,
                 state: Arc::new(tokio::sync::Mutex::new(State {
                     manifest: opened.manifest,
                     catalog: opened.catalog,
@@ -214,6 +238,34 @@ impl Receiver {
 
     pub fn accepting(&self) -> bool {
         self.inner.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Accepts sessions only from `expected` from now on; a change ends the current session.
+    pub fn expect(&self, expected: Expected) {
+        let mut cur = self.inner.expected.lock().expect("expected");
+        if *cur != expected {
+            tracing::info!(sender = %expected.sender, epoch = ?expected.epoch, "expected sender");
+            *cur = expected;
+            drop(cur);
+            self.preempt();
+        }
+    }
+
+    pub fn expected(&self) -> Expected {
+        self.inner.expected.lock().expect("expected").clone()
+    }
+
+    /// Ends the current session if its sender's certificate is now revoked; true when it did.
+    pub fn end_revoked(&self) -> bool {
+        let mut slot = self.inner.session.lock().expect("session lock");
+        let revoked = slot
+            .as_ref()
+            .is_some_and(|s| self.inner.deny.contains(&s.serial));
+        if revoked && let Some(s) = slot.take() {
+            tracing::warn!(serial = %s.serial, "ending a session: its sender's certificate was revoked");
+            s.token.cancel();
+        }
+        revoked
     }
 
     /// Refreshes the figures from the state (after a sender used it).
@@ -254,8 +306,8 @@ impl Receiver {
     }
 
     fn preempt(&self) {
-        if let Some((_, tok)) = self.inner.session.lock().expect("session lock").take() {
-            tok.cancel();
+        if let Some(s) = self.inner.session.lock().expect("session lock").take() {
+            s.token.cancel();
         }
     }
 }

@@ -216,6 +216,40 @@ pub fn server_sans(extra: &[San]) -> Vec<San> {
 /// How long a coordinator's server certificate is valid, in days.
 pub const SERVER_CERT_DAYS: u32 = 3650;
 
+/// Where a renewal puts the new key and certificate before they replace the old ones.
+const KEY_NEXT: &str = "node.key.next";
+const CERT_NEXT: &str = "node.pem.next";
+
+/// Replaces the key and certificate in `dir` crash-safely: both are written beside the old ones
+/// (`node.key.next`, then `node.pem.next`), then the key is renamed into place, then the
+/// certificate. A crash leaves either the old pair, or `node.pem.next` for
+/// [`finish_renewal`] to roll forward.
+pub fn write_renewal(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+    write_private(&dir.join(KEY_NEXT), key_pem.as_bytes())?;
+    write_private(&dir.join(CERT_NEXT), cert_pem.as_bytes())?;
+    finish_renewal(dir).map(drop)
+}
+
+/// Completes a renewal a crash cut short (before the directory is loaded): with `node.pem.next`
+/// present both new files were complete, so the renames are carried out; a lone
+/// `node.key.next` is a renewal that never finished writing and is removed. True when a
+/// renewal was rolled forward.
+pub fn finish_renewal(dir: &Path) -> Result<bool, PkiError> {
+    let (key_next, cert_next) = (dir.join(KEY_NEXT), dir.join(CERT_NEXT));
+    if !cert_next.exists() {
+        if key_next.exists() {
+            fs::remove_file(&key_next).map_err(io_at(&key_next))?;
+        }
+        return Ok(false);
+    }
+    if key_next.exists() {
+        fs::rename(&key_next, dir.join(KEY_FILE)).map_err(io_at(&key_next))?;
+    }
+    fs::rename(&cert_next, dir.join(CERT_FILE)).map_err(io_at(&cert_next))?;
+    crate::disk::crashsafe::fsync_dir(dir).map_err(io_at(dir))?;
+    Ok(true)
+}
+
 pub struct Ca {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
@@ -529,6 +563,52 @@ mod tests {
         let name = ServerName::try_from(host.to_string()).unwrap();
         v.verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
             .is_ok()
+    }
+
+    #[test]
+    fn a_renewal_cut_short_is_rolled_forward_or_dropped() {
+        let ca = Ca::generate().unwrap();
+        let id = Identity::node("p1", Role::Gpu, "m1").unwrap();
+        let (old, new) = (
+            ca.issue(&id, 1, &[]).unwrap(),
+            ca.issue(&id, 2, &[]).unwrap(),
+        );
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+        // Crashed after both new files were written, before or between the renames.
+        for renamed_key in [false, true] {
+            old.write_dir(dir).unwrap();
+            write_private(&dir.join(KEY_NEXT), new.key_pem.as_bytes()).unwrap();
+            write_private(&dir.join(CERT_NEXT), new.cert_pem.as_bytes()).unwrap();
+            if renamed_key {
+                fs::rename(dir.join(KEY_NEXT), dir.join(KEY_FILE)).unwrap();
+            }
+            assert!(finish_renewal(dir).unwrap());
+            assert_eq!(
+                (read(KEY_FILE), read(CERT_FILE)),
+                (new.key_pem.clone(), new.cert_pem.clone())
+            );
+            assert!(!dir.join(KEY_NEXT).exists() && !dir.join(CERT_NEXT).exists());
+            assert!(!finish_renewal(dir).unwrap(), "nothing left to do");
+        }
+        // Crashed while writing: only the new key; the old pair stays.
+        old.write_dir(dir).unwrap();
+        write_private(&dir.join(KEY_NEXT), new.key_pem.as_bytes()).unwrap();
+        assert!(!finish_renewal(dir).unwrap());
+        assert_eq!(
+            (read(KEY_FILE), read(CERT_FILE)),
+            (old.key_pem.clone(), old.cert_pem.clone())
+        );
+        assert!(!dir.join(KEY_NEXT).exists());
+        // The whole renewal, and a key that stays private.
+        write_renewal(dir, &new.cert_pem, &new.key_pem).unwrap();
+        assert_eq!(
+            (read(KEY_FILE), read(CERT_FILE)),
+            (new.key_pem, new.cert_pem)
+        );
+        let m = fs::metadata(dir.join(KEY_FILE)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

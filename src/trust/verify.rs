@@ -61,7 +61,8 @@ impl std::fmt::Display for Expect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Expect::Exactly(id) => write!(f, "{id}"),
-            Expect::Seat { pair, role } => write!(f, "standby://pair/{pair}/{role}/*"),
+            // Spelled as certificates name it, so a refusal shows which URI would have passed.
+            Expect::Seat { pair, role } => write!(f, "standby://pair/{pair}/{role}/<any machine>"),
             Expect::AnyIdentity => f.write_str("any identity"),
         }
     }

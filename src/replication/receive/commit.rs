@@ -5,6 +5,7 @@
 //! staged; a failure after it leaves the record to be rolled forward.
 
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use tonic::Status;
@@ -12,7 +13,7 @@ use tonic::Status;
 use super::apply::{apply_record, clear_stage, sync_applied, sync_staged};
 use super::generation::Gen;
 use super::refusal::{bad, status_io};
-use super::session::{Guard, Session, blocking, send};
+use super::session::{Admitted, Guard, Session, blocking, send};
 use super::{Inner, State};
 use crate::proto::state::{Change, Record};
 use crate::proto::{CommitResult, sync_response};
@@ -51,7 +52,17 @@ impl Session {
         }
         let started = Instant::now();
         let (inner, epoch, want) = (self.inner.clone(), self.epoch, c.root.to_vec());
-        let (guard, r) = blocking(guard, move |st| commit(&inner, st, g, epoch, &want)).await?;
+        let sender = self.sender.clone();
+        let (guard, r) = blocking(guard, move |st| {
+            match still_admitted(&inner, st, epoch, &sender) {
+                Ok(()) => commit(&inner, st, g, epoch, &want),
+                Err(e) => {
+                    g.discard(&inner.stage);
+                    Err(e)
+                }
+            }
+        })
+        .await?;
         let (generation, root) = r?;
         let commit_ms = started.elapsed().as_millis() as u64;
         self.record_commit(&guard.manifest, generation, root);
@@ -88,6 +99,41 @@ async fn settle_for(g: &mut Gen, generation: u64) -> Result<(), Status> {
     g.settle().await
 }
 
+/// The hello's checks again, under the replica lock just before the commit point: the durable
+/// epoch is still the session's, this agent still accepts, it still expects this sender at this
+/// epoch, and the sender's certificate was not revoked meanwhile. Anything else abandons the
+/// generation (the caller discards it); nothing is committed.
+fn still_admitted(
+    inner: &Inner,
+    st: &State,
+    epoch: Epoch,
+    sender: &Admitted,
+) -> Result<(), Status> {
+    let durable = st.epoch.get();
+    if durable != epoch {
+        return Err(Status::failed_precondition(format!(
+            "fenced: epoch moved to {durable} during the session"
+        )));
+    }
+    if !inner.accepting.load(Ordering::SeqCst) {
+        return Err(Status::unavailable(
+            "this agent stopped accepting replication; the generation is not committed",
+        ));
+    }
+    if *inner.expected.lock().expect("expected") != sender.expected {
+        return Err(Status::aborted(
+            "the coordinator named another sender or epoch; the generation is not committed",
+        ));
+    }
+    if inner.deny.contains(&sender.serial) {
+        return Err(Status::permission_denied(format!(
+            "the certificate of {} (serial {}) was revoked; the generation is not committed",
+            sender.identity, sender.serial
+        )));
+    }
+    Ok(())
+}
+
 /// Makes a generation durable and applies it. Returns the new generation and root.
 fn commit(
     inner: &Inner,
@@ -97,13 +143,6 @@ fn commit(
     want_root: &[u8],
 ) -> Result<(Generation, [u8; 32]), Status> {
     let generation = g.generation;
-    if st.epoch.get() != epoch {
-        g.discard(&inner.stage);
-        return Err(Status::failed_precondition(format!(
-            "fenced: epoch moved to {} during the session",
-            st.epoch.get()
-        )));
-    }
     let changes: Vec<Change> = g.changes.values().map(|p| p.change.clone()).collect();
     // The manifest after this generation, checked before anything is made durable; any refusal
     // puts the committed manifest back as it was.

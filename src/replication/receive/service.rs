@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::Inner;
-use super::session::run_session;
+use super::admission::{Expected, admit_sender};
+use super::session::{Admitted, run_session};
 use crate::proto::replica_server::Replica;
 use crate::proto::{ReplicaStatus, StatusRequest, SyncRequest, SyncResponse};
 use crate::trust::identity::Identity;
@@ -25,13 +26,20 @@ impl ReplicaService {
         ReplicaService { inner }
     }
 
-    /// Only the paired sender replicates, and only while this agent accepts it.
-    fn admit(&self, peer: &tls::PeerInfo) -> Result<(), Status> {
-        if !self.inner.sender.accepts(&peer.identity) {
-            tracing::warn!(peer = %peer.identity, addr = ?peer.addr, "replication refused: not the paired sender");
+    /// Only the expected sender replicates, with a certificate not revoked (a connection made
+    /// before the revocation may still be up), and only while this agent accepts it. Returns
+    /// whom it admitted (the session checks it again before every commit).
+    fn admit(&self, peer: &tls::PeerInfo) -> Result<Expected, Status> {
+        let expected = self.inner.expected.lock().expect("expected").clone();
+        if let Err(r) = admit_sender(&expected, &peer.identity) {
+            tracing::warn!(peer = %peer.identity, addr = ?peer.addr, expected = %expected.sender, "replication refused: not the expected sender");
+            return Err(r.into());
+        }
+        if self.inner.deny.contains(&peer.serial) {
+            tracing::warn!(peer = %peer.identity, serial = %peer.serial, "replication refused: revoked certificate");
             return Err(Status::permission_denied(format!(
-                "replication is accepted only from {}; you are {}",
-                self.inner.sender, peer.identity
+                "the certificate of {} (serial {}) is revoked",
+                peer.identity, peer.serial
             )));
         }
         if !self.inner.accepting.load(Ordering::SeqCst) {
@@ -40,7 +48,7 @@ impl ReplicaService {
                 "this agent does not accept replication now (it is a primary, or idle) at epoch {epoch}"
             )));
         }
-        Ok(())
+        Ok(expected)
     }
 
     /// The sender, its pair's other side, the coordinator and admins may read the figures.
@@ -60,13 +68,18 @@ impl Replica for ReplicaService {
         req: Request<Streaming<SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let peer = tls::peer_of(&req)?;
-        self.admit(&peer)?;
+        let expected = self.admit(&peer)?;
         let stream = req.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let inner = self.inner.clone();
         let id = inner.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let span = tracing::info_span!("session", id, peer = ?peer.addr);
-        tokio::spawn(serve_session(inner, id, stream, tx).instrument(span));
+        let sender = Admitted {
+            expected,
+            identity: peer.identity,
+            serial: peer.serial,
+        };
+        tokio::spawn(serve_session(inner, id, sender, stream, tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -104,11 +117,12 @@ impl Replica for ReplicaService {
 async fn serve_session(
     inner: Arc<Inner>,
     id: u64,
+    sender: Admitted,
     stream: Streaming<SyncRequest>,
     tx: mpsc::Sender<Result<SyncResponse, Status>>,
 ) {
     let out = tx.clone();
-    match run_session(inner.clone(), id, stream, tx).await {
+    match run_session(inner.clone(), id, sender, stream, tx).await {
         Ok(()) => tracing::info!("session closed by the sender"),
         Err(st) => {
             log_end(&st);
@@ -116,7 +130,7 @@ async fn serve_session(
         }
     }
     let mut cur = inner.session.lock().expect("session lock");
-    if cur.as_ref().is_some_and(|(i, _)| *i == id) {
+    if cur.as_ref().is_some_and(|s| s.id == id) {
         *cur = None;
         inner.figures.lock().expect("figures").session_active = false;
     }

@@ -1,5 +1,6 @@
 //! One replication session: the hello, taking the replica over from an older session, the
-//! epoch check, then one handler per message until the sender closes the stream.
+//! epoch check (`admission`: exactly the durable epoch, never raised by a hello), then one
+//! handler per message until the sender closes the stream.
 //!
 //! The session holds the replica's lock from its hello to its end; a newer session of the same
 //! sender cancels it (see `take_over`). Whatever generation is still open when the session ends
@@ -14,18 +15,20 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use super::admission::{Expected, admit_epoch};
 use super::generation::Gen;
 use super::refusal::bad;
 use super::signature::{SigJob, sig_worker};
 use super::stream::StreamMsg;
 use super::validate::rel;
-use super::{Inner, PROTOCOL, State};
+use super::{Inner, PROTOCOL, Slot, State};
 use crate::proto::{
     Begin, Chunk, FileEnd, Hello, HelloReply, ManifestChunk, ManifestItem, SigRequest, SyncRequest,
     SyncResponse, sync_request, sync_response,
 };
 use crate::replication::delta;
 use crate::replication::manifest::{Kind, Manifest, kind_of};
+use crate::trust::identity::Identity;
 use crate::types::Epoch;
 
 /// Where replies to the sender go.
@@ -33,11 +36,22 @@ pub(super) type Replies = mpsc::Sender<Result<SyncResponse, Status>>;
 /// The replica, held by the session.
 pub(super) type Guard = OwnedMutexGuard<State>;
 
+/// The sender a session was admitted as: checked again before every commit.
+#[derive(Clone, Debug)]
+pub(super) struct Admitted {
+    /// Whom the receiver expected when the session was admitted.
+    pub expected: Expected,
+    pub identity: Identity,
+    /// Its certificate's serial (lower-case hex).
+    pub serial: String,
+}
+
 /// A session past its hello.
 pub(super) struct Session {
     pub inner: Arc<Inner>,
-    /// The session's epoch (the hello's, durable by now).
+    /// The session's epoch (the hello's, equal to the durable one).
     pub epoch: Epoch,
+    pub sender: Admitted,
     pub tx: Replies,
     sig_tx: mpsc::Sender<SigJob>,
     /// This session's number, part of every stage name it creates (see `Gen::stage_name`).
@@ -50,13 +64,18 @@ pub(super) struct Session {
 pub(super) async fn run_session(
     inner: Arc<Inner>,
     id: u64,
+    sender: Admitted,
     mut stream: Streaming<SyncRequest>,
     tx: Replies,
 ) -> Result<(), Status> {
     let Some(hello) = read_hello(&mut stream).await? else {
         return Ok(());
     };
-    let token = take_over(&inner, id);
+    // Checked against the figures first, so a sender at the wrong epoch cannot end the session
+    // in progress; checked again under the replica lock below, where it counts.
+    let durable = inner.figures.lock().expect("figures").epoch;
+    enter_epoch(&sender, durable, Epoch(hello.epoch))?;
+    let token = take_over(&inner, id, &sender.serial);
     let mut guard = lock_replica(&inner, &token).await?;
     // Roll forward a commit whose application failed earlier, before anything else.
     if let Some(rec) = guard.unapplied.take() {
@@ -68,9 +87,9 @@ pub(super) async fn run_session(
         guard = g;
         r?;
     }
-    let epoch = enter_epoch(&inner, &mut guard, Epoch(hello.epoch))?;
+    let epoch = enter_epoch(&sender, guard.epoch.get(), Epoch(hello.epoch))?;
     inner.figures.lock().expect("figures").session_active = true;
-    tracing::info!(sender = %hello.sender, epoch = %epoch, generation = %guard.manifest.generation, "session started");
+    tracing::info!(sender = %hello.sender, identity = %sender.identity, epoch = %epoch, generation = %guard.manifest.generation, "session started");
     send(
         &tx,
         sync_response::Msg::Hello(hello_reply(&guard.manifest, epoch)),
@@ -82,6 +101,7 @@ pub(super) async fn run_session(
     let mut s = Session {
         inner: inner.clone(),
         epoch,
+        sender,
         tx,
         sig_tx,
         id,
@@ -119,15 +139,15 @@ async fn read_hello(stream: &mut Streaming<SyncRequest>) -> Result<Option<Hello>
 }
 
 /// Takes over from an older session of the same sender, which is cancelled.
-fn take_over(inner: &Inner, id: u64) -> CancellationToken {
+fn take_over(inner: &Inner, id: u64, serial: &str) -> CancellationToken {
     let token = CancellationToken::new();
-    if let Some((_, old)) = inner
-        .session
-        .lock()
-        .expect("session lock")
-        .replace((id, token.clone()))
-    {
-        old.cancel();
+    let slot = Slot {
+        id,
+        token: token.clone(),
+        serial: serial.to_string(),
+    };
+    if let Some(old) = inner.session.lock().expect("session lock").replace(slot) {
+        old.token.cancel();
     }
     token
 }
@@ -141,21 +161,13 @@ async fn lock_replica(inner: &Inner, token: &CancellationToken) -> Result<Guard,
     }
 }
 
-/// Fences a stale sender, and makes a newer epoch durable before acting on it.
-fn enter_epoch(inner: &Inner, st: &mut State, hello_epoch: Epoch) -> Result<Epoch, Status> {
-    let epoch = st.epoch.get();
-    if hello_epoch < epoch {
-        return Err(Status::failed_precondition(format!(
-            "fenced: stale epoch {hello_epoch} < {epoch}; this replica no longer accepts data from that epoch"
-        )));
-    }
-    if hello_epoch > epoch {
-        st.epoch
-            .raise(hello_epoch)
-            .map_err(|e| Status::internal(format!("persisting epoch: {e}")))?;
-        inner.figures.lock().expect("figures").epoch = hello_epoch;
-    }
-    Ok(hello_epoch)
+/// The session's epoch: exactly the durable one. A stale sender is fenced; a sender ahead of
+/// this receiver is refused, never followed (epochs come only from the coordinator).
+fn enter_epoch(sender: &Admitted, durable: Epoch, hello_epoch: Epoch) -> Result<Epoch, Status> {
+    admit_epoch(&sender.expected, hello_epoch, durable).map_err(|r| {
+        tracing::warn!(identity = %sender.identity, hello = %hello_epoch, %durable, "session refused: epoch");
+        Status::from(r)
+    })
 }
 
 fn hello_reply(m: &Manifest, epoch: Epoch) -> HelloReply {
