@@ -419,7 +419,7 @@ async fn admin_calls_need_an_admin_certificate() {
     let id =
         standby::trust::identity::Identity::node("p", standby::trust::identity::Role::Gpu, "m")
             .unwrap();
-    ca.issue(&id, 1)
+    ca.issue(&id, standby::trust::pki::days(1))
         .unwrap()
         .write_dir(&t.path().join("node"))
         .unwrap();

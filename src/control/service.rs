@@ -1,9 +1,13 @@
 //! The coordinator service: join, heartbeats, administration, health, reflection and metrics.
 //!
 //! Authorisation (Invariant 7): `Join` is the only call accepted without a client certificate
-//! and is authenticated by a single-use token; heartbeats need a pair certificate (`gpu` or
-//! `cpu`), and they speak for exactly that pair and role; every `Admin` call needs an admin
-//! certificate.
+//! and is authenticated by a single-use token (bound to one machine when minted so); heartbeats
+//! need a pair certificate (`gpu` or `cpu`), not revoked, and they speak for exactly that pair,
+//! role and machine; every `Admin` call needs an admin certificate that has not expired. A
+//! certificate that expired within the renewal grace may only renew (`heartbeat`).
+//! ARCHITECTURE.md, "Trust".
+
+mod heartbeat;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,8 +22,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::engine::{Engine, Provisioning};
 use crate::control::failover::{Input, Policy, Timing};
-use crate::control::metrics::Metrics;
+use crate::control::metrics::{CertLabel, Metrics, Refusal};
 use crate::control::provider::ProvisionConfig;
+use crate::control::store::certs::{self, Registry};
 use crate::control::store::{FileStore, Store};
 use crate::proto::admin_server::{Admin, AdminServer};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
@@ -27,10 +32,10 @@ use crate::proto::{
     ActionReply, AgentReport, Command, Event, EventKind, EventsRequest, JoinReply, JoinRequest,
     ListPairsReply, ListPairsRequest, PairRequest, PairView,
 };
-use crate::trust::identity::{Identity, Role};
+use crate::trust::identity::{CertFacts, Identity, Role};
 use crate::trust::pki::Ca;
 use crate::trust::tls::{self, TlsMaterial};
-use crate::trust::token::Token;
+use crate::trust::token::{Token, TokenError};
 use crate::types::Side;
 
 /// Largest message the coordinator accepts.
@@ -42,7 +47,51 @@ pub struct Shared {
     token_key: Vec<u8>,
     fingerprint: String,
     store: Arc<dyn Store>,
-    cert_days: u32,
+    registry: Arc<Registry>,
+    /// How long the certificates issued to agents live.
+    cert_lifetime: Duration,
+}
+
+impl Shared {
+    /// A refusal: counted, shown as an event, and answered PERMISSION_DENIED.
+    fn refuse(&self, pair: &str, why: Refusal, message: String) -> Status {
+        tracing::warn!(pair, reason = why.as_str(), "{message}");
+        self.engine.metrics.refuse(why);
+        self.engine.events.emit(Event {
+            unix_ms: crate::host::unix_ms_now(),
+            pair: pair.to_string(),
+            kind: EventKind::Refused.into(),
+            message: format!("refused ({}): {message}", why.as_str()),
+            ..Default::default()
+        });
+        Status::permission_denied(message)
+    }
+
+    /// Signs `csr_pem` as `id`, and records the certificate (durably) before it is returned.
+    async fn issue(&self, csr_pem: &str, id: &Identity) -> Result<String, Status> {
+        // merge: the agent's advertise host goes into the certificate's SANs here.
+        let cert_pem = self
+            .ca
+            .sign_csr(csr_pem, id, self.cert_lifetime)
+            .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
+        let facts = facts_of(&cert_pem).map_err(Status::internal)?;
+        let rec = certs::issued(&facts)
+            .ok_or_else(|| Status::internal("issued a certificate for no machine"))?;
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.record(rec))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("recording the certificate: {e}")))?;
+        Ok(cert_pem)
+    }
+}
+
+/// The facts of a PEM certificate.
+fn facts_of(cert_pem: &str) -> Result<CertFacts, String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("issued certificate: {e}"))?;
+    CertFacts::from_der(&der).map_err(|e| format!("issued certificate: {e}"))
 }
 
 pub struct CoordinatorSvc(Arc<Shared>);
@@ -67,31 +116,16 @@ impl Coordinator for CoordinatorSvc {
                 return Err(Status::invalid_argument("join request without a role"));
             }
         };
-        let now = crate::host::unix_ms_now() / 1000;
+        crate::trust::identity::check_name(&r.machine)
+            .map_err(|e| Status::invalid_argument(format!("machine name: {e}")))?;
         let s = &self.0;
-        let token =
-            Token::verify(&r.token, &s.token_key, &s.fingerprint, role, now).map_err(|e| {
-                tracing::warn!(?addr, error = %e, "join refused");
-                Status::permission_denied(e.to_string())
-            })?;
-        // Single use: recorded durably before the certificate is handed out.
-        let store = s.store.clone();
-        let (nonce, exp) = (token.nonce.clone(), token.expires_unix);
-        let first = tokio::task::spawn_blocking(move || store.use_token(&nonce, exp))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("recording the token: {e}")))?;
-        if !first {
-            tracing::warn!(?addr, pair = %token.pair, "join refused: token replayed");
-            return Err(Status::permission_denied(
-                crate::trust::token::TokenError::Replayed.to_string(),
-            ));
-        }
+        let token = s.join_token(&r, role).await?;
         let id = Identity::node(&token.pair, role, &r.machine)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let cert_pem =
-            s.ca.sign_csr(&r.csr_pem, &id, s.cert_days)
-                .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
+        let cert_pem = s.issue(&r.csr_pem, &id).await?;
+        s.engine
+            .seated(&token.pair, side_of(role), &r.machine)
+            .await?;
         s.engine.events.emit(Event {
             unix_ms: crate::host::unix_ms_now(),
             pair: token.pair.clone(),
@@ -113,32 +147,53 @@ impl Coordinator for CoordinatorSvc {
         req: Request<Streaming<AgentReport>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let peer = tls::peer_of(&req)?;
-        let Identity::Node { pair, role, .. } = peer.identity else {
-            return Err(Status::permission_denied(
-                "heartbeats need a pair certificate",
-            ));
-        };
-        let side = side_of(role);
         let observed = peer.addr.map(|a| a.ip());
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let engine = self.0.engine.clone();
-        let conn = engine.next_conn();
-        engine.connect(&pair, conn, tx).await?;
-        tokio::spawn(async move {
-            while let Ok(Some(r)) = inbound.message().await {
-                if engine.report(&pair, side, conn, r, observed).await.is_err() {
-                    break;
-                }
-            }
-            engine.disconnect(&pair, side, conn).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        heartbeat::open(self.0.clone(), peer, observed, req.into_inner()).await
+    }
+}
+
+impl Shared {
+    /// The join request's token, verified, bound to the joining machine, and used (durably,
+    /// before any certificate is handed out).
+    async fn join_token(&self, r: &JoinRequest, role: Role) -> Result<Token, Status> {
+        let now = crate::host::unix_ms_now() / 1000;
+        let token = Token::verify(&r.token, &self.token_key, &self.fingerprint, role, now)
+            .map_err(|e| {
+                let pair = Token::parse(&r.token)
+                    .map(|(t, _)| t.pair)
+                    .unwrap_or_default();
+                self.refuse(&pair, Refusal::BadToken, format!("join refused: {e}"))
+            })?;
+        if let Err(e) = token.check_machine(&r.machine) {
+            return Err(self.refuse(
+                &token.pair,
+                Refusal::WrongMachine,
+                format!("join refused: {e}"),
+            ));
+        }
+        let store = self.store.clone();
+        let (nonce, exp) = (token.nonce.clone(), token.expires_unix);
+        let first = tokio::task::spawn_blocking(move || store.use_token(&nonce, exp))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("recording the token: {e}")))?;
+        if !first {
+            let message = format!("join by {} refused: {}", r.machine, TokenError::Replayed);
+            return Err(self.refuse(&token.pair, Refusal::TokenSpent, message));
+        }
+        Ok(token)
     }
 }
 
 fn admin<T>(req: &Request<T>) -> Result<String, Status> {
-    match tls::peer_of(req)?.identity {
+    let peer = tls::peer_of(req)?;
+    if peer.not_after_unix <= (crate::host::unix_ms_now() / 1000) as i64 {
+        // Let through the handshake for renewal only (the coordinator's grace).
+        return Err(Status::permission_denied(
+            "your certificate has expired; admin calls need a valid admin certificate",
+        ));
+    }
+    match peer.identity {
         Identity::Admin { name } => Ok(name),
         other => Err(Status::permission_denied(format!(
             "admin calls need an admin certificate; you are {other}"
@@ -258,7 +313,10 @@ pub struct ServeOptions {
     pub listen: String,
     pub metrics_listen: String,
     pub timing: Timing,
-    pub cert_days: u32,
+    /// How long the certificates issued to agents live (renewed at two thirds).
+    pub cert_lifetime: Duration,
+    /// How long after it expired an agent's certificate may still connect, to renew only.
+    pub renew_grace: Duration,
     /// Where machines come from: "local", "vastai", "gcp", "command" or "none" (replacements
     /// join by hand).
     pub provider: String,
@@ -280,7 +338,8 @@ pub struct ServeOptions {
 pub fn server_tls(dir: &Path, ca: &Ca) -> anyhow::Result<TlsMaterial> {
     let d = dir.join("server");
     if !d.join(crate::trust::pki::CERT_FILE).exists() {
-        ca.issue(&Identity::Coordinator, 3650)?.write_dir(&d)?;
+        ca.issue(&Identity::Coordinator, crate::trust::pki::days(3650))?
+            .write_dir(&d)?;
     }
     Ok(TlsMaterial::load(&d)?)
 }
@@ -301,12 +360,28 @@ pub fn token_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Mints a join token for `pair`/`role` valid for `ttl`.
-pub fn mint_token(dir: &Path, pair: &str, role: Role, ttl: Duration) -> anyhow::Result<String> {
+/// Mints a join token for `pair`/`role` valid for `ttl`, bound to `machine` when given
+/// (otherwise to whichever machine joins with it first).
+pub fn mint_token(
+    dir: &Path,
+    pair: &str,
+    role: Role,
+    machine: Option<&str>,
+    ttl: Duration,
+) -> anyhow::Result<String> {
     crate::trust::identity::check_name(pair)?;
+    if let Some(m) = machine {
+        crate::trust::identity::check_name(m)?;
+    }
     let ca = Ca::load(dir)?;
     let key = token_key(dir)?;
     let exp = crate::host::unix_ms_now() / 1000 + ttl.as_secs().max(1);
-    Ok(Token::new(pair, role, exp, &ca.fingerprint()).sign(&key))
+    let t = Token::new(pair, role, exp, &ca.fingerprint());
+    let t = match machine {
+        Some(m) => t.bound_to(m),
+        None => t,
+    };
+    Ok(t.sign(&key))
 }
 
 type DynProvider = Arc<dyn crate::control::provider::Provider>;
@@ -355,10 +430,13 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
             dir.display()
         )
     })?;
-    let material = server_tls(dir, &ca)?;
+    let mut material = server_tls(dir, &ca)?;
+    material.expired_grace = Some(opts.renew_grace);
     let token_key = token_key(dir)?;
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
+    let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
     let metrics = Arc::new(Metrics::new());
+    own_expiries(&metrics, &ca, &material, opts.cert_lifetime);
     let listener = bind(&opts.listen).await?;
     let addr = listener.local_addr()?;
     let mut policy = opts.policy.clone();
@@ -370,6 +448,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         opts.timing,
         policy,
         provisioning,
+        registry.clone(),
         metrics.clone(),
         shutdown.clone(),
     )?;
@@ -379,7 +458,8 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         ca,
         token_key,
         store,
-        cert_days: opts.cert_days,
+        registry,
+        cert_lifetime: opts.cert_lifetime,
     });
 
     let mlistener = bind(&opts.metrics_listen).await?;
@@ -396,6 +476,33 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     serve_grpc(listener, &material, shared, shutdown).await?;
     let _ = m.await;
     Ok(())
+}
+
+/// The expiry of the CA's and the server's certificates, and the agents' lifetime.
+fn own_expiries(metrics: &Metrics, ca: &Ca, material: &TlsMaterial, lifetime: Duration) {
+    use rustls_pki_types::pem::PemObject;
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).ok();
+    let ders = [("ca", ca_der), ("server", material.chain.first().cloned())];
+    for (kind, der) in ders {
+        let Some(not_after) = der.as_deref().and_then(not_after_of) else {
+            continue;
+        };
+        let l = CertLabel {
+            kind: kind.into(),
+            pair: String::new(),
+            role: String::new(),
+            machine: String::new(),
+        };
+        metrics.cert_expiry.get_or_create(&l).set(not_after);
+    }
+    metrics.cert_lifetime.set(lifetime.as_secs() as i64);
+}
+
+/// When a certificate expires (unix s), whatever it names.
+fn not_after_of(der: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {

@@ -6,6 +6,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -163,7 +164,7 @@ impl Ca {
         fingerprint(&self.cert_der)
     }
 
-    fn params_for(id: &Identity, days: u32) -> Result<CertificateParams, PkiError> {
+    fn params_for(id: &Identity, lifetime: Duration) -> Result<CertificateParams, PkiError> {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, id.uri());
@@ -175,9 +176,9 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(days.max(1) as i64);
+        let (not_before, not_after) = validity(time::OffsetDateTime::now_utc(), lifetime);
+        p.not_before = not_before;
+        p.not_after = not_after;
         p.serial_number = Some(serial());
         p.use_authority_key_identifier_extension = true;
         Ok(p)
@@ -186,30 +187,52 @@ impl Ca {
     fn sign(
         &self,
         id: &Identity,
-        days: u32,
+        lifetime: Duration,
         public: &impl PublicKeyData,
     ) -> Result<String, PkiError> {
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        Ok(Self::params_for(id, days)?
+        Ok(Self::params_for(id, lifetime)?
             .signed_by(public, &issuer)?
             .pem())
     }
 
-    /// A certificate for `id` with a fresh key pair.
-    pub fn issue(&self, id: &Identity, days: u32) -> Result<NodeCert, PkiError> {
+    /// A certificate for `id` with a fresh key pair, valid for `lifetime` (see [`validity`]).
+    pub fn issue(&self, id: &Identity, lifetime: Duration) -> Result<NodeCert, PkiError> {
         let key = KeyPair::generate()?;
         Ok(NodeCert {
             ca_pem: self.cert_pem.clone(),
-            cert_pem: self.sign(id, days, &key)?,
+            cert_pem: self.sign(id, lifetime, &key)?,
             key_pem: key.serialize_pem(),
         })
     }
 
     /// Signs a CSR's public key as `id`. Nothing but the key is taken from the request.
-    pub fn sign_csr(&self, csr_pem: &str, id: &Identity, days: u32) -> Result<String, PkiError> {
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &Identity,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        self.sign(id, days, &csr.public_key)
+        self.sign(id, lifetime, &csr.public_key)
     }
+}
+
+/// `n` days, as a certificate lifetime.
+pub fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n.max(1)) * 86_400)
+}
+
+/// A certificate issued at `now` for `lifetime` (at least one second): valid from a little
+/// before `now`, so a peer whose clock is slightly behind accepts it at once, by
+/// min(5 minutes, lifetime / 10); until `now + lifetime`.
+pub fn validity(
+    now: time::OffsetDateTime,
+    lifetime: Duration,
+) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let lifetime = lifetime.max(Duration::from_secs(1));
+    let back = (lifetime / 10).min(Duration::from_secs(300));
+    (now - back, now + lifetime)
 }
 
 pub fn fingerprint(der: &[u8]) -> String {
@@ -236,7 +259,7 @@ mod tests {
     fn issue_and_read_back_identity() {
         let ca = Ca::generate().unwrap();
         let id = Identity::node("p1", Role::Cpu, "m1").unwrap();
-        let n = ca.issue(&id, 30).unwrap();
+        let n = ca.issue(&id, days(30)).unwrap();
         let der = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
         let d = tempfile::tempdir().unwrap();
@@ -256,7 +279,7 @@ mod tests {
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
         let id = Identity::node("mine", Role::Gpu, "m2").unwrap();
-        let pem = ca.sign_csr(&csr, &id, 1).unwrap();
+        let pem = ca.sign_csr(&csr, &id, days(1)).unwrap();
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
         let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -272,5 +295,28 @@ mod tests {
         assert_eq!(back.fingerprint(), ca.fingerprint());
         let m = fs::metadata(d.path().join("ca.key")).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    }
+
+    /// Short lifetimes are backdated by a tenth of their life, long ones by five minutes; the
+    /// certificate ends exactly `lifetime` after issue.
+    #[test]
+    fn validity_backdates_by_a_tenth_up_to_five_minutes() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let (nb, na) = validity(now, Duration::from_secs(20));
+        assert_eq!(
+            (nb.unix_timestamp(), na.unix_timestamp()),
+            (999_998, 1_000_020)
+        );
+        let (nb, na) = validity(now, days(1));
+        assert_eq!(
+            (nb.unix_timestamp(), na.unix_timestamp()),
+            (1_000_000 - 300, 1_000_000 + 86_400)
+        );
+        let ca = Ca::generate().unwrap();
+        let id = Identity::node("p", Role::Gpu, "m").unwrap();
+        let n = ca.issue(&id, Duration::from_secs(20)).unwrap();
+        let der = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
+        let f = crate::trust::identity::CertFacts::from_der(&der).unwrap();
+        assert_eq!(f.not_after_unix - f.not_before_unix, 22);
     }
 }

@@ -1,18 +1,33 @@
 //! The commands each agent should have. They are recomputed from the pair's record every time
 //! (level-triggered), a connection is sent only what it has not had yet, and nothing goes out
-//! while the record is not durable.
+//! while the record is not durable. Commands that name a peer (`SetPeer`, `ProbeTarget`,
+//! `Receive`) name the machine the record holds on the other side: the only one the agent may
+//! talk to (ARCHITECTURE.md, "Trust").
 
 use super::Actor;
 use crate::control::failover::Desired;
+use crate::proto::state::PairRecord;
 use crate::proto::{Command, Fence, Freeze, ProbeTarget, Promote, Receive, SetPeer, command};
 use crate::types::Side;
 
-/// A desired command as the protocol carries it.
-pub(super) fn command_for(d: &Desired) -> Command {
+/// The machine the record holds on the other side of `side` ("" while none has reported).
+pub(super) fn peer_machine(rec: &PairRecord, side: Side) -> String {
+    let other = match side {
+        Side::Gpu => &rec.cpu,
+        Side::Cpu => &rec.gpu,
+    };
+    other
+        .as_ref()
+        .map(|m| m.machine.clone())
+        .unwrap_or_default()
+}
+
+/// A desired command as the protocol carries it; `peer` is the machine on the other side.
+pub(super) fn command_for(d: &Desired, peer: &str) -> Command {
     Command {
         cmd: Some(match d {
             Desired::SetPeer { url, epoch } => command::Cmd::SetPeer(SetPeer {
-                machine: String::new(),
+                machine: peer.to_string(),
                 url: url.clone(),
                 epoch: epoch.0,
             }),
@@ -23,11 +38,11 @@ pub(super) fn command_for(d: &Desired) -> Command {
             }),
             Desired::Probe { url } => command::Cmd::Probe(ProbeTarget {
                 url: url.clone(),
-                machine: String::new(),
+                machine: peer.to_string(),
             }),
             Desired::Receive { epoch } => command::Cmd::Receive(Receive {
                 epoch: epoch.0,
-                peer: String::new(),
+                peer: peer.to_string(),
             }),
             Desired::Freeze { epoch } => command::Cmd::Freeze(Freeze { epoch: epoch.0 }),
         }),
@@ -44,14 +59,15 @@ impl Actor {
             return;
         }
         for side in Side::ALL {
+            let peer = peer_machine(&e.m.rec, side);
             let desired = e.m.desired(side);
             let Some(c) = e.conns[side].as_mut() else {
                 continue;
             };
             let mut sent = Vec::new();
-            for d in &desired {
-                if c.sent.contains(d) || c.tx.try_send(Ok(command_for(d))).is_ok() {
-                    sent.push(d.clone());
+            for cmd in desired.iter().map(|d| command_for(d, &peer)) {
+                if c.sent.contains(&cmd) || c.tx.try_send(Ok(cmd.clone())).is_ok() {
+                    sent.push(cmd);
                 }
             }
             c.sent = sent;
