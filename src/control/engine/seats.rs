@@ -41,10 +41,14 @@ impl Actor {
         e.m.accepts_holding(side, machine, &holders)
     }
 
-    /// What a renewal needs: the pair exists and `machine` holds (or is being provisioned for)
-    /// the seat.
+    /// What a renewal needs: `machine` holds (or is being provisioned for) the seat. A pair no
+    /// agent has heartbeated to yet (it joined, then its certificate expired) has only the
+    /// registry to go by.
     pub(super) fn holds_seat(&self, pair: &str, side: Side, machine: &str) -> bool {
-        self.accepts(pair, side, machine)
+        if self.pairs.contains_key(pair) {
+            return self.accepts(pair, side, machine);
+        }
+        self.registry.seat(pair, role_of(side)).contains(machine)
     }
 
     /// `machine` joined `side` of `pair`: unless a provider fills that seat, it now holds it

@@ -59,6 +59,10 @@ fn proto_role(r: Role) -> crate::proto::Role {
     }
 }
 
+/// How long after its expiry a certificate is still worth revoking: the store prunes it from
+/// then on anyway, and the longest renewal grace anyone sets is well below this.
+const GRACE_KEPT: u64 = 366 * 86_400;
+
 /// What a certificate's facts are recorded as.
 pub fn issued(facts: &CertFacts) -> Option<IssuedCert> {
     let Identity::Node {
@@ -80,7 +84,8 @@ pub fn issued(facts: &CertFacts) -> Option<IssuedCert> {
     })
 }
 
-/// The unexpired, unrevoked certificates `which` selects, as revoked copies.
+/// The unrevoked certificates `which` selects, as revoked copies (expired ones too: they can
+/// still renew within the grace).
 pub fn revoke_in(
     certs: &HashMap<String, IssuedCert>,
     which: &Retire<'_>,
@@ -89,7 +94,7 @@ pub fn revoke_in(
 ) -> Vec<IssuedCert> {
     let mut out: Vec<IssuedCert> = certs
         .values()
-        .filter(|c| !c.revoked && c.not_after_unix > now_unix && which.selects(c))
+        .filter(|c| !c.revoked && c.not_after_unix + GRACE_KEPT > now_unix && which.selects(c))
         .map(|c| IssuedCert {
             revoked: true,
             revoked_reason: reason.to_string(),
@@ -109,21 +114,16 @@ pub fn deny_list(certs: &HashMap<String, IssuedCert>, now_unix: u64) -> BTreeSet
         .collect()
 }
 
-/// The machines holding an unexpired, unrevoked certificate for a seat.
+/// The machines holding an unrevoked certificate for a seat. An expired one still holds it
+/// (its agent may renew within the grace) until another machine joins the seat.
 pub fn seat_holders(
     certs: &HashMap<String, IssuedCert>,
     pair: &str,
     role: Role,
-    now_unix: u64,
 ) -> BTreeSet<String> {
     certs
         .values()
-        .filter(|c| {
-            !c.revoked
-                && c.not_after_unix > now_unix
-                && c.pair == pair
-                && c.role == proto_role(role) as i32
-        })
+        .filter(|c| !c.revoked && c.pair == pair && c.role == proto_role(role) as i32)
         .map(|c| c.machine.clone())
         .collect()
 }
@@ -231,7 +231,7 @@ impl Registry {
 
     /// The machines that hold the seat by a certificate issued here (empty: none joined).
     pub fn seat(&self, pair: &str, role: Role) -> BTreeSet<String> {
-        seat_holders(&self.certs.lock().expect("certs"), pair, role, now_unix())
+        seat_holders(&self.certs.lock().expect("certs"), pair, role)
     }
 
     /// The expiry of each machine's newest live certificate (for the metrics).
@@ -284,17 +284,21 @@ mod tests {
             machine: "g1",
         };
         let r = revoke_in(&certs, &which, "failed", 60);
-        assert_eq!(serials(&r), ["01", "02"]); // not 06 (expired), not q's g1
+        // 06 expired, but could still renew within the grace: revoked too; not q's g1.
+        assert_eq!(serials(&r), ["01", "02", "06"]);
         assert!(r.iter().all(|c| c.revoked && c.revoked_reason == "failed"));
         let which = Retire::SeatBut {
             pair: "p",
             role: Role::Gpu,
             keep: "g2",
         };
-        assert_eq!(serials(&revoke_in(&certs, &which, "x", 60)), ["01", "02"]);
+        assert_eq!(
+            serials(&revoke_in(&certs, &which, "x", 60)),
+            ["01", "02", "06"]
+        );
         assert_eq!(
             serials(&revoke_in(&certs, &Retire::Pair("p"), "x", 60)),
-            ["01", "02", "03", "04"]
+            ["01", "02", "03", "04", "06"]
         );
     }
 
@@ -310,8 +314,8 @@ mod tests {
         );
         // Already revoked: nothing new to revoke.
         assert!(revoke_in(&certs, &Retire::Pair("p"), "again", 0).is_empty());
-        assert!(seat_holders(&certs, "p", Role::Gpu, 0).is_empty());
-        let holders = seat_holders(&certs, "q", Role::Gpu, 0);
+        assert!(seat_holders(&certs, "p", Role::Gpu).is_empty());
+        let holders = seat_holders(&certs, "q", Role::Gpu);
         assert_eq!(holders.into_iter().collect::<Vec<_>>(), ["g1"]);
     }
 
