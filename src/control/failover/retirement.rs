@@ -120,6 +120,12 @@ mod tests {
         })
     }
 
+    /// Some instant to resume a machine at (the parent denies reading the clock).
+    #[allow(clippy::disallowed_methods)]
+    fn now() -> std::time::Instant {
+        std::time::Instant::now()
+    }
+
     fn machines(r: &[Retired]) -> Vec<(&str, Side)> {
         r.iter().map(|r| (r.machine.as_str(), r.side)).collect()
     }
@@ -170,7 +176,7 @@ mod tests {
 
     #[test]
     fn seats_no_provider_fills_are_held_by_their_holders() {
-        let pm = PairMachine::resume(PairRecord::default(), std::time::Instant::now());
+        let pm = PairMachine::resume(PairRecord::default(), now());
         let none = Default::default();
         let holders: std::collections::BTreeSet<String> = ["g1".to_string()].into();
         assert!(pm.accepts_holding(Side::Gpu, "anything", &none));
@@ -181,7 +187,7 @@ mod tests {
                 gpu_owned: Some(m("g9", Role::Gpu)),
                 ..Default::default()
             },
-            std::time::Instant::now(),
+            now(),
         );
         assert!(owned.accepts_holding(Side::Gpu, "g9", &holders));
         assert!(!owned.accepts_holding(Side::Gpu, "g1", &holders));

@@ -90,25 +90,36 @@ pub(super) async fn open(
     } else {
         tracing::info!(identity = %st.identity(), "an expired certificate connected: renewal only");
     }
-    tokio::spawn(run(s, st, inbound, tx));
+    // While the engine holds the stream, it alone keeps it open (a connection it replaced ends);
+    // a renewal-only stream is kept open here.
+    let keep = st.conn.is_none().then(|| tx.clone());
+    tokio::spawn(run(s, st, inbound, tx.downgrade(), keep));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
 /// The stream until the agent goes, its report names another machine, or its certificate is
 /// revoked.
-async fn run(s: Arc<Shared>, st: Stream, mut inbound: Streaming<AgentReport>, tx: Tx) {
+async fn run(
+    s: Arc<Shared>,
+    st: Stream,
+    mut inbound: Streaming<AgentReport>,
+    weak: mpsc::WeakSender<Result<Command, Status>>,
+    _keep: Option<Tx>,
+) {
     let mut revs = s.registry.subscribe();
     revs.mark_changed(); // the list goes out as the stream opens
     loop {
         tokio::select! {
             m = inbound.message() => {
                 let Ok(Some(r)) = m else { break };
+                let Some(tx) = weak.upgrade() else { break };
                 if let Err(e) = on_report(&s, &st, r, &tx).await {
                     let _ = tx.send(Err(e)).await;
                     break;
                 }
             }
             changed = revs.changed() => {
+                let Some(tx) = weak.upgrade() else { break };
                 if changed.is_err() || !push_revocations(&s, &st, &mut revs, &tx).await {
                     break;
                 }
