@@ -363,3 +363,113 @@ async fn an_expired_certificate_within_the_grace_may_only_renew() {
     assert!(n.not_after_unix > (unix_ms() / 1000) as i64);
     assert!(c.pair("p").is_none());
 }
+
+/// A cloud of the `command` provider (`tests/command-cloud/`) whose GPU machines never join:
+/// their "agent" only writes down the join token it was given. Wrappers give the scripts their
+/// settings, so nothing changes this process's environment.
+fn silent_cloud(t: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = t.join("cloud");
+    let bins = t.join("bins");
+    let wrappers = t.join("wrappers");
+    let tokens = t.join("tokens");
+    for d in [&cloud, &bins, &wrappers] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let exec = |p: &Path, body: String| {
+        std::fs::write(p, body).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    exec(
+        &bins.join("agent-gpu"),
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$STANDBY_JOIN_TOKEN\" >>'{}'\nexec sleep 600\n",
+            tokens.display()
+        ),
+    );
+    let mut toml = String::from("[command]\n");
+    for op in ["create", "destroy", "list", "get", "search"] {
+        exec(
+            &wrappers.join(op),
+            format!(
+                "#!/bin/sh\nexport CLOUD_DIR='{}' CLOUD_AGENT_BIN_DIR='{}'\nexec '{}/{op}' \"$@\"\n",
+                cloud.display(),
+                bins.display(),
+                command_cloud().display()
+            ),
+        );
+        let v = wrappers.join(op).display().to_string();
+        match op {
+            "search" => toml += &format!("search = [\"{v}\"]\n"),
+            _ => toml += &format!("{op} = \"{v}\"\n"),
+        }
+    }
+    toml += "timeout = \"30s\"\n";
+    let cfg = t.join("coordinator.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    (cloud, cfg, tokens)
+}
+
+/// After a failover the coordinator provisions a new GPU. Its attempt's token is bound to the
+/// attempt's label (another machine is refused), and once the attempt is torn down (its machine
+/// never joined within the boot timeout) the token is spent: using it then is refused.
+#[test]
+fn an_attempts_token_is_bound_to_its_label_and_spent_at_teardown() {
+    let t = tempfile::tempdir().unwrap();
+    let (cloud, cfg, tokens) = silent_cloud(t.path());
+    let _reaper = MachineReaper(cloud.clone());
+    let cfg = cfg.to_str().unwrap();
+    let c = Coord::start(
+        &t.path().join("c"),
+        &[
+            "--provider",
+            "command",
+            "--boot-timeout",
+            "3s",
+            "--backoff-base",
+            "200ms",
+            "--config",
+            cfg,
+        ],
+    );
+    let (_cpu, gpu) = hand_joined_pair(&c, t.path(), "p", 20);
+    drop(gpu);
+    let read = || -> Vec<String> {
+        std::fs::read_to_string(&tokens)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || !read().is_empty()),
+        "no attempt: {}",
+        c.log_text()
+    );
+    let first = read()[0].clone();
+    let (parsed, _) = standby::trust::token::Token::parse(&first).unwrap();
+    let label = parsed
+        .machine
+        .clone()
+        .expect("an attempt's token names its label");
+    assert!(label.contains("-p-gpu-"), "{label}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let e = rt
+        .block_on(join(&c, t.path(), &first, Role::Gpu, "intruder"))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains(&label), "{e}");
+    // The next attempt starts only once the first machine was torn down.
+    assert!(
+        wait_until(Duration::from_secs(60), || read().len() >= 2),
+        "no second attempt: {}",
+        c.log_text()
+    );
+    let e = rt
+        .block_on(join(&c, t.path(), &first, Role::Gpu, &label))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("already used"), "{e}");
+    assert!(refused_count(&c, "token_spent") >= 1);
+    assert!(refused_count(&c, "wrong_machine") >= 1);
+}
