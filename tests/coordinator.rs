@@ -377,7 +377,7 @@ fn join_tokens_are_single_use_expiring_and_role_bound() {
         .join("tls/node.pem")
         .exists()));
     let m = standby::trust::tls::TlsMaterial::load(&gpu_state.join("tls")).unwrap();
-    assert_eq!(m.identity.uri(), "standby://pair/j/gpu");
+    assert_eq!(m.identity.uri(), "standby://pair/j/gpu/vm");
     // Replayed: refused.
     let again = Managed::gpu(
         &coord.addr,
