@@ -431,7 +431,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         )
     })?;
     let mut material = server_tls(dir, &ca)?;
-    material.expired_grace = Some(opts.renew_grace);
+    material.expired_grace = Some(renew_grace(opts.renew_grace));
     let token_key = token_key(dir)?;
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
     let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
@@ -476,6 +476,19 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     serve_grpc(listener, &material, shared, shutdown).await?;
     let _ = m.await;
     Ok(())
+}
+
+/// The renewal grace, capped to how long the registry keeps expired certificates (a longer
+/// one would let in certificates it could no longer tell revoked).
+fn renew_grace(asked: Duration) -> Duration {
+    if asked > certs::MAX_RENEW_GRACE {
+        tracing::warn!(
+            asked = ?asked,
+            max = ?certs::MAX_RENEW_GRACE,
+            "--renew-grace is capped"
+        );
+    }
+    asked.min(certs::MAX_RENEW_GRACE)
 }
 
 /// The expiry of the CA's and the server's certificates, and the agents' lifetime.

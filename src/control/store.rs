@@ -53,10 +53,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Forgets used tokens and certificates that have expired (nothing can present them).
+    /// Forgets used tokens that have expired, and certificates no renewal grace lets in any
+    /// more (nothing can present them).
     fn prune(&mut self, now_unix: u64) {
         self.used_tokens.retain(|_, exp| *exp > now_unix);
-        self.certs.retain(|_, c| c.not_after_unix > now_unix);
+        self.certs.retain(|_, c| certs::kept(c, now_unix));
     }
 
     fn live(&self) -> u64 {
@@ -447,7 +448,8 @@ mod tests {
     }
 
     /// Issued certificates are read back (the latest entry per serial wins, so a revocation
-    /// sticks), survive compaction while they are valid, and are dropped once expired.
+    /// sticks), survive compaction while they can still be presented (valid, or expired within
+    /// the longest renewal grace), and are dropped after.
     #[test]
     fn issued_certificates_are_kept_until_they_expire() {
         let d = tempfile::tempdir().unwrap();
@@ -463,8 +465,13 @@ mod tests {
         };
         {
             let s = FileStore::open(d.path()).unwrap();
-            s.put_certs(&[cert("0a", now + 3600, false), cert("0b", now + 1, false)])
-                .unwrap();
+            let past_grace = now + 1 - certs::MAX_RENEW_GRACE.as_secs();
+            s.put_certs(&[
+                cert("0a", now + 3600, false),
+                cert("0b", past_grace, false),
+                cert("0c", now - 60, false),
+            ])
+            .unwrap();
             s.put_certs(&[cert("0a", now + 3600, true)]).unwrap();
             for e in 1..=2000u64 {
                 s.put_pairs(&[pair("a", e)], false).unwrap();

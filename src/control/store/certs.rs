@@ -59,9 +59,16 @@ fn proto_role(r: Role) -> crate::proto::Role {
     }
 }
 
-/// How long after its expiry a certificate is still worth revoking: the store prunes it from
-/// then on anyway, and the longest renewal grace anyone sets is well below this.
-const GRACE_KEPT: u64 = 366 * 86_400;
+/// The longest renewal grace the coordinator allows (`--renew-grace` is capped to it): how long
+/// after its expiry a certificate can still reach the coordinator, so how long it is kept (and
+/// can be revoked).
+pub const MAX_RENEW_GRACE: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
+const GRACE_KEPT: u64 = MAX_RENEW_GRACE.as_secs();
+
+/// Whether a certificate is still worth keeping at `now_unix`: until no grace lets it in.
+pub fn kept(c: &IssuedCert, now_unix: u64) -> bool {
+    c.not_after_unix.saturating_add(GRACE_KEPT) > now_unix
+}
 
 /// What a certificate's facts are recorded as.
 pub fn issued(facts: &CertFacts) -> Option<IssuedCert> {
@@ -94,7 +101,7 @@ pub fn revoke_in(
 ) -> Vec<IssuedCert> {
     let mut out: Vec<IssuedCert> = certs
         .values()
-        .filter(|c| !c.revoked && c.not_after_unix + GRACE_KEPT > now_unix && which.selects(c))
+        .filter(|c| !c.revoked && kept(c, now_unix) && which.selects(c))
         .map(|c| IssuedCert {
             revoked: true,
             revoked_reason: reason.to_string(),
@@ -199,9 +206,15 @@ impl Registry {
         Ok(revoked)
     }
 
-    /// Recomputes the deny list (also dropping expired entries); tells watchers when it changed.
+    /// Recomputes the deny list (expired entries leave it, and certificates no grace lets in
+    /// leave the registry); tells watchers when it changed.
     pub fn refresh(&self) {
-        let list = deny_list(&self.certs.lock().expect("certs"), now_unix());
+        let now = now_unix();
+        let list = {
+            let mut g = self.certs.lock().expect("certs");
+            g.retain(|_, c| kept(c, now));
+            deny_list(&g, now)
+        };
         match self.deny.replace(list) {
             Ok(true) => {
                 self.changed.send_modify(|v| *v += 1);
