@@ -323,6 +323,11 @@ async fn renewal_over_the_heartbeat_keeps_the_identity_and_the_lifetime() {
         "{m}"
     );
     assert!(m.contains("standby_certificate_lifetime_seconds 20"), "{m}");
+    let agent = "kind=\"agent\",pair=\"p\",role=\"gpu\",machine=\"g1\"";
+    let shown = wait_until(Duration::from_secs(5), || {
+        http_get(&c.metrics, "/metrics").contains(agent)
+    });
+    assert!(shown, "{}", http_get(&c.metrics, "/metrics"));
 }
 
 /// A certificate that expired within the grace reaches the coordinator, may renew, and is
@@ -362,6 +367,25 @@ async fn an_expired_certificate_within_the_grace_may_only_renew() {
     assert_eq!(n.identity, id);
     assert!(n.not_after_unix > (unix_ms() / 1000) as i64);
     assert!(c.pair("p").is_none());
+    // An admin certificate expired within the grace gets through the handshake, and no further.
+    let ca = Ca::load(&c.dir).unwrap();
+    let admin_dir = t.path().join("admin-expired");
+    ca.issue(&Identity::admin("late").unwrap(), Duration::from_secs(1))
+        .unwrap()
+        .write_dir(&admin_dir)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = TlsMaterial::load(&admin_dir).unwrap();
+    let cfg = m
+        .client_config(Expect::Exactly(Identity::Coordinator))
+        .unwrap();
+    let ch = tls::connect(&c.addr, cfg).await.unwrap();
+    let e = standby::proto::admin_client::AdminClient::new(ch)
+        .list_pairs(standby::proto::ListPairsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("expired"), "{e}");
 }
 
 /// A cloud of the `command` provider (`tests/command-cloud/`) whose GPU machines never join:
