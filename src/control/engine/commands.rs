@@ -74,3 +74,46 @@ impl Actor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::state::MachineRecord;
+    use crate::types::Epoch;
+
+    /// Commands that name a peer name the machine the record holds on the other side.
+    #[test]
+    fn peer_commands_name_the_other_sides_machine() {
+        let rec = PairRecord {
+            gpu: Some(MachineRecord {
+                machine: "g1".into(),
+                ..Default::default()
+            }),
+            cpu: Some(MachineRecord {
+                machine: "c1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (to_gpu, to_cpu) = (peer_machine(&rec, Side::Gpu), peer_machine(&rec, Side::Cpu));
+        assert_eq!((to_gpu.as_str(), to_cpu.as_str()), ("c1", "g1"));
+        let set_peer = Desired::SetPeer {
+            url: "c:1".into(),
+            epoch: Epoch(3),
+        };
+        match command_for(&set_peer, &to_gpu).cmd {
+            Some(command::Cmd::SetPeer(s)) => assert_eq!((s.machine.as_str(), s.epoch), ("c1", 3)),
+            other => panic!("{other:?}"),
+        }
+        match command_for(&Desired::Receive { epoch: Epoch(3) }, &to_cpu).cmd {
+            Some(command::Cmd::Receive(r)) => assert_eq!((r.peer.as_str(), r.epoch), ("g1", 3)),
+            other => panic!("{other:?}"),
+        }
+        let probe = Desired::Probe { url: "g:2".into() };
+        match command_for(&probe, &to_cpu).cmd {
+            Some(command::Cmd::Probe(p)) => assert_eq!(p.machine, "g1"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(peer_machine(&PairRecord::default(), Side::Cpu), "");
+    }
+}
