@@ -165,8 +165,9 @@ fn issue(dir: &Path, agents: usize) -> Vec<TlsMaterial> {
             } else {
                 Role::Cpu
             };
-            let id = Identity::node(&format!("load-{}", i / 2), role, role.as_str()).unwrap();
-            TlsMaterial::from_node_cert(&ca.issue(&id, 1, &[]).unwrap()).unwrap()
+            let id = Identity::node(&format!("load-{}", i / 2), role, &format!("m{i}")).unwrap();
+            TlsMaterial::from_node_cert(&ca.issue(&id, standby::trust::pki::days(1), &[]).unwrap())
+                .unwrap()
         })
         .collect()
 }

@@ -21,7 +21,12 @@ pub mod defaults {
     pub const COMPRESS_LEVEL: i32 = 1;
     pub const INLINE_MAX: u64 = 128 << 10;
     pub const FLUSH_TIMEOUT: &str = "60s";
+    /// Static (`coordinator cert`) and admin certificates.
     pub const CERT_DAYS: u32 = 365;
+    /// Certificates issued to joining agents (renewed over the heartbeat at two thirds).
+    pub const CERT_LIFETIME: &str = "24h";
+    /// How long after expiry an agent's certificate may still connect to renew.
+    pub const RENEW_GRACE: &str = "30days";
     pub const COORDINATOR_PORT: u16 = 7700;
     pub const METRICS_PORT: u16 = 9464;
     pub const CPU_PORT: u16 = 7701;

@@ -139,7 +139,7 @@ async fn the_former_gpu_host_cannot_touch_the_replica_after_recovery() {
     let intruder = t.path().join("intruder-tls");
     ca.issue(
         &Identity::node(PAIR, Role::Gpu, "intruder").unwrap(),
-        1,
+        standby::trust::pki::days(1),
         &[],
     )
     .unwrap()

@@ -1076,7 +1076,11 @@ fn setuid_bits_are_masked_on_the_replica_and_a_fifo_does_not_stall_the_sender() 
 fn agent_material(c: &Coord, pair: &str, role: Role) -> TlsMaterial {
     let ca = standby::trust::pki::Ca::load(&c.dir).unwrap();
     let cert = ca
-        .issue(&Identity::node(pair, role, "raw-gpu").unwrap(), 1, &[])
+        .issue(
+            &Identity::node(pair, role, "raw-gpu").unwrap(),
+            standby::trust::pki::days(1),
+            &[],
+        )
         .unwrap();
     TlsMaterial::from_node_cert(&cert).unwrap()
 }

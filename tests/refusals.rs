@@ -40,7 +40,11 @@ fn machine_cert(pki: &Pki, pair: &str, role: Role, machine: &str) -> std::path::
     let out = pki.dir.path().join(format!("{pair}-{role}-{machine}"));
     if !out.exists() {
         let id = Identity::node(pair, role, machine).unwrap();
-        pki.ca.issue(&id, 30, &[]).unwrap().write_dir(&out).unwrap();
+        pki.ca
+            .issue(&id, standby::trust::pki::days(30), &[])
+            .unwrap()
+            .write_dir(&out)
+            .unwrap();
     }
     out
 }
@@ -142,7 +146,10 @@ impl FakeCoordinator {
     }
 
     async fn serve(mut self, pki: &Pki) -> FakeCoordinator {
-        let cert = pki.ca.issue(&Identity::Coordinator, 30, &[]).unwrap();
+        let cert = pki
+            .ca
+            .issue(&Identity::Coordinator, standby::trust::pki::days(30), &[])
+            .unwrap();
         let mut material = TlsMaterial::from_node_cert(&cert).unwrap();
         material.expired_grace = self.expired_grace;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -463,11 +470,19 @@ async fn an_expired_certificate_is_renewed_over_the_heartbeat_stream() {
     // A certificate for another machine is refused; the agent asks again.
     let other = Identity::node("p", Role::Cpu, "someone-else").unwrap();
     coord.push(command::Cmd::Renewed(Renewed {
-        cert_pem: s.pki.ca.sign_csr(&csr, &other, 30, &[]).unwrap(),
+        cert_pem: s
+            .pki
+            .ca
+            .sign_csr(&csr, &other, standby::trust::pki::days(30), &[])
+            .unwrap(),
     }));
     let csr = coord.next_csr(1).await;
     assert_eq!(TlsMaterial::load(&dir).unwrap().facts(), expired);
-    let good = s.pki.ca.sign_csr(&csr, &id, 30, &[]).unwrap();
+    let good = s
+        .pki
+        .ca
+        .sign_csr(&csr, &id, standby::trust::pki::days(30), &[])
+        .unwrap();
     coord.push(command::Cmd::Renewed(Renewed {
         cert_pem: good.clone(),
     }));

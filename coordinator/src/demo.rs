@@ -397,8 +397,10 @@ impl Demo {
     /// Act 2: both agents join with tokens and the pair starts syncing.
     async fn join_pair(&mut self, rig: &mut Rig) -> anyhow::Result<()> {
         let ttl = Duration::from_secs(600);
-        let cpu_token = standby::control::service::mint_token(&self.dir, PAIR, Role::Cpu, ttl)?;
-        let gpu_token = standby::control::service::mint_token(&self.dir, PAIR, Role::Gpu, ttl)?;
+        let cpu_token =
+            standby::control::service::mint_token(&self.dir, PAIR, Role::Cpu, None, ttl)?;
+        let gpu_token =
+            standby::control::service::mint_token(&self.dir, PAIR, Role::Gpu, None, ttl)?;
         rig.children.push(spawn_agent(
             &self.bins, "cpu", &self.dir, &self.addr, &cpu_token,
         )?);
@@ -586,7 +588,8 @@ async fn start_coordinator(
         listen: "127.0.0.1:0".into(),
         metrics_listen: "127.0.0.1:0".into(),
         timing,
-        cert_days: 1,
+        cert_lifetime: Duration::from_secs(86_400),
+        renew_grace: Duration::from_secs(86_400),
         provider: "local".into(),
         cpu_provider: String::new(),
         policy: Policy {

@@ -91,6 +91,9 @@ enum Cmd {
         /// How long the token stays valid.
         #[arg(long, default_value = defaults::TOKEN_TTL)]
         ttl: String,
+        /// Bind the token to this machine name (default: whichever machine joins with it first).
+        #[arg(long)]
+        machine: Option<String>,
     },
     // The admin verbs come last, as they always have in the help.
     #[command(flatten)]
@@ -216,9 +219,12 @@ struct ServeArgs {
     /// Silence of the GPU agent (confirmed by the CPU) before failing over.
     #[arg(long, env = "STANDBY_FAILOVER_AFTER")]
     failover_after: Option<String>,
-    /// Validity of certificates issued to joining agents, in days.
-    #[arg(long, env = "STANDBY_CERT_DAYS")]
-    cert_days: Option<u32>,
+    /// Lifetime of certificates issued to agents ("24h", "20s"); they renew at two thirds.
+    #[arg(long, env = "STANDBY_CERT_LIFETIME")]
+    cert_lifetime: Option<String>,
+    /// How long after its expiry an agent's certificate may still connect, to renew only.
+    #[arg(long, env = "STANDBY_RENEW_GRACE")]
+    renew_grace: Option<String>,
     /// Where replacement machines come from: local (agent processes on this host) or none
     /// (replacements join by hand with a token).
     #[arg(long, env = "STANDBY_PROVIDER")]
@@ -312,10 +318,12 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             pair,
             role,
             ttl,
+            machine,
         } => {
             init_logging("warn");
             let ttl = standby::cli::parse_duration(&ttl).unwrap_or_else(|e| usage_error(e));
-            standby::control::service::mint_token(&dir, &pair, role.into(), ttl)
+            let machine = machine.as_deref();
+            standby::control::service::mint_token(&dir, &pair, role.into(), machine, ttl)
                 .map(|t| println!("{t}"))
         }
         Cmd::Admin(cmd) => {
@@ -392,7 +400,16 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
             format!("0.0.0.0:{}", defaults::METRICS_PORT)
         })?,
         timing,
-        cert_days: f.pick(a.cert_days, "cert_days", || defaults::CERT_DAYS)?,
+        cert_lifetime: f.pick_duration(
+            a.cert_lifetime.clone(),
+            "cert_lifetime",
+            defaults::CERT_LIFETIME,
+        )?,
+        renew_grace: f.pick_duration(
+            a.renew_grace.clone(),
+            "renew_grace",
+            defaults::RENEW_GRACE,
+        )?,
         provider: f.pick(a.provider.clone(), "provider", || "local".to_string())?,
         cpu_provider: f.pick(a.cpu_provider.clone(), "cpu_provider", String::new)?,
         policy: policy(&f, &a)?,
@@ -507,7 +524,11 @@ pub(crate) fn init_quiet(dir: &Path, sans: &[San]) -> anyhow::Result<String> {
     standby::trust::pki::create_private_dir(dir)?;
     let ca = Ca::generate()?;
     ca.save(dir)?;
-    let admin = ca.issue(&Identity::admin("admin")?, defaults::CERT_DAYS, &[])?;
+    let admin = ca.issue(
+        &Identity::admin("admin")?,
+        standby::trust::pki::days(defaults::CERT_DAYS),
+        &[],
+    )?;
     admin.write_dir(&dir.join("admin"))?;
     ca.issue_server(sans)?
         .write_dir(&dir.join(service::SERVER_TLS_DIR))?;
@@ -568,7 +589,8 @@ fn cert(a: CertArgs) -> anyhow::Result<()> {
         }
     };
     let days = a.days.unwrap_or(defaults::CERT_DAYS);
-    ca.issue(&id, days, &a.san)?.write_dir(out)?;
+    ca.issue(&id, standby::trust::pki::days(days), &a.san)?
+        .write_dir(out)?;
     println!("{} -> {}", id, out.display());
     Ok(())
 }
@@ -578,7 +600,11 @@ fn cert(a: CertArgs) -> anyhow::Result<()> {
 fn server_cert(a: &CertArgs, ca: &Ca) -> anyhow::Result<()> {
     let out = a.dir.join(service::SERVER_TLS_DIR);
     let cert = match a.days {
-        Some(days) => ca.issue(&Identity::Coordinator, days, &server_sans(&a.san))?,
+        Some(days) => ca.issue(
+            &Identity::Coordinator,
+            standby::trust::pki::days(days),
+            &server_sans(&a.san),
+        )?,
         None => ca.issue_server(&a.san)?,
     };
     cert.write_dir(&out)?;

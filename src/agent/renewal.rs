@@ -167,7 +167,7 @@ mod tests {
     /// A renewal over a fresh directory holding a certificate of `days` for `id`.
     fn setup(ca: &Ca, id: &Identity, days: u32) -> (tempfile::TempDir, TlsMaterial, Renewal) {
         let d = tempfile::tempdir().unwrap();
-        ca.issue(id, days, &[])
+        ca.issue(id, crate::trust::pki::days(days), &[])
             .unwrap()
             .write_dir(d.path())
             .unwrap();
@@ -191,13 +191,17 @@ mod tests {
         assert_eq!(r.csr(due), "", "at most every RESEND");
         // Another identity, another key, garbage: refused, nothing changes.
         let other = Identity::node("p", Role::Gpu, "m2").unwrap();
-        let wrong_id = ca.sign_csr(&csr, &other, 30, &[]).unwrap();
+        let wrong_id = ca
+            .sign_csr(&csr, &other, crate::trust::pki::days(30), &[])
+            .unwrap();
         assert!(matches!(
             r.renewed(&wrong_id),
             Err(RenewalError::WrongIdentity { .. })
         ));
         let (other_csr, _) = pki::new_csr(&id).unwrap();
-        let wrong_key = ca.sign_csr(&other_csr, &id, 30, &[]).unwrap();
+        let wrong_key = ca
+            .sign_csr(&other_csr, &id, crate::trust::pki::days(30), &[])
+            .unwrap();
         assert!(matches!(
             r.renewed(&wrong_key),
             Err(RenewalError::WrongKey(_))
@@ -208,7 +212,9 @@ mod tests {
         ));
         assert_eq!(m.facts(), f);
         // Our own: saved, then presented by every clone of the material.
-        let good = ca.sign_csr(&csr, &id, 30, &[]).unwrap();
+        let good = ca
+            .sign_csr(&csr, &id, crate::trust::pki::days(30), &[])
+            .unwrap();
         let facts = r.renewed(&good).unwrap();
         assert_ne!(facts.serial, f.serial);
         assert_eq!(m.clone().facts(), facts);

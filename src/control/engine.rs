@@ -15,6 +15,7 @@
 //! - `reports`: a heartbeat report, turned into the machine's `Report` and the pair's metrics;
 //! - `admin`: an operator's requests (create a pair, fail over, recover, hibernate, wake);
 //! - `provisioning`: provider calls (create, destroy, poll, sweep) and their results;
+//! - `seats`: who holds each seat, and the machines a written record retires (revoked);
 //! - `tick`: time passing, the batched writes, gauges and heartbeat summaries;
 //! - `actions`: what every handler ends with, carrying out the machine's actions, persist first;
 //! - `commands`: the commands the record says each agent should have;
@@ -28,6 +29,7 @@ mod conn;
 mod events;
 mod provisioning;
 mod reports;
+mod seats;
 mod tick;
 mod views;
 
@@ -46,6 +48,7 @@ use tonic::Status;
 use crate::control::failover::{Input, PairMachine, PairState, Policy, Timing};
 use crate::control::metrics::{Metrics, PairLabel};
 use crate::control::store::Store;
+use crate::control::store::certs::Registry;
 use crate::proto::state::PairRecord;
 use crate::proto::{ActionReply, AgentReport, Command, PairView};
 use crate::types::{PerSide, Side};
@@ -102,6 +105,21 @@ enum Msg {
         destroyed: Vec<(String, &'static str)>,
     },
     HeartbeatSubscribers(isize),
+    /// `machine` joined `side` of `pair`: it takes the seat (retiring another holder) unless a
+    /// provider fills the seat.
+    Seated {
+        pair: String,
+        side: Side,
+        machine: String,
+        reply: oneshot::Sender<()>,
+    },
+    /// Whether `machine` holds `side` of `pair` (or is the attempt being provisioned for it).
+    HoldsSeat {
+        pair: String,
+        side: Side,
+        machine: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A handle on the engine; cheap to clone.
@@ -120,6 +138,7 @@ impl Engine {
         timing: Timing,
         policy: Policy,
         provisioning: Option<Provisioning>,
+        registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Engine, crate::control::store::StoreError> {
@@ -134,7 +153,7 @@ impl Engine {
         metrics.pairs.set(pairs.len() as i64);
         tracing::info!(pairs = pairs.len(), "coordinator state loaded");
         let (tx, rx) = mpsc::channel(65536);
-        let actor = Actor {
+        let mut actor = Actor {
             pairs,
             timing,
             policy,
@@ -149,7 +168,9 @@ impl Engine {
             metrics: metrics.clone(),
             hb_subscribers: 0,
             last_summary: now,
+            registry,
         };
+        actor.retire_torn_down();
         tokio::spawn(actor.run(rx, shutdown));
         Ok(Engine {
             tx,
@@ -251,6 +272,32 @@ impl Engine {
     pub async fn heartbeat_subscribers(&self, delta: isize) {
         let _ = self.send(Msg::HeartbeatSubscribers(delta)).await;
     }
+
+    /// `machine` joined `side` of `pair` (its certificate is recorded): it takes the seat.
+    pub async fn seated(&self, pair: &str, side: Side, machine: &str) -> Result<(), Status> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Seated {
+            pair: pair.into(),
+            side,
+            machine: machine.into(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| Status::unavailable("engine stopped"))
+    }
+
+    /// Whether `machine` still holds `side` of `pair` (what a renewal needs).
+    pub async fn holds_seat(&self, pair: &str, side: Side, machine: &str) -> Result<bool, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::HoldsSeat {
+            pair: pair.into(),
+            side,
+            machine: machine.into(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| Status::unavailable("engine stopped"))
+    }
 }
 
 /// The engine task: the only owner of every pair, and of what its handlers share.
@@ -271,6 +318,8 @@ struct Actor {
     metrics: Arc<Metrics>,
     hb_subscribers: isize,
     last_summary: Instant,
+    /// Issued certificates: who holds each seat, and what is revoked.
+    registry: Arc<Registry>,
 }
 
 /// One pair: its machine, its agents' connections and what they last reported.
@@ -282,6 +331,8 @@ struct Entry {
     figures: PerSide<Figures>,
     /// A durable write failed: no command goes out until the record is on disk.
     blocked: bool,
+    /// The record as last written: what the next write is compared with (`seats`).
+    written: PairRecord,
 }
 
 impl Entry {
@@ -294,6 +345,7 @@ impl Entry {
         policy: &Policy,
         metrics: &Metrics,
     ) -> Entry {
+        let written = rec.clone();
         let mut m = PairMachine::resume(rec, now);
         m.policy = policy.clone();
         metrics.set_state(name, None, m.state());
@@ -307,6 +359,7 @@ impl Entry {
             others: HashMap::new(),
             figures: PerSide::default(),
             blocked: false,
+            written,
         }
     }
 
@@ -373,6 +426,23 @@ impl Actor {
             }
             Msg::SweepDone { destroyed } => self.on_sweep_done(destroyed),
             Msg::HeartbeatSubscribers(d) => self.hb_subscribers += d,
+            Msg::Seated {
+                pair,
+                side,
+                machine,
+                reply,
+            } => {
+                self.on_seated(&pair, side, &machine);
+                let _ = reply.send(());
+            }
+            Msg::HoldsSeat {
+                pair,
+                side,
+                machine,
+                reply,
+            } => {
+                let _ = reply.send(self.holds_seat(&pair, side, &machine));
+            }
         }
     }
 }

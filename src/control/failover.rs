@@ -26,7 +26,8 @@
 //!
 //! One file per concern: `detection` (heartbeats, suspicion, confirmation, failover),
 //! `provisioning` (attempts, blocklist, backoff, deadlines), `restore` (restore progress,
-//! cutover, reseeding a standby), `hibernation`, `desired` (the commands agents should hold).
+//! cutover, reseeding a standby), `hibernation`, `desired` (the commands agents should hold),
+//! `retirement` (which machines a transition retires, and who holds a seat).
 #![deny(clippy::disallowed_methods)]
 
 mod desired;
@@ -34,10 +35,13 @@ mod detection;
 mod hibernation;
 mod provisioning;
 mod restore;
+mod retirement;
 #[cfg(test)]
 mod tests;
 
 use std::time::{Duration, Instant};
+
+pub use retirement::{Retired, retired};
 
 use crate::proto::state::{MachineRecord, OwnedMachine, PairRecord};
 use crate::proto::{AgentMode, EventKind, Role};

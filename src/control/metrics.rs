@@ -43,6 +43,52 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// A certificate whose expiry is shown: `kind` is "ca", "server" (the coordinator's own) or
+/// "agent" (the newest live certificate of a pair's machine; pair, role and machine are empty
+/// for the coordinator's own).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    pub kind: String,
+    pub pair: String,
+    pub role: String,
+    pub machine: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Why the coordinator refused an agent (the `reason` of `standby_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A revoked certificate (its machine was retired).
+    Revoked,
+    /// A report or a join for another machine than the certificate's or the token's.
+    WrongMachine,
+    /// A join token already used or spent (its attempt was torn down).
+    TokenSpent,
+    /// A join token that does not verify (altered, expired, another CA or role).
+    BadToken,
+    /// An expired certificate (in the renewal grace) asked for more than a renewal.
+    Expired,
+    /// A renewal for a machine that no longer holds its seat.
+    NotSeated,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Revoked => "revoked",
+            Refusal::WrongMachine => "wrong_machine",
+            Refusal::TokenSpent => "token_spent",
+            Refusal::BadToken => "bad_token",
+            Refusal::Expired => "expired",
+            Refusal::NotSeated => "not_seated",
+        }
+    }
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// Registers metrics and remembers the names they are exposed under (a family with no series
@@ -107,6 +153,11 @@ pub struct Metrics {
     pub orphans_destroyed: Family<KindLabel, Counter>,
     pub machines: Family<KindLabel, Gauge>,
     pub recovery_seconds: Histogram,
+    pub cert_expiry: Family<CertLabel, Gauge>,
+    /// The agent series last set (a machine no longer listed loses its series).
+    agent_certs: Mutex<Vec<CertLabel>>,
+    pub cert_lifetime: Gauge,
+    pub refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -140,6 +191,10 @@ impl Metrics {
             recovery_seconds: Histogram::new([
                 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0,
             ]),
+            cert_expiry: Family::default(),
+            agent_certs: Mutex::new(Vec::new()),
+            cert_lifetime: Gauge::default(),
+            refused: Family::default(),
             registry: Mutex::new(Registry::default()),
             names: Vec::new(),
         };
@@ -151,6 +206,7 @@ impl Metrics {
         m.register_pairs(&mut reg);
         m.register_failover(&mut reg);
         m.register_fleet(&mut reg);
+        m.register_trust(&mut reg);
         m.names = reg.names;
         *m.registry.get_mut().expect("registry") = r;
         m
@@ -227,6 +283,49 @@ impl Metrics {
             "State transitions",
             self.transitions.clone(),
         );
+    }
+
+    /// Certificates and refusals (ARCHITECTURE.md, "Trust").
+    fn register_trust(&self, reg: &mut Reg<'_>) {
+        reg.plain(
+            "standby_certificate_expiry_timestamp_seconds",
+            "When a certificate expires (unix seconds): the CA's, the server's, and each machine's newest",
+            self.cert_expiry.clone(),
+        );
+        reg.unit(
+            "standby_certificate_lifetime",
+            "The lifetime of the certificates issued to agents (--cert-lifetime)",
+            Unit::Seconds,
+            self.cert_lifetime.clone(),
+        );
+        reg.plain(
+            "standby_refused",
+            "Agents refused, by reason (revoked, wrong_machine, token_spent, ...)",
+            self.refused.clone(),
+        );
+    }
+
+    /// The agents' certificate expiries: exactly these series (kind "agent").
+    pub fn set_agent_expiries(&self, rows: Vec<(CertLabel, i64)>) {
+        let mut last = self.agent_certs.lock().expect("agent certs");
+        for l in last.iter() {
+            if !rows.iter().any(|(r, _)| r == l) {
+                self.cert_expiry.remove(l);
+            }
+        }
+        for (l, v) in &rows {
+            self.cert_expiry.get_or_create(l).set(*v);
+        }
+        *last = rows.into_iter().map(|(l, _)| l).collect();
+    }
+
+    /// Counts one refusal.
+    pub fn refuse(&self, why: Refusal) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: why.as_str().into(),
+            })
+            .inc();
     }
 
     /// The coordinator's agents, pairs and provider machines.

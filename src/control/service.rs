@@ -1,15 +1,19 @@
 //! The coordinator service: join, heartbeats, administration, health, reflection and metrics.
 //!
 //! Authorisation (Invariant 7): `Join` is the only call accepted without a client certificate
-//! and is authenticated by a single-use token; heartbeats need a pair certificate (`gpu` or
-//! `cpu`), and they speak for exactly that pair and role; every `Admin` call needs an admin
-//! certificate.
+//! and is authenticated by a single-use token (bound to one machine when minted so); heartbeats
+//! need a pair certificate (`gpu` or `cpu`), not revoked, and they speak for exactly that pair,
+//! role and machine; every `Admin` call needs an admin certificate that has not expired. A
+//! certificate that expired within the renewal grace may only renew (`heartbeat`).
+//! ARCHITECTURE.md, "Trust".
 //!
 //! Bounded per identity: at most two heartbeat streams per agent certificate and four `Events`
 //! subscriptions per admin at once (RESOURCE_EXHAUSTED beyond); a report whose strings break
 //! their limits (`wire::check_report`) ends its stream with INVALID_ARGUMENT. Reflection, and
 //! health for clients without a certificate, are served only when asked for (`--reflection`,
 //! `--public-health`).
+
+mod heartbeat;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,8 +29,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::engine::{Engine, Provisioning};
 use crate::control::failover::{Input, Policy, Timing};
-use crate::control::metrics::Metrics;
+use crate::control::metrics::{CertLabel, Metrics, Refusal};
 use crate::control::provider::ProvisionConfig;
+use crate::control::store::certs::{self, Registry};
 use crate::control::store::{FileStore, Store};
 use crate::proto::admin_server::{Admin, AdminServer};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
@@ -34,11 +39,11 @@ use crate::proto::{
     ActionReply, AgentReport, Command, Event, EventKind, EventsRequest, JoinReply, JoinRequest,
     ListPairsReply, ListPairsRequest, PairRequest, PairView,
 };
-use crate::trust::identity::{Identity, Role};
+use crate::trust::identity::{CertFacts, Identity, Role};
 use crate::trust::pki::Ca;
 use crate::trust::quota::{Permit, Quota};
 use crate::trust::tls::{self, TlsMaterial};
-use crate::trust::token::Token;
+use crate::trust::token::{Token, TokenError};
 use crate::types::Side;
 
 /// Largest message the coordinator accepts.
@@ -50,11 +55,67 @@ pub struct Shared {
     token_key: Vec<u8>,
     fingerprint: String,
     store: Arc<dyn Store>,
-    cert_days: u32,
     /// Heartbeat streams per agent certificate (its URI).
     heartbeats: Quota<String>,
     /// `Events` subscriptions per admin name.
     subscriptions: Quota<String>,
+    registry: Arc<Registry>,
+    /// How long the certificates issued to agents live.
+    cert_lifetime: Duration,
+}
+
+impl Shared {
+    /// A refusal: counted, shown as an event, and answered PERMISSION_DENIED.
+    fn refuse(&self, pair: &str, why: Refusal, message: String) -> Status {
+        tracing::warn!(pair, reason = why.as_str(), "{message}");
+        self.engine.metrics.refuse(why);
+        self.engine.events.emit(Event {
+            unix_ms: crate::host::unix_ms_now(),
+            pair: pair.to_string(),
+            kind: EventKind::Refused.into(),
+            message: format!("refused ({}): {message}", why.as_str()),
+            ..Default::default()
+        });
+        Status::permission_denied(message)
+    }
+
+    /// Signs `csr_pem` as `id`, also valid for the host of `advertise` (so stock clients dial
+    /// the agent by name), and records the certificate (durably) before it is returned.
+    async fn issue(&self, csr_pem: &str, id: &Identity, advertise: &str) -> Result<String, Status> {
+        let cert_pem = self
+            .ca
+            .sign_csr(csr_pem, id, self.cert_lifetime, &advertised_san(advertise))
+            .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
+        let facts = facts_of(&cert_pem).map_err(Status::internal)?;
+        let rec = certs::issued(&facts)
+            .ok_or_else(|| Status::internal("issued a certificate for no machine"))?;
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.record(rec))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("recording the certificate: {e}")))?;
+        Ok(cert_pem)
+    }
+}
+
+/// The host of an agent's `--advertise` address as a certificate name; none when it has no
+/// usable host (the agent's own start-up check already refused a malformed one).
+fn advertised_san(advertise: &str) -> Vec<crate::trust::pki::San> {
+    if advertise.is_empty() {
+        return Vec::new();
+    }
+    let host = tls::endpoint_uri(advertise)
+        .ok()
+        .and_then(|u| u.host().map(str::to_string));
+    host.and_then(|h| h.parse().ok()).into_iter().collect()
+}
+
+/// The facts of a PEM certificate.
+fn facts_of(cert_pem: &str) -> Result<CertFacts, String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("issued certificate: {e}"))?;
+    CertFacts::from_der(&der).map_err(|e| format!("issued certificate: {e}"))
 }
 
 pub struct CoordinatorSvc(Arc<Shared>);
@@ -79,31 +140,16 @@ impl Coordinator for CoordinatorSvc {
                 return Err(Status::invalid_argument("join request without a role"));
             }
         };
-        let now = crate::host::unix_ms_now() / 1000;
+        crate::trust::identity::check_name(&r.machine)
+            .map_err(|e| Status::invalid_argument(format!("machine name: {e}")))?;
         let s = &self.0;
-        let token =
-            Token::verify(&r.token, &s.token_key, &s.fingerprint, role, now).map_err(|e| {
-                tracing::warn!(?addr, error = %e, "join refused");
-                Status::permission_denied(e.to_string())
-            })?;
-        // Single use: recorded durably before the certificate is handed out.
-        let store = s.store.clone();
-        let (nonce, exp) = (token.nonce.clone(), token.expires_unix);
-        let first = tokio::task::spawn_blocking(move || store.use_token(&nonce, exp))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("recording the token: {e}")))?;
-        if !first {
-            tracing::warn!(?addr, pair = %token.pair, "join refused: token replayed");
-            return Err(Status::permission_denied(
-                crate::trust::token::TokenError::Replayed.to_string(),
-            ));
-        }
+        let token = s.join_token(&r, role).await?;
         let id = Identity::node(&token.pair, role, &r.machine)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let cert_pem =
-            s.ca.sign_csr(&r.csr_pem, &id, s.cert_days, &[])
-                .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
+        let cert_pem = s.issue(&r.csr_pem, &id, &r.advertise).await?;
+        s.engine
+            .seated(&token.pair, side_of(role), &r.machine)
+            .await?;
         s.engine.events.emit(Event {
             unix_ms: crate::host::unix_ms_now(),
             pair: token.pair.clone(),
@@ -130,37 +176,41 @@ impl Coordinator for CoordinatorSvc {
             peer.identity.to_string(),
             "heartbeat streams",
         )?;
-        let Identity::Node { pair, role, .. } = peer.identity else {
-            return Err(Status::permission_denied(
-                "heartbeats need a pair certificate",
-            ));
-        };
-        let side = side_of(role);
         let observed = peer.addr.map(|a| a.ip());
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let refuse = tx.clone();
-        let engine = self.0.engine.clone();
-        let conn = engine.next_conn();
-        engine.connect(&pair, conn, tx).await?;
-        tokio::spawn(async move {
-            let _slot = slot;
-            while let Ok(Some(r)) = inbound.message().await {
-                // Nothing of a report over its limits is stored or used; the stream ends.
-                if let Err(e) = crate::control::wire::check_report(&r) {
-                    tracing::warn!(%pair, side = side.as_str(), error = %e, "report refused");
-                    let _ = refuse
-                        .send(Err(Status::invalid_argument(e.to_string())))
-                        .await;
-                    break;
-                }
-                if engine.report(&pair, side, conn, r, observed).await.is_err() {
-                    break;
-                }
-            }
-            engine.disconnect(&pair, side, conn).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        heartbeat::open(self.0.clone(), peer, observed, req.into_inner(), slot).await
+    }
+}
+
+impl Shared {
+    /// The join request's token, verified, bound to the joining machine, and used (durably,
+    /// before any certificate is handed out).
+    async fn join_token(&self, r: &JoinRequest, role: Role) -> Result<Token, Status> {
+        let now = crate::host::unix_ms_now() / 1000;
+        let token = Token::verify(&r.token, &self.token_key, &self.fingerprint, role, now)
+            .map_err(|e| {
+                let pair = Token::parse(&r.token)
+                    .map(|(t, _)| t.pair)
+                    .unwrap_or_default();
+                self.refuse(&pair, Refusal::BadToken, format!("join refused: {e}"))
+            })?;
+        if let Err(e) = token.check_machine(&r.machine) {
+            return Err(self.refuse(
+                &token.pair,
+                Refusal::WrongMachine,
+                format!("join refused: {e}"),
+            ));
+        }
+        let store = self.store.clone();
+        let (nonce, exp) = (token.nonce.clone(), token.expires_unix);
+        let first = tokio::task::spawn_blocking(move || store.use_token(&nonce, exp))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("recording the token: {e}")))?;
+        if !first {
+            let message = format!("join by {} refused: {}", r.machine, TokenError::Replayed);
+            return Err(self.refuse(&token.pair, Refusal::TokenSpent, message));
+        }
+        Ok(token)
     }
 }
 
@@ -173,7 +223,14 @@ fn take(quota: &Quota<String>, key: String, what: &str) -> Result<Permit<String>
 }
 
 fn admin<T>(req: &Request<T>) -> Result<String, Status> {
-    match tls::peer_of(req)?.identity {
+    let peer = tls::peer_of(req)?;
+    if peer.not_after_unix <= (crate::host::unix_ms_now() / 1000) as i64 {
+        // Let through the handshake for renewal only (the coordinator's grace).
+        return Err(Status::permission_denied(
+            "your certificate has expired; admin calls need a valid admin certificate",
+        ));
+    }
+    match peer.identity {
         Identity::Admin { name } => Ok(name),
         other => Err(Status::permission_denied(format!(
             "admin calls need an admin certificate; you are {other}"
@@ -300,7 +357,10 @@ pub struct ServeOptions {
     pub listen: String,
     pub metrics_listen: String,
     pub timing: Timing,
-    pub cert_days: u32,
+    /// How long the certificates issued to agents live (renewed at two thirds).
+    pub cert_lifetime: Duration,
+    /// How long after it expired an agent's certificate may still connect, to renew only.
+    pub renew_grace: Duration,
     /// Where machines come from: "local", "vastai", "gcp", "command" or "none" (replacements
     /// join by hand).
     pub provider: String,
@@ -352,12 +412,28 @@ pub fn token_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Mints a join token for `pair`/`role` valid for `ttl`.
-pub fn mint_token(dir: &Path, pair: &str, role: Role, ttl: Duration) -> anyhow::Result<String> {
+/// Mints a join token for `pair`/`role` valid for `ttl`, bound to `machine` when given
+/// (otherwise to whichever machine joins with it first).
+pub fn mint_token(
+    dir: &Path,
+    pair: &str,
+    role: Role,
+    machine: Option<&str>,
+    ttl: Duration,
+) -> anyhow::Result<String> {
     crate::trust::identity::check_name(pair)?;
+    if let Some(m) = machine {
+        crate::trust::identity::check_name(m)?;
+    }
     let ca = Ca::load(dir)?;
     let key = token_key(dir)?;
     let exp = crate::host::unix_ms_now() / 1000 + ttl.as_secs().max(1);
-    Ok(Token::new(pair, role, exp, &ca.fingerprint()).sign(&key))
+    let t = Token::new(pair, role, exp, &ca.fingerprint());
+    let t = match machine {
+        Some(m) => t.bound_to(m),
+        None => t,
+    };
+    Ok(t.sign(&key))
 }
 
 type DynProvider = Arc<dyn crate::control::provider::Provider>;
@@ -406,10 +482,13 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
             dir.display()
         )
     })?;
-    let material = server_tls(dir, &ca)?;
+    let mut material = server_tls(dir, &ca)?;
+    material.expired_grace = Some(renew_grace(opts.renew_grace));
     let token_key = token_key(dir)?;
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
+    let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
     let metrics = Arc::new(Metrics::new());
+    own_expiries(&metrics, &ca, &material, opts.cert_lifetime);
     let listener = bind(&opts.listen).await?;
     let addr = listener.local_addr()?;
     let mut policy = opts.policy.clone();
@@ -421,6 +500,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         opts.timing,
         policy,
         provisioning,
+        registry.clone(),
         metrics.clone(),
         shutdown.clone(),
     )?;
@@ -430,7 +510,8 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         ca,
         token_key,
         store,
-        cert_days: opts.cert_days,
+        registry,
+        cert_lifetime: opts.cert_lifetime,
         heartbeats: Quota::new(crate::cli::defaults::HEARTBEATS_PER_IDENTITY),
         subscriptions: Quota::new(crate::cli::defaults::EVENTS_PER_ADMIN),
     });
@@ -453,6 +534,46 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     serve_grpc(listener, &material, shared, public, shutdown).await?;
     let _ = m.await;
     Ok(())
+}
+
+/// The renewal grace, capped to how long the registry keeps expired certificates (a longer
+/// one would let in certificates it could no longer tell revoked).
+fn renew_grace(asked: Duration) -> Duration {
+    if asked > certs::MAX_RENEW_GRACE {
+        tracing::warn!(
+            asked = ?asked,
+            max = ?certs::MAX_RENEW_GRACE,
+            "--renew-grace is capped"
+        );
+    }
+    asked.min(certs::MAX_RENEW_GRACE)
+}
+
+/// The expiry of the CA's and the server's certificates, and the agents' lifetime.
+fn own_expiries(metrics: &Metrics, ca: &Ca, material: &TlsMaterial, lifetime: Duration) {
+    use rustls_pki_types::pem::PemObject;
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).ok();
+    let ders = [("ca", ca_der), ("server", material.chain.first().cloned())];
+    for (kind, der) in ders {
+        let Some(not_after) = der.as_deref().and_then(not_after_of) else {
+            continue;
+        };
+        let l = CertLabel {
+            kind: kind.into(),
+            pair: String::new(),
+            role: String::new(),
+            machine: String::new(),
+        };
+        metrics.cert_expiry.get_or_create(&l).set(not_after);
+    }
+    metrics.cert_lifetime.set(lifetime.as_secs() as i64);
+}
+
+/// When a certificate expires (unix s), whatever it names.
+fn not_after_of(der: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {

@@ -1,5 +1,6 @@
 //! The coordinator's durable state behind a [`Store`] trait: pairs (with their epochs, states and
-//! machines) and used join tokens.
+//! machines), used join tokens, and the certificates it issued (`certs`: which machine holds
+//! each, whether it was revoked; kept until they expire).
 //!
 //! [`FileStore`] is the embedded default: an append-only log of framed, checksummed entries (the
 //! latest entry for a pair wins) that is compacted into a fresh log once it is mostly stale. A
@@ -10,6 +11,7 @@
 //! A log written before the pair state, roles and phase were enums is migrated when it is opened
 //! (`legacy`), and rewritten at once in the new form.
 
+pub mod certs;
 pub mod legacy;
 
 use std::collections::HashMap;
@@ -21,7 +23,7 @@ use std::sync::Mutex;
 use prost::Message;
 
 use crate::disk::crashsafe::{self, FrameError, frame, kind, read_frame};
-use crate::proto::state::{PairRecord, StoreEntry, UsedToken, store_entry};
+use crate::proto::state::{IssuedCert, PairRecord, StoreEntry, UsedToken, store_entry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,6 +48,21 @@ pub enum StoreError {
 pub struct Snapshot {
     pub pairs: HashMap<String, PairRecord>,
     pub used_tokens: HashMap<String, u64>,
+    /// Issued certificates by serial (hex).
+    pub certs: HashMap<String, IssuedCert>,
+}
+
+impl Snapshot {
+    /// Forgets used tokens that have expired, and certificates no renewal grace lets in any
+    /// more (nothing can present them).
+    fn prune(&mut self, now_unix: u64) {
+        self.used_tokens.retain(|_, exp| *exp > now_unix);
+        self.certs.retain(|_, c| certs::kept(c, now_unix));
+    }
+
+    fn live(&self) -> u64 {
+        (self.pairs.len() + self.used_tokens.len() + self.certs.len()) as u64
+    }
 }
 
 pub trait Store: Send + Sync {
@@ -55,6 +72,8 @@ pub trait Store: Send + Sync {
     fn delete_pair(&self, name: &str) -> Result<(), StoreError>;
     /// Records a token as used, durably. False when it already was (a replay).
     fn use_token(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError>;
+    /// Records issued certificates (new, or revoked since), durably.
+    fn put_certs(&self, certs: &[IssuedCert]) -> Result<(), StoreError>;
 }
 
 const LOG_KIND: u16 = kind::RECORD + 100;
@@ -102,8 +121,10 @@ fn apply(state: &mut Snapshot, e: StoreEntry) {
         Some(store_entry::Entry::Token(t)) => {
             state.used_tokens.insert(t.nonce, t.expires_unix);
         }
-        // Issued certificates are kept by the certificate registry (not yet read back here).
-        Some(store_entry::Entry::Cert(_)) | None => {}
+        Some(store_entry::Entry::Cert(c)) => {
+            state.certs.insert(c.serial.clone(), c);
+        }
+        None => {}
     }
 }
 
@@ -207,9 +228,8 @@ impl FileStore {
     /// Rewrites the log with only live entries once most of it is stale.
     fn compact_if_stale(&self) -> Result<(), StoreError> {
         let mut g = self.inner.lock().expect("store lock");
-        let now = crate::host::unix_ms_now() / 1000;
-        g.state.used_tokens.retain(|_, exp| *exp > now);
-        let live = (g.state.pairs.len() + g.state.used_tokens.len()) as u64;
+        g.state.prune(crate::host::unix_ms_now() / 1000);
+        let live = g.state.live();
         if g.entries < 1024 || g.entries < 4 * live {
             return Ok(());
         }
@@ -219,7 +239,7 @@ impl FileStore {
     /// Rewrites the log with only the live entries (crash-safely: the old log stays whole until
     /// the new one replaces it).
     fn compact(&self, g: &mut FileInner) -> Result<(), StoreError> {
-        let live = (g.state.pairs.len() + g.state.used_tokens.len()) as u64;
+        let live = g.state.live();
         let mut buf = Vec::new();
         for p in g.state.pairs.values() {
             let e = StoreEntry {
@@ -233,6 +253,12 @@ impl FileStore {
                     nonce: n.clone(),
                     expires_unix: *exp,
                 })),
+            };
+            buf.extend(frame(LOG_KIND, &e.encode_to_vec()));
+        }
+        for c in g.state.certs.values() {
+            let e = StoreEntry {
+                entry: Some(store_entry::Entry::Cert(c.clone())),
             };
             buf.extend(frame(LOG_KIND, &e.encode_to_vec()));
         }
@@ -289,6 +315,16 @@ impl Store for FileStore {
         drop(g);
         self.compact_if_stale()?;
         Ok(true)
+    }
+
+    fn put_certs(&self, certs: &[IssuedCert]) -> Result<(), StoreError> {
+        let entries: Vec<StoreEntry> = certs
+            .iter()
+            .map(|c| StoreEntry {
+                entry: Some(store_entry::Entry::Cert(c.clone())),
+            })
+            .collect();
+        self.append(&entries, true)
     }
 }
 
@@ -355,6 +391,16 @@ impl Store for MemStore {
             .insert(nonce.into(), expires_unix);
         Ok(true)
     }
+
+    fn put_certs(&self, certs: &[IssuedCert]) -> Result<(), StoreError> {
+        for snap in [&self.volatile, &self.durable] {
+            let mut g = snap.lock().expect("mem");
+            for c in certs {
+                g.certs.insert(c.serial.clone(), c.clone());
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -398,6 +444,48 @@ mod tests {
         assert!(
             !s.use_token("n1", u64::MAX).unwrap(),
             "a used token stays used across restarts"
+        );
+    }
+
+    /// Issued certificates are read back (the latest entry per serial wins, so a revocation
+    /// sticks), survive compaction while they can still be presented (valid, or expired within
+    /// the longest renewal grace), and are dropped after.
+    #[test]
+    fn issued_certificates_are_kept_until_they_expire() {
+        let d = tempfile::tempdir().unwrap();
+        let now = crate::host::unix_ms_now() / 1000;
+        let cert = |serial: &str, not_after_unix: u64, revoked: bool| IssuedCert {
+            serial: serial.into(),
+            pair: "p".into(),
+            role: Role::Gpu.into(),
+            machine: "m1".into(),
+            not_after_unix,
+            revoked,
+            revoked_reason: String::new(),
+        };
+        {
+            let s = FileStore::open(d.path()).unwrap();
+            let past_grace = now + 1 - certs::MAX_RENEW_GRACE.as_secs();
+            s.put_certs(&[
+                cert("0a", now + 3600, false),
+                cert("0b", past_grace, false),
+                cert("0c", now - 60, false),
+            ])
+            .unwrap();
+            s.put_certs(&[cert("0a", now + 3600, true)]).unwrap();
+            for e in 1..=2000u64 {
+                s.put_pairs(&[pair("a", e)], false).unwrap();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let s = FileStore::open(d.path()).unwrap();
+        s.compact(&mut s.inner.lock().unwrap()).unwrap();
+        drop(s);
+        let snap = FileStore::open(d.path()).unwrap().load().unwrap();
+        assert!(snap.certs["0a"].revoked, "the revocation was lost");
+        assert!(
+            !snap.certs.contains_key("0b"),
+            "an expired certificate was kept"
         );
     }
 

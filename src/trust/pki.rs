@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -326,7 +327,11 @@ impl Ca {
         fingerprint(&self.cert_der)
     }
 
-    fn params_for(id: &Identity, days: u32, sans: &[San]) -> Result<CertificateParams, PkiError> {
+    fn params_for(
+        id: &Identity,
+        lifetime: Duration,
+        sans: &[San],
+    ) -> Result<CertificateParams, PkiError> {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, id.uri());
@@ -341,9 +346,9 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(days.max(1) as i64);
+        let (not_before, not_after) = validity(time::OffsetDateTime::now_utc(), lifetime);
+        p.not_before = not_before;
+        p.not_after = not_after;
         p.serial_number = Some(serial());
         p.use_authority_key_identifier_extension = true;
         Ok(p)
@@ -352,22 +357,28 @@ impl Ca {
     fn sign(
         &self,
         id: &Identity,
-        days: u32,
+        lifetime: Duration,
         sans: &[San],
         public: &impl PublicKeyData,
     ) -> Result<String, PkiError> {
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        Ok(Self::params_for(id, days, sans)?
+        Ok(Self::params_for(id, lifetime, sans)?
             .signed_by(public, &issuer)?
             .pem())
     }
 
-    /// A certificate for `id` with a fresh key pair, also valid for the host names `sans`.
-    pub fn issue(&self, id: &Identity, days: u32, sans: &[San]) -> Result<NodeCert, PkiError> {
+    /// A certificate for `id` with a fresh key pair, valid for `lifetime` (see [`validity`]),
+    /// also valid for the host names `sans`.
+    pub fn issue(
+        &self,
+        id: &Identity,
+        lifetime: Duration,
+        sans: &[San],
+    ) -> Result<NodeCert, PkiError> {
         let key = KeyPair::generate()?;
         Ok(NodeCert {
             ca_pem: self.cert_pem.clone(),
-            cert_pem: self.sign(id, days, sans, &key)?,
+            cert_pem: self.sign(id, lifetime, sans, &key)?,
             key_pem: key.serialize_pem(),
         })
     }
@@ -377,7 +388,7 @@ impl Ca {
     pub fn issue_server(&self, extra: &[San]) -> Result<NodeCert, PkiError> {
         self.issue(
             &Identity::Coordinator,
-            SERVER_CERT_DAYS,
+            days(SERVER_CERT_DAYS),
             &server_sans(extra),
         )
     }
@@ -388,12 +399,29 @@ impl Ca {
         &self,
         csr_pem: &str,
         id: &Identity,
-        days: u32,
+        lifetime: Duration,
         sans: &[San],
     ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        self.sign(id, days, sans, &csr.public_key)
+        self.sign(id, lifetime, sans, &csr.public_key)
     }
+}
+
+/// `n` days, as a certificate lifetime.
+pub fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n.max(1)) * 86_400)
+}
+
+/// A certificate issued at `now` for `lifetime` (at least one second): valid from a little
+/// before `now`, so a peer whose clock is slightly behind accepts it at once, by
+/// min(5 minutes, lifetime / 10); until `now + lifetime`.
+pub fn validity(
+    now: time::OffsetDateTime,
+    lifetime: Duration,
+) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let lifetime = lifetime.max(Duration::from_secs(1));
+    let back = (lifetime / 10).min(Duration::from_secs(300));
+    (now - back, now + lifetime)
 }
 
 pub fn fingerprint(der: &[u8]) -> String {
@@ -420,7 +448,7 @@ mod tests {
     fn issue_and_read_back_identity() {
         let ca = Ca::generate().unwrap();
         let id = Identity::node("p1", Role::Cpu, "m1").unwrap();
-        let n = ca.issue(&id, 30, &[]).unwrap();
+        let n = ca.issue(&id, days(30), &[]).unwrap();
         let der = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
         let d = tempfile::tempdir().unwrap();
@@ -440,7 +468,7 @@ mod tests {
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
         let id = Identity::node("mine", Role::Gpu, "m2").unwrap();
-        let pem = ca.sign_csr(&csr, &id, 1, &[]).unwrap();
+        let pem = ca.sign_csr(&csr, &id, days(1), &[]).unwrap();
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
         let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -448,7 +476,7 @@ mod tests {
         assert_eq!(names_of(&pem), Vec::<String>::new(), "no name from the CSR");
         // The names are the coordinator's, whatever the request asked for.
         let pem = ca
-            .sign_csr(&csr, &id, 1, &["gpu-7.example".parse().unwrap()])
+            .sign_csr(&csr, &id, days(1), &["gpu-7.example".parse().unwrap()])
             .unwrap();
         assert_eq!(names_of(&pem), ["gpu-7.example"]);
     }
@@ -570,8 +598,8 @@ mod tests {
         let ca = Ca::generate().unwrap();
         let id = Identity::node("p1", Role::Gpu, "m1").unwrap();
         let (old, new) = (
-            ca.issue(&id, 1, &[]).unwrap(),
-            ca.issue(&id, 2, &[]).unwrap(),
+            ca.issue(&id, days(1), &[]).unwrap(),
+            ca.issue(&id, days(2), &[]).unwrap(),
         );
         let d = tempfile::tempdir().unwrap();
         let dir = d.path();
@@ -620,5 +648,28 @@ mod tests {
         assert_eq!(back.fingerprint(), ca.fingerprint());
         let m = fs::metadata(d.path().join("ca.key")).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    }
+
+    /// Short lifetimes are backdated by a tenth of their life, long ones by five minutes; the
+    /// certificate ends exactly `lifetime` after issue.
+    #[test]
+    fn validity_backdates_by_a_tenth_up_to_five_minutes() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let (nb, na) = validity(now, Duration::from_secs(20));
+        assert_eq!(
+            (nb.unix_timestamp(), na.unix_timestamp()),
+            (999_998, 1_000_020)
+        );
+        let (nb, na) = validity(now, days(1));
+        assert_eq!(
+            (nb.unix_timestamp(), na.unix_timestamp()),
+            (1_000_000 - 300, 1_000_000 + 86_400)
+        );
+        let ca = Ca::generate().unwrap();
+        let id = Identity::node("p", Role::Gpu, "m").unwrap();
+        let n = ca.issue(&id, Duration::from_secs(20), &[]).unwrap();
+        let der = CertificateDer::from_pem_slice(n.cert_pem.as_bytes()).unwrap();
+        let f = crate::trust::identity::CertFacts::from_der(&der).unwrap();
+        assert_eq!(f.not_after_unix - f.not_before_unix, 22);
     }
 }

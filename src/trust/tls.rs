@@ -615,8 +615,11 @@ mod tests {
         use tokio_stream::StreamExt;
         install_default_provider();
         let ca = crate::trust::pki::Ca::generate().unwrap();
-        let m = TlsMaterial::from_node_cert(&ca.issue(&Identity::Coordinator, 1, &[]).unwrap())
-            .unwrap();
+        let m = TlsMaterial::from_node_cert(
+            &ca.issue(&Identity::Coordinator, crate::trust::pki::days(1), &[])
+                .unwrap(),
+        )
+        .unwrap();
         let fp = ca.fingerprint();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

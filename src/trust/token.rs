@@ -2,16 +2,22 @@
 //! verify the coordinator on its very first connection (as kubeadm's discovery hash does).
 //!
 //! Format (one line, safe in shells and environment variables):
-//! `sbj1:<pair>:<role>:<expires unix s>:<nonce, 32 hex>:<CA sha256, 64 hex>:<mac, 32 hex>`
+//! `sbj2:<pair>:<role>:<machine or empty>:<expires unix s>:<nonce, 32 hex>:<CA sha256, 64 hex>:<mac, 32 hex>`
 //! where `mac` is HMAC-SHA256 (truncated to 16 bytes) of everything before it, keyed with the
-//! coordinator's token key. Anyone holding a token can read its pair, role and CA fingerprint; only
-//! the coordinator can mint or check one. Single use is enforced by the coordinator's store.
+//! coordinator's token key. Anyone holding a token can read its pair, role, machine and CA
+//! fingerprint; only the coordinator can mint or check one. Single use is enforced by the
+//! coordinator's store. A token bound to a machine (a provider's attempt label, or
+//! `coordinator token --machine`) is only good for a join by that machine (ARCHITECTURE.md,
+//! "Trust"). Tokens of the first format (`sbj1:`, without the machine field) still parse, as
+//! unbound tokens, so those handed out before the upgrade work until they expire.
 
 use std::fmt;
 
 use crate::trust::identity::{Role, check_name};
 
-const PREFIX: &str = "sbj1";
+/// The current format, and the first one (no machine field).
+const PREFIX: &str = "sbj2";
+const PREFIX_V1: &str = "sbj1";
 const MAC_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,6 +34,16 @@ pub enum TokenError {
     WrongRole { token: Role, wanted: Role },
     #[error("join token is for another CA")]
     WrongCa,
+    #[error("join token is for machine {token}, not {wanted}")]
+    WrongMachine { token: String, wanted: String },
+}
+
+/// Which format a token was written in (a re-signed token keeps its format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `sbj1`: no machine field; always unbound.
+    V1,
+    V2,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +53,9 @@ pub struct Token {
     pub expires_unix: u64,
     pub nonce: String,
     pub ca_fingerprint: String,
+    /// The only machine that may join with it (None: whichever joins first).
+    pub machine: Option<String>,
+    pub format: Format,
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -54,14 +73,47 @@ impl Token {
             expires_unix,
             nonce: crate::text::hex(&nonce),
             ca_fingerprint: ca_fingerprint.to_string(),
+            machine: None,
+            format: Format::V2,
         }
     }
 
+    /// The same token bound to `machine`.
+    pub fn bound_to(self, machine: &str) -> Token {
+        Token {
+            machine: Some(machine.to_string()),
+            format: Format::V2,
+            ..self
+        }
+    }
+
+    /// The nonce of the token minted for the provider attempt labelled `label`: derived from the
+    /// label, so the coordinator can spend the token when the attempt is torn down without
+    /// keeping it.
+    pub fn attempt_nonce(label: &str) -> String {
+        let d = ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("standby attempt token {label}").as_bytes(),
+        );
+        crate::text::hex(&d.as_ref()[..16])
+    }
+
     fn body(&self) -> String {
-        format!(
-            "{PREFIX}:{}:{}:{}:{}:{}",
-            self.pair, self.role, self.expires_unix, self.nonce, self.ca_fingerprint
-        )
+        match self.format {
+            Format::V1 => format!(
+                "{PREFIX_V1}:{}:{}:{}:{}:{}",
+                self.pair, self.role, self.expires_unix, self.nonce, self.ca_fingerprint
+            ),
+            Format::V2 => format!(
+                "{PREFIX}:{}:{}:{}:{}:{}:{}",
+                self.pair,
+                self.role,
+                self.machine.as_deref().unwrap_or(""),
+                self.expires_unix,
+                self.nonce,
+                self.ca_fingerprint
+            ),
+        }
     }
 
     /// The token as a string, signed with `key`.
@@ -79,11 +131,24 @@ impl Token {
             return Err(TokenError::Malformed);
         }
         let parts: Vec<&str> = s.split(':').collect();
-        let [prefix, pair, role, exp, nonce, fp, mac] = parts[..] else {
-            return Err(TokenError::Malformed);
+        let (format, fields) = match parts[..] {
+            [PREFIX, pair, role, machine, exp, nonce, fp, mac] => {
+                let machine = (!machine.is_empty()).then_some(machine);
+                if machine.is_some_and(|m| check_name(m).is_err()) {
+                    return Err(TokenError::Malformed);
+                }
+                (
+                    Format::V2,
+                    [pair, role, exp, nonce, fp, mac, machine.unwrap_or("")],
+                )
+            }
+            [PREFIX_V1, pair, role, exp, nonce, fp, mac] => {
+                (Format::V1, [pair, role, exp, nonce, fp, mac, ""])
+            }
+            _ => return Err(TokenError::Malformed),
         };
-        if prefix != PREFIX
-            || check_name(pair).is_err()
+        let [pair, role, exp, nonce, fp, mac, machine] = fields;
+        if check_name(pair).is_err()
             || !is_hex(nonce, 32)
             || !is_hex(fp, 64)
             || !is_hex(mac, MAC_LEN * 2)
@@ -102,9 +167,22 @@ impl Token {
                 expires_unix,
                 nonce: nonce.into(),
                 ca_fingerprint: fp.into(),
+                machine: (!machine.is_empty()).then(|| machine.to_string()),
+                format,
             },
             mac.to_string(),
         ))
+    }
+
+    /// Refuses a join by `machine` with a token bound to another machine.
+    pub fn check_machine(&self, machine: &str) -> Result<(), TokenError> {
+        match &self.machine {
+            Some(m) if m != machine => Err(TokenError::WrongMachine {
+                token: m.clone(),
+                wanted: machine.to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Checks a token presented to the coordinator: well formed, signed with `key`, for our CA,
@@ -146,11 +224,11 @@ fn ring_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "join token for {}/{} (expires {})",
-            self.pair, self.role, self.expires_unix
-        )
+        write!(f, "join token for {}/{}", self.pair, self.role)?;
+        if let Some(m) = &self.machine {
+            write!(f, " machine {m}")?;
+        }
+        write!(f, " (expires {})", self.expires_unix)
     }
 }
 
@@ -165,7 +243,7 @@ mod tests {
         let key = [7u8; 32];
         let t = Token::new("p1", Role::Gpu, 2_000_000_000, FP);
         let s = t.sign(&key);
-        assert!(s.starts_with("sbj1:p1:gpu:2000000000:"));
+        assert!(s.starts_with("sbj2:p1:gpu::2000000000:"));
         assert_eq!(Token::parse(&s).unwrap().0, t);
         assert_eq!(
             Token::verify(&s, &key, FP, Role::Gpu, 1_900_000_000).unwrap(),
@@ -213,7 +291,9 @@ mod tests {
             "x:p:gpu:1:a:b:c",
             &s[..s.len() - 1],
             &format!("{s}:x"),
-            &s.replace("sbj1", "sbj2"),
+            &s.replace("sbj2", "sbj3"),
+            &s.replacen("sbj2:", "sbj1:", 1),
+            &s.replacen(":gpu::", ":gpu:bad/name:", 1),
         ] {
             assert_eq!(
                 Token::parse(bad).err(),
@@ -225,5 +305,63 @@ mod tests {
             Token::parse(&"a".repeat(600)).err(),
             Some(TokenError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_bound_token_names_its_machine_and_only_it_may_use_it() {
+        let key = [7u8; 32];
+        let t = Token::new("p1", Role::Gpu, 2_000_000_000, FP).bound_to("sb-x-p1-gpu-3");
+        let s = t.sign(&key);
+        assert!(
+            s.starts_with("sbj2:p1:gpu:sb-x-p1-gpu-3:2000000000:"),
+            "{s}"
+        );
+        let back = Token::verify(&s, &key, FP, Role::Gpu, 0).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.check_machine("sb-x-p1-gpu-3"), Ok(()));
+        assert_eq!(
+            back.check_machine("other"),
+            Err(TokenError::WrongMachine {
+                token: "sb-x-p1-gpu-3".into(),
+                wanted: "other".into()
+            })
+        );
+        // The binding is under the MAC: dropping or changing it does not verify.
+        for forged in [
+            s.replacen(":sb-x-p1-gpu-3:", "::", 1),
+            s.replacen(":sb-x-p1-gpu-3:", ":other:", 1),
+        ] {
+            assert_eq!(
+                Token::verify(&forged, &key, FP, Role::Gpu, 0),
+                Err(TokenError::BadMac)
+            );
+        }
+        // An unbound token binds to whoever uses it first (the store records the use).
+        let unbound = Token::new("p1", Role::Gpu, 2_000_000_000, FP);
+        assert_eq!(unbound.check_machine("anything"), Ok(()));
+    }
+
+    /// A token minted before the machine field (`sbj1`) still verifies, as an unbound token,
+    /// and re-signs in its own format.
+    #[test]
+    fn a_first_format_token_still_verifies_unbound() {
+        let key = [7u8; 32];
+        let nonce = "0123456789abcdef0123456789abcdef";
+        let body = format!("sbj1:p1:cpu:2000000000:{nonce}:{FP}");
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+        let tag = ring::hmac::sign(&k, body.as_bytes());
+        let s = format!("{body}:{}", crate::text::hex(&tag.as_ref()[..MAC_LEN]));
+        let t = Token::verify(&s, &key, FP, Role::Cpu, 0).unwrap();
+        assert_eq!((t.machine.as_deref(), t.format), (None, Format::V1));
+        assert_eq!(t.nonce, nonce);
+        assert_eq!(t.sign(&key), s);
+    }
+
+    #[test]
+    fn attempt_nonces_are_per_label_and_well_formed() {
+        let a = Token::attempt_nonce("sb-1-p-gpu-1");
+        assert!(is_hex(&a, 32));
+        assert_eq!(a, Token::attempt_nonce("sb-1-p-gpu-1"));
+        assert_ne!(a, Token::attempt_nonce("sb-1-p-gpu-2"));
     }
 }

@@ -29,7 +29,11 @@ impl Pki {
         let out = self.dir.path().join(format!("{pair}-{role}"));
         if !out.exists() {
             self.ca
-                .issue(&Identity::node(pair, role, role.as_str()).unwrap(), 30, &[])
+                .issue(
+                    &Identity::node(pair, role, role.as_str()).unwrap(),
+                    standby::trust::pki::days(30),
+                    &[],
+                )
                 .unwrap()
                 .write_dir(&out)
                 .unwrap();

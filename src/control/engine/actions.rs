@@ -32,6 +32,7 @@ impl Actor {
                 Ok(()) => {
                     e.blocked = false;
                     self.soon.remove(pair);
+                    self.after_write(pair);
                 }
                 Err(err) => {
                     tracing::error!(pair, error = %err, "cannot persist the pair; holding its commands until it is written");

@@ -19,7 +19,7 @@ pub(super) struct Conn {
     id: u64,
     pub(super) tx: mpsc::Sender<Result<Command, Status>>,
     /// What this connection has been told.
-    pub(super) sent: Vec<Desired>,
+    pub(super) sent: Vec<Command>,
     pub(super) warned_stale: bool,
 }
 
@@ -94,10 +94,11 @@ impl Actor {
                 side.as_str()
             ),
         };
-        if c.sent.contains(&d) || c.tx.try_send(Ok(command_for(&d))).is_err() {
+        let cmd = command_for(&d, "");
+        if c.sent.contains(&cmd) || c.tx.try_send(Ok(cmd.clone())).is_err() {
             return;
         }
-        c.sent = vec![d];
+        c.sent = vec![cmd];
         let message = format!(
             "{} ({}) reported at epoch {}; it is not the pair's {}: fenced",
             r.machine,

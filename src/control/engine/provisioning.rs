@@ -119,8 +119,9 @@ impl Actor {
         let label = m.label.clone();
         let (tx, pair) = (self.self_tx.clone(), pair.to_string());
         let (metrics, prov) = (self.metrics.clone(), prov.clone());
+        let boot = self.policy.boot_timeout;
         tokio::spawn(async move {
-            let input = create_machine(&prov, &pair, role, &label, &blocked).await;
+            let input = create_machine(&prov, &pair, role, &label, &blocked, boot).await;
             count_attempt(&metrics, &input);
             let input = Some(input);
             let _ = tx.send(Msg::Provider { pair, op, input }).await;
@@ -334,6 +335,8 @@ struct Attempt<'a> {
     role: Side,
     label: &'a str,
     limit: Duration,
+    /// The boot timeout: how long the machine has to join once created.
+    boot: Duration,
 }
 
 /// One provisioning attempt: settle what a previous attempt with this label left (by listing
@@ -345,6 +348,7 @@ async fn create_machine(
     role: Side,
     label: &str,
     blocked: &[String],
+    boot: Duration,
 ) -> Input {
     let a = Attempt {
         prov,
@@ -353,6 +357,7 @@ async fn create_machine(
         role,
         label,
         limit: prov.cfg.call_timeout,
+        boot,
     };
     match a.find().await {
         Ok(Some(m)) => return a.created(m, None),
@@ -419,17 +424,19 @@ impl Attempt<'_> {
         })
     }
 
-    /// What the new machine needs to join: a fresh join token for its pair and role.
+    /// What the new machine needs to join: a join token for its pair and role, bound to this
+    /// attempt's label, that expires two minutes after the attempt's boot deadline (the create
+    /// call may take up to its limit before the deadline starts). Its nonce comes from the label,
+    /// so the engine spends it when the attempt is torn down (`seats`).
     fn startup(&self) -> Startup {
-        let role_id = match self.role {
-            Side::Gpu => crate::trust::identity::Role::Gpu,
-            Side::Cpu => crate::trust::identity::Role::Cpu,
-        };
-        let cfg = &self.prov.cfg;
-        let exp = unix_ms_now() / 1000 + cfg.token_ttl.as_secs().max(60);
-        let token =
-            crate::trust::token::Token::new(self.pair, role_id, exp, &self.prov.fingerprint)
-                .sign(&self.prov.token_key);
+        let role_id = super::seats::role_of(self.role);
+        let exp = unix_ms_now() / 1000 + (self.limit + self.boot).as_secs() + 120;
+        let token = crate::trust::token::Token {
+            nonce: crate::trust::token::Token::attempt_nonce(self.label),
+            ..crate::trust::token::Token::new(self.pair, role_id, exp, &self.prov.fingerprint)
+        }
+        .bound_to(self.label)
+        .sign(&self.prov.token_key);
         Startup {
             pair: self.pair.to_string(),
             role: self.role,

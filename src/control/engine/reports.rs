@@ -48,11 +48,11 @@ impl Actor {
         r: AgentReport,
         observed: Option<IpAddr>,
     ) {
-        let Some(e) = self.pairs.get_mut(pair) else {
+        if !self.pairs.contains_key(pair) {
             return;
-        };
+        }
         self.metrics.heartbeats.inc();
-        if !e.m.accepts(side, &r.machine) {
+        if !self.accepts(pair, side, &r.machine) {
             // Not the machine this side belongs to (an old GPU coming back after it was
             // replaced): fence it, listen to nothing it says.
             self.fence_stranger(pair, side, conn, &r);

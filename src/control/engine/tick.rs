@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::Actor;
 use super::events::event;
 use crate::control::failover::Input;
+use crate::control::metrics::CertLabel;
 use crate::control::metrics::{KindLabel, PairLabel, PairSideLabel};
 use crate::host::unix_ms_now;
 use crate::proto::state::PairRecord;
@@ -113,7 +114,11 @@ impl Actor {
             .filter_map(|n| self.pairs.get(n).map(|e| e.m.rec.clone()))
             .collect();
         match self.store.put_pairs(&recs, true) {
-            Ok(()) => self.soon.clear(),
+            Ok(()) => {
+                for pair in std::mem::take(&mut self.soon) {
+                    self.after_write(&pair);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "cannot persist machine records; will retry"),
         }
     }
@@ -121,6 +126,7 @@ impl Actor {
     /// The gauges that move with time rather than with inputs.
     fn refresh_metrics(&self, now: Instant) {
         self.count_machines();
+        self.cert_metrics();
         for (name, e) in &self.pairs {
             for (side, seen) in e.m.seen.iter() {
                 if let Some(t) = seen.last_seen {
@@ -174,5 +180,26 @@ impl Actor {
                 })
                 .set(n);
         }
+    }
+
+    /// The expiry of each current machine's newest live certificate; the deny list loses
+    /// what expired.
+    fn cert_metrics(&self) {
+        self.registry.refresh();
+        let rows = self
+            .registry
+            .expiries()
+            .into_iter()
+            .map(|((pair, role, machine), not_after)| {
+                let l = CertLabel {
+                    kind: "agent".into(),
+                    pair,
+                    role: Side::from_record(role).as_str().into(),
+                    machine,
+                };
+                (l, not_after as i64)
+            })
+            .collect();
+        self.metrics.set_agent_expiries(rows);
     }
 }

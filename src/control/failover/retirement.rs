@@ -1,0 +1,195 @@
+//! Which machines a persisted transition retires (ARCHITECTURE.md, "Trust"): a machine put on
+//! the teardown list (a failed GPU, a failed attempt, a hibernated GPU), or replaced in its
+//! seat by another, loses its certificates; a provider attempt that ended without its machine
+//! holding the seat has its join token spent. Worked out from the record before and after the
+//! write, so a coordinator that restarts between the two loses nothing: the engine compares
+//! with the last record it wrote.
+
+use super::PairMachine;
+use crate::proto::state::{OwnedMachine, PairRecord};
+use crate::types::Side;
+
+/// One machine that no longer belongs to the pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retired {
+    pub side: Side,
+    /// The machine's name (a provider's label).
+    pub machine: String,
+    pub reason: String,
+}
+
+fn owned(rec: &PairRecord, side: Side) -> Option<&OwnedMachine> {
+    match side {
+        Side::Gpu => rec.gpu_owned.as_ref(),
+        Side::Cpu => rec.cpu_owned.as_ref(),
+    }
+}
+
+fn attempt_label(rec: &PairRecord) -> Option<(Side, &str)> {
+    let p = rec.provision.as_ref()?;
+    let m = p.machine.as_ref()?;
+    Some((Side::from_record(p.role()), m.label.as_str()))
+}
+
+/// The machines retired between `before` and `after` (each once, in a stable order).
+pub fn retired(before: &PairRecord, after: &PairRecord) -> Vec<Retired> {
+    let mut out: Vec<Retired> = Vec::new();
+    let mut add = |side: Side, machine: &str, reason: String| {
+        if !out.iter().any(|r| r.machine == machine && r.side == side) {
+            out.push(Retired {
+                side,
+                machine: machine.to_string(),
+                reason,
+            });
+        }
+    };
+    for t in &after.teardown {
+        if !before.teardown.iter().any(|b| b.label == t.label) {
+            let side = Side::from_record(t.role());
+            add(
+                side,
+                &t.label,
+                format!("{} machine {} torn down", side.as_str(), t.label),
+            );
+        }
+    }
+    for side in Side::ALL {
+        if let (Some(b), Some(a)) = (owned(before, side), owned(after, side))
+            && b.label != a.label
+        {
+            add(
+                side,
+                &b.label,
+                format!("replaced in its seat by {}", a.label),
+            );
+        }
+    }
+    if let Some((side, label)) = attempt_label(before) {
+        let still = attempt_label(after) == Some((side, label))
+            || owned(after, side).is_some_and(|o| o.label == label);
+        if !still {
+            add(side, label, format!("provisioning attempt {label} ended"));
+        }
+    }
+    out
+}
+
+impl PairMachine {
+    /// Whether `side` is held by a machine a provider created (or is being provisioned): then
+    /// the record alone names the machine; otherwise the seat is held by the machine that
+    /// joined it last ([`PairMachine::accepts_holding`]).
+    pub fn provider_seat(&self, side: Side) -> bool {
+        self.provisioning(side) || self.owned(side).is_some()
+    }
+
+    /// [`PairMachine::accepts`], and for a seat no provider fills: `machine` is one of the
+    /// `holders` (the machines holding a live certificate the coordinator issued for the seat;
+    /// none recorded: a pair with static certificates, any machine in the seat).
+    pub fn accepts_holding(
+        &self,
+        side: Side,
+        machine: &str,
+        holders: &std::collections::BTreeSet<String>,
+    ) -> bool {
+        if !self.accepts(side, machine) {
+            return false;
+        }
+        self.provider_seat(side) || holders.is_empty() || holders.contains(machine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Role;
+    use crate::proto::state::Provision;
+
+    fn m(label: &str, role: Role) -> OwnedMachine {
+        OwnedMachine {
+            label: label.into(),
+            role: role.into(),
+            ..Default::default()
+        }
+    }
+
+    fn attempt(label: &str) -> Option<Provision> {
+        Some(Provision {
+            role: Role::Gpu.into(),
+            machine: Some(m(label, Role::Gpu)),
+            ..Default::default()
+        })
+    }
+
+    /// Some instant to resume a machine at (the parent denies reading the clock).
+    #[allow(clippy::disallowed_methods)]
+    fn now() -> std::time::Instant {
+        std::time::Instant::now()
+    }
+
+    fn machines(r: &[Retired]) -> Vec<(&str, Side)> {
+        r.iter().map(|r| (r.machine.as_str(), r.side)).collect()
+    }
+
+    #[test]
+    fn a_failed_gpu_put_on_teardown_is_retired_once() {
+        let before = PairRecord {
+            gpu_owned: Some(m("g1", Role::Gpu)),
+            cpu_owned: Some(m("c1", Role::Cpu)),
+            ..Default::default()
+        };
+        let after = PairRecord {
+            cpu_owned: Some(m("c1", Role::Cpu)),
+            teardown: vec![m("g1", Role::Gpu)],
+            provision: attempt("g2"),
+            ..Default::default()
+        };
+        assert_eq!(machines(&retired(&before, &after)), [("g1", Side::Gpu)]);
+        // Written again unchanged: nothing new.
+        assert!(retired(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn a_replaced_seat_and_an_abandoned_attempt_are_retired() {
+        let before = PairRecord {
+            cpu_owned: Some(m("c1", Role::Cpu)),
+            provision: attempt("g2"),
+            ..Default::default()
+        };
+        // The attempt failed before its machine existed: no teardown, but its token is spent.
+        let after = PairRecord {
+            cpu_owned: Some(m("c2", Role::Cpu)),
+            provision: attempt("g3"),
+            ..Default::default()
+        };
+        assert_eq!(
+            machines(&retired(&before, &after)),
+            [("c1", Side::Cpu), ("g2", Side::Gpu)]
+        );
+        // The attempt joined and holds the seat: not retired.
+        let joined = PairRecord {
+            gpu_owned: Some(m("g3", Role::Gpu)),
+            cpu_owned: Some(m("c2", Role::Cpu)),
+            ..Default::default()
+        };
+        assert!(retired(&after, &joined).is_empty());
+    }
+
+    #[test]
+    fn seats_no_provider_fills_are_held_by_their_holders() {
+        let pm = PairMachine::resume(PairRecord::default(), now());
+        let none = Default::default();
+        let holders: std::collections::BTreeSet<String> = ["g1".to_string()].into();
+        assert!(pm.accepts_holding(Side::Gpu, "anything", &none));
+        assert!(pm.accepts_holding(Side::Gpu, "g1", &holders));
+        assert!(!pm.accepts_holding(Side::Gpu, "g2", &holders));
+        let owned = PairMachine::resume(
+            PairRecord {
+                gpu_owned: Some(m("g9", Role::Gpu)),
+                ..Default::default()
+            },
+            now(),
+        );
+        assert!(owned.accepts_holding(Side::Gpu, "g9", &holders));
+        assert!(!owned.accepts_holding(Side::Gpu, "g1", &holders));
+    }
+}
