@@ -11,10 +11,11 @@ use std::time::Duration;
 use super::Actor;
 use super::events::event;
 use crate::control::failover::{Retired, retired};
+use crate::control::metrics::Refusal;
 use crate::control::store::certs::Retire;
 use crate::host::unix_ms_now;
 use crate::proto::{Event, EventKind};
-use crate::trust::identity::Role;
+use crate::trust::identity::{Identity, Role};
 use crate::trust::token::Token;
 use crate::types::Side;
 
@@ -102,6 +103,24 @@ impl Actor {
             .collect();
         for (pair, r) in all {
             self.retire(&pair, &r);
+        }
+    }
+
+    /// Revoked certificates refused in the TLS handshake (before any service saw them): each one
+    /// is counted and shown as an event of its pair.
+    pub(super) fn report_refused_handshakes(&mut self) {
+        for r in self.registry.take_refused() {
+            let pair = Identity::parse_uri(&r.identity)
+                .ok()
+                .and_then(|id| id.pair().map(str::to_string))
+                .unwrap_or_default();
+            self.metrics.refuse(Refusal::Revoked);
+            let message = format!(
+                "refused (revoked): {} presented its revoked certificate {} in a TLS handshake",
+                r.identity, r.serial
+            );
+            tracing::warn!(%pair, "{message}");
+            self.events.emit(event(&pair, EventKind::Refused, message));
         }
     }
 

@@ -24,6 +24,7 @@ impl Actor {
             self.tick_pair(name, now);
         }
         self.tick_provider(now);
+        self.report_refused_handshakes();
         if slow {
             self.flush_soon();
             self.refresh_metrics(now);

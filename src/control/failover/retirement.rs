@@ -1,11 +1,14 @@
-//! Which machines a persisted transition retires (ARCHITECTURE.md, "Trust"): a machine put on
-//! the teardown list (a failed GPU, a failed attempt, a hibernated GPU), or replaced in its
-//! seat by another, loses its certificates; a provider attempt that ended without its machine
-//! holding the seat has its join token spent. Worked out from the record before and after the
+//! Which machines a persisted transition retires (ARCHITECTURE.md, "Trust"): the GPU a pair
+//! fails over from (fenced for good: recovery always brings a new machine), a machine put on
+//! the teardown list (a failed GPU, a failed attempt, a hibernated GPU), or one replaced in its
+//! seat by another — whether a provider created it or it joined by hand — loses its
+//! certificates; a provider attempt that ended without its machine holding the seat has its
+//! join token spent. Worked out from the record before and after the
 //! write, so a coordinator that restarts between the two loses nothing: the engine compares
 //! with the last record it wrote.
 
 use super::PairMachine;
+use crate::proto::PairState;
 use crate::proto::state::{OwnedMachine, PairRecord};
 use crate::types::Side;
 
@@ -23,6 +26,23 @@ fn owned(rec: &PairRecord, side: Side) -> Option<&OwnedMachine> {
         Side::Gpu => rec.gpu_owned.as_ref(),
         Side::Cpu => rec.cpu_owned.as_ref(),
     }
+}
+
+/// The machine holding `side`: the one a provider created, else the one that reported for it.
+fn seat_machine(rec: &PairRecord, side: Side) -> Option<&str> {
+    let reported = match side {
+        Side::Gpu => rec.gpu.as_ref(),
+        Side::Cpu => rec.cpu.as_ref(),
+    };
+    owned(rec, side)
+        .map(|o| o.label.as_str())
+        .or(reported.map(|m| m.machine.as_str()))
+        .filter(|m| !m.is_empty())
+}
+
+/// Whether the write is the failover itself (the GPU lost the primary role for good).
+fn fails_over(before: &PairRecord, after: &PairRecord) -> bool {
+    before.state() != PairState::FailedOver && after.state() == PairState::FailedOver
 }
 
 fn attempt_label(rec: &PairRecord) -> Option<(Side, &str)> {
@@ -53,15 +73,20 @@ pub fn retired(before: &PairRecord, after: &PairRecord) -> Vec<Retired> {
             );
         }
     }
+    if fails_over(before, after)
+        && let Some(gpu) = seat_machine(before, Side::Gpu)
+    {
+        add(
+            Side::Gpu,
+            gpu,
+            format!("gpu machine {gpu} failed over from"),
+        );
+    }
     for side in Side::ALL {
-        if let (Some(b), Some(a)) = (owned(before, side), owned(after, side))
-            && b.label != a.label
+        if let (Some(b), Some(a)) = (seat_machine(before, side), seat_machine(after, side))
+            && b != a
         {
-            add(
-                side,
-                &b.label,
-                format!("replaced in its seat by {}", a.label),
-            );
+            add(side, b, format!("replaced in its seat by {a}"));
         }
     }
     if let Some((side, label)) = attempt_label(before) {
@@ -172,6 +197,36 @@ mod tests {
             ..Default::default()
         };
         assert!(retired(&after, &joined).is_empty());
+    }
+
+    fn reported(machine: &str) -> Option<crate::proto::state::MachineRecord> {
+        Some(crate::proto::state::MachineRecord {
+            machine: machine.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn the_gpu_failed_over_from_is_retired_even_when_it_joined_by_hand() {
+        let before = PairRecord {
+            state: PairState::Suspect.into(),
+            gpu: reported("vm"),
+            cpu: reported("cpu-1"),
+            ..Default::default()
+        };
+        let after = PairRecord {
+            state: PairState::FailedOver.into(),
+            ..before.clone()
+        };
+        assert_eq!(machines(&retired(&before, &after)), [("vm", Side::Gpu)]);
+        // Provisioning and seating the replacement retire nothing more (vm is gone already,
+        // and retiring twice is harmless); the CPU stays.
+        let seated = PairRecord {
+            state: PairState::Restoring.into(),
+            gpu_owned: Some(m("g2", Role::Gpu)),
+            ..after.clone()
+        };
+        assert_eq!(machines(&retired(&after, &seated)), [("vm", Side::Gpu)]);
     }
 
     #[test]

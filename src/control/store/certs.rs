@@ -232,6 +232,11 @@ impl Registry {
             .is_some_and(|c| c.revoked)
     }
 
+    /// The revoked certificates the coordinator's own TLS verifier refused since the last call.
+    pub fn take_refused(&self) -> Vec<crate::trust::revocation::Refused> {
+        self.deny.take_refused()
+    }
+
     /// The current deny list, as sent to agents.
     pub fn revoked(&self) -> Vec<String> {
         self.deny.serials().iter().cloned().collect()
