@@ -63,11 +63,19 @@ impl Rig {
     }
 
     /// Runs `f` while sampling the pair every 250 ms; returns every (state, epoch) seen, in
-    /// order, without repeats.
+    /// order, without repeats. The sampler stops however `f` ends (a failed assertion in it
+    /// fails the test instead of hanging it).
     fn watch(&self, f: impl FnOnce()) -> Vec<(String, u64)> {
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
         let seen = Mutex::new(Vec::<(String, u64)>::new());
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
+            let _stop = Stop(&done);
             s.spawn(|| {
                 while !done.load(Ordering::Relaxed) {
                     if let Some(st) = self.site.state(PAIR) {
@@ -80,7 +88,6 @@ impl Rig {
                 }
             });
             f();
-            done.store(true, Ordering::Relaxed);
         });
         seen.into_inner().unwrap()
     }

@@ -258,7 +258,7 @@ async fn a_machine_replaced_in_its_seat_is_revoked_and_cut_off() {
         .until(Duration::from_secs(2), |_| None::<()>)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     assert!(e.message().contains("revoked"), "{e}");
     let list = bc
         .until(Duration::from_secs(5), |c| match c {

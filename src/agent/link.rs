@@ -22,6 +22,18 @@ pub struct LinkOptions {
     pub url: String,
     pub tls: TlsMaterial,
     pub interval: Duration,
+    /// Called when the coordinator says this machine's certificate is revoked.
+    pub on_revoked: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Whether a link error says our certificate was revoked: the coordinator answers a revoked
+/// certificate's stream UNAUTHENTICATED, and refuses a new handshake with the TLS alert
+/// `CertificateRevoked`.
+fn says_revoked(e: &anyhow::Error) -> bool {
+    let by_status = e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+        s.code() == tonic::Code::Unauthenticated && s.message().contains("revoked")
+    });
+    by_status || format!("{e:#}").contains("CertificateRevoked")
 }
 
 /// Fault injection for tests and drills: `STANDBY_FAULT_DROP_HEARTBEATS=0.3` skips that fraction
@@ -52,6 +64,7 @@ pub async fn run(
             return;
         }
     };
+    let opts_revoked = opts.on_revoked.clone();
     let link = Link {
         url: opts.url,
         interval: opts.interval,
@@ -70,6 +83,9 @@ pub async fn run(
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "coordinator link down");
+                if says_revoked(&e) {
+                    (opts_revoked)();
+                }
             }
         }
         let jitter = rand::rng().random_range(0.0..0.3);

@@ -72,10 +72,12 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
         tls: m.tls.clone(),
         state_dir: cfg.state_dir.clone(),
     };
+    let node = dispatcher.node.clone();
     let opts = LinkOptions {
         url: m.url,
         tls: m.tls,
         interval: cfg.heartbeat,
+        on_revoked: Arc::new(move || node.revoked()),
     };
     tokio::spawn(link::run(opts, report, cmd_tx, shutdown.clone()));
     tokio::spawn(dispatcher.run(cmd_rx));
@@ -132,6 +134,9 @@ impl Dispatcher {
         .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "revocation task failed");
+        }
+        if self.tls.deny.contains(&self.tls.facts().serial) {
+            self.node.revoked();
         }
     }
 

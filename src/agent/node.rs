@@ -210,6 +210,17 @@ impl Node {
         Ok(())
     }
 
+    /// The coordinator revoked this machine's certificate (it was failed over from or replaced):
+    /// fenced for good, at the durable epoch — it neither sends nor accepts any more.
+    pub fn revoked(&self) {
+        if matches!(self.mode(), Mode::Fenced(..)) {
+            return;
+        }
+        let reason = "this machine's certificate was revoked by the coordinator (the machine was failed over from or replaced)";
+        tracing::error!(reason, "fenced: not sending, not accepting");
+        self.set_mode(Mode::Fenced(self.durable_epoch(), reason.to_string()));
+    }
+
     /// The durable epoch (the receiver's, or the sender's while it holds the replica).
     pub fn durable_epoch(&self) -> Epoch {
         let sent = self.inner.figures.lock().expect("figures").epoch;

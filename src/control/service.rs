@@ -7,8 +7,9 @@
 //! certificate that expired within the renewal grace may only renew (`heartbeat`).
 //! ARCHITECTURE.md, "Trust".
 //!
-//! Bounded per identity: at most two heartbeat streams per agent certificate and four `Events`
-//! subscriptions per admin at once (RESOURCE_EXHAUSTED beyond); a report whose strings break
+//! Bounded per identity: at most two heartbeat streams per agent certificate (a newer one ends
+//! the oldest, so a reconnecting agent never waits for its dead stream to time out) and four
+//! `Events` subscriptions per admin at once (RESOURCE_EXHAUSTED beyond); a report whose strings break
 //! their limits (`wire::check_report`) ends its stream with INVALID_ARGUMENT. Reflection, and
 //! health for clients without a certificate, are served only when asked for (`--reflection`,
 //! `--public-health`).
@@ -41,7 +42,7 @@ use crate::proto::{
 };
 use crate::trust::identity::{CertFacts, Identity, Role};
 use crate::trust::pki::Ca;
-use crate::trust::quota::{Permit, Quota};
+use crate::trust::quota::{Permit, Quota, Rotation};
 use crate::trust::tls::{self, TlsMaterial};
 use crate::trust::token::{Token, TokenError};
 use crate::types::Side;
@@ -56,7 +57,7 @@ pub struct Shared {
     fingerprint: String,
     store: Arc<dyn Store>,
     /// Heartbeat streams per agent certificate (its URI).
-    heartbeats: Quota<String>,
+    heartbeats: Rotation<String>,
     /// `Events` subscriptions per admin name.
     subscriptions: Quota<String>,
     registry: Arc<Registry>,
@@ -65,7 +66,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// A refusal: counted, shown as an event, and answered PERMISSION_DENIED.
+    /// A refusal: counted, shown as an event, and answered PERMISSION_DENIED, or UNAUTHENTICATED
+    /// for a revoked certificate (an agent that hears it knows it was retired, and fences
+    /// itself).
     fn refuse(&self, pair: &str, why: Refusal, message: String) -> Status {
         tracing::warn!(pair, reason = why.as_str(), "{message}");
         self.engine.metrics.refuse(why);
@@ -76,7 +79,10 @@ impl Shared {
             message: format!("refused ({}): {message}", why.as_str()),
             ..Default::default()
         });
-        Status::permission_denied(message)
+        match why {
+            Refusal::Revoked => Status::unauthenticated(message),
+            _ => Status::permission_denied(message),
+        }
     }
 
     /// Signs `csr_pem` as `id`, also valid for the host of `advertise` (so stock clients dial
@@ -171,11 +177,7 @@ impl Coordinator for CoordinatorSvc {
         req: Request<Streaming<AgentReport>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let peer = tls::peer_of(&req)?;
-        let slot = take(
-            &self.0.heartbeats,
-            peer.identity.to_string(),
-            "heartbeat streams",
-        )?;
+        let slot = self.0.heartbeats.take(&peer.identity.to_string());
         let observed = peer.addr.map(|a| a.ip());
         heartbeat::open(self.0.clone(), peer, observed, req.into_inner(), slot).await
     }
@@ -512,7 +514,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         store,
         registry,
         cert_lifetime: opts.cert_lifetime,
-        heartbeats: Quota::new(crate::cli::defaults::HEARTBEATS_PER_IDENTITY),
+        heartbeats: Rotation::new(crate::cli::defaults::HEARTBEATS_PER_IDENTITY),
         subscriptions: Quota::new(crate::cli::defaults::EVENTS_PER_ADMIN),
     });
 

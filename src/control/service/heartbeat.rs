@@ -18,7 +18,7 @@ use super::{Shared, side_of};
 use crate::control::metrics::Refusal;
 use crate::proto::{AgentReport, Command, Renewed, Revocations, command};
 use crate::trust::identity::{Identity, Role};
-use crate::trust::quota::Permit;
+use crate::trust::quota::Turn;
 use crate::trust::tls::PeerInfo;
 use crate::types::Side;
 
@@ -55,7 +55,7 @@ pub(super) async fn open(
     peer: PeerInfo,
     observed: Option<IpAddr>,
     inbound: Streaming<AgentReport>,
-    slot: Permit<String>,
+    slot: Turn<String>,
 ) -> Result<Response<ReceiverStream<Result<Command, Status>>>, Status> {
     let Identity::Node {
         pair,
@@ -106,9 +106,9 @@ async fn run(
     st: Stream,
     mut inbound: Streaming<AgentReport>,
     weak: mpsc::WeakSender<Result<Command, Status>>,
-    // The sender kept for a renewal-only stream, and the stream's place in its identity's quota:
-    // both held until the stream ends.
-    _held: (Option<Tx>, Permit<String>),
+    // The sender kept for a renewal-only stream, and the stream's place among its identity's
+    // streams: both held until the stream ends.
+    held: (Option<Tx>, Turn<String>),
 ) {
     let mut revs = s.registry.subscribe();
     revs.mark_changed(); // the list goes out as the stream opens
@@ -127,6 +127,15 @@ async fn run(
                 if changed.is_err() || !push_revocations(&s, &st, &mut revs, &tx).await {
                     break;
                 }
+            }
+            _ = held.1.ended() => {
+                tracing::info!(identity = %st.identity(), "a newer heartbeat stream of the same certificate ended this one");
+                if let Some(tx) = weak.upgrade() {
+                    let _ = tx.send(Err(Status::resource_exhausted(
+                        "ended: a newer heartbeat stream of the same certificate took its place",
+                    ))).await;
+                }
+                break;
             }
         }
     }
