@@ -323,6 +323,51 @@ fn certificates_and_usage_errors() {
     let m = standby::trust::tls::TlsMaterial::load(&dir.join("admin")).unwrap();
     assert_eq!(m.identity.uri(), "standby://admin/admin");
 
+    // `cert --renew`: the admin certificate again, same identity, a new key and serial.
+    let old = m.facts();
+    let admin = dir.join("admin");
+    let d = dir.to_str().unwrap();
+    let out = run(&[
+        "cert",
+        "--dir",
+        d,
+        "--renew",
+        "--out",
+        admin.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let renewed = standby::trust::tls::TlsMaterial::load(&admin)
+        .unwrap()
+        .facts();
+    assert_eq!(renewed.identity, old.identity);
+    assert_ne!(renewed.serial, old.serial);
+    // Renewing needs a certificate to renew; it never picks a role or names.
+    let empty = t.path().join("empty");
+    let out = run(&[
+        "cert",
+        "--dir",
+        d,
+        "--renew",
+        "--out",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let out = run(&[
+        "cert",
+        "--dir",
+        d,
+        "--renew",
+        "--role",
+        "gpu",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+
     // Usage errors exit 64 with a message; a bad pair name is refused.
     let out = run(&[
         "cert",

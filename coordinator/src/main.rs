@@ -177,7 +177,7 @@ struct CertArgs {
     /// The pair the certificate belongs to (for gpu and cpu).
     #[arg(long)]
     pair: Option<String>,
-    #[arg(long, value_enum, required_unless_present = "server")]
+    #[arg(long, value_enum, required_unless_present_any = ["server", "renew"])]
     role: Option<CertRole>,
     /// For --role admin the admin's name (default "admin"); for gpu and cpu the machine the
     /// certificate names (default: the role).
@@ -191,6 +191,10 @@ struct CertArgs {
     /// restarts.
     #[arg(long, conflicts_with_all = ["pair", "role", "name", "out"])]
     server: bool,
+    /// Renew the certificate in --out (an admin's, or a static agent's): the same identity and
+    /// names, a new key, --days from now. The old certificate stays valid until it expires.
+    #[arg(long, requires = "out", conflicts_with_all = ["pair", "role", "name", "server", "san"])]
+    renew: bool,
     /// A host name or IP address the certificate is also valid for (repeatable, or
     /// comma-separated; for --server and gpu or cpu certificates).
     #[arg(long, value_delimiter = ',')]
@@ -564,6 +568,13 @@ fn cert(a: CertArgs) -> anyhow::Result<()> {
     })?;
     if a.server {
         return server_cert(&a, &ca);
+    }
+    if let (true, Some(out)) = (a.renew, a.out.as_deref()) {
+        let days = standby::trust::pki::days(a.days.unwrap_or(defaults::CERT_DAYS));
+        let id = standby::trust::pki::renew_dir(&ca, out, days)
+            .with_context(|| format!("renewing the certificate in {}", out.display()))?;
+        println!("{id} renewed -> {}", out.display());
+        return Ok(());
     }
     let (Some(role), Some(out)) = (a.role, a.out.as_deref()) else {
         usage_error("--role and --out are required (or --server)");

@@ -217,6 +217,50 @@ pub fn server_sans(extra: &[San]) -> Vec<San> {
 /// How long a coordinator's server certificate is valid, in days.
 pub const SERVER_CERT_DAYS: u32 = 3650;
 
+/// The DNS and IP names a certificate (DER) is valid for, besides its identity.
+pub fn sans_of(der: &[u8]) -> Result<Vec<San>, PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    let Some(ext) = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::Invalid(e.to_string()))?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for name in &ext.value.general_names {
+        match name {
+            GeneralName::DNSName(d) => out.push(San::Dns(d.to_string())),
+            GeneralName::IPAddress(b) => match <[u8; 4]>::try_from(*b) {
+                Ok(v4) => out.push(San::Ip(IpAddr::from(v4))),
+                Err(_) => {
+                    if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                        out.push(San::Ip(IpAddr::from(v6)));
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Renews the certificate in `dir` (`coordinator cert --renew`): the same identity and names,
+/// a new key, valid for `lifetime`; written crash-safely over the old pair.
+pub fn renew_dir(ca: &Ca, dir: &Path, lifetime: Duration) -> Result<Identity, PkiError> {
+    finish_renewal(dir)?;
+    let path = dir.join(CERT_FILE);
+    let pem = fs::read(&path).map_err(io_at(&path))?;
+    let der = CertificateDer::from_pem_slice(&pem)
+        .map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))?;
+    let id = Identity::from_cert_der(&der)
+        .map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))?;
+    let next = ca.issue(&id, lifetime, &sans_of(&der)?)?;
+    write_private(&dir.join(CA_FILE), next.ca_pem.as_bytes())?;
+    write_renewal(dir, &next.cert_pem, &next.key_pem)?;
+    Ok(id)
+}
+
 /// Where a renewal puts the new key and certificate before they replace the old ones.
 const KEY_NEXT: &str = "node.key.next";
 const CERT_NEXT: &str = "node.pem.next";
@@ -482,6 +526,29 @@ mod tests {
     }
 
     /// The DNS and IP names of a certificate, as text.
+    #[test]
+    fn renewing_a_directory_keeps_identity_and_names_with_a_new_key() {
+        let ca = Ca::generate().unwrap();
+        let id = Identity::admin("ops").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let names = ["ops.example".parse().unwrap(), "10.1.2.3".parse().unwrap()];
+        ca.issue(&id, days(1), &names)
+            .unwrap()
+            .write_dir(d.path())
+            .unwrap();
+        let old_key = fs::read(d.path().join(KEY_FILE)).unwrap();
+        assert_eq!(renew_dir(&ca, d.path(), days(30)).unwrap(), id);
+        assert_ne!(fs::read(d.path().join(KEY_FILE)).unwrap(), old_key);
+        let pem = fs::read(d.path().join(CERT_FILE)).unwrap();
+        let der = CertificateDer::from_pem_slice(&pem).unwrap();
+        assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
+        assert_eq!(sans_of(&der).unwrap(), names);
+        let facts = crate::trust::identity::CertFacts::from_der(&der).unwrap();
+        assert!(facts.not_after_unix - facts.not_before_unix > 29 * 86_400);
+        crate::trust::tls::TlsMaterial::load(d.path()).expect("key and certificate match");
+        assert!(!d.path().join("node.pem.next").exists());
+    }
+
     fn names_of(pem: &str) -> Vec<String> {
         use x509_parser::extensions::GeneralName;
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();

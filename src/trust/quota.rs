@@ -190,7 +190,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), t1.ended())
             .await
             .expect("the oldest ends");
-        assert!(t2.token.is_cancelled() == false && t3.token.is_cancelled() == false);
+        assert!(!t2.token.is_cancelled() && !t3.token.is_cancelled());
         assert_eq!(r.held(&"a"), 2);
         drop(t1);
         assert_eq!(r.held(&"a"), 2, "an ended turn gave its place back already");
