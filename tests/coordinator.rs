@@ -182,11 +182,26 @@ fn hung_gpu_agent_fails_over_and_comes_back_fenced() {
         err.contains("fenced") || err.contains("not durable"),
         "{err}"
     );
+    // Its certificate was revoked at the failover: the coordinator refuses it, and on hearing
+    // so it fences itself.
     assert!(wait_until(Duration::from_secs(10), || {
-        coord
-            .pair("hang")
-            .is_some_and(|p| p["gpu"]["connected"] == true)
+        let st = Command::new(AGENT_GPU)
+            .args(["status", "--state-dir"])
+            .arg(&r.gpu.state)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&st.stdout)
+            .is_ok_and(|s| s["fenced"] == true)
     }));
+    assert!(
+        coord
+            .admin(&["events"])
+            .stdout
+            .windows(17)
+            .any(|w| w == b"refused (revoked)"),
+        "{}",
+        String::from_utf8_lossy(&coord.admin(&["events"]).stdout)
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         diff(&before, &snapshot(&r.cpu.workspace)).is_empty(),
