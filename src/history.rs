@@ -44,7 +44,7 @@ pub use record::Recorded;
 pub use restore::RestoreSummary;
 pub use retention::Retention;
 pub use snapshot::SnapshotInfo;
-pub use store::{Selector, StoreStats, Store};
+pub use store::{Selector, Store, StoreStats};
 pub use verify::{Problem, VerifyReport};
 
 #[cfg(test)]

@@ -4,7 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-const LAYERS: [&str; 6] = ["disk", "trust", "replication", "history", "agent", "control"];
+const LAYERS: [&str; 6] = [
+    "disk",
+    "trust",
+    "replication",
+    "history",
+    "agent",
+    "control",
+];
 
 /// The layers a file of `layer` may name.
 fn allowed(layer: &str) -> &'static [&'static str] {

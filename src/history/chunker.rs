@@ -96,8 +96,8 @@ mod tests {
     #[test]
     fn sizes_stay_in_bounds_and_small_streams_are_one_chunk() {
         let data = random(24 << 20, 1);
-        let (ids, lens) = ids(&data);
-        assert!(ids.len() >= 8, "{} chunks", ids.len());
+        let (chunk_ids, lens) = ids(&data);
+        assert!(chunk_ids.len() >= 8, "{} chunks", chunk_ids.len());
         assert_eq!(lens.iter().sum::<usize>(), data.len());
         for l in &lens[..lens.len() - 1] {
             assert!((MIN..=MAX).contains(l), "chunk of {l} bytes");

@@ -44,7 +44,9 @@ pub enum HistoryError {
         pack: PathBuf,
         reason: String,
     },
-    #[error("{path} from snapshot {snapshot} does not hash to its recorded blake3: the store is damaged, run verify")]
+    #[error(
+        "{path} from snapshot {snapshot} does not hash to its recorded blake3: the store is damaged, run verify"
+    )]
     Corrupt { snapshot: SnapshotId, path: RelPath },
     #[error("no snapshot matches {0}")]
     NoSnapshot(String),
@@ -59,7 +61,10 @@ pub enum HistoryError {
 }
 
 impl HistoryError {
-    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> HistoryError {
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> HistoryError {
         let path = path.into();
         move |source| HistoryError::Io { what, path, source }
     }

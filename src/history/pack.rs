@@ -238,8 +238,8 @@ pub fn read_footer(path: &Path) -> Result<(Vec<Stored>, u64), HistoryError> {
     }
     let footer = compress::decompress(&footer, MAX_FOOTER)
         .map_err(|e| bad(format!("footer does not decompress: {e}")))?;
-    let footer = PackFooter::decode(&footer[..])
-        .map_err(|e| bad(format!("footer does not decode: {e}")))?;
+    let footer =
+        PackFooter::decode(&footer[..]).map_err(|e| bad(format!("footer does not decode: {e}")))?;
     let chunks = footer
         .chunks
         .iter()
@@ -256,7 +256,13 @@ fn from_proto(c: &PackChunk, data_end: u64) -> Result<Stored, String> {
     let coding = match CodingProto::try_from(c.coding) {
         Ok(CodingProto::Raw) => Coding::Raw,
         Ok(CodingProto::Zstd) => Coding::Zstd,
-        _ => return Err(format!("chunk {} has unknown coding {}", hex(&id), c.coding)),
+        _ => {
+            return Err(format!(
+                "chunk {} has unknown coding {}",
+                hex(&id),
+                c.coding
+            ));
+        }
     };
     let in_bounds = c.offset >= HEADER
         && c.offset.saturating_add(c.stored_len as u64) <= data_end
@@ -329,7 +335,11 @@ mod tests {
         sealed.install(&packs).unwrap();
         let path = packs.join(sealed.id.file_name());
         let whole = std::fs::read(&path).unwrap();
-        assert_eq!(blake3::hash(&whole).as_bytes(), &sealed.id.0, "named by its hash");
+        assert_eq!(
+            blake3::hash(&whole).as_bytes(),
+            &sealed.id.0,
+            "named by its hash"
+        );
         assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
         (path, sealed.chunks)
     }
@@ -338,7 +348,9 @@ mod tests {
     fn round_trip_raw_and_compressed() {
         let d = tempfile::tempdir().unwrap();
         let text = b"all work and no play ".repeat(5000);
-        let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..5000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let (path, written) = pack(d.path(), &[&text, &noise, b"tiny"]);
         let (chunks, size) = read_footer(&path).unwrap();
         assert_eq!(chunks, written);
@@ -363,14 +375,23 @@ mod tests {
         bytes[chunks[1].offset as usize] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         let e = read_chunk(&f, &path, &chunks[1]).unwrap_err().to_string();
-        assert!(e.contains(&hex(&chunks[1].id)) && e.contains("does not match"), "{e}");
+        assert!(
+            e.contains(&hex(&chunks[1].id)) && e.contains("does not match"),
+            "{e}"
+        );
         assert_eq!(read_chunk(&f, &path, &chunks[0]).unwrap(), b"first chunk");
 
         // A flipped byte in the footer, a torn tail, a foreign file.
         let footer_byte = good.len() - TRAILER as usize - 1;
         for (damage, expect) in [
-            (Box::new(|b: &mut Vec<u8>| b[footer_byte] ^= 1) as Box<dyn Fn(&mut Vec<u8>)>, "footer checksum"),
-            (Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 3)), "no footer"),
+            (
+                Box::new(|b: &mut Vec<u8>| b[footer_byte] ^= 1) as Box<dyn Fn(&mut Vec<u8>)>,
+                "footer checksum",
+            ),
+            (
+                Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 3)),
+                "no footer",
+            ),
             (Box::new(|b: &mut Vec<u8>| b[0] = b'X'), "bad magic"),
             (Box::new(|b: &mut Vec<u8>| b.truncate(20)), "bytes long"),
         ] {
@@ -378,9 +399,16 @@ mod tests {
             damage(&mut bytes);
             std::fs::write(&path, &bytes).unwrap();
             let e = read_footer(&path).unwrap_err().to_string();
-            assert!(e.contains(expect) && e.contains(&path.display().to_string()), "{e}");
+            assert!(
+                e.contains(expect) && e.contains(&path.display().to_string()),
+                "{e}"
+            );
         }
         std::fs::write(&path, &good).unwrap();
-        assert_eq!(read_footer(&path).unwrap().0, chunks, "the good pack still reads");
+        assert_eq!(
+            read_footer(&path).unwrap().0,
+            chunks,
+            "the good pack still reads"
+        );
     }
 }

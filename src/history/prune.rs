@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use crate::disk::crashsafe::fsync_dir;
+use crate::history::HistoryError;
 use crate::history::id::{ChunkId, PackId, SnapshotId};
 use crate::history::index::{Index, PackMeta};
 use crate::history::pack::{self, PackWriter, Stored};
@@ -17,7 +18,6 @@ use crate::history::record::PACK_TARGET;
 use crate::history::retention::{self, Footprint, Retention};
 use crate::history::snapshot::SnapshotInfo;
 use crate::history::store::{State, Store, unix_ms};
-use crate::history::HistoryError;
 
 /// What `forget` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -64,7 +64,10 @@ impl Live<'_> {
             let n = self.counts.entry(*c).or_insert(0);
             *n += 1;
             if *n == 1 {
-                self.bytes += self.index.get(c).map_or(0, |(_, s)| u64::from(s.stored_len));
+                self.bytes += self
+                    .index
+                    .get(c)
+                    .map_or(0, |(_, s)| u64::from(s.stored_len));
             }
         }
     }
@@ -81,7 +84,10 @@ impl Footprint for Live<'_> {
                 *n -= 1;
                 if *n == 0 {
                     self.counts.remove(&c);
-                    self.bytes -= self.index.get(&c).map_or(0, |(_, s)| u64::from(s.stored_len));
+                    self.bytes -= self
+                        .index
+                        .get(&c)
+                        .map_or(0, |(_, s)| u64::from(s.stored_len));
                 }
             }
         }
@@ -103,10 +109,19 @@ impl Store {
     }
 
     /// [`Store::forget`], calling `hook` after each durable step (tests stop the process there).
-    pub fn forget_with(&self, retention: &Retention, now: SystemTime, hook: &mut dyn FnMut(&Step)) -> Result<Pruned, HistoryError> {
+    pub fn forget_with(
+        &self,
+        retention: &Retention,
+        now: SystemTime,
+        hook: &mut dyn FnMut(&Step),
+    ) -> Result<Pruned, HistoryError> {
         let _writer = self.writer();
         let mut state = self.state_mut();
-        if let Some((file, reason)) = state.damaged.iter().find(|(f, _)| f.starts_with(self.snapshots_dir())) {
+        if let Some((file, reason)) = state
+            .damaged
+            .iter()
+            .find(|(f, _)| f.starts_with(self.snapshots_dir()))
+        {
             // Its chunks would look dead: deleting them could destroy a snapshot that is only
             // unreadable for now.
             return Err(HistoryError::BadSnapshot {
@@ -141,7 +156,13 @@ impl Store {
 
     /// Live chunks of the kept snapshots; with a budget, also drops snapshots to fit it
     /// (returned as positions, and cleared in `keep`).
-    fn live(&self, state: &State, infos: &[SnapshotInfo], keep: &mut [bool], budget: u64) -> Result<(HashSet<ChunkId>, Vec<usize>), HistoryError> {
+    fn live(
+        &self,
+        state: &State,
+        infos: &[SnapshotInfo],
+        keep: &mut [bool],
+        budget: u64,
+    ) -> Result<(HashSet<ChunkId>, Vec<usize>), HistoryError> {
         let mut live = Live {
             index: &state.index,
             counts: HashMap::new(),
@@ -150,7 +171,11 @@ impl Store {
         };
         for (i, info) in infos.iter().enumerate().filter(|(i, _)| keep[*i]) {
             let snap = self.load(state, info.id)?;
-            let mut chunks: Vec<ChunkId> = snap.paths.iter().flat_map(|p| p.chunks.iter().copied()).collect();
+            let mut chunks: Vec<ChunkId> = snap
+                .paths
+                .iter()
+                .flat_map(|p| p.chunks.iter().copied())
+                .collect();
             chunks.sort_unstable();
             chunks.dedup();
             live.add(&chunks);
@@ -165,9 +190,20 @@ impl Store {
         Ok((live.counts.into_keys().collect(), dropped))
     }
 
-    fn delete_snapshots(&self, state: &mut State, keep: &[bool], hook: &mut dyn FnMut(&Step)) -> Result<(), HistoryError> {
+    fn delete_snapshots(
+        &self,
+        state: &mut State,
+        keep: &[bool],
+        hook: &mut dyn FnMut(&Step),
+    ) -> Result<(), HistoryError> {
         let dir = self.snapshots_dir();
-        let gone: Vec<SnapshotId> = state.snapshots.iter().zip(keep).filter(|(_, k)| !**k).map(|(s, _)| s.id).collect();
+        let gone: Vec<SnapshotId> = state
+            .snapshots
+            .iter()
+            .zip(keep)
+            .filter(|(_, k)| !**k)
+            .map(|(s, _)| s.id)
+            .collect();
         if gone.is_empty() {
             return Ok(());
         }
@@ -183,7 +219,12 @@ impl Store {
         Ok(())
     }
 
-    fn delete_packs(&self, state: &mut State, gone: &[PackId], hook: &mut dyn FnMut(&Step)) -> Result<usize, HistoryError> {
+    fn delete_packs(
+        &self,
+        state: &mut State,
+        gone: &[PackId],
+        hook: &mut dyn FnMut(&Step),
+    ) -> Result<usize, HistoryError> {
         if gone.is_empty() {
             return Ok(0);
         }
@@ -205,12 +246,19 @@ impl Store {
     /// Copies the live chunks of mostly dead packs into new packs, installs them durably, then
     /// deletes the old ones. A pack with a chunk that does not read back is left alone (verify
     /// reports it). Returns packs written and deleted.
-    fn repack(&self, state: &mut State, repack: Vec<(PackId, Vec<Stored>)>, hook: &mut dyn FnMut(&Step)) -> Result<(usize, usize), HistoryError> {
+    fn repack(
+        &self,
+        state: &mut State,
+        repack: Vec<(PackId, Vec<Stored>)>,
+        hook: &mut dyn FnMut(&Step),
+    ) -> Result<(usize, usize), HistoryError> {
         let mut writer: Option<PackWriter> = None;
         let mut copied = Vec::new();
         let mut written = 0;
         for (old, chunks) in repack {
-            let Some(data) = self.read_live(&old, &chunks) else { continue };
+            let Some(data) = self.read_live(&old, &chunks) else {
+                continue;
+            };
             let w = match writer.as_mut() {
                 Some(w) => w,
                 None => writer.insert(PackWriter::create(&self.tmp_dir())?),
@@ -246,10 +294,17 @@ impl Store {
                 })
                 .collect()
         };
-        read().inspect_err(|e| tracing::warn!(error = %e, "pack not repacked")).ok()
+        read()
+            .inspect_err(|e| tracing::warn!(error = %e, "pack not repacked"))
+            .ok()
     }
 
-    fn install_repacked(&self, state: &mut State, writer: Option<PackWriter>, hook: &mut dyn FnMut(&Step)) -> Result<(), HistoryError> {
+    fn install_repacked(
+        &self,
+        state: &mut State,
+        writer: Option<PackWriter>,
+        hook: &mut dyn FnMut(&Step),
+    ) -> Result<(), HistoryError> {
         let Some(writer) = writer else { return Ok(()) };
         let sealed = writer.seal()?;
         hook(&Step::PackSealed(sealed.id));
@@ -275,8 +330,17 @@ fn plan(index: &Index, live: &HashSet<ChunkId>) -> Plan {
         .packs()
         .map(|(id, meta)| {
             let total: u64 = meta.chunks.iter().map(|c| u64::from(c.stored_len)).sum();
-            let alive: u64 = meta.chunks.iter().filter(|c| live.contains(&c.id)).map(|c| u64::from(c.stored_len)).sum();
-            let fraction = if total == 0 { 0.0 } else { alive as f64 / total as f64 };
+            let alive: u64 = meta
+                .chunks
+                .iter()
+                .filter(|c| live.contains(&c.id))
+                .map(|c| u64::from(c.stored_len))
+                .sum();
+            let fraction = if total == 0 {
+                0.0
+            } else {
+                alive as f64 / total as f64
+            };
             (fraction, *id, meta)
         })
         .collect();

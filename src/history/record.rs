@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::disk::fsx::{self, Root};
+use crate::history::HistoryError;
 use crate::history::chunker::{self, Chunk};
 use crate::history::id::{ChunkId, PackId};
 use crate::history::index::PackMeta;
 use crate::history::pack::PackWriter;
 use crate::history::snapshot::{self, SnapPath, SnapshotInfo};
 use crate::history::store::{Store, sort, unix_ms};
-use crate::history::HistoryError;
 use crate::proto::Entry;
 use crate::proto::history::SnapshotSummary;
 use crate::replication::manifest::{Kind, Manifest, kind_of, wire_entry};
@@ -59,13 +59,19 @@ impl Store {
     /// Records `manifest`, a committed generation of the replica at `replica_root`, taken at
     /// `at`. The replica must hold exactly that generation; if a file no longer matches its
     /// entry, `Err(Moved)` and no snapshot is added (record the next generation instead).
-    pub fn record(&self, replica_root: &Path, manifest: &Manifest, at: SystemTime) -> Result<Recorded, HistoryError> {
+    pub fn record(
+        &self,
+        replica_root: &Path,
+        manifest: &Manifest,
+        at: SystemTime,
+    ) -> Result<Recorded, HistoryError> {
         let mut writer = self.writer();
         if writer.known.is_none() {
             writer.known = Some(self.newest_known()?);
         }
         let known = writer.known.as_ref().expect("just loaded");
-        let replica = Root::open(replica_root).map_err(HistoryError::io("opening the replica", replica_root))?;
+        let replica = Root::open(replica_root)
+            .map_err(HistoryError::io("opening the replica", replica_root))?;
         let mut run = Run {
             store: self,
             replica,
@@ -77,7 +83,9 @@ impl Store {
             bytes_read: 0,
             new_bytes: 0,
         };
-        let paths = run.all(manifest, known).and_then(|paths| run.seal().map(|()| paths));
+        let paths = run
+            .all(manifest, known)
+            .and_then(|paths| run.seal().map(|()| paths));
         // Installed packs are on disk whatever happened: the index mirrors `packs/` (a retry
         // reuses their chunks; prune removes them if nothing ever does).
         let chunks_stored = run.fresh.len() as u64;
@@ -115,8 +123,13 @@ impl Store {
         }
     }
 
-    fn publish_snapshot(&self, summary: &SnapshotSummary, paths: &[SnapPath]) -> Result<SnapshotInfo, HistoryError> {
-        let bytes = snapshot::encode(summary, paths).map_err(HistoryError::io("encoding a snapshot in", self.dir()))?;
+    fn publish_snapshot(
+        &self,
+        summary: &SnapshotSummary,
+        paths: &[SnapPath],
+    ) -> Result<SnapshotInfo, HistoryError> {
+        let bytes = snapshot::encode(summary, paths)
+            .map_err(HistoryError::io("encoding a snapshot in", self.dir()))?;
         let id = snapshot::write(&bytes, &self.tmp_dir(), &self.snapshots_dir())?;
         let info = snapshot::read_info(&self.snapshot_path(&id), id)?;
         let mut state = self.state_mut();
@@ -136,7 +149,12 @@ fn known_of(paths: &[SnapPath]) -> Known {
         .collect()
 }
 
-fn summarize(manifest: &Manifest, at: SystemTime, new_bytes: u64, paths: &[SnapPath]) -> SnapshotSummary {
+fn summarize(
+    manifest: &Manifest,
+    at: SystemTime,
+    new_bytes: u64,
+    paths: &[SnapPath],
+) -> SnapshotSummary {
     SnapshotSummary {
         time_ms: unix_ms(at),
         generation: manifest.generation.0,
@@ -151,8 +169,10 @@ fn summarize(manifest: &Manifest, at: SystemTime, new_bytes: u64, paths: &[SnapP
 /// Whether an error opening a replica file means the file is no longer what the manifest says
 /// (deleted, replaced by a symlink or a directory): a newer generation got there first.
 fn moved(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
-        || e.raw_os_error() == Some(libc::ELOOP)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    ) || e.raw_os_error() == Some(libc::ELOOP)
 }
 
 impl Run<'_> {
@@ -176,11 +196,18 @@ impl Run<'_> {
         Ok(paths)
     }
 
-    fn file(&mut self, rel: &RelPath, e: &Entry, known: &Known) -> Result<Vec<ChunkId>, HistoryError> {
-        let hash: [u8; 32] = e.blake3[..].try_into().map_err(|_| HistoryError::BadEntry {
-            path: rel.clone(),
-            reason: format!("a blake3 of {} bytes", e.blake3.len()),
-        })?;
+    fn file(
+        &mut self,
+        rel: &RelPath,
+        e: &Entry,
+        known: &Known,
+    ) -> Result<Vec<ChunkId>, HistoryError> {
+        let hash: [u8; 32] = e.blake3[..]
+            .try_into()
+            .map_err(|_| HistoryError::BadEntry {
+                path: rel.clone(),
+                reason: format!("a blake3 of {} bytes", e.blake3.len()),
+            })?;
         if let Some(chunks) = known.get(&hash)
             && chunks.iter().all(|c| self.have(c))
         {
@@ -194,7 +221,12 @@ impl Run<'_> {
     }
 
     /// Reads, chunks and stores one replica file, checking it against its entry.
-    fn read(&mut self, rel: &RelPath, e: &Entry, hash: [u8; 32]) -> Result<Vec<ChunkId>, HistoryError> {
+    fn read(
+        &mut self,
+        rel: &RelPath,
+        e: &Entry,
+        hash: [u8; 32],
+    ) -> Result<Vec<ChunkId>, HistoryError> {
         let path = rel.to_path(&self.replica_dir);
         let open = self
             .replica
@@ -205,7 +237,9 @@ impl Run<'_> {
             Err(err) if moved(&err) => return Err(HistoryError::Moved { path: rel.clone() }),
             Err(err) => return Err(HistoryError::io("opening replica file", path)(err)),
         };
-        let meta = file.metadata().map_err(HistoryError::io("reading replica file", &path))?;
+        let meta = file
+            .metadata()
+            .map_err(HistoryError::io("reading replica file", &path))?;
         if !meta.file_type().is_file() {
             return Err(HistoryError::Moved { path: rel.clone() });
         }

@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::disk::fsx::{self, Found, Root};
+use crate::history::HistoryError;
 use crate::history::id::{ChunkId, PackId, SnapshotId};
 use crate::history::index::Index;
 use crate::history::pack;
 use crate::history::snapshot::SnapPath;
 use crate::history::store::Store;
-use crate::history::HistoryError;
 use crate::replication::manifest::{Kind, kind_of};
 use crate::types::RelPath;
 
@@ -52,8 +52,16 @@ impl<'a> Chunks<'a> {
     }
 
     /// A chunk's raw bytes, verified; a missing chunk names the snapshot and path needing it.
-    pub fn read(&mut self, snapshot: SnapshotId, path: &RelPath, id: &ChunkId) -> Result<Vec<u8>, HistoryError> {
-        let (pack, stored) = self.index.get(id).ok_or_else(|| self.store.missing(snapshot, path, id))?;
+    pub fn read(
+        &mut self,
+        snapshot: SnapshotId,
+        path: &RelPath,
+        id: &ChunkId,
+    ) -> Result<Vec<u8>, HistoryError> {
+        let (pack, stored) = self
+            .index
+            .get(id)
+            .ok_or_else(|| self.store.missing(snapshot, path, id))?;
         let file_path = self.store.pack_path(&pack);
         if !self.open.contains_key(&pack) {
             if self.open.len() >= OPEN_PACKS {
@@ -122,7 +130,12 @@ impl Store {
     /// directories, files (written to a temporary name, verified, then renamed), symlinks,
     /// modes and mtimes. Existing files are replaced; a path through a symlink in `to`, or a
     /// directory where a file goes (or the reverse), is refused.
-    pub fn restore(&self, id: SnapshotId, prefix: Option<&RelPath>, to: &Path) -> Result<RestoreSummary, HistoryError> {
+    pub fn restore(
+        &self,
+        id: SnapshotId,
+        prefix: Option<&RelPath>,
+        to: &Path,
+    ) -> Result<RestoreSummary, HistoryError> {
         let state = self.state();
         let snap = self.load(&state, id)?;
         let selected: Vec<&SnapPath> = snap.under(prefix).collect();
@@ -141,8 +154,11 @@ impl Store {
             snapshot: id,
             done: RestoreSummary::default(),
         };
+        // The directories above a prefix, with their recorded modes and mtimes where known.
+        let mut above = Vec::new();
         for ancestor in prefix.iter().flat_map(|p| p.ancestors()) {
             w.dir(&ancestor)?;
+            above.extend(snap.position(&ancestor).map(|i| &snap.paths[i]));
         }
         for p in &selected {
             match kind_of(&p.entry) {
@@ -160,7 +176,12 @@ impl Store {
         }
         // Directory modes and mtimes last, deepest first: writing inside a directory changes
         // its mtime, and a read-only mode would stop the writes.
-        for p in selected.iter().rev().filter(|p| kind_of(&p.entry) == Some(Kind::Dir)) {
+        for p in selected
+            .iter()
+            .rev()
+            .chain(above.iter().rev())
+            .filter(|p| kind_of(&p.entry) == Some(Kind::Dir))
+        {
             w.dir_meta(p)?;
         }
         fsx::syncfs(root.fd()).map_err(HistoryError::io("syncing", to))?;
@@ -177,7 +198,11 @@ fn tmp_name() -> Vec<u8> {
 
 fn time_of(mtime_ns: i64) -> SystemTime {
     let d = Duration::from_nanos(mtime_ns.unsigned_abs());
-    if mtime_ns >= 0 { UNIX_EPOCH + d } else { UNIX_EPOCH - d }
+    if mtime_ns >= 0 {
+        UNIX_EPOCH + d
+    } else {
+        UNIX_EPOCH - d
+    }
 }
 
 struct Writer<'a> {
@@ -202,10 +227,13 @@ impl Writer<'_> {
 
     /// The directory holding `rel`, reached without following any symlink.
     fn parent(&self, rel: &RelPath) -> Result<std::os::fd::OwnedFd, HistoryError> {
-        self.root.open_parent(rel).map(|(d, _)| d).map_err(|e| match e.kind() {
-            io::ErrorKind::NotADirectory => self.refused(rel, e.to_string()),
-            _ => HistoryError::io("opening the directory of", self.target(rel))(e),
-        })
+        self.root
+            .open_parent(rel)
+            .map(|(d, _)| d)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotADirectory => self.refused(rel, e.to_string()),
+                _ => HistoryError::io("opening the directory of", self.target(rel))(e),
+            })
     }
 
     /// What is at `name` in `dir`; refuses a directory where something else must go.
@@ -220,7 +248,8 @@ impl Writer<'_> {
             Found::Missing => {}
             _ => return Err(self.refused(rel, "exists and is not a directory")),
         }
-        fsx::mkdirat(dir.as_fd(), rel.name(), 0o700).map_err(HistoryError::io("creating", self.target(rel)))?;
+        fsx::mkdirat(dir.as_fd(), rel.name(), 0o700)
+            .map_err(HistoryError::io("creating", self.target(rel)))?;
         self.done.dirs += 1;
         Ok(())
     }
@@ -229,7 +258,10 @@ impl Writer<'_> {
         let dir = self.parent(&p.path)?;
         let set = fsx::chmodat(dir.as_fd(), p.path.name(), p.entry.mode & 0o7777)
             .and_then(|()| fsx::set_mtime_at(dir.as_fd(), p.path.name(), p.entry.mtime_ns));
-        set.map_err(HistoryError::io("setting mode and mtime of", self.target(&p.path)))
+        set.map_err(HistoryError::io(
+            "setting mode and mtime of",
+            self.target(&p.path),
+        ))
     }
 
     fn file(&mut self, p: &SnapPath) -> Result<(), HistoryError> {
@@ -238,11 +270,13 @@ impl Writer<'_> {
             return Err(self.refused(&p.path, "a directory is where the file goes"));
         }
         let tmp = tmp_name();
-        let f = fsx::create_excl(dir.as_fd(), &tmp).map_err(HistoryError::io("creating a file in", self.target(&p.path)))?;
+        let f = fsx::create_excl(dir.as_fd(), &tmp)
+            .map_err(HistoryError::io("creating a file in", self.target(&p.path)))?;
         let written = self.fill(&f, p);
         let placed = written.and_then(|n| {
-            fsx::renameat(dir.as_fd(), &tmp, dir.as_fd(), p.path.name())
-                .map_err(HistoryError::io("renaming into place", self.target(&p.path)))?;
+            fsx::renameat(dir.as_fd(), &tmp, dir.as_fd(), p.path.name()).map_err(
+                HistoryError::io("renaming into place", self.target(&p.path)),
+            )?;
             Ok(n)
         });
         match placed {
@@ -261,7 +295,9 @@ impl Writer<'_> {
     /// Writes a file's verified content, mode and mtime to the open temporary file.
     fn fill(&mut self, mut f: &File, p: &SnapPath) -> Result<u64, HistoryError> {
         let out = self.target(&p.path);
-        let n = self.chunks.stream(self.snapshot, p, &mut |data| f.write_all(data), &out)?;
+        let n = self
+            .chunks
+            .stream(self.snapshot, p, &mut |data| f.write_all(data), &out)?;
         let meta = f
             .set_permissions(Permissions::from_mode(p.entry.mode & 0o7777))
             .and_then(|()| f.set_times(FileTimes::new().set_modified(time_of(p.entry.mtime_ns))));
@@ -280,7 +316,9 @@ impl Writer<'_> {
             .and_then(|()| fsx::renameat(dir.as_fd(), &tmp, dir.as_fd(), p.path.name()));
         if let Err(e) = made {
             let _ = fsx::unlinkat(dir.as_fd(), &tmp, false);
-            return Err(HistoryError::io("creating symlink", self.target(&p.path))(e));
+            return Err(HistoryError::io("creating symlink", self.target(&p.path))(
+                e,
+            ));
         }
         self.done.symlinks += 1;
         Ok(())

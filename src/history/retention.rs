@@ -66,7 +66,11 @@ pub fn by_time(times_ms: &[u64], now_ms: u64, r: &Retention) -> Vec<bool> {
     let within = |t: u64, d: Duration| !d.is_zero() && u128::from(age(t)) <= d.as_millis();
     for (i, &t) in times_ms.iter().enumerate() {
         // The next snapshot (newer) falls in another bucket: this one is its bucket's newest.
-        let newest_of = |bucket: u64| times_ms.get(i + 1).is_none_or(|&next| next / bucket != t / bucket);
+        let newest_of = |bucket: u64| {
+            times_ms
+                .get(i + 1)
+                .is_none_or(|&next| next / bucket != t / bucket)
+        };
         keep[i] |= within(t, r.keep_all_for)
             || (within(t, r.hourly_for) && newest_of(HOUR_MS))
             || (within(t, r.daily_for) && newest_of(DAY_MS));
@@ -114,7 +118,12 @@ mod tests {
 
     fn kept(times: &[u64], r: &Retention) -> Vec<u64> {
         let keep = by_time(times, NOW, r);
-        times.iter().zip(keep).filter(|(_, k)| *k).map(|(t, _)| NOW - t).collect()
+        times
+            .iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(t, _)| NOW - t)
+            .collect()
     }
 
     #[test]
@@ -128,7 +137,10 @@ mod tests {
         };
         // The newest is kept even when every rule is off and it is ancient.
         assert_eq!(by_time(&[ago(400 * DAY_MS)], NOW, &none), [true]);
-        assert_eq!(by_time(&[ago(400 * DAY_MS), ago(300 * DAY_MS)], NOW, &none), [false, true]);
+        assert_eq!(
+            by_time(&[ago(400 * DAY_MS), ago(300 * DAY_MS)], NOW, &none),
+            [false, true]
+        );
     }
 
     #[test]
@@ -144,7 +156,10 @@ mod tests {
     #[test]
     fn hourly_keeps_the_newest_of_each_clock_hour_for_48_hours() {
         // Every 20 minutes for 3 days, oldest first.
-        let times: Vec<u64> = (0..(3 * 24 * 3)).rev().map(|k| ago(k * 20 * MIN_MS)).collect();
+        let times: Vec<u64> = (0..(3 * 24 * 3))
+            .rev()
+            .map(|k| ago(k * 20 * MIN_MS))
+            .collect();
         let r = Retention {
             daily_for: Duration::ZERO,
             ..Retention::default()
@@ -152,14 +167,26 @@ mod tests {
         let keep = kept(&times, &r);
         // Within the hour: 0, 20, 40 minutes ago. Then one per clock hour back to 48 h.
         assert_eq!(&keep[keep.len() - 3..], [40 * MIN_MS, 20 * MIN_MS, 0]);
-        let hourly: HashSet<u64> = keep.iter().filter(|a| **a > HOUR_MS).map(|a| (NOW - a) / HOUR_MS).collect();
-        assert_eq!(hourly.len(), keep.iter().filter(|a| **a > HOUR_MS).count(), "one per hour");
+        let hourly: HashSet<u64> = keep
+            .iter()
+            .filter(|a| **a > HOUR_MS)
+            .map(|a| (NOW - a) / HOUR_MS)
+            .collect();
+        assert_eq!(
+            hourly.len(),
+            keep.iter().filter(|a| **a > HOUR_MS).count(),
+            "one per hour"
+        );
         assert!(keep.iter().all(|a| *a <= 48 * HOUR_MS));
         assert!(keep.len() >= 48, "{}", keep.len());
         // The one kept in each hour is its newest: NOW is at :30, so hour buckets end at :00.
         for a in keep.iter().filter(|a| **a > HOUR_MS) {
             let t = NOW - a;
-            assert!(t % HOUR_MS >= 40 * MIN_MS, "{} min past the hour", (t % HOUR_MS) / MIN_MS);
+            assert!(
+                t % HOUR_MS >= 40 * MIN_MS,
+                "{} min past the hour",
+                (t % HOUR_MS) / MIN_MS
+            );
         }
     }
 
@@ -183,7 +210,10 @@ mod tests {
     #[test]
     fn a_snapshot_from_the_future_is_kept() {
         let r = Retention::default();
-        assert_eq!(by_time(&[NOW + HOUR_MS, NOW + 2 * HOUR_MS], NOW, &r), [true, true]);
+        assert_eq!(
+            by_time(&[NOW + HOUR_MS, NOW + 2 * HOUR_MS], NOW, &r),
+            [true, true]
+        );
     }
 
     /// Snapshots made of chunks with sizes; bytes = all chunks any kept snapshot uses.
@@ -221,7 +251,10 @@ mod tests {
             dropped: HashSet::new(),
         };
         let all = [true; 4];
-        assert!(by_budget(&all, 0, &mut fake(&snaps)).is_empty(), "0: no budget");
+        assert!(
+            by_budget(&all, 0, &mut fake(&snaps)).is_empty(),
+            "0: no budget"
+        );
         assert!(by_budget(&all, 500, &mut fake(&snaps)).is_empty(), "fits");
         assert_eq!(by_budget(&all, 400, &mut fake(&snaps)), [0]);
         assert_eq!(by_budget(&all, 300, &mut fake(&snaps)), [0, 1]);
@@ -229,7 +262,10 @@ mod tests {
         // Even a budget nothing fits in keeps the newest.
         assert_eq!(by_budget(&all, 1, &mut fake(&snaps)), [0, 1, 2]);
         // Snapshots the time rules dropped are not counted again.
-        assert_eq!(by_budget(&[false, true, false, true], 1, &mut fake(&snaps)), [1]);
+        assert_eq!(
+            by_budget(&[false, true, false, true], 1, &mut fake(&snaps)),
+            [1]
+        );
     }
 
     #[test]
@@ -240,7 +276,10 @@ mod tests {
         assert_eq!(r.budget_bytes, 1000);
         let back: Retention = toml::from_str(&toml::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
-        assert!(toml::from_str::<Retention>("hourly = \"1h\"").is_err(), "unknown keys are refused");
+        assert!(
+            toml::from_str::<Retention>("hourly = \"1h\"").is_err(),
+            "unknown keys are refused"
+        );
         assert!(toml::from_str::<Retention>("daily_for = \"soon\"").is_err());
     }
 }

@@ -147,7 +147,10 @@ fn check_header(path: &Path, header: &[u8]) -> Result<usize, HistoryError> {
     }
     let version = u16::from_le_bytes([header[4], header[5]]);
     if version != VERSION {
-        return Err(bad(path, format!("unsupported snapshot format version {version}")));
+        return Err(bad(
+            path,
+            format!("unsupported snapshot format version {version}"),
+        ));
     }
     let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
     if len > MAX_SUMMARY {
@@ -179,7 +182,10 @@ fn info_of(path: &Path, id: SnapshotId, summary: &[u8]) -> Result<SnapshotInfo, 
 pub fn load(path: &Path, id: SnapshotId) -> Result<Snapshot, HistoryError> {
     let bytes = std::fs::read(path).map_err(HistoryError::io("reading", path))?;
     if SnapshotId::of(&bytes) != id {
-        return Err(bad(path, "content does not match its name (damaged or torn)"));
+        return Err(bad(
+            path,
+            "content does not match its name (damaged or torn)",
+        ));
     }
     if bytes.len() < HEADER {
         return Err(bad(path, "no header"));
@@ -205,8 +211,12 @@ pub fn load(path: &Path, id: SnapshotId) -> Result<Snapshot, HistoryError> {
 fn validate(file: &Path, body: SnapshotBody) -> Result<Vec<SnapPath>, HistoryError> {
     let mut out: Vec<SnapPath> = Vec::with_capacity(body.paths.len());
     for p in body.paths {
-        let path = RelPath::new(p.path.to_vec())
-            .map_err(|e| bad(file, format!("path {:?}: {e}", String::from_utf8_lossy(&p.path))))?;
+        let path = RelPath::new(p.path.to_vec()).map_err(|e| {
+            bad(
+                file,
+                format!("path {:?}: {e}", String::from_utf8_lossy(&p.path)),
+            )
+        })?;
         if out.last().is_some_and(|last| last.path >= path) {
             return Err(bad(file, format!("path {path} out of order")));
         }
@@ -226,7 +236,11 @@ fn validate(file: &Path, body: SnapshotBody) -> Result<Vec<SnapPath>, HistoryErr
             .chunks_exact(32)
             .map(|c| c.try_into().expect("32 bytes"))
             .collect();
-        out.push(SnapPath { path, entry, chunks });
+        out.push(SnapPath {
+            path,
+            entry,
+            chunks,
+        });
     }
     Ok(out)
 }
@@ -279,13 +293,19 @@ mod tests {
         flipped[last] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
         let e = load(&path, id).err().unwrap().to_string();
-        assert!(e.contains("does not match its name") && e.contains(&id.to_string()), "{e}");
+        assert!(
+            e.contains("does not match its name") && e.contains(&id.to_string()),
+            "{e}"
+        );
     }
 
     #[test]
     fn escaping_or_unordered_paths_are_refused() {
         let d = tempfile::tempdir().unwrap();
-        for (bad_path, expect) in [(b"../evil".to_vec(), "'..'"), (b"/etc/x".to_vec(), "absolute")] {
+        for (bad_path, expect) in [
+            (b"../evil".to_vec(), "'..'"),
+            (b"/etc/x".to_vec(), "absolute"),
+        ] {
             let body = SnapshotBody {
                 paths: vec![SnapshotPath {
                     path: bad_path.into(),
@@ -300,7 +320,10 @@ mod tests {
         ps.reverse();
         let bytes = encode(&summary(), &ps).unwrap();
         let id = write(&bytes, d.path(), d.path()).unwrap();
-        let e = load(&d.path().join(id.file_name()), id).err().unwrap().to_string();
+        let e = load(&d.path().join(id.file_name()), id)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("out of order"), "{e}");
     }
 

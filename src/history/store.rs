@@ -198,20 +198,34 @@ impl Store {
         let all = &state.snapshots;
         let none = |what: String| HistoryError::NoSnapshot(what);
         match sel {
-            Selector::Latest => all.last().cloned().ok_or_else(|| none("latest (the store is empty)".into())),
+            Selector::Latest => all
+                .last()
+                .cloned()
+                .ok_or_else(|| none("latest (the store is empty)".into())),
             Selector::AtOrBefore(t) => {
                 let ms = unix_ms(*t);
                 let at = humantime::format_rfc3339_millis(*t);
-                all.iter().rev().find(|s| s.time_ms <= ms).cloned().ok_or_else(|| none(format!("at or before {at}")))
+                all.iter()
+                    .rev()
+                    .find(|s| s.time_ms <= ms)
+                    .cloned()
+                    .ok_or_else(|| none(format!("at or before {at}")))
             }
             Selector::Id(prefix) => {
-                let hits: Vec<&SnapshotInfo> = all.iter().filter(|s| s.id.to_string().starts_with(prefix.as_str())).collect();
+                let hits: Vec<&SnapshotInfo> = all
+                    .iter()
+                    .filter(|s| s.id.to_string().starts_with(prefix.as_str()))
+                    .collect();
                 match hits[..] {
                     [one] => Ok(one.clone()),
                     [] => Err(none(format!("id {prefix}"))),
                     _ => Err(HistoryError::Ambiguous {
                         prefix: prefix.clone(),
-                        matches: hits.iter().map(|s| s.id.to_string()).collect::<Vec<_>>().join(", "),
+                        matches: hits
+                            .iter()
+                            .map(|s| s.id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     }),
                 }
             }
@@ -227,9 +241,16 @@ impl Store {
     }
 
     /// The paths of a snapshot (under `prefix`, itself included), in path order.
-    pub fn entries(&self, id: SnapshotId, prefix: Option<&RelPath>) -> Result<Vec<(RelPath, Entry)>, HistoryError> {
+    pub fn entries(
+        &self,
+        id: SnapshotId,
+        prefix: Option<&RelPath>,
+    ) -> Result<Vec<(RelPath, Entry)>, HistoryError> {
         let snap = self.load(&self.state(), id)?;
-        Ok(snap.under(prefix).map(|p| (p.path.clone(), p.entry.clone())).collect())
+        Ok(snap
+            .under(prefix)
+            .map(|p| (p.path.clone(), p.entry.clone()))
+            .collect())
     }
 
     /// The packs holding a snapshot's chunks now (a backup uploads them with the snapshot).
@@ -240,14 +261,22 @@ impl Store {
         let mut packs = std::collections::BTreeSet::new();
         for p in &snap.paths {
             for c in &p.chunks {
-                let (pack, _) = state.index.get(c).ok_or_else(|| self.missing(id, &p.path, c))?;
+                let (pack, _) = state
+                    .index
+                    .get(c)
+                    .ok_or_else(|| self.missing(id, &p.path, c))?;
                 packs.insert(pack);
             }
         }
         Ok(packs.into_iter().collect())
     }
 
-    pub(super) fn missing(&self, snapshot: SnapshotId, path: &RelPath, chunk: &ChunkId) -> HistoryError {
+    pub(super) fn missing(
+        &self,
+        snapshot: SnapshotId,
+        path: &RelPath,
+        chunk: &ChunkId,
+    ) -> HistoryError {
         HistoryError::MissingChunk {
             snapshot,
             path: path.clone(),

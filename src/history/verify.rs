@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::history::HistoryError;
 use crate::history::id::{ChunkId, SnapshotId};
 use crate::history::restore::Chunks;
 use crate::history::store::Store;
-use crate::history::HistoryError;
 use crate::types::RelPath;
 
 /// One thing wrong with a store.
@@ -30,9 +30,16 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Damaged { file, reason } => write!(f, "{}: {reason}", file.display()),
-            Problem::Chunk { snapshot, path, reason } => write!(f, "snapshot {snapshot}, {path}: {reason}"),
+            Problem::Chunk {
+                snapshot,
+                path,
+                reason,
+            } => write!(f, "snapshot {snapshot}, {path}: {reason}"),
             Problem::Size { snapshot, path } => {
-                write!(f, "snapshot {snapshot}, {path}: chunks do not add up to the file's size")
+                write!(
+                    f,
+                    "snapshot {snapshot}, {path}: chunks do not add up to the file's size"
+                )
             }
         }
     }
