@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use crate::disk::fsx::{self, Root};
 use crate::history::HistoryError;
-use crate::history::chunker::{self, Chunk};
+use crate::history::chunker::{Chunk, Chunker};
 use crate::history::id::{ChunkId, PackId};
 use crate::history::index::PackMeta;
 use crate::history::pack::PackWriter;
@@ -46,6 +46,7 @@ struct Run<'a> {
     store: &'a Store,
     replica: Root,
     replica_dir: PathBuf,
+    chunker: Chunker,
     pack: Option<PackWriter>,
     installed: Vec<(PackId, PackMeta)>,
     /// Chunks stored by this run (in `pack` or `installed`), not yet in the index.
@@ -76,6 +77,7 @@ impl Store {
             store: self,
             replica,
             replica_dir: replica_root.to_owned(),
+            chunker: Chunker::default(),
             pack: None,
             installed: Vec::new(),
             fresh: HashSet::new(),
@@ -244,11 +246,14 @@ impl Run<'_> {
             return Err(HistoryError::Moved { path: rel.clone() });
         }
         let mut ids = Vec::new();
-        let whole = chunker::chunk_stream(&file, |c: Chunk| {
+        // The chunker is lent out of `self` while its chunks are stored through `self`.
+        let mut chunker = std::mem::take(&mut self.chunker);
+        let whole = chunker.chunks(&file, |c: Chunk<'_>| {
             ids.push(c.id);
             self.store_chunk(c).map_err(ReadError::Store)
-        })
-        .map_err(|err| match err {
+        });
+        self.chunker = chunker;
+        let whole = whole.map_err(|err| match err {
             ReadError::Read(e) => HistoryError::io("reading replica file", &path)(e),
             ReadError::Store(e) => e,
         })?;
@@ -260,7 +265,7 @@ impl Run<'_> {
         Ok(ids)
     }
 
-    fn store_chunk(&mut self, c: Chunk) -> Result<(), HistoryError> {
+    fn store_chunk(&mut self, c: Chunk<'_>) -> Result<(), HistoryError> {
         if self.have(&c.id) {
             return Ok(());
         }
@@ -268,7 +273,7 @@ impl Run<'_> {
             self.pack = Some(PackWriter::create(&self.store.tmp_dir())?);
         }
         let pack = self.pack.as_mut().expect("just created");
-        pack.add(c.id, &c.data)?;
+        pack.add(c.id, c.data)?;
         self.fresh.insert(c.id);
         if pack.len() >= PACK_TARGET {
             self.seal()?;

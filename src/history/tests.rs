@@ -65,6 +65,18 @@ fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
 }
 
+/// A file of a snapshot, read whole through `read_file`.
+fn read(store: &Store, id: SnapshotId, path: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    store
+        .read_file(id, &rel(path), |b| {
+            got.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+    got
+}
+
 fn rel(s: &str) -> RelPath {
     RelPath::new(s).unwrap()
 }
@@ -121,20 +133,8 @@ fn record_and_restore_round_trip() {
     assert_eq!(r2.files_read, 1);
     assert!(r2.info.new_bytes < 4096, "{}", r2.info.new_bytes);
 
-    let mut got = Vec::new();
-    store
-        .read_file(
-            r2.info.id,
-            &rel("d/small"),
-            |b| Ok(got.extend_from_slice(b)),
-        )
-        .unwrap();
-    assert_eq!(got, b"changed");
-    got.clear();
-    store
-        .read_file(r.info.id, &rel("d/small"), |b| Ok(got.extend_from_slice(b)))
-        .unwrap();
-    assert_eq!(got, b"hello");
+    assert_eq!(read(&store, r2.info.id, "d/small"), b"changed");
+    assert_eq!(read(&store, r.info.id, "d/small"), b"hello");
     assert!(matches!(
         store.read_file(r.info.id, &rel("d"), |_| Ok(())),
         Err(HistoryError::NotFile { .. })
@@ -387,6 +387,11 @@ fn a_directory_with_only_the_packs_a_snapshot_needs_restores_it() {
         "{e}"
     );
     assert_eq!(partial.verify().unwrap().problems.len(), 1);
+    assert_eq!(
+        read(&partial, s1, "a"),
+        random(100_000, 1),
+        "s1 is still whole"
+    );
 }
 
 #[test]
@@ -520,9 +525,5 @@ fn mostly_dead_packs_are_repacked_and_a_budget_drops_the_oldest() {
     );
     assert!(pruned.bytes_after < 60_000, "{pruned:?}");
     assert!(store.verify().unwrap().is_ok());
-    let mut got = Vec::new();
-    store
-        .read_file(s2, &rel("small"), |b| Ok(got.extend_from_slice(b)))
-        .unwrap();
-    assert_eq!(got, random(50_000, 2));
+    assert_eq!(read(&store, s2, "small"), random(50_000, 2));
 }
