@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/standby/v1/replication.proto",
         "proto/standby/v1/state.proto",
         "proto/standby/v1/coordinator.proto",
+        "proto/standby/v1/history.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -1,9 +1,10 @@
 //! Standby: the shared engine of `agent-gpu`, `agent-cpu` and `coordinator`.
 //!
 //! The crate is layered (ARCHITECTURE.md, "Layers"). The dependency rule:
-//! `types ← disk ← trust ← replication ← agent`, and `control` uses the foundations, `disk` and
-//! `trust` only, never `replication` or `agent` (checked by `tests/layers.rs`). What only the crate
-//! uses is `pub(crate)`. Modules, from the bottom layer up:
+//! `types ← disk ← trust ← replication ← history ← agent`, and `control` uses the foundations,
+//! `disk` and `trust` only, never `replication`, `history` or `agent` (checked by
+//! `tests/layers.rs`). What only the crate uses is `pub(crate)`. Modules, from the bottom layer
+//! up:
 //!
 //! Foundations
 //! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
@@ -34,6 +35,12 @@
 //!   epoch), session, validation, staging, commit, [`replication::receive::apply`] (the roll-forward).
 //! - `continuous`: the loop that watches, syncs, reconnects and answers flushes.
 //!
+//! [`history`]
+//! - [`history::chunker`]: FastCDC chunks with blake3 ids; `pack`, `snapshot`: the two immutable
+//!   file formats; `index`: chunk → pack, rebuilt from pack footers.
+//! - [`history::Store`]: `record`, `restore`, `verify`, `prune` (crash-safe `forget`);
+//!   [`history::retention`]: which snapshots to keep (pure).
+//!
 //! [`agent`]
 //! - [`agent::args`], [`agent::config`]: the agents' shared command line and configuration.
 //! - [`agent::runtime`]: an agent from start to stop; `node`: the replica and its mode.
@@ -53,6 +60,7 @@ pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod history;
 pub mod host;
 pub mod replication;
 pub mod text;
@@ -66,6 +74,11 @@ pub mod proto {
     pub mod state {
         #![allow(clippy::all, missing_docs)]
         tonic::include_proto!("standby.v1.state");
+    }
+
+    pub mod history {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("standby.v1.history");
     }
 
     /// The encoded descriptor set, for gRPC reflection.

@@ -1,10 +1,17 @@
-//! The dependency rule of ARCHITECTURE.md, "Layers": `types ← disk ← trust ← replication ← agent`,
+//! The dependency rule of ARCHITECTURE.md, "Layers": `types ← disk ← trust ← replication ← history ← agent`,
 //! and `control` uses the foundations, `disk` and `trust` only. Checked on the source text: every
 //! `crate::<layer>` a file names must be a layer below its own.
 
 use std::path::{Path, PathBuf};
 
-const LAYERS: [&str; 5] = ["disk", "trust", "replication", "agent", "control"];
+const LAYERS: [&str; 6] = [
+    "disk",
+    "trust",
+    "replication",
+    "history",
+    "agent",
+    "control",
+];
 
 /// The layers a file of `layer` may name.
 fn allowed(layer: &str) -> &'static [&'static str] {
@@ -12,7 +19,8 @@ fn allowed(layer: &str) -> &'static [&'static str] {
         "disk" => &[],
         "trust" => &["disk"],
         "replication" => &["disk", "trust"],
-        "agent" => &["disk", "trust", "replication"],
+        "history" => &["disk", "trust", "replication"],
+        "agent" => &["disk", "trust", "replication", "history"],
         "control" => &["disk", "trust"],
         // The foundations name no layer.
         _ => &[],
@@ -85,4 +93,7 @@ fn the_check_sees_a_forbidden_name() {
     );
     assert!(!allowed("control").contains(&"replication"));
     assert!(allowed("agent").contains(&"replication"));
+    assert!(allowed("agent").contains(&"history"));
+    assert!(!allowed("control").contains(&"history"));
+    assert!(!allowed("history").contains(&"agent"));
 }

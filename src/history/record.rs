@@ -1,0 +1,313 @@
+//! Recording a committed generation of the replica as a snapshot.
+//!
+//! Only files whose content the newest snapshot does not hold are read (an unchanged 256 MiB
+//! file costs a hash-map lookup). A read file is chunked, each new chunk packed, and the whole
+//! file's blake3 checked against the manifest as it streams by: a mismatch means a newer
+//! generation changed it under us, and the record fails with nothing visible. Packs go in
+//! durably as they fill; the snapshot file goes in last (ARCHITECTURE.md, "History").
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::disk::fsx::{self, Root};
+use crate::history::HistoryError;
+use crate::history::chunker::{Chunk, Chunker};
+use crate::history::id::{ChunkId, PackId};
+use crate::history::index::PackMeta;
+use crate::history::pack::PackWriter;
+use crate::history::snapshot::{self, SnapPath, SnapshotInfo};
+use crate::history::store::{Store, sort, unix_ms};
+use crate::proto::Entry;
+use crate::proto::history::SnapshotSummary;
+use crate::replication::manifest::{Kind, Manifest, kind_of, wire_entry};
+use crate::types::RelPath;
+
+/// A pack is sealed once it holds this much; a record writes as many as it needs.
+pub const PACK_TARGET: u64 = 16 << 20;
+
+/// What one `record` did.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub info: SnapshotInfo,
+    /// Files read from the replica (the others were already held).
+    pub files_read: u64,
+    pub bytes_read: u64,
+    /// Chunks not held before.
+    pub chunks_stored: u64,
+}
+
+type Known = HashMap<[u8; 32], Vec<ChunkId>>;
+
+/// One record in progress.
+struct Run<'a> {
+    store: &'a Store,
+    replica: Root,
+    replica_dir: PathBuf,
+    chunker: Chunker,
+    pack: Option<PackWriter>,
+    installed: Vec<(PackId, PackMeta)>,
+    /// Chunks stored by this run (in `pack` or `installed`), not yet in the index.
+    fresh: HashSet<ChunkId>,
+    files_read: u64,
+    bytes_read: u64,
+    new_bytes: u64,
+}
+
+impl Store {
+    /// Records `manifest`, a committed generation of the replica at `replica_root`, taken at
+    /// `at`. The replica must hold exactly that generation; if a file no longer matches its
+    /// entry, `Err(Moved)` and no snapshot is added (record the next generation instead).
+    pub fn record(
+        &self,
+        replica_root: &Path,
+        manifest: &Manifest,
+        at: SystemTime,
+    ) -> Result<Recorded, HistoryError> {
+        let mut writer = self.writer();
+        if writer.known.is_none() {
+            writer.known = Some(self.newest_known()?);
+        }
+        let known = writer.known.as_ref().expect("just loaded");
+        let replica = Root::open(replica_root)
+            .map_err(HistoryError::io("opening the replica", replica_root))?;
+        let mut run = Run {
+            store: self,
+            replica,
+            replica_dir: replica_root.to_owned(),
+            chunker: Chunker::default(),
+            pack: None,
+            installed: Vec::new(),
+            fresh: HashSet::new(),
+            files_read: 0,
+            bytes_read: 0,
+            new_bytes: 0,
+        };
+        let paths = run
+            .all(manifest, known)
+            .and_then(|paths| run.seal().map(|()| paths));
+        // Installed packs are on disk whatever happened: the index mirrors `packs/` (a retry
+        // reuses their chunks; prune removes them if nothing ever does).
+        let chunks_stored = run.fresh.len() as u64;
+        let (files_read, bytes_read, new_bytes) = (run.files_read, run.bytes_read, run.new_bytes);
+        self.publish_packs(std::mem::take(&mut run.installed));
+        drop(run);
+        let paths = paths?;
+        let summary = summarize(manifest, at, new_bytes, &paths);
+        let info = self.publish_snapshot(&summary, &paths)?;
+        writer.known = Some(known_of(&paths));
+        Ok(Recorded {
+            info,
+            files_read,
+            bytes_read,
+            chunks_stored,
+        })
+    }
+
+    /// Files of the newest snapshot by content.
+    fn newest_known(&self) -> Result<Known, HistoryError> {
+        let state = self.state();
+        match state.snapshots.last() {
+            None => Ok(Known::new()),
+            Some(s) => Ok(known_of(&self.load(&state, s.id)?.paths)),
+        }
+    }
+
+    fn publish_packs(&self, packs: Vec<(PackId, PackMeta)>) {
+        if packs.is_empty() {
+            return;
+        }
+        let mut state = self.state_mut();
+        for (id, meta) in packs {
+            state.index.add(id, meta);
+        }
+    }
+
+    fn publish_snapshot(
+        &self,
+        summary: &SnapshotSummary,
+        paths: &[SnapPath],
+    ) -> Result<SnapshotInfo, HistoryError> {
+        let bytes = snapshot::encode(summary, paths)
+            .map_err(HistoryError::io("encoding a snapshot in", self.dir()))?;
+        let id = snapshot::write(&bytes, &self.tmp_dir(), &self.snapshots_dir())?;
+        let info = snapshot::read_info(&self.snapshot_path(&id), id)?;
+        let mut state = self.state_mut();
+        if !state.snapshots.iter().any(|s| s.id == id) {
+            state.snapshots.push(info.clone());
+            sort(&mut state.snapshots);
+        }
+        Ok(info)
+    }
+}
+
+fn known_of(paths: &[SnapPath]) -> Known {
+    paths
+        .iter()
+        .filter(|p| kind_of(&p.entry) == Some(Kind::File))
+        .filter_map(|p| Some((p.entry.blake3[..].try_into().ok()?, p.chunks.clone())))
+        .collect()
+}
+
+fn summarize(
+    manifest: &Manifest,
+    at: SystemTime,
+    new_bytes: u64,
+    paths: &[SnapPath],
+) -> SnapshotSummary {
+    SnapshotSummary {
+        time_ms: unix_ms(at),
+        generation: manifest.generation.0,
+        root: manifest.root().to_vec().into(),
+        files: manifest.file_count() as u64,
+        bytes: manifest.total_bytes(),
+        new_bytes,
+        entries: paths.len() as u64,
+    }
+}
+
+/// Whether an error opening a replica file means the file is no longer what the manifest says
+/// (deleted, replaced by a symlink or a directory): a newer generation got there first.
+fn moved(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    ) || e.raw_os_error() == Some(libc::ELOOP)
+}
+
+impl Run<'_> {
+    fn all(&mut self, manifest: &Manifest, known: &Known) -> Result<Vec<SnapPath>, HistoryError> {
+        let mut paths = Vec::with_capacity(manifest.len());
+        for (rel, e) in manifest.iter() {
+            let kind = kind_of(e).ok_or_else(|| HistoryError::BadEntry {
+                path: rel.clone(),
+                reason: "no valid kind".into(),
+            })?;
+            let chunks = match kind {
+                Kind::File => self.file(rel, e, known)?,
+                Kind::Dir | Kind::Symlink => Vec::new(),
+            };
+            paths.push(SnapPath {
+                path: rel.clone(),
+                entry: wire_entry(e),
+                chunks,
+            });
+        }
+        Ok(paths)
+    }
+
+    fn file(
+        &mut self,
+        rel: &RelPath,
+        e: &Entry,
+        known: &Known,
+    ) -> Result<Vec<ChunkId>, HistoryError> {
+        let hash: [u8; 32] = e.blake3[..]
+            .try_into()
+            .map_err(|_| HistoryError::BadEntry {
+                path: rel.clone(),
+                reason: format!("a blake3 of {} bytes", e.blake3.len()),
+            })?;
+        if let Some(chunks) = known.get(&hash)
+            && chunks.iter().all(|c| self.have(c))
+        {
+            return Ok(chunks.clone());
+        }
+        self.read(rel, e, hash)
+    }
+
+    fn have(&self, c: &ChunkId) -> bool {
+        self.fresh.contains(c) || self.store.state().index.contains(c)
+    }
+
+    /// Reads, chunks and stores one replica file, checking it against its entry.
+    fn read(
+        &mut self,
+        rel: &RelPath,
+        e: &Entry,
+        hash: [u8; 32],
+    ) -> Result<Vec<ChunkId>, HistoryError> {
+        let path = rel.to_path(&self.replica_dir);
+        let open = self
+            .replica
+            .open_parent(rel)
+            .and_then(|(dir, name)| fsx::openat_file(dir.as_fd(), name));
+        let file = match open {
+            Ok(f) => f,
+            Err(err) if moved(&err) => return Err(HistoryError::Moved { path: rel.clone() }),
+            Err(err) => return Err(HistoryError::io("opening replica file", path)(err)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(HistoryError::io("reading replica file", &path))?;
+        if !meta.file_type().is_file() {
+            return Err(HistoryError::Moved { path: rel.clone() });
+        }
+        let mut ids = Vec::new();
+        // The chunker is lent out of `self` while its chunks are stored through `self`.
+        let mut chunker = std::mem::take(&mut self.chunker);
+        let whole = chunker.chunks(&file, |c: Chunk<'_>| {
+            ids.push(c.id);
+            self.store_chunk(c).map_err(ReadError::Store)
+        });
+        self.chunker = chunker;
+        let whole = whole.map_err(|err| match err {
+            ReadError::Read(e) => HistoryError::io("reading replica file", &path)(e),
+            ReadError::Store(e) => e,
+        })?;
+        self.files_read += 1;
+        self.bytes_read += whole.len;
+        if whole.blake3 != hash || whole.len != e.size {
+            return Err(HistoryError::Moved { path: rel.clone() });
+        }
+        Ok(ids)
+    }
+
+    fn store_chunk(&mut self, c: Chunk<'_>) -> Result<(), HistoryError> {
+        if self.have(&c.id) {
+            return Ok(());
+        }
+        if self.pack.is_none() {
+            self.pack = Some(PackWriter::create(&self.store.tmp_dir())?);
+        }
+        let pack = self.pack.as_mut().expect("just created");
+        pack.add(c.id, c.data)?;
+        self.fresh.insert(c.id);
+        if pack.len() >= PACK_TARGET {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Seals and installs the pack being filled, if any.
+    fn seal(&mut self) -> Result<(), HistoryError> {
+        let Some(pack) = self.pack.take().filter(|p| !p.is_empty()) else {
+            return Ok(());
+        };
+        let sealed = pack.seal()?;
+        sealed.install(&self.store.packs_dir())?;
+        self.new_bytes += sealed.size;
+        self.installed.push((
+            sealed.id,
+            PackMeta {
+                size: sealed.size,
+                chunks: sealed.chunks,
+            },
+        ));
+        Ok(())
+    }
+}
+
+/// What can stop the chunking of one file: reading it, or storing its chunks.
+enum ReadError {
+    Read(io::Error),
+    Store(HistoryError),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> ReadError {
+        ReadError::Read(e)
+    }
+}
