@@ -22,4 +22,7 @@ pub(crate) mod renewal;
 pub(crate) mod report;
 pub(crate) mod revocations;
 pub mod runtime;
+pub(crate) mod snapshots;
 pub mod socket;
+pub(crate) mod unpack;
+pub mod versions;

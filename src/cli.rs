@@ -23,6 +23,12 @@ pub mod defaults {
     pub const FLUSH_TIMEOUT: &str = "60s";
     /// Static (`coordinator cert`) and admin certificates.
     pub const CERT_DAYS: u32 = 365;
+    /// History retention (restic's `forget` in spirit): every snapshot of the last hour, the
+    /// newest of each hour for two days, of each day for two weeks, within a quarter of the disk.
+    pub const KEEP_WITHIN: &str = "1h";
+    pub const KEEP_HOURLY: u32 = 48;
+    pub const KEEP_DAILY: u32 = 14;
+    pub const HISTORY_BUDGET: &str = "25%";
     /// Certificates issued to joining agents (renewed over the heartbeat at two thirds).
     pub const CERT_LIFETIME: &str = "24h";
     /// How long after expiry an agent's certificate may still connect to renew.
@@ -69,6 +75,57 @@ pub fn usage_error(msg: impl std::fmt::Display) -> ! {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// A point in time as a user gives it: RFC 3339 (`2026-12-01T10:00:00Z`, `2026-12-01 10:00:00`
+/// in UTC), or a duration before `now` (`10m`, `2h 30m`, `1day`). Unix milliseconds.
+pub fn parse_time(s: &str, now: std::time::SystemTime) -> Result<i64, String> {
+    let s = s.trim();
+    let at = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(_) => {
+            let back = humantime::parse_duration(s.trim_end_matches("ago").trim()).map_err(|_| {
+                format!(
+                    "invalid time {s:?}: give RFC 3339 (2026-12-01T10:00:00Z) or how long ago (10m, 2h)"
+                )
+            })?;
+            now.checked_sub(back)
+                .ok_or_else(|| format!("{s:?} ago is before 1970"))?
+        }
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .map_err(|_| format!("{s:?} is before 1970"))
+}
+
+/// A size in bytes: a number with an optional unit, decimal (`kB`, `MB`, `GB`, `TB`) or binary
+/// (`KiB`, `MiB`, `GiB`, `TiB`); `B` or nothing for bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?}")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+/// Unix milliseconds as RFC 3339 in UTC, to the millisecond.
+pub fn format_time(unix_ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// A TOML configuration file's settings (empty when there is none).
@@ -218,6 +275,32 @@ pub fn fail(e: &anyhow::Error) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("2KiB"), Ok(2048));
+        assert_eq!(parse_size("1.5 GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert!(parse_size("20 gallons").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_how_long_ago() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(parse_time("10m", now), Ok(1_800_000_000_000 - 600_000));
+        assert_eq!(parse_time("2h ago", now), Ok(1_800_000_000_000 - 7_200_000));
+        let t = parse_time("2026-12-01T10:00:00Z", now).unwrap();
+        assert_eq!(format_time(t), "2026-12-01T10:00:00.000Z");
+        assert_eq!(parse_time("2026-12-01 10:00:00", now), Ok(t));
+        assert!(
+            parse_time("yesterday-ish", now)
+                .unwrap_err()
+                .contains("RFC 3339")
+        );
+        assert!(parse_time("100years", now).is_err());
+    }
 
     #[test]
     fn layering() {

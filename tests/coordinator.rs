@@ -190,8 +190,7 @@ fn hung_gpu_agent_fails_over_and_comes_back_fenced() {
             .arg(&r.gpu.state)
             .output()
             .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&st.stdout)
-            .is_ok_and(|s| s["fenced"] == true)
+        serde_json::from_slice::<serde_json::Value>(&st.stdout).is_ok_and(|s| s["fenced"] == true)
     }));
     assert!(
         coord

@@ -491,7 +491,9 @@ fn an_attempts_token_is_bound_to_its_label_and_spent_at_teardown() {
     // blocklisted, so there may be no second attempt).
     let destroyed = format!("machine {label} destroyed");
     assert!(
-        wait_until(Duration::from_secs(60), || c.log_text().contains(&destroyed)),
+        wait_until(Duration::from_secs(60), || c
+            .log_text()
+            .contains(&destroyed)),
         "the attempt was not torn down: {}",
         c.log_text()
     );

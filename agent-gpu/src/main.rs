@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use standby::agent::args::{AgentArgs, GpuArgs};
 use standby::agent::config::AgentConfig;
 use standby::agent::runtime;
-use standby::agent::socket;
-use standby::cli::{defaults, fail, init_logging, parse_duration, parse_or_exit, usage_error};
+use standby::agent::{socket, versions};
+use standby::cli::{
+    defaults, fail, init_logging, parse_duration, parse_or_exit, parse_time, usage_error,
+};
 use standby::trust::tls;
 
 /// The GPU side of a Standby pair.
@@ -54,6 +56,40 @@ enum Cmd2 {
     Status {
         #[arg(long, env = "STANDBY_STATE_DIR")]
         state_dir: PathBuf,
+    },
+    /// List the snapshots the CPU standby keeps of this workspace.
+    Versions {
+        #[arg(long, env = "STANDBY_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Only snapshots holding this path (relative to the workspace), counted below it.
+        #[arg(long)]
+        path: Option<String>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring files back from a snapshot on the CPU standby: fetched over the agent's mTLS link,
+    /// verified, and written into the workspace (where they replicate like any write) or --to.
+    Restore {
+        #[arg(long, env = "STANDBY_STATE_DIR")]
+        state_dir: PathBuf,
+        /// The newest snapshot at or before this time: RFC 3339 (2026-12-01T10:00:00Z) or how
+        /// long ago (10m, 2h).
+        #[arg(
+            long,
+            conflicts_with = "snapshot",
+            required_unless_present = "snapshot"
+        )]
+        at: Option<String>,
+        /// A snapshot id (or a unique prefix of one), as `versions` lists them.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Only this path (a file or directory, relative to the workspace).
+        #[arg(long)]
+        path: Option<String>,
+        /// Write below this directory instead of the workspace.
+        #[arg(long)]
+        to: Option<PathBuf>,
     },
     /// Fault injection for drills: make the running agent report a fatal GPU fault.
     Fault {
@@ -106,6 +142,45 @@ fn control(rt: &tokio::runtime::Runtime, cmd: Cmd2) {
         Cmd2::Status { state_dir } => {
             let r = control_call(rt, &state_dir, socket::Request::Status);
             println!("{}", r.status.unwrap_or_default());
+        }
+        Cmd2::Versions {
+            state_dir,
+            path,
+            json,
+        } => {
+            let req = socket::Request::Versions {
+                path: path.unwrap_or_default(),
+            };
+            let list = control_call(rt, &state_dir, req).result.unwrap_or_default();
+            let list = list.as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                print!("{}", versions::table(&list));
+            }
+        }
+        Cmd2::Restore {
+            state_dir,
+            at,
+            snapshot,
+            path,
+            to,
+        } => {
+            let at_unix_ms = match at {
+                Some(t) => {
+                    parse_time(&t, std::time::SystemTime::now()).unwrap_or_else(|e| usage_error(e))
+                }
+                None => 0,
+            };
+            let to = to.map(|t| std::path::absolute(&t).unwrap_or(t));
+            let req = socket::Request::Restore {
+                id: snapshot.unwrap_or_default(),
+                at_unix_ms,
+                path: path.unwrap_or_default(),
+                to,
+            };
+            let r = control_call(rt, &state_dir, req);
+            println!("{}", r.result.unwrap_or_default());
         }
         Cmd2::Fault { state_dir, reason } => {
             control_call(rt, &state_dir, socket::Request::Fault { reason });

@@ -1,9 +1,12 @@
 //! The admin verbs of the coordinator's command line (an admin certificate is required).
 
 use anyhow::Context;
+use standby::agent::versions;
+use standby::history::Selector;
 use standby::proto::admin_client::AdminClient;
 use standby::proto::{
-    EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, PairView,
+    EventKind, EventsRequest, ListPairsRequest, PairFetchRequest, PairRequest, PairState,
+    PairVersionsRequest, PairView,
 };
 use standby::trust::identity::Identity;
 use standby::trust::tls::{self, Expect, TlsMaterial};
@@ -62,6 +65,38 @@ pub fn pair_json(p: &PairView) -> serde_json::Value {
         },
         "gpu": machine_json(&p.gpu),
         "cpu": machine_json(&p.cpu),
+        "history": history_json(p.history.as_ref()),
+    })
+}
+
+/// The standby's newest snapshot and newest backed-up snapshot (null when it keeps no history).
+fn history_json(h: Option<&standby::proto::HistoryReport>) -> serde_json::Value {
+    let Some(h) = h else {
+        return serde_json::Value::Null;
+    };
+    let time = |ms: i64| {
+        if ms == 0 {
+            serde_json::Value::Null
+        } else {
+            standby::cli::format_time(ms).into()
+        }
+    };
+    serde_json::json!({
+        "snapshots": h.snapshots,
+        "newest_snapshot": time(h.newest_snapshot_unix_ms),
+        "newest_snapshot_generation": h.newest_snapshot_generation,
+        "stored_bytes": h.stored_bytes,
+        "logical_bytes": h.logical_bytes,
+        "backup": if h.backup_configured {
+            serde_json::json!({
+                "newest_snapshot": time(h.newest_backup_unix_ms),
+                "uploaded_bytes": h.backup_uploaded_bytes,
+                "failures": h.backup_failures,
+            })
+        } else {
+            serde_json::Value::Null
+        },
+        "last_error": if h.last_error.is_empty() { serde_json::Value::Null } else { h.last_error.clone().into() },
     })
 }
 
@@ -252,5 +287,43 @@ pub async fn events(r: &Remote, json: bool, follow: bool, heartbeats: bool) -> a
             println!("{t} {:<12} {:<10}{arrow} {}", e.pair, e.kind(), e.message);
         }
     }
+    Ok(())
+}
+
+/// `versions PAIR`: the standby's snapshots, through the coordinator.
+pub async fn versions(r: &Remote, pair: &str, path: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = client(r).await?;
+    let req = PairVersionsRequest {
+        pair: pair.to_string(),
+        path: path.to_string(),
+    };
+    let reply = c.versions(req).await.map_err(status)?.into_inner();
+    let list: Vec<_> = reply.snapshots.iter().map(versions::summary_json).collect();
+    if json {
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        print!("{}", versions::table(&list));
+    }
+    Ok(())
+}
+
+/// `restore PAIR --to DIR`: files of a snapshot, relayed by the coordinator, verified and
+/// written below `to`.
+pub async fn restore(
+    r: &Remote,
+    pair: &str,
+    selector: &Selector,
+    path: &str,
+    to: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut c = client(r).await?;
+    let req = PairFetchRequest {
+        pair: pair.to_string(),
+        snapshot: Some(versions::selector_to_wire(selector)),
+        path: path.to_string(),
+    };
+    let items = c.fetch(req).await.map_err(status)?.into_inner();
+    let fetched = versions::unpack_stream(items, to).await?;
+    println!("{}", serde_json::to_string(&fetched)?);
     Ok(())
 }

@@ -146,6 +146,39 @@ enum AdminCmd {
         #[arg(long)]
         follow: bool,
     },
+    /// List the snapshots PAIR's CPU standby keeps (asked through the coordinator).
+    Versions {
+        pair: String,
+        #[command(flatten)]
+        remote: Remote,
+        /// Only snapshots holding this path (relative to the workspace), counted below it.
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch files of a snapshot of PAIR's standby into a local directory, verified.
+    Restore {
+        pair: String,
+        #[command(flatten)]
+        remote: Remote,
+        /// The newest snapshot at or before this time: RFC 3339 or how long ago (10m, 2h).
+        #[arg(
+            long,
+            conflicts_with = "snapshot",
+            required_unless_present = "snapshot"
+        )]
+        at: Option<String>,
+        /// A snapshot id (or a unique prefix of one).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Only this path (relative to the workspace).
+        #[arg(long)]
+        path: Option<String>,
+        /// The local directory to write into (made if missing).
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
     /// Show events (transitions, warnings; heartbeat summaries with --heartbeats).
     Events {
         #[command(flatten)]
@@ -386,6 +419,29 @@ async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
             follow,
             heartbeats,
         } => admin::events(&remote, json, follow, heartbeats).await,
+        AdminCmd::Versions {
+            pair,
+            remote,
+            path,
+            json,
+        } => admin::versions(&remote, &pair, &path.unwrap_or_default(), json).await,
+        AdminCmd::Restore {
+            pair,
+            remote,
+            at,
+            snapshot,
+            path,
+            to,
+        } => {
+            let at_unix_ms = match at {
+                Some(t) => standby::cli::parse_time(&t, std::time::SystemTime::now())
+                    .unwrap_or_else(|e| usage_error(e)),
+                None => 0,
+            };
+            let selector =
+                standby::agent::versions::selector(snapshot.unwrap_or_default(), at_unix_ms);
+            admin::restore(&remote, &pair, &selector, &path.unwrap_or_default(), &to).await
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use crate::agent::config::AgentConfig;
 use crate::cli::{FileConfig, defaults, parse_duration};
+use crate::history::Retention;
 use crate::replication::continuous::LoopConfig;
 use crate::trust::identity::Role;
 
@@ -95,6 +96,30 @@ pub struct CpuArgs {
     /// Command run (with sh -c) when this machine is promoted to primary.
     #[arg(long, env = "STANDBY_ON_PROMOTE", display_order = 10)]
     pub on_promote: Option<String>,
+    /// Keep point-in-time history: a snapshot after each committed generation, in
+    /// `<state-dir>/history` (`--history=false` turns it off).
+    #[arg(
+        long,
+        env = "STANDBY_HISTORY",
+        display_order = 20,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub history: Option<bool>,
+    /// Keep every snapshot younger than this.
+    #[arg(long, env = "STANDBY_KEEP_WITHIN", display_order = 21)]
+    pub keep_within: Option<String>,
+    /// Then the newest snapshot of each of this many hours.
+    #[arg(long, env = "STANDBY_KEEP_HOURLY", display_order = 22)]
+    pub keep_hourly: Option<u32>,
+    /// Then the newest snapshot of each of this many days.
+    #[arg(long, env = "STANDBY_KEEP_DAILY", display_order = 23)]
+    pub keep_daily: Option<u32>,
+    /// Disk budget of the history: bytes (`20GiB`, `500MB`) or a share of the filesystem
+    /// holding the state directory (`25%`); over it, the oldest snapshots go first (a warning).
+    #[arg(long, env = "STANDBY_HISTORY_BUDGET", display_order = 24)]
+    pub history_budget: Option<String>,
 }
 
 impl GpuArgs {
@@ -147,11 +172,39 @@ impl CpuArgs {
         }
         let on_demote = shared.on_demote.take();
         let base = shared.resolve(&file, Role::Cpu, tls_dir, coordinator)?;
+        let history = self.retention(&file, &base.state_dir)?;
         Ok(AgentConfig {
             on_promote: file.pick(self.on_promote, "on_promote", String::new)?,
             on_demote: file.pick(on_demote, "on_demote", String::new)?,
+            history,
             ..base
         })
+    }
+
+    /// The history's retention, or None when history is off.
+    fn retention(
+        &self,
+        file: &FileConfig,
+        state_dir: &std::path::Path,
+    ) -> Result<Option<Retention>, String> {
+        if !file.pick(self.history, "history", || true)? {
+            return Ok(None);
+        }
+        let budget = file.pick(self.history_budget.clone(), "history_budget", || {
+            defaults::HISTORY_BUDGET.to_string()
+        })?;
+        let hours = file.pick(self.keep_hourly, "keep_hourly", || defaults::KEEP_HOURLY)?;
+        let days = file.pick(self.keep_daily, "keep_daily", || defaults::KEEP_DAILY)?;
+        Ok(Some(Retention {
+            keep_all_for: file.pick_duration(
+                self.keep_within.clone(),
+                "keep_within",
+                defaults::KEEP_WITHIN,
+            )?,
+            hourly_for: std::time::Duration::from_secs(u64::from(hours) * 3600),
+            daily_for: std::time::Duration::from_secs(u64::from(days) * 86_400),
+            budget_bytes: budget_bytes(&budget, state_dir)?,
+        }))
     }
 }
 
@@ -199,8 +252,29 @@ impl AgentArgs {
             on_promote: String::new(),
             on_demote: String::new(),
             keep_setuid: file.pick(self.keep_setuid, "keep_setuid", || false)?,
+            history: None,
         })
     }
+}
+
+/// `--history-budget` in bytes: a size, or a share of the filesystem holding the state
+/// directory (its nearest existing ancestor, on a first start).
+fn budget_bytes(s: &str, state_dir: &std::path::Path) -> Result<u64, String> {
+    let bad = || format!("--history-budget {s:?}: give bytes (20GiB, 500MB) or a share (25%)");
+    if let Some(pct) = s.trim().strip_suffix('%') {
+        let pct: f64 = pct.trim().parse().map_err(|_| bad())?;
+        if !(0.0..=100.0).contains(&pct) {
+            return Err(bad());
+        }
+        let on = state_dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(std::path::Path::new("/"));
+        let size = crate::disk::fsx::filesystem_bytes(on)
+            .map_err(|e| format!("--history-budget {s}: size of {}: {e}", on.display()))?;
+        return Ok((size as f64 * pct / 100.0) as u64);
+    }
+    crate::cli::parse_size(s).map_err(|_| bad())
 }
 
 /// The longest `--advertise` a coordinator accepts in a report.
@@ -254,6 +328,39 @@ mod tests {
             workspace: Some(dir.join("ws")),
             state_dir: Some(dir.join("state")),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn history_budget_and_switch() {
+        let d = tempfile::tempdir().unwrap();
+        let args = |cpu: CpuArgs| {
+            let shared = AgentArgs {
+                coordinator: Some("coord:7700".into()),
+                ..shared(d.path())
+            };
+            cpu.resolve(shared)
+        };
+        let off = CpuArgs {
+            history: Some(false),
+            ..Default::default()
+        };
+        assert!(args(off).unwrap().history.is_none());
+        let sized = CpuArgs {
+            history_budget: Some("2GiB".into()),
+            keep_within: Some("10m".into()),
+            ..Default::default()
+        };
+        let h = args(sized).unwrap().history.unwrap();
+        assert_eq!(h.budget_bytes, 2 << 30);
+        assert_eq!(h.keep_all_for, Duration::from_secs(600));
+        for bad in ["lots", "150%", "-3%"] {
+            let cpu = CpuArgs {
+                history_budget: Some(bad.into()),
+                ..Default::default()
+            };
+            let e = args(cpu).unwrap_err();
+            assert!(e.contains("--history-budget"), "{bad}: {e}");
         }
     }
 
@@ -349,6 +456,7 @@ mod tests {
         };
         let cpu = CpuArgs {
             on_promote: Some("start-app".into()),
+            ..Default::default()
         };
         let c = cpu.resolve(args).unwrap();
         assert_eq!(c.role, Role::Cpu);
@@ -359,6 +467,11 @@ mod tests {
         assert_eq!(c.listen, defaults::CPU_LISTEN);
         assert_eq!(c.loop_cfg.debounce, Duration::from_millis(250));
         assert!(c.peer.is_none());
+        let h = c.history.expect("history is kept by default");
+        assert_eq!(h.hourly_for, Duration::from_secs(48 * 3600));
+        assert_eq!(h.daily_for, Duration::from_secs(14 * 86_400));
+        assert_eq!(h.keep_all_for, Duration::from_secs(3600));
+        assert!(h.budget_bytes > 0, "a quarter of the disk");
         let e = CpuArgs::default().resolve(shared(d.path())).unwrap_err();
         assert!(
             e.contains("--tls-dir (static pair) or --coordinator"),

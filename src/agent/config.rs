@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::history::Retention;
 use crate::replication::continuous::LoopConfig;
 use crate::trust::identity::Role;
 
@@ -28,4 +29,6 @@ pub struct AgentConfig {
     pub on_demote: String,
     /// Keep the sender's setuid and setgid bits on replicated files (masked when false).
     pub keep_setuid: bool,
+    /// A CPU standby's history and its retention (None: no history kept).
+    pub history: Option<Retention>,
 }

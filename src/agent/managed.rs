@@ -15,6 +15,7 @@ use crate::agent::probe::{self, ProbeTarget};
 use crate::agent::renewal::Renewal;
 use crate::agent::report::Reporter;
 use crate::agent::revocations;
+use crate::agent::snapshots::Recorder;
 use crate::agent::socket::InjectedFault;
 use crate::proto::Command;
 use crate::proto::command::Cmd;
@@ -32,6 +33,8 @@ pub struct Managed {
     pub fault: InjectedFault,
     /// The port the endpoint is bound to (reported, for the peer to reach it).
     pub listen_port: u16,
+    /// A CPU standby's history recorder (its figures go into each report).
+    pub history: Option<Recorder>,
 }
 
 /// Spawns the link, the probe (CPU agent) and the command dispatcher; they stop with
@@ -55,6 +58,7 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
         m.node.clone(),
         probe,
         m.fault,
+        m.history,
     ));
     let renewal = Arc::new(Renewal::new(m.cert_dir, &m.tls));
     let report: ReportFn = {

@@ -221,6 +221,29 @@ impl Node {
         self.set_mode(Mode::Fenced(self.durable_epoch(), reason.to_string()));
     }
 
+    /// A channel to the standby this agent replicates to (for its history), while it sends.
+    pub fn standby_channel(&self) -> Result<tonic::transport::Channel, String> {
+        let Mode::Send(target) = self.mode() else {
+            return Err(format!(
+                "this agent is {}, not replicating to a standby now; its history is reachable \
+                 while it sends",
+                self.mode().name()
+            ));
+        };
+        let cfg = self
+            .inner
+            .opts
+            .tls
+            .client_config(target.identity.clone())
+            .map_err(|e| e.to_string())?;
+        crate::trust::tls::connect_lazy(&target.url, cfg).map_err(|e| e.to_string())
+    }
+
+    /// The workspace this agent protects.
+    pub fn workspace(&self) -> &std::path::Path {
+        &self.inner.opts.workspace
+    }
+
     /// The durable epoch (the receiver's, or the sender's while it holds the replica).
     pub fn durable_epoch(&self) -> Epoch {
         let sent = self.inner.figures.lock().expect("figures").epoch;

@@ -10,8 +10,9 @@ use crate::agent::config::AgentConfig;
 use crate::agent::node::{Node, NodeReport};
 use crate::agent::nvml::Nvml;
 use crate::agent::probe::{self, ProbeState};
+use crate::agent::snapshots::{HistoryFigures, Recorder};
 use crate::agent::socket::InjectedFault;
-use crate::proto::{AgentMode, AgentReport, GpuHealth, PeerContact};
+use crate::proto::{AgentMode, AgentReport, GpuHealth, HistoryReport, PeerContact};
 use crate::trust::identity::Role;
 
 /// Builds one heartbeat report per interval from the agent's live state.
@@ -25,6 +26,7 @@ pub struct Reporter {
     probe: probe::Shared,
     fault: InjectedFault,
     nvml: Mutex<Option<Nvml>>,
+    history: Option<Recorder>,
 }
 
 impl Reporter {
@@ -35,6 +37,7 @@ impl Reporter {
         node: Node,
         probe: probe::Shared,
         fault: InjectedFault,
+        history: Option<Recorder>,
     ) -> Reporter {
         let nvml = if cfg.role == Role::Gpu {
             Nvml::open()
@@ -51,6 +54,7 @@ impl Reporter {
             probe,
             fault,
             nvml: Mutex::new(nvml),
+            history,
         }
     }
 
@@ -115,8 +119,24 @@ impl Reporter {
             frozen_epoch: n.frozen_epoch,
             workspace_bytes: n.workspace_bytes,
             connected: n.connected,
+            history: self.history.as_ref().map(|h| history_report(&h.figures())),
             ..Default::default()
         }
+    }
+}
+
+/// The recorder's figures as a report carries them.
+fn history_report(f: &HistoryFigures) -> HistoryReport {
+    HistoryReport {
+        snapshots: f.snapshots,
+        newest_snapshot_unix_ms: f.newest_unix_ms,
+        newest_snapshot_generation: f.newest_generation,
+        stored_bytes: f.stored_bytes,
+        logical_bytes: f.logical_bytes,
+        record_failures: f.record_failures,
+        dropped_for_budget: f.dropped_for_budget,
+        last_error: report_text(f.last_error.clone().unwrap_or_default()),
+        ..Default::default()
     }
 }
 

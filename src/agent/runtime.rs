@@ -13,8 +13,9 @@ use crate::agent::config::AgentConfig;
 use crate::agent::managed::{self, Managed};
 use crate::agent::node::{Mode, Node, NodeOptions};
 use crate::agent::socket::{self, InjectedFault};
-use crate::agent::{endpoint, join, revocations};
+use crate::agent::{endpoint, join, revocations, snapshots, versions};
 use crate::disk::statedir::{self, StateLock};
+use crate::history::Store;
 use crate::replication::continuous::{self, Control, Target};
 use crate::replication::receive::{Receiver, ReceiverOptions};
 use crate::replication::send::{Report, Sender, SenderOptions};
@@ -81,6 +82,9 @@ pub async fn open(cfg: &AgentConfig) -> anyhow::Result<Opened> {
     })
 }
 
+/// The history store's directory in the state directory.
+pub const HISTORY_DIR: &str = "history";
+
 /// The epoch every pair starts at.
 const FIRST_EPOCH: Epoch = Epoch(1);
 
@@ -100,7 +104,14 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
     cfg.machine = machine;
     log_ready(&cfg, &receiver);
     let shutdown = stop_on_signal();
-    let router = tls::server_builder().add_service(receiver.service());
+    let history = open_history(&cfg, &receiver, &shutdown).await?;
+    let router = tls::server_builder()
+        .add_service(receiver.service())
+        .add_optional_service(
+            history
+                .as_ref()
+                .map(|(store, _)| versions::service(store.clone(), receiver.clone())),
+        );
     let (addr, endpoint) =
         endpoint::serve(&cfg.listen, &material, router, shutdown.clone()).await?;
     std::fs::write(cfg.state_dir.join("listen.addr"), addr.to_string())?;
@@ -117,6 +128,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
             node,
             fault,
             listen_port: addr.port(),
+            history: history.map(|(_, recorder)| recorder),
         };
         managed::start(&cfg, m, &shutdown);
     }
@@ -144,6 +156,25 @@ pub async fn sync_once(
     let mut sender =
         tokio::task::spawn_blocking(move || Sender::new(opts, guard, figures)).await??;
     Ok(continuous::once(&mut sender, &opened.material, &target).await?)
+}
+
+/// A CPU standby keeps history (unless turned off): its store, and the recorder that adds a
+/// snapshot after each committed generation.
+async fn open_history(
+    cfg: &AgentConfig,
+    receiver: &Receiver,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<(Arc<Store>, snapshots::Recorder)>> {
+    let Some(retention) = cfg.history.clone() else {
+        return Ok(None);
+    };
+    let dir = cfg.state_dir.join(HISTORY_DIR);
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await?
+        .context("opening the history store")?;
+    let store = Arc::new(store);
+    let recorder = snapshots::start(store.clone(), receiver.clone(), retention, shutdown.clone());
+    Ok(Some((store, recorder)))
 }
 
 fn log_ready(cfg: &AgentConfig, receiver: &Receiver) {
@@ -217,9 +248,9 @@ fn spawn_socket(
     shutdown: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
     let state_dir = cfg.state_dir.clone();
-    let figures = node.figures();
+    let node = node.clone();
     let shutdown = shutdown.clone();
-    tokio::spawn(async move { socket::serve(&state_dir, ctl_tx, figures, fault, shutdown).await })
+    tokio::spawn(async move { socket::serve(&state_dir, node, ctl_tx, fault, shutdown).await })
 }
 
 /// After the stop: gives the node, the control socket and the endpoint a few seconds each to

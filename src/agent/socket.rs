@@ -12,6 +12,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::node::Node;
+use crate::agent::versions;
+use crate::history::Selector;
 use crate::replication::continuous::Control;
 use crate::replication::send::SenderFigures;
 
@@ -29,6 +32,19 @@ pub enum Request {
     Fault {
         reason: String,
     },
+    /// The standby's snapshots (below `path` when not empty).
+    Versions {
+        path: String,
+    },
+    /// Files of a snapshot back from the standby: below `path`, into `to` (the workspace when
+    /// None), from the snapshot `id` names, else the newest at or before `at_unix_ms`, else the
+    /// newest.
+    Restore {
+        id: String,
+        at_unix_ms: i64,
+        path: String,
+        to: Option<PathBuf>,
+    },
 }
 
 /// A fatal fault injected through the control socket, reported like an NVML one.
@@ -43,6 +59,9 @@ pub struct Reply {
     pub generation: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// What `versions` and `restore` answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 impl Reply {
@@ -68,8 +87,8 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 /// Serves the control socket until `shutdown`.
 pub async fn serve(
     state_dir: &Path,
+    node: Node,
     tx: mpsc::Sender<Control>,
-    figures: Arc<Mutex<SenderFigures>>,
     fault: InjectedFault,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -82,10 +101,10 @@ pub async fn serve(
             r = listener.accept() => r?,
         };
         let tx = tx.clone();
-        let figures = figures.clone();
+        let node = node.clone();
         let fault = fault.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(conn, tx, figures, fault).await {
+            if let Err(e) = handle(conn, node, tx, fault).await {
                 tracing::debug!(error = %e, "control connection failed");
             }
         });
@@ -96,10 +115,11 @@ pub async fn serve(
 
 async fn handle(
     conn: UnixStream,
+    node: Node,
     tx: mpsc::Sender<Control>,
-    figures: Arc<Mutex<SenderFigures>>,
     fault: InjectedFault,
 ) -> std::io::Result<()> {
+    let figures = node.figures();
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
@@ -111,6 +131,13 @@ async fn handle(
             ..Reply::done()
         },
         Ok(Request::Flush { timeout_ms }) => flush(&tx, &figures, timeout_ms).await,
+        Ok(Request::Versions { path }) => list_versions(&node, &path).await,
+        Ok(Request::Restore {
+            id,
+            at_unix_ms,
+            path,
+            to,
+        }) => restore(&node, versions::selector(id, at_unix_ms), &path, to).await,
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
@@ -154,6 +181,38 @@ async fn flush(
                     .unwrap_or_default()
             ))
         }
+    }
+}
+
+async fn list_versions(node: &Node, path: &str) -> Reply {
+    let channel = match node.standby_channel() {
+        Ok(c) => c,
+        Err(e) => return Reply::failed(e),
+    };
+    match versions::versions(channel, path).await {
+        Ok(list) => Reply {
+            result: Some(serde_json::Value::Array(
+                list.iter().map(versions::summary_json).collect(),
+            )),
+            ..Reply::done()
+        },
+        Err(st) => Reply::failed(format!("the standby answered: {}", st.message())),
+    }
+}
+
+/// Fetches the files into `to` (the workspace by default), where they replicate like any write.
+async fn restore(node: &Node, selector: Selector, path: &str, to: Option<PathBuf>) -> Reply {
+    let channel = match node.standby_channel() {
+        Ok(c) => c,
+        Err(e) => return Reply::failed(e),
+    };
+    let to = to.unwrap_or_else(|| node.workspace().to_path_buf());
+    match versions::fetch_into(channel, &selector, path, &to).await {
+        Ok(f) => Reply {
+            result: serde_json::to_value(&f).ok(),
+            ..Reply::done()
+        },
+        Err(e) => Reply::failed(crate::text::error_chain(&*e)),
     }
 }
 

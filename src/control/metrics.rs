@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::control::failover::PairState;
+use crate::proto::HistoryReport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PairLabel {
@@ -158,6 +159,14 @@ pub struct Metrics {
     agent_certs: Mutex<Vec<CertLabel>>,
     pub cert_lifetime: Gauge,
     pub refused: Family<ReasonLabel, Counter>,
+    pub history_snapshots: Family<PairLabel, Gauge>,
+    pub history_stored: Family<PairLabel, Gauge>,
+    pub history_logical: Family<PairLabel, Gauge>,
+    pub history_newest: Family<PairLabel, Gauge>,
+    pub history_record_failures: Family<PairLabel, Counter>,
+    pub backup_newest: Family<PairLabel, Gauge>,
+    pub backup_uploaded: Family<PairLabel, Counter>,
+    pub backup_failures: Family<PairLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -195,6 +204,14 @@ impl Metrics {
             agent_certs: Mutex::new(Vec::new()),
             cert_lifetime: Gauge::default(),
             refused: Family::default(),
+            history_snapshots: Family::default(),
+            history_stored: Family::default(),
+            history_logical: Family::default(),
+            history_newest: Family::default(),
+            history_record_failures: Family::default(),
+            backup_newest: Family::default(),
+            backup_uploaded: Family::default(),
+            backup_failures: Family::default(),
             registry: Mutex::new(Registry::default()),
             names: Vec::new(),
         };
@@ -207,6 +224,7 @@ impl Metrics {
         m.register_failover(&mut reg);
         m.register_fleet(&mut reg);
         m.register_trust(&mut reg);
+        m.register_history(&mut reg);
         m.names = reg.names;
         *m.registry.get_mut().expect("registry") = r;
         m
@@ -283,6 +301,91 @@ impl Metrics {
             "State transitions",
             self.transitions.clone(),
         );
+    }
+
+    /// The standbys' history and backups (ARCHITECTURE.md, "History").
+    fn register_history(&self, reg: &mut Reg<'_>) {
+        reg.plain(
+            "standby_history_snapshots",
+            "Snapshots the CPU standby keeps",
+            self.history_snapshots.clone(),
+        );
+        reg.unit(
+            "standby_history_stored",
+            "Bytes of the standby's snapshot store on disk (after deduplication and compression)",
+            Unit::Bytes,
+            self.history_stored.clone(),
+        );
+        reg.unit(
+            "standby_history_logical",
+            "Bytes of the snapshots kept, counted in full (logical / stored is the dedup ratio)",
+            Unit::Bytes,
+            self.history_logical.clone(),
+        );
+        reg.plain(
+            "standby_history_newest_snapshot_timestamp_seconds",
+            "When the newest snapshot on the standby was taken (unix seconds)",
+            self.history_newest.clone(),
+        );
+        reg.plain(
+            "standby_history_record_failures",
+            "Snapshots the standby failed to record",
+            self.history_record_failures.clone(),
+        );
+        reg.plain(
+            "standby_backup_newest_snapshot_timestamp_seconds",
+            "When the newest snapshot in the off-site bucket was taken (unix seconds); only for pairs with a backup",
+            self.backup_newest.clone(),
+        );
+        reg.unit(
+            "standby_backup_uploaded",
+            "Bytes uploaded to the off-site bucket",
+            Unit::Bytes,
+            self.backup_uploaded.clone(),
+        );
+        reg.plain(
+            "standby_backup_failures",
+            "Failed uploads to the off-site bucket",
+            self.backup_failures.clone(),
+        );
+    }
+
+    /// A standby's history report; the counters grow by what grew since the previous report
+    /// (all of it after an agent restart, whose own counts start again at zero).
+    pub fn history(&self, pair: &str, before: Option<&HistoryReport>, h: &HistoryReport) {
+        let l = PairLabel { pair: pair.into() };
+        self.history_snapshots
+            .get_or_create(&l)
+            .set(h.snapshots as i64);
+        self.history_stored
+            .get_or_create(&l)
+            .set(h.stored_bytes as i64);
+        self.history_logical
+            .get_or_create(&l)
+            .set(h.logical_bytes as i64);
+        self.history_newest
+            .get_or_create(&l)
+            .set(h.newest_snapshot_unix_ms / 1000);
+        let grew = |now: u64, was: Option<u64>| match was {
+            Some(w) if w <= now => now - w,
+            _ => now,
+        };
+        let b = before;
+        self.history_record_failures
+            .get_or_create(&l)
+            .inc_by(grew(h.record_failures, b.map(|b| b.record_failures)));
+        if h.backup_configured {
+            self.backup_newest
+                .get_or_create(&l)
+                .set(h.newest_backup_unix_ms / 1000);
+            self.backup_uploaded.get_or_create(&l).inc_by(grew(
+                h.backup_uploaded_bytes,
+                b.map(|b| b.backup_uploaded_bytes),
+            ));
+            self.backup_failures
+                .get_or_create(&l)
+                .inc_by(grew(h.backup_failures, b.map(|b| b.backup_failures)));
+        }
     }
 
     /// Certificates and refusals (ARCHITECTURE.md, "Trust").

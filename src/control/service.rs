@@ -15,6 +15,7 @@
 //! `--public-health`).
 
 mod heartbeat;
+mod history;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,8 +38,9 @@ use crate::control::store::{FileStore, Store};
 use crate::proto::admin_server::{Admin, AdminServer};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
-    ActionReply, AgentReport, Command, Event, EventKind, EventsRequest, JoinReply, JoinRequest,
-    ListPairsReply, ListPairsRequest, PairRequest, PairView,
+    ActionReply, AgentReport, Command, Event, EventKind, EventsRequest, FetchItem, JoinReply,
+    JoinRequest, ListPairsReply, ListPairsRequest, PairFetchRequest, PairRequest,
+    PairVersionsRequest, PairView, VersionsReply,
 };
 use crate::trust::identity::{CertFacts, Identity, Role};
 use crate::trust::pki::Ca;
@@ -63,6 +65,8 @@ pub struct Shared {
     registry: Arc<Registry>,
     /// How long the certificates issued to agents live.
     cert_lifetime: Duration,
+    /// The coordinator's own certificate, as a client of the standbys (their history).
+    material: TlsMaterial,
 }
 
 impl Shared {
@@ -307,6 +311,26 @@ impl Admin for AdminSvc {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn versions(
+        &self,
+        req: Request<PairVersionsRequest>,
+    ) -> Result<Response<VersionsReply>, Status> {
+        admin(&req)?;
+        Ok(Response::new(self.0.versions(req.into_inner()).await?))
+    }
+
+    type FetchStream = ReceiverStream<Result<FetchItem, Status>>;
+
+    async fn fetch(
+        &self,
+        req: Request<PairFetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let who = admin(&req)?;
+        let r = req.into_inner();
+        tracing::info!(pair = %r.pair, admin = %who, path = %r.path, "restore from the standby's history");
+        Ok(Response::new(self.0.fetch(r).await?))
+    }
 }
 
 /// Sends the recent events, then (following) each new one, until the subscriber goes away.
@@ -516,6 +540,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         cert_lifetime: opts.cert_lifetime,
         heartbeats: Rotation::new(crate::cli::defaults::HEARTBEATS_PER_IDENTITY),
         subscriptions: Quota::new(crate::cli::defaults::EVENTS_PER_ADMIN),
+        material: material.clone(),
     });
 
     let mlistener = bind(&opts.metrics_listen).await?;

@@ -269,6 +269,13 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(s.f_bavail * s.f_frsize)
 }
 
+/// The size of the filesystem holding `path`, in bytes.
+pub fn filesystem_bytes(path: &Path) -> io::Result<u64> {
+    let c = cname(path.as_os_str().as_bytes())?;
+    let s = rustix::fs::statvfs(c.as_c_str())?;
+    Ok(s.f_blocks * s.f_frsize)
+}
+
 impl Root {
     pub fn open(path: &Path) -> io::Result<Root> {
         Ok(Root {

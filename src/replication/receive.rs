@@ -106,6 +106,15 @@ impl ReceiverOptions {
     }
 }
 
+/// A committed generation, as [`Receiver::committed`] tells it.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub generation: Generation,
+    pub at: SystemTime,
+    /// The committed manifest (None until the first commit while someone watches).
+    pub manifest: Option<Arc<Manifest>>,
+}
+
 /// Figures for status calls and heartbeats, readable without the replica lock.
 #[derive(Clone, Debug, Default)]
 pub struct Figures {
@@ -161,6 +170,9 @@ struct Inner {
     accepting: AtomicBool,
     /// What becomes of the sender's setuid and setgid bits on disk.
     setid: SetIdBits,
+    /// The newest generation committed here (a snapshot follows each: ARCHITECTURE.md,
+    /// "History").
+    committed: tokio::sync::watch::Sender<Committed>,
 }
 
 /// The session holding the replica: its number, how to end it, and its sender's certificate
@@ -198,6 +210,7 @@ impl Receiver {
             ..Default::default()
         };
         figures.set_manifest(&opened.manifest);
+        let generation = figures.generation;
         Ok(Receiver {
             inner: Arc::new(Inner {
                 workspace: opts.workspace,
@@ -218,6 +231,11 @@ impl Receiver {
                 figures: Mutex::new(figures),
                 accepting: AtomicBool::new(opts.accepting),
                 setid,
+                committed: tokio::sync::watch::Sender::new(Committed {
+                    generation,
+                    at: SystemTime::now(),
+                    manifest: None,
+                }),
             }),
         })
     }
@@ -274,6 +292,24 @@ impl Receiver {
         let mut f = self.inner.figures.lock().expect("figures");
         f.epoch = st.epoch.get();
         f.set_manifest(&st.manifest);
+    }
+
+    /// The newest generation committed here, changing with every commit; while someone
+    /// watches, each commit also carries its manifest (the session holds the replica lock, so
+    /// this is how a watcher sees what was committed).
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<Committed> {
+        self.inner.committed.subscribe()
+    }
+
+    /// Whether `identity` may read what this replica holds (its status, its history): the
+    /// peer seat, the coordinator and admins.
+    pub fn may_read(&self, identity: &crate::trust::identity::Identity) -> bool {
+        service::may_read(&self.inner, identity)
+    }
+
+    /// Whether the certificate with this serial is revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.inner.deny.contains(serial)
     }
 
     pub fn figures(&self) -> Figures {

@@ -262,3 +262,14 @@ fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
 pub fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
 }
+
+/// A copy of the tree at `from` in `to` (made), with modes, mtimes and links as they are.
+pub fn copy_tree(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}

@@ -10,7 +10,7 @@ use crate::control::failover::{Action, AgentStatus, Input, Report};
 use crate::control::metrics::PairLabel;
 use crate::host::unix_ms_now;
 use crate::proto::state::MachineRecord;
-use crate::proto::{AgentReport, Event, EventKind};
+use crate::proto::{AgentReport, Event, EventKind, HistoryReport};
 use crate::types::{Epoch, Side};
 
 /// The latest figures an agent reported.
@@ -22,6 +22,8 @@ pub(super) struct Figures {
     pub(super) epoch: u64,
     pub(super) bytes_total: u64,
     pub(super) workspace_bytes: u64,
+    /// A CPU standby's history and backup.
+    pub(super) history: Option<HistoryReport>,
 }
 
 impl From<&AgentReport> for Figures {
@@ -33,6 +35,7 @@ impl From<&AgentReport> for Figures {
             epoch: r.epoch,
             bytes_total: r.bytes_total,
             workspace_bytes: r.workspace_bytes,
+            history: r.history.clone(),
         }
     }
 }
@@ -61,7 +64,11 @@ impl Actor {
         if !self.claim(pair, side, conn) {
             return; // from a connection that was replaced
         }
-        self.pairs.get_mut(pair).expect("checked").figures[side] = Figures::from(&r);
+        let figures = &mut self.pairs.get_mut(pair).expect("checked").figures[side];
+        let before = std::mem::replace(figures, Figures::from(&r));
+        if let Some(h) = &r.history {
+            self.metrics.history(pair, before.history.as_ref(), h);
+        }
         self.warn_stale_gpu(pair, side, &r);
         if side == Side::Gpu {
             self.gpu_metrics(pair, &r);

@@ -39,6 +39,7 @@ impl Actor {
             restore_done_bytes: e.restore_bytes().map_or(0, |r| r.0),
             restore_total_bytes: e.restore_bytes().map_or(0, |r| r.1),
             provisioning: provisioning_line(&e.m.rec),
+            history: e.figures.cpu.history.clone(),
         }
     }
 }

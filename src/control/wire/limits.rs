@@ -35,7 +35,8 @@ pub fn check_report(r: &AgentReport) -> Result<(), Oversized> {
     })?;
     let gpu = r.gpu.as_ref();
     let peer = r.peer.as_ref();
-    let fields: [(&'static str, &str, usize); 6] = [
+    let history = r.history.as_ref();
+    let fields: [(&'static str, &str, usize); 7] = [
         ("advertise", &r.advertise, ADVERTISE_MAX),
         ("workspace", &r.workspace, WORKSPACE_MAX),
         ("last_error", &r.last_error, FREE_TEXT_MAX),
@@ -48,6 +49,11 @@ pub fn check_report(r: &AgentReport) -> Result<(), Oversized> {
         (
             "peer.probe_error",
             peer.map_or("", |p| p.probe_error.as_str()),
+            FREE_TEXT_MAX,
+        ),
+        (
+            "history.last_error",
+            history.map_or("", |h| h.last_error.as_str()),
             FREE_TEXT_MAX,
         ),
     ];

@@ -5,6 +5,7 @@
 //! staged; a failure after it leaves the record to be rolled forward.
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,7 +15,7 @@ use super::apply::{apply_record, clear_stage, sync_applied, sync_staged};
 use super::generation::Gen;
 use super::refusal::{bad, status_io};
 use super::session::{Admitted, Guard, Session, blocking, send};
-use super::{Inner, State};
+use super::{Committed, Inner, State};
 use crate::proto::state::{Change, Record};
 use crate::proto::{CommitResult, sync_response};
 use crate::replication::manifest::{Kind, Manifest, Undo, kind_of};
@@ -84,7 +85,16 @@ impl Session {
         f.root = root;
         f.entries = m.len() as u64;
         f.bytes = m.total_bytes();
-        f.last_commit = Some(SystemTime::now());
+        let at = SystemTime::now();
+        f.last_commit = Some(at);
+        drop(f);
+        // The manifest is copied only for a watcher (the history recorder).
+        let manifest = (self.inner.committed.receiver_count() > 0).then(|| Arc::new(m.clone()));
+        self.inner.committed.send_replace(Committed {
+            generation,
+            at,
+            manifest,
+        });
     }
 }
 

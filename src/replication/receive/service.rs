@@ -50,13 +50,13 @@ impl ReplicaService {
         }
         Ok(expected)
     }
+}
 
-    /// The sender, its pair's other side, the coordinator and admins may read the figures.
-    fn may_read_status(&self, identity: &Identity) -> bool {
-        self.inner.sender.accepts(identity)
-            || matches!(identity, Identity::Admin { .. } | Identity::Coordinator)
-            || identity.pair().is_some() && identity.pair() == self.inner.sender.pair()
-    }
+/// The sender, its pair's other side, the coordinator and admins may read the figures.
+pub(super) fn may_read(inner: &Inner, identity: &Identity) -> bool {
+    inner.sender.accepts(identity)
+        || matches!(identity, Identity::Admin { .. } | Identity::Coordinator)
+        || identity.pair().is_some() && identity.pair() == inner.sender.pair()
 }
 
 #[tonic::async_trait]
@@ -85,7 +85,7 @@ impl Replica for ReplicaService {
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<ReplicaStatus>, Status> {
         let peer = tls::peer_of(&req)?;
-        if !self.may_read_status(&peer.identity) {
+        if !may_read(&self.inner, &peer.identity) {
             return Err(Status::permission_denied(format!(
                 "{} may not read this replica's status",
                 peer.identity

@@ -1,0 +1,233 @@
+//! The standby's recorder (ARCHITECTURE.md, "History"): after each committed generation it
+//! records a snapshot of the replica in the store, and now and then applies the retention.
+//!
+//! Recording reads the replica beside replication (a session holds the replica lock for as long
+//! as it lasts), from the manifest each commit hands over: a file a newer generation changed
+//! under it shows as `Moved`, and the recorder records the newest committed generation instead.
+//! Generations committed while a record runs are folded into the next snapshot: history is per
+//! generation when the standby keeps up, and one snapshot per record's time when it does not.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::history::{HistoryError, Retention, Store};
+use crate::replication::manifest::Manifest;
+use crate::replication::receive::Receiver;
+
+/// A warning after this many records in a row that a newer generation overtook.
+const MOVED_WARN_EVERY: u32 = 20;
+/// How long a record that a newer generation overtook waits for that generation's commit.
+const NEWER_WITHIN: Duration = Duration::from_secs(30);
+/// How often the retention runs besides after a record that went over the budget.
+const FORGET_EVERY: Duration = Duration::from_secs(600);
+
+/// What the recorder has done, for heartbeats, status and metrics.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct HistoryFigures {
+    pub snapshots: u64,
+    pub newest_unix_ms: i64,
+    pub newest_generation: u64,
+    pub stored_bytes: u64,
+    pub logical_bytes: u64,
+    pub records: u64,
+    pub record_failures: u64,
+    pub last_record_ms: u64,
+    /// Snapshots dropped to keep under the disk budget (a warning each time it grows).
+    pub dropped_for_budget: u64,
+    pub last_error: Option<String>,
+}
+
+/// The recorder's handle: its figures.
+#[derive(Clone)]
+pub struct Recorder {
+    figures: Arc<Mutex<HistoryFigures>>,
+}
+
+impl Recorder {
+    pub fn figures(&self) -> HistoryFigures {
+        self.figures.lock().expect("history figures").clone()
+    }
+}
+
+/// Starts recording a snapshot after each generation `receiver` commits.
+pub fn start(
+    store: Arc<Store>,
+    receiver: Receiver,
+    retention: Retention,
+    shutdown: CancellationToken,
+) -> Recorder {
+    let figures = Arc::new(Mutex::new(HistoryFigures::default()));
+    let rec = Recorder {
+        figures: figures.clone(),
+    };
+    refresh(&store, &figures);
+    tokio::spawn(run(store, receiver, retention, figures, shutdown));
+    rec
+}
+
+async fn run(
+    store: Arc<Store>,
+    receiver: Receiver,
+    retention: Retention,
+    figures: Arc<Mutex<HistoryFigures>>,
+    shutdown: CancellationToken,
+) {
+    let mut committed = receiver.committed();
+    let mut forget_tick = tokio::time::interval(FORGET_EVERY);
+    // What the replica held when this agent stopped last may not be in the store yet.
+    if let Some(now) = replica_at_start(&store, &receiver) {
+        record(&store, &receiver, now, &figures).await;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = forget_tick.tick() => forget(&store, &retention, &figures).await,
+            r = committed.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let c = committed.borrow_and_update().clone();
+                let Some(manifest) = c.manifest else { continue };
+                record(&store, &receiver, (manifest, c.at), &figures).await;
+                if over_budget(&figures, &retention) {
+                    forget(&store, &retention, &figures).await;
+                }
+            }
+        }
+    }
+}
+
+/// The replica as it is at start-up, when the store's newest snapshot is not of it (the
+/// replica lock is free before the first session).
+fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<(Arc<Manifest>, SystemTime)> {
+    let state = receiver.state();
+    let st = state.try_lock().ok()?;
+    let newest = store.list().last().map(|s| s.root);
+    if st.manifest.is_empty() || newest == Some(st.manifest.root()) {
+        return None;
+    }
+    let at = receiver
+        .figures()
+        .last_commit
+        .unwrap_or_else(SystemTime::now);
+    Some((Arc::new(st.manifest.clone()), at))
+}
+
+/// Records a committed generation; when a newer one changed a file under it, the newest
+/// committed one instead, until one holds still. A failure is said in the figures and the log,
+/// and the next commit tries again.
+async fn record(
+    store: &Arc<Store>,
+    receiver: &Receiver,
+    (mut manifest, mut at): (Arc<Manifest>, SystemTime),
+    figures: &Arc<Mutex<HistoryFigures>>,
+) {
+    let started = std::time::Instant::now();
+    let workspace = receiver.workspace().to_path_buf();
+    let mut moved = 0;
+    let r = loop {
+        let (s, ws, m) = (store.clone(), workspace.clone(), manifest.clone());
+        let r = tokio::task::spawn_blocking(move || s.record(&ws, &m, at))
+            .await
+            .unwrap_or_else(|e| Err(task_failed(e)));
+        match r {
+            Err(HistoryError::Moved { path }) => {
+                let Some(newer) = newer_than(receiver, manifest.generation).await else {
+                    break Err(HistoryError::Moved { path });
+                };
+                moved += 1;
+                if moved % MOVED_WARN_EVERY == 0 {
+                    tracing::warn!(%path, moved, "files keep changing while the standby records them: no snapshot yet");
+                }
+                (manifest, at) = newer;
+            }
+            r => break r,
+        }
+    };
+    let mut f = figures.lock().expect("figures");
+    match r {
+        Ok(rec) => {
+            f.records += 1;
+            f.last_record_ms = started.elapsed().as_millis() as u64;
+            f.last_error = None;
+            tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, "snapshot recorded");
+            drop(f);
+            refresh(store, figures);
+        }
+        Err(e) => {
+            f.record_failures += 1;
+            f.last_error = Some(e.to_string());
+            tracing::warn!(error = %e, "recording a snapshot failed; the next generation tries again");
+        }
+    }
+}
+
+/// The next committed generation after `generation` (the one that moved a file is being
+/// applied, or is applied already); None when none comes within a while.
+async fn newer_than(
+    receiver: &Receiver,
+    generation: crate::types::Generation,
+) -> Option<(Arc<Manifest>, SystemTime)> {
+    let mut w = receiver.committed();
+    let wait = w.wait_for(|c| {
+        c.manifest
+            .as_ref()
+            .is_some_and(|m| m.generation != generation)
+    });
+    let c = tokio::time::timeout(NEWER_WITHIN, wait)
+        .await
+        .ok()?
+        .ok()?
+        .clone();
+    Some((c.manifest?, c.at))
+}
+
+fn task_failed(e: tokio::task::JoinError) -> HistoryError {
+    HistoryError::Io {
+        what: "the recording task",
+        path: std::path::PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn over_budget(figures: &Mutex<HistoryFigures>, retention: &Retention) -> bool {
+    let f = figures.lock().expect("figures");
+    retention.budget_bytes > 0 && f.stored_bytes > retention.budget_bytes
+}
+
+/// Applies the retention; a drop for the budget is a warning.
+async fn forget(store: &Arc<Store>, retention: &Retention, figures: &Arc<Mutex<HistoryFigures>>) {
+    let (s, r) = (store.clone(), retention.clone());
+    let out = tokio::task::spawn_blocking(move || s.forget(&r, SystemTime::now())).await;
+    match out {
+        Ok(Ok(p)) => {
+            if !p.for_budget.is_empty() {
+                tracing::warn!(
+                    dropped = p.for_budget.len(),
+                    budget = retention.budget_bytes,
+                    "the history is over its disk budget: the oldest snapshots were dropped"
+                );
+                figures.lock().expect("figures").dropped_for_budget += p.for_budget.len() as u64;
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "applying the retention failed"),
+        Err(e) => tracing::warn!(error = %e, "applying the retention failed"),
+    }
+    refresh(store, figures);
+}
+
+/// The store's figures into the recorder's.
+fn refresh(store: &Store, figures: &Mutex<HistoryFigures>) {
+    let stats = store.stats();
+    let newest = store.list().last().cloned();
+    let mut f = figures.lock().expect("figures");
+    f.snapshots = stats.snapshots as u64;
+    f.stored_bytes = stats.stored_bytes;
+    f.logical_bytes = stats.logical_bytes;
+    if let Some(n) = newest {
+        f.newest_unix_ms = n.time_ms as i64;
+        f.newest_generation = n.generation.0;
+    }
+}
