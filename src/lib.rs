@@ -50,6 +50,7 @@
 //! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
 pub mod agent;
+pub mod backup;
 pub mod cli;
 pub mod control;
 pub mod disk;

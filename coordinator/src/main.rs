@@ -537,6 +537,7 @@ pub(crate) fn init_quiet(dir: &Path, sans: &[San]) -> anyhow::Result<String> {
     ca.issue_server(sans)?
         .write_dir(&dir.join(service::SERVER_TLS_DIR))?;
     service::token_key(dir)?;
+    standby::trust::seal::BackupKey::load_or_create(dir)?;
     let toml = format!(
         "# Standby coordinator configuration. Every key can also be given as a flag or a\n\
          # STANDBY_* environment variable (which win over this file).\n\
