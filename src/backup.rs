@@ -19,6 +19,6 @@ pub mod limit;
 pub mod restore;
 pub mod upload;
 
-pub use bucket::{Bucket, BucketConfig, BucketError};
+pub use bucket::{Bucket, BucketConfig, BucketError, Credentials};
 pub use restore::{Pick, RestoreError, Restored, restore, snapshots};
 pub use upload::{Figures, Mirror, UploadError, UploadOptions};

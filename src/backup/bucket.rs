@@ -137,6 +137,39 @@ impl BucketError {
     }
 }
 
+/// The bucket's access key.
+#[derive(Clone)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, secret hidden)", self.access_key_id)
+    }
+}
+
+impl Credentials {
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and, when set, `AWS_SESSION_TOKEN`.
+    pub fn from_env() -> Result<Credentials, BucketError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
+        else {
+            return Err(BucketError::Config(
+                "backup: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to the bucket's access key"
+                    .into(),
+            ));
+        };
+        Ok(Credentials {
+            access_key_id: id,
+            secret_access_key: secret,
+            session_token: env("AWS_SESSION_TOKEN"),
+        })
+    }
+}
+
 /// One bucket and prefix. Objects live at `<prefix>/packs/<name>` and `<prefix>/snapshots/<name>`,
 /// where `<name>` is the keyed hash `trust::seal` derives from the local name.
 #[derive(Clone)]
@@ -156,17 +189,15 @@ impl Bucket {
     /// Opens the bucket of `cfg`, with credentials from `AWS_ACCESS_KEY_ID` and
     /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN` when set). Nothing is sent yet.
     pub fn open(cfg: &BucketConfig) -> Result<Bucket, BucketError> {
+        Bucket::open_with(cfg, &Credentials::from_env()?)
+    }
+
+    /// Opens the bucket of `cfg` with the credentials given.
+    pub fn open_with(cfg: &BucketConfig, creds: &Credentials) -> Result<Bucket, BucketError> {
         // reqwest's TLS takes the process's provider: make it ring (RUST-NOTES, "TLS").
         crate::trust::tls::install_default_provider();
         let (bucket, prefix) = cfg.bucket_and_prefix()?;
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
-        else {
-            return Err(BucketError::Config(
-                "backup: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to the bucket's access key"
-                    .into(),
-            ));
-        };
         let region = cfg
             .region
             .clone()
@@ -175,8 +206,8 @@ impl Bucket {
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(&bucket)
             .with_region(region)
-            .with_access_key_id(id)
-            .with_secret_access_key(secret)
+            .with_access_key_id(&creds.access_key_id)
+            .with_secret_access_key(&creds.secret_access_key)
             .with_virtual_hosted_style_request(cfg.virtual_hosted)
             .with_client_options(
                 ClientOptions::new()
@@ -192,7 +223,7 @@ impl Bucket {
                 max_retries: cfg.retries,
                 retry_timeout: cfg.timeout * 2,
             });
-        if let Some(token) = env("AWS_SESSION_TOKEN") {
+        if let Some(token) = &creds.session_token {
             b = b.with_token(token);
         }
         if let Some(ep) = &cfg.endpoint {

@@ -84,6 +84,16 @@ impl Journal {
         })
     }
 
+    /// What the journal at `path` records, read without changing it (a torn tail is ignored,
+    /// not cut off), for reports and tests while a mirror may be appending.
+    pub fn read(path: &Path) -> Result<BTreeMap<String, Uploaded>, JournalError> {
+        let mut file = File::open(path).map_err(|source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self::replay(path, &mut file)?.0)
+    }
+
     /// Reads every record; returns what is live, how many records there were and the length
     /// of the good prefix.
     fn replay(
