@@ -1,9 +1,9 @@
 //! Standby: the shared engine of `agent-gpu`, `agent-cpu` and `coordinator`.
 //!
 //! The crate is layered (ARCHITECTURE.md, "Layers"). The dependency rule:
-//! `types ← disk ← trust ← replication ← agent`, and `control` uses the foundations, `disk` and
-//! `trust` only, never `replication` or `agent` (checked by `tests/layers.rs`). What only the crate
-//! uses is `pub(crate)`. Modules, from the bottom layer up:
+//! `types ← disk ← trust ← replication ← backup ← agent`, and `control` uses the foundations,
+//! `disk` and `trust` only, never `replication`, `backup` or `agent` (checked by
+//! `tests/layers.rs`). What only the crate uses is `pub(crate)`. Modules, from the bottom layer up:
 //!
 //! Foundations
 //! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
@@ -23,6 +23,7 @@
 //! - [`trust::tls`]: mutual TLS. [`trust::verify`]: the verifiers.
 //! - [`trust::revocation`]: the deny list. [`trust::keys`]: the renewable certificate.
 //! - [`trust::token`]: join tokens. [`trust::quota`]: counted permits per address or identity.
+//! - [`trust::seal`]: the backup key, keyed object names, sealed (AEAD) backup objects.
 //!
 //! [`replication`]
 //! - [`replication::manifest`]: what a replica holds and its blake3 root; `catalog` keeps one
@@ -33,6 +34,12 @@
 //! - [`replication::receive`] (folder): the receiving side: admission (who may send, at which
 //!   epoch), session, validation, staging, commit, [`replication::receive::apply`] (the roll-forward).
 //! - `continuous`: the loop that watches, syncs, reconnects and answers flushes.
+//!
+//! [`backup`]
+//! - [`backup::layout`]: the snapshot store's files; the entry head inside each object.
+//! - [`backup::bucket`]: an S3-compatible bucket (`object_store`). [`backup::journal`]: what
+//!   this machine put there. [`backup::limit`]: the bandwidth limit.
+//! - [`backup::upload`]: the mirror pass. [`backup::restore`]: disaster recovery from the bucket.
 //!
 //! [`agent`]
 //! - [`agent::args`], [`agent::config`]: the agents' shared command line and configuration.

@@ -432,3 +432,49 @@ async fn the_bandwidth_limit_holds() {
         f.bytes_uploaded
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_cpu_restore_backup_rebuilds_a_store_from_the_bucket_alone() {
+    let Some(s) = setup("agent_cpu_restore_backup_rebuilds_a_store_from_the_bucket_alone").await
+    else {
+        return;
+    };
+    clean(&s.mirror(opts()).pass().await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let run = |key: &BackupKey, to: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_agent-cpu"))
+            .args([
+                "restore-backup",
+                "--url",
+                URL,
+                "--endpoint",
+                &s.s3.endpoint(),
+            ])
+            .args(["--region", "us-east-1", "--snapshot", "latest", "--to"])
+            .arg(to)
+            .env("STANDBY_BACKUP_KEY", key.to_hex())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    };
+    let wrong = BackupKey::generate();
+    let refused = dir.path().join("refused");
+    let out = run(&wrong, &refused);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&wrong.fingerprint().to_string()), "{err}");
+    assert!(err.contains(&s.key.fingerprint().to_string()), "{err}");
+    assert!(!refused.exists());
+
+    let to = dir.path().join("history");
+    let out = run(&s.key, &to);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["packs"], 5, "{report}");
+    assert_eq!(store::files(&to), s.expected(&s.store.snapshots[2].0));
+}
