@@ -104,21 +104,39 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     }
 }
 
-/// Every snapshot in the bucket, oldest first. Reads one segment of each; writes nothing.
-pub async fn snapshots(
-    bucket: &Bucket,
-    key: &BackupKey,
-) -> Result<Vec<SnapshotObject>, RestoreError> {
-    let mut out = Vec::new();
+/// The snapshots in the bucket.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Those that open, oldest first.
+    pub snapshots: Vec<SnapshotObject>,
+    /// Objects that do not (altered, cut, stored under another name): left out, each with why.
+    pub damaged: Vec<RestoreError>,
+}
+
+/// Every snapshot in the bucket. Reads one segment of each; writes nothing. A wrong key or an
+/// unreadable bucket is an error; a damaged snapshot object is only left out, so one bad object
+/// does not stand between an operator and the others.
+pub async fn snapshots(bucket: &Bucket, key: &BackupKey) -> Result<Listing, RestoreError> {
+    let mut out = Listing::default();
     for (object, size) in bucket.list(Kind::Snapshot).await? {
-        let head = first_head(bucket, key, &object, size).await?;
-        out.push(SnapshotObject {
-            name: head.name,
-            mtime_ns: head.mtime_ns,
-            object,
-        });
+        match first_head(bucket, key, &object, size).await {
+            Ok(head) => out.snapshots.push(SnapshotObject {
+                name: head.name,
+                mtime_ns: head.mtime_ns,
+                object,
+            }),
+            Err(e @ (RestoreError::Bucket(_) | RestoreError::Seal(SealError::WrongKey { .. }))) => {
+                return Err(e);
+            }
+            Err(RestoreError::Seal(e @ SealError::Version { .. })) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "backup: a damaged snapshot object is left out");
+                out.damaged.push(e);
+            }
+        }
     }
-    out.sort_by(|a, b| (a.mtime_ns, a.id()).cmp(&(b.mtime_ns, b.id())));
+    out.snapshots
+        .sort_by(|a, b| (a.mtime_ns, a.id()).cmp(&(b.mtime_ns, b.id())));
     Ok(out)
 }
 
@@ -177,7 +195,7 @@ pub async fn restore(
 ) -> Result<Restored, RestoreError> {
     check_target(to)?;
     let all = snapshots(bucket, key).await?;
-    let snapshot = choose(all, pick, bucket.url())?;
+    let snapshot = choose(all.snapshots, pick, bucket.url())?;
     prepare(to)?;
     let have = already_restored(to, key)?;
     let packs = bucket.list(Kind::Pack).await?;
