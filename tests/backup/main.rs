@@ -1,7 +1,11 @@
 //! Off-site backup against a real S3-compatible server (moto's, on loopback): the mirror, the
 //! ciphertext in the bucket, disaster recovery into a fresh directory, a wrong key, tampering,
-//! deletions, an outage and a crash mid-upload, and the bandwidth limit.
+//! deletions, an outage and a crash mid-upload, the bandwidth limit, `agent-cpu restore-backup`,
+//! and the throughput through a shaped link (`link`, as root).
 
+#[path = "../common/mod.rs"]
+mod common;
+mod link;
 mod server;
 mod store;
 

@@ -68,44 +68,61 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 /// A running moto server; killed when dropped.
 pub struct S3 {
     child: Child,
+    pub host: String,
     pub port: u16,
 }
 
 /// A server of its own for `test`, or None (with the reason printed) when moto cannot be had
 /// outside CI.
 pub fn start(test: &str) -> Option<S3> {
-    let program = match moto() {
-        Ok(p) => p,
-        Err(why) if ci() => panic!("{test}: {why}, and CI=true requires this test to run"),
-        Err(why) => {
-            eprintln!("{test}: skipped: {why} (CI=true makes this a failure)");
-            return None;
-        }
-    };
+    let program = program(test)?;
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let child = Command::new(program)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{test}: starting {}: {e}", program.display()));
-    let s3 = S3 { child, port };
+    let s3 = spawn(test, Command::new(program), "127.0.0.1", port);
     s3.wait_up();
     Some(s3)
 }
 
+/// The `moto_server` program, or None (with the reason printed) outside CI.
+pub fn program(test: &str) -> Option<&'static Path> {
+    match moto() {
+        Ok(p) => Some(p),
+        Err(why) if ci() => panic!("{test}: {why}, and CI=true requires this test to run"),
+        Err(why) => {
+            eprintln!("{test}: skipped: {why} (CI=true makes this a failure)");
+            None
+        }
+    }
+}
+
+/// Starts moto with `cmd` (the program, or a wrapper such as `nsenter` that runs it) listening
+/// on `host:port`; the caller waits for it from where it can reach it.
+pub fn spawn(test: &str, mut cmd: Command, host: &str, port: u16) -> S3 {
+    let child = cmd
+        .args(["-H", host, "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{test}: starting moto_server: {e}"));
+    S3 {
+        child,
+        host: host.into(),
+        port,
+    }
+}
+
 impl S3 {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
-    fn wait_up(&self) {
+    /// Waits until the server takes connections (from this thread's network namespace).
+    pub fn wait_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect((self.host.as_str(), self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "moto_server did not start in 60 s"
