@@ -511,6 +511,12 @@ fn vastai(
 fn init(dir: &Path, sans: &[San]) -> anyhow::Result<()> {
     let fingerprint = init_quiet(dir, sans)?;
     println!("CA fingerprint (sha256): {fingerprint}");
+    let backup = standby::trust::seal::BackupKey::load_or_create(dir)?;
+    println!(
+        "backup key fingerprint: {} (keep {} with ca.key: backups cannot be read without it)",
+        backup.fingerprint(),
+        dir.join(standby::trust::seal::KEY_FILE).display()
+    );
     println!("admin certificate: {}", dir.join("admin").display());
     println!("server certificate for: {}", names(&server_sans(sans)));
     Ok(())

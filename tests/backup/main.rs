@@ -482,3 +482,28 @@ async fn agent_cpu_restore_backup_rebuilds_a_store_from_the_bucket_alone() {
     assert_eq!(report["packs"], 5, "{report}");
     assert_eq!(store::files(&to), s.expected(&s.store.snapshots[2].0));
 }
+
+#[test]
+fn the_coordinator_keeps_a_backup_key_beside_its_ca() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("coord");
+    let mut c = common::Coord::start(&dir, &[]);
+    let key = dir.join(standby::trust::seal::KEY_FILE);
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let first = BackupKey::load(&key).unwrap().fingerprint();
+    // A restart keeps the key.
+    c.restart();
+    assert_eq!(BackupKey::load(&key).unwrap().fingerprint(), first);
+    // A directory made before backups existed gets one when `serve` starts.
+    c.kill();
+    std::fs::remove_file(&key).unwrap();
+    c.restart();
+    let made = BackupKey::load(&key).unwrap().fingerprint();
+    assert_ne!(made, first);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
