@@ -43,7 +43,9 @@ pub struct UploadOptions {
     /// Size of each multipart part (at least 5 MiB: S3, R2 and B2 refuse smaller parts but the
     /// last).
     pub part_size: usize,
-    /// Sealed objects larger than this go up in parts; smaller ones in one request.
+    /// Sealed objects larger than this go up in parts; smaller ones in one request. No request
+    /// carries more than this or `part_size`: each must finish within the bucket's timeout
+    /// while `concurrency` of them share the link.
     pub multipart_above: u64,
 }
 
@@ -58,7 +60,7 @@ impl Default for UploadOptions {
             concurrency: 4,
             rate_limit: None,
             part_size: 8 << 20,
-            multipart_above: 16 << 20,
+            multipart_above: 8 << 20,
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::server;
 use crate::store::{self, Store};
 
 /// Link rate in bits per second, as `tc` takes it.
-const RATE_MBIT: u64 = 80;
+const RATE_MBIT: u64 = 40;
 
 #[test]
 fn upload_fills_a_shaped_link() {
@@ -33,7 +33,7 @@ fn upload_fills_a_shaped_link() {
     cmd.env("PYTHONUNBUFFERED", "1");
     let s3 = server::spawn(test, cmd, &link.ip_b, 9000);
 
-    // Six 8 MiB packs and a snapshot: 48 MiB, about 5 s at 80 Mbit/s.
+    // Six 8 MiB packs and a snapshot: 48 MiB, about 10 s at 40 Mbit/s.
     let mut st = Store::new();
     let packs: Vec<String> = (40..46)
         .map(|i| st.add_pack(&store::content(i, 8 << 20)))
@@ -58,7 +58,11 @@ fn upload_fills_a_shaped_link() {
                     .unwrap();
                 rt.block_on(async {
                     s3.create_bucket("standby-backup").await;
-                    let bucket = s3.bucket("s3://standby-backup/link");
+                    // The default request timeout: three 8 MiB bodies share the link.
+                    let bucket = s3.bucket_with_timeout(
+                        "s3://standby-backup/link",
+                        standby::backup::BucketConfig::new("s3://x").timeout,
+                    );
                     let mut m = Mirror::open(
                         bucket,
                         BackupKey::generate(),

@@ -253,19 +253,33 @@ async fn altered_or_swapped_objects_are_refused_and_no_snapshot_is_written() {
         .unwrap();
     assert_eq!(store::files(&target), s.expected(&s.store.snapshots[2].0));
 
-    // One snapshot's object stored under another's name is refused.
-    let snaps: Vec<_> = objects
+    // One snapshot's object stored under another's name is refused, and left out: the others
+    // still restore.
+    let listing = standby::backup::snapshots(&s.bucket, &s.key).await.unwrap();
+    let (newest, older) = (&listing.snapshots[2], &listing.snapshots[1]);
+    let newest_bytes = &objects
         .iter()
-        .filter(|(k, _)| k.starts_with("snapshots/"))
-        .collect();
-    s.bucket.put(&snaps[1].0, snaps[0].1.clone()).await.unwrap();
-    let e = standby::backup::snapshots(&s.bucket, &s.key)
+        .find(|(k, _)| k.ends_with(&newest.object))
+        .unwrap()
+        .1;
+    let older_key = Bucket::relative(Kind::Snapshot, &older.object);
+    s.bucket
+        .put(&older_key, newest_bytes.clone())
         .await
-        .unwrap_err();
+        .unwrap();
+    let listing = standby::backup::snapshots(&s.bucket, &s.key).await.unwrap();
+    assert_eq!(listing.snapshots.len(), 2);
+    assert_eq!(listing.damaged.len(), 1);
+    let e = &listing.damaged[0];
     assert!(
         matches!(e, RestoreError::Seal(SealError::Tampered { .. })),
         "{e}"
     );
+    let again = to.path().join("again");
+    restore(&s.bucket, &s.key, &Pick::Latest, &again, 1)
+        .await
+        .unwrap();
+    assert_eq!(store::files(&again), s.expected(&s.store.snapshots[2].0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,10 +149,16 @@ impl S3 {
     /// The bucket `s3://name/prefix` on this server, with short timeouts so an outage shows
     /// quickly.
     pub fn bucket(&self, url: &str) -> Bucket {
+        self.bucket_with_timeout(url, Duration::from_secs(3))
+    }
+
+    /// The bucket with another request timeout (a request must outlast its body's time on the
+    /// link).
+    pub fn bucket_with_timeout(&self, url: &str, timeout: Duration) -> Bucket {
         let mut cfg = BucketConfig::new(url);
         cfg.endpoint = Some(self.endpoint());
         cfg.region = Some("us-east-1".into());
-        cfg.timeout = Duration::from_secs(3);
+        cfg.timeout = timeout;
         cfg.retries = 1;
         Bucket::open_with(&cfg, &creds()).unwrap()
     }
