@@ -1,10 +1,10 @@
 //! Standby: the shared engine of `agent-gpu`, `agent-cpu` and `coordinator`.
 //!
 //! The crate is layered (ARCHITECTURE.md, "Layers"). The dependency rule:
-//! `types ← disk ← trust ← replication ← history ← agent`, and `control` uses the foundations,
-//! `disk` and `trust` only, never `replication`, `history` or `agent` (checked by
-//! `tests/layers.rs`). What only the crate uses is `pub(crate)`. Modules, from the bottom layer
-//! up:
+//! `types ← disk ← trust ← replication ← history ← backup ← agent`, and `control` uses the
+//! foundations, `disk` and `trust` only, never `replication`, `history`, `backup` or `agent`
+//! (checked by `tests/layers.rs`). What only the crate uses is `pub(crate)`. Modules, from the
+//! bottom layer up:
 //!
 //! Foundations
 //! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
@@ -24,6 +24,7 @@
 //! - [`trust::tls`]: mutual TLS. [`trust::verify`]: the verifiers.
 //! - [`trust::revocation`]: the deny list. [`trust::keys`]: the renewable certificate.
 //! - [`trust::token`]: join tokens. [`trust::quota`]: counted permits per address or identity.
+//! - [`trust::seal`]: the backup key, keyed object names, sealed (AEAD) backup objects.
 //!
 //! [`replication`]
 //! - [`replication::manifest`]: what a replica holds and its blake3 root; `catalog` keeps one
@@ -41,6 +42,12 @@
 //! - [`history::Store`]: `record`, `restore`, `verify`, `prune` (crash-safe `forget`);
 //!   [`history::retention`]: which snapshots to keep (pure).
 //!
+//! [`backup`]
+//! - [`backup::layout`]: the snapshot store's files; the entry head inside each object.
+//! - [`backup::bucket`]: an S3-compatible bucket (`object_store`). [`backup::journal`]: what
+//!   this machine put there. [`backup::limit`]: the bandwidth limit.
+//! - [`backup::upload`]: the mirror pass. [`backup::restore`]: disaster recovery from the bucket.
+//!
 //! [`agent`]
 //! - [`agent::args`], [`agent::config`]: the agents' shared command line and configuration.
 //! - [`agent::runtime`]: an agent from start to stop; `node`: the replica and its mode.
@@ -57,6 +64,7 @@
 //! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
 pub mod agent;
+pub mod backup;
 pub mod cli;
 pub mod control;
 pub mod disk;

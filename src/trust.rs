@@ -7,6 +7,7 @@ pub mod keys;
 pub mod pki;
 pub mod quota;
 pub mod revocation;
+pub mod seal;
 pub mod tls;
 pub mod token;
 pub mod verify;

@@ -1,14 +1,15 @@
-//! The dependency rule of ARCHITECTURE.md, "Layers": `types ← disk ← trust ← replication ← history ← agent`,
-//! and `control` uses the foundations, `disk` and `trust` only. Checked on the source text: every
-//! `crate::<layer>` a file names must be a layer below its own.
+//! The dependency rule of ARCHITECTURE.md, "Layers": `types ← disk ← trust ← replication ←
+//! history ← backup ← agent`, and `control` uses the foundations, `disk` and `trust` only.
+//! Checked on the source text: every `crate::<layer>` a file names must be a layer below its own.
 
 use std::path::{Path, PathBuf};
 
-const LAYERS: [&str; 6] = [
+const LAYERS: [&str; 7] = [
     "disk",
     "trust",
     "replication",
     "history",
+    "backup",
     "agent",
     "control",
 ];
@@ -20,7 +21,8 @@ fn allowed(layer: &str) -> &'static [&'static str] {
         "trust" => &["disk"],
         "replication" => &["disk", "trust"],
         "history" => &["disk", "trust", "replication"],
-        "agent" => &["disk", "trust", "replication", "history"],
+        "backup" => &["disk", "trust", "replication", "history"],
+        "agent" => &["disk", "trust", "replication", "history", "backup"],
         "control" => &["disk", "trust"],
         // The foundations name no layer.
         _ => &[],
@@ -96,4 +98,6 @@ fn the_check_sees_a_forbidden_name() {
     assert!(allowed("agent").contains(&"history"));
     assert!(!allowed("control").contains(&"history"));
     assert!(!allowed("history").contains(&"agent"));
+    assert!(!allowed("control").contains(&"backup"));
+    assert!(!allowed("backup").contains(&"agent"));
 }

@@ -1,9 +1,13 @@
 //! agent-cpu: the CPU standby. Receives the GPU machine's workspace generation by generation,
 //! verified and crash-consistent; probes its GPU peer; becomes the primary when promoted.
 
-use clap::Parser;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use standby::agent::args::{AgentArgs, CpuArgs};
 use standby::agent::runtime;
+use standby::backup::{Bucket, BucketConfig, Pick};
 use standby::cli::{fail, init_logging, parse_or_exit, usage_error};
 use standby::trust::tls;
 
@@ -28,14 +32,56 @@ use standby::trust::tls;
     "Command run (with sh -c, waited for) before this machine hands the primary role back to \
      a restored GPU machine: stop the application here")))]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     #[command(flatten)]
     agent: AgentArgs,
     #[command(flatten)]
     cpu: CpuArgs,
 }
 
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Disaster recovery: restore a snapshot and its packs from the bucket alone into a new
+    /// snapshot-store directory. Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+    RestoreBackup {
+        /// The bucket and prefix, s3://bucket/prefix.
+        #[arg(long, env = "STANDBY_BACKUP_URL")]
+        url: String,
+        /// The provider's endpoint (R2, B2, GCS, MinIO); none for AWS S3.
+        #[arg(long, env = "STANDBY_BACKUP_ENDPOINT")]
+        endpoint: Option<String>,
+        /// The bucket's region (`auto` for R2 and GCS).
+        #[arg(long, env = "STANDBY_BACKUP_REGION")]
+        region: Option<String>,
+        /// Virtual-hosted-style requests (AWS S3) instead of path style.
+        #[arg(long)]
+        virtual_hosted: bool,
+        /// The coordinator's backup.key (or STANDBY_BACKUP_KEY, 64 hex digits).
+        #[arg(long, required_unless_present = "key")]
+        key_file: Option<PathBuf>,
+        #[arg(long, env = "STANDBY_BACKUP_KEY", hide_env_values = true, hide = true)]
+        key: Option<String>,
+        /// `latest`, or a snapshot id (16 hex digits).
+        #[arg(long, default_value = "latest")]
+        snapshot: String,
+        /// A new or empty directory (or one an interrupted restore left).
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
 fn main() {
     let cli: Cli = parse_or_exit();
+    if let Some(cmd) = cli.cmd {
+        init_logging("warn");
+        tls::install_default_provider();
+        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        if let Err(e) = rt.block_on(command(cmd)) {
+            fail(&e);
+        }
+        return;
+    }
     let cfg = cli
         .cpu
         .resolve(cli.agent)
@@ -50,4 +96,40 @@ fn main() {
     if let Err(e) = rt.block_on(run) {
         fail(&e);
     }
+}
+
+async fn command(cmd: Cmd) -> anyhow::Result<()> {
+    let Cmd::RestoreBackup {
+        url,
+        endpoint,
+        region,
+        virtual_hosted,
+        key_file,
+        key,
+        snapshot,
+        to,
+    } = cmd;
+    let pick: Pick = snapshot.parse().unwrap_or_else(|e| usage_error(e));
+    let key = match (key_file, key) {
+        (Some(path), _) => standby::trust::seal::BackupKey::load(&path)?,
+        (None, Some(hex)) => standby::trust::seal::BackupKey::from_hex(&hex)?,
+        (None, None) => usage_error("give --key-file or STANDBY_BACKUP_KEY"),
+    };
+    let mut cfg = BucketConfig::new(&url);
+    cfg.endpoint = endpoint;
+    cfg.region = region;
+    cfg.virtual_hosted = virtual_hosted;
+    let bucket = Bucket::open(&cfg)?;
+    let r = standby::backup::restore(&bucket, &key, &pick, &to, 4)
+        .await
+        .with_context(|| format!("restoring {url} into {}", to.display()))?;
+    let report = serde_json::json!({
+        "snapshot": r.snapshot.id(),
+        "snapshot_time_ns": r.snapshot.mtime_ns,
+        "packs": r.packs,
+        "bytes": r.bytes,
+        "to": to,
+    });
+    println!("{report}");
+    Ok(())
 }

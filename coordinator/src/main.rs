@@ -567,6 +567,12 @@ fn vastai(
 fn init(dir: &Path, sans: &[San]) -> anyhow::Result<()> {
     let fingerprint = init_quiet(dir, sans)?;
     println!("CA fingerprint (sha256): {fingerprint}");
+    let backup = standby::trust::seal::BackupKey::load_or_create(dir)?;
+    println!(
+        "backup key fingerprint: {} (keep {} with ca.key: backups cannot be read without it)",
+        backup.fingerprint(),
+        dir.join(standby::trust::seal::KEY_FILE).display()
+    );
     println!("admin certificate: {}", dir.join("admin").display());
     println!("server certificate for: {}", names(&server_sans(sans)));
     Ok(())
@@ -593,6 +599,7 @@ pub(crate) fn init_quiet(dir: &Path, sans: &[San]) -> anyhow::Result<String> {
     ca.issue_server(sans)?
         .write_dir(&dir.join(service::SERVER_TLS_DIR))?;
     service::token_key(dir)?;
+    standby::trust::seal::BackupKey::load_or_create(dir)?;
     let toml = format!(
         "# Standby coordinator configuration. Every key can also be given as a flag or a\n\
          # STANDBY_* environment variable (which win over this file).\n\

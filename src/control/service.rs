@@ -511,6 +511,10 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     let mut material = server_tls(dir, &ca)?;
     material.expired_grace = Some(renew_grace(opts.renew_grace));
     let token_key = token_key(dir)?;
+    // A directory made before backups existed gets its backup key now (ARCHITECTURE.md,
+    // "Off-site backup").
+    let backup_key = crate::trust::seal::BackupKey::load_or_create(dir)?;
+    tracing::info!(fingerprint = %backup_key.fingerprint(), "backup key");
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
     let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
     let metrics = Arc::new(Metrics::new());

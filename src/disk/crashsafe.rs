@@ -150,6 +150,9 @@ pub mod kind {
     pub const RECORD: u16 = 4;
     pub const PENDING: u16 = 5;
     pub const REVOCATIONS: u16 = 6;
+    /// `backup::journal` (numbered apart from the others so that kinds added meanwhile by other
+    /// layers do not collide).
+    pub const BACKUP_JOURNAL: u16 = 32;
 }
 
 #[cfg(test)]
