@@ -9,6 +9,7 @@
 //! `renewal` and the coordinator's `revocations`.
 
 pub mod args;
+pub(crate) mod backups;
 pub mod config;
 pub(crate) mod endpoint;
 pub(crate) mod hooks;

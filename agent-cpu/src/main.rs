@@ -65,9 +65,16 @@ enum Cmd {
         /// `latest`, or a snapshot id (16 hex digits).
         #[arg(long, default_value = "latest")]
         snapshot: String,
-        /// A new or empty directory (or one an interrupted restore left).
+        /// Where the snapshot's files go: a new or empty directory (a workspace).
+        #[arg(long, required_unless_present = "store_only")]
+        to: Option<PathBuf>,
+        /// Where the snapshot store is rebuilt from the bucket (a new or empty directory, or one
+        /// an interrupted restore left); a temporary one beside --to when not given.
+        #[arg(long, required_if_eq("store_only", "true"))]
+        store: Option<PathBuf>,
+        /// Only rebuild the store (to seed a standby's `<state-dir>/history`), no files.
         #[arg(long)]
-        to: PathBuf,
+        store_only: bool,
     },
 }
 
@@ -108,6 +115,8 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
         key,
         snapshot,
         to,
+        store,
+        store_only,
     } = cmd;
     let pick: Pick = snapshot.parse().unwrap_or_else(|e| usage_error(e));
     let key = match (key_file, key) {
@@ -120,16 +129,54 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
     cfg.region = region;
     cfg.virtual_hosted = virtual_hosted;
     let bucket = Bucket::open(&cfg)?;
-    let r = standby::backup::restore(&bucket, &key, &pick, &to, 4)
+    let scratch = match (&store, &to) {
+        (None, Some(to)) => Some(scratch_beside(to)?),
+        _ => None,
+    };
+    let store_dir = store
+        .clone()
+        .or_else(|| scratch.as_ref().map(|t| t.path().to_path_buf()))
+        .expect("clap requires --store or --to");
+    let r = standby::backup::restore(&bucket, &key, &pick, &store_dir, 4)
         .await
-        .with_context(|| format!("restoring {url} into {}", to.display()))?;
-    let report = serde_json::json!({
+        .with_context(|| format!("restoring {url} into {}", store_dir.display()))?;
+    let mut report = serde_json::json!({
         "snapshot": r.snapshot.id(),
         "snapshot_time_ns": r.snapshot.mtime_ns,
         "packs": r.packs,
         "bytes": r.bytes,
-        "to": to,
+        "store": store,
     });
+    if let (Some(to), false) = (&to, store_only) {
+        report["files"] = files_from(&store_dir, r.snapshot.id(), to)?;
+        report["to"] = serde_json::json!(to);
+    }
     println!("{report}");
     Ok(())
+}
+
+/// A scratch directory for the store on the filesystem of `to` (whose parent is made).
+fn scratch_beside(to: &std::path::Path) -> anyhow::Result<tempfile::TempDir> {
+    let parent = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    Ok(tempfile::Builder::new()
+        .prefix(".standby-restore-store-")
+        .tempdir_in(parent)?)
+}
+
+/// The snapshot's files from the rebuilt store into `to`, each verified; what was written.
+fn files_from(
+    store: &std::path::Path,
+    id: &str,
+    to: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let store = standby::history::Store::open(store)?;
+    let snap = store.find(&standby::history::Selector::Id(id.to_string()))?;
+    let done = store
+        .restore(snap.id, None, to)
+        .with_context(|| format!("writing snapshot {id} into {}", to.display()))?;
+    Ok(serde_json::to_value(done)?)
 }

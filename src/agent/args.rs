@@ -13,11 +13,13 @@
 
 use std::path::PathBuf;
 
-use crate::agent::config::AgentConfig;
+use crate::agent::config::{AgentConfig, BackupSettings};
+use crate::backup::BucketConfig;
 use crate::cli::{FileConfig, defaults, parse_duration};
 use crate::history::Retention;
 use crate::replication::continuous::LoopConfig;
 use crate::trust::identity::Role;
+use crate::trust::seal::BackupKey;
 
 /// The flags both agents take.
 #[derive(clap::Args, Debug, Default)]
@@ -120,6 +122,23 @@ pub struct CpuArgs {
     /// holding the state directory (`25%`); over it, the oldest snapshots go first (a warning).
     #[arg(long, env = "STANDBY_HISTORY_BUDGET", display_order = 24)]
     pub history_budget: Option<String>,
+    /// Off-site backup of the history: an S3-compatible bucket, `s3://bucket/prefix` (keys from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "STANDBY_BACKUP_URL", display_order = 25)]
+    pub backup_url: Option<String>,
+    /// The bucket's endpoint (R2, B2, GCS, MinIO); none for AWS S3.
+    #[arg(long, env = "STANDBY_BACKUP_ENDPOINT", display_order = 26)]
+    pub backup_endpoint: Option<String>,
+    /// The bucket's region (`auto` for R2 and GCS).
+    #[arg(long, env = "STANDBY_BACKUP_REGION", display_order = 27)]
+    pub backup_region: Option<String>,
+    /// The key the backup is encrypted with: the coordinator's `backup.key` (the bucket never
+    /// sees it).
+    #[arg(long, env = "STANDBY_BACKUP_KEY_FILE", display_order = 28)]
+    pub backup_key_file: Option<PathBuf>,
+    /// Upload bandwidth per second (`20MB`, `100MiB`); none: no limit.
+    #[arg(long, env = "STANDBY_BACKUP_BANDWIDTH", display_order = 29)]
+    pub backup_bandwidth: Option<String>,
 }
 
 impl GpuArgs {
@@ -163,7 +182,7 @@ impl GpuArgs {
 
 impl CpuArgs {
     /// agent-cpu's configuration: static certificates or a coordinator (or both).
-    pub fn resolve(self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
+    pub fn resolve(mut self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
         let file = shared.file()?;
         let tls_dir = file.pick_opt(shared.tls_dir.take(), "tls_dir")?;
         let coordinator = file.pick_opt(shared.coordinator.take(), "coordinator")?;
@@ -173,12 +192,43 @@ impl CpuArgs {
         let on_demote = shared.on_demote.take();
         let base = shared.resolve(&file, Role::Cpu, tls_dir, coordinator)?;
         let history = self.retention(&file, &base.state_dir)?;
+        let backup = self.backup(&file)?;
+        if backup.is_some() && history.is_none() {
+            return Err("--backup-url backs up the history: it needs --history".into());
+        }
         Ok(AgentConfig {
-            on_promote: file.pick(self.on_promote, "on_promote", String::new)?,
+            on_promote: file.pick(self.on_promote.take(), "on_promote", String::new)?,
             on_demote: file.pick(on_demote, "on_demote", String::new)?,
             history,
+            backup,
             ..base
         })
+    }
+
+    /// The off-site backup, when a bucket is given; its key is read here, so a missing or bad
+    /// key stops the agent at start.
+    fn backup(&self, file: &FileConfig) -> Result<Option<BackupSettings>, String> {
+        let Some(url) = file.pick_opt(self.backup_url.clone(), "backup_url")? else {
+            return Ok(None);
+        };
+        let mut bucket = BucketConfig::new(&url);
+        bucket.bucket_and_prefix().map_err(|e| e.to_string())?;
+        bucket.endpoint = file.pick_opt(self.backup_endpoint.clone(), "backup_endpoint")?;
+        bucket.region = file.pick_opt(self.backup_region.clone(), "backup_region")?;
+        let key_file: PathBuf = file
+            .pick_opt(self.backup_key_file.clone(), "backup_key_file")?
+            .ok_or("--backup-url needs --backup-key-file (the coordinator's backup.key)")?;
+        let key = BackupKey::load(&key_file)
+            .map_err(|e| format!("--backup-key-file {}: {e}", key_file.display()))?;
+        let rate_limit = file
+            .pick_opt(self.backup_bandwidth.clone(), "backup_bandwidth")?
+            .map(|b| crate::cli::parse_size(&b).map_err(|e| format!("--backup-bandwidth: {e}")))
+            .transpose()?;
+        Ok(Some(BackupSettings {
+            bucket,
+            key,
+            rate_limit,
+        }))
     }
 
     /// The history's retention, or None when history is off.
@@ -253,6 +303,7 @@ impl AgentArgs {
             on_demote: String::new(),
             keep_setuid: file.pick(self.keep_setuid, "keep_setuid", || false)?,
             history: None,
+            backup: None,
         })
     }
 }

@@ -4,9 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::backup::BucketConfig;
 use crate::history::Retention;
 use crate::replication::continuous::LoopConfig;
 use crate::trust::identity::Role;
+use crate::trust::seal::BackupKey;
 
 /// Everything an agent needs to run.
 #[derive(Debug)]
@@ -31,4 +33,15 @@ pub struct AgentConfig {
     pub keep_setuid: bool,
     /// A CPU standby's history and its retention (None: no history kept).
     pub history: Option<Retention>,
+    /// The history's off-site backup (None: none).
+    pub backup: Option<BackupSettings>,
+}
+
+/// Where and how the history is backed up off-site (ARCHITECTURE.md, "Off-site backup").
+#[derive(Debug, Clone)]
+pub struct BackupSettings {
+    pub bucket: BucketConfig,
+    pub key: BackupKey,
+    /// Upload bytes per second (None: no limit).
+    pub rate_limit: Option<u64>,
 }

@@ -13,7 +13,7 @@ use crate::agent::config::AgentConfig;
 use crate::agent::managed::{self, Managed};
 use crate::agent::node::{Mode, Node, NodeOptions};
 use crate::agent::socket::{self, InjectedFault};
-use crate::agent::{endpoint, join, revocations, snapshots, versions};
+use crate::agent::{backups, endpoint, join, revocations, snapshots, versions};
 use crate::disk::statedir::{self, StateLock};
 use crate::history::Store;
 use crate::replication::continuous::{self, Control, Target};
@@ -169,11 +169,25 @@ async fn open_history(
         return Ok(None);
     };
     let dir = cfg.state_dir.join(HISTORY_DIR);
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await?
-        .context("opening the history store")?;
+    let store = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await?
+            .context("opening the history store")?
+    };
     let store = Arc::new(store);
     let recorder = snapshots::start(store.clone(), receiver.clone(), retention, shutdown.clone());
+    if let Some(b) = &cfg.backup {
+        backups::start(
+            b,
+            &dir,
+            &cfg.state_dir,
+            recorder.changed(),
+            recorder.shared_figures(),
+            shutdown.clone(),
+        )
+        .context("starting the off-site backup")?;
+    }
     Ok(Some((store, recorder)))
 }
 

@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::history::{HistoryError, Retention, Store};
@@ -37,17 +38,34 @@ pub struct HistoryFigures {
     /// Snapshots dropped to keep under the disk budget (a warning each time it grows).
     pub dropped_for_budget: u64,
     pub last_error: Option<String>,
+    /// The off-site backup: configured, the newest snapshot in the bucket, bytes uploaded and
+    /// failed uploads since the agent started.
+    pub backup_configured: bool,
+    pub newest_backup_unix_ms: i64,
+    pub backup_uploaded_bytes: u64,
+    pub backup_failures: u64,
 }
 
-/// The recorder's handle: its figures.
+/// The recorder's handle: its figures, and who is woken after each change of the store.
 #[derive(Clone)]
 pub struct Recorder {
     figures: Arc<Mutex<HistoryFigures>>,
+    changed: Arc<Notify>,
 }
 
 impl Recorder {
     pub fn figures(&self) -> HistoryFigures {
         self.figures.lock().expect("history figures").clone()
+    }
+
+    /// The figures, shared (the backup adds its own to them).
+    pub fn shared_figures(&self) -> Arc<Mutex<HistoryFigures>> {
+        self.figures.clone()
+    }
+
+    /// Notified after each snapshot recorded and each retention pass.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
     }
 }
 
@@ -61,9 +79,17 @@ pub fn start(
     let figures = Arc::new(Mutex::new(HistoryFigures::default()));
     let rec = Recorder {
         figures: figures.clone(),
+        changed: Arc::new(Notify::new()),
     };
     refresh(&store, &figures);
-    tokio::spawn(run(store, receiver, retention, figures, shutdown));
+    let changed = rec.changed.clone();
+    tokio::spawn(run(
+        store,
+        receiver,
+        retention,
+        (figures, changed),
+        shutdown,
+    ));
     rec
 }
 
@@ -71,7 +97,7 @@ async fn run(
     store: Arc<Store>,
     receiver: Receiver,
     retention: Retention,
-    figures: Arc<Mutex<HistoryFigures>>,
+    (figures, changed): (Arc<Mutex<HistoryFigures>>, Arc<Notify>),
     shutdown: CancellationToken,
 ) {
     let mut committed = receiver.committed();
@@ -96,6 +122,7 @@ async fn run(
                 }
             }
         }
+        changed.notify_one();
     }
 }
 

@@ -200,9 +200,12 @@ pub async fn restore(
     let have = already_restored(to, key)?;
     let packs = bucket.list(Kind::Pack).await?;
     let todo: Vec<&String> = packs.keys().filter(|o| !have.contains(*o)).collect();
-    let mut done =
-        futures::stream::iter(todo.iter().map(|o| fetch(bucket, key, Kind::Pack, o, to)))
-            .buffer_unordered(concurrency.max(1));
+    // Futures made first, so the restore stays `Send` in a spawned task (see `upload`).
+    let fetches: Vec<_> = todo
+        .iter()
+        .map(|o| fetch(bucket, key, Kind::Pack, o, to))
+        .collect();
+    let mut done = futures::stream::iter(fetches).buffer_unordered(concurrency.max(1));
     let (mut count, mut bytes) = (0u64, 0u64);
     while let Some(r) = done.next().await {
         bytes += r?;

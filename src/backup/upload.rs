@@ -278,8 +278,10 @@ impl Mirror {
 
     async fn upload(&mut self, files: &[LocalFile], f: &mut Figures) -> Result<(), UploadError> {
         let ctx = &self.ctx;
-        let mut done = futures::stream::iter(files.iter().map(|file| upload_one(ctx, file)))
-            .buffer_unordered(ctx.opts.concurrency.max(1));
+        // The futures are made first: a stream over a closure borrowing them is not provably
+        // `Send`, and the agent runs this pass in a spawned task.
+        let uploads: Vec<_> = files.iter().map(|file| upload_one(ctx, file)).collect();
+        let mut done = futures::stream::iter(uploads).buffer_unordered(ctx.opts.concurrency.max(1));
         while let Some(r) = done.next().await {
             match r {
                 Ok(u) => {

@@ -25,7 +25,7 @@ use crate::replication::manifest::{Kind, kind_of};
 use crate::types::RelPath;
 
 /// What a restore wrote.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RestoreSummary {
     pub files: u64,
     pub dirs: u64,

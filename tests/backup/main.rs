@@ -3,6 +3,7 @@
 //! deletions, an outage and a crash mid-upload, the bandwidth limit, `agent-cpu restore-backup`,
 //! and the throughput through a shaped link (`link`, as root).
 
+mod agents;
 #[path = "../common/mod.rs"]
 mod common;
 mod link;
@@ -468,7 +469,14 @@ async fn agent_cpu_restore_backup_rebuilds_a_store_from_the_bucket_alone() {
                 "--endpoint",
                 &s.s3.endpoint(),
             ])
-            .args(["--region", "us-east-1", "--snapshot", "latest", "--to"])
+            .args([
+                "--region",
+                "us-east-1",
+                "--snapshot",
+                "latest",
+                "--store-only",
+            ])
+            .arg("--store")
             .arg(to)
             .env("STANDBY_BACKUP_KEY", key.to_hex())
             .env("AWS_ACCESS_KEY_ID", "testing")

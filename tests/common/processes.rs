@@ -29,6 +29,18 @@ impl Cpu {
     }
 
     pub fn start_on(workspace: &Path, state: &Path, tls: &Path, listen: &str) -> Cpu {
+        Self::start_with(workspace, state, tls, listen, &[], &[])
+    }
+
+    /// With further flags and environment (e.g. an off-site backup).
+    pub fn start_with(
+        workspace: &Path,
+        state: &Path,
+        tls: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cpu {
         fs::create_dir_all(state).unwrap();
         let addr_file = state.join("listen.addr");
         let _ = fs::remove_file(&addr_file);
@@ -47,6 +59,8 @@ impl Cpu {
             .arg(tls)
             .arg("--listen")
             .arg(listen)
+            .args(extra)
+            .envs(env.iter().copied())
             .env(
                 "STANDBY_LOG",
                 std::env::var("STANDBY_TEST_CPU_LOG").unwrap_or_else(|_| "info".into()),
