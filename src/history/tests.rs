@@ -188,7 +188,7 @@ fn a_file_that_moved_under_the_record_records_nothing() {
     ));
 
     // The last good snapshot is intact and the only one.
-    assert_eq!(store.list(), [good.info.clone()]);
+    assert_eq!(store.list(), std::slice::from_ref(&good.info));
     let out = tempfile::tempdir().unwrap();
     store.restore(good.info.id, None, out.path()).unwrap();
     assert_eq!(std::fs::read(out.path().join("d/small")).unwrap(), b"hello");
