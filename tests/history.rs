@@ -238,6 +238,11 @@ fn twenty_thousand_small_files_make_a_few_dozen_packs() {
         r.files_read,
         r.info.new_bytes
     );
+    let snapshot_bytes: Vec<u64> = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    println!("snapshot files of 20k paths: {snapshot_bytes:?} bytes");
     let got = restored(&store, r.info.id);
     assert_eq!(got.len(), names.len());
     for (p, e) in m3.iter().filter(|(_, e)| e.kind == EntryKind::File as i32) {

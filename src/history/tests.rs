@@ -527,3 +527,9 @@ fn mostly_dead_packs_are_repacked_and_a_budget_drops_the_oldest() {
     assert!(store.verify().unwrap().is_ok());
     assert_eq!(read(&store, s2, "small"), random(50_000, 2));
 }
+
+#[test]
+fn a_store_is_shared_between_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
+}
