@@ -159,24 +159,29 @@ fn a_large_file_with_one_percent_changed_figures() {
         .record(replica.path(), &manifest_of(replica.path(), 1), at(0))
         .unwrap();
     println!("256 MiB first record: {:?}", t.elapsed());
-    // 1 % of it in 64 KiB pieces at random offsets.
-    for _ in 0..(256 * MIB / 100) / (64 << 10) {
-        let at = rng.random_range(0..data.len() - (64 << 10));
-        data[at..at + (64 << 10)].copy_from_slice(&random(&mut rng, 64 << 10));
+    let one_percent = 256 * MIB / 100;
+    // 1 % of it in one place, then 1 % in 64 KiB pieces at random offsets (each piece dirties
+    // a whole chunk of about 1 MiB: the worst case for content-defined chunks).
+    for (g, pieces) in [(2u64, 1), (3, one_percent / (64 << 10))] {
+        let len = one_percent / pieces;
+        for _ in 0..pieces {
+            let at = rng.random_range(0..data.len() - len);
+            data[at..at + len].copy_from_slice(&random(&mut rng, len));
+        }
+        std::fs::write(&file, &data).unwrap();
+        let m = manifest_of(replica.path(), g);
+        let t = Instant::now();
+        let r = store.record(replica.path(), &m, at(g * 60)).unwrap();
+        println!(
+            "256 MiB with 1 % changed in {pieces} piece(s): recorded in {:?}, stored {:.1} MiB new",
+            t.elapsed(),
+            mib(r.info.new_bytes)
+        );
+        assert_eq!(
+            restored(&store, r.info.id)["big.bin"],
+            *blake3::hash(&data).as_bytes()
+        );
     }
-    std::fs::write(&file, &data).unwrap();
-    let m = manifest_of(replica.path(), 2);
-    let t = Instant::now();
-    let r = store.record(replica.path(), &m, at(60)).unwrap();
-    println!(
-        "256 MiB with 1 % changed: recorded in {:?}, stored {:.1} MiB new",
-        t.elapsed(),
-        mib(r.info.new_bytes)
-    );
-    assert_eq!(
-        restored(&store, r.info.id)["big.bin"],
-        *blake3::hash(&data).as_bytes()
-    );
 }
 
 #[test]
@@ -233,6 +238,11 @@ fn twenty_thousand_small_files_make_a_few_dozen_packs() {
         r.files_read,
         r.info.new_bytes
     );
+    let snapshot_bytes: Vec<u64> = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    println!("snapshot files of 20k paths: {snapshot_bytes:?} bytes");
     let got = restored(&store, r.info.id);
     assert_eq!(got.len(), names.len());
     for (p, e) in m3.iter().filter(|(_, e)| e.kind == EntryKind::File as i32) {

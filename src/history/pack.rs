@@ -151,12 +151,12 @@ impl PackWriter {
         trailer.extend_from_slice(&END);
         self.write(&footer)?;
         self.write(&trailer)?;
-        let file = self
+        // The buffer goes to the file before the fsync, so the fsync covers the footer.
+        let durable = self
             .file
-            .get_mut()
             .flush()
             .and_then(|()| self.file.get_ref().sync_all());
-        file.map_err(HistoryError::io("syncing", &self.tmp))?;
+        durable.map_err(HistoryError::io("syncing", &self.tmp))?;
         self.sealed = true;
         Ok(Sealed {
             id: PackId(*self.hasher.finalize().as_bytes()),

@@ -132,15 +132,18 @@ impl Store {
         let infos = state.snapshots.clone();
         let times: Vec<u64> = infos.iter().map(|s| s.time_ms).collect();
         let mut keep = retention::by_time(&times, unix_ms(now), retention);
+        // Live chunks are read before the forgotten snapshots are deleted (the budget needs
+        // them to decide), from the kept snapshots only, which no step changes.
         let (live, for_budget) = self.live(&state, &infos, &mut keep, retention.budget_bytes)?;
         let mut done = Pruned {
             bytes_before: state.index.stored_bytes(),
             ..Default::default()
         };
         for (i, info) in infos.iter().enumerate().filter(|(i, _)| !keep[*i]) {
-            match for_budget.contains(&i) {
-                true => done.for_budget.push(info.id),
-                false => done.forgotten.push(info.id),
+            if for_budget.contains(&i) {
+                done.for_budget.push(info.id);
+            } else {
+                done.forgotten.push(info.id);
             }
         }
         self.delete_snapshots(&mut state, &keep, hook)?;

@@ -24,7 +24,9 @@ pub struct Retention {
     pub hourly_for: Duration,
     #[serde(with = "human")]
     pub daily_for: Duration,
-    /// Bytes of packs the store may use; 0: no budget.
+    /// Bytes of packs the store may use; 0: no budget. Counted as the stored bytes of the
+    /// chunks the kept snapshots need: pack headers and footers, and the dead part of packs
+    /// under half dead (not repacked), come on top.
     pub budget_bytes: u64,
 }
 

@@ -188,7 +188,7 @@ fn a_file_that_moved_under_the_record_records_nothing() {
     ));
 
     // The last good snapshot is intact and the only one.
-    assert_eq!(store.list(), [good.info.clone()]);
+    assert_eq!(store.list(), std::slice::from_ref(&good.info));
     let out = tempfile::tempdir().unwrap();
     store.restore(good.info.id, None, out.path()).unwrap();
     assert_eq!(std::fs::read(out.path().join("d/small")).unwrap(), b"hello");
@@ -526,4 +526,10 @@ fn mostly_dead_packs_are_repacked_and_a_budget_drops_the_oldest() {
     assert!(pruned.bytes_after < 60_000, "{pruned:?}");
     assert!(store.verify().unwrap().is_ok());
     assert_eq!(read(&store, s2, "small"), random(50_000, 2));
+}
+
+#[test]
+fn a_store_is_shared_between_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
 }
