@@ -147,6 +147,38 @@ fn an_rm_rf_and_an_overwritten_checkpoint_come_back_from_the_standby() {
     let to = elsewhere.display().to_string();
     ok_json(run(&["restore", "--snapshot", &id, "--to", &to], &gst));
     assert_same(&before, &elsewhere);
+
+    // agent-cpu verify: through the running agent, then by itself on a damaged store.
+    let verify = |cpu_state: &Path| {
+        Command::new(AGENT_CPU)
+            .args(["verify", "--state-dir"])
+            .arg(cpu_state)
+            .output()
+            .unwrap()
+    };
+    let v = ok_json(verify(&cpu.state));
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["snapshots"].as_u64().unwrap() >= 2, "{v}");
+    let mut cpu = cpu;
+    cpu.kill();
+    let pack = fs::read_dir(cpu.state.join("history/packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[100] ^= 0x55;
+    fs::write(&pack, bytes).unwrap();
+    let out = verify(&cpu.state);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(!v["problems"].as_array().unwrap().is_empty(), "{v}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use standby::agent::args::{AgentArgs, CpuArgs};
-use standby::agent::runtime;
+use standby::agent::{runtime, socket};
 use standby::backup::{Bucket, BucketConfig, Pick};
 use standby::cli::{fail, init_logging, parse_or_exit, usage_error};
 use standby::trust::tls;
@@ -42,6 +42,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Check the history: read back every chunk every kept snapshot needs and verify its hash.
+    /// Asks the running agent (through its control socket), or opens the store itself when no
+    /// agent runs. Exits 1 when anything is wrong, naming each problem.
+    Verify {
+        #[arg(long, env = "STANDBY_STATE_DIR")]
+        state_dir: PathBuf,
+    },
     /// Disaster recovery: restore a snapshot and its packs from the bucket alone into a new
     /// snapshot-store directory. Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
     RestoreBackup {
@@ -106,6 +113,9 @@ fn main() {
 }
 
 async fn command(cmd: Cmd) -> anyhow::Result<()> {
+    if let Cmd::Verify { state_dir } = cmd {
+        return verify(&state_dir).await;
+    }
     let Cmd::RestoreBackup {
         url,
         endpoint,
@@ -117,7 +127,10 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
         to,
         store,
         store_only,
-    } = cmd;
+    } = cmd
+    else {
+        unreachable!("verify returned above");
+    };
     let pick: Pick = snapshot.parse().unwrap_or_else(|e| usage_error(e));
     let key = match (key_file, key) {
         (Some(path), _) => standby::trust::seal::BackupKey::load(&path)?,
@@ -179,4 +192,28 @@ fn files_from(
         .restore(snap.id, None, to)
         .with_context(|| format!("writing snapshot {id} into {}", to.display()))?;
     Ok(serde_json::to_value(done)?)
+}
+
+/// `agent-cpu verify`: by the running agent, else here.
+async fn verify(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let report = match socket::request(state_dir, &socket::Request::Verify).await {
+        Ok(r) if r.ok => r.result.unwrap_or_default(),
+        Ok(r) => anyhow::bail!(r.error.unwrap_or_else(|| "verify failed".into())),
+        Err(_) => {
+            let dir = state_dir.join(runtime::HISTORY_DIR);
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "no history in {} (is this a standby's state directory?)",
+                    dir.display()
+                );
+            }
+            let store = standby::history::Store::open(&dir)?;
+            socket::verify_json(&tokio::task::spawn_blocking(move || store.verify()).await??)
+        }
+    };
+    println!("{report}");
+    if report["ok"] != true {
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -119,7 +119,8 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
     let initial = initial_mode(&cfg, &peer);
     let (node, ctl_tx, driver) = Node::start(options, receiver, initial, shutdown.clone());
     let fault: InjectedFault = Arc::new(Mutex::new(None));
-    let ctl = spawn_socket(&cfg, &node, ctl_tx, fault.clone(), &shutdown);
+    let store = history.as_ref().map(|(store, _)| store.clone());
+    let ctl = spawn_socket(&cfg, (&node, store), ctl_tx, fault.clone(), &shutdown);
     if let Some(url) = &cfg.coordinator {
         let m = Managed {
             url: url.clone(),
@@ -256,15 +257,15 @@ fn initial_mode(cfg: &AgentConfig, peer: &Expect) -> Mode {
 
 fn spawn_socket(
     cfg: &AgentConfig,
-    node: &Node,
+    (node, history): (&Node, Option<Arc<Store>>),
     ctl_tx: tokio::sync::mpsc::Sender<Control>,
     fault: InjectedFault,
     shutdown: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
     let state_dir = cfg.state_dir.clone();
-    let node = node.clone();
+    let parts = (node.clone(), history);
     let shutdown = shutdown.clone();
-    tokio::spawn(async move { socket::serve(&state_dir, node, ctl_tx, fault, shutdown).await })
+    tokio::spawn(async move { socket::serve(&state_dir, parts, ctl_tx, fault, shutdown).await })
 }
 
 /// After the stop: gives the node, the control socket and the endpoint a few seconds each to

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::node::Node;
 use crate::agent::versions;
-use crate::history::Selector;
+use crate::history::{Selector, Store, VerifyReport};
 use crate::replication::continuous::Control;
 use crate::replication::send::SenderFigures;
 
@@ -45,6 +45,8 @@ pub enum Request {
         path: String,
         to: Option<PathBuf>,
     },
+    /// A standby's history: read back and check every chunk every kept snapshot needs.
+    Verify,
 }
 
 /// A fatal fault injected through the control socket, reported like an NVML one.
@@ -87,7 +89,7 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 /// Serves the control socket until `shutdown`.
 pub async fn serve(
     state_dir: &Path,
-    node: Node,
+    (node, history): (Node, Option<Arc<Store>>),
     tx: mpsc::Sender<Control>,
     fault: InjectedFault,
     shutdown: CancellationToken,
@@ -101,10 +103,10 @@ pub async fn serve(
             r = listener.accept() => r?,
         };
         let tx = tx.clone();
-        let node = node.clone();
+        let parts = (node.clone(), history.clone());
         let fault = fault.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(conn, node, tx, fault).await {
+            if let Err(e) = handle(conn, parts, tx, fault).await {
                 tracing::debug!(error = %e, "control connection failed");
             }
         });
@@ -115,7 +117,7 @@ pub async fn serve(
 
 async fn handle(
     conn: UnixStream,
-    node: Node,
+    (node, history): (Node, Option<Arc<Store>>),
     tx: mpsc::Sender<Control>,
     fault: InjectedFault,
 ) -> std::io::Result<()> {
@@ -138,6 +140,7 @@ async fn handle(
             path,
             to,
         }) => restore(&node, versions::selector(id, at_unix_ms), &path, to).await,
+        Ok(Request::Verify) => verify(history).await,
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
@@ -214,6 +217,32 @@ async fn restore(node: &Node, selector: Selector, path: &str, to: Option<PathBuf
         },
         Err(e) => Reply::failed(crate::text::error_chain(&*e)),
     }
+}
+
+/// Verifies the history this agent keeps, beside its recording.
+async fn verify(history: Option<Arc<Store>>) -> Reply {
+    let Some(store) = history else {
+        return Reply::failed("this agent keeps no history (agent-cpu --history)".into());
+    };
+    match tokio::task::spawn_blocking(move || store.verify()).await {
+        Ok(Ok(r)) => Reply {
+            result: Some(verify_json(&r)),
+            ..Reply::done()
+        },
+        Ok(Err(e)) => Reply::failed(e.to_string()),
+        Err(e) => Reply::failed(e.to_string()),
+    }
+}
+
+/// A verification as `agent-cpu verify` prints it.
+pub fn verify_json(r: &VerifyReport) -> serde_json::Value {
+    serde_json::json!({
+        "ok": r.is_ok(),
+        "snapshots": r.snapshots,
+        "chunks": r.chunks,
+        "bytes": r.bytes,
+        "problems": r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+    })
 }
 
 /// Sends one request to a running agent and returns its reply.
