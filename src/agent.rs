@@ -25,5 +25,4 @@ pub(crate) mod revocations;
 pub mod runtime;
 pub(crate) mod snapshots;
 pub mod socket;
-pub(crate) mod unpack;
 pub mod versions;

@@ -35,6 +35,7 @@ mod restore;
 pub mod retention;
 mod snapshot;
 mod store;
+pub mod unpack;
 mod verify;
 
 pub use error::HistoryError;
@@ -45,6 +46,7 @@ pub use restore::RestoreSummary;
 pub use retention::Retention;
 pub use snapshot::SnapshotInfo;
 pub use store::{Selector, Store, StoreStats};
+pub use unpack::{UnpackError, Unpacker};
 pub use verify::{Problem, VerifyReport};
 
 #[cfg(test)]

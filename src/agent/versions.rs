@@ -11,8 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::agent::unpack::{Restored, Unpacker};
-use crate::history::{HistoryError, Selector, SnapshotInfo, Store};
+use crate::history::{HistoryError, RestoreSummary, Selector, SnapshotInfo, Store, Unpacker};
 use crate::proto::history_client::HistoryClient;
 use crate::proto::history_server::{History, HistoryServer};
 use crate::proto::{
@@ -279,7 +278,7 @@ pub struct Fetched {
     pub time_unix_ms: i64,
     pub to: PathBuf,
     #[serde(flatten)]
-    pub restored: Restored,
+    pub restored: RestoreSummary,
 }
 
 /// Fetches the files below `path` of the snapshot `selector` picks and writes them below `to`,
@@ -342,7 +341,7 @@ pub async fn unpack_stream(
 fn write_items(
     to: &Path,
     rx: std::sync::mpsc::Receiver<fetch_item::Item>,
-) -> anyhow::Result<Restored> {
+) -> anyhow::Result<RestoreSummary> {
     let mut u = Unpacker::new(to)?;
     for item in rx {
         match item {

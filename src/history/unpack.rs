@@ -1,4 +1,5 @@
-//! Writing files fetched from a snapshot into a directory (`agent-gpu restore`, `coordinator
+//! Writing a snapshot's files into a directory, from the store (`Store::restore`,
+//! `restore-backup`) or as they arrive over the network (`agent-gpu restore`, `coordinator
 //! restore --to`): confined below the directory like a receiver's workspace (nothing is written
 //! through a symlink), every file verified by blake3 before it replaces anything, and each one
 //! put in place by a rename, so a restore cut short leaves whole files only (ARCHITECTURE.md,
@@ -11,6 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::disk::fsx::{self, Found, Root};
+use crate::history::{HistoryError, RestoreSummary};
 use crate::proto::Entry;
 use crate::replication::manifest::{Kind, kind_of};
 use crate::text::hex;
@@ -39,13 +41,33 @@ pub enum UnpackError {
     Kind(String),
 }
 
-/// What a restore wrote.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Restored {
-    pub files: u64,
-    pub dirs: u64,
-    pub symlinks: u64,
-    pub bytes: u64,
+impl UnpackError {
+    /// The path it is about ("" for content with no file).
+    fn path(&self) -> &str {
+        match self {
+            UnpackError::Io { path, .. }
+            | UnpackError::Mismatch { path, .. }
+            | UnpackError::Size { path, .. } => path,
+            UnpackError::NotADir(p) | UnpackError::IsADir(p) | UnpackError::Kind(p) => p,
+            UnpackError::Stray => "",
+        }
+    }
+}
+
+impl From<UnpackError> for HistoryError {
+    fn from(e: UnpackError) -> HistoryError {
+        match e {
+            UnpackError::Io { path, source } => HistoryError::Io {
+                what: "restoring",
+                path: path.into(),
+                source,
+            },
+            other => HistoryError::Refused {
+                path: other.path().to_string(),
+                reason: other.to_string(),
+            },
+        }
+    }
 }
 
 /// The file being written: its temporary name in its directory, and what it must turn out to be.
@@ -63,7 +85,7 @@ struct Open {
 pub struct Unpacker {
     root: Root,
     open: Option<Open>,
-    done: Restored,
+    done: RestoreSummary,
     /// Directories restored, whose mode and mtime are set last (writing below a directory
     /// changes its mtime).
     dirs: Vec<(RelPath, Entry)>,
@@ -80,7 +102,7 @@ impl Unpacker {
         Ok(Unpacker {
             root: Root::open(to).map_err(io)?,
             open: None,
-            done: Restored::default(),
+            done: RestoreSummary::default(),
             dirs: Vec::new(),
         })
     }
@@ -119,7 +141,7 @@ impl Unpacker {
 
     /// Finishes the last file and gives the directories their mode and mtime, deepest first;
     /// what was restored.
-    pub fn finish(mut self) -> Result<Restored, UnpackError> {
+    pub fn finish(mut self) -> Result<RestoreSummary, UnpackError> {
         self.close()?;
         self.dirs.sort_by(|a, b| b.0.cmp(&a.0));
         for (path, e) in &self.dirs {
@@ -229,7 +251,7 @@ fn finish_file(f: &Open) -> Result<(), UnpackError> {
         });
     }
     let io = |e| io_err(&f.path, e);
-    // Restored files never regain setuid or setgid bits (they may come from a former host).
+    // RestoreSummary files never regain setuid or setgid bits (they may come from a former host).
     let mode = f.want.mode & 0o1777;
     f.file
         .set_permissions(std::fs::Permissions::from_mode(mode))
