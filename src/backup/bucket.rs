@@ -119,21 +119,17 @@ pub enum BucketError {
         url: String,
         op: &'static str,
         object: String,
+        // Boxed: object_store's error is large, and every `Result` here carries this type.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 }
 
 impl BucketError {
     /// The object does not exist (a delete of a missing object is not a failure).
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            BucketError::Store {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }
-        )
+        matches!(self, BucketError::Store { source, .. }
+            if matches!(**source, object_store::Error::NotFound { .. }))
     }
 }
 
@@ -269,7 +265,7 @@ impl Bucket {
             url,
             op,
             object,
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -333,7 +329,7 @@ impl Bucket {
                     url: url.clone(),
                     op: "read",
                     object: object.clone(),
-                    source,
+                    source: Box::new(source),
                 })
             })
             .boxed())
