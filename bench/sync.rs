@@ -25,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::Rng;
+use rand::RngExt;
 use standby::trust::identity::Role;
 
 fn env_usize(k: &str, d: usize) -> usize {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::netns::try_cut_route;
 use common::site::{Agent, Site, primaries};
 use common::*;
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 
 const PAIR: &str = "chaos";

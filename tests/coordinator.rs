@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::Rng;
+use rand::RngExt;
 
 /// A pair of managed agents with some data replicated.
 struct Rig {

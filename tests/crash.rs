@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 use standby::trust::identity::Role;
 

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 use standby::history::{Retention, SnapshotId, Step, Store};
 use standby::proto::{Entry, EntryKind};
 use standby::replication::manifest::Manifest;

@@ -114,7 +114,7 @@ fn read_some(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{RngCore, SeedableRng};
+    use rand::{Rng, SeedableRng};
 
     fn ids(data: &[u8]) -> (Vec<ChunkId>, Vec<usize>) {
         let (mut ids, mut lens) = (Vec::new(), Vec::new());

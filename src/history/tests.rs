@@ -5,7 +5,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::proto::{Entry, EntryKind};
