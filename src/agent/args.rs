@@ -139,6 +139,16 @@ pub struct CpuArgs {
     /// Upload bandwidth per second (`20MB`, `100MiB`); none: no limit.
     #[arg(long, env = "STANDBY_BACKUP_BANDWIDTH", display_order = 29)]
     pub backup_bandwidth: Option<String>,
+    /// Virtual-hosted-style requests (AWS S3) instead of path style (R2, B2, GCS, MinIO).
+    #[arg(
+        long,
+        env = "STANDBY_BACKUP_VIRTUAL_HOSTED",
+        display_order = 30,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub backup_virtual_hosted: Option<bool>,
 }
 
 impl GpuArgs {
@@ -215,6 +225,8 @@ impl CpuArgs {
         bucket.bucket_and_prefix().map_err(|e| e.to_string())?;
         bucket.endpoint = file.pick_opt(self.backup_endpoint.clone(), "backup_endpoint")?;
         bucket.region = file.pick_opt(self.backup_region.clone(), "backup_region")?;
+        bucket.virtual_hosted =
+            file.pick(self.backup_virtual_hosted, "backup_virtual_hosted", || false)?;
         let key_file: PathBuf = file
             .pick_opt(self.backup_key_file.clone(), "backup_key_file")?
             .ok_or("--backup-url needs --backup-key-file (the coordinator's backup.key)")?;
