@@ -607,6 +607,7 @@ async fn start_coordinator(
         command: Default::default(),
         reflection: false,
         public_health: false,
+        backup: None,
     };
     let server = tokio::spawn(standby::control::service::serve(opts, shutdown));
     let addr_file = dir.join("serve.addr");

@@ -487,6 +487,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
         command: f.get("command")?.unwrap_or_default(),
         reflection: f.pick(a.reflection, "reflection", || false)?,
         public_health: f.pick(a.public_health, "public_health", || false)?,
+        backup: f.get("backup")?,
         dir: a.dir,
     })
 }

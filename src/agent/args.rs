@@ -226,7 +226,9 @@ impl CpuArgs {
         bucket.endpoint = file.pick_opt(self.backup_endpoint.clone(), "backup_endpoint")?;
         bucket.region = file.pick_opt(self.backup_region.clone(), "backup_region")?;
         bucket.virtual_hosted =
-            file.pick(self.backup_virtual_hosted, "backup_virtual_hosted", || false)?;
+            file.pick(self.backup_virtual_hosted, "backup_virtual_hosted", || {
+                false
+            })?;
         let key_file: PathBuf = file
             .pick_opt(self.backup_key_file.clone(), "backup_key_file")?
             .ok_or("--backup-url needs --backup-key-file (the coordinator's backup.key)")?;
@@ -240,6 +242,7 @@ impl CpuArgs {
             bucket,
             key,
             rate_limit,
+            credentials: None,
         }))
     }
 

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::config::BackupSettings;
 use crate::agent::snapshots::HistoryFigures;
-use crate::backup::{Bucket, Figures, Mirror, UploadOptions};
+use crate::backup::{Bucket, BucketConfig, Credentials, Figures, Mirror, UploadOptions};
+use crate::proto::BackupTarget;
+use crate::trust::seal::BackupKey;
 
 /// The uploader's journal in the state directory.
 pub const JOURNAL: &str = "backup.journal";
@@ -24,13 +26,15 @@ const PASS_EVERY: Duration = Duration::from_secs(60);
 /// notified and every minute.
 pub fn start(
     settings: &BackupSettings,
-    store_dir: &Path,
-    state_dir: &Path,
+    (store_dir, state_dir): (&Path, &Path),
     wake: Arc<Notify>,
     figures: Arc<Mutex<HistoryFigures>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let bucket = Bucket::open(&settings.bucket)?;
+    let bucket = match &settings.credentials {
+        Some(c) => Bucket::open_with(&settings.bucket, c)?,
+        None => Bucket::open(&settings.bucket)?,
+    };
     let opts = UploadOptions {
         rate_limit: settings.rate_limit,
         ..UploadOptions::default()
@@ -92,4 +96,34 @@ fn account(figures: &Mutex<HistoryFigures>, f: &Figures) {
             "backup pass"
         );
     }
+}
+
+/// A coordinator's backup target as this agent's settings; None (said in the log) when it is
+/// unusable.
+pub fn from_coordinator(t: &BackupTarget) -> Option<BackupSettings> {
+    let key = match BackupKey::from_hex(&t.key_hex) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "the coordinator's backup key is unusable; no backup");
+            return None;
+        }
+    };
+    let mut bucket = BucketConfig::new(&t.url);
+    if let Err(e) = bucket.bucket_and_prefix() {
+        tracing::warn!(error = %e, "the coordinator's backup target is unusable; no backup");
+        return None;
+    }
+    bucket.endpoint = Some(t.endpoint.clone()).filter(|e| !e.is_empty());
+    bucket.region = Some(t.region.clone()).filter(|r| !r.is_empty());
+    bucket.virtual_hosted = t.virtual_hosted;
+    Some(BackupSettings {
+        bucket,
+        key,
+        rate_limit: (t.bandwidth > 0).then_some(t.bandwidth),
+        credentials: Some(Credentials {
+            access_key_id: t.access_key_id.clone(),
+            secret_access_key: t.secret_access_key.clone(),
+            session_token: Some(t.session_token.clone()).filter(|s| !s.is_empty()),
+        }),
+    })
 }

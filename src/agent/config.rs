@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::backup::BucketConfig;
+use crate::backup::{BucketConfig, Credentials};
 use crate::history::Retention;
 use crate::replication::continuous::LoopConfig;
 use crate::trust::identity::Role;
@@ -44,4 +44,6 @@ pub struct BackupSettings {
     pub key: BackupKey,
     /// Upload bytes per second (None: no limit).
     pub rate_limit: Option<u64>,
+    /// The bucket's access key as the coordinator sent it (None: from the environment).
+    pub credentials: Option<Credentials>,
 }

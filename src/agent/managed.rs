@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::backups;
 use crate::agent::config::AgentConfig;
 use crate::agent::link::{self, LinkOptions, ReportFn};
 use crate::agent::node::Node;
@@ -58,7 +59,7 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
         m.node.clone(),
         probe,
         m.fault,
-        m.history,
+        m.history.clone(),
     ));
     let renewal = Arc::new(Renewal::new(m.cert_dir, &m.tls));
     let report: ReportFn = {
@@ -69,12 +70,20 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
             r
         })
     };
+    let offsite = m.history.map(|recorder| Offsite {
+        recorder,
+        state_dir: cfg.state_dir.clone(),
+        own: cfg.backup.is_some(),
+        started: std::sync::Mutex::new(None),
+        shutdown: shutdown.clone(),
+    });
     let dispatcher = Dispatcher {
         probe: probe_tx,
         node: m.node,
         renewal,
         tls: m.tls.clone(),
         state_dir: cfg.state_dir.clone(),
+        offsite,
     };
     let node = dispatcher.node.clone();
     let opts = LinkOptions {
@@ -94,6 +103,51 @@ struct Dispatcher {
     renewal: Arc<Renewal>,
     tls: TlsMaterial,
     state_dir: PathBuf,
+    /// A standby's history, which the coordinator may have backed up off-site.
+    offsite: Option<Offsite>,
+}
+
+/// The off-site backup the coordinator asks a standby for.
+struct Offsite {
+    recorder: Recorder,
+    state_dir: PathBuf,
+    /// The agent has a backup of its own (flags, file): it keeps that one.
+    own: bool,
+    /// The bucket the coordinator's backup went to, once started.
+    started: std::sync::Mutex<Option<String>>,
+    shutdown: CancellationToken,
+}
+
+impl Offsite {
+    /// Starts the backup the coordinator names, once; a later, different target waits for a
+    /// restart (said in the log).
+    fn take(&self, t: &crate::proto::BackupTarget) {
+        if self.own {
+            tracing::debug!("the coordinator offers a backup; this agent keeps its own");
+            return;
+        }
+        let mut started = self.started.lock().expect("offsite");
+        if let Some(url) = started.as_ref() {
+            if *url != t.url {
+                tracing::warn!(running = %url, offered = %t.url, "the coordinator names another backup bucket: restart the agent to take it");
+            }
+            return;
+        }
+        let Some(settings) = backups::from_coordinator(t) else {
+            return;
+        };
+        let store = self.state_dir.join(crate::agent::runtime::HISTORY_DIR);
+        match backups::start(
+            &settings,
+            (&store, &self.state_dir),
+            self.recorder.changed(),
+            self.recorder.shared_figures(),
+            self.shutdown.clone(),
+        ) {
+            Ok(()) => *started = Some(t.url.clone()),
+            Err(e) => tracing::warn!(error = %e, "the coordinator's backup could not start"),
+        }
+    }
 }
 
 impl Dispatcher {
@@ -107,6 +161,12 @@ impl Dispatcher {
                 Cmd::Probe(p) => self.probe(p),
                 Cmd::Renewed(r) => self.renewed(r.cert_pem).await,
                 Cmd::Revocations(r) => self.revocations(r.serials).await,
+                Cmd::Backup(b) => match &self.offsite {
+                    Some(o) => o.take(&b),
+                    None => tracing::warn!(
+                        "the coordinator offers a backup, but this agent keeps no history"
+                    ),
+                },
                 other => {
                     if !matches!(other, Cmd::Receive(_)) {
                         let _ = self.probe.send(None);

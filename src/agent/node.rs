@@ -205,7 +205,7 @@ impl Node {
             }
             Cmd::Freeze(f) => self.freeze(Epoch(f.epoch)),
             // Probes, renewal and revocation lists are handled beside the node (`managed`).
-            Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) => {}
+            Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) | Cmd::Backup(_) => {}
         }
         Ok(())
     }
@@ -549,7 +549,7 @@ fn command_epoch(cmd: &Cmd) -> Option<Epoch> {
         Cmd::Promote(p) => Some(Epoch(p.epoch)),
         Cmd::Fence(f) => Some(Epoch(f.epoch)),
         Cmd::Freeze(f) => Some(Epoch(f.epoch)),
-        Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) => None,
+        Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) | Cmd::Backup(_) => None,
     }
 }
 
@@ -563,6 +563,7 @@ fn command_name(cmd: &Cmd) -> &'static str {
         Cmd::Probe(_) => "Probe",
         Cmd::Renewed(_) => "Renewed",
         Cmd::Revocations(_) => "Revocations",
+        Cmd::Backup(_) => "Backup",
     }
 }
 

@@ -181,8 +181,7 @@ async fn open_history(
     if let Some(b) = &cfg.backup {
         backups::start(
             b,
-            &dir,
-            &cfg.state_dir,
+            (&dir, &cfg.state_dir),
             recorder.changed(),
             recorder.shared_figures(),
             shutdown.clone(),

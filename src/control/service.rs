@@ -38,8 +38,8 @@ use crate::control::store::{FileStore, Store};
 use crate::proto::admin_server::{Admin, AdminServer};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
-    ActionReply, AgentReport, Command, Event, EventKind, EventsRequest, FetchItem, JoinReply,
-    JoinRequest, ListPairsReply, ListPairsRequest, PairFetchRequest, PairRequest,
+    ActionReply, AgentReport, BackupTarget, Command, Event, EventKind, EventsRequest, FetchItem,
+    JoinReply, JoinRequest, ListPairsReply, ListPairsRequest, PairFetchRequest, PairRequest,
     PairVersionsRequest, PairView, VersionsReply,
 };
 use crate::trust::identity::{CertFacts, Identity, Role};
@@ -67,6 +67,8 @@ pub struct Shared {
     cert_lifetime: Duration,
     /// The coordinator's own certificate, as a client of the standbys (their history).
     material: TlsMaterial,
+    /// What CPU standbys are told of the off-site backup (the url without the pair).
+    backup: Option<BackupTarget>,
 }
 
 impl Shared {
@@ -407,6 +409,62 @@ pub struct ServeOptions {
     /// Answer `grpc.health.v1` without a client certificate (off by default: only clients with
     /// a certificate of our CA, any role, are answered).
     pub public_health: bool,
+    /// Where CPU standbys back their history up (`[backup]`; None: they are not told).
+    pub backup: Option<BackupPlan>,
+}
+
+/// The coordinator's `[backup]`: one bucket for the fleet, each pair below its own prefix
+/// (`<url>/<pair>`). The key is the coordinator's `backup.key`; the bucket's access key comes
+/// from the coordinator's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`). ARCHITECTURE.md, "Off-site backup".
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupPlan {
+    /// `s3://bucket` or `s3://bucket/prefix`.
+    pub url: String,
+    #[serde(default)]
+    pub endpoint: String,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub virtual_hosted: bool,
+    /// Upload bandwidth per CPU standby (`20MB`: per second); none: no limit.
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+}
+
+impl BackupPlan {
+    /// The target one pair's CPU agent is sent, with the key and the access key.
+    fn target(&self, key_hex: &str) -> anyhow::Result<BackupTarget> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
+        else {
+            anyhow::bail!(
+                "[backup] needs the bucket's access key in AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY (the coordinator's environment)"
+            );
+        };
+        let bandwidth = match &self.bandwidth {
+            Some(b) => {
+                crate::cli::parse_size(b).map_err(|e| anyhow::anyhow!("[backup] bandwidth: {e}"))?
+            }
+            None => 0,
+        };
+        if !self.url.starts_with("s3://") {
+            anyhow::bail!("[backup] url {:?} must start with s3://", self.url);
+        }
+        Ok(BackupTarget {
+            url: self.url.trim_end_matches('/').to_string(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            virtual_hosted: self.virtual_hosted,
+            access_key_id: id,
+            secret_access_key: secret,
+            session_token: env("AWS_SESSION_TOKEN").unwrap_or_default(),
+            key_hex: key_hex.to_string(),
+            bandwidth,
+        })
+    }
 }
 
 /// The coordinator's own TLS directory, under its directory.
@@ -515,6 +573,10 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     // "Off-site backup").
     let backup_key = crate::trust::seal::BackupKey::load_or_create(dir)?;
     tracing::info!(fingerprint = %backup_key.fingerprint(), "backup key");
+    let backup = match &opts.backup {
+        Some(plan) => Some(plan.target(&backup_key.to_hex())?),
+        None => None,
+    };
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
     let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
     let metrics = Arc::new(Metrics::new());
@@ -545,6 +607,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         heartbeats: Rotation::new(crate::cli::defaults::HEARTBEATS_PER_IDENTITY),
         subscriptions: Quota::new(crate::cli::defaults::EVENTS_PER_ADMIN),
         material: material.clone(),
+        backup,
     });
 
     let mlistener = bind(&opts.metrics_listen).await?;

@@ -132,3 +132,52 @@ async fn a_pair_lost_whole_is_rebuilt_from_the_bucket_alone() {
         "the scratch store is removed: {leftovers:?}"
     );
 }
+
+/// A coordinator with `[backup]` tells each CPU standby where to back up (its pair's own prefix),
+/// with the key and the bucket's access key; the standby has no backup settings of its own and
+/// no credentials in its environment. `pairs --json` then shows the newest backed-up snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_hands_its_backup_to_each_standby() {
+    let test = "the_coordinator_hands_its_backup_to_each_standby";
+    let Some(s3) = server::start(test) else {
+        return;
+    };
+    s3.create_bucket("standby-backup").await;
+    let t = tempfile::tempdir().unwrap();
+    let config = t.path().join("coordinator.toml");
+    fs::write(
+        &config,
+        format!(
+            "[backup]\nurl = \"s3://standby-backup/fleet\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n",
+            s3.endpoint()
+        ),
+    )
+    .unwrap();
+    let coord = Coord::start_env(
+        &t.path().join("coord"),
+        &["--config", config.to_str().unwrap()],
+        &[
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ],
+    );
+    let (cpu, _gpu) = hand_joined_pair(&coord, t.path(), "fleet1", 20);
+    let key = BackupKey::load(&coord.dir.join(KEY_FILE)).unwrap();
+    let bucket = s3.bucket("s3://standby-backup/fleet/fleet1");
+    let mut shown = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(60), || {
+        let rt = tokio::runtime::Handle::current();
+        let n = tokio::task::block_in_place(|| {
+            rt.block_on(standby::backup::snapshots(&bucket, &key))
+                .map(|l| l.snapshots.len())
+                .unwrap_or(0)
+        });
+        shown = coord.pair("fleet1").unwrap_or_default()["history"]["backup"].clone();
+        n >= 1 && shown["newest_snapshot"].is_string()
+    });
+    assert!(
+        ok,
+        "no backup through the coordinator: {shown}\n{}",
+        cpu.log_text()
+    );
+}

@@ -214,11 +214,17 @@ pub struct Coord {
     pub metrics: String,
     pub log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Coord {
     /// `coordinator init` in `dir`, then `serve` on loopback ports.
     pub fn start(dir: &Path, args: &[&str]) -> Coord {
+        Self::start_env(dir, args, &[])
+    }
+
+    /// With variables in the coordinator's environment (e.g. a bucket's access key).
+    pub fn start_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Coord {
         let st = Command::new(COORDINATOR)
             .args(["init", "--dir"])
             .arg(dir)
@@ -233,6 +239,10 @@ impl Coord {
             metrics: "127.0.0.1:0".into(),
             log: dir.join("coordinator.log"),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         c.serve();
         c
@@ -255,6 +265,7 @@ impl Coord {
                 &["--provider", "none"][..]
             })
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("STANDBY_LOG", "info")
             .stderr(logf)
             .spawn()

@@ -89,6 +89,7 @@ pub(super) async fn open(
         let conn = s.engine.next_conn();
         s.engine.connect(&st.pair, conn, tx.clone()).await?;
         st.conn = Some(conn);
+        offer_backup(&s, &st, &tx);
     } else {
         tracing::info!(identity = %st.identity(), "an expired certificate connected: renewal only");
     }
@@ -169,6 +170,22 @@ async fn on_report(s: &Shared, st: &Stream, r: AgentReport, tx: &Tx) -> Result<(
     s.engine
         .report(&st.pair, st.side(), conn, r, st.observed)
         .await
+}
+
+/// Tells a CPU standby where its pair's history is backed up (its own prefix in the fleet's
+/// bucket), with the key and the bucket's access key: only ever on a CPU certificate's stream.
+fn offer_backup(s: &Shared, st: &Stream, tx: &Tx) {
+    let (Some(b), Role::Cpu) = (&s.backup, st.role) else {
+        return;
+    };
+    let mut target = b.clone();
+    target.url = format!("{}/{}", target.url, st.pair);
+    let cmd = Command {
+        cmd: Some(command::Cmd::Backup(target)),
+    };
+    if tx.try_send(Ok(cmd)).is_err() {
+        tracing::warn!(pair = %st.pair, "the backup target could not be queued for the standby");
+    }
 }
 
 /// Sends the current revocation list; false (after telling the agent why) when this stream's
