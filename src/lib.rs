@@ -27,8 +27,8 @@
 //! - [`trust::seal`]: the backup key, keyed object names, sealed (AEAD) backup objects.
 //!
 //! [`replication`]
-//! - [`replication::manifest`]: what a replica holds and its blake3 root; `catalog` keeps one
-//!   durably.
+//! - [`replication::manifest`]: what a replica holds and its blake3 root;
+//!   [`replication::catalog`] keeps one durably (and `Catalog::peek` reads it without writing).
 //! - `scan`: what changed; `watch`: inotify and the dirty set.
 //! - [`replication::delta`]: rsync deltas made safe for the network; `compress`: zstd.
 //! - `send` (folder): the sending side of a session, generation by generation.

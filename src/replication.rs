@@ -5,7 +5,7 @@
 //! [`receive`] stages, verifies, journals and applies it, recording the result in its
 //! `catalog`. `continuous` is the loop that keeps doing this.
 
-pub(crate) mod catalog;
+pub mod catalog;
 pub(crate) mod compress;
 pub(crate) mod continuous;
 pub mod delta;

@@ -75,6 +75,13 @@ pub struct Catalog {
     snap_len: u64,
 }
 
+/// What [`Catalog::peek`] found.
+pub struct Peeked {
+    pub manifest: Manifest,
+    /// The last committed record, when its `applied` marker is not (yet) in the log.
+    pub unapplied: Option<Record>,
+}
+
 /// What [`Catalog::open`] found.
 pub struct Loaded {
     pub catalog: Catalog,
@@ -99,6 +106,7 @@ impl Catalog {
             manifest,
             last: None,
             last_applied: true,
+            cut_torn: true,
         };
         replay.run(&mut log)?;
         let (manifest, unapplied) = replay.finish();
@@ -111,6 +119,33 @@ impl Catalog {
                 log_len,
                 snap_len,
             },
+            manifest,
+            unapplied,
+        })
+    }
+
+    /// Reads the manifest as of the last committed generation without writing anything: a torn
+    /// record at the end of the log is skipped, not cut off (that is for the owner, at its next
+    /// start). For inspecting the state directory of a running receiver, which goes on owning
+    /// the files (the history benchmark reads what the standby committed this way).
+    pub fn peek(dir: &Path, name: &str) -> Result<Peeked, CatalogError> {
+        let snap_path = dir.join(format!("{name}.snap"));
+        let log_path = dir.join(format!("{name}.log"));
+        let (manifest, _) = read_snapshot(&snap_path)?;
+        let mut replay = Replay {
+            path: &log_path,
+            manifest,
+            last: None,
+            last_applied: true,
+            cut_torn: false,
+        };
+        match File::open(&log_path) {
+            Ok(mut log) => replay.run(&mut log)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&log_path)(e)),
+        }
+        let (manifest, unapplied) = replay.finish();
+        Ok(Peeked {
             manifest,
             unapplied,
         })
@@ -195,6 +230,8 @@ struct Replay<'p> {
     /// The last record folded in, and whether its `applied` marker followed.
     last: Option<Record>,
     last_applied: bool,
+    /// Whether a torn tail is cut off the file (the owner) or only left unread (a peek).
+    cut_torn: bool,
 }
 
 impl Replay<'_> {
@@ -213,6 +250,9 @@ impl Replay<'_> {
                 Err(FrameError::Truncated) | Err(FrameError::Checksum) | Err(FrameError::Magic)
                     if tail_is_torn(self.path, offset, file_len) =>
                 {
+                    if !self.cut_torn {
+                        return Ok(());
+                    }
                     tracing::warn!(
                         path = %self.path.display(),
                         offset,
@@ -453,6 +493,40 @@ mod tests {
         assert_eq!(l.manifest.generation, Generation(1));
         assert!(l.unapplied.is_none());
         assert_eq!(fs::metadata(&log).unwrap().len(), good);
+    }
+
+    #[test]
+    fn peek_reads_committed_state_and_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(Catalog::peek(d.path(), "m").unwrap().manifest.is_empty());
+        assert!(!d.path().join("m.log").exists(), "a peek creates no log");
+        {
+            let mut l = Catalog::open(d.path(), "m").unwrap();
+            l.catalog.append(&rec(1, vec![("a", Some(dir()))])).unwrap();
+            l.catalog.mark_applied(Generation(1)).unwrap();
+            l.catalog.append(&rec(2, vec![("b", Some(dir()))])).unwrap();
+        }
+        let p = Catalog::peek(d.path(), "m").unwrap();
+        assert_eq!(p.manifest.generation, Generation(2));
+        assert_eq!(p.unapplied.unwrap().generation, 2);
+        // A torn append after it: skipped, and left in the file for the owner to cut off.
+        let log = d.path().join("m.log");
+        let torn = frame(
+            kind::RECORD,
+            &rec(3, vec![("c", Some(dir()))]).encode_to_vec(),
+        );
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&torn[..torn.len() - 5]).unwrap();
+        drop(f);
+        let torn_len = fs::metadata(&log).unwrap().len();
+        let p = Catalog::peek(d.path(), "m").unwrap();
+        assert_eq!(p.manifest.generation, Generation(2));
+        assert_eq!(p.manifest.len(), 2);
+        assert_eq!(fs::metadata(&log).unwrap().len(), torn_len);
+        // The owner still opens it, and cuts the torn record off.
+        let l = Catalog::open(d.path(), "m").unwrap();
+        assert_eq!(l.manifest.generation, Generation(2));
+        assert!(fs::metadata(&log).unwrap().len() < torn_len);
     }
 
     #[test]
