@@ -30,7 +30,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 use standby::history::Store;
 use standby::replication::catalog::Catalog;
