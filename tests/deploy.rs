@@ -150,6 +150,8 @@ fn the_example_configuration_loads() {
     let p: String = f.get("provider").unwrap().unwrap();
     let c: String = f.get("cpu_provider").unwrap().unwrap();
     assert_eq!((p.as_str(), c.as_str()), ("vastai", "gcp"));
+    let b: standby::control::service::BackupPlan = f.get("backup").unwrap().unwrap();
+    assert!(b.url.starts_with("s3://"), "{b:?}");
 }
 
 #[test]
