@@ -69,6 +69,10 @@ enum Cmd {
         key_file: Option<PathBuf>,
         #[arg(long, env = "STANDBY_BACKUP_KEY", hide_env_values = true, hide = true)]
         key: Option<String>,
+        /// The pair, when the backup was handed out by a coordinator (`[backup]`): its key is
+        /// derived from the coordinator's `backup.key` for that pair.
+        #[arg(long)]
+        pair: Option<String>,
         /// `latest`, or a snapshot id (16 hex digits).
         #[arg(long, default_value = "latest")]
         snapshot: String,
@@ -123,6 +127,7 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
         virtual_hosted,
         key_file,
         key,
+        pair,
         snapshot,
         to,
         store,
@@ -136,6 +141,10 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
         (Some(path), _) => standby::trust::seal::BackupKey::load(&path)?,
         (None, Some(hex)) => standby::trust::seal::BackupKey::from_hex(&hex)?,
         (None, None) => usage_error("give --key-file or STANDBY_BACKUP_KEY"),
+    };
+    let key = match &pair {
+        Some(p) => key.for_pair(p),
+        None => key,
     };
     let mut cfg = BucketConfig::new(&url);
     cfg.endpoint = endpoint;

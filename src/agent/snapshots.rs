@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::history::{HistoryError, Retention, Store};
 use crate::replication::manifest::Manifest;
 use crate::replication::receive::Receiver;
+use crate::types::Generation;
 
 /// A warning after this many records in a row that a newer generation overtook.
 const MOVED_WARN_EVERY: u32 = 20;
@@ -103,8 +104,9 @@ async fn run(
     let mut committed = receiver.committed();
     let mut forget_tick = tokio::time::interval(FORGET_EVERY);
     // What the replica held when this agent stopped last may not be in the store yet.
+    let mut last = None;
     if let Some(now) = replica_at_start(&store, &receiver) {
-        record(&store, &receiver, now, &figures).await;
+        last = record(&store, &receiver, now, &figures).await;
     }
     loop {
         tokio::select! {
@@ -115,8 +117,11 @@ async fn run(
                     return;
                 }
                 let c = committed.borrow_and_update().clone();
-                let Some(manifest) = c.manifest else { continue };
-                record(&store, &receiver, (manifest, c.at), &figures).await;
+                // A record overtaken by this generation may have recorded it already.
+                let Some(manifest) = c.manifest.filter(|m| Some(m.generation) != last) else {
+                    continue;
+                };
+                last = record(&store, &receiver, (manifest, c.at), &figures).await.or(last);
                 if over_budget(&figures, &retention) {
                     forget(&store, &retention, &figures).await;
                 }
@@ -143,14 +148,14 @@ fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<(Arc<Manifest>
 }
 
 /// Records a committed generation; when a newer one changed a file under it, the newest
-/// committed one instead, until one holds still. A failure is said in the figures and the log,
-/// and the next commit tries again.
+/// committed one instead, until one holds still. Returns the generation recorded; a failure is
+/// said in the figures and the log, and the next commit tries again.
 async fn record(
     store: &Arc<Store>,
     receiver: &Receiver,
     (mut manifest, mut at): (Arc<Manifest>, SystemTime),
     figures: &Arc<Mutex<HistoryFigures>>,
-) {
+) -> Option<Generation> {
     let started = std::time::Instant::now();
     let workspace = receiver.workspace().to_path_buf();
     let mut moved = 0;
@@ -182,11 +187,13 @@ async fn record(
             tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, "snapshot recorded");
             drop(f);
             refresh(store, figures);
+            Some(manifest.generation)
         }
         Err(e) => {
             f.record_failures += 1;
             f.last_error = Some(e.to_string());
             tracing::warn!(error = %e, "recording a snapshot failed; the next generation tries again");
+            None
         }
     }
 }
@@ -195,7 +202,7 @@ async fn record(
 /// applied, or is applied already); None when none comes within a while.
 async fn newer_than(
     receiver: &Receiver,
-    generation: crate::types::Generation,
+    generation: Generation,
 ) -> Option<(Arc<Manifest>, SystemTime)> {
     let mut w = receiver.committed();
     let wait = w.wait_for(|c| {

@@ -39,8 +39,8 @@ pub fn service(store: Arc<Store>, receiver: Receiver) -> HistoryServer<HistorySe
 }
 
 impl HistoryService {
-    /// The pair's machines (the GPU the coordinator named among them), the coordinator and
-    /// admins, with certificates not revoked.
+    /// The GPU the coordinator named, the coordinator and admins, with certificates not
+    /// revoked.
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let peer = tls::peer_of(req)?;
         if self.receiver.is_revoked(&peer.serial) {
@@ -49,7 +49,7 @@ impl HistoryService {
                 peer.identity, peer.serial
             )));
         }
-        if !self.receiver.may_read(&peer.identity) {
+        if !may_read_history(&self.receiver, &peer.identity) {
             return Err(Status::permission_denied(format!(
                 "{} may not read this standby's history",
                 peer.identity
@@ -57,6 +57,14 @@ impl HistoryService {
         }
         Ok(())
     }
+}
+
+/// The sender the coordinator named (any machine of the peer seat in a static pair), the
+/// coordinator and admins: narrower than the replica's status, since history is the data.
+fn may_read_history(receiver: &Receiver, id: &crate::trust::identity::Identity) -> bool {
+    use crate::trust::identity::Identity;
+    matches!(id, Identity::Admin { .. } | Identity::Coordinator)
+        || receiver.expected().sender.accepts(id)
 }
 
 #[tonic::async_trait]

@@ -67,8 +67,9 @@ pub struct Shared {
     cert_lifetime: Duration,
     /// The coordinator's own certificate, as a client of the standbys (their history).
     material: TlsMaterial,
-    /// What CPU standbys are told of the off-site backup (the url without the pair).
-    backup: Option<BackupTarget>,
+    /// What CPU standbys are told of the off-site backup (the url without the pair, no key), and
+    /// the key each pair's is derived from.
+    backup: Option<(BackupTarget, crate::trust::seal::BackupKey)>,
 }
 
 impl Shared {
@@ -434,8 +435,9 @@ pub struct BackupPlan {
 }
 
 impl BackupPlan {
-    /// The target one pair's CPU agent is sent, with the key and the access key.
-    fn target(&self, key_hex: &str) -> anyhow::Result<BackupTarget> {
+    /// The target pairs' CPU agents are sent (each gets its pair's prefix and key), with the
+    /// access key.
+    fn target(&self) -> anyhow::Result<BackupTarget> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
         else {
@@ -461,7 +463,7 @@ impl BackupPlan {
             access_key_id: id,
             secret_access_key: secret,
             session_token: env("AWS_SESSION_TOKEN").unwrap_or_default(),
-            key_hex: key_hex.to_string(),
+            key_hex: String::new(),
             bandwidth,
         })
     }
@@ -574,7 +576,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     let backup_key = crate::trust::seal::BackupKey::load_or_create(dir)?;
     tracing::info!(fingerprint = %backup_key.fingerprint(), "backup key");
     let backup = match &opts.backup {
-        Some(plan) => Some(plan.target(&backup_key.to_hex())?),
+        Some(plan) => Some((plan.target()?, backup_key)),
         None => None,
     };
     let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);

@@ -261,6 +261,15 @@ fn finish_file(f: &Open) -> Result<(), UnpackError> {
     fsx::renameat(f.dir.as_fd(), &f.tmp, f.dir.as_fd(), f.path.name()).map_err(io)
 }
 
+impl Drop for Unpacker {
+    /// A restore cut short (an error, a dropped stream) leaves no temporary file behind.
+    fn drop(&mut self) {
+        if let Some(f) = self.open.take() {
+            let _ = fsx::unlinkat(f.dir.as_fd(), &f.tmp, false);
+        }
+    }
+}
+
 /// A directory where a file or symlink is to go is left alone: the operator moves it.
 fn refuse_dir(dir: &OwnedFd, name: &[u8], path: &RelPath) -> Result<(), UnpackError> {
     match fsx::found_at(dir.as_fd(), name).map_err(|e| io_err(path, e))? {

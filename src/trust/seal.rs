@@ -42,6 +42,7 @@ const NONCE_LEN: usize = 12;
 
 const CONTEXT_AEAD: &str = "standby 2026-12-01 backup object encryption";
 const CONTEXT_NAMES: &str = "standby 2026-12-01 backup object names";
+const CONTEXT_PAIR: &str = "standby 2026-12-01 backup key of one pair";
 const CONTEXT_FINGERPRINT: &str = "standby 2026-12-01 backup key fingerprint";
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +181,17 @@ impl BackupKey {
     pub fn fingerprint(&self) -> Fingerprint {
         let d = blake3::derive_key(CONTEXT_FINGERPRINT, &self.key);
         Fingerprint(d[..FINGERPRINT_LEN].try_into().expect("8 bytes"))
+    }
+
+    /// The key of one pair's backup, derived from the coordinator's: what the coordinator hands
+    /// a pair's standby, so a standby can read and write its own pair's objects only (another
+    /// pair's names and seals are under another key). `restore-backup --pair` derives it again.
+    pub fn for_pair(&self, pair: &str) -> BackupKey {
+        let mut material = self.key.to_vec();
+        material.extend_from_slice(pair.as_bytes());
+        BackupKey {
+            key: blake3::derive_key(CONTEXT_PAIR, &material),
+        }
     }
 
     /// The name an object gets in the bucket for the local name `local`: a keyed hash, so the

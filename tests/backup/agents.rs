@@ -162,7 +162,8 @@ async fn the_coordinator_hands_its_backup_to_each_standby() {
         ],
     );
     let (cpu, _gpu) = hand_joined_pair(&coord, t.path(), "fleet1", 20);
-    let key = BackupKey::load(&coord.dir.join(KEY_FILE)).unwrap();
+    let master = BackupKey::load(&coord.dir.join(KEY_FILE)).unwrap();
+    let key = master.for_pair("fleet1");
     let bucket = s3.bucket("s3://standby-backup/fleet/fleet1");
     let mut shown = serde_json::Value::Null;
     let ok = wait_until(Duration::from_secs(60), || {
@@ -180,4 +181,14 @@ async fn the_coordinator_hands_its_backup_to_each_standby() {
         "no backup through the coordinator: {shown}\n{}",
         cpu.log_text()
     );
+    // Sealed with the pair's own key: the coordinator's key itself opens nothing there.
+    let rt = tokio::runtime::Handle::current();
+    let with_master =
+        tokio::task::block_in_place(|| rt.block_on(standby::backup::snapshots(&bucket, &master)));
+    if let Ok(l) = with_master {
+        assert!(
+            l.snapshots.is_empty(),
+            "the coordinator's own key opened a pair's backup"
+        );
+    }
 }

@@ -173,13 +173,15 @@ async fn on_report(s: &Shared, st: &Stream, r: AgentReport, tx: &Tx) -> Result<(
 }
 
 /// Tells a CPU standby where its pair's history is backed up (its own prefix in the fleet's
-/// bucket), with the key and the bucket's access key: only ever on a CPU certificate's stream.
+/// bucket), with its pair's own key (derived from the coordinator's: another pair's objects stay
+/// sealed to it) and the bucket's access key: only ever on a CPU certificate's stream.
 fn offer_backup(s: &Shared, st: &Stream, tx: &Tx) {
-    let (Some(b), Role::Cpu) = (&s.backup, st.role) else {
+    let (Some((b, key)), Role::Cpu) = (&s.backup, st.role) else {
         return;
     };
     let mut target = b.clone();
     target.url = format!("{}/{}", target.url, st.pair);
+    target.key_hex = key.for_pair(&st.pair).to_hex();
     let cmd = Command {
         cmd: Some(command::Cmd::Backup(target)),
     };
