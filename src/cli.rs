@@ -124,9 +124,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Unix milliseconds as RFC 3339 in UTC, to the millisecond.
 pub fn format_time(unix_ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64);
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms.clamp(0, LAST_MS) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
+
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z): later times, which only
+/// a forged or broken clock gives, are shown (and looked up) as that.
+pub const LAST_MS: i64 = 253_402_300_799_999;
 
 /// A TOML configuration file's settings (empty when there is none).
 #[derive(Debug, Default)]
@@ -300,6 +304,7 @@ mod tests {
                 .contains("RFC 3339")
         );
         assert!(parse_time("100years", now).is_err());
+        assert_eq!(format_time(i64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
     #[test]

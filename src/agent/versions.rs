@@ -221,7 +221,8 @@ pub fn selector(id: String, at_unix_ms: i64) -> Selector {
     if !id.is_empty() {
         Selector::Id(id)
     } else if at_unix_ms > 0 {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_unix_ms as u64);
+        let ms = at_unix_ms.min(crate::cli::LAST_MS) as u64;
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
         Selector::AtOrBefore(at)
     } else {
         Selector::Latest
