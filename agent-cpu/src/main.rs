@@ -49,44 +49,48 @@ enum Cmd {
         #[arg(long, env = "STANDBY_STATE_DIR")]
         state_dir: PathBuf,
     },
-    /// Disaster recovery: restore a snapshot and its packs from the bucket alone into a new
-    /// snapshot-store directory. Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
-    RestoreBackup {
-        /// The bucket and prefix, s3://bucket/prefix.
-        #[arg(long, env = "STANDBY_BACKUP_URL")]
-        url: String,
-        /// The provider's endpoint (R2, B2, GCS, MinIO); none for AWS S3.
-        #[arg(long, env = "STANDBY_BACKUP_ENDPOINT")]
-        endpoint: Option<String>,
-        /// The bucket's region (`auto` for R2 and GCS).
-        #[arg(long, env = "STANDBY_BACKUP_REGION")]
-        region: Option<String>,
-        /// Virtual-hosted-style requests (AWS S3) instead of path style.
-        #[arg(long)]
-        virtual_hosted: bool,
-        /// The coordinator's backup.key (or STANDBY_BACKUP_KEY, 64 hex digits).
-        #[arg(long, required_unless_present = "key")]
-        key_file: Option<PathBuf>,
-        #[arg(long, env = "STANDBY_BACKUP_KEY", hide_env_values = true, hide = true)]
-        key: Option<String>,
-        /// The pair, when the backup was handed out by a coordinator (`[backup]`): its key is
-        /// derived from the coordinator's `backup.key` for that pair.
-        #[arg(long)]
-        pair: Option<String>,
-        /// `latest`, or a snapshot id (16 hex digits).
-        #[arg(long, default_value = "latest")]
-        snapshot: String,
-        /// Where the snapshot's files go: a new or empty directory (a workspace).
-        #[arg(long, required_unless_present = "store_only")]
-        to: Option<PathBuf>,
-        /// Where the snapshot store is rebuilt from the bucket (a new or empty directory, or one
-        /// an interrupted restore left); a temporary one beside --to when not given.
-        #[arg(long, required_if_eq("store_only", "true"))]
-        store: Option<PathBuf>,
-        /// Only rebuild the store (to seed a standby's `<state-dir>/history`), no files.
-        #[arg(long)]
-        store_only: bool,
-    },
+    /// Disaster recovery from the bucket alone: a snapshot's files into --to (its store rebuilt
+    /// on the way, kept with --store). Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+    RestoreBackup(RestoreBackupArgs),
+}
+
+/// `restore-backup`'s flags.
+#[derive(clap::Args, Debug)]
+struct RestoreBackupArgs {
+    /// The bucket and prefix, s3://bucket/prefix.
+    #[arg(long, env = "STANDBY_BACKUP_URL")]
+    url: String,
+    /// The provider's endpoint (R2, B2, GCS, MinIO); none for AWS S3.
+    #[arg(long, env = "STANDBY_BACKUP_ENDPOINT")]
+    endpoint: Option<String>,
+    /// The bucket's region (`auto` for R2 and GCS).
+    #[arg(long, env = "STANDBY_BACKUP_REGION")]
+    region: Option<String>,
+    /// Virtual-hosted-style requests (AWS S3) instead of path style.
+    #[arg(long)]
+    virtual_hosted: bool,
+    /// The coordinator's backup.key (or STANDBY_BACKUP_KEY, 64 hex digits).
+    #[arg(long, required_unless_present = "key")]
+    key_file: Option<PathBuf>,
+    #[arg(long, env = "STANDBY_BACKUP_KEY", hide_env_values = true, hide = true)]
+    key: Option<String>,
+    /// The pair, when the backup was handed out by a coordinator (`[backup]`): its key is
+    /// derived from the coordinator's `backup.key` for that pair.
+    #[arg(long)]
+    pair: Option<String>,
+    /// `latest`, or a snapshot id (16 hex digits).
+    #[arg(long, default_value = "latest")]
+    snapshot: String,
+    /// Where the snapshot's files go: a new or empty directory (a workspace).
+    #[arg(long, required_unless_present = "store_only")]
+    to: Option<PathBuf>,
+    /// Where the snapshot store is rebuilt from the bucket (a new or empty directory, or one
+    /// an interrupted restore left); a temporary one beside --to when not given.
+    #[arg(long, required_if_eq("store_only", "true"))]
+    store: Option<PathBuf>,
+    /// Only rebuild the store (to seed a standby's `<state-dir>/history`), no files.
+    #[arg(long)]
+    store_only: bool,
 }
 
 fn main() {
@@ -117,10 +121,16 @@ fn main() {
 }
 
 async fn command(cmd: Cmd) -> anyhow::Result<()> {
-    if let Cmd::Verify { state_dir } = cmd {
-        return verify(&state_dir).await;
+    match cmd {
+        Cmd::Verify { state_dir } => verify(&state_dir).await,
+        Cmd::RestoreBackup(args) => restore_backup(args).await,
     }
-    let Cmd::RestoreBackup {
+}
+
+/// `agent-cpu restore-backup`: the store from the bucket, then (unless `--store-only`) the
+/// snapshot's files.
+async fn restore_backup(args: RestoreBackupArgs) -> anyhow::Result<()> {
+    let RestoreBackupArgs {
         url,
         endpoint,
         region,
@@ -132,10 +142,7 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
         to,
         store,
         store_only,
-    } = cmd
-    else {
-        unreachable!("verify returned above");
-    };
+    } = args;
     let pick: Pick = snapshot.parse().unwrap_or_else(|e| usage_error(e));
     let key = match (key_file, key) {
         (Some(path), _) => standby::trust::seal::BackupKey::load(&path)?,
