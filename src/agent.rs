@@ -6,7 +6,9 @@
 //! whichever direction its mode says (running the operator's `hooks` when the role changes),
 //! and, when a coordinator manages it, the `managed` tasks: the heartbeat `link` carrying
 //! each `report`, the CPU's `probe` of its GPU peer, GPU health from `nvml`, certificate
-//! `renewal` and the coordinator's `revocations`.
+//! `renewal` and the coordinator's `revocations`. A CPU standby keeps point-in-time history
+//! (`snapshots`, served by [`versions`]), backs it up off-site (`backups`), and a new standby of a
+//! pair rebuilt from its backup is filled from the bucket (`seed`).
 
 pub mod args;
 pub(crate) mod backups;
@@ -23,6 +25,7 @@ pub(crate) mod renewal;
 pub(crate) mod report;
 pub(crate) mod revocations;
 pub mod runtime;
+pub(crate) mod seed;
 pub(crate) mod snapshots;
 pub mod socket;
 pub mod versions;

@@ -5,8 +5,8 @@ use standby::agent::versions;
 use standby::history::Selector;
 use standby::proto::admin_client::AdminClient;
 use standby::proto::{
-    EventKind, EventsRequest, ListPairsRequest, PairFetchRequest, PairRequest, PairState,
-    PairVersionsRequest, PairView,
+    BackupPick, EventKind, EventsRequest, ListPairsRequest, PairFetchRequest, PairRequest,
+    PairState, PairVersionsRequest, PairView, RecoverRequest,
 };
 use standby::trust::identity::Identity;
 use standby::trust::tls::{self, Expect, TlsMaterial};
@@ -158,10 +158,13 @@ pub async fn create(r: &Remote, pair: &str) -> anyhow::Result<()> {
 }
 
 /// The pair-changing verbs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Verb {
     Failover,
-    Recover,
+    /// With a backup snapshot (`latest` or an id): rebuild the pair from its off-site backup.
+    Recover {
+        from_backup: Option<String>,
+    },
     Hibernate,
     Wake,
 }
@@ -169,9 +172,15 @@ pub enum Verb {
 pub async fn action(r: &Remote, pair: &str, verb: Verb, follow: bool) -> anyhow::Result<()> {
     let mut c = client(r).await?;
     let req = PairRequest { pair: pair.into() };
-    let a = match verb {
+    let a = match &verb {
         Verb::Failover => c.failover(req).await,
-        Verb::Recover => c.recover(req).await,
+        Verb::Recover { from_backup } => {
+            c.recover(RecoverRequest {
+                pair: pair.into(),
+                from_backup: from_backup.clone().map(|snapshot| BackupPick { snapshot }),
+            })
+            .await
+        }
         Verb::Hibernate => c.hibernate(req).await,
         Verb::Wake => c.wake(req).await,
     }

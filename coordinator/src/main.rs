@@ -129,6 +129,14 @@ enum AdminCmd {
         /// Follow the recovery (with a restore progress bar) until the pair is Syncing.
         #[arg(long)]
         follow: bool,
+        /// The pair lost both machines: provision a CPU standby, seed it from the pair's
+        /// off-site backup (`[backup]`), then a GPU as after a failover. Refused while either
+        /// agent is heard from. Both old machines are revoked for good.
+        #[arg(long)]
+        from_backup: bool,
+        /// With --from-backup: `latest`, or a snapshot id (16 hex digits, `versions`).
+        #[arg(long, requires = "from_backup", default_value = "latest")]
+        snapshot: String,
     },
     /// Hibernate PAIR: final sync, then the GPU machine is destroyed; the CPU keeps the data.
     Hibernate {
@@ -402,7 +410,12 @@ async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
             pair,
             remote,
             follow,
-        } => admin::action(&remote, &pair, admin::Verb::Recover, follow).await,
+            from_backup,
+            snapshot,
+        } => {
+            let from_backup = from_backup.then_some(snapshot);
+            admin::action(&remote, &pair, admin::Verb::Recover { from_backup }, follow).await
+        }
         AdminCmd::Hibernate {
             pair,
             remote,

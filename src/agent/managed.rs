@@ -16,6 +16,7 @@ use crate::agent::probe::{self, ProbeTarget};
 use crate::agent::renewal::Renewal;
 use crate::agent::report::Reporter;
 use crate::agent::revocations;
+use crate::agent::seed::Seeder;
 use crate::agent::snapshots::Recorder;
 use crate::agent::socket::InjectedFault;
 use crate::proto::Command;
@@ -53,13 +54,21 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
             shutdown.clone(),
         ));
     }
+    let seeder = (cfg.role == Role::Cpu).then(|| {
+        Seeder::new(
+            m.node.receiver().clone(),
+            &cfg.state_dir,
+            cfg.backup.clone(),
+            shutdown.clone(),
+        )
+    });
     let reporter = Arc::new(Reporter::new(
         cfg,
         m.listen_port,
         m.node.clone(),
         probe,
         m.fault,
-        m.history.clone(),
+        (m.history.clone(), seeder.clone()),
     ));
     let renewal = Arc::new(Renewal::new(m.cert_dir, &m.tls));
     let report: ReportFn = {
@@ -84,6 +93,7 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
         tls: m.tls.clone(),
         state_dir: cfg.state_dir.clone(),
         offsite,
+        seeder,
     };
     let node = dispatcher.node.clone();
     let opts = LinkOptions {
@@ -105,6 +115,8 @@ struct Dispatcher {
     state_dir: PathBuf,
     /// A standby's history, which the coordinator may have backed up off-site.
     offsite: Option<Offsite>,
+    /// A CPU standby's seed from the off-site backup.
+    seeder: Option<Seeder>,
 }
 
 /// The off-site backup the coordinator asks a standby for.
@@ -161,12 +173,8 @@ impl Dispatcher {
                 Cmd::Probe(p) => self.probe(p),
                 Cmd::Renewed(r) => self.renewed(r.cert_pem).await,
                 Cmd::Revocations(r) => self.revocations(r.serials).await,
-                Cmd::Backup(b) => match &self.offsite {
-                    Some(o) => o.take(&b),
-                    None => tracing::warn!(
-                        "the coordinator offers a backup, but this agent keeps no history"
-                    ),
-                },
+                Cmd::Backup(b) => self.backup(&b),
+                Cmd::Seed(s) => self.seed(s),
                 other => {
                     if !matches!(other, Cmd::Receive(_)) {
                         let _ = self.probe.send(None);
@@ -174,6 +182,33 @@ impl Dispatcher {
                     self.node.command(other);
                 }
             }
+        }
+    }
+
+    /// The coordinator's backup for this pair: the history's uploads go there, and a seed
+    /// comes from there.
+    fn backup(&self, b: &crate::proto::BackupTarget) {
+        if let Some(s) = &self.seeder {
+            s.offer(b);
+        }
+        match &self.offsite {
+            Some(o) => o.take(b),
+            None => {
+                tracing::warn!("the coordinator offers a backup, but this agent keeps no history")
+            }
+        }
+    }
+
+    /// A seed from the backup: the node takes its epoch (or refuses it); only then it starts.
+    fn seed(&self, s: crate::proto::Seed) {
+        let asked = s.snapshot.clone();
+        let _ = self.probe.send(None);
+        self.node.command(Cmd::Seed(s));
+        let seeding = matches!(self.node.mode(), crate::agent::node::Mode::Seeding(_));
+        match (&self.seeder, seeding) {
+            (Some(seeder), true) => seeder.start(&asked),
+            (None, _) => tracing::warn!("a seed was asked of a GPU agent; ignored"),
+            (_, false) => {}
         }
     }
 

@@ -41,6 +41,9 @@ pub enum Mode {
     Primary(Epoch),
     /// Another machine is the primary: neither sends nor accepts.
     Fenced(Epoch, String),
+    /// A new standby of a pair rebuilt from its backup: fills its empty replica from the bucket
+    /// (`agent::seed`) at this epoch; neither sends nor accepts meanwhile.
+    Seeding(Epoch),
 }
 
 /// The sender a `Receive` command names (its machine, or any machine of the peer seat when
@@ -60,6 +63,7 @@ impl Mode {
             Mode::Send(_) => AgentMode::Send,
             Mode::Primary(_) => AgentMode::Primary,
             Mode::Fenced(..) => AgentMode::Fenced,
+            Mode::Seeding(_) => AgentMode::Seeding,
         }
     }
 
@@ -70,6 +74,7 @@ impl Mode {
             Mode::Send(_) => "send",
             Mode::Primary(_) => "primary",
             Mode::Fenced(..) => "fenced",
+            Mode::Seeding(_) => "seeding",
         }
     }
 }
@@ -204,6 +209,7 @@ impl Node {
                 self.set_mode(Mode::Fenced(Epoch(f.epoch), f.reason))
             }
             Cmd::Freeze(f) => self.freeze(Epoch(f.epoch)),
+            Cmd::Seed(s) => self.set_mode(Mode::Seeding(Epoch(s.epoch))),
             // Probes, renewal and revocation lists are handled beside the node (`managed`).
             Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) | Cmd::Backup(_) => {}
         }
@@ -403,6 +409,7 @@ impl Node {
                 Mode::Receive(e) => self.receive(e).await,
                 Mode::Primary(e) => self.promote(e, &mut hooked).await,
                 Mode::Fenced(..) => self.fence(),
+                Mode::Seeding(e) => self.seeding(e).await,
                 Mode::Idle => {
                     self.inner.receiver.set_accepting(false);
                     Next::Wait
@@ -510,6 +517,20 @@ impl Node {
         Next::Wait
     }
 
+    /// Takes the seed's epoch durably and accepts nothing: the seeder (`agent::seed`) fills the
+    /// replica under its lock.
+    async fn seeding(&self, epoch: Epoch) -> Next {
+        let recv = &self.inner.receiver;
+        recv.set_accepting(false);
+        if let Err(err) = recv.raise_epoch(epoch).await {
+            tracing::error!(error = %err, "cannot persist the seed's epoch");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Next::Again;
+        }
+        self.inner.figures.lock().expect("figures").fenced = false;
+        Next::Wait
+    }
+
     fn fence(&self) -> Next {
         self.inner.receiver.set_accepting(false);
         self.inner.figures.lock().expect("figures").fenced = true;
@@ -549,6 +570,7 @@ fn command_epoch(cmd: &Cmd) -> Option<Epoch> {
         Cmd::Promote(p) => Some(Epoch(p.epoch)),
         Cmd::Fence(f) => Some(Epoch(f.epoch)),
         Cmd::Freeze(f) => Some(Epoch(f.epoch)),
+        Cmd::Seed(s) => Some(Epoch(s.epoch)),
         Cmd::Probe(_) | Cmd::Renewed(_) | Cmd::Revocations(_) | Cmd::Backup(_) => None,
     }
 }
@@ -564,6 +586,7 @@ fn command_name(cmd: &Cmd) -> &'static str {
         Cmd::Renewed(_) => "Renewed",
         Cmd::Revocations(_) => "Revocations",
         Cmd::Backup(_) => "Backup",
+        Cmd::Seed(_) => "Seed",
     }
 }
 

@@ -10,6 +10,7 @@ use crate::agent::config::AgentConfig;
 use crate::agent::node::{Node, NodeReport};
 use crate::agent::nvml::Nvml;
 use crate::agent::probe::{self, ProbeState};
+use crate::agent::seed::Seeder;
 use crate::agent::snapshots::{HistoryFigures, Recorder};
 use crate::agent::socket::InjectedFault;
 use crate::proto::{AgentMode, AgentReport, GpuHealth, HistoryReport, PeerContact};
@@ -27,6 +28,8 @@ pub struct Reporter {
     fault: InjectedFault,
     nvml: Mutex<Option<Nvml>>,
     history: Option<Recorder>,
+    /// A CPU standby's seed from the off-site backup.
+    seed: Option<Seeder>,
 }
 
 impl Reporter {
@@ -37,7 +40,7 @@ impl Reporter {
         node: Node,
         probe: probe::Shared,
         fault: InjectedFault,
-        history: Option<Recorder>,
+        (history, seed): (Option<Recorder>, Option<Seeder>),
     ) -> Reporter {
         let nvml = if cfg.role == Role::Gpu {
             Nvml::open()
@@ -55,6 +58,7 @@ impl Reporter {
             fault,
             nvml: Mutex::new(nvml),
             history,
+            seed,
         }
     }
 
@@ -120,6 +124,7 @@ impl Reporter {
             workspace_bytes: n.workspace_bytes,
             connected: n.connected,
             history: self.history.as_ref().map(|h| history_report(&h.figures())),
+            seed: self.seed.as_ref().and_then(Seeder::report),
             ..Default::default()
         }
     }

@@ -26,7 +26,8 @@
 //!
 //! One file per concern: `detection` (heartbeats, suspicion, confirmation, failover),
 //! `provisioning` (attempts, blocklist, backoff, deadlines), `restore` (restore progress,
-//! cutover, reseeding a standby), `hibernation`, `desired` (the commands agents should hold),
+//! cutover, reseeding a standby), `rebuild` (a pair that lost both machines, from its backup),
+//! `hibernation`, `desired` (the commands agents should hold),
 //! `retirement` (which machines a transition retires, and who holds a seat).
 #![deny(clippy::disallowed_methods)]
 
@@ -34,6 +35,7 @@ mod desired;
 mod detection;
 mod hibernation;
 mod provisioning;
+mod rebuild;
 mod restore;
 mod retirement;
 #[cfg(test)]
@@ -63,10 +65,13 @@ pub enum PairState {
     Hibernated,
     /// The CPU standby is lost; the GPU is unprotected.
     Degraded,
+    /// Both machines were lost: a new CPU standby is seeded from the off-site backup, then a
+    /// GPU follows as after a failover (`rebuild`).
+    Rebuilding,
 }
 
 impl PairState {
-    pub const ALL: [PairState; 9] = [
+    pub const ALL: [PairState; 10] = [
         PairState::Pending,
         PairState::Syncing,
         PairState::Suspect,
@@ -76,6 +81,7 @@ impl PairState {
         PairState::CuttingOver,
         PairState::Hibernated,
         PairState::Degraded,
+        PairState::Rebuilding,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +95,7 @@ impl PairState {
             PairState::CuttingOver => "CuttingOver",
             PairState::Hibernated => "Hibernated",
             PairState::Degraded => "Degraded",
+            PairState::Rebuilding => "Rebuilding",
         }
     }
 
@@ -153,6 +160,10 @@ pub struct AgentStatus {
     pub workspace_bytes: u64,
     /// GPU utilisation in percent (None: no NVML).
     pub utilization: Option<u32>,
+    /// CPU agent: the off-site backup snapshot its replica was seeded from ("" : none).
+    pub seeded: String,
+    /// CPU agent: why its last try at a seed failed ("" : it did not).
+    pub seed_error: String,
 }
 
 /// What the coordinator has seen of one agent (not persisted: rebuilt from heartbeats).
@@ -224,6 +235,12 @@ pub enum Input {
     ProviderGone(Side, Instant),
     /// An operator asked to recover the pair now (or to retry provisioning at once).
     Recover,
+    /// An operator asked to rebuild a pair that lost both machines from the backup snapshot
+    /// `snapshot` (`latest` or an id).
+    RecoverFromBackup {
+        snapshot: String,
+        now: Instant,
+    },
     Hibernate,
     Wake,
     /// The provider created the machine labelled `label`.
@@ -273,12 +290,31 @@ pub enum Action {
 /// A command an agent should have received for the current record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Desired {
-    SetPeer { url: String, epoch: Epoch },
-    Promote { epoch: Epoch },
-    Fence { epoch: Epoch, reason: String },
-    Probe { url: String },
-    Receive { epoch: Epoch },
-    Freeze { epoch: Epoch },
+    SetPeer {
+        url: String,
+        epoch: Epoch,
+    },
+    Promote {
+        epoch: Epoch,
+    },
+    Fence {
+        epoch: Epoch,
+        reason: String,
+    },
+    Probe {
+        url: String,
+    },
+    Receive {
+        epoch: Epoch,
+    },
+    Freeze {
+        epoch: Epoch,
+    },
+    /// Fill the empty replica from the off-site backup snapshot (`latest` or an id).
+    Seed {
+        epoch: Epoch,
+        snapshot: String,
+    },
 }
 
 pub struct PairMachine {
@@ -345,6 +381,7 @@ impl PairMachine {
             Input::Manual(now) => self.on_manual(now, &mut out),
             Input::ProviderGone(side, now) => self.provider_gone(side, now, t, &mut out),
             Input::Recover => self.recover(&mut out),
+            Input::RecoverFromBackup { snapshot, now } => self.rebuild(snapshot, now, t, &mut out),
             Input::Hibernate => self.hibernate(&mut out),
             Input::Wake => self.wake(&mut out),
             Input::Created {

@@ -40,7 +40,7 @@ use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
     ActionReply, AgentReport, BackupTarget, Command, Event, EventKind, EventsRequest, FetchItem,
     JoinReply, JoinRequest, ListPairsReply, ListPairsRequest, PairFetchRequest, PairRequest,
-    PairVersionsRequest, PairView, VersionsReply,
+    PairVersionsRequest, PairView, RecoverRequest, VersionsReply,
 };
 use crate::trust::identity::{CertFacts, Identity, Role};
 use crate::trust::pki::Ca;
@@ -73,6 +73,24 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A rebuild from the backup needs `[backup]` here and a snapshot named as the bucket names
+    /// them.
+    fn check_rebuild(&self, snapshot: &str) -> Result<(), Status> {
+        if self.backup.is_none() {
+            return Err(Status::failed_precondition(
+                "recover --from-backup needs the coordinator's [backup] (coordinator.toml): it names the bucket the pair's standby backed up to",
+            ));
+        }
+        let id = snapshot.len() == 16 && snapshot.bytes().all(|b| b.is_ascii_hexdigit());
+        if snapshot != "latest" && !id {
+            return Err(Status::invalid_argument(format!(
+                "--snapshot takes `latest` or a snapshot id (16 hex digits), not {:?}",
+                crate::text::truncate(snapshot.to_string(), 40)
+            )));
+        }
+        Ok(())
+    }
+
     /// A refusal: counted, shown as an event, and answered PERMISSION_DENIED, or UNAUTHENTICATED
     /// for a revoked certificate (an agent that hears it knows it was retired, and fences
     /// itself).
@@ -273,12 +291,21 @@ impl Admin for AdminSvc {
         Ok(Response::new(self.0.engine.failover(&pair).await?))
     }
 
-    async fn recover(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
-        admin(&req)?;
-        let pair = req.into_inner().pair;
-        Ok(Response::new(
-            self.0.engine.manual(&pair, Input::Recover).await?,
-        ))
+    async fn recover(&self, req: Request<RecoverRequest>) -> Result<Response<ActionReply>, Status> {
+        let who = admin(&req)?;
+        let RecoverRequest { pair, from_backup } = req.into_inner();
+        let input = match from_backup {
+            None => Input::Recover,
+            Some(pick) => {
+                self.0.check_rebuild(&pick.snapshot)?;
+                tracing::warn!(%pair, admin = %who, snapshot = %pick.snapshot, "rebuild from the off-site backup requested");
+                Input::RecoverFromBackup {
+                    snapshot: pick.snapshot,
+                    now: std::time::Instant::now(),
+                }
+            }
+        };
+        Ok(Response::new(self.0.engine.manual(&pair, input).await?))
     }
 
     async fn hibernate(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {

@@ -35,6 +35,7 @@ impl From<PairState> for proto::PairState {
             PairState::CuttingOver => proto::PairState::CuttingOver,
             PairState::Hibernated => proto::PairState::Hibernated,
             PairState::Degraded => proto::PairState::Degraded,
+            PairState::Rebuilding => proto::PairState::Rebuilding,
         }
     }
 }
@@ -59,6 +60,7 @@ impl TryFrom<proto::PairState> for PairState {
             proto::PairState::CuttingOver => PairState::CuttingOver,
             proto::PairState::Hibernated => PairState::Hibernated,
             proto::PairState::Degraded => PairState::Degraded,
+            proto::PairState::Rebuilding => PairState::Rebuilding,
         })
     }
 }

@@ -188,6 +188,21 @@ pub struct Receiver {
     inner: Arc<Inner>,
 }
 
+/// Why a seed was not taken into the replica.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error(
+        "the replica is not empty ({entries} entries at generation {generation}): a seed never overwrites it"
+    )]
+    NotEmpty { entries: usize, generation: u64 },
+    #[error("{0}")]
+    Write(String),
+    #[error("taking the seeded workspace: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Catalog(#[from] crate::replication::catalog::CatalogError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("{0}")]
@@ -339,6 +354,38 @@ impl Receiver {
         st.catalog.sync().ok();
         self.inner.figures.lock().expect("figures").epoch = st.epoch.get();
         Ok(raised)
+    }
+
+    /// Fills an empty replica: `write` puts files into the workspace (a seed from the off-site
+    /// backup), then they are taken as the next generation, durably (the catalog rewritten), all
+    /// under the replica lock so no session or sender runs meanwhile. Refused when the replica
+    /// holds anything: a seed never overwrites what replication brought.
+    pub async fn adopt_seed<F>(&self, write: F) -> Result<Figures, SeedError>
+    where
+        F: FnOnce(&Path) -> Result<(), String> + Send + 'static,
+    {
+        self.set_accepting(false);
+        let mut st = self.inner.state.clone().lock_owned().await;
+        if !st.manifest.is_empty() {
+            return Err(SeedError::NotEmpty {
+                entries: st.manifest.len(),
+                generation: st.manifest.generation.0,
+            });
+        }
+        let (ws, stage) = (self.inner.workspace.clone(), self.inner.stage_path.clone());
+        let st = tokio::task::spawn_blocking(move || -> Result<_, SeedError> {
+            write(&ws).map_err(SeedError::Write)?;
+            let mut m = startup::adopt(&ws, &stage)?;
+            m.generation = st.manifest.generation.next();
+            st.catalog.reset(&m)?;
+            st.manifest = m;
+            Ok(st)
+        })
+        .await
+        .map_err(|e| SeedError::Write(format!("the seed task failed: {e}")))??;
+        let mut f = self.inner.figures.lock().expect("figures");
+        f.set_manifest(&st.manifest);
+        Ok(f.clone())
     }
 
     fn preempt(&self) {

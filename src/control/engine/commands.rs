@@ -7,7 +7,7 @@
 use super::Actor;
 use crate::control::failover::Desired;
 use crate::proto::state::PairRecord;
-use crate::proto::{Command, Fence, Freeze, ProbeTarget, Promote, Receive, SetPeer, command};
+use crate::proto::{Command, Fence, Freeze, ProbeTarget, Promote, Receive, Seed, SetPeer, command};
 use crate::types::Side;
 
 /// The machine the record holds on the other side of `side` ("" while none has reported).
@@ -45,6 +45,10 @@ pub(super) fn command_for(d: &Desired, peer: &str) -> Command {
                 peer: peer.to_string(),
             }),
             Desired::Freeze { epoch } => command::Cmd::Freeze(Freeze { epoch: epoch.0 }),
+            Desired::Seed { epoch, snapshot } => command::Cmd::Seed(Seed {
+                epoch: epoch.0,
+                snapshot: snapshot.clone(),
+            }),
         }),
     }
 }

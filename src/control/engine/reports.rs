@@ -185,5 +185,12 @@ fn agent_status(r: &AgentReport) -> AgentStatus {
             .as_ref()
             .filter(|g| g.count > 0)
             .map(|g| g.utilization),
+        seeded: r
+            .seed
+            .as_ref()
+            .filter(|s| s.done)
+            .map(|s| s.snapshot.clone())
+            .unwrap_or_default(),
+        seed_error: r.seed.as_ref().map(|s| s.error.clone()).unwrap_or_default(),
     }
 }

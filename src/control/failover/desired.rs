@@ -16,6 +16,12 @@ impl PairMachine {
                 .filter(|a| !a.is_empty())
         };
         let state = self.state();
+        if state == PairState::Rebuilding && side == Side::Cpu {
+            return vec![Desired::Seed {
+                epoch,
+                snapshot: self.rec.seed_snapshot.clone(),
+            }];
+        }
         if matches!(state, PairState::Restoring | PairState::CuttingOver) {
             // The CPU (primary) sends its workspace to the new GPU, which receives.
             return match side {

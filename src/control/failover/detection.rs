@@ -18,7 +18,11 @@ impl PairMachine {
     /// A heartbeat from `side`'s agent: record it, react to what it says, move recovery along.
     pub(super) fn on_report(&mut self, side: Side, r: Report, out: &mut Vec<Action>) {
         let at = r.at;
+        let seed_error = self.seen.cpu.status.seed_error.clone();
         self.hear(side, &r);
+        if side == Side::Cpu {
+            self.seed_trouble(&seed_error, out);
+        }
         let joined_label = r.machine.as_ref().map(|m| m.machine.clone());
         if let Some(m) = r.machine {
             self.note_machine(side, m, out);

@@ -143,7 +143,9 @@ impl PairMachine {
             PairState::FailedOver | PairState::Hibernated => {
                 self.start_provision(Side::Gpu, "recovery requested by an operator".into(), out)
             }
-            PairState::Provisioning | PairState::Degraded if self.rec.provision.is_some() => {
+            PairState::Provisioning | PairState::Degraded | PairState::Rebuilding
+                if self.rec.provision.is_some() =>
+            {
                 let p = self.rec.provision.as_mut().expect("checked");
                 p.next_try_unix_ms = self.wall_ms;
                 out.push(Action::Persist);
@@ -240,9 +242,10 @@ impl PairMachine {
             next_try_unix_ms: self.wall_ms,
             ..Default::default()
         });
-        let to = match role {
-            Side::Gpu => PairState::Provisioning,
-            Side::Cpu => PairState::Degraded,
+        let to = match (role, self.rec.seed_snapshot.is_empty()) {
+            (Side::Gpu, _) => PairState::Provisioning,
+            (Side::Cpu, true) => PairState::Degraded,
+            (Side::Cpu, false) => PairState::Rebuilding,
         };
         out.push(Action::Persist);
         self.go(to, reason, out);
@@ -293,7 +296,8 @@ impl PairMachine {
     }
 
     /// An agent reported as `label`: the machine being provisioned has joined. A new GPU is
-    /// restored onto; a new CPU standby is seeded from the GPU.
+    /// restored onto; a new CPU standby is seeded from the GPU (or, rebuilding, from the
+    /// backup).
     pub(super) fn joined(&mut self, side: Side, label: &str, out: &mut Vec<Action>) {
         if !self.provisioning(side) || self.provisioning_label() != Some(label) {
             return;
@@ -310,10 +314,15 @@ impl PairMachine {
                 );
             }
             Side::Cpu => {
+                let from = if self.rec.seed_snapshot.is_empty() {
+                    "the GPU".to_string()
+                } else {
+                    format!("backup snapshot {}", self.rec.seed_snapshot)
+                };
                 out.push(Action::Persist);
                 out.push(Action::Warn {
                     kind: EventKind::Provisioning,
-                    message: format!("{label} joined; seeding it from the GPU"),
+                    message: format!("{label} joined; seeding it from {from}"),
                 });
             }
         }

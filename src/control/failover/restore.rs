@@ -1,5 +1,5 @@
 //! Moving a recovery along as the agents report: restore onto a new GPU, cutover, hibernation's
-//! final sync, and the seeding of a new CPU standby.
+//! final sync, the seeding of a new CPU standby, and a rebuild's seed from the backup.
 //!
 //! Each step is decided only on what both agents report about the same manifest root: a
 //! transition never rests on one side's word. Cutover raises the epoch (Invariant 3) in the
@@ -58,6 +58,7 @@ impl PairMachine {
             {
                 self.reseeded(out)
             }
+            PairState::Rebuilding if self.seed_in_place() => self.seeded(out),
             _ => {}
         }
     }

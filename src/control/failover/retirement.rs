@@ -45,6 +45,11 @@ fn fails_over(before: &PairRecord, after: &PairRecord) -> bool {
     before.state() != PairState::FailedOver && after.state() == PairState::FailedOver
 }
 
+/// Whether the write starts a rebuild from the backup (both machines lost for good).
+fn starts_rebuild(before: &PairRecord, after: &PairRecord) -> bool {
+    before.state() != PairState::Rebuilding && after.state() == PairState::Rebuilding
+}
+
 fn attempt_label(rec: &PairRecord) -> Option<(Side, &str)> {
     let p = rec.provision.as_ref()?;
     let m = p.machine.as_ref()?;
@@ -81,6 +86,20 @@ pub fn retired(before: &PairRecord, after: &PairRecord) -> Vec<Retired> {
             gpu,
             format!("gpu machine {gpu} failed over from"),
         );
+    }
+    if starts_rebuild(before, after) {
+        for side in Side::ALL {
+            if let Some(m) = seat_machine(before, side) {
+                add(
+                    side,
+                    m,
+                    format!(
+                        "{} machine {m} lost with its pair (rebuilt from the backup)",
+                        side.as_str()
+                    ),
+                );
+            }
+        }
     }
     for side in Side::ALL {
         if let (Some(b), Some(a)) = (seat_machine(before, side), seat_machine(after, side))

@@ -4,11 +4,11 @@ use crate::proto::state::Phase;
 /// Some instant to start a schedule from. The machine never reads the clock itself (the lint
 /// denied in the parent); a test needs one real `Instant` to add offsets to.
 #[allow(clippy::disallowed_methods)]
-fn now() -> Instant {
+pub(super) fn now() -> Instant {
     Instant::now()
 }
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
@@ -20,7 +20,7 @@ fn machine(addr: &str) -> Option<MachineRecord> {
     })
 }
 
-fn report(at: Instant, epoch: u64) -> Report {
+pub(super) fn report(at: Instant, epoch: u64) -> Report {
     Report {
         at,
         epoch: Epoch(epoch),
@@ -31,7 +31,7 @@ fn report(at: Instant, epoch: u64) -> Report {
     }
 }
 
-fn cpu_report(at: Instant, probe_ok_age: Option<Duration>) -> Report {
+pub(super) fn cpu_report(at: Instant, probe_ok_age: Option<Duration>) -> Report {
     Report {
         probe_ok_age: Some(probe_ok_age),
         ..report(at, 1)
@@ -39,7 +39,7 @@ fn cpu_report(at: Instant, probe_ok_age: Option<Duration>) -> Report {
 }
 
 /// A pair in Syncing at t0, both agents heard from.
-fn syncing() -> (PairMachine, Instant, Timing) {
+pub(super) fn syncing() -> (PairMachine, Instant, Timing) {
     let t0 = now();
     let t = Timing::default();
     let mut m = PairMachine::resume(PairMachine::new_record("p", 0), t0);
@@ -72,7 +72,7 @@ fn syncing() -> (PairMachine, Instant, Timing) {
     (m, t0, t)
 }
 
-fn transitions(a: &[Action]) -> Vec<PairState> {
+pub(super) fn transitions(a: &[Action]) -> Vec<PairState> {
     a.iter()
         .filter_map(|x| match x {
             Action::Transition { to, .. } => Some(*to),
@@ -351,7 +351,7 @@ fn states_roundtrip_by_name() {
     }
 }
 
-fn with_provider(m: &mut PairMachine) {
+pub(super) fn with_provider(m: &mut PairMachine) {
     m.policy = Policy {
         provider: true,
         auto_recover: true,
@@ -363,7 +363,7 @@ fn with_provider(m: &mut PairMachine) {
     m.wall_ms = 1_000_000;
 }
 
-fn status(mode: AgentMode, root: &str) -> AgentStatus {
+pub(super) fn status(mode: AgentMode, root: &str) -> AgentStatus {
     AgentStatus {
         mode,
         root: root.into(),
@@ -372,7 +372,7 @@ fn status(mode: AgentMode, root: &str) -> AgentStatus {
     }
 }
 
-fn named(label: &str, addr: &str) -> Option<MachineRecord> {
+pub(super) fn named(label: &str, addr: &str) -> Option<MachineRecord> {
     Some(MachineRecord {
         machine: label.into(),
         address: addr.into(),

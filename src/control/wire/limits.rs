@@ -14,6 +14,8 @@ pub const WORKSPACE_MAX: usize = 4096;
 pub const FREE_TEXT_MAX: usize = crate::text::REPORT_TEXT_MAX;
 /// The longest `root`: a blake3 digest in hex.
 pub const ROOT_MAX: usize = 64;
+/// The longest backup snapshot name in `seed` (`latest`, or 16 hex digits).
+pub const SNAPSHOT_MAX: usize = 16;
 
 /// A report field over its limit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +38,8 @@ pub fn check_report(r: &AgentReport) -> Result<(), Oversized> {
     let gpu = r.gpu.as_ref();
     let peer = r.peer.as_ref();
     let history = r.history.as_ref();
-    let fields: [(&'static str, &str, usize); 7] = [
+    let seed = r.seed.as_ref();
+    let fields: [(&'static str, &str, usize); 10] = [
         ("advertise", &r.advertise, ADVERTISE_MAX),
         ("workspace", &r.workspace, WORKSPACE_MAX),
         ("last_error", &r.last_error, FREE_TEXT_MAX),
@@ -54,6 +57,21 @@ pub fn check_report(r: &AgentReport) -> Result<(), Oversized> {
         (
             "history.last_error",
             history.map_or("", |h| h.last_error.as_str()),
+            FREE_TEXT_MAX,
+        ),
+        (
+            "seed.asked",
+            seed.map_or("", |s| s.asked.as_str()),
+            SNAPSHOT_MAX,
+        ),
+        (
+            "seed.snapshot",
+            seed.map_or("", |s| s.snapshot.as_str()),
+            SNAPSHOT_MAX,
+        ),
+        (
+            "seed.error",
+            seed.map_or("", |s| s.error.as_str()),
             FREE_TEXT_MAX,
         ),
     ];

@@ -116,7 +116,7 @@ fn recover(
 
 /// Builds generation 0 from what is already in the workspace (hashing every file), so a sender
 /// can reuse it as delta bases instead of sending everything again.
-fn adopt(workspace: &Path, stage_path: &Path) -> io::Result<Manifest> {
+pub(super) fn adopt(workspace: &Path, stage_path: &Path) -> io::Result<Manifest> {
     use crate::replication::scan::{Exclude, Scope, walk};
     let ex = Exclude::new(workspace, stage_path);
     let (w, _) = walk(workspace, &Scope::Full, &ex);
