@@ -7,6 +7,7 @@ mod agents;
 #[path = "../common/mod.rs"]
 mod common;
 mod link;
+mod rebuild;
 mod server;
 mod store;
 
