@@ -42,7 +42,7 @@ pub use error::HistoryError;
 pub use id::{ChunkId, PackId, SnapshotId};
 pub use prune::{Pruned, Step};
 pub use record::Recorded;
-pub use restore::RestoreSummary;
+pub use restore::{Piece, RestoreSummary, Streamed};
 pub use retention::Retention;
 pub use snapshot::SnapshotInfo;
 pub use store::{Selector, Store, StoreStats};

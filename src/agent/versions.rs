@@ -11,12 +11,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::history::{HistoryError, RestoreSummary, Selector, SnapshotInfo, Store, Unpacker};
+use crate::history::{
+    HistoryError, Piece, RestoreSummary, Selector, SnapshotInfo, Store, Unpacker,
+};
 use crate::proto::history_client::HistoryClient;
 use crate::proto::history_server::{History, HistoryServer};
 use crate::proto::{
-    FetchEntry, FetchItem, FetchRequest, SnapshotSelector, SnapshotSummary, VersionsReply,
-    VersionsRequest, fetch_item,
+    FetchEnd, FetchEntry, FetchItem, FetchRequest, SnapshotSelector, SnapshotSummary,
+    VersionsReply, VersionsRequest, fetch_item,
 };
 use crate::replication::receive::{MAX_MESSAGE, Receiver};
 use crate::trust::tls;
@@ -149,7 +151,9 @@ fn list(store: &Store, prefix: Option<&RelPath>) -> Result<Vec<SnapshotSummary>,
     Ok(out)
 }
 
-/// Sends the snapshot, then every entry below the prefix with each file's content.
+/// Sends the snapshot, then every entry below the prefix with each file's content, then the
+/// end marker with the counts. The store is not locked while a piece waits to be sent
+/// (`Store::stream_snapshot`).
 fn stream(
     store: &Store,
     info: &SnapshotInfo,
@@ -158,36 +162,33 @@ fn stream(
 ) -> Result<(), Status> {
     let send = |item: fetch_item::Item| {
         tx.blocking_send(Ok(FetchItem { item: Some(item) }))
-            .map_err(|_| Status::cancelled("the client went away"))
+            .map_err(|_| std::io::Error::other("the client went away"))
     };
-    send(fetch_item::Item::Snapshot(summary(info)))?;
-    let entries = store.entries(info.id, prefix).map_err(status)?;
-    if entries.is_empty() {
+    send(fetch_item::Item::Snapshot(summary(info)))
+        .map_err(|e| Status::cancelled(e.to_string()))?;
+    let sent = store
+        .stream_snapshot(info.id, prefix, |piece| match piece {
+            Piece::Entry(path, entry) => send(fetch_item::Item::Entry(FetchEntry {
+                path: path.to_string(),
+                entry: Some(entry.clone()),
+            })),
+            Piece::Data(buf) => buf
+                .chunks(PIECE)
+                .try_for_each(|p| send(fetch_item::Item::Data(p.to_vec().into()))),
+        })
+        .map_err(status)?;
+    if sent.entries == 0 {
         return Err(Status::not_found(format!(
             "snapshot {} holds nothing at {}",
             info.id,
             prefix.map(|p| p.to_string()).unwrap_or_default()
         )));
     }
-    for (path, entry) in entries {
-        let file = is_file(&entry);
-        send(fetch_item::Item::Entry(FetchEntry {
-            path: path.to_string(),
-            entry: Some(entry),
-        }))?;
-        if file {
-            store
-                .read_file(info.id, &path, |buf| {
-                    for piece in buf.chunks(PIECE) {
-                        send(fetch_item::Item::Data(piece.to_vec().into()))
-                            .map_err(|_| std::io::Error::other("the client went away"))?;
-                    }
-                    Ok(())
-                })
-                .map_err(status)?;
-        }
-    }
-    Ok(())
+    send(fetch_item::Item::End(FetchEnd {
+        entries: sent.entries,
+        bytes: sent.bytes,
+    }))
+    .map_err(|e| Status::cancelled(e.to_string()))
 }
 
 fn summary(i: &SnapshotInfo) -> SnapshotSummary {
@@ -346,22 +347,102 @@ pub async fn unpack_stream(
     })
 }
 
-/// Writes the items as they come; stops at the first error.
+/// Writes the items as they come; stops at the first error. The answer must close with the end
+/// marker, its counts matching what came: an answer cut short is an error, never a partial
+/// restore reported as whole (the files written so far stay, each one verified).
 fn write_items(
     to: &Path,
     rx: std::sync::mpsc::Receiver<fetch_item::Item>,
 ) -> anyhow::Result<RestoreSummary> {
     let mut u = Unpacker::new(to)?;
+    let mut got = FetchEnd::default();
     for item in rx {
         match item {
             fetch_item::Item::Entry(e) => {
                 let path = RelPath::new(e.path.as_bytes())
                     .map_err(|er| anyhow::anyhow!("the standby sent path {:?}: {er}", e.path))?;
                 u.entry(path, e.entry.unwrap_or_default())?;
+                got.entries += 1;
             }
-            fetch_item::Item::Data(d) => u.data(&d)?,
+            fetch_item::Item::Data(d) => {
+                u.data(&d)?;
+                got.bytes += d.len() as u64;
+            }
             fetch_item::Item::Snapshot(_) => anyhow::bail!("a second snapshot in one answer"),
+            fetch_item::Item::End(end) => {
+                if end != got {
+                    anyhow::bail!(
+                        "the standby's answer ended saying {} entries and {} bytes, but {} and {} came",
+                        end.entries,
+                        end.bytes,
+                        got.entries,
+                        got.bytes
+                    );
+                }
+                return Ok(u.finish()?);
+            }
         }
     }
-    Ok(u.finish()?)
+    anyhow::bail!(
+        "the standby's answer was cut short after {} entries and {} bytes (no end marker); the files written so far are verified, the rest are missing",
+        got.entries,
+        got.bytes
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Entry, EntryKind};
+
+    fn file(path: &str, data: &[u8]) -> [fetch_item::Item; 2] {
+        let entry = Entry {
+            kind: EntryKind::File as i32,
+            mode: 0o644,
+            size: data.len() as u64,
+            blake3: blake3::hash(data).as_bytes().to_vec().into(),
+            ..Default::default()
+        };
+        [
+            fetch_item::Item::Entry(FetchEntry {
+                path: path.into(),
+                entry: Some(entry),
+            }),
+            fetch_item::Item::Data(data.to_vec().into()),
+        ]
+    }
+
+    fn write(items: Vec<fetch_item::Item>) -> (tempfile::TempDir, anyhow::Result<RestoreSummary>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(items.len() + 1);
+        for i in items {
+            tx.send(i).unwrap();
+        }
+        drop(tx);
+        let to = tempfile::tempdir().unwrap();
+        let r = write_items(to.path(), rx);
+        (to, r)
+    }
+
+    #[test]
+    fn an_answer_is_whole_only_with_its_end_marker_and_matching_counts() {
+        let mut items: Vec<_> = file("a", b"one").into_iter().collect();
+        items.extend(file("b", b"two!"));
+        let end = |entries, bytes| fetch_item::Item::End(FetchEnd { entries, bytes });
+
+        let (to, r) = write([items.clone(), vec![end(2, 7)]].concat());
+        assert_eq!(r.unwrap().files, 2);
+        assert_eq!(std::fs::read(to.path().join("b")).unwrap(), b"two!");
+
+        // Cut short in the second file: an error; the first file is there, verified, and no
+        // trace of the second.
+        let (to, r) = write(items[..3].to_vec());
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("cut short"), "{e}");
+        assert_eq!(std::fs::read(to.path().join("a")).unwrap(), b"one");
+        assert_eq!(std::fs::read_dir(to.path()).unwrap().count(), 1);
+
+        // An end marker that does not match what came.
+        let (_to, r) = write([items, vec![end(3, 7)]].concat());
+        assert!(r.unwrap_err().to_string().contains("3 entries"));
+    }
 }

@@ -18,6 +18,7 @@ use crate::history::pack;
 use crate::history::snapshot::SnapPath;
 use crate::history::store::Store;
 use crate::history::unpack::Unpacker;
+use crate::proto::Entry;
 use crate::replication::manifest::{Kind, kind_of};
 use crate::types::RelPath;
 
@@ -96,7 +97,94 @@ impl<'a> Chunks<'a> {
     }
 }
 
+/// One piece of a streamed snapshot ([`Store::stream_snapshot`]).
+pub enum Piece<'a> {
+    /// The next path; a file's content follows as `Data`, `entry.size` bytes in all.
+    Entry(&'a RelPath, &'a Entry),
+    Data(&'a [u8]),
+}
+
+/// What [`Store::stream_snapshot`] sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Streamed {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
 impl Store {
+    /// Streams the entries of snapshot `id` below `prefix` (all of them when None) to `sink`,
+    /// each file's content after its entry, every chunk verified and each whole file at its end.
+    /// The store's lock is held only while a chunk is looked up and its pack opened, never while
+    /// `sink` runs: a slow or stalled reader holds up neither recording nor pruning. A pack a
+    /// prune removes after it was opened is still read; a chunk pruned before it was looked up
+    /// ends the stream with an error, never a silent gap.
+    pub fn stream_snapshot(
+        &self,
+        id: SnapshotId,
+        prefix: Option<&RelPath>,
+        mut sink: impl FnMut(Piece<'_>) -> io::Result<()>,
+    ) -> Result<Streamed, HistoryError> {
+        let snap = {
+            let state = self.state();
+            self.load(&state, id)?
+        };
+        let out = PathBuf::from(format!("the reader of snapshot {id}"));
+        let mut packs = HashMap::new();
+        let mut sent = Streamed::default();
+        for p in snap.under(prefix) {
+            sink(Piece::Entry(&p.path, &p.entry)).map_err(HistoryError::io("sending", &out))?;
+            sent.entries += 1;
+            if kind_of(&p.entry) != Some(Kind::File) {
+                continue;
+            }
+            let mut hasher = blake3::Hasher::new();
+            let mut len = 0u64;
+            for c in &p.chunks {
+                let data = self.read_unlocked(&mut packs, id, &p.path, c)?;
+                hasher.update(&data);
+                len += data.len() as u64;
+                sink(Piece::Data(&data)).map_err(HistoryError::io("sending", &out))?;
+            }
+            if hasher.finalize().as_bytes()[..] != p.entry.blake3[..] || len != p.entry.size {
+                return Err(HistoryError::Corrupt {
+                    snapshot: id,
+                    path: p.path.clone(),
+                });
+            }
+            sent.bytes += len;
+        }
+        Ok(sent)
+    }
+
+    /// A chunk, the lock held only to find it and open its pack (kept open in `packs`).
+    fn read_unlocked(
+        &self,
+        packs: &mut HashMap<PackId, (File, PathBuf)>,
+        snapshot: SnapshotId,
+        path: &RelPath,
+        id: &ChunkId,
+    ) -> Result<Vec<u8>, HistoryError> {
+        let (pack, stored) = {
+            let state = self.state();
+            let (pack, stored) = state
+                .index
+                .get(id)
+                .ok_or_else(|| self.missing(snapshot, path, id))?;
+            if !packs.contains_key(&pack) {
+                if packs.len() >= OPEN_PACKS {
+                    packs.clear();
+                }
+                let file_path = self.pack_path(&pack);
+                let f =
+                    File::open(&file_path).map_err(HistoryError::io("opening pack", &file_path))?;
+                packs.insert(pack, (f, file_path));
+            }
+            (pack, stored.clone())
+        };
+        let (f, file_path) = &packs[&pack];
+        pack::read_chunk(f, file_path, &stored)
+    }
+
     /// Streams one file of a snapshot to `sink`, every chunk verified as it goes and the whole
     /// file at the end (an error then means: discard what the sink received).
     pub fn read_file(

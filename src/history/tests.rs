@@ -533,3 +533,65 @@ fn a_store_is_shared_between_threads() {
     fn shared<T: Send + Sync>() {}
     shared::<Store>();
 }
+
+/// A reader that stops reading mid-stream (a client that went quiet) holds up neither a record
+/// nor a prune: the store is locked only while a chunk is looked up. When it reads on, it gets
+/// the rest or a clear error for what the prune removed, never a silent gap.
+#[test]
+fn a_stalled_reader_holds_up_neither_recording_nor_pruning() {
+    let (replica, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+    tree(replica.path());
+    let old = store
+        .record(replica.path(), &manifest_of(replica.path(), 1), at(0))
+        .unwrap()
+        .info
+        .id;
+    let (started, wait) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let (started_tx, go_rx) = (started.0, wait.1);
+    let reader = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let mut first = true;
+            let mut bytes = 0u64;
+            let r = store.stream_snapshot(old, None, |piece| {
+                if let Piece::Data(d) = piece {
+                    if first {
+                        first = false;
+                        started_tx.send(()).unwrap();
+                        go_rx.recv().unwrap();
+                    }
+                    bytes += d.len() as u64;
+                }
+                Ok(())
+            });
+            r.map(|s| (s, bytes))
+        })
+    };
+    started.1.recv().unwrap();
+    // Meanwhile: a new generation is recorded and the old snapshot forgotten, in time.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let (store, root) = (store.clone(), replica.path().to_path_buf());
+        std::thread::spawn(move || {
+            std::fs::write(root.join("big"), random(1 << 20, 7)).unwrap();
+            let m = manifest_of(&root, 2);
+            store.record(&root, &m, at(86_400 * 90)).unwrap();
+            let pruned = store
+                .forget(&Retention::default(), at(86_400 * 90 + 10))
+                .unwrap();
+            done_tx.send(pruned.forgotten).unwrap();
+        })
+    };
+    let forgotten = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("record and prune wait for a stalled reader");
+    assert_eq!(forgotten, [old]);
+    writer.join().unwrap();
+    wait.0.send(()).unwrap();
+    match reader.join().unwrap() {
+        Ok((sent, bytes)) => assert_eq!((sent.bytes, sent.entries), (bytes, 7)),
+        Err(e) => assert!(matches!(e, HistoryError::MissingChunk { .. }), "{e}"),
+    }
+    assert!(store.verify().unwrap().is_ok());
+}
