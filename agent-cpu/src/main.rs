@@ -144,6 +144,9 @@ async fn restore_backup(args: RestoreBackupArgs) -> anyhow::Result<()> {
         store_only,
     } = args;
     let pick: Pick = snapshot.parse().unwrap_or_else(|e| usage_error(e));
+    if let (Some(to), false) = (&to, store_only) {
+        check_new_or_empty(to)?;
+    }
     let key = match (key_file, key) {
         (Some(path), _) => standby::trust::seal::BackupKey::load(&path)?,
         (None, Some(hex)) => standby::trust::seal::BackupKey::from_hex(&hex)?,
@@ -181,6 +184,23 @@ async fn restore_backup(args: RestoreBackupArgs) -> anyhow::Result<()> {
         report["to"] = serde_json::json!(to);
     }
     println!("{report}");
+    Ok(())
+}
+
+/// The files go only into a new or empty directory: a restore never mixes with, or replaces,
+/// what is there.
+fn check_new_or_empty(to: &std::path::Path) -> anyhow::Result<()> {
+    let mut entries = match std::fs::read_dir(to) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => anyhow::bail!("--to {}: {e}", to.display()),
+        Ok(d) => d,
+    };
+    if entries.next().is_some() {
+        anyhow::bail!(
+            "refusing to restore into {}: it is not empty; give a new or empty directory",
+            to.display()
+        );
+    }
     Ok(())
 }
 

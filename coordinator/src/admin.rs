@@ -92,12 +92,21 @@ fn history_json(h: Option<&standby::proto::HistoryReport>) -> serde_json::Value 
                 "newest_snapshot": time(h.newest_backup_unix_ms),
                 "uploaded_bytes": h.backup_uploaded_bytes,
                 "failures": h.backup_failures,
+                "last_error": text_or_null(&h.backup_last_error),
             })
         } else {
             serde_json::Value::Null
         },
-        "last_error": if h.last_error.is_empty() { serde_json::Value::Null } else { h.last_error.clone().into() },
+        "last_error": text_or_null(&h.last_error),
     })
+}
+
+fn text_or_null(s: &str) -> serde_json::Value {
+    if s.is_empty() {
+        serde_json::Value::Null
+    } else {
+        s.into()
+    }
 }
 
 fn age(m: &Option<standby::proto::MachineView>) -> String {

@@ -71,7 +71,7 @@ async fn run(
                 tracing::warn!(error = %e, "backup pass failed");
                 let mut h = figures.lock().expect("figures");
                 h.backup_failures += 1;
-                h.last_error = Some(e.to_string());
+                h.backup_last_error = Some(e.to_string());
             }
         }
     }
@@ -87,8 +87,11 @@ fn account(figures: &Mutex<HistoryFigures>, f: &Figures) {
     }
     if let Some(e) = f.errors.first() {
         tracing::warn!(failures = f.failures, error = %e, "backup pass: some uploads failed; the next pass tries again");
-        h.last_error = Some(format!("backup: {e}"));
-    } else if f.objects_uploaded > 0 || f.objects_deleted > 0 {
+        h.backup_last_error = Some(e.to_string());
+        return;
+    }
+    h.backup_last_error = None;
+    if f.objects_uploaded > 0 || f.objects_deleted > 0 {
         tracing::debug!(
             uploaded = f.objects_uploaded,
             bytes = f.bytes_uploaded,

@@ -141,6 +141,7 @@ fn history_report(f: &HistoryFigures) -> HistoryReport {
         record_failures: f.record_failures,
         dropped_for_budget: f.dropped_for_budget,
         last_error: report_text(f.last_error.clone().unwrap_or_default()),
+        backup_last_error: report_text(f.backup_last_error.clone().unwrap_or_default()),
         backup_configured: f.backup_configured,
         newest_backup_unix_ms: f.newest_backup_unix_ms,
         backup_uploaded_bytes: f.backup_uploaded_bytes,

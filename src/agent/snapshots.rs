@@ -38,7 +38,10 @@ pub struct HistoryFigures {
     pub last_record_ms: u64,
     /// Snapshots dropped to keep under the disk budget (a warning each time it grows).
     pub dropped_for_budget: u64,
+    /// The recorder's last failure (None: the last record went well).
     pub last_error: Option<String>,
+    /// The uploader's last failure (None: the last pass went well).
+    pub backup_last_error: Option<String>,
     /// The off-site backup: configured, the newest snapshot in the bucket, bytes uploaded and
     /// failed uploads since the agent started.
     pub backup_configured: bool,
@@ -226,9 +229,11 @@ fn task_failed(e: tokio::task::JoinError) -> HistoryError {
     }
 }
 
+/// Over the disk budget with an older snapshot to drop: when the newest alone is over it,
+/// nothing can be dropped, and a prune after every commit would only cost.
 fn over_budget(figures: &Mutex<HistoryFigures>, retention: &Retention) -> bool {
     let f = figures.lock().expect("figures");
-    retention.budget_bytes > 0 && f.stored_bytes > retention.budget_bytes
+    retention.budget_bytes > 0 && f.stored_bytes > retention.budget_bytes && f.snapshots > 1
 }
 
 /// Applies the retention; a drop for the budget is a warning.

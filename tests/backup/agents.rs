@@ -100,22 +100,25 @@ async fn a_pair_lost_whole_is_rebuilt_from_the_bucket_alone() {
         fs::remove_dir_all(t.path().join(d)).unwrap();
     }
     let fresh = t.path().join("fresh/workspace");
-    let out = std::process::Command::new(AGENT_CPU)
-        .args(["restore-backup", "--url", URL, "--endpoint", &endpoint])
-        .args([
-            "--region",
-            "us-east-1",
-            "--snapshot",
-            "latest",
-            "--key-file",
-        ])
-        .arg(&key_file)
-        .arg("--to")
-        .arg(&fresh)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .output()
-        .unwrap();
+    let restore = || {
+        std::process::Command::new(AGENT_CPU)
+            .args(["restore-backup", "--url", URL, "--endpoint", &endpoint])
+            .args([
+                "--region",
+                "us-east-1",
+                "--snapshot",
+                "latest",
+                "--key-file",
+            ])
+            .arg(&key_file)
+            .arg("--to")
+            .arg(&fresh)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    };
+    let out = restore();
     assert!(
         out.status.success(),
         "{}",
@@ -131,6 +134,16 @@ async fn a_pair_lost_whole_is_rebuilt_from_the_bucket_alone() {
         1,
         "the scratch store is removed: {leftovers:?}"
     );
+    // Again into the directory it filled: refused, and what is there stays as it is.
+    fs::write(fresh.join("mine.txt"), b"written since").unwrap();
+    let out = restore();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("not empty"),
+        "{said}"
+    );
+    fs::remove_file(fresh.join("mine.txt")).unwrap();
+    assert_same(&expected, &fresh);
 }
 
 /// A coordinator with `[backup]` tells each CPU standby where to back up (its pair's own prefix),

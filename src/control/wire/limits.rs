@@ -39,7 +39,7 @@ pub fn check_report(r: &AgentReport) -> Result<(), Oversized> {
     let peer = r.peer.as_ref();
     let history = r.history.as_ref();
     let seed = r.seed.as_ref();
-    let fields: [(&'static str, &str, usize); 10] = [
+    let fields: [(&'static str, &str, usize); 11] = [
         ("advertise", &r.advertise, ADVERTISE_MAX),
         ("workspace", &r.workspace, WORKSPACE_MAX),
         ("last_error", &r.last_error, FREE_TEXT_MAX),
@@ -57,6 +57,11 @@ pub fn check_report(r: &AgentReport) -> Result<(), Oversized> {
         (
             "history.last_error",
             history.map_or("", |h| h.last_error.as_str()),
+            FREE_TEXT_MAX,
+        ),
+        (
+            "history.backup_last_error",
+            history.map_or("", |h| h.backup_last_error.as_str()),
             FREE_TEXT_MAX,
         ),
         (
