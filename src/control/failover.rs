@@ -281,8 +281,12 @@ pub enum Action {
     Detected(Duration),
     /// A failover happened (counted in metrics).
     FailedOver,
-    /// The pair is healthy again this long after it failed over (or was woken).
-    Recovered(Duration),
+    /// The pair is healthy again this long after it lost its protection (`since` says what:
+    /// "the failure", "the wake", ...).
+    Recovered {
+        after: Duration,
+        since: &'static str,
+    },
     /// A provisioning attempt failed (counted in metrics).
     AttemptFailed,
 }

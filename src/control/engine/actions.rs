@@ -62,9 +62,9 @@ impl Actor {
                 });
             }
             Action::Detected(d) => self.metrics.detect_seconds.observe(d.as_secs_f64()),
-            Action::Recovered(d) => {
-                self.metrics.recovery_seconds.observe(d.as_secs_f64());
-                let message = format!("protected again {} ms after the failure", d.as_millis());
+            Action::Recovered { after, since } => {
+                self.metrics.recovery_seconds.observe(after.as_secs_f64());
+                let message = format!("protected again {} ms after {since}", after.as_millis());
                 self.events.emit(Event {
                     epoch,
                     ..event(pair, EventKind::Recovered, message)

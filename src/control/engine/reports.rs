@@ -84,11 +84,24 @@ impl Actor {
         }
     }
 
-    /// A machine that reports an epoch older than the pair's after a failover is the old
-    /// primary coming back: it is (still) told to stay fenced; say so once.
+    /// The machine the pair failed over from, reporting an epoch older than the pair's, is the
+    /// old primary coming back: it is (still) told to stay fenced; say so once. A new GPU (a
+    /// provider's replacement, or another machine joined by hand) is not it.
     fn warn_stale_gpu(&mut self, pair: &str, side: Side, r: &AgentReport) {
         let e = self.pairs.get_mut(pair).expect("checked");
-        if side != Side::Gpu || e.m.primary() != Side::Cpu || r.epoch >= e.m.epoch().0 {
+        let old = e.m.rec.gpu.as_ref().map(|m| m.machine.as_str());
+        let replacement = e.m.provisioning_label() == Some(r.machine.as_str())
+            || e.m
+                .rec
+                .gpu_owned
+                .as_ref()
+                .is_some_and(|o| o.label == r.machine);
+        if side != Side::Gpu
+            || e.m.primary() != Side::Cpu
+            || r.epoch >= e.m.epoch().0
+            || old != Some(r.machine.as_str())
+            || replacement
+        {
             return;
         }
         let c = e.conns[side].as_mut().expect("claimed");

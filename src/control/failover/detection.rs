@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Action, Contact, PairMachine, PairState, Report, Timing};
-use crate::proto::state::MachineRecord;
+use crate::proto::state::{Loss, MachineRecord};
 use crate::proto::{EventKind, Role};
 use crate::types::Side;
 
@@ -204,8 +204,12 @@ impl PairMachine {
         {
             return;
         }
-        let silent = self.silence(Side::Cpu, now) >= t.failover_after;
-        if silent && !self.seen.cpu.connected && !self.seen.gpu.status.connected {
+        let silence = self.silence(Side::Cpu, now);
+        if silence >= t.failover_after
+            && !self.seen.cpu.connected
+            && !self.seen.gpu.status.connected
+        {
+            self.lost(Loss::Standby, silence);
             self.go(
                 PairState::Degraded,
                 "the CPU standby's agent is silent and the GPU cannot reach it: the GPU is unprotected (`recover` provisions a new standby)".into(),
@@ -225,8 +229,8 @@ impl PairMachine {
         match side {
             Side::Gpu => self.gpu_gone(now, out),
             Side::Cpu => {
-                let silent = self.silence(Side::Cpu, now) >= t.failover_after;
-                self.cpu_gone(silent, out);
+                let silence = self.silence(Side::Cpu, now);
+                self.cpu_gone(silence, silence >= t.failover_after, out);
             }
         }
     }
@@ -257,7 +261,7 @@ impl PairMachine {
 
     /// The CPU machine is gone (`silent`: and its agent too): retry a booting replacement, or
     /// replace a standby that leaves a GPU primary unprotected.
-    fn cpu_gone(&mut self, silent: bool, out: &mut Vec<Action>) {
+    fn cpu_gone(&mut self, silence: Duration, silent: bool, out: &mut Vec<Action>) {
         if self.provisioning(Side::Cpu) {
             if self.booting(Side::Cpu) {
                 self.retry(
@@ -272,7 +276,7 @@ impl PairMachine {
             )
             && silent
         {
-            self.rec.failed_over_unix_ms = self.wall_ms;
+            self.lost(Loss::Standby, silence);
             self.start_provision(
                 Side::Cpu,
                 "the CPU standby is gone (the provider says so and its agent is silent): the GPU is unprotected".into(),
@@ -298,7 +302,7 @@ impl PairMachine {
         }
         self.rec.epoch += 1;
         self.rec.set_primary(Role::Cpu);
-        self.rec.failed_over_unix_ms = self.wall_ms;
+        self.lost(Loss::Gpu, silence);
         self.rec.hibernate = false;
         self.warned_blind = false;
         self.go(PairState::FailedOver, reason, out);

@@ -2,9 +2,10 @@
 //! has been idle for `Policy::idle_hibernate_after`), and waking, which is the same recovery path
 //! as after a failover.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Action, PairMachine, PairState, refuse};
+use crate::proto::state::Loss;
 use crate::proto::{EventKind, Role};
 use crate::types::Side;
 
@@ -39,7 +40,6 @@ impl PairMachine {
         self.rec.epoch += 1;
         self.rec.set_primary(Role::Cpu);
         self.rec.hibernate = false;
-        self.rec.failed_over_unix_ms = self.wall_ms;
         if let Some(o) = self.rec.gpu_owned.take() {
             self.rec.teardown.push(o);
         }
@@ -56,6 +56,7 @@ impl PairMachine {
     /// An operator woke a hibernated pair: provision a GPU and restore onto it.
     pub(super) fn wake(&mut self, out: &mut Vec<Action>) {
         if self.state() == PairState::Hibernated {
+            self.lost(Loss::Hibernation, Duration::ZERO);
             self.start_provision(Side::Gpu, "woken by an operator".into(), out);
         } else {
             refuse(

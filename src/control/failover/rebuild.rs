@@ -11,10 +11,10 @@
 //! any backup (`recover` without `--from-backup` is the way then), and a live GPU is still the
 //! primary.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Action, PairMachine, PairState, Timing, refuse};
-use crate::proto::state::Phase;
+use crate::proto::state::{Loss, Phase};
 use crate::proto::{EventKind, Role};
 use crate::types::Side;
 
@@ -37,9 +37,8 @@ impl PairMachine {
         self.rec.set_primary(Role::Cpu);
         self.rec.hibernate = false;
         self.rec.restore_started_unix_ms = 0;
-        if self.rec.failed_over_unix_ms == 0 {
-            self.rec.failed_over_unix_ms = self.wall_ms;
-        }
+        self.rec.failed_over_unix_ms = 0;
+        self.lost(Loss::Both, Duration::ZERO);
         self.rec.seed_snapshot = snapshot.clone();
         if let Some(gpu) = self.rec.gpu_owned.take() {
             self.rec.teardown.push(gpu);

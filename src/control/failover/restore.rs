@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use super::{Action, PairMachine, PairState};
+use crate::proto::state::Loss;
 use crate::proto::{AgentMode, Role};
 
 impl PairMachine {
@@ -72,9 +73,8 @@ impl PairMachine {
         self.go(
             PairState::Syncing,
             format!(
-                "cutover complete: the GPU is primary again at epoch {} ({} ms after the failure)",
-                self.rec.epoch,
-                took.as_millis()
+                "cutover complete: the GPU is primary again at epoch {}{took}",
+                self.rec.epoch
             ),
             out,
         );
@@ -85,21 +85,39 @@ impl PairMachine {
         let took = self.recovered(out);
         self.go(
             PairState::Syncing,
-            format!(
-                "the new CPU standby holds the workspace ({} ms after the old one was lost)",
-                took.as_millis()
-            ),
+            format!("the new CPU standby holds the workspace{took}"),
             out,
         );
     }
 
-    /// How long the pair was unprotected (counted in metrics when it had failed over).
-    fn recovered(&mut self, out: &mut Vec<Action>) -> Duration {
-        let since = std::mem::take(&mut self.rec.failed_over_unix_ms);
-        let took = Duration::from_millis(self.wall_ms.saturating_sub(since));
-        if since > 0 {
-            out.push(Action::Recovered(took));
+    /// The pair is protected again: how long it was not, counted in metrics, and said as
+    /// " (N ms after the failure)" ("" when the loss was never timed).
+    fn recovered(&mut self, out: &mut Vec<Action>) -> String {
+        let at = std::mem::take(&mut self.rec.failed_over_unix_ms);
+        let loss = self.rec.loss();
+        self.rec.set_loss(Loss::Unspecified);
+        if at == 0 {
+            return String::new();
         }
-        took
+        let after = Duration::from_millis(self.wall_ms.saturating_sub(at));
+        let since = match loss {
+            Loss::Gpu | Loss::Unspecified => "the failure",
+            Loss::Standby => "the standby was lost",
+            Loss::Hibernation => "the wake",
+            Loss::Both => "the rebuild was asked for",
+        };
+        out.push(Action::Recovered { after, since });
+        format!(" ({} ms after {since})", after.as_millis())
+    }
+
+    /// The pair lost its protection `ago` before now (the last heartbeat of what failed).
+    pub(super) fn lost(&mut self, loss: Loss, ago: Duration) {
+        if self.rec.failed_over_unix_ms == 0 {
+            self.rec.failed_over_unix_ms = self.wall_ms.saturating_sub(ago.as_millis() as u64);
+            self.rec.set_loss(loss);
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

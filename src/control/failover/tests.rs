@@ -519,7 +519,10 @@ fn recovery_provisions_restores_and_cuts_over() {
         &t,
     );
     assert_eq!(transitions(&a), vec![PairState::Syncing]);
-    assert!(a.contains(&Action::Recovered(Duration::from_secs(30))));
+    assert!(a.contains(&Action::Recovered {
+        after: Duration::from_secs(30),
+        since: "the failure"
+    }));
     assert_eq!(m.epoch(), Epoch(3));
     assert_eq!(m.primary(), Side::Gpu);
     assert_eq!(
