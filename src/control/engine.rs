@@ -140,6 +140,7 @@ impl Engine {
         provisioning: Option<Provisioning>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
+        notifier: crate::control::notify::Notifier,
         shutdown: CancellationToken,
     ) -> Result<Engine, crate::control::store::StoreError> {
         let snap = store.load()?;
@@ -169,6 +170,7 @@ impl Engine {
             hb_subscribers: 0,
             last_summary: now,
             registry,
+            notifier,
         };
         actor.retire_torn_down();
         tokio::spawn(actor.run(rx, shutdown));
@@ -320,6 +322,8 @@ struct Actor {
     last_summary: Instant,
     /// Issued certificates: who holds each seat, and what is revoked.
     registry: Arc<Registry>,
+    /// `[[notify]]` webhooks: handed notices, never waited on.
+    notifier: crate::control::notify::Notifier,
 }
 
 /// One pair: its machine, its agents' connections and what they last reported.

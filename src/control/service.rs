@@ -412,6 +412,8 @@ pub struct ServeOptions {
     pub public_health: bool,
     /// Where CPU standbys back their history up (`[backup]`; None: they are not told).
     pub backup: Option<BackupPlan>,
+    /// `[[notify]]` webhooks, checked (ARCHITECTURE.md, "Notifications").
+    pub notify: Vec<crate::control::notify::Webhook>,
 }
 
 /// The coordinator's `[backup]`: one bucket for the fleet, each pair below its own prefix
@@ -589,6 +591,15 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
     let provisioning = provisioning(&opts, addr, &ca, &token_key)?;
     policy.provider = provisioning.is_some();
+    let notifier = crate::control::notify::Notifier::start(
+        opts.notify.clone(),
+        crate::control::notify::Origin {
+            id: policy.label_prefix.clone(),
+            host: crate::host::name(),
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
     let engine = Engine::start(
         store.clone(),
         opts.timing,
@@ -596,6 +607,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         provisioning,
         registry.clone(),
         metrics.clone(),
+        notifier,
         shutdown.clone(),
     )?;
     let shared = Arc::new(Shared {
