@@ -57,6 +57,8 @@ impl Notifier {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Notifier, reqwest::Error> {
+        // reqwest is built without a provider of its own: the process has one (ring).
+        crate::trust::tls::install_default_provider();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("standby-coordinator/", env!("CARGO_PKG_VERSION")))
@@ -100,3 +102,6 @@ impl Notifier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
