@@ -2,7 +2,8 @@
 //! webhooks pointing at HTTP receivers on loopback (axum servers in this test: the receivers,
 //! not stand-ins for our code). After a kill -9 of the GPU agent the failover notice arrives
 //! signed (checked with ring's HMAC here, not with the coordinator's code), then the recovery
-//! notice, in that order. A receiver that answers 503 for a while and one that is not listening
+//! notice, in that order, then hibernated, woken and recovered again; a PagerDuty-shaped
+//! receiver sees the failover's incident resolved by the recovery. A receiver that answers 503 for a while and one that is not listening
 //! get the failover notice once they come back (retries); with them and one that accepts and
 //! never answers, the failover is on time and the recovery goes ahead (the engine never waits).
 
@@ -28,6 +29,16 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// The bodies received, parsed.
+    fn bodies(&self) -> Vec<serde_json::Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, _, b)| serde_json::from_slice(b).ok())
+            .collect()
+    }
+
     /// The `kind` of each notice received for `pair`, in arrival order.
     fn kinds(&self, pair: &str) -> Vec<String> {
         self.got
@@ -118,6 +129,11 @@ fn failover_and_recovery_are_notified_signed_in_order_through_receiver_outages()
         l.local_addr().unwrap()
     };
     let (hung_addr, _held) = black_hole();
+    // pd: PagerDuty-shaped bodies.
+    let pd = Arc::new(Inbox::default());
+    let pd_l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let pd_addr = pd_l.local_addr().unwrap();
+    serve(&rt, pd_l, pd.clone());
 
     let secret = t.path().join("webhook.secret");
     fs::write(&secret, "whsec-test-0123456789\n").unwrap();
@@ -129,7 +145,8 @@ fn failover_and_recovery_are_notified_signed_in_order_through_receiver_outages()
             "[[notify]]\nname = \"up\"\nurl = \"http://{up_addr}/hook\"\nsecret_file = \"{}\"\n{retry}\n\n\
              [[notify]]\nname = \"flaky\"\nurl = \"http://{flaky_addr}/hook\"\nevents = [\"failover\"]\n{retry}\n\n\
              [[notify]]\nname = \"late\"\nurl = \"http://{late_addr}/hook\"\nevents = [\"failover\"]\n{retry}\n\n\
-             [[notify]]\nname = \"hung\"\nurl = \"http://{hung_addr}/hook\"\nevents = [\"failover\"]\n{retry}\n",
+             [[notify]]\nname = \"hung\"\nurl = \"http://{hung_addr}/hook\"\nevents = [\"failover\"]\n{retry}\n\n\
+             [[notify]]\nname = \"pd\"\nurl = \"http://{pd_addr}/hook\"\nformat = \"pagerduty\"\nrouting_key = \"R0UT1NG\"\nevents = [\"failover\", \"recovered\"]\n{retry}\n",
             secret.display()
         ),
     )
@@ -232,6 +249,42 @@ fn failover_and_recovery_are_notified_signed_in_order_through_receiver_outages()
     for (ts, sig, body) in up.got.lock().unwrap().iter() {
         assert!(hmac_ok(b"whsec-test-0123456789", ts, sig, body));
     }
+    // PagerDuty: the failover opened an incident for the pair; the recovery resolved it.
+    let ok = wait_until(Duration::from_secs(10), || pd.bodies().len() == 2);
+    assert!(ok, "{:?}", pd.bodies());
+    let b = pd.bodies();
+    assert_eq!(b[0]["event_action"], "trigger");
+    assert_eq!(b[0]["routing_key"], "R0UT1NG");
+    assert_eq!(b[0]["payload"]["severity"], "critical");
+    assert_eq!(b[0]["payload"]["component"], name);
+    assert_eq!(b[1]["event_action"], "resolve");
+    assert_eq!(b[1]["dedup_key"], b[0]["dedup_key"]);
+
+    // Hibernate and wake: told in order, each once.
+    for (verb, state, epoch) in [("hibernate", "Hibernated", 4), ("wake", "Syncing", 5)] {
+        let out = coord.admin(&[verb, name, "--follow"]);
+        assert!(
+            out.status.success(),
+            "{verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_state(&coord, name, state, epoch, 120, &[&cpu.log]);
+    }
+    let want = ["failover", "recovered", "hibernated", "woken", "recovered"];
+    let ok = wait_until(Duration::from_secs(10), || {
+        up.kinds(name)
+            .iter()
+            .filter(|k| *k != "provisioning_failed")
+            .count()
+            == want.len()
+    });
+    let kinds = up.kinds(name);
+    let told: Vec<&str> = kinds
+        .iter()
+        .map(String::as_str)
+        .filter(|k| *k != "provisioning_failed")
+        .collect();
+    assert!(ok && told == want, "told {kinds:?}");
 
     let m = http_get(&coord.metrics, "/metrics");
     for want in [

@@ -54,8 +54,8 @@ impl Notifier {
     pub fn start(
         hooks: Vec<Webhook>,
         origin: Origin,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
+        metrics: &Arc<Metrics>,
+        shutdown: &CancellationToken,
     ) -> Result<Notifier, reqwest::Error> {
         // reqwest is built without a provider of its own: the process has one (ring).
         crate::trust::tls::install_default_provider();
@@ -82,7 +82,7 @@ impl Notifier {
         }
         Ok(Notifier {
             hooks: Arc::new(hooked),
-            metrics: Some(metrics),
+            metrics: Some(metrics.clone()),
         })
     }
 

@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::control::engine::{Engine, Provisioning};
 use crate::control::failover::{Input, Policy, Timing};
 use crate::control::metrics::{CertLabel, Metrics, Refusal};
+use crate::control::notify::{Notifier, Webhook};
 use crate::control::provider::ProvisionConfig;
 use crate::control::store::certs::{self, Registry};
 use crate::control::store::{FileStore, Store};
@@ -413,7 +414,7 @@ pub struct ServeOptions {
     /// Where CPU standbys back their history up (`[backup]`; None: they are not told).
     pub backup: Option<BackupPlan>,
     /// `[[notify]]` webhooks, checked (ARCHITECTURE.md, "Notifications").
-    pub notify: Vec<crate::control::notify::Webhook>,
+    pub notify: Vec<Webhook>,
 }
 
 /// The coordinator's `[backup]`: one bucket for the fleet, each pair below its own prefix
@@ -591,15 +592,8 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
     let provisioning = provisioning(&opts, addr, &ca, &token_key)?;
     policy.provider = provisioning.is_some();
-    let notifier = crate::control::notify::Notifier::start(
-        opts.notify.clone(),
-        crate::control::notify::Origin {
-            id: policy.label_prefix.clone(),
-            host: crate::host::name(),
-        },
-        metrics.clone(),
-        shutdown.clone(),
-    )?;
+    let origin = crate::control::notify::Origin::here(&policy.label_prefix);
+    let notifier = Notifier::start(opts.notify.clone(), origin, &metrics, &shutdown)?;
     let engine = Engine::start(
         store.clone(),
         opts.timing,

@@ -28,6 +28,16 @@ pub struct Origin {
     pub host: String,
 }
 
+impl Origin {
+    /// This host, for the coordinator whose machine labels start with `id`.
+    pub fn here(id: &str) -> Origin {
+        Origin {
+            id: id.to_string(),
+            host: crate::host::name(),
+        }
+    }
+}
+
 /// The body of `n` in `format`; `routing_key` is PagerDuty's integration key.
 pub fn render(format: Format, n: &Notice, origin: &Origin, routing_key: &str) -> Vec<u8> {
     let v = match format {

@@ -89,13 +89,7 @@ async fn delivered_in_order_signed_after_the_receiver_fails_for_a_while() {
     *r.fail_with.lock().unwrap() = 503;
     let metrics = Arc::new(Metrics::new());
     let stop = CancellationToken::new();
-    let n = Notifier::start(
-        vec![hook_config(&url, FAST)],
-        origin(),
-        metrics.clone(),
-        stop.clone(),
-    )
-    .unwrap();
+    let n = Notifier::start(vec![hook_config(&url, FAST)], origin(), &metrics, &stop).unwrap();
     n.send(Notice::new("p", NoticeKind::Failover, 2, 1, "gone".into()));
     n.send(Notice::new("p", NoticeKind::Recovered, 3, 2, "back".into()));
     wait_for(|| r.got.lock().unwrap().len() == 2).await;
@@ -127,8 +121,8 @@ async fn a_refusal_is_not_retried_and_retries_end() {
     let n = Notifier::start(
         vec![hook_config(&url, &format!("{FAST}\nretries = 2"))],
         origin(),
-        metrics.clone(),
-        stop.clone(),
+        &metrics,
+        &stop,
     )
     .unwrap();
     n.send(Notice::new("p", NoticeKind::Degraded, 1, 1, "lost".into()));
@@ -161,8 +155,8 @@ async fn a_dead_receiver_never_blocks_send_and_the_oldest_are_dropped() {
             "queue = 3\nevents = [\"failover\"]\nbackoff = \"1s\"\nbackoff_max = \"1s\"",
         )],
         origin(),
-        metrics.clone(),
-        stop.clone(),
+        &metrics,
+        &stop,
     )
     .unwrap();
     let t = std::time::Instant::now();
