@@ -131,6 +131,13 @@ pub struct Engine {
     conns: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Where the engine reports besides its event log.
+pub struct Reporting {
+    pub metrics: Arc<Metrics>,
+    /// `[[notify]]` webhooks (ARCHITECTURE.md, "Notifications").
+    pub notifier: crate::control::notify::Notifier,
+}
+
 impl Engine {
     /// Loads every pair from `store` and starts the engine task.
     pub fn start(
@@ -139,10 +146,10 @@ impl Engine {
         policy: Policy,
         provisioning: Option<Provisioning>,
         registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
-        notifier: crate::control::notify::Notifier,
+        reporting: Reporting,
         shutdown: CancellationToken,
     ) -> Result<Engine, crate::control::store::StoreError> {
+        let Reporting { metrics, notifier } = reporting;
         let snap = store.load()?;
         let now = Instant::now();
         let events = Arc::new(Events::new());

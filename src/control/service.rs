@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::engine::{Engine, Provisioning};
+use crate::control::engine::{Engine, Provisioning, Reporting};
 use crate::control::failover::{Input, Policy, Timing};
 use crate::control::metrics::{CertLabel, Metrics, Refusal};
 use crate::control::notify::{Notifier, Webhook};
@@ -600,8 +600,10 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         policy,
         provisioning,
         registry.clone(),
-        metrics.clone(),
-        notifier,
+        Reporting {
+            metrics: metrics.clone(),
+            notifier,
+        },
         shutdown.clone(),
     )?;
     let shared = Arc::new(Shared {
