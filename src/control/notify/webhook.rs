@@ -183,6 +183,9 @@ impl Webhook {
             queue: c.queue.max(1),
             name,
         };
+        if hook.events.is_empty() {
+            return Err(hook.setting("events", "[]", "lists no event (leave it out for all)"));
+        }
         if hook.timeout.is_zero() {
             return Err(hook.setting("timeout", &c.timeout, "must be more than 0"));
         }
@@ -345,6 +348,8 @@ mod tests {
         );
         let e = err("[[notify]]\nurl = \"http://a\"\nbackoff = \"10s\"\nbackoff_max = \"1s\"");
         assert!(e.contains("backoff_max"), "{e}");
+        let e = err("[[notify]]\nurl = \"http://a\"\nevents = []");
+        assert!(e.contains("events") && e.contains("no event"), "{e}");
         let e = err("[[notify]]\nurl = \"http://a/1\"\n[[notify]]\nurl = \"http://a/2\"");
         assert!(e.contains("\"a\"") && e.contains("name"), "{e}");
         // Unknown keys and kinds are configuration errors, not silently ignored.
