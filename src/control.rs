@@ -6,6 +6,7 @@
 pub(crate) mod engine;
 pub mod failover;
 pub mod metrics;
+pub mod notify;
 pub mod provider;
 pub mod service;
 pub(crate) mod store;

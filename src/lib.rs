@@ -61,6 +61,7 @@
 //! - `engine` (folder): the task that owns every pair; `store`: durable state; `wire`: enums
 //!   as they travel.
 //! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
+//! - [`control::notify`] (folder): `[[notify]]` webhooks: notices, bodies, signatures, queues.
 //! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
 pub mod agent;

@@ -152,6 +152,28 @@ fn the_example_configuration_loads() {
     assert_eq!((p.as_str(), c.as_str()), ("vastai", "gcp"));
     let b: standby::control::service::BackupPlan = f.get("backup").unwrap().unwrap();
     assert!(b.url.starts_with("s3://"), "{b:?}");
+    notify_examples(&f);
+}
+
+/// The `[[notify]]` examples parse, and check as webhooks once their files (which exist only on
+/// a real coordinator) are replaced by inline values.
+fn notify_examples(f: &standby::cli::FileConfig) {
+    use standby::control::notify::{Format, Webhook, WebhookConfig};
+    let hooks: Vec<WebhookConfig> = f.get("notify").unwrap().unwrap();
+    let formats: Vec<Format> = hooks.iter().map(|h| h.format).collect();
+    assert_eq!(formats, [Format::Json, Format::Slack, Format::Pagerduty]);
+    let inline: Vec<WebhookConfig> = hooks
+        .into_iter()
+        .map(|mut h| {
+            h.secret_file = None;
+            if h.routing_key_file.take().is_some() {
+                h.routing_key = Some("example".into());
+            }
+            h
+        })
+        .collect();
+    let checked = Webhook::all(&inline).unwrap();
+    assert_eq!(checked.len(), 3);
 }
 
 #[test]

@@ -608,6 +608,7 @@ async fn start_coordinator(
         reflection: false,
         public_health: false,
         backup: None,
+        notify: Vec::new(),
     };
     let server = tokio::spawn(standby::control::service::serve(opts, shutdown));
     let addr_file = dir.join("serve.addr");

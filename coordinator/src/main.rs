@@ -501,6 +501,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
         reflection: f.pick(a.reflection, "reflection", || false)?,
         public_health: f.pick(a.public_health, "public_health", || false)?,
         backup: f.get("backup")?,
+        notify: notify(&f)?,
         dir: a.dir,
     })
 }
@@ -553,6 +554,13 @@ fn policy(f: &FileConfig, a: &ServeArgs) -> Result<Policy, String> {
         backoff_base: f.pick_duration(a.backoff_base.clone(), "backoff_base", "5s")?,
         ..Policy::default()
     })
+}
+
+/// `[[notify]]` webhooks, checked now so a bad one is a usage error before any port is bound.
+fn notify(f: &FileConfig) -> Result<Vec<standby::control::notify::Webhook>, String> {
+    let configs: Vec<standby::control::notify::WebhookConfig> =
+        f.get("notify")?.unwrap_or_default();
+    standby::control::notify::Webhook::all(&configs).map_err(|e| e.to_string())
 }
 
 /// The vastai provider's settings; the API key from its file, else `VAST_API_KEY`.

@@ -131,6 +131,13 @@ pub struct Engine {
     conns: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Where the engine reports besides its event log.
+pub struct Reporting {
+    pub metrics: Arc<Metrics>,
+    /// `[[notify]]` webhooks (ARCHITECTURE.md, "Notifications").
+    pub notifier: crate::control::notify::Notifier,
+}
+
 impl Engine {
     /// Loads every pair from `store` and starts the engine task.
     pub fn start(
@@ -139,9 +146,10 @@ impl Engine {
         policy: Policy,
         provisioning: Option<Provisioning>,
         registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
+        reporting: Reporting,
         shutdown: CancellationToken,
     ) -> Result<Engine, crate::control::store::StoreError> {
+        let Reporting { metrics, notifier } = reporting;
         let snap = store.load()?;
         let now = Instant::now();
         let events = Arc::new(Events::new());
@@ -169,6 +177,7 @@ impl Engine {
             hb_subscribers: 0,
             last_summary: now,
             registry,
+            notifier,
         };
         actor.retire_torn_down();
         tokio::spawn(actor.run(rx, shutdown));
@@ -320,6 +329,8 @@ struct Actor {
     last_summary: Instant,
     /// Issued certificates: who holds each seat, and what is revoked.
     registry: Arc<Registry>,
+    /// `[[notify]]` webhooks: handed notices, never waited on.
+    notifier: crate::control::notify::Notifier,
 }
 
 /// One pair: its machine, its agents' connections and what they last reported.

@@ -60,6 +60,19 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// A `[[notify]]` webhook (its `name`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    pub webhook: String,
+}
+
+/// How a notice ended at a webhook: `delivered`, `rejected` (a 4xx) or `failed` (retries spent).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookOutcomeLabel {
+    pub webhook: String,
+    pub outcome: String,
+}
+
 /// Why the coordinator refused an agent (the `reason` of `standby_refused_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -167,6 +180,8 @@ pub struct Metrics {
     pub backup_newest: Family<PairLabel, Gauge>,
     pub backup_uploaded: Family<PairLabel, Counter>,
     pub backup_failures: Family<PairLabel, Counter>,
+    pub notifications: Family<WebhookOutcomeLabel, Counter>,
+    pub notifications_dropped: Family<WebhookLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -212,6 +227,8 @@ impl Metrics {
             backup_newest: Family::default(),
             backup_uploaded: Family::default(),
             backup_failures: Family::default(),
+            notifications: Family::default(),
+            notifications_dropped: Family::default(),
             registry: Mutex::new(Registry::default()),
             names: Vec::new(),
         };
@@ -225,6 +242,7 @@ impl Metrics {
         m.register_fleet(&mut reg);
         m.register_trust(&mut reg);
         m.register_history(&mut reg);
+        m.register_notify(&mut reg);
         m.names = reg.names;
         *m.registry.get_mut().expect("registry") = r;
         m
@@ -300,6 +318,20 @@ impl Metrics {
             "standby_pair_transitions",
             "State transitions",
             self.transitions.clone(),
+        );
+    }
+
+    /// `[[notify]]` webhooks (ARCHITECTURE.md, "Notifications").
+    fn register_notify(&self, reg: &mut Reg<'_>) {
+        reg.plain(
+            "standby_notifications",
+            "Notices that reached an end at a webhook, by outcome (delivered, rejected, failed)",
+            self.notifications.clone(),
+        );
+        reg.plain(
+            "standby_notifications_dropped",
+            "Notices dropped unsent because the webhook's queue was full",
+            self.notifications_dropped.clone(),
         );
     }
 

@@ -29,9 +29,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::engine::{Engine, Provisioning};
+use crate::control::engine::{Engine, Provisioning, Reporting};
 use crate::control::failover::{Input, Policy, Timing};
 use crate::control::metrics::{CertLabel, Metrics, Refusal};
+use crate::control::notify::{Notifier, Webhook};
 use crate::control::provider::ProvisionConfig;
 use crate::control::store::certs::{self, Registry};
 use crate::control::store::{FileStore, Store};
@@ -439,6 +440,8 @@ pub struct ServeOptions {
     pub public_health: bool,
     /// Where CPU standbys back their history up (`[backup]`; None: they are not told).
     pub backup: Option<BackupPlan>,
+    /// `[[notify]]` webhooks, checked (ARCHITECTURE.md, "Notifications").
+    pub notify: Vec<Webhook>,
 }
 
 /// The coordinator's `[backup]`: one bucket for the fleet, each pair below its own prefix
@@ -616,13 +619,18 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
     let provisioning = provisioning(&opts, addr, &ca, &token_key)?;
     policy.provider = provisioning.is_some();
+    let origin = crate::control::notify::Origin::here(&policy.label_prefix);
+    let notifier = Notifier::start(opts.notify.clone(), origin, &metrics, &shutdown)?;
     let engine = Engine::start(
         store.clone(),
         opts.timing,
         policy,
         provisioning,
         registry.clone(),
-        metrics.clone(),
+        Reporting {
+            metrics: metrics.clone(),
+            notifier,
+        },
         shutdown.clone(),
     )?;
     let shared = Arc::new(Shared {

@@ -1,12 +1,14 @@
 //! What every handler ends with: carrying out the actions the pair's machine returned. The
 //! record is written first (a failed write holds the pair's commands until it succeeds), then
-//! events and metrics are recorded, then the agents are told what the record now says.
+//! events, metrics and notifications are recorded, then the agents are told what the record
+//! now says.
 
 use super::Actor;
 use super::events::event;
 use super::views::proto_state;
 use crate::control::failover::{Action, PairState};
 use crate::control::metrics::{PairLabel, TransitionLabel};
+use crate::control::notify::{Notice, NoticeKind};
 use crate::proto::{Event, EventKind};
 
 impl Actor {
@@ -44,8 +46,11 @@ impl Actor {
         }
     }
 
-    /// The events and metrics of one action.
+    /// The events, metrics and notification of one action.
     fn record(&mut self, pair: &str, epoch: u64, a: Action) {
+        if let Some(kind) = NoticeKind::of(&a) {
+            self.notify(pair, epoch, kind, &a);
+        }
         let l = PairLabel { pair: pair.into() };
         match a {
             Action::Persist | Action::PersistSoon | Action::AttemptFailed => {}
@@ -80,6 +85,24 @@ impl Actor {
                 });
             }
         }
+    }
+
+    /// Hands the news to the webhooks' queues (ARCHITECTURE.md, "Notifications"): the text is
+    /// the transition's reason, the failover's reason or the failed attempt's error.
+    fn notify(&self, pair: &str, epoch: u64, kind: NoticeKind, a: &Action) {
+        let rec = &self.pairs[pair].m.rec;
+        let text = match a {
+            Action::Transition { reason, .. } => reason.clone(),
+            Action::AttemptFailed => rec
+                .provision
+                .as_ref()
+                .map(|p| p.last_error.clone())
+                .unwrap_or_default(),
+            _ => rec.reason.clone(),
+        };
+        let now = crate::host::unix_ms_now();
+        self.notifier
+            .send(Notice::new(pair, kind, epoch, now, text));
     }
 
     /// A state change: its gauges, counter and event.
