@@ -58,7 +58,8 @@ impl NoticeKind {
             Action::FailedOver => Some(NoticeKind::Failover),
             Action::AttemptFailed => Some(NoticeKind::ProvisioningFailed),
             Action::Transition { from, to, .. } => match (from, to) {
-                (_, PairState::Degraded) => Some(NoticeKind::Degraded),
+                // Both machines lost (a rebuild from the backup) is unprotected too.
+                (_, PairState::Degraded | PairState::Rebuilding) => Some(NoticeKind::Degraded),
                 (_, PairState::Hibernated) => Some(NoticeKind::Hibernated),
                 (PairState::Hibernated, _) => Some(NoticeKind::Woken),
                 (PairState::CuttingOver | PairState::Degraded, PairState::Syncing) => {
@@ -135,7 +136,13 @@ mod tests {
             (t(FailedOver, Provisioning), None),
             (t(Provisioning, Restoring), None),
             (Action::Persist, None),
-            (Action::Recovered(std::time::Duration::from_secs(1)), None),
+            (
+                Action::Recovered {
+                    after: std::time::Duration::from_secs(1),
+                    since: "the failure",
+                },
+                None,
+            ),
         ];
         for (a, want) in cases {
             assert_eq!(NoticeKind::of(&a), want, "{a:?}");
