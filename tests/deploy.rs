@@ -742,6 +742,25 @@ fn the_dockerfile_caches_dependencies_and_checks_health() {
         .expect("no manifest layer");
     let sources = d.find("COPY . .").expect("no source layer");
     assert!(manifests < sources);
+    // Every bench target Cargo.toml names gets a stand-in in that layer (else cargo refuses the
+    // manifest and the image does not build).
+    let cargo =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    let stand_ins = d[manifests..sources]
+        .lines()
+        .find(|l| l.contains("for b in"))
+        .expect("no bench stand-ins");
+    for line in cargo.lines().filter(|l| l.starts_with("path = \"bench/")) {
+        let name = line
+            .trim_start_matches("path = \"bench/")
+            .trim_end_matches(".rs\"");
+        assert!(
+            stand_ins
+                .split_whitespace()
+                .any(|w| w.trim_end_matches(';') == name),
+            "the Dockerfile's dependency layer lacks a stand-in for bench/{name}.rs"
+        );
+    }
     let ignore =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".dockerignore"))
             .unwrap();
