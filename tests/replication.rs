@@ -437,3 +437,78 @@ fn once_fails_cleanly_when_the_cpu_is_unreachable() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     let _ = fs::remove_dir_all(t.path().join("..").join("gst-unreach"));
 }
+
+/// CPU seconds a process has used so far (utime + stime from /proc, in clock ticks of 10 ms).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// The workspace directory deleted: the sender does not spin; made again, the watch follows
+/// it, and a file written there reaches the standby by itself within seconds (before, the watch
+/// stayed on the deleted directory until the next periodic rescan).
+#[test]
+fn a_deleted_and_recreated_workspace_is_watched_again_without_spinning() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("first.txt"), b"1").unwrap();
+    let cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gtls = pki.node("p", Role::Gpu);
+    let gst = t.path().join("gpu");
+    let gpu = Proc(
+        Command::new(AGENT_GPU)
+            .args(gpu_args(&src, &gst, &gtls, &cpu.addr))
+            .args(["--debounce", "100ms", "--rescan-interval", "60s"])
+            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let arrived = |name: &str, secs: u64| {
+        wait_until(Duration::from_secs(secs), || {
+            cpu.workspace.join(name).exists()
+        })
+    };
+    assert!(arrived("first.txt", 30), "the pair never synced");
+
+    fs::remove_dir_all(&src).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_seconds(gpu.0.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_seconds(gpu.0.id()) - before;
+    assert!(
+        used < 1.0,
+        "agent-gpu used {used:.2} s of CPU in 3 s without a workspace"
+    );
+
+    fs::create_dir(&src).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    fs::write(src.join("second.txt"), b"2").unwrap();
+    let log = || fs::read_to_string(t.path().join("gpu.log")).unwrap_or_default();
+    assert!(
+        arrived("second.txt", 5),
+        "not replicated within 5 s of the new workspace:\n{}",
+        log()
+    );
+
+    // Its state directory gone too (the machine's disk wiped under it): still no spinning.
+    fs::remove_dir_all(&gst).unwrap();
+    fs::remove_dir_all(&src).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_seconds(gpu.0.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_seconds(gpu.0.id()) - before;
+    assert!(
+        used < 1.0,
+        "agent-gpu used {used:.2} s of CPU in 3 s without its directories:\n{}",
+        log()
+    );
+}

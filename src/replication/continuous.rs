@@ -101,6 +101,16 @@ impl Backoff {
     }
 }
 
+/// The rescan period: shorter without inotify, and at most a second while the workspace is
+/// missing (so its return is seen at once).
+fn rescan_every(watcher: &Watcher, cfg: &LoopConfig) -> Duration {
+    match &watcher.degraded {
+        None => cfg.rescan_interval,
+        Some(_) if watcher.stale_root_missing() => Duration::from_secs(1),
+        Some(_) => cfg.rescan_interval.min(Duration::from_secs(5)),
+    }
+}
+
 /// Why [`Loop::wait`] returned.
 enum Woke {
     /// The agent stops.
@@ -145,11 +155,7 @@ impl<'a> Loop<'a> {
         shutdown: CancellationToken,
     ) -> Loop<'a> {
         let watcher = watch(sender.workspace(), sender.exclude().clone());
-        let rescan_every = if watcher.degraded.is_some() {
-            cfg.rescan_interval.min(Duration::from_secs(5))
-        } else {
-            cfg.rescan_interval
-        };
+        let rescan_every = rescan_every(&watcher, &cfg);
         let mut dirty = DirtySet::default();
         dirty.add_full(Instant::now());
         Loop {
@@ -316,7 +322,8 @@ impl<'a> Loop<'a> {
         let now = Instant::now();
         match ev {
             Some(WatchEvent::Paths(ps)) => self.dirty.add(ps, now),
-            Some(WatchEvent::Rescan) | None => self.dirty.add_full(now),
+            Some(WatchEvent::Rescan) => self.dirty.add_full(now),
+            Some(WatchEvent::RootGone) | None => self.rewatch(),
         }
         if self.pending_since.is_none() {
             self.pending_since = Some(SystemTime::now());
@@ -348,10 +355,22 @@ impl<'a> Loop<'a> {
     }
 
     fn rescan_when_due(&mut self) {
+        if self.watcher.stale(self.sender.workspace()) {
+            self.rewatch();
+        }
         if tokio::time::Instant::now() >= self.next_rescan {
             self.next_rescan = tokio::time::Instant::now() + self.rescan_every;
             self.dirty.add_full(Instant::now());
         }
+    }
+
+    /// Watches the workspace again (it was removed, replaced, or missing), and rescans it all.
+    fn rewatch(&mut self) {
+        tracing::info!("the workspace directory changed; watching it again");
+        self.watcher = watch(self.sender.workspace(), self.sender.exclude().clone());
+        self.rescan_every = rescan_every(&self.watcher, &self.cfg);
+        self.next_rescan = tokio::time::Instant::now() + self.rescan_every;
+        self.dirty.add_full(Instant::now());
     }
 
     /// A generation is due when connected and the debounce has passed or a flush waits.
@@ -363,19 +382,19 @@ impl<'a> Loop<'a> {
     /// Sends one generation of what is dirty (everything when a flush waits); Break when the
     /// agent stops meanwhile.
     async fn sync_once(&mut self) -> ControlFlow<()> {
-        let Some(s) = self.session.as_mut() else {
+        if self.session.is_none() {
             return ControlFlow::Continue(());
-        };
+        }
         if self.watcher.take_overflow() {
             self.dirty.add_full(Instant::now());
         }
         // Drain events already queued, so the scan covers every write made before now.
         while let Ok(ev) = self.watcher.rx.try_recv() {
-            match ev {
-                WatchEvent::Paths(ps) => self.dirty.add(ps, Instant::now()),
-                WatchEvent::Rescan => self.dirty.add_full(Instant::now()),
-            }
+            self.changed(Some(ev));
         }
+        let Some(s) = self.session.as_mut() else {
+            return ControlFlow::Continue(());
+        };
         let scan_started = Instant::now();
         let (paths, full) = self.dirty.take();
         let scope = scope_of(paths.clone(), full || !self.waiters.is_empty());

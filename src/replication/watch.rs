@@ -11,9 +11,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
@@ -24,14 +24,22 @@ pub enum WatchEvent {
     Paths(Vec<RelPath>),
     /// Something was missed: rescan everything.
     Rescan,
+    /// The workspace directory itself was removed or renamed: the watch is on a directory
+    /// that is no longer the workspace, and must be set up again.
+    RootGone,
 }
 
 pub struct Watcher {
     _inner: Option<RecommendedWatcher>,
     pub rx: mpsc::Receiver<WatchEvent>,
+    /// Keeps the channel open when there is no watch (`rx` then waits for ever instead of
+    /// ending, which would wake its reader in a busy loop).
+    _idle: Option<mpsc::Sender<WatchEvent>>,
     overflow: Arc<AtomicBool>,
     /// Why inotify is not in use, when it is not (then rely on periodic rescans).
     pub degraded: Option<String>,
+    /// The watched directory's identity when the watch was set up (None: it was missing).
+    root: Option<(u64, u64, Option<SystemTime>)>,
 }
 
 impl Watcher {
@@ -39,6 +47,26 @@ impl Watcher {
     pub fn take_overflow(&self) -> bool {
         self.overflow.swap(false, Ordering::Relaxed)
     }
+
+    /// Whether `workspace` is no longer the directory this watch was set up on: deleted,
+    /// replaced by another, or there now when it was missing. Then watch again.
+    pub fn stale(&self, workspace: &Path) -> bool {
+        identity(workspace) != self.root
+    }
+
+    /// Whether the workspace was missing when this watch was set up.
+    pub fn stale_root_missing(&self) -> bool {
+        self.root.is_none()
+    }
+}
+
+/// What tells one directory from another in its place: device, inode and, where the
+/// filesystem keeps it, the birth time (an inode number is soon reused).
+fn identity(dir: &Path) -> Option<(u64, u64, Option<SystemTime>)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.created().ok()))
 }
 
 fn relative(ws: &Path, p: &Path) -> Option<RelPath> {
@@ -52,10 +80,11 @@ fn relative(ws: &Path, p: &Path) -> Option<RelPath> {
 pub fn watch(workspace: &Path, exclude: Exclude) -> Watcher {
     let (tx, rx) = mpsc::channel(8192);
     let overflow = Arc::new(AtomicBool::new(false));
+    let root = identity(workspace);
     let events = Events {
         ws: workspace.to_path_buf(),
         exclude,
-        tx,
+        tx: tx.clone(),
         overflow: overflow.clone(),
     };
     let (inner, degraded) = match start(workspace, move |res: notify::Result<notify::Event>| {
@@ -68,10 +97,12 @@ pub fn watch(workspace: &Path, exclude: Exclude) -> Watcher {
         }
     };
     Watcher {
+        _idle: inner.is_none().then_some(tx),
         _inner: inner,
         rx,
         overflow,
         degraded,
+        root,
     }
 }
 
@@ -112,6 +143,12 @@ impl Events {
         match ev.kind {
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
             EventKind::Access(_) => return,
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                if ev.paths.iter().any(|p| p == &self.ws) =>
+            {
+                self.send(WatchEvent::RootGone);
+                return;
+            }
             _ => {}
         }
         let paths: Vec<RelPath> = ev
@@ -249,5 +286,38 @@ mod tests {
                 _ => panic!("no event for the new directory: {seen:?}"),
             }
         }
+    }
+
+    /// A watch on a missing workspace waits quietly (its channel never ends: an ended one woke
+    /// the sending loop in a busy loop), and says it is stale once the directory exists; a
+    /// workspace removed and made again is stale too, and its removal is reported.
+    #[tokio::test]
+    async fn a_missing_or_replaced_workspace_is_noticed_without_spinning() {
+        let d = tempfile::tempdir().unwrap();
+        let ws = d.path().join("ws");
+        let mut w = watch(&ws, Exclude::default());
+        assert!(w.degraded.is_some());
+        let quiet = tokio::time::timeout(Duration::from_millis(200), w.rx.recv()).await;
+        assert!(
+            quiet.is_err(),
+            "the channel of a missing watch must not end"
+        );
+        assert!(!w.stale(&ws));
+        std::fs::create_dir(&ws).unwrap();
+        assert!(w.stale(&ws), "the workspace came: watch it");
+
+        let mut w = watch(&ws, Exclude::default());
+        assert!(w.degraded.is_none() && !w.stale(&ws));
+        std::fs::remove_dir(&ws).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, w.rx.recv()).await {
+                Ok(Some(WatchEvent::RootGone)) => break,
+                Ok(Some(_)) => continue,
+                other => panic!("no RootGone: {:?}", other.map(|e| e.is_some())),
+            }
+        }
+        std::fs::create_dir(&ws).unwrap();
+        assert!(w.stale(&ws), "a new directory in its place");
     }
 }
