@@ -1,6 +1,7 @@
 //! What the three binaries share on their command lines: defaults, configuration layering
 //! (flag, then `STANDBY_*` environment variable, then TOML file, then default), human
-//! durations, logging, and exit codes (64 for a usage error).
+//! durations, logging, and exit codes ([`Exit`]: 64 for a usage error, sysexits.h values for
+//! the others).
 
 use std::path::Path;
 use std::time::Duration;
@@ -48,12 +49,115 @@ pub mod defaults {
     pub const EVENTS_PER_ADMIN: usize = 4;
 }
 
+/// How the three programs exit when they fail, so scripts can tell a missed drill target from
+/// an unreachable coordinator. The values follow sysexits.h where one fits; [`EXIT_CODES`] is
+/// the text each `--help` and the README show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Anything else (1).
+    Failure,
+    /// `coordinator drill` ran to the end and missed a target (3).
+    TargetMissed,
+    /// A bad command line, flag value or configuration (64, EX_USAGE).
+    Usage,
+    /// The coordinator or the agent could not be reached (69, EX_UNAVAILABLE).
+    Unreachable,
+    /// Not done in time, e.g. a flush (75, EX_TEMPFAIL: trying again may work).
+    Timeout,
+    /// Refused: no permission, a fenced agent, a pair in a state that does not allow it
+    /// (77, EX_NOPERM).
+    Refused,
+}
+
+/// The exit codes as `--help` (after_help) and the README list them.
+pub const EXIT_CODES: &str = "Exit status: 0 success, 1 failure, 3 a drill target missed, \
+64 usage error, 69 coordinator or agent unreachable, 75 timed out, 77 refused.";
+
 /// Exit code for a usage error (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
-/// Parses the command line; prints help/version and exits 0, or the error and exits 64.
+impl Exit {
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Failure => 1,
+            Exit::TargetMissed => 3,
+            Exit::Usage => EXIT_USAGE,
+            Exit::Unreachable => 69,
+            Exit::Timeout => 75,
+            Exit::Refused => 77,
+        }
+    }
+
+    /// What a gRPC status from the coordinator or an agent means for the exit code.
+    pub fn of_status(code: tonic::Code) -> Exit {
+        use tonic::Code;
+        match code {
+            Code::Unavailable => Exit::Unreachable,
+            Code::DeadlineExceeded => Exit::Timeout,
+            Code::InvalidArgument => Exit::Usage,
+            Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::OutOfRange => Exit::Refused,
+            _ => Exit::Failure,
+        }
+    }
+
+    /// The exit code an error calls for: the first [`Exiting`] in its chain, else that of a
+    /// gRPC status or transport (connection) error in it, else 1.
+    pub fn of_error(e: &anyhow::Error) -> Exit {
+        for c in e.chain() {
+            if let Some(x) = c.downcast_ref::<Exiting>() {
+                return x.exit;
+            }
+            if let Some(s) = c.downcast_ref::<tonic::Status>() {
+                return Exit::of_status(s.code());
+            }
+            if c.is::<tonic::transport::Error>() {
+                return Exit::Unreachable;
+            }
+        }
+        Exit::Failure
+    }
+}
+
+/// An error that says how the program exits.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exiting {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Exiting {
+    pub fn new(exit: Exit, message: impl std::fmt::Display) -> Exiting {
+        Exiting {
+            exit,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// A gRPC status as an error: its message, and the exit code its code calls for.
+impl From<tonic::Status> for Exiting {
+    fn from(s: tonic::Status) -> Exiting {
+        Exiting::new(Exit::of_status(s.code()), s.message())
+    }
+}
+
+/// Parses the command line; prints help/version and exits 0, or the error and exits 64. Every
+/// command's `--help` ends with the exit codes ([`EXIT_CODES`]).
 pub fn parse_or_exit<T: clap::Parser>() -> T {
-    match T::try_parse() {
+    let mut cmd = with_exit_codes(T::command());
+    let parsed = cmd
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|mut m| T::from_arg_matches_mut(&mut m))
+        .map_err(|e| e.format(&mut cmd));
+    match parsed {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -65,6 +169,11 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
             std::process::exit(code);
         }
     }
+}
+
+/// `cmd` and its subcommands, each with [`EXIT_CODES`] as its after-help.
+pub fn with_exit_codes(cmd: clap::Command) -> clap::Command {
+    cmd.after_help(EXIT_CODES).mut_subcommands(with_exit_codes)
 }
 
 /// A usage error found after parsing (a missing or invalid setting): print and exit 64.
@@ -262,7 +371,8 @@ pub fn raise_nofile_limit() -> u64 {
     r.rlim_cur
 }
 
-/// Prints `error: <chain>` on one line and exits 1.
+/// Prints `error: <chain>` on one line and exits with the code the error calls for
+/// ([`Exit::of_error`]).
 pub fn fail(e: &anyhow::Error) -> ! {
     let mut s = e.to_string();
     for c in e.chain().skip(1) {
@@ -273,7 +383,7 @@ pub fn fail(e: &anyhow::Error) -> ! {
         }
     }
     eprintln!("error: {}", s.replace('\n', " "));
-    std::process::exit(1);
+    std::process::exit(Exit::of_error(e).code());
 }
 
 #[cfg(test)]
@@ -305,6 +415,46 @@ mod tests {
         );
         assert!(parse_time("100years", now).is_err());
         assert_eq!(format_time(i64::MAX), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_error() {
+        let status = |c| anyhow::Error::new(Exiting::from(tonic::Status::new(c, "m")));
+        assert_eq!(
+            Exit::of_error(&status(tonic::Code::Unavailable)),
+            Exit::Unreachable
+        );
+        assert_eq!(
+            Exit::of_error(&status(tonic::Code::FailedPrecondition)),
+            Exit::Refused
+        );
+        assert_eq!(
+            Exit::of_error(&status(tonic::Code::Internal)),
+            Exit::Failure
+        );
+        let raw = anyhow::Error::new(tonic::Status::deadline_exceeded("slow"));
+        assert_eq!(Exit::of_error(&raw.context("flushing")), Exit::Timeout);
+        let tagged = anyhow::Error::new(Exiting::new(Exit::TargetMissed, "missed"));
+        assert_eq!(Exit::of_error(&tagged.context("drill")), Exit::TargetMissed);
+        assert_eq!(Exit::of_error(&anyhow::anyhow!("plain")), Exit::Failure);
+        let codes = [1, 3, 64, 69, 75, 77];
+        for (exit, code) in [
+            Exit::Failure,
+            Exit::TargetMissed,
+            Exit::Usage,
+            Exit::Unreachable,
+            Exit::Timeout,
+            Exit::Refused,
+        ]
+        .into_iter()
+        .zip(codes)
+        {
+            assert_eq!(exit.code(), code);
+            assert!(
+                EXIT_CODES.contains(&format!(" {code} ")),
+                "{code} undocumented"
+            );
+        }
     }
 
     #[test]

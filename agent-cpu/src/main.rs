@@ -214,7 +214,7 @@ fn files_from(
 async fn verify(state_dir: &std::path::Path) -> anyhow::Result<()> {
     let report = match socket::request(state_dir, &socket::Request::Verify).await {
         Ok(r) if r.ok => r.result.unwrap_or_default(),
-        Ok(r) => anyhow::bail!(r.error.unwrap_or_else(|| "verify failed".into())),
+        Ok(r) => return Err(r.into_error("verify").into()),
         Err(_) => {
             let dir = state_dir.join(runtime::HISTORY_DIR);
             if !dir.is_dir() {

@@ -28,8 +28,9 @@ async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(ch))
 }
 
+/// A refusal's message, and the exit code its gRPC code calls for.
 fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    standby::cli::Exiting::from(s).into()
 }
 
 fn machine_json(m: &Option<standby::proto::MachineView>) -> serde_json::Value {

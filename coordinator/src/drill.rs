@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
+use standby::cli::Exit;
 use standby::proto::admin_client::AdminClient;
 use standby::proto::{
     EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, PairView, Role,
@@ -162,13 +163,14 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     if !passed {
-        bail!("the drill missed a target");
+        let missed = standby::cli::Exiting::new(Exit::TargetMissed, "the drill missed a target");
+        return Err(missed.into());
     }
     Ok(())
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    standby::cli::Exiting::from(s).into()
 }
 
 /// The five targets, in the order of [`PHASES`] and then the total.

@@ -78,7 +78,7 @@ enum Cmd {
     /// failover, a new GPU provisioned, restored, verified and cut over, then a timeline.
     Demo(demo::DemoArgs),
     /// A deliberate failover of a live pair PAIR, measured phase by phase against targets
-    /// (a table and JSON; exit 1 when a target is missed).
+    /// (a table and JSON; exit 3 when a target is missed).
     Drill(Box<drill::DrillArgs>),
     /// Print a single-use, expiring join token for an agent of PAIR.
     Token {
