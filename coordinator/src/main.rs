@@ -262,13 +262,13 @@ struct ServeArgs {
     /// How long after its expiry an agent's certificate may still connect, to renew only.
     #[arg(long, env = "STANDBY_RENEW_GRACE")]
     renew_grace: Option<String>,
-    /// Where replacement machines come from: local (agent processes on this host) or none
-    /// (replacements join by hand with a token).
-    #[arg(long, env = "STANDBY_PROVIDER")]
+    /// Where replacement machines come from: local (agent processes on this host), vastai,
+    /// gcp, command (your scripts), or none (replacements join by hand with a token).
+    #[arg(long, env = "STANDBY_PROVIDER", value_parser = PROVIDERS)]
     provider: Option<String>,
     /// Where CPU standbys come from when not from --provider (e.g. --provider vastai
     /// --cpu-provider gcp).
-    #[arg(long, env = "STANDBY_CPU_PROVIDER")]
+    #[arg(long, env = "STANDBY_CPU_PROVIDER", value_parser = PROVIDERS)]
     cpu_provider: Option<String>,
     /// Provision a replacement GPU as soon as a pair failed over.
     #[arg(long, env = "STANDBY_AUTO_RECOVER")]
@@ -445,6 +445,21 @@ async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
     }
 }
 
+/// The providers `--provider` and `--cpu-provider` name.
+const PROVIDERS: [&str; 5] = ["local", "vastai", "gcp", "command", "none"];
+
+/// A provider name from the configuration file, checked as clap checks the flag's.
+fn provider(name: String) -> Result<String, String> {
+    if PROVIDERS.contains(&name.as_str()) {
+        Ok(name)
+    } else {
+        Err(format!(
+            "unknown provider {name:?} (one of {})",
+            PROVIDERS.join(", ")
+        ))
+    }
+}
+
 fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions, String> {
     let file = a.config.clone().or_else(|| {
         let p = a.dir.join("coordinator.toml");
@@ -470,8 +485,11 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
             "renew_grace",
             defaults::RENEW_GRACE,
         )?,
-        provider: f.pick(a.provider.clone(), "provider", || "local".to_string())?,
-        cpu_provider: f.pick(a.cpu_provider.clone(), "cpu_provider", String::new)?,
+        provider: provider(f.pick(a.provider.clone(), "provider", || "local".into())?)?,
+        cpu_provider: match f.pick(a.cpu_provider.clone(), "cpu_provider", String::new)? {
+            p if p.is_empty() => p,
+            p => provider(p)?,
+        },
         policy: policy(&f, &a)?,
         provision: ProvisionConfig {
             gpu: f.get("provision.gpu")?.unwrap_or_default(),

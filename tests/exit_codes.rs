@@ -1,0 +1,158 @@
+//! The exit codes scripts rely on (`standby::cli::Exit`, listed in every `--help` and the
+//! README): 64 for usage errors, 69 when the coordinator or agent cannot be reached, 75 for a
+//! flush that timed out, 77 for a refusal. (A drill's missed target, 3, is in `tests/demo.rs`.)
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use standby::trust::identity::Role;
+
+fn code(out: &Output) -> Option<i32> {
+    out.status.code()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap()
+}
+
+#[test]
+fn every_help_lists_the_exit_codes() {
+    let helps: [(&str, &[&str]); 7] = [
+        (COORDINATOR, &["--help"]),
+        (COORDINATOR, &["serve", "--help"]),
+        (COORDINATOR, &["drill", "--help"]),
+        (COORDINATOR, &["pair", "create", "--help"]),
+        (AGENT_GPU, &["--help"]),
+        (AGENT_GPU, &["flush", "--help"]),
+        (AGENT_CPU, &["--help"]),
+    ];
+    for (program, args) in helps {
+        let out = run(program, args);
+        assert_eq!(code(&out), Some(0), "{program} {args:?}: {}", stderr(&out));
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains(standby::cli::EXIT_CODES),
+            "{program} {args:?}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("c");
+    let d = dir.to_str().unwrap();
+    assert_eq!(code(&run(COORDINATOR, &["init", "--dir", d])), Some(0));
+    let out = run(COORDINATOR, &["serve", "--dir", d, "--provider", "locall"]);
+    assert_eq!(code(&out), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("locall"), "{}", stderr(&out));
+    // The same mistake in coordinator.toml.
+    let toml = dir.join("coordinator.toml");
+    let mut text = fs::read_to_string(&toml).unwrap();
+    text.push_str("\nprovider = \"locall\"\n");
+    fs::write(&toml, text).unwrap();
+    let out = run(
+        COORDINATOR,
+        &["serve", "--dir", d, "--listen", "127.0.0.1:0"],
+    );
+    assert_eq!(code(&out), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown provider \"locall\""),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(code(&run(AGENT_GPU, &["flush", "--bogus"])), Some(64));
+    let out = run(AGENT_GPU, &["flush", "--state-dir", d, "--timeout", "soon"]);
+    assert_eq!(code(&out), Some(64), "{}", stderr(&out));
+}
+
+#[test]
+fn admin_verbs_exit_69_unreachable_and_77_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&t.path().join("coord"), &[]);
+    assert!(coord.admin(&["pair", "create", "p1"]).status.success());
+    let out = coord.admin(&["pair", "create", "p1"]);
+    assert_eq!(code(&out), Some(77), "exists already: {}", stderr(&out));
+    let out = coord.admin(&["failover", "nosuch"]);
+    assert_eq!(code(&out), Some(77), "no such pair: {}", stderr(&out));
+    assert!(stderr(&out).contains("nosuch"), "{}", stderr(&out));
+    // Nothing listens on this port any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let admin = coord.dir.join("admin");
+    let out = Command::new(COORDINATOR)
+        .args(["pairs", "--server", &port, "--tls-dir"])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(69), "{}", stderr(&out));
+    // The refused calls changed nothing.
+    let pairs: Vec<_> = coord.pairs().iter().map(|p| p["pair"].clone()).collect();
+    assert_eq!(pairs, [serde_json::json!("p1")]);
+}
+
+/// `agent-gpu flush`/`status` for `state`.
+fn agent_verb(verb: &str, state: &Path, extra: &[&str]) -> Output {
+    Command::new(AGENT_GPU)
+        .arg(verb)
+        .arg("--state-dir")
+        .arg(state)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn agent_verbs_exit_69_without_an_agent_and_75_on_a_flush_timeout() {
+    let t = tempfile::tempdir().unwrap();
+    let out = agent_verb("status", t.path(), &[]);
+    assert_eq!(code(&out), Some(69), "{}", stderr(&out));
+    let out = agent_verb("flush", t.path(), &["--timeout", "1s"]);
+    assert_eq!(code(&out), Some(69), "{}", stderr(&out));
+
+    let pki = Pki::new();
+    let mut cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let (ws, gst) = (t.path().join("ws"), t.path().join("gpu"));
+    fs::create_dir_all(&ws).unwrap();
+    fs::write(ws.join("model.pt"), b"good").unwrap();
+    let _gpu = Proc(
+        Command::new(AGENT_GPU)
+            .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
+            .args(["--listen", "127.0.0.1:0"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let up = wait_until(Duration::from_secs(30), || {
+        agent_verb("flush", &gst, &["--timeout", "20s"])
+            .status
+            .success()
+    });
+    assert!(up, "agent-gpu did not come up");
+    cpu.kill();
+    fs::write(ws.join("model.pt"), b"newer, not flushed").unwrap();
+    let out = agent_verb("flush", &gst, &["--timeout", "1s"]);
+    assert_eq!(code(&out), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not durable after 1000 ms"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read(cpu.workspace.join("model.pt")).unwrap(), b"good");
+}
