@@ -264,6 +264,38 @@ impl FileConfig {
         })
     }
 
+    /// Refuses a key the program does not read, naming it (a misspelt setting would otherwise
+    /// be ignored without a word). `keys` lists the top-level keys, and `section.key` for a
+    /// section read key by key; a section listed whole is checked by its own deserializer
+    /// (`#[serde(deny_unknown_fields)]`).
+    pub fn deny_unknown(&self, keys: &[&str]) -> Result<(), String> {
+        for (k, v) in &self.table {
+            if keys.contains(&k.as_str()) {
+                continue;
+            }
+            let prefix = format!("{k}.");
+            let inner: Vec<&str> = keys
+                .iter()
+                .filter_map(|x| x.strip_prefix(&prefix))
+                .collect();
+            let Some(t) = v.as_table().filter(|_| !inner.is_empty()) else {
+                return Err(self.unknown(k, keys));
+            };
+            if let Some(s) = t.keys().find(|s| !inner.contains(&s.as_str())) {
+                return Err(self.unknown(&format!("{k}.{s}"), keys));
+            }
+        }
+        Ok(())
+    }
+
+    fn unknown(&self, key: &str, keys: &[&str]) -> String {
+        format!(
+            "config file {}: unknown key {key:?} (known: {})",
+            self.path.as_deref().unwrap_or("?"),
+            keys.join(", ")
+        )
+    }
+
     /// The value of `key` (which may be `section.key`), if the file sets it.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
         let mut cur: Option<&toml::Value> = None;
@@ -480,5 +512,31 @@ mod tests {
         assert!(f.pick_duration(None, "gpu.level", "1s").is_err());
         std::fs::write(&p, "not = [valid").unwrap();
         assert!(FileConfig::load(Some(&p)).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        let keys = ["debounce", "gpu.level", "backup"];
+        let check = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            FileConfig::load(Some(&p)).unwrap().deny_unknown(&keys)
+        };
+        assert_eq!(
+            check("debounce = \"1s\"\n[gpu]\nlevel = 3\n[backup]\nany = 1\n"),
+            Ok(())
+        );
+        let e = check("debounse = \"1s\"\n").unwrap_err();
+        assert!(
+            e.contains("unknown key \"debounse\"") && e.contains("c.toml"),
+            "{e}"
+        );
+        assert!(e.contains("known: debounce, gpu.level, backup"), "{e}");
+        let e = check("[gpu]\nlevel = 3\nlevle = 4\n").unwrap_err();
+        assert!(e.contains("unknown key \"gpu.levle\""), "{e}");
+        let e = check("gpu = 3\n").unwrap_err();
+        assert!(e.contains("unknown key \"gpu\""), "{e}");
+        assert_eq!(FileConfig::default().deny_unknown(&[]), Ok(()));
     }
 }

@@ -156,3 +156,59 @@ fn agent_verbs_exit_69_without_an_agent_and_75_on_a_flush_timeout() {
     );
     assert_eq!(fs::read(cpu.workspace.join("model.pt")).unwrap(), b"good");
 }
+
+#[test]
+fn unknown_config_keys_exit_64_naming_the_key() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("c");
+    let d = dir.to_str().unwrap();
+    assert_eq!(code(&run(COORDINATOR, &["init", "--dir", d])), Some(0));
+    let toml = dir.join("coordinator.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    for (typo, named) in [
+        ("failover_afer = \"3s\"\n", "\"failover_afer\""),
+        (
+            "[vastai]\nimage = \"x\"\napi_key = \"k\"\n",
+            "\"vastai.api_key\"",
+        ),
+    ] {
+        fs::write(&toml, format!("{text}\n{typo}")).unwrap();
+        let out = run(
+            COORDINATOR,
+            &["serve", "--dir", d, "--listen", "127.0.0.1:0"],
+        );
+        assert_eq!(code(&out), Some(64), "{}", stderr(&out));
+        assert!(stderr(&out).contains(named), "{}", stderr(&out));
+    }
+    let agent_toml = t.path().join("agent.toml");
+    let ws = t.path().join("ws");
+    let state = t.path().join("state");
+    let common = format!(
+        "workspace = {:?}\nstate_dir = {:?}\ntls_dir = \"/nonexistent\"\n",
+        ws, state
+    );
+    // history is agent-cpu's: agent-gpu does not read it.
+    for (program, extra, named) in [
+        (
+            AGENT_GPU,
+            "peer = \"127.0.0.1:1\"\ndebounse = \"1s\"\n",
+            "\"debounse\"",
+        ),
+        (
+            AGENT_GPU,
+            "peer = \"127.0.0.1:1\"\nhistory = true\n",
+            "\"history\"",
+        ),
+        (AGENT_CPU, "keep_hourley = 3\n", "\"keep_hourley\""),
+    ] {
+        fs::write(&agent_toml, format!("{common}{extra}")).unwrap();
+        let out = Command::new(program)
+            .arg("--config")
+            .arg(&agent_toml)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), Some(64), "{}", stderr(&out));
+        assert!(stderr(&out).contains(named), "{}", stderr(&out));
+        assert!(!state.exists(), "{program} went ahead");
+    }
+}

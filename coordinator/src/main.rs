@@ -445,6 +445,41 @@ async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
     }
 }
 
+/// The keys `coordinator.toml` may set; `[provision]`, `[gcp]`, `[command]` and `[backup]`
+/// refuse unknown keys themselves.
+const CONFIG_KEYS: [&str; 30] = [
+    "listen",
+    "metrics_listen",
+    "advertise",
+    "cert_lifetime",
+    "renew_grace",
+    "provider",
+    "cpu_provider",
+    "provision.gpu",
+    "provision.cpu",
+    "sweep_interval",
+    "agent_bin_dir",
+    "agent_url",
+    "agent_sha256",
+    "gcp",
+    "command",
+    "reflection",
+    "public_health",
+    "backup",
+    "heartbeat_interval",
+    "suspect_after_missed",
+    "failover_after",
+    "auto_recover",
+    "boot_timeout",
+    "blocklist_for",
+    "idle_hibernate_after",
+    "backoff_base",
+    "vastai.url",
+    "vastai.api_key_file",
+    "vastai.image",
+    "vastai.disk_gb",
+];
+
 /// The providers `--provider` and `--cpu-provider` name.
 const PROVIDERS: [&str; 5] = ["local", "vastai", "gcp", "command", "none"];
 
@@ -466,6 +501,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
         p.exists().then_some(p)
     });
     let f = FileConfig::load(file.as_deref())?;
+    f.deny_unknown(&CONFIG_KEYS)?;
     let timing = timing(&f, &a)?;
     Ok(standby::control::service::ServeOptions {
         listen: f.pick(a.listen.clone(), "listen", || {
