@@ -361,18 +361,60 @@ impl FileConfig {
     }
 }
 
-/// Logs to stderr; the filter comes from `STANDBY_LOG`, else `RUST_LOG`, else `default`.
+/// How log lines are written: for people, or one JSON object per line for a log collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The `--log-format` flag every program takes (before or after its subcommand).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct LogArgs {
+    /// Log lines as text, or as one JSON object per line (with timestamp, level, fields).
+    #[arg(
+        long,
+        global = true,
+        env = "STANDBY_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The format chosen on the command line; set once at the top of `main`, before logging or
+/// [`fail`] write anything (a process-wide choice, like the global subscriber itself).
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+impl LogArgs {
+    pub fn apply(self) {
+        let _ = LOG_FORMAT.set(self.log_format);
+    }
+}
+
+fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or_default()
+}
+
+/// Logs to stderr in the chosen [`LogFormat`]; the filter comes from `STANDBY_LOG`, else
+/// `RUST_LOG`, else `default`.
 pub fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("STANDBY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default.to_string());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default)))
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match log_format() {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).
@@ -414,7 +456,20 @@ pub fn fail(e: &anyhow::Error) -> ! {
             s.push_str(&m);
         }
     }
-    eprintln!("error: {}", s.replace('\n', " "));
+    let s = s.replace('\n', " ");
+    match log_format() {
+        LogFormat::Text => eprintln!("error: {s}"),
+        // The shape of the JSON log lines, so a collector reads the last line like the others.
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                    .to_string(),
+                "level": "ERROR",
+                "fields": { "message": s },
+            })
+        ),
+    }
     std::process::exit(Exit::of_error(e).code());
 }
 

@@ -35,6 +35,8 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     #[command(flatten)]
+    log: standby::cli::LogArgs,
+    #[command(flatten)]
     agent: AgentArgs,
     #[command(flatten)]
     cpu: CpuArgs,
@@ -95,6 +97,7 @@ struct RestoreBackupArgs {
 
 fn main() {
     let cli: Cli = parse_or_exit();
+    cli.log.apply();
     if let Some(cmd) = cli.cmd {
         init_logging("warn");
         tls::install_default_provider();

@@ -34,6 +34,8 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd2>,
     #[command(flatten)]
+    log: standby::cli::LogArgs,
+    #[command(flatten)]
     agent: AgentArgs,
     #[command(flatten)]
     gpu: GpuArgs,
@@ -102,6 +104,7 @@ enum Cmd2 {
 
 fn main() {
     let cli: Cli = parse_or_exit();
+    cli.log.apply();
     tls::install_default_provider();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.cmd {

@@ -21,6 +21,8 @@ use standby::trust::pki::{Ca, San, server_sans};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: standby::cli::LogArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -320,6 +322,7 @@ struct ServeArgs {
 
 fn main() {
     let cli: Cli = parse_or_exit();
+    cli.log.apply();
     standby::trust::tls::install_default_provider();
     if let Err(e) = run(cli.cmd) {
         fail(&e);

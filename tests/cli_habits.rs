@@ -1,6 +1,9 @@
-//! The exit codes scripts rely on (`standby::cli::Exit`, listed in every `--help` and the
-//! README): 64 for usage errors, 69 when the coordinator or agent cannot be reached, 75 for a
-//! flush that timed out, 77 for a refusal. (A drill's missed target, 3, is in `tests/demo.rs`.)
+//! The command-line habits operators and scripts rely on, on the real binaries:
+//! - exit codes (`standby::cli::Exit`, listed in every `--help` and the README): 64 for usage
+//!   errors (unknown config keys included, named), 69 when the coordinator or agent cannot be
+//!   reached, 75 for a flush that timed out, 77 for a refusal (a drill's missed target, 3, is in
+//!   `tests/demo.rs`);
+//! - `--log-format json`: every line on stderr one JSON object, the final error too.
 
 mod common;
 
@@ -211,4 +214,68 @@ fn unknown_config_keys_exit_64_naming_the_key() {
         assert!(stderr(&out).contains(named), "{}", stderr(&out));
         assert!(!state.exists(), "{program} went ahead");
     }
+}
+
+/// Each non-empty line of `text` as a JSON log line (timestamp, level, fields.message).
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            assert!(v["timestamp"].is_string(), "{l}");
+            assert!(v["level"].is_string(), "{l}");
+            assert!(v["fields"]["message"].is_string(), "{l}");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn log_format_json_for_all_three_programs() {
+    let t = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&t.path().join("coord"), &["--log-format", "json"]);
+    let lines = json_lines(&coord.log_text());
+    assert!(lines.iter().any(|l| l["level"] == "INFO"), "{lines:?}");
+
+    let pki = Pki::new();
+    let cpu = Cpu::start_with(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+        "127.0.0.1:0",
+        &["--log-format", "json"],
+        &[],
+    );
+    let ws = t.path().join("ws");
+    fs::create_dir_all(&ws).unwrap();
+    fs::write(ws.join("f"), b"x").unwrap();
+    let gtls = pki.node("p", Role::Gpu);
+    let gst = t.path().join("gpu");
+    let out = Command::new(AGENT_GPU)
+        .args(gpu_args(&ws, &gst, &gtls, &cpu.addr))
+        .args(["--once", "--log-format", "json"])
+        .env("STANDBY_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!json_lines(&stderr(&out)).is_empty());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files_changed"], 1, "{report}");
+    let cpu_lines = json_lines(&cpu.log_text());
+    assert!(
+        cpu_lines.iter().any(|l| l["level"] == "INFO"),
+        "{cpu_lines:?}"
+    );
+
+    // The environment variable does the same, and the final error is a JSON line too.
+    let out = Command::new(AGENT_GPU)
+        .args(gpu_args(&ws, &gst, &gtls, "127.0.0.1:1"))
+        .arg("--once")
+        .env("STANDBY_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let lines = json_lines(&stderr(&out));
+    assert_eq!(lines.last().unwrap()["level"], "ERROR", "{lines:?}");
 }
