@@ -3,7 +3,8 @@
 //!   errors (unknown config keys included, named), 69 when the coordinator or agent cannot be
 //!   reached, 75 for a flush that timed out, 77 for a refusal (a drill's missed target, 3, is in
 //!   `tests/demo.rs`);
-//! - `--log-format json`: every line on stderr one JSON object, the final error too.
+//! - `--log-format json`: every line on stderr one JSON object, the final error too;
+//! - `coordinator completions SHELL` and `coordinator man`.
 
 mod common;
 
@@ -278,4 +279,36 @@ fn log_format_json_for_all_three_programs() {
     assert!(!out.status.success());
     let lines = json_lines(&stderr(&out));
     assert_eq!(lines.last().unwrap()["level"], "ERROR", "{lines:?}");
+}
+
+#[test]
+fn completions_and_manual_pages() {
+    for (shell, marker) in [
+        ("bash", "_coordinator()"),
+        ("zsh", "#compdef coordinator"),
+        ("fish", "complete -c coordinator"),
+    ] {
+        let out = run(COORDINATOR, &["completions", shell]);
+        assert_eq!(code(&out), Some(0), "{shell}: {}", stderr(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(
+            script.contains("serve") && script.contains("log-format"),
+            "{shell}"
+        );
+    }
+    assert_eq!(code(&run(COORDINATOR, &["completions", "tcsh"])), Some(64));
+
+    let out = run(COORDINATOR, &["man"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH coordinator 1"), "{page}");
+    assert!(page.contains(standby::cli::EXIT_CODES), "{page}");
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("man1");
+    let out = run(COORDINATOR, &["man", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let serve = fs::read_to_string(dir.join("coordinator-serve.1")).unwrap();
+    assert!(serve.contains("provider"), "{serve}");
+    assert!(dir.join("coordinator-pair-create.1").exists());
 }

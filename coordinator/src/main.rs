@@ -3,6 +3,7 @@
 mod admin;
 mod demo;
 mod drill;
+mod manual;
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +97,18 @@ enum Cmd {
         /// Bind the token to this machine name (default: whichever machine joins with it first).
         #[arg(long)]
         machine: Option<String>,
+    },
+    /// Print a shell completion script (e.g. `coordinator completions bash >
+    /// /etc/bash_completion.d/coordinator`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or with --dir write one page per command there
+    /// (coordinator.1, coordinator-serve.1, ...).
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     // The admin verbs come last, as they always have in the help.
     #[command(flatten)]
@@ -370,6 +383,8 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             init_logging("warn");
             runtime().block_on(admin_verb(cmd))
         }
+        Cmd::Completions { shell } => manual::completions::<Cli>(shell),
+        Cmd::Man { dir } => manual::man::<Cli>(dir.as_deref()),
     }
 }
 
