@@ -209,16 +209,24 @@ async fn follow(
     let mut steps: Vec<Transition> = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
+        let so_far = || steps.iter().map(|s| s.0.to_string()).collect::<Vec<_>>();
         let e = tokio::select! {
             e = events.message() => e.map_err(status)?,
-            _ = tokio::time::sleep_until(deadline) => None,
+            _ = tokio::time::sleep_until(deadline) => {
+                let why = format!(
+                    "the drill did not finish within {} s (transitions so far: {:?})",
+                    limit.as_secs(),
+                    so_far()
+                );
+                return Err(standby::cli::Exiting::new(Exit::Timeout, why).into());
+            }
         };
         let Some(e) = e else {
-            bail!(
-                "the drill did not finish within {} s (transitions so far: {:?})",
-                limit.as_secs(),
-                steps.iter().map(|s| s.0.to_string()).collect::<Vec<_>>()
+            let why = format!(
+                "the coordinator ended the event stream (transitions so far: {:?})",
+                so_far()
             );
+            return Err(standby::cli::Exiting::new(Exit::Unreachable, why).into());
         };
         if e.pair != a.pair || e.kind() != EventKind::Transition || e.unix_ms < requested_ms {
             continue;
