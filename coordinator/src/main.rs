@@ -4,6 +4,7 @@ mod admin;
 mod demo;
 mod drill;
 mod manual;
+mod progress;
 
 use std::path::{Path, PathBuf};
 
