@@ -124,6 +124,37 @@ def test_lightning_callback_flushes_after_each_save(pair, stand_in_libraries):
     assert trainer.strategy.checkpoint_io is inner
 
 
+class _ShardedStrategy:
+    """Duck-typed stand-in for a strategy that saves without a CheckpointIO (FSDP)."""
+
+    @property
+    def checkpoint_io(self):
+        raise NotImplementedError("FSDP does not use the CheckpointIO plugin interface")
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+        write(filepath, checkpoint["bytes"])
+
+
+def test_lightning_callback_without_a_checkpoint_io(pair, stand_in_libraries):
+    from standby.lightning import StandbyCallback
+
+    callback = StandbyCallback(timeout=60, strict=True)
+    trainer = type("Trainer", (), {"local_rank": 0})()
+    trainer.strategy = _ShardedStrategy()
+    callback.setup(trainer, None, "fit")
+    callback.setup(trainer, None, "validate")
+    data = os.urandom(256 << 10)
+    trainer.strategy.save_checkpoint({"bytes": data}, pair.workspace / "fsdp/last.ckpt")
+    assert replica_bytes(pair, "fsdp/last.ckpt") == data
+    assert len(callback.flush.generations) == 1
+    # Another rank on this machine wrote its part; local rank 0 flushes, it does not.
+    trainer.local_rank = 1
+    trainer.strategy.save_checkpoint({"bytes": b"shard"}, pair.workspace / "fsdp/shard-1")
+    assert len(callback.flush.generations) == 1
+    callback.teardown(trainer, None, "fit")
+    assert "save_checkpoint" not in vars(trainer.strategy)
+
+
 def test_huggingface_callback_flushes_on_save(pair, stand_in_libraries):
     from standby.huggingface import StandbyCallback
 

@@ -6,8 +6,10 @@
 Lightning's own `on_save_checkpoint` hook runs *before* the file is written, so the callback
 instead wraps the strategy's `CheckpointIO` when the trainer is set up: every
 `save_checkpoint` (by `ModelCheckpoint` or `trainer.save_checkpoint`) is followed by a flush on
-the process that wrote it. An asynchronous `CheckpointIO` returns before the file is complete;
-with one, the flush covers only what was written by then.
+the process that wrote it. Strategies that save without a `CheckpointIO` (FSDP, model
+parallel) get their `save_checkpoint` wrapped instead, flushing on each machine's local rank 0
+after its own part is written. An asynchronous `CheckpointIO` returns before the file is
+complete; with one, the flush covers only what was written by then.
 
 Importing this module imports Lightning (`lightning`, else `pytorch_lightning`); `import standby`
 does not.
@@ -80,12 +82,35 @@ class StandbyCallback(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         strategy = trainer.strategy
-        if not isinstance(strategy.checkpoint_io, _FlushingCheckpointIO):
-            self._wrapped = strategy.checkpoint_io
-            strategy.checkpoint_io = _FlushingCheckpointIO(self._wrapped, self.flush)
+        try:
+            io = strategy.checkpoint_io
+        except NotImplementedError:
+            self._wrap_strategy(trainer)
+            return
+        if not isinstance(io, _FlushingCheckpointIO):
+            self._wrapped = io
+            strategy.checkpoint_io = _FlushingCheckpointIO(io, self.flush)
+
+    def _wrap_strategy(self, trainer) -> None:
+        """For strategies without a `CheckpointIO`: flush after the strategy's own save."""
+        strategy = trainer.strategy
+        if "save_checkpoint" in vars(strategy):
+            return  # wrapped already (a second stage)
+        save = strategy.save_checkpoint
+        flush = self.flush
+
+        def save_checkpoint(checkpoint, filepath, *args, **kwargs):
+            result = save(checkpoint, filepath, *args, **kwargs)
+            if getattr(trainer, "local_rank", 0) == 0:
+                flush(f"checkpoint {filepath}")
+            return result
+
+        strategy.save_checkpoint = save_checkpoint
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         strategy = trainer.strategy
-        if self._wrapped is not None and isinstance(strategy.checkpoint_io, _FlushingCheckpointIO):
+        if "save_checkpoint" in vars(strategy):
+            del strategy.save_checkpoint
+        elif self._wrapped is not None and isinstance(strategy.checkpoint_io, _FlushingCheckpointIO):
             strategy.checkpoint_io = self._wrapped
         self._wrapped = None
