@@ -307,3 +307,30 @@ pub async fn request(state_dir: &Path, req: &Request) -> Result<Reply, Exiting> 
     serde_json::from_str(&resp)
         .map_err(|e| Exiting::new(Exit::Failure, format!("bad reply from the agent: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_says_its_kind_and_exit_code() {
+        let r = Reply::failed(Failure::Timeout, "not durable after 5 ms".into());
+        let wire = serde_json::to_value(&r).unwrap();
+        assert_eq!(wire["kind"], "timeout");
+        assert_eq!(wire["ok"], false);
+        let e = r.into_error("flush");
+        assert_eq!(e.exit, Exit::Timeout);
+        assert_eq!(e.message, "flush failed: not durable after 5 ms");
+        for (kind, exit) in [
+            (Failure::Refused, Exit::Refused),
+            (Failure::Unavailable, Exit::Unreachable),
+        ] {
+            assert_eq!(Reply::failed(kind, "x".into()).into_error("v").exit, exit);
+        }
+        // A success carries no kind; a reply from an agent without the field still reads.
+        let done = serde_json::to_value(Reply::done()).unwrap();
+        assert!(done.get("kind").is_none(), "{done}");
+        let old: Reply = serde_json::from_str(r#"{"ok":false,"error":"e"}"#).unwrap();
+        assert_eq!(old.into_error("flush").exit, Exit::Failure);
+    }
+}
