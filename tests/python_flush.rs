@@ -137,6 +137,7 @@ fn python_client_flushes_to_a_real_pair() {
             "no:cacheprovider",
             "-v",
             "-rs",
+            "--durations=6",
             "tests",
         ])
         .current_dir(&client)
