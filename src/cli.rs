@@ -171,9 +171,13 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
     }
 }
 
-/// `cmd` and its subcommands, each with [`EXIT_CODES`] as its after-help.
+/// `cmd` and its subcommands, each with [`EXIT_CODES`] at the end of its after-help.
 pub fn with_exit_codes(cmd: clap::Command) -> clap::Command {
-    cmd.after_help(EXIT_CODES).mut_subcommands(with_exit_codes)
+    let text = match cmd.get_after_help() {
+        Some(own) => format!("{own}\n\n{EXIT_CODES}"),
+        None => EXIT_CODES.to_string(),
+    };
+    cmd.after_help(text).mut_subcommands(with_exit_codes)
 }
 
 /// A usage error found after parsing (a missing or invalid setting): print and exit 64.
@@ -567,6 +571,20 @@ mod tests {
         assert!(f.pick_duration(None, "gpu.level", "1s").is_err());
         std::fs::write(&p, "not = [valid").unwrap();
         assert!(FileConfig::load(Some(&p)).is_err());
+    }
+
+    #[test]
+    fn every_help_ends_with_the_exit_codes() {
+        let cmd = clap::Command::new("p")
+            .subcommand(clap::Command::new("a").after_help("Its own note."))
+            .subcommand(clap::Command::new("b").subcommand(clap::Command::new("c")));
+        let cmd = with_exit_codes(cmd);
+        let help = |c: &clap::Command| c.get_after_help().unwrap().to_string();
+        assert_eq!(help(&cmd), EXIT_CODES);
+        let a = cmd.find_subcommand("a").unwrap();
+        assert_eq!(help(a), format!("Its own note.\n\n{EXIT_CODES}"));
+        let b = cmd.find_subcommand("b").unwrap();
+        assert_eq!(help(b.find_subcommand("c").unwrap()), EXIT_CODES);
     }
 
     #[test]
