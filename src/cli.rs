@@ -1,6 +1,7 @@
 //! What the three binaries share on their command lines: defaults, configuration layering
 //! (flag, then `STANDBY_*` environment variable, then TOML file, then default), human
-//! durations, logging, and exit codes (64 for a usage error).
+//! durations, logging, and exit codes ([`Exit`]: 64 for a usage error, sysexits.h values for
+//! the others).
 
 use std::path::Path;
 use std::time::Duration;
@@ -48,12 +49,115 @@ pub mod defaults {
     pub const EVENTS_PER_ADMIN: usize = 4;
 }
 
+/// How the three programs exit when they fail, so scripts can tell a missed drill target from
+/// an unreachable coordinator. The values follow sysexits.h where one fits; [`EXIT_CODES`] is
+/// the text each `--help` and the README show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Anything else (1).
+    Failure,
+    /// `coordinator drill` ran to the end and missed a target (3).
+    TargetMissed,
+    /// A bad command line, flag value or configuration (64, EX_USAGE).
+    Usage,
+    /// The coordinator or the agent could not be reached (69, EX_UNAVAILABLE).
+    Unreachable,
+    /// Not done in time, e.g. a flush (75, EX_TEMPFAIL: trying again may work).
+    Timeout,
+    /// Refused: no permission, a fenced agent, a pair in a state that does not allow it
+    /// (77, EX_NOPERM).
+    Refused,
+}
+
+/// The exit codes as `--help` (after_help) and the README list them.
+pub const EXIT_CODES: &str = "Exit status: 0 success, 1 failure, 3 a drill target missed, \
+64 usage error, 69 coordinator or agent unreachable, 75 timed out, 77 refused.";
+
 /// Exit code for a usage error (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
-/// Parses the command line; prints help/version and exits 0, or the error and exits 64.
+impl Exit {
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Failure => 1,
+            Exit::TargetMissed => 3,
+            Exit::Usage => EXIT_USAGE,
+            Exit::Unreachable => 69,
+            Exit::Timeout => 75,
+            Exit::Refused => 77,
+        }
+    }
+
+    /// What a gRPC status from the coordinator or an agent means for the exit code.
+    pub fn of_status(code: tonic::Code) -> Exit {
+        use tonic::Code;
+        match code {
+            Code::Unavailable => Exit::Unreachable,
+            Code::DeadlineExceeded => Exit::Timeout,
+            Code::InvalidArgument => Exit::Usage,
+            Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::OutOfRange => Exit::Refused,
+            _ => Exit::Failure,
+        }
+    }
+
+    /// The exit code an error calls for: the first [`Exiting`] in its chain, else that of a
+    /// gRPC status or transport (connection) error in it, else 1.
+    pub fn of_error(e: &anyhow::Error) -> Exit {
+        for c in e.chain() {
+            if let Some(x) = c.downcast_ref::<Exiting>() {
+                return x.exit;
+            }
+            if let Some(s) = c.downcast_ref::<tonic::Status>() {
+                return Exit::of_status(s.code());
+            }
+            if c.is::<tonic::transport::Error>() {
+                return Exit::Unreachable;
+            }
+        }
+        Exit::Failure
+    }
+}
+
+/// An error that says how the program exits.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exiting {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Exiting {
+    pub fn new(exit: Exit, message: impl std::fmt::Display) -> Exiting {
+        Exiting {
+            exit,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// A gRPC status as an error: its message, and the exit code its code calls for.
+impl From<tonic::Status> for Exiting {
+    fn from(s: tonic::Status) -> Exiting {
+        Exiting::new(Exit::of_status(s.code()), s.message())
+    }
+}
+
+/// Parses the command line; prints help/version and exits 0, or the error and exits 64. Every
+/// command's `--help` ends with the exit codes ([`EXIT_CODES`]).
 pub fn parse_or_exit<T: clap::Parser>() -> T {
-    match T::try_parse() {
+    let mut cmd = with_exit_codes(T::command());
+    let parsed = cmd
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|mut m| T::from_arg_matches_mut(&mut m))
+        .map_err(|e| e.format(&mut cmd));
+    match parsed {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -65,6 +169,15 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
             std::process::exit(code);
         }
     }
+}
+
+/// `cmd` and its subcommands, each with [`EXIT_CODES`] at the end of its after-help.
+pub fn with_exit_codes(cmd: clap::Command) -> clap::Command {
+    let text = match cmd.get_after_help() {
+        Some(own) => format!("{own}\n\n{EXIT_CODES}"),
+        None => EXIT_CODES.to_string(),
+    };
+    cmd.after_help(text).mut_subcommands(with_exit_codes)
 }
 
 /// A usage error found after parsing (a missing or invalid setting): print and exit 64.
@@ -155,6 +268,38 @@ impl FileConfig {
         })
     }
 
+    /// Refuses a key the program does not read, naming it (a misspelt setting would otherwise
+    /// be ignored without a word). `keys` lists the top-level keys, and `section.key` for a
+    /// section read key by key; a section listed whole is checked by its own deserializer
+    /// (`#[serde(deny_unknown_fields)]`).
+    pub fn deny_unknown(&self, keys: &[&str]) -> Result<(), String> {
+        for (k, v) in &self.table {
+            if keys.contains(&k.as_str()) {
+                continue;
+            }
+            let prefix = format!("{k}.");
+            let inner: Vec<&str> = keys
+                .iter()
+                .filter_map(|x| x.strip_prefix(&prefix))
+                .collect();
+            let Some(t) = v.as_table().filter(|_| !inner.is_empty()) else {
+                return Err(self.unknown(k, keys));
+            };
+            if let Some(s) = t.keys().find(|s| !inner.contains(&s.as_str())) {
+                return Err(self.unknown(&format!("{k}.{s}"), keys));
+            }
+        }
+        Ok(())
+    }
+
+    fn unknown(&self, key: &str, keys: &[&str]) -> String {
+        format!(
+            "config file {}: unknown key {key:?} (known: {})",
+            self.path.as_deref().unwrap_or("?"),
+            keys.join(", ")
+        )
+    }
+
     /// The value of `key` (which may be `section.key`), if the file sets it.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
         let mut cur: Option<&toml::Value> = None;
@@ -220,18 +365,60 @@ impl FileConfig {
     }
 }
 
-/// Logs to stderr; the filter comes from `STANDBY_LOG`, else `RUST_LOG`, else `default`.
+/// How log lines are written: for people, or one JSON object per line for a log collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The `--log-format` flag every program takes (before or after its subcommand).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct LogArgs {
+    /// Log lines as text, or as one JSON object per line (with timestamp, level, fields).
+    #[arg(
+        long,
+        global = true,
+        env = "STANDBY_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The format chosen on the command line; set once at the top of `main`, before logging or
+/// [`fail`] write anything (a process-wide choice, like the global subscriber itself).
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+impl LogArgs {
+    pub fn apply(self) {
+        let _ = LOG_FORMAT.set(self.log_format);
+    }
+}
+
+fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or_default()
+}
+
+/// Logs to stderr in the chosen [`LogFormat`]; the filter comes from `STANDBY_LOG`, else
+/// `RUST_LOG`, else `default`.
 pub fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("STANDBY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default.to_string());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default)))
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match log_format() {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).
@@ -262,7 +449,8 @@ pub fn raise_nofile_limit() -> u64 {
     r.rlim_cur
 }
 
-/// Prints `error: <chain>` on one line and exits 1.
+/// Prints `error: <chain>` on one line and exits with the code the error calls for
+/// ([`Exit::of_error`]).
 pub fn fail(e: &anyhow::Error) -> ! {
     let mut s = e.to_string();
     for c in e.chain().skip(1) {
@@ -272,8 +460,21 @@ pub fn fail(e: &anyhow::Error) -> ! {
             s.push_str(&m);
         }
     }
-    eprintln!("error: {}", s.replace('\n', " "));
-    std::process::exit(1);
+    let s = s.replace('\n', " ");
+    match log_format() {
+        LogFormat::Text => eprintln!("error: {s}"),
+        // The shape of the JSON log lines, so a collector reads the last line like the others.
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                    .to_string(),
+                "level": "ERROR",
+                "fields": { "message": s },
+            })
+        ),
+    }
+    std::process::exit(Exit::of_error(e).code());
 }
 
 #[cfg(test)]
@@ -308,6 +509,46 @@ mod tests {
     }
 
     #[test]
+    fn exit_codes_follow_the_error() {
+        let status = |c| anyhow::Error::new(Exiting::from(tonic::Status::new(c, "m")));
+        assert_eq!(
+            Exit::of_error(&status(tonic::Code::Unavailable)),
+            Exit::Unreachable
+        );
+        assert_eq!(
+            Exit::of_error(&status(tonic::Code::FailedPrecondition)),
+            Exit::Refused
+        );
+        assert_eq!(
+            Exit::of_error(&status(tonic::Code::Internal)),
+            Exit::Failure
+        );
+        let raw = anyhow::Error::new(tonic::Status::deadline_exceeded("slow"));
+        assert_eq!(Exit::of_error(&raw.context("flushing")), Exit::Timeout);
+        let tagged = anyhow::Error::new(Exiting::new(Exit::TargetMissed, "missed"));
+        assert_eq!(Exit::of_error(&tagged.context("drill")), Exit::TargetMissed);
+        assert_eq!(Exit::of_error(&anyhow::anyhow!("plain")), Exit::Failure);
+        let codes = [1, 3, 64, 69, 75, 77];
+        for (exit, code) in [
+            Exit::Failure,
+            Exit::TargetMissed,
+            Exit::Usage,
+            Exit::Unreachable,
+            Exit::Timeout,
+            Exit::Refused,
+        ]
+        .into_iter()
+        .zip(codes)
+        {
+            assert_eq!(exit.code(), code);
+            assert!(
+                EXIT_CODES.contains(&format!(" {code} ")),
+                "{code} undocumented"
+            );
+        }
+    }
+
+    #[test]
     fn layering() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c.toml");
@@ -330,5 +571,45 @@ mod tests {
         assert!(f.pick_duration(None, "gpu.level", "1s").is_err());
         std::fs::write(&p, "not = [valid").unwrap();
         assert!(FileConfig::load(Some(&p)).is_err());
+    }
+
+    #[test]
+    fn every_help_ends_with_the_exit_codes() {
+        let cmd = clap::Command::new("p")
+            .subcommand(clap::Command::new("a").after_help("Its own note."))
+            .subcommand(clap::Command::new("b").subcommand(clap::Command::new("c")));
+        let cmd = with_exit_codes(cmd);
+        let help = |c: &clap::Command| c.get_after_help().unwrap().to_string();
+        assert_eq!(help(&cmd), EXIT_CODES);
+        let a = cmd.find_subcommand("a").unwrap();
+        assert_eq!(help(a), format!("Its own note.\n\n{EXIT_CODES}"));
+        let b = cmd.find_subcommand("b").unwrap();
+        assert_eq!(help(b.find_subcommand("c").unwrap()), EXIT_CODES);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        let keys = ["debounce", "gpu.level", "backup"];
+        let check = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            FileConfig::load(Some(&p)).unwrap().deny_unknown(&keys)
+        };
+        assert_eq!(
+            check("debounce = \"1s\"\n[gpu]\nlevel = 3\n[backup]\nany = 1\n"),
+            Ok(())
+        );
+        let e = check("debounse = \"1s\"\n").unwrap_err();
+        assert!(
+            e.contains("unknown key \"debounse\"") && e.contains("c.toml"),
+            "{e}"
+        );
+        assert!(e.contains("known: debounce, gpu.level, backup"), "{e}");
+        let e = check("[gpu]\nlevel = 3\nlevle = 4\n").unwrap_err();
+        assert!(e.contains("unknown key \"gpu.levle\""), "{e}");
+        let e = check("gpu = 3\n").unwrap_err();
+        assert!(e.contains("unknown key \"gpu\""), "{e}");
+        assert_eq!(FileConfig::default().deny_unknown(&[]), Ok(()));
     }
 }

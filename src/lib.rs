@@ -10,7 +10,8 @@
 //! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
 //! - [`text`]: hex digests and one-line error chains.
 //! - [`host`]: this machine's name and wall clock.
-//! - [`cli`]: defaults, flag/environment/TOML layering, durations, logging, exit codes.
+//! - [`cli`]: defaults, flag/environment/TOML layering (unknown keys refused), durations,
+//!   logging (text or JSON), exit codes (`Exit`, listed in every `--help`).
 //! - [`proto`]: the generated gRPC services and durable record types.
 //!
 //! [`disk`]
@@ -54,7 +55,8 @@
 //! - `managed`, `link`, `report`: the coordinator link, heartbeats and commands.
 //! - `endpoint`, `probe`: what the peer probes and how; `hooks`: `on_promote`/`on_demote`.
 //! - `nvml`: GPU health; `join`: getting an identity; `renewal`: renewing it; `revocations`: the
-//!   coordinator's deny list, kept on disk; [`agent::socket`]: the control socket.
+//!   coordinator's deny list, kept on disk; [`agent::socket`]: the control socket (also the
+//!   Python client's, `clients/python`).
 //!
 //! [`control`]
 //! - [`control::failover`] (folder): the pure per-pair state machine.

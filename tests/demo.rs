@@ -84,9 +84,10 @@ fn a_drill_measures_each_phase_against_targets() {
         "3m",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        !out.status.success(),
-        "a missed target must fail the drill:\n{stdout}\n{}",
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a missed target must fail the drill (exit 3):\n{stdout}\n{}",
         coord.log_text()
     );
     println!("{stdout}");

@@ -136,6 +136,10 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
     );
     let follow = String::from_utf8_lossy(&out.stdout);
     assert!(follow.contains("Syncing"), "{follow}");
+    assert!(
+        !follow.contains('\r'),
+        "a progress bar into a pipe: {follow:?}"
+    );
     wait_state(&coord, name, "Syncing", 5, 120, &[&cpu.log]);
     let woke = gpu_machine(&coord, name);
     assert_ne!(woke, label);

@@ -35,6 +35,8 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
     #[command(flatten)]
+    log: standby::cli::LogArgs,
+    #[command(flatten)]
     agent: AgentArgs,
     #[command(flatten)]
     cpu: CpuArgs,
@@ -95,6 +97,7 @@ struct RestoreBackupArgs {
 
 fn main() {
     let cli: Cli = parse_or_exit();
+    cli.log.apply();
     if let Some(cmd) = cli.cmd {
         init_logging("warn");
         tls::install_default_provider();
@@ -234,7 +237,7 @@ fn files_from(
 async fn verify(state_dir: &std::path::Path) -> anyhow::Result<()> {
     let report = match socket::request(state_dir, &socket::Request::Verify).await {
         Ok(r) if r.ok => r.result.unwrap_or_default(),
-        Ok(r) => anyhow::bail!(r.error.unwrap_or_else(|| "verify failed".into())),
+        Ok(r) => return Err(r.into_error("verify").into()),
         Err(_) => {
             let dir = state_dir.join(runtime::HISTORY_DIR);
             if !dir.is_dir() {

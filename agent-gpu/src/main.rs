@@ -34,6 +34,8 @@ struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd2>,
     #[command(flatten)]
+    log: standby::cli::LogArgs,
+    #[command(flatten)]
     agent: AgentArgs,
     #[command(flatten)]
     gpu: GpuArgs,
@@ -48,7 +50,7 @@ enum Cmd2 {
     Flush {
         #[arg(long, env = "STANDBY_STATE_DIR")]
         state_dir: PathBuf,
-        /// Give up after this long (exit 1).
+        /// Give up after this long (exit 75).
         #[arg(long, default_value = defaults::FLUSH_TIMEOUT)]
         timeout: String,
     },
@@ -102,6 +104,7 @@ enum Cmd2 {
 
 fn main() {
     let cli: Cli = parse_or_exit();
+    cli.log.apply();
     tls::install_default_provider();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.cmd {
@@ -130,17 +133,11 @@ fn control(rt: &tokio::runtime::Runtime, cmd: Cmd2) {
             let req = socket::Request::Flush {
                 timeout_ms: t.as_millis() as u64,
             };
-            match rt.block_on(socket::request(&state_dir, &req)) {
-                Ok(r) if r.ok => println!("durable: generation {}", r.generation.unwrap_or(0)),
-                Ok(r) => fail(&anyhow::anyhow!(
-                    "flush failed: {}",
-                    r.error.unwrap_or_else(|| "unknown error".into())
-                )),
-                Err(e) => fail(&anyhow::anyhow!(e)),
-            }
+            let r = control_call(rt, &state_dir, req, "flush");
+            println!("durable: generation {}", r.generation.unwrap_or(0));
         }
         Cmd2::Status { state_dir } => {
-            let r = control_call(rt, &state_dir, socket::Request::Status);
+            let r = control_call(rt, &state_dir, socket::Request::Status, "status");
             println!("{}", r.status.unwrap_or_default());
         }
         Cmd2::Versions {
@@ -151,7 +148,9 @@ fn control(rt: &tokio::runtime::Runtime, cmd: Cmd2) {
             let req = socket::Request::Versions {
                 path: path.unwrap_or_default(),
             };
-            let list = control_call(rt, &state_dir, req).result.unwrap_or_default();
+            let list = control_call(rt, &state_dir, req, "versions")
+                .result
+                .unwrap_or_default();
             let list = list.as_array().cloned().unwrap_or_default();
             if json {
                 println!("{}", serde_json::Value::Array(list));
@@ -179,27 +178,28 @@ fn control(rt: &tokio::runtime::Runtime, cmd: Cmd2) {
                 path: path.unwrap_or_default(),
                 to,
             };
-            let r = control_call(rt, &state_dir, req);
+            let r = control_call(rt, &state_dir, req, "restore");
             println!("{}", r.result.unwrap_or_default());
         }
         Cmd2::Fault { state_dir, reason } => {
-            control_call(rt, &state_dir, socket::Request::Fault { reason });
+            control_call(rt, &state_dir, socket::Request::Fault { reason }, "fault");
             println!("fault injected: the next heartbeat reports it");
         }
     }
 }
 
+/// One request to the running agent; a failure exits with the code its kind calls for
+/// (`standby::cli::Exit`).
 fn control_call(
     rt: &tokio::runtime::Runtime,
     state_dir: &std::path::Path,
     req: socket::Request,
+    what: &str,
 ) -> socket::Reply {
     match rt.block_on(socket::request(state_dir, &req)) {
         Ok(r) if r.ok => r,
-        Ok(r) => fail(&anyhow::anyhow!(
-            r.error.unwrap_or_else(|| "unknown error".into())
-        )),
-        Err(e) => fail(&anyhow::anyhow!(e)),
+        Ok(r) => fail(&r.into_error(what).into()),
+        Err(e) => fail(&e.into()),
     }
 }
 

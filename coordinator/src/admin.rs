@@ -28,8 +28,9 @@ async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(ch))
 }
 
+/// A refusal's message, and the exit code its gRPC code calls for.
 fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    standby::cli::Exiting::from(s).into()
 }
 
 fn machine_json(m: &Option<standby::proto::MachineView>) -> serde_json::Value {
@@ -212,17 +213,17 @@ pub async fn action(r: &Remote, pair: &str, verb: Verb, follow: bool) -> anyhow:
     Ok(())
 }
 
-/// Follows a pair until it reaches `until`: its state as it changes, and a progress
-/// bar while the workspace is restored.
+/// Follows a pair until it reaches `until`: its state as it changes, and the restore's
+/// progress ([`crate::progress::Progress`]).
 async fn follow_pair(
     c: &mut AdminClient<Channel>,
     pair: &str,
     until: PairState,
 ) -> anyhow::Result<()> {
-    use std::io::Write;
     let started = std::time::Instant::now();
     let mut last = String::new();
-    let mut bar = false;
+    let mut progress =
+        crate::progress::Progress::new(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     loop {
         let ps = c
             .list_pairs(ListPairsRequest {})
@@ -235,10 +236,7 @@ async fn follow_pair(
         };
         let line = format!("{} ({})", p.state(), p.reason);
         if line != last {
-            if bar {
-                println!();
-                bar = false;
-            }
+            progress.end_line();
             println!(
                 "[{:>6.1}s] {}{}",
                 started.elapsed().as_secs_f64(),
@@ -251,24 +249,9 @@ async fn follow_pair(
             );
             last = line;
         }
-        if p.restore_total_bytes > 0 {
-            let f = (p.restore_done_bytes as f64 / p.restore_total_bytes as f64).min(1.0);
-            let n = (f * 40.0) as usize;
-            print!(
-                "\r  restore [{}{}] {:>5.1}%  {} / {} MiB",
-                "#".repeat(n),
-                " ".repeat(40 - n),
-                f * 100.0,
-                p.restore_done_bytes >> 20,
-                p.restore_total_bytes >> 20
-            );
-            std::io::stdout().flush().ok();
-            bar = true;
-        }
+        progress.show(p.restore_done_bytes, p.restore_total_bytes);
         if p.state() == until {
-            if bar {
-                println!();
-            }
+            progress.end_line();
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

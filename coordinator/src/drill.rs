@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
+use standby::cli::Exit;
 use standby::proto::admin_client::AdminClient;
 use standby::proto::{
     EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, PairView, Role,
@@ -162,13 +163,14 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     if !passed {
-        bail!("the drill missed a target");
+        let missed = standby::cli::Exiting::new(Exit::TargetMissed, "the drill missed a target");
+        return Err(missed.into());
     }
     Ok(())
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    standby::cli::Exiting::from(s).into()
 }
 
 /// The five targets, in the order of [`PHASES`] and then the total.
@@ -207,16 +209,24 @@ async fn follow(
     let mut steps: Vec<Transition> = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
+        let so_far = || steps.iter().map(|s| s.0.to_string()).collect::<Vec<_>>();
         let e = tokio::select! {
             e = events.message() => e.map_err(status)?,
-            _ = tokio::time::sleep_until(deadline) => None,
+            _ = tokio::time::sleep_until(deadline) => {
+                let why = format!(
+                    "the drill did not finish within {} s (transitions so far: {:?})",
+                    limit.as_secs(),
+                    so_far()
+                );
+                return Err(standby::cli::Exiting::new(Exit::Timeout, why).into());
+            }
         };
         let Some(e) = e else {
-            bail!(
-                "the drill did not finish within {} s (transitions so far: {:?})",
-                limit.as_secs(),
-                steps.iter().map(|s| s.0.to_string()).collect::<Vec<_>>()
+            let why = format!(
+                "the coordinator ended the event stream (transitions so far: {:?})",
+                so_far()
             );
+            return Err(standby::cli::Exiting::new(Exit::Unreachable, why).into());
         };
         if e.pair != a.pair || e.kind() != EventKind::Transition || e.unix_ms < requested_ms {
             continue;

@@ -3,6 +3,8 @@
 mod admin;
 mod demo;
 mod drill;
+mod manual;
+mod progress;
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +23,8 @@ use standby::trust::pki::{Ca, San, server_sans};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: standby::cli::LogArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -78,7 +82,7 @@ enum Cmd {
     /// failover, a new GPU provisioned, restored, verified and cut over, then a timeline.
     Demo(demo::DemoArgs),
     /// A deliberate failover of a live pair PAIR, measured phase by phase against targets
-    /// (a table and JSON; exit 1 when a target is missed).
+    /// (a table and JSON; exit 3 when a target is missed).
     Drill(Box<drill::DrillArgs>),
     /// Print a single-use, expiring join token for an agent of PAIR.
     Token {
@@ -94,6 +98,18 @@ enum Cmd {
         /// Bind the token to this machine name (default: whichever machine joins with it first).
         #[arg(long)]
         machine: Option<String>,
+    },
+    /// Print a shell completion script (e.g. `coordinator completions bash >
+    /// /etc/bash_completion.d/coordinator`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or with --dir write one page per command there
+    /// (coordinator.1, coordinator-serve.1, ...).
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     // The admin verbs come last, as they always have in the help.
     #[command(flatten)]
@@ -270,13 +286,13 @@ struct ServeArgs {
     /// How long after its expiry an agent's certificate may still connect, to renew only.
     #[arg(long, env = "STANDBY_RENEW_GRACE")]
     renew_grace: Option<String>,
-    /// Where replacement machines come from: local (agent processes on this host) or none
-    /// (replacements join by hand with a token).
-    #[arg(long, env = "STANDBY_PROVIDER")]
+    /// Where replacement machines come from: local (agent processes on this host), vastai,
+    /// gcp, command (your scripts), or none (replacements join by hand with a token).
+    #[arg(long, env = "STANDBY_PROVIDER", value_parser = PROVIDERS)]
     provider: Option<String>,
     /// Where CPU standbys come from when not from --provider (e.g. --provider vastai
     /// --cpu-provider gcp).
-    #[arg(long, env = "STANDBY_CPU_PROVIDER")]
+    #[arg(long, env = "STANDBY_CPU_PROVIDER", value_parser = PROVIDERS)]
     cpu_provider: Option<String>,
     /// Provision a replacement GPU as soon as a pair failed over.
     #[arg(long, env = "STANDBY_AUTO_RECOVER")]
@@ -328,6 +344,7 @@ struct ServeArgs {
 
 fn main() {
     let cli: Cli = parse_or_exit();
+    cli.log.apply();
     standby::trust::tls::install_default_provider();
     if let Err(e) = run(cli.cmd) {
         fail(&e);
@@ -375,6 +392,8 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             init_logging("warn");
             runtime().block_on(admin_verb(cmd))
         }
+        Cmd::Completions { shell } => manual::completions::<Cli>(shell),
+        Cmd::Man { dir } => manual::man::<Cli>(dir.as_deref()),
     }
 }
 
@@ -458,12 +477,64 @@ async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
     }
 }
 
+/// The keys `coordinator.toml` may set; `[provision]`, `[gcp]`, `[command]` and `[backup]`
+/// refuse unknown keys themselves.
+const CONFIG_KEYS: [&str; 31] = [
+    "listen",
+    "metrics_listen",
+    "advertise",
+    "cert_lifetime",
+    "renew_grace",
+    "provider",
+    "cpu_provider",
+    "provision.gpu",
+    "provision.cpu",
+    "sweep_interval",
+    "agent_bin_dir",
+    "agent_url",
+    "agent_sha256",
+    "gcp",
+    "command",
+    "reflection",
+    "public_health",
+    "backup",
+    "notify",
+    "heartbeat_interval",
+    "suspect_after_missed",
+    "failover_after",
+    "auto_recover",
+    "boot_timeout",
+    "blocklist_for",
+    "idle_hibernate_after",
+    "backoff_base",
+    "vastai.url",
+    "vastai.api_key_file",
+    "vastai.image",
+    "vastai.disk_gb",
+];
+
+/// The providers `--provider` and `--cpu-provider` name.
+const PROVIDERS: [&str; 5] = ["local", "vastai", "gcp", "command", "none"];
+
+/// A provider name from the configuration file, checked as clap checks the flag's.
+fn provider(name: String) -> Result<String, String> {
+    if PROVIDERS.contains(&name.as_str()) {
+        Ok(name)
+    } else {
+        Err(format!(
+            "unknown provider {name:?} (one of {})",
+            PROVIDERS.join(", ")
+        ))
+    }
+}
+
 fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions, String> {
     let file = a.config.clone().or_else(|| {
         let p = a.dir.join("coordinator.toml");
         p.exists().then_some(p)
     });
     let f = FileConfig::load(file.as_deref())?;
+    f.deny_unknown(&CONFIG_KEYS)?;
     let timing = timing(&f, &a)?;
     Ok(standby::control::service::ServeOptions {
         listen: f.pick(a.listen.clone(), "listen", || {
@@ -483,8 +554,11 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
             "renew_grace",
             defaults::RENEW_GRACE,
         )?,
-        provider: f.pick(a.provider.clone(), "provider", || "local".to_string())?,
-        cpu_provider: f.pick(a.cpu_provider.clone(), "cpu_provider", String::new)?,
+        provider: provider(f.pick(a.provider.clone(), "provider", || "local".into())?)?,
+        cpu_provider: match f.pick(a.cpu_provider.clone(), "cpu_provider", String::new)? {
+            p if p.is_empty() => p,
+            p => provider(p)?,
+        },
         policy: policy(&f, &a)?,
         provision: ProvisionConfig {
             gpu: f.get("provision.gpu")?.unwrap_or_default(),

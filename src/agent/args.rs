@@ -155,7 +155,7 @@ impl GpuArgs {
     /// agent-gpu's configuration: a static pair (`--peer` with `--tls-dir`) or a coordinator,
     /// never both.
     pub fn resolve(self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
-        let file = shared.file()?;
+        let file = shared.file(Role::Gpu)?;
         let compress_level = compress_level(&file, self.compress_level)?;
         let peer = file.pick_opt(self.peer, "peer")?;
         let coordinator = file.pick_opt(shared.coordinator.take(), "coordinator")?;
@@ -193,7 +193,7 @@ impl GpuArgs {
 impl CpuArgs {
     /// agent-cpu's configuration: static certificates or a coordinator (or both).
     pub fn resolve(mut self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
-        let file = shared.file()?;
+        let file = shared.file(Role::Cpu)?;
         let tls_dir = file.pick_opt(shared.tls_dir.take(), "tls_dir")?;
         let coordinator = file.pick_opt(shared.coordinator.take(), "coordinator")?;
         if tls_dir.is_none() && coordinator.is_none() {
@@ -273,9 +273,56 @@ impl CpuArgs {
     }
 }
 
+/// The keys both agents read from `--config` (the side's own keys follow).
+const SHARED_KEYS: [&str; 11] = [
+    "workspace",
+    "state_dir",
+    "tls_dir",
+    "coordinator",
+    "join_token",
+    "listen",
+    "advertise",
+    "machine",
+    "heartbeat_interval",
+    "on_demote",
+    "keep_setuid",
+];
+
+/// agent-gpu's own keys.
+const GPU_KEYS: [&str; 5] = [
+    "peer",
+    "debounce",
+    "max_delay",
+    "rescan_interval",
+    "compress_level",
+];
+
+/// agent-cpu's own keys.
+const CPU_KEYS: [&str; 12] = [
+    "on_promote",
+    "history",
+    "keep_within",
+    "keep_hourly",
+    "keep_daily",
+    "history_budget",
+    "backup_url",
+    "backup_endpoint",
+    "backup_region",
+    "backup_key_file",
+    "backup_bandwidth",
+    "backup_virtual_hosted",
+];
+
 impl AgentArgs {
-    fn file(&self) -> Result<FileConfig, String> {
-        FileConfig::load(self.config.as_deref())
+    /// The `--config` file, refused when it sets a key this side does not read.
+    fn file(&self, role: Role) -> Result<FileConfig, String> {
+        let file = FileConfig::load(self.config.as_deref())?;
+        let own: &[&str] = match role {
+            Role::Gpu => &GPU_KEYS,
+            Role::Cpu => &CPU_KEYS,
+        };
+        file.deny_unknown(&[&SHARED_KEYS[..], own].concat())?;
+        Ok(file)
     }
 
     /// The settings both sides resolve alike; the side-specific ones get their defaults here

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::node::Node;
 use crate::agent::versions;
+use crate::cli::{Exit, Exiting};
 use crate::history::{Selector, Store, VerifyReport};
 use crate::replication::continuous::Control;
 use crate::replication::send::SenderFigures;
@@ -52,11 +53,26 @@ pub enum Request {
 /// A fatal fault injected through the control socket, reported like an NVML one.
 pub type InjectedFault = Arc<Mutex<Option<String>>>;
 
+/// Why a request failed, for callers that branch on it (the CLI's exit codes, the Python
+/// client's exceptions) without reading the words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failure {
+    /// Not done within the caller's timeout; the agent keeps trying.
+    Timeout,
+    /// The agent will not do it (fenced, a bad request, the standby said no).
+    Refused,
+    /// The agent, or the standby behind it, cannot be reached (stopping, not connected).
+    Unavailable,
+}
+
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Reply {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Failure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,9 +90,22 @@ impl Reply {
         }
     }
 
-    fn failed(error: String) -> Reply {
+    /// A refusal as an error: its words, and the exit code its kind calls for.
+    pub fn into_error(self, what: &str) -> Exiting {
+        let exit = match self.kind {
+            Some(Failure::Timeout) => Exit::Timeout,
+            Some(Failure::Refused) => Exit::Refused,
+            Some(Failure::Unavailable) => Exit::Unreachable,
+            None => Exit::Failure,
+        };
+        let error = self.error.unwrap_or_else(|| "unknown error".into());
+        Exiting::new(exit, format!("{what} failed: {error}"))
+    }
+
+    fn failed(kind: Failure, error: String) -> Reply {
         Reply {
             error: Some(error),
+            kind: Some(kind),
             ..Default::default()
         }
     }
@@ -126,7 +155,7 @@ async fn handle(
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Reply::failed(format!("bad request: {e}")),
+        Err(e) => Reply::failed(Failure::Refused, format!("bad request: {e}")),
         Ok(Request::Fault { reason }) => inject(&fault, reason),
         Ok(Request::Status) => Reply {
             status: serde_json::to_value(figures.lock().expect("figures").clone()).ok(),
@@ -172,17 +201,20 @@ async fn flush(
             generation: Some(g),
             ..Reply::done()
         },
-        Ok(Ok(Err(e))) => Reply::failed(e),
-        Ok(Err(_)) => Reply::failed("agent stopped".into()),
+        Ok(Ok(Err(e))) => Reply::failed(Failure::Refused, e),
+        Ok(Err(_)) => Reply::failed(Failure::Unavailable, "agent stopped".into()),
         Err(_) => {
             let last_error = figures.lock().expect("figures").last_error.clone();
-            Reply::failed(format!(
-                "not durable after {} ms{}",
-                timeout_ms,
-                last_error
-                    .map(|e| format!(" (last error: {e})"))
-                    .unwrap_or_default()
-            ))
+            Reply::failed(
+                Failure::Timeout,
+                format!(
+                    "not durable after {} ms{}",
+                    timeout_ms,
+                    last_error
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
+                ),
+            )
         }
     }
 }
@@ -190,7 +222,7 @@ async fn flush(
 async fn list_versions(node: &Node, path: &str) -> Reply {
     let channel = match node.standby_channel() {
         Ok(c) => c,
-        Err(e) => return Reply::failed(e),
+        Err(e) => return Reply::failed(Failure::Unavailable, e),
     };
     match versions::versions(channel, path).await {
         Ok(list) => Reply {
@@ -199,7 +231,10 @@ async fn list_versions(node: &Node, path: &str) -> Reply {
             )),
             ..Reply::done()
         },
-        Err(st) => Reply::failed(format!("the standby answered: {}", st.message())),
+        Err(st) => Reply::failed(
+            Failure::Refused,
+            format!("the standby answered: {}", st.message()),
+        ),
     }
 }
 
@@ -207,7 +242,7 @@ async fn list_versions(node: &Node, path: &str) -> Reply {
 async fn restore(node: &Node, selector: Selector, path: &str, to: Option<PathBuf>) -> Reply {
     let channel = match node.standby_channel() {
         Ok(c) => c,
-        Err(e) => return Reply::failed(e),
+        Err(e) => return Reply::failed(Failure::Unavailable, e),
     };
     let to = to.unwrap_or_else(|| node.workspace().to_path_buf());
     match versions::fetch_into(channel, &selector, path, &to).await {
@@ -215,22 +250,25 @@ async fn restore(node: &Node, selector: Selector, path: &str, to: Option<PathBuf
             result: serde_json::to_value(&f).ok(),
             ..Reply::done()
         },
-        Err(e) => Reply::failed(crate::text::error_chain(&*e)),
+        Err(e) => Reply::failed(Failure::Refused, crate::text::error_chain(&*e)),
     }
 }
 
 /// Verifies the history this agent keeps, beside its recording.
 async fn verify(history: Option<Arc<Store>>) -> Reply {
     let Some(store) = history else {
-        return Reply::failed("this agent keeps no history (agent-cpu --history)".into());
+        return Reply::failed(
+            Failure::Refused,
+            "this agent keeps no history (agent-cpu --history)".into(),
+        );
     };
     match tokio::task::spawn_blocking(move || store.verify()).await {
         Ok(Ok(r)) => Reply {
             result: Some(verify_json(&r)),
             ..Reply::done()
         },
-        Ok(Err(e)) => Reply::failed(e.to_string()),
-        Err(e) => Reply::failed(e.to_string()),
+        Ok(Err(e)) => Reply::failed(Failure::Refused, e.to_string()),
+        Err(e) => Reply::failed(Failure::Refused, e.to_string()),
     }
 }
 
@@ -245,24 +283,54 @@ pub fn verify_json(r: &VerifyReport) -> serde_json::Value {
     })
 }
 
-/// Sends one request to a running agent and returns its reply.
-pub async fn request(state_dir: &Path, req: &Request) -> Result<Reply, String> {
+/// Sends one request to a running agent and returns its reply; no agent there, or one that
+/// hangs up, is [`Exit::Unreachable`].
+pub async fn request(state_dir: &Path, req: &Request) -> Result<Reply, Exiting> {
     let path = socket_path(state_dir);
-    let conn = UnixStream::connect(&path).await.map_err(|e| {
-        format!(
-            "no agent-gpu is running with state directory {} ({}: {e})",
-            state_dir.display(),
-            path.display()
+    let gone = |e: std::io::Error| {
+        Exiting::new(
+            Exit::Unreachable,
+            format!(
+                "no agent is running with state directory {} ({}: {e})",
+                state_dir.display(),
+                path.display()
+            ),
         )
-    })?;
+    };
+    let conn = UnixStream::connect(&path).await.map_err(gone)?;
     let (r, mut w) = conn.into_split();
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(req).map_err(|e| Exiting::new(Exit::Failure, e))?;
     line.push(b'\n');
-    w.write_all(&line).await.map_err(|e| e.to_string())?;
+    w.write_all(&line).await.map_err(gone)?;
     let mut resp = String::new();
-    BufReader::new(r)
-        .read_line(&mut resp)
-        .await
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&resp).map_err(|e| format!("bad reply from agent: {e}"))
+    BufReader::new(r).read_line(&mut resp).await.map_err(gone)?;
+    serde_json::from_str(&resp)
+        .map_err(|e| Exiting::new(Exit::Failure, format!("bad reply from the agent: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_says_its_kind_and_exit_code() {
+        let r = Reply::failed(Failure::Timeout, "not durable after 5 ms".into());
+        let wire = serde_json::to_value(&r).unwrap();
+        assert_eq!(wire["kind"], "timeout");
+        assert_eq!(wire["ok"], false);
+        let e = r.into_error("flush");
+        assert_eq!(e.exit, Exit::Timeout);
+        assert_eq!(e.message, "flush failed: not durable after 5 ms");
+        for (kind, exit) in [
+            (Failure::Refused, Exit::Refused),
+            (Failure::Unavailable, Exit::Unreachable),
+        ] {
+            assert_eq!(Reply::failed(kind, "x".into()).into_error("v").exit, exit);
+        }
+        // A success carries no kind; a reply from an agent without the field still reads.
+        let done = serde_json::to_value(Reply::done()).unwrap();
+        assert!(done.get("kind").is_none(), "{done}");
+        let old: Reply = serde_json::from_str(r#"{"ok":false,"error":"e"}"#).unwrap();
+        assert_eq!(old.into_error("flush").exit, Exit::Failure);
+    }
 }
