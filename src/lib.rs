@@ -60,7 +60,8 @@
 //! - [`control::failover`] (folder): the pure per-pair state machine.
 //! - `engine` (folder): the task that owns every pair; `store`: durable state; `wire`: enums
 //!   as they travel.
-//! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
+//! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics (and
+//!   `metrics::exposition`: OpenMetrics for Prometheus, the 0.0.4 text format for others).
 //! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
 pub mod agent;
