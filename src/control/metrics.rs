@@ -83,8 +83,9 @@ impl BuildLabel {
 }
 
 /// A certificate whose expiry is shown: `kind` (a certificate's kind, the only meaning of that
-/// label name in this exposition) is "ca", "server" (the coordinator's own) or "agent" (the newest live certificate of a pair's machine; pair, role and machine are empty
-/// for the coordinator's own).
+/// label name in this exposition) is "ca", "server" (the coordinator's own) or "agent" (the
+/// newest live certificate of a pair's machine; pair, role and machine are empty for the
+/// coordinator's own).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabel {
     pub kind: String,
