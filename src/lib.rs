@@ -11,6 +11,8 @@
 //! - [`text`]: hex digests and one-line error chains.
 //! - [`host`]: this machine's name and wall clock.
 //! - [`cli`]: defaults, flag/environment/TOML layering, durations, logging, exit codes.
+//! - [`exposition`]: `/metrics` over HTTP: OpenMetrics for Prometheus, the 0.0.4 text format for
+//!   other clients (the coordinator's and the agents').
 //! - [`proto`]: the generated gRPC services and durable record types.
 //!
 //! [`disk`]
@@ -55,13 +57,13 @@
 //! - `endpoint`, `probe`: what the peer probes and how; `hooks`: `on_promote`/`on_demote`.
 //! - `nvml`: GPU health; `join`: getting an identity; `renewal`: renewing it; `revocations`: the
 //!   coordinator's deny list, kept on disk; [`agent::socket`]: the control socket.
+//! - [`agent::metrics`]: the agent's own `/metrics` (`--metrics-listen`), from its heartbeats.
 //!
 //! [`control`]
 //! - [`control::failover`] (folder): the pure per-pair state machine.
 //! - `engine` (folder): the task that owns every pair; `store`: durable state; `wire`: enums
 //!   as they travel.
-//! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics (and
-//!   `metrics::exposition`: OpenMetrics for Prometheus, the 0.0.4 text format for others).
+//! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
 //! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
 pub mod agent;
@@ -69,6 +71,7 @@ pub mod backup;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod exposition;
 pub mod history;
 pub mod host;
 pub mod replication;

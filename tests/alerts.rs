@@ -226,8 +226,9 @@ fn the_coordinator_down_alert_watches_the_scrape_job() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- job_name: "))
         .map(str::trim)
+        .filter(|j| j.contains("coordinator"))
         .collect();
-    assert!(!jobs.is_empty());
+    assert_eq!(jobs.len(), 1, "{config}");
     let down = rules()
         .into_iter()
         .find(|r| r.name == "StandbyCoordinatorDown")
@@ -242,7 +243,7 @@ fn the_coordinator_down_alert_watches_the_scrape_job() {
     }
 }
 
-/// A managed pair with data replicated, on `coord`.
+/// A managed pair with data replicated, on `coord`; each agent serves its own `/metrics`.
 fn pair(coord: &Coord, t: &Path, name: &str) -> (Managed, Managed) {
     let ws = t.join(format!("{name}-ws"));
     fs::create_dir_all(&ws).unwrap();
@@ -252,14 +253,14 @@ fn pair(coord: &Coord, t: &Path, name: &str) -> (Managed, Managed) {
         Some(&coord.token(name, "cpu", "10m")),
         &t.join(format!("{name}-replica")),
         &t.join(format!("{name}-cpu")),
-        &[],
+        &["--metrics-listen", "127.0.0.1:0"],
     );
     let gpu = Managed::gpu(
         &coord.addr,
         Some(&coord.token(name, "gpu", "10m")),
         &ws,
         &t.join(format!("{name}-gpu")),
-        &["--debounce", "100ms"],
+        &["--debounce", "100ms", "--metrics-listen", "127.0.0.1:0"],
         &[],
     );
     let ok = wait_until(Duration::from_secs(60), || {
@@ -274,6 +275,11 @@ fn pair(coord: &Coord, t: &Path, name: &str) -> (Managed, Managed) {
         cpu.log_text()
     );
     (gpu, cpu)
+}
+
+/// Where an agent serves its metrics.
+fn metrics_addr(agent: &Managed) -> String {
+    fs::read_to_string(agent.state.join("metrics.addr")).unwrap()
 }
 
 /// The body of an HTTP response.
@@ -329,6 +335,35 @@ fn a_running_coordinators_metrics_pass_promtool_check_metrics() {
     if promtool_check_metrics(&before).is_none() {
         return;
     }
+    // The agents' own expositions pass too, and say what the heartbeats say.
+    for (agent, role) in [(&gpu, "gpu"), (&_cpu, "cpu")] {
+        let m = body(&http_get(&metrics_addr(agent), "/metrics")).to_string();
+        assert!(
+            m.contains(&format!("standby_agent_info{{pair=\"a\",role=\"{role}\"")),
+            "{m}"
+        );
+        for name in [
+            "standby_agent_rpo_age_seconds ",
+            "standby_agent_pending_bytes ",
+            "standby_agent_last_generation_seconds ",
+            "standby_agent_sent_bytes_total ",
+            "standby_agent_certificate_expiry_timestamp_seconds ",
+            "standby_agent_disk_free_bytes ",
+        ] {
+            assert!(m.contains(name), "{role}: no {name}in\n{m}");
+        }
+        promtool_check_metrics(&m);
+    }
+    // The figures follow the heartbeats (every second): the flushed generation shows.
+    let sent = || {
+        body(&http_get(&metrics_addr(&gpu), "/metrics"))
+            .lines()
+            .find_map(|l| l.strip_prefix("standby_agent_sent_bytes_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let ok = wait_until(Duration::from_secs(5), || sent() > 0.0);
+    assert!(ok, "the GPU agent sent data but counts {} bytes", sent());
 
     // A failover fills the histograms, counters and state series; check again.
     gpu.proc.kill();
@@ -411,7 +446,7 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(dir: &Path, target: &str) -> Option<Prometheus> {
+    fn start(dir: &Path, target: &str, agents: &[String]) -> Option<Prometheus> {
         fs::create_dir_all(dir).unwrap();
         let rules = prometheus_dir().join("standby-alerts.yml");
         let config = dir.join("prometheus.yml");
@@ -421,8 +456,15 @@ impl Prometheus {
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n  - {}\n\
                  scrape_configs:\n  - job_name: standby-coordinator\n    \
-                 static_configs:\n      - targets: [\"{target}\"]\n",
-                rules.display()
+                 static_configs:\n      - targets: [\"{target}\"]\n  \
+                 - job_name: standby-agents\n    \
+                 static_configs:\n      - targets: [{}]\n",
+                rules.display(),
+                agents
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )
         .unwrap();
@@ -475,6 +517,13 @@ impl Prometheus {
             .and_then(|s| s["value"][1].as_str()?.parse().ok())
     }
 
+    /// How many series `query` returns now.
+    fn series(&self, query: &str) -> usize {
+        curl_json(&format!("{}/api/v1/query?query={query}", self.url))
+            .and_then(|v| v["data"]["result"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+
     /// The alerts Prometheus holds now: (name, pair, state).
     fn alerts(&self) -> Vec<(String, String, String)> {
         let Some(v) = curl_json(&format!("{}/api/v1/alerts", self.url)) else {
@@ -499,8 +548,9 @@ impl Prometheus {
 fn a_real_prometheus_fires_the_failover_alert_after_a_kill_9() {
     let t = tempfile::tempdir().unwrap();
     let coord = Coord::start(&t.path().join("coord"), &[]);
-    let (mut gpu, _cpu) = pair(&coord, t.path(), "live");
-    let Some(prom) = Prometheus::start(&t.path().join("prom"), &coord.metrics) else {
+    let (mut gpu, cpu) = pair(&coord, t.path(), "live");
+    let agents = [metrics_addr(&gpu), metrics_addr(&cpu)];
+    let Some(prom) = Prometheus::start(&t.path().join("prom"), &coord.metrics, &agents) else {
         return;
     };
     // Prometheus has seen the pair's counter at 0 before the failover.
@@ -512,6 +562,12 @@ fn a_real_prometheus_fires_the_failover_alert_after_a_kill_9() {
         "the scrape never showed the counter at 0:\n{}",
         prom.log_text()
     );
+    // And the agents' own figures, from both agents.
+    let ok = wait_until(Duration::from_secs(30), || {
+        prom.value("standby_agent_info", "live") == Some(1.0)
+            && prom.series("standby_agent_rpo_age_seconds") == 2
+    });
+    assert!(ok, "no agent metrics scraped:\n{}", prom.log_text());
     assert!(
         !prom.alerts().iter().any(|a| a.0 == "StandbyFailedOver"),
         "{:?}",

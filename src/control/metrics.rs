@@ -3,8 +3,6 @@
 //! Names are a contract: dashboards and alert rules in `deploy/` use them, and a test checks that
 //! every name used there is exported here.
 
-mod exposition;
-
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
@@ -599,34 +597,14 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` until `shutdown`: OpenMetrics to a scraper that asks for it (Prometheus),
-/// the 0.0.4 text format to anyone else (`curl | promtool check metrics`); see `exposition`.
+/// Serves `/metrics` until `shutdown` (OpenMetrics to Prometheus, the 0.0.4 text format to
+/// other clients: `crate::exposition`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::http::header::{ACCEPT, CONTENT_TYPE};
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move |headers: axum::http::HeaderMap| {
-            let m = metrics.clone();
-            async move {
-                let accept = headers.get(ACCEPT).and_then(|v| v.to_str().ok());
-                let text = m.encode();
-                if exposition::wants_openmetrics(accept) {
-                    ([(CONTENT_TYPE, exposition::OPENMETRICS)], text)
-                } else {
-                    let text = exposition::to_text_004(&text);
-                    ([(CONTENT_TYPE, exposition::TEXT_004)], text)
-                }
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::exposition::serve(listener, move || metrics.encode(), shutdown).await
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The two text formats `/metrics` speaks (ARCHITECTURE.md, "Metrics and alerts").
+//! `/metrics` over HTTP, for the coordinator and the agents, in the two text formats it speaks
+//! (ARCHITECTURE.md, "Metrics and alerts").
 //!
 //! `prometheus_client` writes OpenMetrics 1.0, which Prometheus asks for first. Tools that ask
 //! for nothing in particular (curl, `promtool check metrics`, older scrapers) get the classic
@@ -28,6 +29,39 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
             .unwrap_or(1.0);
         media.eq_ignore_ascii_case("application/openmetrics-text") && q > 0.0
     })
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`: `encode` gives the OpenMetrics text, sent
+/// as it is to a scraper that asks for OpenMetrics (Prometheus), in the 0.0.4 text format to
+/// anyone else (`curl | promtool check metrics`).
+pub async fn serve<F>(
+    listener: tokio::net::TcpListener,
+    encode: F,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()>
+where
+    F: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    use axum::http::header::{ACCEPT, CONTENT_TYPE};
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move |headers: axum::http::HeaderMap| {
+            let encode = encode.clone();
+            async move {
+                let accept = headers.get(ACCEPT).and_then(|v| v.to_str().ok());
+                let text = encode();
+                if wants_openmetrics(accept) {
+                    ([(CONTENT_TYPE, OPENMETRICS)], text)
+                } else {
+                    ([(CONTENT_TYPE, TEXT_004)], to_text_004(&text))
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 /// Rewrites an OpenMetrics exposition (as `prometheus_client` writes it: each family's HELP,
