@@ -18,6 +18,7 @@ pub(crate) mod hooks;
 pub(crate) mod join;
 pub(crate) mod link;
 pub(crate) mod managed;
+pub mod metrics;
 pub(crate) mod node;
 pub(crate) mod nvml;
 pub(crate) mod probe;

@@ -12,6 +12,8 @@
 //! - [`host`]: this machine's name and wall clock.
 //! - [`cli`]: defaults, flag/environment/TOML layering (unknown keys refused), durations,
 //!   logging (text or JSON), exit codes (`Exit`, listed in every `--help`).
+//! - [`exposition`]: `/metrics` over HTTP: OpenMetrics for Prometheus, the 0.0.4 text format for
+//!   other clients (the coordinator's and the agents').
 //! - [`proto`]: the generated gRPC services and durable record types.
 //!
 //! [`disk`]
@@ -57,6 +59,7 @@
 //! - `nvml`: GPU health; `join`: getting an identity; `renewal`: renewing it; `revocations`: the
 //!   coordinator's deny list, kept on disk; [`agent::socket`]: the control socket (also the
 //!   Python client's, `clients/python`).
+//! - [`agent::metrics`]: the agent's own `/metrics` (`--metrics-listen`), from its heartbeats.
 //!
 //! [`control`]
 //! - [`control::failover`] (folder): the pure per-pair state machine.
@@ -71,6 +74,7 @@ pub mod backup;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod exposition;
 pub mod history;
 pub mod host;
 pub mod replication;

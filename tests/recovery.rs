@@ -158,7 +158,7 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
     let m = http_get(&coord.metrics, "/metrics");
     assert!(m.contains("standby_recovery_seconds_count 2"), "{m}");
     assert!(
-        m.contains("standby_provisioning_attempts_total{kind=\"created\"} 2"),
+        m.contains("standby_provisioning_attempts_total{outcome=\"created\"} 2"),
         "{m}"
     );
     drop(cpu);

@@ -45,6 +45,10 @@ pub struct AgentArgs {
     /// Address others should use to reach this agent, when it differs from --listen (NAT).
     #[arg(long, env = "STANDBY_ADVERTISE", display_order = 7)]
     pub advertise: Option<String>,
+    /// Serve this agent's own Prometheus metrics on ADDR (/metrics; managed agents; default:
+    /// none).
+    #[arg(long, env = "STANDBY_METRICS_LISTEN", display_order = 7)]
+    pub metrics_listen: Option<String>,
     /// Machine name reported to the coordinator (default: the host name).
     #[arg(long, env = "STANDBY_MACHINE", display_order = 8)]
     pub machine: Option<String>,
@@ -343,6 +347,16 @@ impl AgentArgs {
         if coordinator.is_some() {
             reportable(&machine, &advertise)?;
         }
+        let metrics_listen = file.pick_opt(self.metrics_listen, "metrics_listen")?;
+        if metrics_listen.is_some() && coordinator.is_none() {
+            // Its figures are those of the heartbeats, which a static pair does not send:
+            // zeros would look like a healthy pair.
+            return Err(
+                "--metrics-listen needs --coordinator (a static pair sends no heartbeats \
+                        to fill the metrics from)"
+                    .into(),
+            );
+        }
         Ok(AgentConfig {
             role,
             workspace: required(file, self.workspace, "workspace")?,
@@ -352,6 +366,7 @@ impl AgentArgs {
             coordinator,
             join_token: file.pick_opt(self.join_token, "join_token")?,
             listen: file.pick(self.listen, "listen", || listen.to_string())?,
+            metrics_listen,
             advertise,
             machine,
             heartbeat: file.pick_duration(
@@ -442,6 +457,27 @@ mod tests {
             state_dir: Some(dir.join("state")),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn metrics_are_served_only_by_a_managed_agent() {
+        let d = tempfile::tempdir().unwrap();
+        let gpu = || GpuArgs {
+            peer: Some("cpu:7701".into()),
+            ..Default::default()
+        };
+        let args = |coordinator: Option<&str>| AgentArgs {
+            coordinator: coordinator.map(Into::into),
+            metrics_listen: Some("127.0.0.1:0".into()),
+            tls_dir: Some(d.path().join("tls")),
+            ..shared(d.path())
+        };
+        let e = gpu().resolve(args(None)).unwrap_err();
+        assert!(e.contains("--metrics-listen needs --coordinator"), "{e}");
+        let cpu = CpuArgs::default()
+            .resolve(args(Some("coord:7700")))
+            .unwrap();
+        assert_eq!(cpu.metrics_listen.as_deref(), Some("127.0.0.1:0"));
     }
 
     #[test]

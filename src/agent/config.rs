@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub coordinator: Option<String>,
     pub join_token: Option<String>,
     pub listen: String,
+    /// Where the agent's own `/metrics` is served (None: nowhere).
+    pub metrics_listen: Option<String>,
     pub advertise: String,
     pub machine: String,
     pub heartbeat: Duration,

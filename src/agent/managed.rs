@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::backups;
 use crate::agent::config::AgentConfig;
 use crate::agent::link::{self, LinkOptions, ReportFn};
+use crate::agent::metrics::AgentMetrics;
 use crate::agent::node::Node;
 use crate::agent::probe::{self, ProbeTarget};
 use crate::agent::renewal::Renewal;
@@ -37,6 +38,8 @@ pub struct Managed {
     pub listen_port: u16,
     /// A CPU standby's history recorder (its figures go into each report).
     pub history: Option<Recorder>,
+    /// The agent's own metrics, updated with each report (None: not served).
+    pub metrics: Option<Arc<AgentMetrics>>,
 }
 
 /// Spawns the link, the probe (CPU agent) and the command dispatcher; they stop with
@@ -73,8 +76,12 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
     let renewal = Arc::new(Renewal::new(m.cert_dir, &m.tls));
     let report: ReportFn = {
         let renewal = renewal.clone();
+        let (metrics, keys) = (m.metrics, m.tls.keys.clone());
         Arc::new(move || {
             let mut r = reporter.report();
+            if let Some(metrics) = &metrics {
+                metrics.observe(&r, reporter.bytes_sent_total(), keys.facts().not_after_unix);
+            }
             r.csr_pem = renewal.csr(crate::host::unix_ms_now() as i64 / 1000);
             r
         })

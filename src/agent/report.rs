@@ -71,6 +71,11 @@ impl Reporter {
         self.assemble(&n, gpu, (self.role == Role::Cpu).then_some((&p, last_data)))
     }
 
+    /// Sync payload bytes the sender has put on the connection since it started.
+    pub fn bytes_sent_total(&self) -> u64 {
+        self.node.report().sender.bytes_sent_total
+    }
+
     /// NVML's sample, marked fatal when a fault was injected.
     fn gpu_health(&self) -> Option<GpuHealth> {
         let mut gpu = self.nvml.lock().expect("nvml").as_mut().map(|n| n.sample());

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::config::AgentConfig;
 use crate::agent::managed::{self, Managed};
+use crate::agent::metrics::{AgentLabel, AgentMetrics};
 use crate::agent::node::{Mode, Node, NodeOptions};
 use crate::agent::socket::{self, InjectedFault};
 use crate::agent::{backups, endpoint, join, revocations, snapshots, versions};
@@ -121,6 +122,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
     let fault: InjectedFault = Arc::new(Mutex::new(None));
     let store = history.as_ref().map(|(store, _)| store.clone());
     let ctl = spawn_socket(&cfg, (&node, store), ctl_tx, fault.clone(), &shutdown);
+    let metrics = serve_metrics(&cfg, &pair, &shutdown).await?;
     if let Some(url) = &cfg.coordinator {
         let m = Managed {
             url: url.clone(),
@@ -130,6 +132,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
             fault,
             listen_port: addr.port(),
             history: history.map(|(_, recorder)| recorder),
+            metrics,
         };
         managed::start(&cfg, m, &shutdown);
     }
@@ -201,6 +204,42 @@ fn log_ready(cfg: &AgentConfig, receiver: &Receiver) {
         entries = f.entries,
         "replica state ready"
     );
+}
+
+/// The agent's own `/metrics` on `--metrics-listen`, its address written to
+/// `<state>/metrics.addr` (None: not asked for). Its figures come from the heartbeat reports, so
+/// only a managed agent fills them.
+async fn serve_metrics(
+    cfg: &AgentConfig,
+    pair: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<AgentMetrics>>> {
+    let Some(addr) = &cfg.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-listen {addr}: cannot bind"))?;
+    let bound = listener.local_addr()?;
+    crate::disk::crashsafe::write_atomic(
+        &cfg.state_dir.join("metrics.addr"),
+        bound.to_string().as_bytes(),
+    )?;
+    let metrics = Arc::new(AgentMetrics::new(AgentLabel {
+        pair: pair.to_string(),
+        role: cfg.role.as_str().to_string(),
+        machine: cfg.machine.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }));
+    let m = metrics.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::exposition::serve(listener, move || m.encode(), stop).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "serving metrics");
+    Ok(Some(metrics))
 }
 
 /// The cancellation root: cancelled on SIGINT or SIGTERM.

@@ -360,6 +360,7 @@ impl Entry {
         let mut m = PairMachine::resume(rec, now);
         m.policy = policy.clone();
         metrics.set_state(name, None, m.state());
+        metrics.pair_known(name);
         metrics
             .pair_epoch
             .get_or_create(&PairLabel { pair: name.into() })

@@ -39,14 +39,51 @@ pub struct TransitionLabel {
     pub to: String,
 }
 
+/// How a provisioning attempt ended: `outcome` is "created" or "failed".
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    pub kind: String,
+pub struct OutcomeLabel {
+    pub outcome: String,
 }
 
-/// A certificate whose expiry is shown: `kind` is "ca", "server" (the coordinator's own) or
-/// "agent" (the newest live certificate of a pair's machine; pair, role and machine are empty
-/// for the coordinator's own).
+/// Which provider a machine came from ("local", "vastai", "gcp", "command").
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: String,
+}
+
+/// Which seat of a pair a machine fills: `role` is "gpu" or "cpu" (as in [`CertLabel`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: String,
+}
+
+/// What `standby_build_info` says about the running binary.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: String,
+    /// "release" or "debug".
+    pub profile: String,
+}
+
+impl BuildLabel {
+    /// This binary's build.
+    pub fn current() -> BuildLabel {
+        BuildLabel {
+            version: env!("CARGO_PKG_VERSION").into(),
+            profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .into(),
+        }
+    }
+}
+
+/// A certificate whose expiry is shown: `kind` (a certificate's kind, the only meaning of that
+/// label name in this exposition) is "ca", "server" (the coordinator's own) or "agent" (the
+/// newest live certificate of a pair's machine; pair, role and machine are empty for the
+/// coordinator's own).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabel {
     pub kind: String,
@@ -91,6 +128,15 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Revoked,
+        Refusal::WrongMachine,
+        Refusal::TokenSpent,
+        Refusal::BadToken,
+        Refusal::Expired,
+        Refusal::NotSeated,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::Revoked => "revoked",
@@ -133,13 +179,8 @@ impl Reg<'_> {
     where
         M: prometheus_client::registry::Metric + prometheus_client::metrics::TypedMetric,
     {
-        let suffix = match &unit {
-            Unit::Seconds => "seconds",
-            Unit::Bytes => "bytes",
-            _ => "",
-        };
         self.names
-            .push(Self::exposed::<M>(&format!("{name}_{suffix}")));
+            .push(Self::exposed::<M>(&format!("{name}_{}", unit.as_str())));
         self.r.register_with_unit(name, help, unit, m);
     }
 }
@@ -163,9 +204,11 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub pairs: Gauge,
     pub restore_progress: Family<PairLabel, FGauge>,
-    pub provisioning_attempts: Family<KindLabel, Counter>,
-    pub orphans_destroyed: Family<KindLabel, Counter>,
-    pub machines: Family<KindLabel, Gauge>,
+    pub disk_free: Family<PairSideLabel, Gauge>,
+    pub build_info: Family<BuildLabel, Gauge>,
+    pub provisioning_attempts: Family<OutcomeLabel, Counter>,
+    pub orphans_destroyed: Family<ProviderLabel, Counter>,
+    pub machines: Family<RoleLabel, Gauge>,
     pub recovery_seconds: Histogram,
     pub cert_expiry: Family<CertLabel, Gauge>,
     /// The agent series last set (a machine no longer listed loses its series).
@@ -209,6 +252,8 @@ impl Metrics {
             heartbeats: Counter::default(),
             pairs: Gauge::default(),
             restore_progress: Family::default(),
+            disk_free: Family::default(),
+            build_info: Family::default(),
             provisioning_attempts: Family::default(),
             orphans_destroyed: Family::default(),
             machines: Family::default(),
@@ -245,6 +290,13 @@ impl Metrics {
         m.register_notify(&mut reg);
         m.names = reg.names;
         *m.registry.get_mut().expect("registry") = r;
+        m.build_info.get_or_create(&BuildLabel::current()).set(1);
+        // Every reason exists at 0, so a first refusal is a rise `increase()` sees.
+        for why in Refusal::ALL {
+            let _ = m.refused.get_or_create(&ReasonLabel {
+                reason: why.as_str().into(),
+            });
+        }
         m
     }
 
@@ -293,6 +345,12 @@ impl Metrics {
             "Time since the coordinator last heard from the agent",
             Unit::Seconds,
             self.heartbeat_age.clone(),
+        );
+        reg.unit(
+            "standby_pair_disk_free",
+            "Free bytes on the filesystem of the agent's workspace, as it last reported",
+            Unit::Bytes,
+            self.disk_free.clone(),
         );
     }
 
@@ -417,6 +475,10 @@ impl Metrics {
             self.backup_failures
                 .get_or_create(&l)
                 .inc_by(grew(h.backup_failures, b.map(|b| b.backup_failures)));
+        } else {
+            // A standby whose backup was turned off: its last bucket time would otherwise stay
+            // and look like a backup falling further behind (StandbyBackupLagging).
+            self.backup_newest.remove(&l);
         }
     }
 
@@ -480,24 +542,30 @@ impl Metrics {
             "Pairs known to the coordinator",
             self.pairs.clone(),
         );
-        reg.plain(
+        reg.unit(
             "standby_pair_restore_progress",
-            "Fraction of the replica restored to a new GPU (0..1)",
+            "Fraction of the replica restored to a new GPU (0 to 1)",
+            Unit::Other("ratio".into()),
             self.restore_progress.clone(),
         );
         reg.plain(
+            "standby_build_info",
+            "Always 1; the labels say which coordinator build is running",
+            self.build_info.clone(),
+        );
+        reg.plain(
             "standby_provisioning_attempts",
-            "Machine creations attempted, by outcome",
+            "Machine creations attempted, by outcome (created, failed)",
             self.provisioning_attempts.clone(),
         );
         reg.plain(
             "standby_orphans_destroyed",
-            "Machines destroyed because no pair owned them",
+            "Machines destroyed because no pair owned them, by provider",
             self.orphans_destroyed.clone(),
         );
         reg.plain(
             "standby_machines",
-            "Provider machines the coordinator owns or is creating or destroying, by role",
+            "Provider machines the coordinator owns or is creating or destroying, by role (gpu, cpu)",
             self.machines.clone(),
         );
         reg.unit(
@@ -514,6 +582,25 @@ impl Metrics {
         let r = self.registry.lock().expect("registry");
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
+    }
+
+    /// A pair the coordinator knows (created, or loaded at start-up): its counters exist from
+    /// now on at 0, so the first failover is a rise from 0 that `increase()` sees, rather than
+    /// a series born at 1 (ARCHITECTURE.md, "Metrics and alerts").
+    pub fn pair_known(&self, pair: &str) {
+        let l = PairLabel { pair: pair.into() };
+        let _ = self.failovers.get_or_create(&l);
+    }
+
+    /// The free bytes an agent reported for its workspace's filesystem.
+    pub fn set_disk_free(&self, pair: &str, side: &str, bytes: u64) {
+        let l = PairSideLabel {
+            pair: pair.into(),
+            side: side.into(),
+        };
+        self.disk_free
+            .get_or_create(&l)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Marks `state` as the pair's current state (and clears the previous one).
@@ -542,36 +629,90 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` until `shutdown`.
+/// Serves `/metrics` until `shutdown` (OpenMetrics to Prometheus, the 0.0.4 text format to
+/// other clients: `crate::exposition`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    m.encode(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::exposition::serve(listener, move || metrics.encode(), shutdown).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_pair_counts_zero_failovers_and_every_refusal_reason_exists() {
+        let m = Metrics::new();
+        m.pair_known("p");
+        let text = m.encode();
+        assert!(
+            text.contains("standby_failovers_total{pair=\"p\"} 0\n"),
+            "{text}"
+        );
+        for why in Refusal::ALL {
+            let line = format!("standby_refused_total{{reason=\"{}\"}} 0\n", why.as_str());
+            assert!(text.contains(&line), "{text}");
+        }
+        assert!(text.contains("standby_build_info{version=\""), "{text}");
+    }
+
+    #[test]
+    fn a_standby_that_turns_its_backup_off_loses_its_bucket_gauge() {
+        let m = Metrics::new();
+        let on = HistoryReport {
+            newest_snapshot_unix_ms: 2_000_000,
+            backup_configured: true,
+            newest_backup_unix_ms: 1_000_000,
+            ..Default::default()
+        };
+        m.history("p", None, &on);
+        assert!(
+            m.encode()
+                .contains("standby_backup_newest_snapshot_timestamp_seconds{pair=\"p\"} 1000")
+        );
+        let off = HistoryReport {
+            backup_configured: false,
+            ..on.clone()
+        };
+        m.history("p", Some(&on), &off);
+        let text = m.encode();
+        assert!(
+            !text.contains("standby_backup_newest_snapshot_timestamp_seconds{"),
+            "{text}"
+        );
+        // The standby's own figures stay.
+        assert!(
+            text.contains("standby_history_newest_snapshot_timestamp_seconds{pair=\"p\"} 2000"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn kind_is_only_a_certificates_kind() {
+        let m = Metrics::new();
+        let _ = m.machines.get_or_create(&RoleLabel { role: "gpu".into() });
+        let _ = m.provisioning_attempts.get_or_create(&OutcomeLabel {
+            outcome: "created".into(),
+        });
+        let _ = m.orphans_destroyed.get_or_create(&ProviderLabel {
+            provider: "local".into(),
+        });
+        m.set_disk_free("p", "cpu", 5);
+        let text = m.encode();
+        for line in text.lines().filter(|l| l.contains("kind=")) {
+            assert!(
+                line.starts_with("standby_certificate_expiry_timestamp_seconds{"),
+                "{line}"
+            );
+        }
+        assert!(
+            text.contains("standby_pair_disk_free_bytes{pair=\"p\",side=\"cpu\"} 5"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn exposition_has_the_contract_names() {
@@ -598,6 +739,9 @@ mod tests {
         );
         let names = Metrics::names();
         for n in [
+            "standby_pair_restore_progress_ratio",
+            "standby_pair_disk_free_bytes",
+            "standby_build_info",
             "standby_pair_rpo_age_seconds",
             "standby_pair_heartbeat_age_seconds",
             "standby_failovers_total",

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::events::event;
 use super::{Actor, Msg};
 use crate::control::failover::Input;
-use crate::control::metrics::{KindLabel, Metrics};
+use crate::control::metrics::{Metrics, OutcomeLabel, ProviderLabel};
 use crate::control::provider::{
     Machine, MachineState, Offer, Provider, ProviderError, ProvisionConfig, Startup,
 };
@@ -206,8 +206,8 @@ impl Actor {
         for (label, provider) in destroyed {
             self.metrics
                 .orphans_destroyed
-                .get_or_create(&KindLabel {
-                    kind: provider.into(),
+                .get_or_create(&ProviderLabel {
+                    provider: provider.into(),
                 })
                 .inc();
             self.events.emit(event(
@@ -239,8 +239,8 @@ fn count_attempt(metrics: &Metrics, input: &Input) {
     };
     metrics
         .provisioning_attempts
-        .get_or_create(&KindLabel {
-            kind: outcome.into(),
+        .get_or_create(&OutcomeLabel {
+            outcome: outcome.into(),
         })
         .inc();
 }

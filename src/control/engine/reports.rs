@@ -64,6 +64,8 @@ impl Actor {
         if !self.claim(pair, side, conn) {
             return; // from a connection that was replaced
         }
+        self.metrics
+            .set_disk_free(pair, side.as_str(), r.disk_free_bytes);
         let figures = &mut self.pairs.get_mut(pair).expect("checked").figures[side];
         let before = std::mem::replace(figures, Figures::from(&r));
         if let Some(h) = &r.history {

@@ -8,7 +8,7 @@ use super::Actor;
 use super::events::event;
 use crate::control::failover::Input;
 use crate::control::metrics::CertLabel;
-use crate::control::metrics::{KindLabel, PairLabel, PairSideLabel};
+use crate::control::metrics::{PairLabel, PairSideLabel, RoleLabel};
 use crate::host::unix_ms_now;
 use crate::proto::state::PairRecord;
 use crate::proto::{Event, EventKind, MachineView};
@@ -176,8 +176,8 @@ impl Actor {
         for (side, &n) in count.iter() {
             self.metrics
                 .machines
-                .get_or_create(&KindLabel {
-                    kind: side.as_str().into(),
+                .get_or_create(&RoleLabel {
+                    role: side.as_str().into(),
                 })
                 .set(n);
         }
