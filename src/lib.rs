@@ -10,6 +10,7 @@
 //! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
 //! - [`text`]: hex digests and one-line error chains.
 //! - [`host`]: this machine's name and wall clock.
+//! - [`systemd`]: `READY=1` / `STOPPING=1` to `$NOTIFY_SOCKET` (`Type=notify` units).
 //! - [`cli`]: defaults, flag/environment/TOML layering, durations, logging, exit codes.
 //! - [`proto`]: the generated gRPC services and durable record types.
 //!
@@ -61,6 +62,7 @@
 //! - `engine` (folder): the task that owns every pair; `store`: durable state; `wire`: enums
 //!   as they travel.
 //! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
+//! - [`control::status`] (folder): the read-only status page and its JSON (`--status-listen`).
 //! - [`control::notify`] (folder): `[[notify]]` webhooks: notices, bodies, signatures, queues.
 //! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
@@ -72,6 +74,7 @@ pub mod disk;
 pub mod history;
 pub mod host;
 pub mod replication;
+pub mod systemd;
 pub mod text;
 pub mod trust;
 pub mod types;
