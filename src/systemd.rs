@@ -173,7 +173,10 @@ mod tests {
         };
         let out = run(None);
         assert!(out.contains("sent=false"), "{out}");
-        assert!(systemd.recv(&mut [0u8; 16]).is_err(), "a datagram without NOTIFY_SOCKET");
+        assert!(
+            systemd.recv(&mut [0u8; 16]).is_err(),
+            "a datagram without NOTIFY_SOCKET"
+        );
         let out = run(Some(&path));
         assert!(out.contains("sent=true"), "{out}");
         systemd.set_nonblocking(false).unwrap();

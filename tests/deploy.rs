@@ -362,7 +362,10 @@ fn systemd_units_are_hardened() {
         }
         // Every program sends READY=1 (src/systemd.rs); only the main process is believed.
         assert!(unit.contains("Type=notify\n"), "{name} is not Type=notify");
-        assert!(unit.contains("NotifyAccess=main\n"), "{name} lacks NotifyAccess=main");
+        assert!(
+            unit.contains("NotifyAccess=main\n"),
+            "{name} lacks NotifyAccess=main"
+        );
     }
 }
 

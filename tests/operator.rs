@@ -74,7 +74,12 @@ fn chromium() -> Option<&'static str> {
 fn browse(prog: &str, profile: &Path, what: &str, url: &str) -> String {
     let t = Instant::now();
     let out = Command::new(prog)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1280,900",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args([what, url])
         .output()
@@ -113,30 +118,62 @@ fn the_status_page_shows_pairs_in_a_real_browser() {
     let e = epoch(&coord, "alpha");
     let dom = browse(chrome, &profile, "--dump-dom", &url);
     assert!(dom.contains(&row("alpha", "Syncing", e)), "{dom}");
-    assert!(dom.contains("<td class=\"ok\">yes</td>"), "protected: {dom}");
+    assert!(
+        dom.contains("<td class=\"ok\">yes</td>"),
+        "protected: {dom}"
+    );
     let shot = shots().join("syncing.png");
-    browse(chrome, &profile, &format!("--screenshot={}", shot.display()), &url);
-    assert!(fs::metadata(&shot).unwrap().len() > 1000, "{}", shot.display());
+    browse(
+        chrome,
+        &profile,
+        &format!("--screenshot={}", shot.display()),
+        &url,
+    );
+    assert!(
+        fs::metadata(&shot).unwrap().len() > 1000,
+        "{}",
+        shot.display()
+    );
 
     // A failover (by hand: the provider is `none`, so the pair stays FailedOver).
     assert!(coord.admin(&["failover", "alpha"]).status.success());
     assert!(wait_until(Duration::from_secs(30), || {
-        coord.pair("alpha").is_some_and(|p| p["state"] == "FailedOver")
+        coord
+            .pair("alpha")
+            .is_some_and(|p| p["state"] == "FailedOver")
     }));
     let e2 = epoch(&coord, "alpha");
     assert!(e2 > e);
     let dom = browse(chrome, &profile, "--dump-dom", &url);
     assert!(dom.contains(&row("alpha", "FailedOver", e2)), "{dom}");
-    assert!(dom.contains("<td class=\"bad\">no</td>"), "unprotected: {dom}");
+    assert!(
+        dom.contains("<td class=\"bad\">no</td>"),
+        "unprotected: {dom}"
+    );
     assert!(dom.contains("<h3>alpha (total: under way)</h3>"), "{dom}");
-    assert!(dom.contains("<td>failover</td><td>FailedOver</td>"), "{dom}");
+    assert!(
+        dom.contains("<td>failover</td><td>FailedOver</td>"),
+        "{dom}"
+    );
     let shot = shots().join("failed-over.png");
-    browse(chrome, &profile, &format!("--screenshot={}", shot.display()), &url);
-    assert!(fs::metadata(&shot).unwrap().len() > 1000, "{}", shot.display());
+    browse(
+        chrome,
+        &profile,
+        &format!("--screenshot={}", shot.display()),
+        &url,
+    );
+    assert!(
+        fs::metadata(&shot).unwrap().len() > 1000,
+        "{}",
+        shot.display()
+    );
 
     let raw = http_get(&status, "/");
     let head = raw.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
-    assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
     assert!(raw.contains("<meta http-equiv=\"refresh\""), "{raw}");
     let json = http_get(&status, "/status.json");
     let body = json.split("\r\n\r\n").nth(1).unwrap();

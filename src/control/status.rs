@@ -67,7 +67,9 @@ enum Format {
 async fn respond(engine: &Engine, format: Format) -> Response {
     let views = match engine.list().await {
         Ok(v) => v,
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.message().to_string()).into_response(),
+        Err(e) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, e.message().to_string()).into_response();
+        }
     };
     let events = engine.events.recent();
     let status = Status::build(views, &events, crate::host::unix_ms_now());
@@ -81,9 +83,18 @@ async fn respond(engine: &Engine, format: Format) -> Response {
     let mut r = body.into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     r
 }

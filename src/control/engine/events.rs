@@ -38,7 +38,12 @@ impl Events {
 
     /// The recent past, oldest first (the status page).
     pub fn recent(&self) -> Vec<Event> {
-        self.recent.lock().expect("events").iter().cloned().collect()
+        self.recent
+            .lock()
+            .expect("events")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The recent past, and a receiver for what comes next (no gap between the two).

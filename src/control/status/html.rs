@@ -15,7 +15,7 @@ const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222
 table{border-collapse:collapse;margin:.5em 0 1.5em}\
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\
 th{background:#f0f0f0}.ok{color:#1a7f37;font-weight:600}.bad{color:#b42318;font-weight:600}\
-.muted{color:#777}";
+.muted{color:#777}.t{white-space:nowrap}";
 
 /// `&`, `<`, `>`, `"` and `'` as entities: safe in text and in quoted attributes.
 pub fn escape(s: &str) -> String {
@@ -41,7 +41,7 @@ pub fn page(s: &Status) -> String {
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">\
          <title>Standby status</title><style>{STYLE}</style></head><body>\
-         <h1>Standby</h1><p class=\"muted\">{} pairs, as of {} (reloads every {REFRESH_SECS} s; \
+         <h1>Standby</h1><p class=\"muted\">{} pair(s), as of {} (reloads every {REFRESH_SECS} s; \
          <a href=\"status.json\">JSON</a>)</p>",
         s.pairs.len(),
         format_time(s.generated_unix_ms as i64),
@@ -100,9 +100,7 @@ fn failovers(h: &mut String, pairs: &[PairStatus]) {
 }
 
 fn failover(h: &mut String, pair: &str, f: &Failover) {
-    let total = f
-        .total_ms
-        .map_or_else(|| "under way".to_string(), millis);
+    let total = f.total_ms.map_or_else(|| "under way".to_string(), millis);
     let _ = write!(
         h,
         "<h3>{} (total: {total})</h3><table class=\"failover\"><tr><th>Phase</th><th>State</th>\
@@ -112,7 +110,7 @@ fn failover(h: &mut String, pair: &str, f: &Failover) {
     for ph in &f.phases {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td class=\"t\">{}</td><td>{}</td></tr>",
             ph.name,
             escape(&ph.state),
             format_time(ph.unix_ms as i64),
@@ -159,7 +157,7 @@ fn events(h: &mut String, s: &Status) {
     for e in &s.events {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"message\">{}</td></tr>",
+            "<tr><td class=\"t\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"message\">{}</td></tr>",
             format_time(e.unix_ms as i64),
             escape(&e.pair),
             e.kind,

@@ -58,12 +58,22 @@ fn the_last_failover_has_every_phase_with_its_duration() {
     let mut events = a_failover("p", 1_000);
     events.extend(a_failover("p", 500_000));
     // Another pair's failover in between changes nothing for `p`.
-    events.insert(3, moved("q", 2_000, PairState::Syncing, PairState::FailedOver));
+    events.insert(
+        3,
+        moved("q", 2_000, PairState::Syncing, PairState::FailedOver),
+    );
     let f = last_failover("p", &events).unwrap();
     let names: Vec<&str> = f.phases.iter().map(|p| p.name).collect();
     assert_eq!(
         names,
-        ["failure", "failover", "provisioning", "restore", "cutover", "synced"]
+        [
+            "failure",
+            "failover",
+            "provisioning",
+            "restore",
+            "cutover",
+            "synced"
+        ]
     );
     assert_eq!(f.phases[0].unix_ms, 500_000, "the later failover");
     let lasted: Vec<Option<u64>> = f.phases.iter().map(|p| p.lasted_ms).collect();
@@ -115,7 +125,10 @@ fn text_from_agents_is_escaped_never_markup() {
         html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;quoted&quot;"),
         "{html}"
     );
-    assert!(html.contains("&lt;img src=x onerror=alert(1)&gt;"), "{html}");
+    assert!(
+        html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "{html}"
+    );
     assert!(html.contains("<meta http-equiv=\"refresh\""), "{html}");
 }
 
@@ -131,7 +144,10 @@ fn the_page_and_the_json_show_state_epoch_protection_and_machines() {
     );
     assert!(s.pairs[0].protected && !s.pairs[1].protected);
     assert!(s.pairs[0].last_failover.is_none());
-    assert_eq!(s.pairs[1].last_failover.as_ref().unwrap().total_ms, Some(96_100));
+    assert_eq!(
+        s.pairs[1].last_failover.as_ref().unwrap().total_ms,
+        Some(96_100)
+    );
     assert_eq!(s.pairs[0].machines[1].last_heartbeat_ms, None, "never seen");
     let html = page(&s);
     for want in [
@@ -148,7 +164,10 @@ fn the_page_and_the_json_show_state_epoch_protection_and_machines() {
     assert_eq!(json["pairs"][1]["state"], "FailedOver");
     assert_eq!(json["pairs"][1]["epoch"], 7);
     assert_eq!(json["pairs"][0]["protected"], true);
-    assert_eq!(json["pairs"][1]["last_failover"]["phases"][2]["name"], "provisioning");
+    assert_eq!(
+        json["pairs"][1]["last_failover"]["phases"][2]["name"],
+        "provisioning"
+    );
 }
 
 #[test]
