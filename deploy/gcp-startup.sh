@@ -131,7 +131,7 @@ agent_settings() {
 }
 
 # The systemd unit for the agent, hardened as deploy/systemd/standby-agent-cpu.service is (the
-# tests check both with systemd-analyze). Type=exec: the agent does not call sd_notify.
+# tests check both with systemd-analyze). Type=notify: the agent sends READY=1 once it serves.
 agent_unit() {
     local envfile="$1" user="$2"
     cat <<UNIT
@@ -141,7 +141,9 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Type=exec
+Type=notify
+NotifyAccess=main
+TimeoutStartSec=15min
 User=$user
 Group=$user
 EnvironmentFile=$envfile

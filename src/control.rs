@@ -9,5 +9,6 @@ pub mod metrics;
 pub mod notify;
 pub mod provider;
 pub mod service;
+pub mod status;
 pub(crate) mod store;
 pub(crate) mod wire;

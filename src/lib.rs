@@ -10,6 +10,7 @@
 //! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
 //! - [`text`]: hex digests and one-line error chains.
 //! - [`host`]: this machine's name and wall clock.
+//! - [`systemd`]: `READY=1` / `STOPPING=1` to `$NOTIFY_SOCKET` (`Type=notify` units).
 //! - [`cli`]: defaults, flag/environment/TOML layering (unknown keys refused), durations,
 //!   logging (text or JSON), exit codes (`Exit`, listed in every `--help`).
 //! - [`exposition`]: `/metrics` over HTTP: OpenMetrics for Prometheus, the 0.0.4 text format for
@@ -66,6 +67,7 @@
 //! - `engine` (folder): the task that owns every pair; `store`: durable state; `wire`: enums
 //!   as they travel.
 //! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
+//! - [`control::status`] (folder): the read-only status page and its JSON (`--status-listen`).
 //! - [`control::notify`] (folder): `[[notify]]` webhooks: notices, bodies, signatures, queues.
 //! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
 
@@ -78,6 +80,7 @@ pub mod exposition;
 pub mod history;
 pub mod host;
 pub mod replication;
+pub mod systemd;
 pub mod text;
 pub mod trust;
 pub mod types;

@@ -587,6 +587,7 @@ async fn start_coordinator(
         dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".into(),
         metrics_listen: "127.0.0.1:0".into(),
+        status_listen: None,
         timing,
         cert_lifetime: Duration::from_secs(86_400),
         renew_grace: Duration::from_secs(86_400),

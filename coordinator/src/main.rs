@@ -271,6 +271,11 @@ struct ServeArgs {
     /// Prometheus metrics address.
     #[arg(long, env = "STANDBY_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Address of the read-only status page (HTML at `/`, JSON at `/status.json`); off unless
+    /// given. Plain HTTP without authentication: it shows pair names and machine addresses, so
+    /// bind it to loopback or a private network.
+    #[arg(long, env = "STANDBY_STATUS_LISTEN")]
+    status_listen: Option<String>,
     /// Expected heartbeat interval of the agents.
     #[arg(long, env = "STANDBY_HEARTBEAT_INTERVAL")]
     heartbeat_interval: Option<String>,
@@ -543,6 +548,7 @@ fn serve_options(a: ServeArgs) -> Result<standby::control::service::ServeOptions
         metrics_listen: f.pick(a.metrics_listen.clone(), "metrics_listen", || {
             format!("0.0.0.0:{}", defaults::METRICS_PORT)
         })?,
+        status_listen: f.pick_opt(a.status_listen.clone(), "status_listen")?,
         timing,
         cert_lifetime: f.pick_duration(
             a.cert_lifetime.clone(),

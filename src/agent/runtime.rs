@@ -137,6 +137,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
         managed::start(&cfg, m, &shutdown);
     }
     tracing::info!(%addr, pair = %pair, role = cfg.role.as_str(), "agent running");
+    crate::systemd::ready_until(&shutdown);
     shutdown.cancelled().await;
     drain(driver, ctl, endpoint).await;
     Ok(())

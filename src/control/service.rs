@@ -413,6 +413,9 @@ pub struct ServeOptions {
     pub dir: PathBuf,
     pub listen: String,
     pub metrics_listen: String,
+    /// The read-only status page (plain HTTP; None: not served). It shows pair names and
+    /// addresses: loopback or a private network (ARCHITECTURE.md, "Status page").
+    pub status_listen: Option<String>,
     pub timing: Timing,
     /// How long the certificates issued to agents live (renewed at two thirds).
     pub cert_lifetime: Duration,
@@ -588,8 +591,9 @@ fn make_provider(name: &str, opts: &ServeOptions) -> anyhow::Result<Option<DynPr
     })
 }
 
-/// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/serve.addr` and
-/// `<dir>/metrics.addr`.
+/// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/serve.addr`,
+/// `<dir>/metrics.addr` and (with a status page) `<dir>/status.addr`; tells systemd it is ready
+/// once they are bound.
 pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dir = &opts.dir;
     let ca = Ca::load(dir).with_context(|| {
@@ -649,7 +653,8 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
 
     let mlistener = bind(&opts.metrics_listen).await?;
     let maddr = mlistener.local_addr()?;
-    // Replaced atomically, `serve.addr` last: whoever waits for it finds both complete.
+    let page = status_page(&opts, dir, &shared.engine, &shutdown).await?;
+    // Replaced atomically, `serve.addr` last: whoever waits for it finds the others complete.
     crate::disk::crashsafe::write_atomic(&dir.join("metrics.addr"), maddr.to_string().as_bytes())?;
     crate::disk::crashsafe::write_atomic(&dir.join("serve.addr"), addr.to_string().as_bytes())?;
     tracing::info!(%addr, metrics = %maddr, "coordinator serving");
@@ -658,13 +663,39 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         metrics,
         shutdown.clone(),
     ));
+    crate::systemd::ready_until(&shutdown);
     let public = Public {
         reflection: opts.reflection,
         health: opts.public_health,
     };
     serve_grpc(listener, &material, shared, public, shutdown).await?;
     let _ = m.await;
+    if let Some(p) = page {
+        let _ = p.await;
+    }
     Ok(())
+}
+
+/// Binds and starts the status page when asked for (`--status-listen`), writing its address to
+/// `<dir>/status.addr`.
+async fn status_page(
+    opts: &ServeOptions,
+    dir: &Path,
+    engine: &Engine,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    let Some(at) = &opts.status_listen else {
+        return Ok(None);
+    };
+    let listener = bind(at).await?;
+    let saddr = listener.local_addr()?;
+    crate::disk::crashsafe::write_atomic(&dir.join("status.addr"), saddr.to_string().as_bytes())?;
+    tracing::info!(status = %saddr, "status page (read-only, no authentication)");
+    Ok(Some(tokio::spawn(crate::control::status::serve(
+        listener,
+        engine.clone(),
+        shutdown.clone(),
+    ))))
 }
 
 /// The renewal grace, capped to how long the registry keeps expired certificates (a longer

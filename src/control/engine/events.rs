@@ -36,6 +36,16 @@ impl Events {
         let _ = self.tx.send(e);
     }
 
+    /// The recent past, oldest first (the status page).
+    pub fn recent(&self) -> Vec<Event> {
+        self.recent
+            .lock()
+            .expect("events")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// The recent past, and a receiver for what comes next (no gap between the two).
     pub fn subscribe(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
         let r = self.recent.lock().expect("events");
