@@ -512,3 +512,75 @@ fn a_deleted_and_recreated_workspace_is_watched_again_without_spinning() {
         log()
     );
 }
+
+/// `agent-gpu status` with the standby down: the bytes written since are pending (planned
+/// against the last durable generation, not left at 0), the RPO age grows, and the epoch and
+/// generation are the replica's; once the standby is back and a flush returns, nothing is.
+#[test]
+fn status_tells_what_waits_while_the_standby_is_down() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("first.txt"), b"1").unwrap();
+    let mut cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gst = t.path().join("gpu");
+    let _gpu = Proc(
+        Command::new(AGENT_GPU)
+            .args(gpu_args(&src, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
+            .args(["--debounce", "100ms"])
+            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = || -> serde_json::Value {
+        let out = Command::new(AGENT_GPU)
+            .args(["status", "--state-dir"])
+            .arg(&gst)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    assert!(wait_until(Duration::from_secs(30), || {
+        cpu.workspace.join("first.txt").exists()
+    }));
+    let synced = status();
+    assert!(synced["generation"].as_u64() >= Some(1), "{synced}");
+
+    cpu.kill();
+    fs::write(src.join("unsynced.bin"), vec![3u8; 1 << 20]).unwrap();
+    let mut seen = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(20), || {
+        seen = status();
+        seen["pending_bytes"].as_u64() >= Some(1 << 20) && seen["rpo_age_ms"].as_u64() > Some(0)
+    });
+    assert!(ok, "status while the standby is down: {seen}");
+    assert_eq!(seen["epoch"], synced["epoch"]);
+
+    cpu.restart();
+    let out = Command::new(AGENT_GPU)
+        .args(["flush", "--state-dir"])
+        .arg(&gst)
+        .args(["--timeout", "60s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = status();
+    assert_eq!(
+        (
+            after["pending_bytes"].as_u64(),
+            after["rpo_age_ms"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{after}"
+    );
+    assert_same(&src, &cpu.workspace);
+}

@@ -54,8 +54,9 @@ pub fn pair_json(p: &PairView) -> serde_json::Value {
         "epoch": p.epoch,
         "primary": p.primary().to_string(),
         "last_durable_generation": p.last_durable_generation,
-        "sync_lag_ms": p.sync_lag_ms,
-        "pending_bytes": p.pending_bytes,
+        "protected": p.protected,
+        "sync_lag_ms": if p.lag_unknown { serde_json::Value::Null } else { p.sync_lag_ms.into() },
+        "pending_bytes": if p.lag_unknown { serde_json::Value::Null } else { p.pending_bytes.into() },
         "active_endpoint": p.active_endpoint,
         "reason": p.reason,
         "provisioning": if p.provisioning.is_empty() { serde_json::Value::Null } else { p.provisioning.clone().into() },
@@ -136,18 +137,24 @@ pub async fn pairs(r: &Remote, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<12} {:>5} {:<7} {:>10} {:>8}  {:<24} {:<24} ACTIVE",
-        "PAIR", "STATE", "EPOCH", "PRIMARY", "GENERATION", "LAG", "GPU", "CPU"
+        "{:<16} {:<12} {:>5} {:<7} {:<9} {:>10} {:>9}  {:<24} {:<24} ACTIVE",
+        "PAIR", "STATE", "EPOCH", "PRIMARY", "PROTECTED", "GENERATION", "LAG", "GPU", "CPU"
     );
     for p in ps {
+        let lag = if p.lag_unknown {
+            "?".to_string()
+        } else {
+            format!("{}ms", p.sync_lag_ms)
+        };
         println!(
-            "{:<16} {:<12} {:>5} {:<7} {:>10} {:>7}ms  {:<24} {:<24} {}",
+            "{:<16} {:<12} {:>5} {:<7} {:<9} {:>10} {:>9}  {:<24} {:<24} {}",
             p.pair,
             p.state(),
             p.epoch,
             p.primary(),
+            if p.protected { "yes" } else { "no" },
             p.last_durable_generation,
-            p.sync_lag_ms,
+            lag,
             age(&p.gpu),
             age(&p.cpu),
             p.active_endpoint

@@ -158,7 +158,7 @@ async fn handle(
         Err(e) => Reply::failed(Failure::Refused, format!("bad request: {e}")),
         Ok(Request::Fault { reason }) => inject(&fault, reason),
         Ok(Request::Status) => Reply {
-            status: serde_json::to_value(figures.lock().expect("figures").clone()).ok(),
+            status: Some(status_json(&node)),
             ..Reply::done()
         },
         Ok(Request::Flush { timeout_ms }) => flush(&tx, &figures, timeout_ms).await,
@@ -174,6 +174,24 @@ async fn handle(
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
     w.write_all(&out).await
+}
+
+/// The agent's figures for `status`: the sender's, with the RPO age (how old the oldest change
+/// not yet durable on the standby is, 0: none), the mode, and the replica's durable epoch and
+/// generation (a fenced or receiving agent has no sender figures of its own).
+fn status_json(node: &Node) -> serde_json::Value {
+    let f = node.figures().lock().expect("figures").clone();
+    let now = crate::replication::send::unix_ms(std::time::SystemTime::now());
+    let rpo_age_ms = f
+        .oldest_pending_unix_ms
+        .map_or(0, |t| now.saturating_sub(t));
+    let replica = node.receiver().figures();
+    let mut v = serde_json::to_value(&f).unwrap_or_default();
+    v["mode"] = node.mode().name().into();
+    v["rpo_age_ms"] = rpo_age_ms.into();
+    v["epoch"] = node.durable_epoch().0.into();
+    v["generation"] = f.last_durable_generation.max(replica.generation.0).into();
+    v
 }
 
 fn inject(fault: &InjectedFault, reason: String) -> Reply {

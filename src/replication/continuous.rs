@@ -143,6 +143,9 @@ struct Loop<'a> {
     /// Why the receiver refused us as no longer the primary; no more sending until a higher
     /// epoch comes with the target.
     fenced: Option<String>,
+    /// The change (the dirty set's last) the pending figures were last estimated for while
+    /// disconnected.
+    estimated: Option<Instant>,
 }
 
 impl<'a> Loop<'a> {
@@ -177,6 +180,7 @@ impl<'a> Loop<'a> {
                 retry_at: None,
             },
             fenced: None,
+            estimated: None,
         }
     }
 
@@ -200,6 +204,7 @@ impl<'a> Loop<'a> {
             if self.sync_due(due) && self.sync_once().await.is_break() {
                 return;
             }
+            self.estimate_when_disconnected().await;
         }
     }
 
@@ -371,6 +376,23 @@ impl<'a> Loop<'a> {
         self.rescan_every = rescan_every(&self.watcher, &self.cfg);
         self.next_rescan = tokio::time::Instant::now() + self.rescan_every;
         self.dirty.add_full(Instant::now());
+    }
+
+    /// Without a session nothing is planned by a sync: plan what is dirty against the index
+    /// once the changes settle, so `status` and heartbeats show the bytes waiting (not 0).
+    async fn estimate_when_disconnected(&mut self) {
+        let settled = self
+            .dirty
+            .last
+            .is_some_and(|l| l + self.cfg.debounce <= Instant::now());
+        if self.session.is_some() || !settled || self.estimated == self.dirty.last {
+            return;
+        }
+        self.estimated = self.dirty.last;
+        let scope = scope_of(self.dirty.paths.clone(), self.dirty.full);
+        if let Err(e) = self.sender.estimate(scope).await {
+            tracing::debug!(error = %e, "could not estimate what is pending");
+        }
     }
 
     /// A generation is due when connected and the debounce has passed or a flush waits.

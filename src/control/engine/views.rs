@@ -40,6 +40,8 @@ impl Actor {
             restore_total_bytes: e.restore_bytes().map_or(0, |r| r.1),
             provisioning: provisioning_line(&e.m.rec),
             history: e.figures.cpu.history.clone(),
+            protected: e.m.state() == PairState::Syncing,
+            lag_unknown: e.conns[primary].is_none(),
         }
     }
 }

@@ -42,6 +42,8 @@ impl PairMachine {
         self.rec.hibernate = false;
         if let Some(o) = self.rec.gpu_owned.take() {
             self.rec.teardown.push(o);
+            // Released for good: `pairs` no longer lists it (its agent is fenced meanwhile).
+            self.rec.gpu = None;
         }
         self.go(
             PairState::Hibernated,

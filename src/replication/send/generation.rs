@@ -121,6 +121,18 @@ impl Sender {
         Ok(Some(report))
     }
 
+    /// What is pending without a receiver: `scope` planned against the index (the last durable
+    /// generation) for the figures, while the standby cannot be reached. Sends nothing.
+    pub async fn estimate(&mut self, scope: Scope) -> Result<(), SyncError> {
+        let scan_start_ns = now_ns();
+        let plan = self.plan(scope).await?;
+        self.figures
+            .lock()
+            .expect("figures")
+            .planned(&plan, scan_start_ns);
+        Ok(())
+    }
+
     /// Walks `scope` (off the async threads) and plans it against the index.
     async fn plan(&mut self, scope: Scope) -> Result<Plan, SyncError> {
         let index = std::mem::take(&mut self.st.manifest);
