@@ -7,7 +7,6 @@
 //!   object.
 //! - [`bucket`]: the bucket (`object_store`'s S3 backend, path style by default).
 //! - [`journal`]: what this machine has put in the bucket, durably.
-//! - [`limit`]: the upload bandwidth limit.
 //! - [`upload`]: the mirror pass: upload what is missing, packs before snapshots, then delete,
 //!   snapshots before packs.
 //! - [`restore`]: bucket → a fresh store directory, verified object by object.
@@ -15,7 +14,6 @@
 pub mod bucket;
 pub mod journal;
 pub mod layout;
-pub mod limit;
 pub mod restore;
 pub mod upload;
 

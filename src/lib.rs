@@ -10,6 +10,7 @@
 //! - [`types`]: `Epoch`, `Generation`, `RelPath` (the confinement boundary), `Side`, `PerSide<T>`.
 //! - [`text`]: hex digests and one-line error chains.
 //! - [`host`]: this machine's name and wall clock.
+//! - [`rate`]: a bandwidth limit (token bucket) for the replication stream and the uploads.
 //! - [`systemd`]: `READY=1` / `STOPPING=1` to `$NOTIFY_SOCKET` (`Type=notify` units).
 //! - [`cli`]: defaults, flag/environment/TOML layering (unknown keys refused), durations,
 //!   logging (text or JSON), exit codes (`Exit`, listed in every `--help`).
@@ -79,6 +80,7 @@ pub mod disk;
 pub mod exposition;
 pub mod history;
 pub mod host;
+pub mod rate;
 pub mod replication;
 pub mod systemd;
 pub mod text;

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rand::Rng;
 use standby::trust::identity::Role;
 
 fn sent(r: &serde_json::Value) -> u64 {
@@ -583,4 +584,55 @@ fn status_tells_what_waits_while_the_standby_is_down() {
         "{after}"
     );
     assert_same(&src, &cpu.workspace);
+}
+
+/// `--bwlimit`: 4 MiB of incompressible data at 1 MB/s takes about 4 s to reach the standby
+/// (at least 3 s: the bucket starts with a tenth of a second's burst), and arrives whole.
+#[test]
+fn bwlimit_paces_the_replication_stream() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gst = t.path().join("gpu");
+    let _gpu = Proc(
+        Command::new(AGENT_GPU)
+            .args(gpu_args(&src, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
+            .args(["--debounce", "100ms", "--bwlimit", "1MB"])
+            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let flush = || {
+        Command::new(AGENT_GPU)
+            .args(["flush", "--state-dir"])
+            .arg(&gst)
+            .args(["--timeout", "60s"])
+            .output()
+            .unwrap()
+    };
+    assert!(wait_until(Duration::from_secs(30), || flush()
+        .status
+        .success()));
+    let mut data = vec![0u8; 4 << 20];
+    rng(seed("bwlimit")).fill_bytes(&mut data);
+    fs::write(src.join("big.bin"), &data).unwrap();
+    let started = Instant::now();
+    let out = flush();
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "4 MiB at 1 MB/s took only {took:?}"
+    );
+    assert_eq!(fs::read(cpu.workspace.join("big.bin")).unwrap(), data);
 }

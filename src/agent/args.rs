@@ -74,6 +74,10 @@ pub struct AgentArgs {
         value_name = "BOOL"
     )]
     pub keep_setuid: Option<bool>,
+    /// Most bytes per second this agent's replication stream may carry when it sends (`20MB`,
+    /// `500KB`: per second; the GPU normally, the CPU during a restore). None: no limit.
+    #[arg(long, env = "STANDBY_BWLIMIT", display_order = 18)]
+    pub bwlimit: Option<String>,
 }
 
 /// The flags only agent-gpu takes: its static peer and how it sends.
@@ -278,7 +282,7 @@ impl CpuArgs {
 }
 
 /// The keys both agents read from `--config` (the side's own keys follow).
-const SHARED_KEYS: [&str; 11] = [
+const SHARED_KEYS: [&str; 12] = [
     "workspace",
     "state_dir",
     "tls_dir",
@@ -290,6 +294,7 @@ const SHARED_KEYS: [&str; 11] = [
     "heartbeat_interval",
     "on_demote",
     "keep_setuid",
+    "bwlimit",
 ];
 
 /// agent-gpu's own keys.
@@ -376,6 +381,7 @@ impl AgentArgs {
             )?,
             loop_cfg: default_loop(),
             compress_level: defaults::COMPRESS_LEVEL,
+            bwlimit: bwlimit(file, self.bwlimit)?,
             on_promote: String::new(),
             on_demote: String::new(),
             keep_setuid: file.pick(self.keep_setuid, "keep_setuid", || false)?,
@@ -429,6 +435,20 @@ fn required(file: &FileConfig, flag: Option<PathBuf>, key: &str) -> Result<PathB
         .ok_or_else(|| format!("--{} is required", key.replace('_', "-")))
 }
 
+/// `--bwlimit` in bytes per second (None: no limit).
+fn bwlimit(file: &FileConfig, flag: Option<String>) -> Result<Option<u64>, String> {
+    let Some(s) = file.pick_opt(flag, "bwlimit")? else {
+        return Ok(None);
+    };
+    let n = crate::cli::parse_size(&s).map_err(|e| format!("--bwlimit {s:?}: {e}"))?;
+    if n == 0 {
+        return Err(format!(
+            "--bwlimit {s:?}: give a positive rate (leave it out for none)"
+        ));
+    }
+    Ok(Some(n))
+}
+
 fn compress_level(file: &FileConfig, flag: Option<i32>) -> Result<i32, String> {
     let level = file.pick(flag, "compress_level", || defaults::COMPRESS_LEVEL)?;
     if !(0..=19).contains(&level) {
@@ -478,6 +498,25 @@ mod tests {
             .resolve(args(Some("coord:7700")))
             .unwrap();
         assert_eq!(cpu.metrics_listen.as_deref(), Some("127.0.0.1:0"));
+    }
+
+    #[test]
+    fn bwlimit_is_a_positive_size_per_second() {
+        let d = tempfile::tempdir().unwrap();
+        let with = |b: Option<&str>| {
+            let shared = AgentArgs {
+                coordinator: Some("coord:7700".into()),
+                bwlimit: b.map(String::from),
+                ..shared(d.path())
+            };
+            CpuArgs::default().resolve(shared)
+        };
+        assert_eq!(with(None).unwrap().bwlimit, None);
+        assert_eq!(with(Some("20MB")).unwrap().bwlimit, Some(20_000_000));
+        for bad in ["0", "fast", "-1MB"] {
+            let e = with(Some(bad)).unwrap_err();
+            assert!(e.contains("--bwlimit"), "{bad}: {e}");
+        }
     }
 
     #[test]

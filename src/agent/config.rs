@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     pub loop_cfg: LoopConfig,
     pub compress_level: i32,
+    /// Bytes per second the replication stream may carry when this agent sends (None: any).
+    pub bwlimit: Option<u64>,
     pub on_promote: String,
     pub on_demote: String,
     /// Keep the sender's setuid and setgid bits on replicated files (masked when false).

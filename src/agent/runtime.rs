@@ -258,6 +258,9 @@ fn stop_on_signal() -> CancellationToken {
 fn sender_options(cfg: &AgentConfig) -> SenderOptions {
     let mut opts = SenderOptions::new(cfg.workspace.clone(), cfg.state_dir.clone());
     opts.compress_level = cfg.compress_level;
+    opts.bandwidth = cfg
+        .bwlimit
+        .map(|b| std::sync::Arc::new(crate::rate::RateLimit::new(b)));
     opts.machine = cfg.machine.clone();
     opts
 }

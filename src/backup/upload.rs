@@ -30,7 +30,7 @@ use tokio::io::AsyncReadExt;
 use super::bucket::{Bucket, BucketError};
 use super::journal::{Journal, JournalError, Uploaded};
 use super::layout::{self, Head, Kind, LocalFile};
-use super::limit::RateLimit;
+use crate::rate::RateLimit;
 use crate::trust::seal::{self, BackupKey, SEGMENT, SealError};
 
 /// How the mirror uploads.

@@ -76,6 +76,8 @@ pub struct SenderOptions {
     /// it so that small and recently changed files become durable first, generation by
     /// generation, instead of everything at the very end.
     pub generation_budget: Option<u64>,
+    /// Bytes per second the replication stream may carry (`--bwlimit`; None: no limit).
+    pub bandwidth: Option<std::sync::Arc<crate::rate::RateLimit>>,
 }
 
 impl SenderOptions {
@@ -87,6 +89,7 @@ impl SenderOptions {
             compress_level: 1,
             inline_max: 128 << 10,
             generation_budget: None,
+            bandwidth: None,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -203,7 +204,8 @@ impl Sender {
             sender: self.opts.machine.clone(),
         }))
         .await?;
-        let (inbound, hello) = exchange_hello(channel, requests).await?;
+        let (inbound, hello) =
+            exchange_hello(channel, requests, self.opts.bandwidth.clone()).await?;
         not_fenced(&hello, self.st.epoch.get())?;
         let mut session = Session::start(out, inbound, &hello, self.st.epoch.get());
         self.reconcile(&mut session).await?;
@@ -218,12 +220,23 @@ impl Sender {
 async fn exchange_hello(
     channel: Channel,
     requests: mpsc::Receiver<SyncRequest>,
+    bandwidth: Option<Arc<crate::rate::RateLimit>>,
 ) -> Result<(tonic::Streaming<SyncResponse>, HelloReply), SyncError> {
     let mut client = ReplicaClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    // Each message waits for its bytes from the limit before it goes on the wire.
+    let paced = ReceiverStream::new(requests).then(move |m| {
+        let limit = bandwidth.clone();
+        async move {
+            if let Some(l) = limit {
+                l.take(m.encoded_len() as u64).await;
+            }
+            m
+        }
+    });
     let resp = client
-        .sync(ReceiverStream::new(requests))
+        .sync(paced)
         .await
         .map_err(|s| SyncError::from_status(&s))?;
     let mut inbound = resp.into_inner();

@@ -1,4 +1,5 @@
-//! The upload bandwidth limit: a token bucket shared by every upload in flight.
+//! A bandwidth limit: a token bucket shared by every stream it paces (the sender's replication
+//! stream, `--bwlimit`; the backup's uploads, `--backup-bandwidth`).
 //!
 //! Tokens are bytes, refilled at `rate` per second up to a burst of a tenth of a second's worth.
 //! A caller takes what it is about to send; when that drives the bucket below zero it sleeps
