@@ -9,6 +9,7 @@ pub mod catalog;
 pub(crate) mod compress;
 pub(crate) mod continuous;
 pub mod delta;
+pub(crate) mod exclude;
 pub mod manifest;
 pub mod receive;
 pub(crate) mod scan;

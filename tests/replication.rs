@@ -636,3 +636,61 @@ fn bwlimit_paces_the_replication_stream() {
     );
     assert_eq!(fs::read(cpu.workspace.join("big.bin")).unwrap(), data);
 }
+
+/// `.standbyignore` (gitignore syntax) keeps caches off the standby; taking a pattern out lets
+/// its files follow at the next generation, wherever they are.
+#[test]
+fn standbyignore_keeps_caches_off_the_standby() {
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("pkg/__pycache__")).unwrap();
+    fs::write(src.join(".standbyignore"), "__pycache__/\n*.tmp\n").unwrap();
+    fs::write(src.join("pkg/mod.py"), b"x = 1\n").unwrap();
+    fs::write(src.join("pkg/__pycache__/mod.pyc"), b"cache").unwrap();
+    fs::write(src.join("pkg/scratch.tmp"), b"scratch").unwrap();
+    let cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gst = t.path().join("gpu");
+    let _gpu = Proc(
+        Command::new(AGENT_GPU)
+            .args(gpu_args(&src, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
+            .args(["--debounce", "100ms"])
+            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let flush = || {
+        Command::new(AGENT_GPU)
+            .args(["flush", "--state-dir"])
+            .arg(&gst)
+            .args(["--timeout", "60s"])
+            .output()
+            .unwrap()
+    };
+    assert!(wait_until(Duration::from_secs(30), || flush()
+        .status
+        .success()));
+    let replica = &cpu.workspace;
+    assert_eq!(fs::read(replica.join("pkg/mod.py")).unwrap(), b"x = 1\n");
+    assert!(replica.join(".standbyignore").exists());
+    assert!(
+        !replica.join("pkg/__pycache__").exists(),
+        "an ignored directory was sent"
+    );
+    assert!(
+        !replica.join("pkg/scratch.tmp").exists(),
+        "an ignored file was sent"
+    );
+
+    fs::write(src.join(".standbyignore"), "__pycache__/\n").unwrap();
+    assert!(flush().status.success());
+    assert_eq!(
+        fs::read(replica.join("pkg/scratch.tmp")).unwrap(),
+        b"scratch"
+    );
+    assert!(!replica.join("pkg/__pycache__").exists());
+}

@@ -123,28 +123,7 @@ pub fn open_regular(path: &Path) -> io::Result<Option<fs::File>> {
     Ok(Some(f))
 }
 
-/// Paths never replicated: the stage directory and a state directory inside the workspace.
-#[derive(Clone, Debug, Default)]
-pub struct Exclude {
-    paths: Vec<RelPath>,
-}
-
-impl Exclude {
-    pub fn new(workspace: &Path, state_dir: &Path) -> Exclude {
-        let mut paths = vec![RelPath::new(STAGE_DIR_NAME).expect("valid")];
-        if let (Ok(ws), Ok(sd)) = (workspace.canonicalize(), state_dir.canonicalize())
-            && let Ok(rel) = sd.strip_prefix(&ws)
-            && let Ok(p) = RelPath::new(rel.as_os_str().as_bytes().to_vec())
-        {
-            paths.push(p);
-        }
-        Exclude { paths }
-    }
-
-    pub fn is_excluded(&self, p: &RelPath) -> bool {
-        self.paths.iter().any(|x| p.starts_with(x))
-    }
-}
+pub use super::exclude::Exclude;
 
 /// The result of walking (part of) a tree.
 #[derive(Debug, Default)]
@@ -167,7 +146,7 @@ fn stat_path(abs: &Path) -> io::Result<Option<Metadata>> {
 
 impl Walk {
     fn add(&mut self, root: &Path, p: RelPath, m: &Metadata, exclude: &Exclude) {
-        if exclude.is_excluded(&p) {
+        if exclude.is_excluded_entry(&p, m.is_dir()) {
             return;
         }
         let Some(st) = self.stat(&p, m, &p.to_path(root)) else {
@@ -272,7 +251,8 @@ impl Walk {
                 return None;
             }
         };
-        if exclude.is_excluded(&p) {
+        let is_dir = de.file_type().is_ok_and(|t| t.is_dir());
+        if exclude.is_excluded_entry(&p, is_dir) {
             return None;
         }
         let m = match de.metadata() {

@@ -135,6 +135,12 @@ impl Sender {
 
     /// Walks `scope` (off the async threads) and plans it against the index.
     async fn plan(&mut self, scope: Scope) -> Result<Plan, SyncError> {
+        // New ignore rules may let back in files anywhere: look everywhere then.
+        let scope = if self.exclude.refresh() {
+            Scope::Full
+        } else {
+            scope
+        };
         let index = std::mem::take(&mut self.st.manifest);
         let ws = self.opts.workspace.clone();
         let exclude = self.exclude.clone();
