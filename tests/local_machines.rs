@@ -54,17 +54,13 @@ fn stop_all_stops_the_local_machines_left_by_a_stopped_coordinator() {
     let mut coord = local_coord(&t.path().join("coord"));
     let name = "leftover";
     let (cpu, gpu) = hand_joined_pair(&coord, t.path(), name, 50);
-    // The GPU dies: the local provider starts a replacement machine (an agent process).
+    // The GPU dies: the local provider starts a replacement machine (an agent process), which
+    // joins, is restored and takes the primary role back.
     drop(gpu);
-    let mut pid = None;
-    let ok = wait_until(Duration::from_secs(60), || {
-        pid = machines(&coord)
-            .first()
-            .and_then(|m| running_pid(&coord, m));
-        pid.is_some()
-    });
-    assert!(ok, "no local machine started: {}", coord.log_text());
-    let (label, pid) = (machines(&coord)[0].clone(), pid.unwrap());
+    wait_state(&coord, name, "Syncing", 3, 120, &[&cpu.log]);
+    let label = gpu_machine(&coord, name);
+    assert_eq!(machines(&coord), [label.clone()]);
+    let pid = running_pid(&coord, &label).expect("the machine's agent runs");
     coord.kill();
     std::thread::sleep(Duration::from_millis(500));
     assert!(is_running(pid), "the machine outlives the coordinator");

@@ -34,16 +34,31 @@ pub fn run(cmd: MachinesCmd) -> anyhow::Result<()> {
     let MachinesCmd::StopAll { dir, remove, grace } = cmd;
     let grace: Duration =
         standby::cli::parse_duration(&grace).unwrap_or_else(|e| standby::cli::usage_error(e));
-    let stopped = Local::stop_machines(&dir.join("machines"), remove, grace)?;
-    for s in &stopped {
-        let what = match s.stopped_pid {
-            Some(pid) => format!("stopped its agent (pid {pid})"),
-            None => "its agent was not running".to_string(),
-        };
-        let gone = if s.removed { "; directory deleted" } else { "" };
-        println!("{}: {what}{gone}", s.label);
+    let outcomes = Local::stop_machines(&dir.join("machines"), remove, grace)?;
+    let (mut running, mut failed) = (0, 0);
+    for outcome in &outcomes {
+        match outcome {
+            Ok(s) => {
+                let what = match s.stopped_pid {
+                    Some(pid) => format!("stopped its agent (pid {pid})"),
+                    None => "its agent was not running".to_string(),
+                };
+                let gone = if s.removed { "; directory deleted" } else { "" };
+                println!("{}: {what}{gone}", s.label);
+                running += usize::from(s.stopped_pid.is_some());
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+            }
+        }
     }
-    let running = stopped.iter().filter(|s| s.stopped_pid.is_some()).count();
-    println!("{} local machines, {running} stopped", stopped.len());
+    println!("{} local machines, {running} stopped", outcomes.len());
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} local machines could not be stopped",
+            outcomes.len()
+        );
+    }
     Ok(())
 }

@@ -100,12 +100,13 @@ impl Local {
     /// Stops the agent of every machine under `root` (`coordinator machines stop-all`): SIGTERM
     /// to its process group, SIGKILL after `grace`. Directories stay (workspace, replica, state:
     /// a later `serve` finds the machines stopped) unless `remove`, which deletes each one as
-    /// `destroy` does. Every machine is tried; the first failure is returned after the rest.
+    /// `destroy` does. Every machine is tried: one that cannot be stopped does not keep the
+    /// others running; each outcome is in the list, in name order.
     pub fn stop_machines(
         root: &Path,
         remove: bool,
         grace: Duration,
-    ) -> Result<Vec<Stopped>, StopError> {
+    ) -> Result<Vec<Result<Stopped, StopError>>, StopError> {
         let rd = match std::fs::read_dir(root) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
@@ -122,16 +123,10 @@ impl Local {
             .filter(|p| p.is_dir())
             .collect();
         dirs.sort();
-        let (mut done, mut first_err) = (Vec::new(), None);
-        for dir in dirs {
-            match Self::stop_machine(&dir, remove, grace) {
-                Ok(s) => done.push(s),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        first_err.map_or(Ok(done), Err)
+        Ok(dirs
+            .iter()
+            .map(|dir| Self::stop_machine(dir, remove, grace))
+            .collect())
     }
 
     /// One machine of [`Local::stop_machines`].
@@ -372,6 +367,7 @@ impl Provider for Local {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
 
     /// A stand-in agent for machine `label`: a shell in its own process group whose command
@@ -395,6 +391,46 @@ mod tests {
         child
     }
 
+    fn stopped(r: Result<Vec<Result<Stopped, StopError>>, StopError>) -> Vec<Stopped> {
+        r.unwrap().into_iter().map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn a_machine_that_cannot_be_removed_does_not_stop_the_others() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let mut first = fake_agent(root, "sb-1-a-gpu-1", "sleep 60; true");
+        let mut last = fake_agent(root, "sb-1-c-gpu-1", "sleep 60; true");
+        // A directory that cannot be deleted: a directory inside it is read-only.
+        let locked = root.join("sb-1-b-gpu-1");
+        std::fs::create_dir_all(locked.join("state/inner")).unwrap();
+        let ro = std::fs::Permissions::from_mode(0o500);
+        std::fs::set_permissions(locked.join("state"), ro).unwrap();
+        let got = Local::stop_machines(root, true, Duration::from_secs(5)).unwrap();
+        // Writable again, for the temporary directory's own clean-up (when it is still there).
+        let rw = std::fs::Permissions::from_mode(0o700);
+        let _ = std::fs::set_permissions(locked.join("state"), rw);
+        first.wait().unwrap();
+        last.wait().unwrap();
+        assert_eq!(got.len(), 3);
+        assert!(got[0].as_ref().is_ok_and(|s| s.removed), "{got:?}");
+        assert!(got[2].as_ref().is_ok_and(|s| s.removed), "{got:?}");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            println!("running as root: the read-only directory was deleted anyway; not checked");
+            return;
+        }
+        let e = got[1].as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains("sb-1-b-gpu-1") && e.contains("delete it by hand"),
+            "{e}"
+        );
+        assert!(
+            locked.join("state/inner").exists(),
+            "the failed one is left as it was"
+        );
+    }
+
     #[test]
     fn stop_machines_stops_every_agent_and_keeps_or_removes_the_directories() {
         let t = tempfile::tempdir().unwrap();
@@ -405,7 +441,7 @@ mod tests {
         // A machine whose agent is already gone.
         std::fs::create_dir_all(root.join("sb-1-q-gpu-1")).unwrap();
         let grace = Duration::from_millis(300);
-        let got = Local::stop_machines(root, false, grace).unwrap();
+        let got = stopped(Local::stop_machines(root, false, grace));
         let (p, s) = (polite.id(), stubborn.id());
         assert_eq!(
             got,
@@ -438,7 +474,7 @@ mod tests {
         let data = root.join("sb-1-p-cpu-1/workspace/data");
         assert_eq!(std::fs::read(&data).unwrap(), b"replica");
         // Again, now with --remove: nothing runs, every directory goes.
-        let got = Local::stop_machines(root, true, grace).unwrap();
+        let got = stopped(Local::stop_machines(root, true, grace));
         assert!(
             got.iter().all(|s| s.stopped_pid.is_none() && s.removed),
             "{got:?}"
@@ -460,7 +496,7 @@ mod tests {
         let dir = t.path().join("sb-1-p-gpu-1");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("pid"), std::process::id().to_string()).unwrap();
-        let got = Local::stop_machines(t.path(), false, Duration::ZERO).unwrap();
+        let got = stopped(Local::stop_machines(t.path(), false, Duration::ZERO));
         assert_eq!(got[0].stopped_pid, None);
         assert!(dir.join("pid").exists());
     }
