@@ -59,7 +59,7 @@ fn stop_all_stops_the_local_machines_left_by_a_stopped_coordinator() {
     drop(gpu);
     wait_state(&coord, name, "Syncing", 3, 120, &[&cpu.log]);
     let label = gpu_machine(&coord, name);
-    assert_eq!(machines(&coord), [label.clone()]);
+    assert_eq!(machines(&coord), std::slice::from_ref(&label));
     let pid = running_pid(&coord, &label).expect("the machine's agent runs");
     coord.kill();
     std::thread::sleep(Duration::from_millis(500));
