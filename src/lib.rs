@@ -70,7 +70,8 @@
 //! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
 //! - [`control::status`] (folder): the read-only status page and its JSON (`--status-listen`).
 //! - [`control::notify`] (folder): `[[notify]]` webhooks: notices, bodies, signatures, queues.
-//! - [`control::provider`] (folder): `local`, `vastai`, `gcp`, `command`.
+//! - [`control::provider`] (folder): `local` (also `Local::stop_machines`, for `coordinator
+//!   machines stop-all`), `vastai`, `gcp`, `command`.
 
 pub mod agent;
 pub mod backup;

@@ -3,6 +3,7 @@
 mod admin;
 mod demo;
 mod drill;
+mod machines;
 mod manual;
 mod progress;
 
@@ -82,7 +83,8 @@ enum Cmd {
     /// failover, a new GPU provisioned, restored, verified and cut over, then a timeline.
     Demo(demo::DemoArgs),
     /// A deliberate failover of a live pair PAIR, measured phase by phase against targets
-    /// (a table and JSON; exit 3 when a target is missed).
+    /// (a table and JSON; exit 3 when a target is missed). It destroys the pair's healthy GPU
+    /// machine and whatever runs there (a training job): run it in a maintenance window.
     Drill(Box<drill::DrillArgs>),
     /// Print a single-use, expiring join token for an agent of PAIR.
     Token {
@@ -110,6 +112,11 @@ enum Cmd {
     Man {
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// The machines the `local` provider started, which outlive the coordinator.
+    Machines {
+        #[command(subcommand)]
+        cmd: machines::MachinesCmd,
     },
     // The admin verbs come last, as they always have in the help.
     #[command(flatten)]
@@ -291,13 +298,12 @@ struct ServeArgs {
     /// How long after its expiry an agent's certificate may still connect, to renew only.
     #[arg(long, env = "STANDBY_RENEW_GRACE")]
     renew_grace: Option<String>,
-    /// Where replacement machines come from: local (agent processes on this host), vastai,
-    /// gcp, command (your scripts), or none (replacements join by hand with a token).
-    #[arg(long, env = "STANDBY_PROVIDER", value_parser = PROVIDERS)]
+    /// Where replacement machines come from [default: local].
+    #[arg(long, env = "STANDBY_PROVIDER", value_parser = provider_values())]
     provider: Option<String>,
     /// Where CPU standbys come from when not from --provider (e.g. --provider vastai
     /// --cpu-provider gcp).
-    #[arg(long, env = "STANDBY_CPU_PROVIDER", value_parser = PROVIDERS)]
+    #[arg(long, env = "STANDBY_CPU_PROVIDER", value_parser = provider_values())]
     cpu_provider: Option<String>,
     /// Provision a replacement GPU as soon as a pair failed over.
     #[arg(long, env = "STANDBY_AUTO_RECOVER")]
@@ -397,6 +403,10 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             init_logging("warn");
             runtime().block_on(admin_verb(cmd))
         }
+        Cmd::Machines { cmd } => {
+            init_logging("warn");
+            machines::run(cmd)
+        }
         Cmd::Completions { shell } => manual::completions::<Cli>(shell),
         Cmd::Man { dir } => manual::man::<Cli>(dir.as_deref()),
     }
@@ -484,7 +494,7 @@ async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
 
 /// The keys `coordinator.toml` may set; `[provision]`, `[gcp]`, `[command]` and `[backup]`
 /// refuse unknown keys themselves.
-const CONFIG_KEYS: [&str; 31] = [
+const CONFIG_KEYS: [&str; 32] = [
     "listen",
     "metrics_listen",
     "advertise",
@@ -504,6 +514,7 @@ const CONFIG_KEYS: [&str; 31] = [
     "public_health",
     "backup",
     "notify",
+    "status_listen",
     "heartbeat_interval",
     "suspect_after_missed",
     "failover_after",
@@ -518,17 +529,48 @@ const CONFIG_KEYS: [&str; 31] = [
     "vastai.disk_gb",
 ];
 
-/// The providers `--provider` and `--cpu-provider` name.
-const PROVIDERS: [&str; 5] = ["local", "vastai", "gcp", "command", "none"];
+/// The providers `--provider` and `--cpu-provider` name, each with its line of `--help`.
+const PROVIDERS: [(&str, &str); 5] = [
+    (
+        "local",
+        "agent processes on this host, under DIR/machines (the demo, tests, one big host; stop them with `machines stop-all`)",
+    ),
+    (
+        "vastai",
+        "Vast.ai GPU instances (VAST_API_KEY or --vastai-api-key-file)",
+    ),
+    (
+        "gcp",
+        "Google Compute Engine Spot VMs, CPU standbys only ([gcp] in the TOML file)",
+    ),
+    (
+        "command",
+        "your own create/destroy/list programs ([command] in the TOML file)",
+    ),
+    (
+        "none",
+        "no provider: replacements join by hand with a token",
+    ),
+];
+
+/// The providers as clap's possible values, so `serve --help` lists each with its meaning.
+fn provider_values() -> clap::builder::PossibleValuesParser {
+    PROVIDERS
+        .iter()
+        .map(|(name, help)| clap::builder::PossibleValue::new(name).help(help))
+        .collect::<Vec<_>>()
+        .into()
+}
 
 /// A provider name from the configuration file, checked as clap checks the flag's.
 fn provider(name: String) -> Result<String, String> {
-    if PROVIDERS.contains(&name.as_str()) {
+    if PROVIDERS.iter().any(|(p, _)| *p == name) {
         Ok(name)
     } else {
+        let names: Vec<&str> = PROVIDERS.iter().map(|(p, _)| *p).collect();
         Err(format!(
             "unknown provider {name:?} (one of {})",
-            PROVIDERS.join(", ")
+            names.join(", ")
         ))
     }
 }

@@ -55,6 +55,11 @@ pub struct AgentArgs {
     /// Heartbeat interval.
     #[arg(long, env = "STANDBY_HEARTBEAT_INTERVAL", display_order = 9)]
     pub heartbeat_interval: Option<String>,
+    /// Command run (with sh -c, not waited for) when this machine becomes the primary: the
+    /// CPU standby at a failover, a restored GPU at cutover (not a pair's first GPU, which is
+    /// the primary from the start). Start the application here.
+    #[arg(long, env = "STANDBY_ON_PROMOTE", display_order = 10)]
+    pub on_promote: Option<String>,
     /// Command run (with sh -c, waited for) before this machine hands the primary role over:
     /// stop the application here.
     #[arg(long, env = "STANDBY_ON_DEMOTE", display_order = 15)]
@@ -103,9 +108,6 @@ pub struct GpuArgs {
 /// The flags only agent-cpu takes.
 #[derive(clap::Args, Debug, Default)]
 pub struct CpuArgs {
-    /// Command run (with sh -c) when this machine is promoted to primary.
-    #[arg(long, env = "STANDBY_ON_PROMOTE", display_order = 10)]
-    pub on_promote: Option<String>,
     /// Keep point-in-time history: a snapshot after each committed generation, in
     /// `<state-dir>/history` (`--history=false` turns it off).
     #[arg(
@@ -178,6 +180,7 @@ impl GpuArgs {
             }
             _ => {}
         }
+        let on_promote = shared.on_promote.take();
         let on_demote = shared.on_demote.take();
         let base = shared.resolve(&file, Role::Gpu, tls_dir, coordinator)?;
         Ok(AgentConfig {
@@ -192,6 +195,7 @@ impl GpuArgs {
                 )?,
             },
             compress_level,
+            on_promote: file.pick(on_promote, "on_promote", String::new)?,
             on_demote: file.pick(on_demote, "on_demote", String::new)?,
             ..base
         })
@@ -200,13 +204,14 @@ impl GpuArgs {
 
 impl CpuArgs {
     /// agent-cpu's configuration: static certificates or a coordinator (or both).
-    pub fn resolve(mut self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
+    pub fn resolve(self, mut shared: AgentArgs) -> Result<AgentConfig, String> {
         let file = shared.file(Role::Cpu)?;
         let tls_dir = file.pick_opt(shared.tls_dir.take(), "tls_dir")?;
         let coordinator = file.pick_opt(shared.coordinator.take(), "coordinator")?;
         if tls_dir.is_none() && coordinator.is_none() {
             return Err("--tls-dir (static pair) or --coordinator is required".into());
         }
+        let on_promote = shared.on_promote.take();
         let on_demote = shared.on_demote.take();
         let base = shared.resolve(&file, Role::Cpu, tls_dir, coordinator)?;
         let history = self.retention(&file, &base.state_dir)?;
@@ -215,7 +220,7 @@ impl CpuArgs {
             return Err("--backup-url backs up the history: it needs --history".into());
         }
         Ok(AgentConfig {
-            on_promote: file.pick(self.on_promote.take(), "on_promote", String::new)?,
+            on_promote: file.pick(on_promote, "on_promote", String::new)?,
             on_demote: file.pick(on_demote, "on_demote", String::new)?,
             history,
             backup,
@@ -282,7 +287,7 @@ impl CpuArgs {
 }
 
 /// The keys both agents read from `--config` (the side's own keys follow).
-const SHARED_KEYS: [&str; 12] = [
+const SHARED_KEYS: [&str; 14] = [
     "workspace",
     "state_dir",
     "tls_dir",
@@ -292,9 +297,11 @@ const SHARED_KEYS: [&str; 12] = [
     "advertise",
     "machine",
     "heartbeat_interval",
+    "on_promote",
     "on_demote",
     "keep_setuid",
     "bwlimit",
+    "metrics_listen",
 ];
 
 /// agent-gpu's own keys.
@@ -307,8 +314,7 @@ const GPU_KEYS: [&str; 5] = [
 ];
 
 /// agent-cpu's own keys.
-const CPU_KEYS: [&str; 12] = [
-    "on_promote",
+const CPU_KEYS: [&str; 11] = [
     "history",
     "keep_within",
     "keep_hourly",
@@ -584,6 +590,24 @@ mod tests {
     }
 
     #[test]
+    fn the_gpu_takes_both_hooks_from_flags_or_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = d.path().join("agent.toml");
+        std::fs::write(&toml, "on_promote = \"start-training\"\n").unwrap();
+        let args = AgentArgs {
+            coordinator: Some("coord:7700".into()),
+            on_demote: Some("stop-training".into()),
+            config: Some(toml),
+            ..shared(d.path())
+        };
+        let c = GpuArgs::default().resolve(args).unwrap();
+        assert_eq!(
+            (c.on_promote.as_str(), c.on_demote.as_str()),
+            ("start-training", "stop-training")
+        );
+    }
+
+    #[test]
     fn keep_setuid_is_layered_like_every_setting() {
         let d = tempfile::tempdir().unwrap();
         let toml = d.path().join("agent.toml");
@@ -639,13 +663,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let args = AgentArgs {
             coordinator: Some("coord:7700".into()),
+            on_promote: Some("start-app".into()),
             on_demote: Some("stop-app".into()),
             ..shared(d.path())
         };
-        let cpu = CpuArgs {
-            on_promote: Some("start-app".into()),
-            ..Default::default()
-        };
+        let cpu = CpuArgs::default();
         let c = cpu.resolve(args).unwrap();
         assert_eq!(c.role, Role::Cpu);
         assert_eq!(

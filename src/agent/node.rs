@@ -402,8 +402,13 @@ impl Node {
     ) {
         // The epoch whose `on_promote` hook has run: a repeated Promote does not run it again.
         let mut hooked: Option<Epoch> = None;
+        let mut prev: Option<Mode> = None;
         while !shutdown.is_cancelled() {
             let mode = mode_rx.borrow_and_update().clone();
+            if let Some(epoch) = promoted_by_sending(prev.as_ref(), &mode) {
+                self.run_on_promote(epoch, &mut hooked);
+            }
+            prev = Some(mode.clone());
             let next = match mode.clone() {
                 Mode::Send(t) => self.send(t, &mode_rx, &mut ctl_rx, &shutdown).await,
                 Mode::Receive(e) => self.receive(e).await,
@@ -508,13 +513,18 @@ impl Node {
             return Next::Again;
         }
         recv.refresh_figures().await;
+        self.run_on_promote(epoch, hooked);
+        Next::Wait
+    }
+
+    /// Runs `on_promote` once per epoch (a repeated command does not run it again).
+    fn run_on_promote(&self, epoch: Epoch, hooked: &mut Option<Epoch>) {
         if *hooked != Some(epoch) {
             *hooked = Some(epoch);
             tracing::warn!(%epoch, "promoted: this machine is the primary now");
             let o = &self.inner.opts;
             run_hook("on_promote", &o.on_promote, &o.pair, epoch.0, &o.workspace);
         }
-        Next::Wait
     }
 
     /// Takes the seed's epoch durably and accepts nothing: the seeder (`agent::seed`) fills the
@@ -535,6 +545,18 @@ impl Node {
         self.inner.receiver.set_accepting(false);
         self.inner.figures.lock().expect("figures").fenced = true;
         Next::Wait
+    }
+}
+
+/// The epoch at which this agent became the primary by starting to send right after it
+/// received: a restored GPU at cutover (or a CPU standby that missed its `Promote` while it was
+/// disconnected and is told to restore the new GPU). A GPU that starts sending from `Idle` (a
+/// pair's first GPU, or an agent restarted while already primary) is not promoted: it was the
+/// primary already. `Promote` itself is handled by `promote`.
+fn promoted_by_sending(prev: Option<&Mode>, mode: &Mode) -> Option<Epoch> {
+    match (prev, mode) {
+        (Some(Mode::Receive(Some(_))), Mode::Send(t)) => t.epoch,
+        _ => None,
     }
 }
 
@@ -670,6 +692,45 @@ mod tests {
             }),
             Cmd::Freeze(Freeze { epoch: e }),
         ]
+    }
+
+    #[test]
+    fn sending_right_after_receiving_is_a_promotion_and_nothing_else_is() {
+        let seat = Expect::Seat {
+            pair: "p".into(),
+            role: Role::Cpu,
+        };
+        let send = |e: u64| {
+            Mode::Send(Target {
+                url: "127.0.0.1:1".into(),
+                identity: seat.clone(),
+                epoch: Some(Epoch(e)),
+            })
+        };
+        let receive = Mode::Receive(Some(Named {
+            epoch: Epoch(2),
+            sender: seat.clone(),
+        }));
+        // A restored GPU at cutover: received at epoch 2, sends at 3.
+        assert_eq!(
+            promoted_by_sending(Some(&receive), &send(3)),
+            Some(Epoch(3))
+        );
+        // A pair's first GPU, a restarted primary, a sender re-targeted: not promoted.
+        assert_eq!(promoted_by_sending(None, &send(1)), None);
+        assert_eq!(promoted_by_sending(Some(&Mode::Idle), &send(1)), None);
+        assert_eq!(promoted_by_sending(Some(&send(1)), &send(1)), None);
+        // A CPU restoring the new GPU after its Promote (that ran the hook already).
+        assert_eq!(
+            promoted_by_sending(Some(&Mode::Primary(Epoch(2))), &send(2)),
+            None
+        );
+        // A static standby (no named sender) never sends; receiving is not a promotion.
+        assert_eq!(promoted_by_sending(Some(&send(3)), &receive), None);
+        assert_eq!(
+            promoted_by_sending(Some(&Mode::Receive(None)), &send(1)),
+            None
+        );
     }
 
     #[test]
