@@ -138,7 +138,6 @@ fn agent_verbs_exit_69_without_an_agent_and_75_on_a_flush_timeout() {
     let _gpu = Proc(
         Command::new(AGENT_GPU)
             .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--listen", "127.0.0.1:0"])
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),

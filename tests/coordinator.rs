@@ -154,6 +154,45 @@ fn detection_after_kill_9_of_the_gpu_agent() {
     );
 }
 
+/// Without a provider the operator replaces a failed GPU by hand: a new agent-gpu, on another
+/// machine with a token and an empty workspace, is restored onto from the standby (what was
+/// written there meanwhile included) and becomes the primary at cutover. It once stayed
+/// FailedOver for good.
+#[test]
+fn a_gpu_joined_by_hand_after_a_failover_is_restored_and_takes_over() {
+    let t = tempfile::tempdir().unwrap();
+    let coord = Coord::start(&t.path().join("coord"), &[]);
+    let mut r = rig(&coord, t.path(), "hand", &[]);
+    r.gpu.proc.kill();
+    assert_failed_over(&coord, &r);
+    fs::write(r.cpu.workspace.join("on-cpu.txt"), b"while failed over").unwrap();
+    let ws = t.path().join("hand-ws-2");
+    let new = Managed::gpu(
+        &coord.addr,
+        Some(&coord.token("hand", "gpu", "10m")),
+        &ws,
+        &t.path().join("hand-gpu-2"),
+        &["--debounce", "100ms", "--machine", "gpu-2"],
+        &[],
+    );
+    let ok = wait_until(Duration::from_secs(90), || {
+        state(&coord, "hand") == ("Syncing".into(), 3)
+    });
+    assert!(
+        ok,
+        "{:?}\n{}\n{}",
+        coord.pair("hand"),
+        coord.log_text(),
+        new.log_text()
+    );
+    assert_eq!(coord.pair("hand").unwrap()["primary"], "gpu");
+    assert_eq!(
+        fs::read(ws.join("on-cpu.txt")).unwrap(),
+        b"while failed over"
+    );
+    assert_same(&r.cpu.workspace, &ws);
+}
+
 #[test]
 fn hung_gpu_agent_fails_over_and_comes_back_fenced() {
     let t = tempfile::tempdir().unwrap();

@@ -122,7 +122,7 @@ fn python_client_flushes_to_a_real_pair() {
     let _gpu = Proc(
         Command::new(AGENT_GPU)
             .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--debounce", "100ms", "--listen", "127.0.0.1:0"])
+            .args(["--debounce", "100ms"])
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),

@@ -478,7 +478,12 @@ fn a_deleted_and_recreated_workspace_is_watched_again_without_spinning() {
             cpu.workspace.join(name).exists()
         })
     };
-    assert!(arrived("first.txt", 30), "the pair never synced");
+    let log = || fs::read_to_string(t.path().join("gpu.log")).unwrap_or_default();
+    assert!(
+        arrived("first.txt", 30),
+        "the pair never synced:\n{}",
+        log()
+    );
 
     fs::remove_dir_all(&src).unwrap();
     std::thread::sleep(Duration::from_secs(1));
@@ -493,7 +498,6 @@ fn a_deleted_and_recreated_workspace_is_watched_again_without_spinning() {
     fs::create_dir(&src).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     fs::write(src.join("second.txt"), b"2").unwrap();
-    let log = || fs::read_to_string(t.path().join("gpu.log")).unwrap_or_default();
     assert!(
         arrived("second.txt", 5),
         "not replicated within 5 s of the new workspace:\n{}",

@@ -103,7 +103,7 @@ fn an_rm_rf_and_an_overwritten_checkpoint_come_back_from_the_standby() {
     let _gpu = Proc(
         Command::new(AGENT_GPU)
             .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--debounce", "50ms", "--listen", "127.0.0.1:0"])
+            .args(["--debounce", "50ms"])
             .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
             .spawn()
             .unwrap(),
@@ -196,7 +196,6 @@ fn bad_restore_requests_are_refused_clearly_and_change_nothing() {
     let _gpu = Proc(
         Command::new(AGENT_GPU)
             .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--listen", "127.0.0.1:0"])
             .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
             .spawn()
             .unwrap(),

@@ -152,9 +152,12 @@ impl Drop for Proc {
     }
 }
 
-/// Arguments of agent-gpu for a static pair.
+/// Arguments of agent-gpu for a static pair (its endpoint on a free loopback port: tests run
+/// several agents at once).
 pub fn gpu_args(workspace: &Path, state: &Path, tls: &Path, peer: &str) -> Vec<String> {
     vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
         "--workspace".into(),
         workspace.display().to_string(),
         "--state-dir".into(),

@@ -24,12 +24,13 @@ impl PairMachine {
             self.seed_trouble(&seed_error, out);
         }
         let joined_label = r.machine.as_ref().map(|m| m.machine.clone());
+        let before = self.machine_mut(side).as_ref().map(|m| m.machine.clone());
         if let Some(m) = r.machine {
             self.note_machine(side, m, out);
         }
         self.react(side, r.fatal, out);
         if let Some(label) = joined_label {
-            self.joined(side, &label, out);
+            self.joined(side, &label, before.as_deref(), out);
         }
         if side == Side::Gpu {
             self.track_idle(r.status.utilization, at);

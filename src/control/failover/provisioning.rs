@@ -295,10 +295,32 @@ impl PairMachine {
         backoff.mul_f64(1.0 + jitter)
     }
 
-    /// An agent reported as `label`: the machine being provisioned has joined. A new GPU is
-    /// restored onto; a new CPU standby is seeded from the GPU (or, rebuilding, from the
+    /// An agent reported as `label` (the seat's machine was `before`): the machine being
+    /// provisioned has joined, or a GPU an operator joined by hand after a failover. A new GPU
+    /// is restored onto; a new CPU standby is seeded from the GPU (or, rebuilding, from the
     /// backup).
-    pub(super) fn joined(&mut self, side: Side, label: &str, out: &mut Vec<Action>) {
+    pub(super) fn joined(
+        &mut self,
+        side: Side,
+        label: &str,
+        before: Option<&str>,
+        out: &mut Vec<Action>,
+    ) {
+        if side == Side::Gpu
+            && self.state() == PairState::FailedOver
+            && !self.provider_seat(Side::Gpu)
+            && before != Some(label)
+        {
+            // No provider fills the seat: the operator brought this machine with a token (the
+            // machine failed over from is revoked, it cannot report).
+            self.rec.restore_started_unix_ms = self.wall_ms;
+            self.go(
+                PairState::Restoring,
+                format!("{label} joined by hand; restoring the workspace onto it"),
+                out,
+            );
+            return;
+        }
         if !self.provisioning(side) || self.provisioning_label() != Some(label) {
             return;
         }

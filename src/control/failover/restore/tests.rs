@@ -107,3 +107,44 @@ fn a_failover_counts_from_the_failure_and_a_wake_from_the_wake() {
         (9_000_000, Loss::Hibernation)
     );
 }
+
+/// Without a provider, the operator joins a replacement GPU by hand after a failover: it is
+/// restored onto like a provider's (it once stayed FailedOver for good). The machine failed over
+/// from reporting again is not a replacement.
+#[test]
+fn a_gpu_joined_by_hand_after_a_failover_is_restored_onto() {
+    let (mut m, t0, t) = syncing();
+    m.wall_ms = 1_000_000;
+    m.step(Input::Manual(t0 + ms(100)), &t);
+    assert_eq!(m.state(), PairState::FailedOver);
+    let gpu = |m: &mut PairMachine, name: &str, at: u64| {
+        m.step(
+            Input::Report(
+                Side::Gpu,
+                Report {
+                    machine: Some(MachineRecord {
+                        machine: name.into(),
+                        address: "10.0.0.7:7702".into(),
+                        workspace: "/workspace".into(),
+                    }),
+                    status: status(AgentMode::Fenced, ""),
+                    ..report(t0 + ms(at), 1)
+                },
+            ),
+            &t,
+        )
+    };
+    assert!(
+        transitions(&gpu(&mut m, "m", 500)).is_empty(),
+        "the old GPU is no replacement"
+    );
+    let a = gpu(&mut m, "gpu-2", 900);
+    assert_eq!(transitions(&a), vec![PairState::Restoring]);
+    assert_eq!(
+        m.desired(Side::Cpu),
+        vec![Desired::SetPeer {
+            url: "10.0.0.7:7702".into(),
+            epoch: Epoch(2)
+        }]
+    );
+}
