@@ -439,6 +439,40 @@ fn once_fails_cleanly_when_the_cpu_is_unreachable() {
     let _ = fs::remove_dir_all(t.path().join("..").join("gst-unreach"));
 }
 
+/// A static pair for the tests below: a CPU agent on `<t>/replica`, and a continuous agent-gpu
+/// on `src` (its state in `<t>/gpu`, its log in `<t>/gpu.log`) with `extra` flags.
+struct Pair {
+    cpu: Cpu,
+    gpu: Proc,
+    gst: std::path::PathBuf,
+    /// Holds the certificates' directory for as long as the agents run.
+    _pki: Pki,
+}
+
+fn static_pair(t: &std::path::Path, src: &std::path::Path, extra: &[&str]) -> Pair {
+    let pki = Pki::new();
+    let cpu = Cpu::start(
+        &t.join("replica"),
+        &t.join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let gst = t.join("gpu");
+    let gpu = Proc(
+        Command::new(AGENT_GPU)
+            .args(gpu_args(src, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
+            .args(extra)
+            .stderr(fs::File::create(t.join("gpu.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    Pair {
+        cpu,
+        gpu,
+        gst,
+        _pki: pki,
+    }
+}
+
 /// CPU seconds a process has used so far (utime + stime from /proc, in clock ticks of 10 ms).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -453,25 +487,19 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// stayed on the deleted directory until the next periodic rescan).
 #[test]
 fn a_deleted_and_recreated_workspace_is_watched_again_without_spinning() {
-    let pki = Pki::new();
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("first.txt"), b"1").unwrap();
-    let cpu = Cpu::start(
-        &t.path().join("replica"),
-        &t.path().join("cpu"),
-        &pki.node("p", Role::Cpu),
-    );
-    let gtls = pki.node("p", Role::Gpu);
-    let gst = t.path().join("gpu");
-    let gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(&src, &gst, &gtls, &cpu.addr))
-            .args(["--debounce", "100ms", "--rescan-interval", "60s"])
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
+    let Pair {
+        cpu,
+        gpu,
+        gst,
+        _pki,
+    } = static_pair(
+        t.path(),
+        &src,
+        &["--debounce", "100ms", "--rescan-interval", "60s"],
     );
     let arrived = |name: &str, secs: u64| {
         wait_until(Duration::from_secs(secs), || {
@@ -523,25 +551,16 @@ fn a_deleted_and_recreated_workspace_is_watched_again_without_spinning() {
 /// generation are the replica's; once the standby is back and a flush returns, nothing is.
 #[test]
 fn status_tells_what_waits_while_the_standby_is_down() {
-    let pki = Pki::new();
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("first.txt"), b"1").unwrap();
-    let mut cpu = Cpu::start(
-        &t.path().join("replica"),
-        &t.path().join("cpu"),
-        &pki.node("p", Role::Cpu),
-    );
-    let gst = t.path().join("gpu");
-    let _gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(&src, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--debounce", "100ms"])
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let Pair {
+        mut cpu,
+        gpu: _gpu,
+        gst,
+        _pki,
+    } = static_pair(t.path(), &src, &["--debounce", "100ms"]);
     let status = || -> serde_json::Value {
         let out = Command::new(AGENT_GPU)
             .args(["status", "--state-dir"])
@@ -567,12 +586,7 @@ fn status_tells_what_waits_while_the_standby_is_down() {
     assert_eq!(seen["epoch"], synced["epoch"]);
 
     cpu.restart();
-    let out = Command::new(AGENT_GPU)
-        .args(["flush", "--state-dir"])
-        .arg(&gst)
-        .args(["--timeout", "60s"])
-        .output()
-        .unwrap();
+    let out = flush(&gst, "60s");
     assert!(
         out.status.success(),
         "{}",
@@ -594,32 +608,16 @@ fn status_tells_what_waits_while_the_standby_is_down() {
 /// (at least 3 s: the bucket starts with a tenth of a second's burst), and arrives whole.
 #[test]
 fn bwlimit_paces_the_replication_stream() {
-    let pki = Pki::new();
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir_all(&src).unwrap();
-    let cpu = Cpu::start(
-        &t.path().join("replica"),
-        &t.path().join("cpu"),
-        &pki.node("p", Role::Cpu),
-    );
-    let gst = t.path().join("gpu");
-    let _gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(&src, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--debounce", "100ms", "--bwlimit", "1MB"])
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let flush = || {
-        Command::new(AGENT_GPU)
-            .args(["flush", "--state-dir"])
-            .arg(&gst)
-            .args(["--timeout", "60s"])
-            .output()
-            .unwrap()
-    };
+    let Pair {
+        cpu,
+        gpu: _gpu,
+        gst,
+        _pki,
+    } = static_pair(t.path(), &src, &["--debounce", "100ms", "--bwlimit", "1MB"]);
+    let flush = || flush(&gst, "60s");
     assert!(wait_until(Duration::from_secs(30), || flush()
         .status
         .success()));
@@ -645,7 +643,6 @@ fn bwlimit_paces_the_replication_stream() {
 /// its files follow at the next generation, wherever they are.
 #[test]
 fn standbyignore_keeps_caches_off_the_standby() {
-    let pki = Pki::new();
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir_all(src.join("pkg/__pycache__")).unwrap();
@@ -653,28 +650,13 @@ fn standbyignore_keeps_caches_off_the_standby() {
     fs::write(src.join("pkg/mod.py"), b"x = 1\n").unwrap();
     fs::write(src.join("pkg/__pycache__/mod.pyc"), b"cache").unwrap();
     fs::write(src.join("pkg/scratch.tmp"), b"scratch").unwrap();
-    let cpu = Cpu::start(
-        &t.path().join("replica"),
-        &t.path().join("cpu"),
-        &pki.node("p", Role::Cpu),
-    );
-    let gst = t.path().join("gpu");
-    let _gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(&src, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--debounce", "100ms"])
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let flush = || {
-        Command::new(AGENT_GPU)
-            .args(["flush", "--state-dir"])
-            .arg(&gst)
-            .args(["--timeout", "60s"])
-            .output()
-            .unwrap()
-    };
+    let Pair {
+        cpu,
+        gpu: _gpu,
+        gst,
+        _pki,
+    } = static_pair(t.path(), &src, &["--debounce", "100ms"]);
+    let flush = || flush(&gst, "60s");
     assert!(wait_until(Duration::from_secs(30), || flush()
         .status
         .success()));
