@@ -211,9 +211,11 @@ impl<'a> Loop<'a> {
     /// Flushes still waiting are told that replication stopped.
     fn finish(self) -> Sender {
         for w in self.waiters {
-            let _ = w
-                .reply
-                .send(Err("replication stopped before the flush completed".into()));
+            let _ = w.reply.send(Err(
+                "this agent stopped sending before the flush completed: it was \
+                           fenced, its role changed, or it is shutting down"
+                    .into(),
+            ));
         }
         self.sender
     }
