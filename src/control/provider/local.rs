@@ -372,10 +372,14 @@ mod tests {
 
     /// A stand-in agent for machine `label`: a shell in its own process group whose command
     /// line names the label (as an agent's `--machine` does), with its pid file written.
-    fn fake_agent(root: &Path, label: &str, script: &str) -> std::process::Child {
+    /// A stand-in agent running `setup` (a `trap`, say), then sleeping; returned once `setup`
+    /// has run (it touches `ready`), so a signal sent at once meets the set-up shell.
+    fn fake_agent(root: &Path, label: &str, setup: &str) -> std::process::Child {
         let dir = root.join(label);
         std::fs::create_dir_all(dir.join("workspace")).unwrap();
         std::fs::write(dir.join("workspace/data"), b"replica").unwrap();
+        let ready = root.join(format!("{label}.ready"));
+        let script = format!("{setup} : > '{}'; sleep 60; true", ready.display());
         let child = std::process::Command::new("sh")
             .arg("-c")
             .arg(script)
@@ -385,9 +389,12 @@ mod tests {
             .unwrap();
         std::fs::write(dir.join("pid"), child.id().to_string()).unwrap();
         let t = Instant::now();
-        while !Local::alive(child.id(), label) && t.elapsed() < Duration::from_secs(5) {
+        while !(ready.exists() && Local::alive(child.id(), label))
+            && t.elapsed() < Duration::from_secs(5)
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
+        std::fs::remove_file(&ready).ok();
         child
     }
 
@@ -399,8 +406,8 @@ mod tests {
     fn a_machine_that_cannot_be_removed_does_not_stop_the_others() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
-        let mut first = fake_agent(root, "sb-1-a-gpu-1", "sleep 60; true");
-        let mut last = fake_agent(root, "sb-1-c-gpu-1", "sleep 60; true");
+        let mut first = fake_agent(root, "sb-1-a-gpu-1", "");
+        let mut last = fake_agent(root, "sb-1-c-gpu-1", "");
         // A directory that cannot be deleted: a directory inside it is read-only.
         let locked = root.join("sb-1-b-gpu-1");
         std::fs::create_dir_all(locked.join("state/inner")).unwrap();
@@ -435,9 +442,9 @@ mod tests {
     fn stop_machines_stops_every_agent_and_keeps_or_removes_the_directories() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
-        let mut polite = fake_agent(root, "sb-1-p-gpu-1", "sleep 60; true");
+        let mut polite = fake_agent(root, "sb-1-p-gpu-1", "");
         // An agent that ignores SIGTERM is killed after the grace.
-        let mut stubborn = fake_agent(root, "sb-1-p-cpu-1", "trap '' TERM; sleep 60; true");
+        let mut stubborn = fake_agent(root, "sb-1-p-cpu-1", "trap '' TERM;");
         // A machine whose agent is already gone.
         std::fs::create_dir_all(root.join("sb-1-q-gpu-1")).unwrap();
         let grace = Duration::from_millis(300);
