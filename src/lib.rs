@@ -72,6 +72,10 @@
 //! - [`control::notify`] (folder): `[[notify]]` webhooks: notices, bodies, signatures, queues.
 //! - [`control::provider`] (folder): `local` (also `Local::stop_machines`, for `coordinator
 //!   machines stop-all`), `vastai`, `gcp`, `command`.
+//!
+//! [`programs`] (the top: uses any layer, nothing uses it)
+//! - `agent_gpu`, `agent_cpu`, `coordinator`: the three programs' command lines, from their own
+//!   folders (`agent-gpu/src/program.rs`, ...), compiled once here for all three binaries.
 
 pub mod agent;
 pub mod backup;
@@ -81,6 +85,7 @@ pub mod disk;
 pub mod exposition;
 pub mod history;
 pub mod host;
+pub mod programs;
 pub mod rate;
 pub mod replication;
 pub mod systemd;

@@ -1,10 +1,11 @@
 //! The dependency rule of ARCHITECTURE.md, "Layers": `types ← disk ← trust ← replication ←
-//! history ← backup ← agent`, and `control` uses the foundations, `disk` and `trust` only.
+//! history ← backup ← agent`, and `control` uses the foundations, `disk` and `trust` only; the
+//! `programs` on top use any layer, and nothing names them.
 //! Checked on the source text: every `crate::<layer>` a file names must be a layer below its own.
 
 use std::path::{Path, PathBuf};
 
-const LAYERS: [&str; 7] = [
+const LAYERS: [&str; 8] = [
     "disk",
     "trust",
     "replication",
@@ -12,6 +13,7 @@ const LAYERS: [&str; 7] = [
     "backup",
     "agent",
     "control",
+    "programs",
 ];
 
 /// The layers a file of `layer` may name.
@@ -24,6 +26,7 @@ fn allowed(layer: &str) -> &'static [&'static str] {
         "backup" => &["disk", "trust", "replication", "history"],
         "agent" => &["disk", "trust", "replication", "history", "backup"],
         "control" => &["disk", "trust"],
+        "programs" => &LAYERS,
         // The foundations name no layer.
         _ => &[],
     }
@@ -100,4 +103,6 @@ fn the_check_sees_a_forbidden_name() {
     assert!(!allowed("history").contains(&"agent"));
     assert!(!allowed("control").contains(&"backup"));
     assert!(!allowed("backup").contains(&"agent"));
+    assert!(!allowed("agent").contains(&"programs"));
+    assert!(!allowed("control").contains(&"programs"));
 }

@@ -1,18 +1,18 @@
 //! The admin verbs of the coordinator's command line (an admin certificate is required).
 
-use anyhow::Context;
-use standby::agent::versions;
-use standby::history::Selector;
-use standby::proto::admin_client::AdminClient;
-use standby::proto::{
+use crate::agent::versions;
+use crate::history::Selector;
+use crate::proto::admin_client::AdminClient;
+use crate::proto::{
     BackupPick, EventKind, EventsRequest, ListPairsRequest, PairFetchRequest, PairRequest,
     PairState, PairVersionsRequest, PairView, RecoverRequest,
 };
-use standby::trust::identity::Identity;
-use standby::trust::tls::{self, Expect, TlsMaterial};
+use crate::trust::identity::Identity;
+use crate::trust::tls::{self, Expect, TlsMaterial};
+use anyhow::Context;
 use tonic::transport::Channel;
 
-use crate::Remote;
+use super::Remote;
 
 pub async fn connect(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
     client(r).await
@@ -30,10 +30,10 @@ async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
 
 /// A refusal's message, and the exit code its gRPC code calls for.
 fn status(s: tonic::Status) -> anyhow::Error {
-    standby::cli::Exiting::from(s).into()
+    crate::cli::Exiting::from(s).into()
 }
 
-fn machine_json(m: &Option<standby::proto::MachineView>) -> serde_json::Value {
+fn machine_json(m: &Option<crate::proto::MachineView>) -> serde_json::Value {
     match m {
         None => serde_json::Value::Null,
         Some(m) => serde_json::json!({
@@ -72,7 +72,7 @@ pub fn pair_json(p: &PairView) -> serde_json::Value {
 }
 
 /// The standby's newest snapshot and newest backed-up snapshot (null when it keeps no history).
-fn history_json(h: Option<&standby::proto::HistoryReport>) -> serde_json::Value {
+fn history_json(h: Option<&crate::proto::HistoryReport>) -> serde_json::Value {
     let Some(h) = h else {
         return serde_json::Value::Null;
     };
@@ -80,7 +80,7 @@ fn history_json(h: Option<&standby::proto::HistoryReport>) -> serde_json::Value 
         if ms == 0 {
             serde_json::Value::Null
         } else {
-            standby::cli::format_time(ms).into()
+            crate::cli::format_time(ms).into()
         }
     };
     serde_json::json!({
@@ -111,7 +111,7 @@ fn text_or_null(s: &str) -> serde_json::Value {
     }
 }
 
-fn age(m: &Option<standby::proto::MachineView>) -> String {
+fn age(m: &Option<crate::proto::MachineView>) -> String {
     match m {
         None => "-".into(),
         Some(m) if m.last_heartbeat_ms == u64::MAX => format!("{} (never)", m.machine),
@@ -221,7 +221,7 @@ pub async fn action(r: &Remote, pair: &str, verb: Verb, follow: bool) -> anyhow:
 }
 
 /// Follows a pair until it reaches `until`: its state as it changes, and the restore's
-/// progress ([`crate::progress::Progress`]).
+/// progress ([`super::progress::Progress`]).
 async fn follow_pair(
     c: &mut AdminClient<Channel>,
     pair: &str,
@@ -230,7 +230,7 @@ async fn follow_pair(
     let started = std::time::Instant::now();
     let mut last = String::new();
     let mut progress =
-        crate::progress::Progress::new(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        super::progress::Progress::new(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     loop {
         let ps = c
             .list_pairs(ListPairsRequest {})

@@ -12,12 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::control::failover::{Policy, Timing};
+use crate::proto::admin_client::AdminClient;
+use crate::proto::{self, EventKind, EventsRequest, ListPairsRequest, PairState, PairView};
+use crate::trust::identity::{Identity, Role};
+use crate::trust::tls::{self, Expect, TlsMaterial};
 use anyhow::{Context, bail};
-use standby::control::failover::{Policy, Timing};
-use standby::proto::admin_client::AdminClient;
-use standby::proto::{self, EventKind, EventsRequest, ListPairsRequest, PairState, PairView};
-use standby::trust::identity::{Identity, Role};
-use standby::trust::tls::{self, Expect, TlsMaterial};
 use tokio_util::sync::CancellationToken;
 
 const PAIR: &str = "demo";
@@ -58,7 +58,7 @@ impl Drop for Rig {
             let _ = c.wait();
         }
         // Machines of the local provider run in process groups of their own.
-        standby::control::provider::local::Local::stop_all(&self.dir.join("machines"));
+        crate::control::provider::local::Local::stop_all(&self.dir.join("machines"));
         self.shutdown.cancel();
         if self.keep {
             println!("kept {}", self.dir.display());
@@ -368,7 +368,7 @@ impl Demo {
     async fn set_up(bins: &Path, rig: &Rig, t0: Instant) -> anyhow::Result<Demo> {
         let dir = rig.dir.clone();
         say(t0, format!("directory {}", dir.display()));
-        crate::init_quiet(&dir, &[])?;
+        super::init_quiet(&dir, &[])?;
         let timing = Timing::default();
         let addr = start_coordinator(&dir, bins, timing, rig.shutdown.clone()).await?;
         say(
@@ -397,10 +397,8 @@ impl Demo {
     /// Act 2: both agents join with tokens and the pair starts syncing.
     async fn join_pair(&mut self, rig: &mut Rig) -> anyhow::Result<()> {
         let ttl = Duration::from_secs(600);
-        let cpu_token =
-            standby::control::service::mint_token(&self.dir, PAIR, Role::Cpu, None, ttl)?;
-        let gpu_token =
-            standby::control::service::mint_token(&self.dir, PAIR, Role::Gpu, None, ttl)?;
+        let cpu_token = crate::control::service::mint_token(&self.dir, PAIR, Role::Cpu, None, ttl)?;
+        let gpu_token = crate::control::service::mint_token(&self.dir, PAIR, Role::Gpu, None, ttl)?;
         rig.children.push(spawn_agent(
             &self.bins, "cpu", &self.dir, &self.addr, &cpu_token,
         )?);
@@ -469,7 +467,7 @@ impl Demo {
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
         let (seen, t0) = (steps.clone(), self.t0);
-        let since = standby::host::unix_ms_now();
+        let since = crate::host::unix_ms_now();
         let follower = tokio::spawn(async move {
             while let Ok(Some(e)) = events.message().await {
                 // The stream starts with history: only what happens from now on counts.
@@ -496,7 +494,7 @@ impl Demo {
         let gpu = &mut rig.children[1];
         let killed = Killed {
             at: Instant::now(),
-            unix_ms: standby::host::unix_ms_now(),
+            unix_ms: crate::host::unix_ms_now(),
         };
         gpu.kill().context("killing the GPU agent")?;
         let _ = gpu.wait();
@@ -583,7 +581,7 @@ async fn start_coordinator(
     timing: Timing,
     shutdown: CancellationToken,
 ) -> anyhow::Result<String> {
-    let opts = standby::control::service::ServeOptions {
+    let opts = crate::control::service::ServeOptions {
         dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".into(),
         metrics_listen: "127.0.0.1:0".into(),
@@ -599,7 +597,7 @@ async fn start_coordinator(
             backoff_base: Duration::from_secs(1),
             ..Policy::default()
         },
-        provision: standby::control::provider::ProvisionConfig::default(),
+        provision: crate::control::provider::ProvisionConfig::default(),
         advertise: String::new(),
         local_bin_dir: Some(bins.to_path_buf()),
         local_agent_args: Vec::new(),
@@ -611,7 +609,7 @@ async fn start_coordinator(
         backup: None,
         notify: Vec::new(),
     };
-    let server = tokio::spawn(standby::control::service::serve(opts, shutdown));
+    let server = tokio::spawn(crate::control::service::serve(opts, shutdown));
     let addr_file = dir.join("serve.addr");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -5,15 +5,15 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
-use standby::cli::Exit;
-use standby::proto::admin_client::AdminClient;
-use standby::proto::{
+use crate::cli::Exit;
+use crate::proto::admin_client::AdminClient;
+use crate::proto::{
     EventKind, EventsRequest, ListPairsRequest, PairRequest, PairState, PairView, Role,
 };
+use anyhow::bail;
 use tonic::transport::Channel;
 
-use crate::Remote;
+use super::Remote;
 
 #[derive(clap::Args, Debug)]
 pub struct DrillArgs {
@@ -107,7 +107,7 @@ pub fn phases(steps: &[Transition], targets: &[Duration; 5]) -> Vec<Phase> {
 }
 
 fn dur(s: &str, what: &str) -> anyhow::Result<Duration> {
-    standby::cli::parse_duration(s).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
+    crate::cli::parse_duration(s).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
 }
 
 /// A transition as the drill saw it: (state entered, ms since the request, message).
@@ -116,7 +116,7 @@ type Transition = (PairState, u64, String);
 pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
     let targets = targets(&a)?;
     let limit = dur(&a.limit, "limit")?;
-    let mut c = crate::admin::connect(&a.remote).await?;
+    let mut c = super::admin::connect(&a.remote).await?;
     let p = find_pair(&c, &a.pair).await?;
     if p.state() != PairState::Syncing || p.primary() != Role::Gpu {
         bail!(
@@ -136,7 +136,7 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
         .await
         .map_err(status)?
         .into_inner();
-    let requested_ms = standby::host::unix_ms_now();
+    let requested_ms = crate::host::unix_ms_now();
     c.failover(PairRequest {
         pair: a.pair.clone(),
     })
@@ -163,14 +163,14 @@ pub async fn run(a: DrillArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     if !passed {
-        let missed = standby::cli::Exiting::new(Exit::TargetMissed, "the drill missed a target");
+        let missed = crate::cli::Exiting::new(Exit::TargetMissed, "the drill missed a target");
         return Err(missed.into());
     }
     Ok(())
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {
-    standby::cli::Exiting::from(s).into()
+    crate::cli::Exiting::from(s).into()
 }
 
 /// The five targets, in the order of [`PHASES`] and then the total.
@@ -200,7 +200,7 @@ async fn find_pair(c: &AdminClient<Channel>, pair: &str) -> anyhow::Result<PairV
 /// Collects the pair's transitions from the request on (printing them unless --json) until it
 /// is `Syncing` two epochs later, or fails when `limit` passes first.
 async fn follow(
-    mut events: tonic::Streaming<standby::proto::Event>,
+    mut events: tonic::Streaming<crate::proto::Event>,
     a: &DrillArgs,
     epoch: u64,
     requested_ms: u64,
@@ -218,7 +218,7 @@ async fn follow(
                     limit.as_secs(),
                     so_far()
                 );
-                return Err(standby::cli::Exiting::new(Exit::Timeout, why).into());
+                return Err(crate::cli::Exiting::new(Exit::Timeout, why).into());
             }
         };
         let Some(e) = e else {
@@ -226,7 +226,7 @@ async fn follow(
                 "the coordinator ended the event stream (transitions so far: {:?})",
                 so_far()
             );
-            return Err(standby::cli::Exiting::new(Exit::Unreachable, why).into());
+            return Err(crate::cli::Exiting::new(Exit::Unreachable, why).into());
         };
         if e.pair != a.pair || e.kind() != EventKind::Transition || e.unix_ms < requested_ms {
             continue;

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use standby::control::provider::local::Local;
+use crate::control::provider::local::Local;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum MachinesCmd {
@@ -33,7 +33,7 @@ pub enum MachinesCmd {
 pub fn run(cmd: MachinesCmd) -> anyhow::Result<()> {
     let MachinesCmd::StopAll { dir, remove, grace } = cmd;
     let grace: Duration =
-        standby::cli::parse_duration(&grace).unwrap_or_else(|e| standby::cli::usage_error(e));
+        crate::cli::parse_duration(&grace).unwrap_or_else(|e| crate::cli::usage_error(e));
     let outcomes = Local::stop_machines(&dir.join("machines"), remove, grace)?;
     let (mut running, mut failed) = (0, 0);
     for outcome in &outcomes {

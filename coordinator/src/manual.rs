@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
+use crate::cli::with_exit_codes;
 use anyhow::Context;
-use standby::cli::with_exit_codes;
 
 /// The completion script for `shell` on stdout.
 pub fn completions<C: clap::CommandFactory>(shell: clap_complete::Shell) -> anyhow::Result<()> {
