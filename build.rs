@@ -3,6 +3,14 @@
 
 use std::path::PathBuf;
 
+/// The fields that carry file content or signatures: read once, passed on, dropped.
+const BULK_PAYLOADS: [&str; 4] = [
+    ".standby.v1.Upsert.inline",
+    ".standby.v1.Chunk",
+    ".standby.v1.Signature.data",
+    ".standby.v1.FetchItem.data",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let protos = [
@@ -17,6 +25,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("standby_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    // Only bulk payloads decode as `Bytes` (a zero-copy slice of the received message). A small
+    // field kept for long — a manifest entry's hash or link target, a path — would pin the
+    // whole message buffer it arrived in for as long as the manifest holds it (ARCHITECTURE.md,
+    // "Memory"), so those decode as their own `Vec<u8>`.
+    BULK_PAYLOADS
+        .into_iter()
+        .fold(tonic_prost_build::configure(), |b, path| b.bytes(path))
+        .compile_fds(fds)?;
     Ok(())
 }

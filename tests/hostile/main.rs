@@ -123,7 +123,7 @@ async fn manifest(r: &mut Raw) -> Manifest {
 }
 
 /// The root the replica would have with `ops` (inline upserts) applied.
-async fn root_with(r: &mut Raw, ops: &[Op]) -> Bytes {
+async fn root_with(r: &mut Raw, ops: &[Op]) -> Vec<u8> {
     let mut m = manifest(r).await;
     for o in ops {
         let Some(op::Change::Upsert(u)) = &o.change else {
@@ -134,10 +134,10 @@ async fn root_with(r: &mut Raw, ops: &[Op]) -> Bytes {
             u.entry.clone().unwrap(),
         );
     }
-    m.root().to_vec().into()
+    m.root().to_vec()
 }
 
-fn commit(generation: u64, root: Bytes) -> sync_request::Msg {
+fn commit(generation: u64, root: Vec<u8>) -> sync_request::Msg {
     sync_request::Msg::Commit(Commit { generation, root })
 }
 

@@ -46,7 +46,7 @@ async fn oversized_messages_are_refused_and_the_agent_keeps_serving() {
         change: Some(op::Change::Upsert(Upsert {
             entry: Some(Entry {
                 size: 1 << 40,
-                blake3: Bytes::new(),
+                blake3: Vec::new(),
                 ..file_entry(small, 0o644)
             }),
             content: Some(upsert::Content::Stream(id)),
@@ -411,7 +411,7 @@ async fn begin_mid_file(r: &mut Raw, stage: &Path) {
         path: "big.bin".into(),
         change: Some(op::Change::Upsert(Upsert {
             entry: Some(Entry {
-                blake3: Bytes::new(),
+                blake3: Vec::new(),
                 ..file_entry(&[], 0o644)
             }),
             content: Some(upsert::Content::Stream(1)),

@@ -85,7 +85,7 @@ pub fn file_entry(data: &[u8], mode: u32) -> Entry {
 
 pub fn inline(path: &[u8], data: &[u8]) -> Op {
     Op {
-        path: Bytes::copy_from_slice(path),
+        path: path.to_vec(),
         change: Some(op::Change::Upsert(Upsert {
             entry: Some(file_entry(data, 0o644)),
             content: Some(upsert::Content::Inline(Bytes::copy_from_slice(data))),

@@ -92,7 +92,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
         })),
     };
     if let Some(op::Change::Upsert(u)) = &mut stream.change {
-        u.entry.as_mut().unwrap().blake3 = Bytes::new();
+        u.entry.as_mut().unwrap().blake3 = Vec::new();
     }
     r.send(sync_request::Msg::Ops(Ops {
         ops: vec![op, stream],

@@ -362,11 +362,11 @@ impl Gen {
     }
 
     /// The paths whose content failed verification, for the sender to send again whole.
-    pub(super) fn rejected(&self) -> Vec<bytes::Bytes> {
+    pub(super) fn rejected(&self) -> Vec<Vec<u8>> {
         self.changes
             .iter()
             .filter(|(_, p)| p.state == PState::Rejected)
-            .map(|(k, _)| bytes::Bytes::from(k.as_bytes().to_vec()))
+            .map(|(k, _)| k.as_bytes().to_vec())
             .collect()
     }
 

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{OwnedMutexGuard, mpsc};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -324,7 +323,7 @@ pub(super) async fn blocking<T: Send + 'static>(
 
 /// Sends the committed manifest in chunks of about 1 MiB.
 async fn send_manifest(m: &Manifest, tx: &Replies) -> Result<(), Status> {
-    let root = Bytes::from(m.root().to_vec());
+    let root = m.root().to_vec();
     let chunk = |items, last| {
         sync_response::Msg::Manifest(ManifestChunk {
             generation: m.generation.0,

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use bytes::Bytes;
 use prost::Message;
 
 use super::content::Job;
@@ -31,7 +30,7 @@ enum Attempt {
     /// Durable on the receiver, with this root; the index has it.
     Committed(Root),
     /// Not committed: these paths must be sent again whole.
-    Retry(Vec<Bytes>),
+    Retry(Vec<Vec<u8>>),
 }
 
 impl Sender {
@@ -158,13 +157,12 @@ async fn ask_commit(
 
 /// The files to send again whole (no delta base), taken out of the generation's changes.
 fn retry_jobs(
-    retry: Vec<Bytes>,
+    retry: Vec<Vec<u8>>,
     changes: &mut BTreeMap<RelPath, Change>,
 ) -> Result<Vec<Job>, SyncError> {
     let mut again = Vec::new();
     for p in retry {
-        let p =
-            RelPath::new(p.to_vec()).map_err(|e| SyncError::Refused(format!("retry path: {e}")))?;
+        let p = RelPath::new(p).map_err(|e| SyncError::Refused(format!("retry path: {e}")))?;
         tracing::warn!(path = %p, "receiver could not verify a file; sending it whole");
         let Some(ch) = changes.remove(&p) else {
             return Err(SyncError::Refused(format!(
