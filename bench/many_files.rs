@@ -134,6 +134,17 @@ fn main() {
     std::thread::sleep(Duration::from_secs(5));
     println!("idle for {idle_secs} s ...");
     let [g, c] = measure_idle([gpu.0.id(), cpu.child.id()], idle_secs);
+    println!();
+    println!("| idle {idle_secs} s, {n} files | CPU (share of a core) | RSS | peak RSS |");
+    println!("|---|---|---|---|");
+    for (name, m) in [("agent-gpu", g), ("agent-cpu", c)] {
+        println!(
+            "| {name} | {:.2} % | {:.1} MiB | {:.1} MiB |",
+            m.cpu_share * 100.0,
+            m.rss_mib,
+            m.peak_mib
+        );
+    }
 
     let s = sshd(&t.path().join("sshd"));
     settle();
@@ -161,15 +172,4 @@ fn main() {
         fsync.as_secs_f64(),
         ratio(first, fsync)
     );
-    println!();
-    println!("| idle {idle_secs} s, {n} files | CPU (share of a core) | RSS | peak RSS |");
-    println!("|---|---|---|---|");
-    for (name, m) in [("agent-gpu", g), ("agent-cpu", c)] {
-        println!(
-            "| {name} | {:.2} % | {:.1} MiB | {:.1} MiB |",
-            m.cpu_share * 100.0,
-            m.rss_mib,
-            m.peak_mib
-        );
-    }
 }
