@@ -153,6 +153,7 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
         healed_at > before,
         "generation {healed_at} after the recovery, {before} before the failure"
     );
+    println!("generation {before} before the failure, {healed_at} after the recovery");
     no_generation_twice_in_history(&coord, name, healed_at);
     assert_eq!(
         machines(&coord),
@@ -201,6 +202,7 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
         woke_at > healed_at,
         "generation {woke_at} after the wake, {healed_at} before the hibernation"
     );
+    println!("generation {woke_at} after the wake");
     let woke_ws = machine_ws(&coord, &woke);
     let after = snapshot(&woke_ws);
     let d = diff(&before_sleep, &after);
