@@ -197,7 +197,10 @@ fn a_gpu_joined_by_hand_after_a_failover_is_restored_and_takes_over() {
 /// second, and nothing it waits on (a stream, a channel, a socket) may wake it in a loop.
 fn assert_quiet(r: &Rig, while_: &str) {
     std::thread::sleep(Duration::from_secs(1));
-    let pids = [("agent-gpu", r.gpu.proc.0.id()), ("agent-cpu", r.cpu.proc.0.id())];
+    let pids = [
+        ("agent-gpu", r.gpu.proc.0.id()),
+        ("agent-cpu", r.cpu.proc.0.id()),
+    ];
     let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     std::thread::sleep(Duration::from_secs(3));
     for ((name, pid), b) in pids.iter().zip(before) {
@@ -250,8 +253,12 @@ fn agents_stay_quiet_and_keep_replicating_while_the_coordinator_is_gone() {
             && streams_opened(&r.cpu) > opened.1
             && p.is_some_and(|p| {
                 p["state"] == "Syncing"
-                    && p["gpu"]["last_heartbeat_ms"].as_u64().is_some_and(|a| a < 3000)
-                    && p["cpu"]["last_heartbeat_ms"].as_u64().is_some_and(|a| a < 3000)
+                    && p["gpu"]["last_heartbeat_ms"]
+                        .as_u64()
+                        .is_some_and(|a| a < 3000)
+                    && p["cpu"]["last_heartbeat_ms"]
+                        .as_u64()
+                        .is_some_and(|a| a < 3000)
             })
     });
     assert!(
@@ -269,17 +276,32 @@ fn agents_stay_quiet_and_keep_replicating_while_the_coordinator_is_gone() {
     coord.kill();
     fs::remove_dir_all(&r.gpu.state).unwrap();
     fs::remove_dir_all(&r.cpu.state).unwrap();
-    fs::write(r.gpu.workspace.join("unsendable.txt"), b"no state directory").unwrap();
+    fs::write(
+        r.gpu.workspace.join("unsendable.txt"),
+        b"no state directory",
+    )
+    .unwrap();
     assert_quiet(&r, "with the coordinator and their state directories gone");
-    let failed = r.gpu.log_text().matches("generation failed; reconnecting").count();
+    let failed = r
+        .gpu
+        .log_text()
+        .matches("generation failed; reconnecting")
+        .count();
     eprintln!("agent-gpu tried {failed} generation(s) that could not commit");
     assert!(failed > 0, "the GPU never tried: {}", r.gpu.log_text());
     // With the delay doubling from 100 ms, about 6 in these 4 s; every 100 ms would be ~40.
-    assert!(failed <= 15, "{failed} retries in 4 s: {}", r.gpu.log_text());
+    assert!(
+        failed <= 15,
+        "{failed} retries in 4 s: {}",
+        r.gpu.log_text()
+    );
     // And the workspaces too: the machine directories are gone, as in the report.
     fs::remove_dir_all(&r.gpu.workspace).unwrap();
     fs::remove_dir_all(&r.cpu.workspace).unwrap();
-    assert_quiet(&r, "with the coordinator gone and their directories deleted");
+    assert_quiet(
+        &r,
+        "with the coordinator gone and their directories deleted",
+    );
 }
 
 #[test]

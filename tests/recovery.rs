@@ -51,7 +51,11 @@ fn start_pair(coord: &Coord, t: &Path, name: &str) -> Pair {
 fn durable_generation(coord: &Coord, name: &str, gpu_state: &Path) -> u64 {
     let out = flush(gpu_state, "30s");
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let flushed: u64 = said
         .trim()
         .strip_prefix("durable: generation ")
@@ -64,7 +68,10 @@ fn durable_generation(coord: &Coord, name: &str, gpu_state: &Path) -> u64 {
             .unwrap();
         listed >= flushed
     });
-    assert!(ok, "pairs shows generation {listed}, the GPU flushed {flushed}");
+    assert!(
+        ok,
+        "pairs shows generation {listed}, the GPU flushed {flushed}"
+    );
     listed
 }
 

@@ -591,10 +591,16 @@ mod tests {
         assert_eq!(l.unapplied.unwrap().generation, 42);
 
         let at = |g| Generation(g);
-        assert!(follows(&rec(8, vec![]), at(7)), "an old record: generation - 1");
+        assert!(
+            follows(&rec(8, vec![]), at(7)),
+            "an old record: generation - 1"
+        );
         assert!(!follows(&rec(9, vec![]), at(7)), "a gap no record names");
         assert!(follows(&with_previous(9, 7, "x"), at(7)));
-        assert!(!follows(&with_previous(9, 6, "x"), at(7)), "another predecessor");
+        assert!(
+            !follows(&with_previous(9, 6, "x"), at(7)),
+            "another predecessor"
+        );
         assert!(!follows(&with_previous(7, 7, "x"), at(7)), "not newer");
         assert!(!follows(&with_previous(3, 7, "x"), at(7)), "older");
 
@@ -606,7 +612,11 @@ mod tests {
         }
         assert!(matches!(
             Catalog::open(e.path(), "m"),
-            Err(CatalogError::Order { last: 1, found: 5, .. })
+            Err(CatalogError::Order {
+                last: 1,
+                found: 5,
+                ..
+            })
         ));
     }
 

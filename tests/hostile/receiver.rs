@@ -336,7 +336,10 @@ async fn a_sender_ahead_of_the_replica_continues_the_pairs_numbering() {
         .await;
     let e = r.recv().await.expect_err("refused");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert!(e.message().contains(&format!("expected {}", pair + 1)), "{e}");
+    assert!(
+        e.message().contains(&format!("expected {}", pair + 1)),
+        "{e}"
+    );
     drop(r);
     s.assert_intact();
 
