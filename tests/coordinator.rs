@@ -193,6 +193,117 @@ fn a_gpu_joined_by_hand_after_a_failover_is_restored_and_takes_over() {
     assert_same(&r.cpu.workspace, &ws);
 }
 
+/// Both agents' CPU over 3 s stays under 0.3 s: an idle agent costs a heartbeat attempt a
+/// second, and nothing it waits on (a stream, a channel, a socket) may wake it in a loop.
+fn assert_quiet(r: &Rig, while_: &str) {
+    std::thread::sleep(Duration::from_secs(1));
+    let pids = [
+        ("agent-gpu", r.gpu.proc.0.id()),
+        ("agent-cpu", r.cpu.proc.0.id()),
+    ];
+    let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    for ((name, pid), b) in pids.iter().zip(before) {
+        let used = cpu_seconds(*pid) - b;
+        eprintln!("{name} used {used:.2} s of CPU in 3 s {while_}");
+        assert!(
+            used < 0.3,
+            "{name} used {used:.2} s of CPU in 3 s {while_}:\n{}\n{}",
+            r.gpu.log_text(),
+            r.cpu.log_text()
+        );
+    }
+}
+
+/// Heartbeat streams an agent has opened so far (its log says so each time).
+fn streams_opened(m: &Managed) -> usize {
+    m.log_text().matches("heartbeat stream open").count()
+}
+
+/// The coordinator killed (-9): neither agent spins (once seen: an agent-gpu of a `local`
+/// pair, its coordinator gone and its machine directory deleted, kept a core at 97 % for 20
+/// minutes), replication goes on without it, and a coordinator restarted on the same
+/// directory has both agents back. Then the coordinator gone again and both machines'
+/// directories deleted under the agents, as in that report: still quiet.
+#[test]
+fn agents_stay_quiet_and_keep_replicating_while_the_coordinator_is_gone() {
+    let t = tempfile::tempdir().unwrap();
+    let mut coord = Coord::start(&t.path().join("coord"), &[]);
+    let r = rig(&coord, t.path(), "gone", &[]);
+    let opened = (streams_opened(&r.gpu), streams_opened(&r.cpu));
+    coord.kill();
+    assert_quiet(&r, "with the coordinator gone");
+
+    fs::write(r.gpu.workspace.join("while-gone.txt"), b"no coordinator").unwrap();
+    let out = flush(&r.gpu.state, "20s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read(r.cpu.workspace.join("while-gone.txt")).unwrap(),
+        b"no coordinator"
+    );
+
+    coord.restart();
+    let back = wait_until(Duration::from_secs(30), || {
+        let p = coord.pair("gone");
+        streams_opened(&r.gpu) > opened.0
+            && streams_opened(&r.cpu) > opened.1
+            && p.is_some_and(|p| {
+                p["state"] == "Syncing"
+                    && p["gpu"]["last_heartbeat_ms"]
+                        .as_u64()
+                        .is_some_and(|a| a < 3000)
+                    && p["cpu"]["last_heartbeat_ms"]
+                        .as_u64()
+                        .is_some_and(|a| a < 3000)
+            })
+    });
+    assert!(
+        back,
+        "the agents did not come back: {:?}\n{}\n{}",
+        coord.pair("gone"),
+        r.gpu.log_text(),
+        r.cpu.log_text()
+    );
+    assert_eq!(state(&coord, "gone"), ("Syncing".into(), 1));
+
+    // Gone again, and the state directories deleted under the agents while the GPU still has
+    // something to send: every generation now fails at once (its pending record cannot be
+    // written) on a session that opens fine, which used to be retried every 100 ms.
+    coord.kill();
+    fs::remove_dir_all(&r.gpu.state).unwrap();
+    fs::remove_dir_all(&r.cpu.state).unwrap();
+    fs::write(
+        r.gpu.workspace.join("unsendable.txt"),
+        b"no state directory",
+    )
+    .unwrap();
+    assert_quiet(&r, "with the coordinator and their state directories gone");
+    let failed = r
+        .gpu
+        .log_text()
+        .matches("generation failed; reconnecting")
+        .count();
+    eprintln!("agent-gpu tried {failed} generation(s) that could not commit");
+    assert!(failed > 0, "the GPU never tried: {}", r.gpu.log_text());
+    // With the delay doubling from 100 ms, about 6 in these 4 s; every 100 ms would be ~40.
+    assert!(
+        failed <= 15,
+        "{failed} retries in 4 s: {}",
+        r.gpu.log_text()
+    );
+    // And the workspaces too: the machine directories are gone, as in the report.
+    fs::remove_dir_all(&r.gpu.workspace).unwrap();
+    fs::remove_dir_all(&r.cpu.workspace).unwrap();
+    assert_quiet(
+        &r,
+        "with the coordinator gone and their directories deleted",
+    );
+}
+
 #[test]
 fn hung_gpu_agent_fails_over_and_comes_back_fenced() {
     let t = tempfile::tempdir().unwrap();

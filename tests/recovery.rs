@@ -46,6 +46,57 @@ fn start_pair(coord: &Coord, t: &Path, name: &str) -> Pair {
     Pair { gpu, cpu }
 }
 
+/// The pair's last durable generation once everything written on the GPU (its state
+/// directory) is durable on the CPU and the coordinator has heard of it.
+fn durable_generation(coord: &Coord, name: &str, gpu_state: &Path) -> u64 {
+    let out = flush(gpu_state, "30s");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flushed: u64 = said
+        .trim()
+        .strip_prefix("durable: generation ")
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("flush printed {said:?}"));
+    let mut listed = 0;
+    let ok = wait_until(Duration::from_secs(15), || {
+        listed = coord.pair(name).unwrap()["last_durable_generation"]
+            .as_u64()
+            .unwrap();
+        listed >= flushed
+    });
+    assert!(
+        ok,
+        "pairs shows generation {listed}, the GPU flushed {flushed}"
+    );
+    listed
+}
+
+/// The standby's snapshots (through the coordinator): never two different trees under one
+/// generation number, and the newest generation (after a flush) among them.
+fn no_generation_twice_in_history(coord: &Coord, name: &str, newest: u64) {
+    let mut list = Vec::new();
+    let ok = wait_until(Duration::from_secs(30), || {
+        let out = coord.admin(&["versions", name, "--json"]);
+        list = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        list.iter().any(|s| s["generation"] == newest)
+    });
+    assert!(ok, "no snapshot of generation {newest}: {list:?}");
+    let mut roots = std::collections::BTreeMap::new();
+    for s in &list {
+        let g = s["generation"].as_u64().unwrap();
+        let root = s["root"].as_str().unwrap();
+        let first = roots.entry(g).or_insert(root);
+        assert_eq!(*first, root, "two trees as generation {g}: {list:?}");
+    }
+}
+
 #[test]
 fn full_recovery_after_kill_then_hibernate_and_wake() {
     let t = tempfile::tempdir().unwrap();
@@ -54,6 +105,7 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
     let name = "heal";
     let p = start_pair(&coord, t.path(), name);
     let Pair { gpu, cpu } = p;
+    let before = durable_generation(&coord, name, &gpu.state);
 
     // The GPU dies.
     let killed = std::time::Instant::now();
@@ -101,6 +153,15 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_same(&new_ws, &cpu.workspace);
+    // Generations are numbered pair-wide: the new GPU continued from the pair's number (it
+    // once started again at 1, so `pairs` showed the generation dropping after each recovery).
+    let healed_at = durable_generation(&coord, name, &machine_state(&coord, &label));
+    assert!(
+        healed_at > before,
+        "generation {healed_at} after the recovery, {before} before the failure"
+    );
+    println!("generation {before} before the failure, {healed_at} after the recovery");
+    no_generation_twice_in_history(&coord, name, healed_at);
     assert_eq!(
         machines(&coord),
         vec![label.clone()],
@@ -143,6 +204,12 @@ fn full_recovery_after_kill_then_hibernate_and_wake() {
     wait_state(&coord, name, "Syncing", 5, 120, &[&cpu.log]);
     let woke = gpu_machine(&coord, name);
     assert_ne!(woke, label);
+    let woke_at = durable_generation(&coord, name, &machine_state(&coord, &woke));
+    assert!(
+        woke_at > healed_at,
+        "generation {woke_at} after the wake, {healed_at} before the hibernation"
+    );
+    println!("generation {woke_at} after the wake");
     let woke_ws = machine_ws(&coord, &woke);
     let after = snapshot(&woke_ws);
     let d = diff(&before_sleep, &after);

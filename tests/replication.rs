@@ -473,15 +473,6 @@ fn static_pair(t: &std::path::Path, src: &std::path::Path, extra: &[&str]) -> Pa
     }
 }
 
-/// CPU seconds a process has used so far (utime + stime from /proc, in clock ticks of 10 ms).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
-
 /// The workspace directory deleted: the sender does not spin; made again, the watch follows
 /// it, and a file written there reaches the standby by itself within seconds (before, the watch
 /// stayed on the deleted directory until the next periodic rescan).

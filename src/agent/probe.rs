@@ -45,11 +45,14 @@ pub async fn run(
     let mut channel: Option<(ProbeTarget, Channel)> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether a new target may still come: once the dispatcher is gone, `changed` would return
+    // at once on every turn (a busy loop); the last target is then probed on the tick only.
+    let mut open = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
-            _ = target.changed() => {}
+            r = target.changed(), if open => open = r.is_ok(),
         }
         let Some(t) = target.borrow().clone() else {
             continue;

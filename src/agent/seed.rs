@@ -7,7 +7,7 @@
 //! 1. rebuilds the snapshot's store from the bucket into `<state>/seed-store` (resumable, every
 //!    object verified: `backup::restore`);
 //! 2. under the replica lock, writes the snapshot's files into the empty workspace, each
-//!    verified, and takes them as the replica's next generation (`Receiver::adopt_seed`): the
+//!    verified, and takes them as the snapshot's generation (`Receiver::adopt_seed`): the
 //!    catalog rewrite is the commit point;
 //! 3. records `<state>/seed` as done and removes the scratch store.
 //!
@@ -30,6 +30,7 @@ use crate::history::{Selector, Store};
 use crate::proto::{BackupTarget, SeedReport};
 use crate::replication::receive::Receiver;
 use crate::replication::scan::STAGE_DIR_NAME;
+use crate::types::Generation;
 
 /// Where the snapshot's store is rebuilt, in the state directory.
 pub const SCRATCH: &str = "seed-store";
@@ -227,8 +228,8 @@ fn finished(inner: &Inner, mut r: Record) -> anyhow::Result<Option<Record>> {
     Ok(Some(r))
 }
 
-/// The rebuilt store's snapshot into the empty workspace, taken as the replica's next
-/// generation.
+/// The rebuilt store's snapshot into the empty workspace, taken as the snapshot's generation
+/// (the pair's numbering goes on from the backup).
 async fn write_files(
     inner: &Inner,
     rec: Record,
@@ -240,22 +241,24 @@ async fn write_files(
     inner
         .receiver
         .adopt_seed(move |ws| {
-            let r = fill(ws, &state_dir, &rec, &scratch).map_err(|e| format!("{e:#}"))?;
+            let (r, generation) =
+                fill(ws, &state_dir, &rec, &scratch).map_err(|e| format!("{e:#}"))?;
             *out.lock().expect("summary") = Some(r);
-            Ok(())
+            Ok(generation)
         })
         .await?;
     let done = summary.lock().expect("summary").take();
     done.ok_or_else(|| anyhow::anyhow!("the seed wrote nothing"))
 }
 
-/// Writes the files (blocking): refused over files no seed of this snapshot wrote.
+/// Writes the files (blocking): refused over files no seed of this snapshot wrote. Returns
+/// what was written and the generation the snapshot recorded.
 fn fill(
     ws: &Path,
     state_dir: &Path,
     rec: &Record,
     scratch: &Path,
-) -> anyhow::Result<crate::history::RestoreSummary> {
+) -> anyhow::Result<(crate::history::RestoreSummary, Generation)> {
     let ours = read_record(state_dir).is_some_and(|r| r.snapshot == rec.snapshot && !r.done);
     let others = foreign_entries(ws)?;
     if !ours && others > 0 {
@@ -267,7 +270,7 @@ fn fill(
     save_record(state_dir, rec)?;
     let store = Store::open(scratch)?;
     let snap = store.find(&Selector::Id(rec.snapshot.clone()))?;
-    Ok(store.restore(snap.id, None, ws)?)
+    Ok((store.restore(snap.id, None, ws)?, snap.generation))
 }
 
 /// Entries of the workspace, leaving out the replica's stage.

@@ -111,6 +111,10 @@ impl Reply {
     }
 }
 
+/// The wait after a failed `accept`, doubled on each failure in a row up to the cap.
+const ACCEPT_PAUSE_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const ACCEPT_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET)
 }
@@ -126,10 +130,28 @@ pub async fn serve(
     let path = socket_path(state_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    let mut pause = ACCEPT_PAUSE_FIRST;
     loop {
-        let (conn, _) = tokio::select! {
+        let r = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => r?,
+            r = listener.accept() => r,
+        };
+        let conn = match r {
+            Ok((conn, _)) => {
+                pause = ACCEPT_PAUSE_FIRST;
+                conn
+            }
+            Err(e) => {
+                // Out of descriptors, say: the socket waits and goes on serving (it used to end
+                // for good, silently), never retrying at once.
+                tracing::warn!(error = %e, retry_in = ?pause, "control socket: accept failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+                continue;
+            }
         };
         let tx = tx.clone();
         let parts = (node.clone(), history.clone());

@@ -299,7 +299,7 @@ impl Replay<'_> {
             }
             return Ok(());
         }
-        if rec.generation != self.manifest.generation.0 + 1 {
+        if !follows(&rec, self.manifest.generation) {
             return Err(CatalogError::Order {
                 path: self.path.to_path_buf(),
                 last: self.manifest.generation.0,
@@ -323,6 +323,14 @@ impl Replay<'_> {
         let unapplied = if self.last_applied { None } else { self.last };
         (self.manifest, unapplied)
     }
+}
+
+/// Whether `rec` may come right after `last`: it names `last` as the generation it follows
+/// (records without `previous`, from before generations were pair-wide, follow
+/// `generation - 1`), and it is newer. A gap with no record naming it is out of order.
+pub(crate) fn follows(rec: &Record, last: Generation) -> bool {
+    let previous = rec.previous.unwrap_or(rec.generation.wrapping_sub(1));
+    previous == last.0 && rec.generation > last.0
 }
 
 /// Whether a bad frame at `offset` is a torn append: the last frame of the file, whose claimed
@@ -559,6 +567,57 @@ mod tests {
         assert_eq!(l.manifest.generation, Generation(6));
         assert_eq!(l.manifest.root(), root);
         assert_eq!(l.manifest.len(), 4);
+    }
+
+    /// A receiver that joined the pair's numbering: its first record follows generation 0 but
+    /// carries the pair's next number (ARCHITECTURE.md, "Generations"). Replayed as such; a
+    /// gap no record names, a record naming another predecessor, or an older number is not.
+    #[test]
+    fn a_record_that_names_its_predecessor_may_jump_ahead() {
+        let d = tempfile::tempdir().unwrap();
+        let with_previous = |g, previous, path| Record {
+            previous: Some(previous),
+            ..rec(g, vec![(path, Some(dir()))])
+        };
+        {
+            let mut l = Catalog::open(d.path(), "m").unwrap();
+            l.catalog.append(&with_previous(41, 0, "a")).unwrap();
+            l.catalog.mark_applied(Generation(41)).unwrap();
+            l.catalog.append(&with_previous(42, 41, "b")).unwrap();
+        }
+        let l = Catalog::open(d.path(), "m").unwrap();
+        assert_eq!(l.manifest.generation, Generation(42));
+        assert_eq!(l.manifest.len(), 2);
+        assert_eq!(l.unapplied.unwrap().generation, 42);
+
+        let at = |g| Generation(g);
+        assert!(
+            follows(&rec(8, vec![]), at(7)),
+            "an old record: generation - 1"
+        );
+        assert!(!follows(&rec(9, vec![]), at(7)), "a gap no record names");
+        assert!(follows(&with_previous(9, 7, "x"), at(7)));
+        assert!(
+            !follows(&with_previous(9, 6, "x"), at(7)),
+            "another predecessor"
+        );
+        assert!(!follows(&with_previous(7, 7, "x"), at(7)), "not newer");
+        assert!(!follows(&with_previous(3, 7, "x"), at(7)), "older");
+
+        let e = tempfile::tempdir().unwrap();
+        {
+            let mut l = Catalog::open(e.path(), "m").unwrap();
+            l.catalog.append(&rec(1, vec![("a", Some(dir()))])).unwrap();
+            l.catalog.append(&with_previous(5, 2, "b")).unwrap();
+        }
+        assert!(matches!(
+            Catalog::open(e.path(), "m"),
+            Err(CatalogError::Order {
+                last: 1,
+                found: 5,
+                ..
+            })
+        ));
     }
 
     #[test]

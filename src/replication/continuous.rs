@@ -72,8 +72,8 @@ pub async fn run(
     lp.finish()
 }
 
-/// When to try connecting again: exponential backoff from 100 ms to 5 s, with 0–30 % jitter
-/// after a failed connection.
+/// When to try connecting again: exponential backoff from 100 ms to 5 s (0–30 % jitter after a
+/// failed connection), reset only once a generation goes through.
 struct Backoff {
     delay: Duration,
     retry_at: Option<tokio::time::Instant>,
@@ -95,9 +95,18 @@ impl Backoff {
         self.delay = (self.delay * 2).min(Self::MAX);
     }
 
-    /// An open session broke: reconnect after the current delay.
+    /// An open session broke, or a generation on it failed: reconnect after the current
+    /// delay, and double it. A session that opens and fails at once (the receiver refuses each
+    /// generation, the state directory is gone) is retried ever more slowly, never in a loop.
     fn lost(&mut self) {
         self.retry_at = Some(tokio::time::Instant::now() + self.delay);
+        self.delay = (self.delay * 2).min(Self::MAX);
+    }
+
+    /// A generation went through (or there was nothing to send): the next loss reconnects
+    /// soon again.
+    fn succeeded(&mut self) {
+        self.delay = Self::FIRST;
     }
 }
 
@@ -146,6 +155,10 @@ struct Loop<'a> {
     /// The change (the dirty set's last) the pending figures were last estimated for while
     /// disconnected.
     estimated: Option<Instant>,
+    /// Whether new targets and flushes can still arrive. A closed channel is ready at once on
+    /// every poll: waiting on it again would turn [`Loop::wait`] into a busy loop.
+    targets_open: bool,
+    control_open: bool,
 }
 
 impl<'a> Loop<'a> {
@@ -181,6 +194,8 @@ impl<'a> Loop<'a> {
             },
             fenced: None,
             estimated: None,
+            targets_open: true,
+            control_open: true,
         }
     }
 
@@ -255,7 +270,6 @@ impl<'a> Loop<'a> {
             Ok(s) => {
                 tracing::info!(peer = %t.url, generation = %s.receiver_generation, "replication session open");
                 self.session = Some(s);
-                self.backoff.delay = Backoff::FIRST;
                 self.dirty.add_full(Instant::now());
                 self.set_error(None, true);
             }
@@ -302,13 +316,15 @@ impl<'a> Loop<'a> {
         };
         tokio::select! {
             _ = self.shutdown.cancelled() => return Woke::Stop,
-            _ = self.target.changed() => self.retarget(current),
+            r = self.target.changed(), if self.targets_open => match r {
+                Ok(()) => self.retarget(current),
+                Err(_) => self.targets_open = false,
+            },
             ev = self.watcher.rx.recv() => self.changed(ev),
-            c = self.control.recv() => {
-                if let Some(Control::Flush { asked, reply }) = c {
-                    self.flush_asked(asked, reply);
-                }
-            }
+            c = self.control.recv(), if self.control_open => match c {
+                Some(Control::Flush { asked, reply }) => self.flush_asked(asked, reply),
+                None => self.control_open = false,
+            },
             e = lost => self.session_lost(e),
             _ = tokio::time::sleep_until(wake) => return Woke::Timer,
         }
@@ -436,6 +452,7 @@ impl<'a> Loop<'a> {
     /// A generation is durable: what it left behind goes back into the dirty set; when it left
     /// nothing, the flushes asked before its scan are answered.
     fn synced(&mut self, report: Option<Report>, scan_started: Instant) {
+        self.backoff.succeeded();
         let (still, deferred) = leftovers(report.as_ref());
         if let Some(r) = &report {
             tracing::debug!(
@@ -581,4 +598,34 @@ fn add_retry(total: &mut Report, r: Report) {
     total.bytes_total = r.bytes_total;
     total.root = r.root;
     total.still_changing = r.still_changing;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session that keeps breaking right after it opens (no generation in between) is
+    /// retried ever more slowly up to the cap, never every 100 ms; one generation that goes
+    /// through makes the next loss quick again.
+    #[tokio::test(start_paused = true)]
+    async fn losses_back_off_until_a_generation_goes_through() {
+        let mut b = Backoff {
+            delay: Backoff::FIRST,
+            retry_at: None,
+        };
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let now = tokio::time::Instant::now();
+            b.lost();
+            waits.push((b.retry_at.unwrap() - now).as_millis());
+            assert!(!b.ready());
+            tokio::time::advance(b.retry_at.unwrap() - now).await;
+            assert!(b.ready());
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.succeeded();
+        let now = tokio::time::Instant::now();
+        b.lost();
+        assert_eq!(b.retry_at.unwrap() - now, Backoff::FIRST);
+    }
 }

@@ -357,12 +357,14 @@ impl Receiver {
     }
 
     /// Fills an empty replica: `write` puts files into the workspace (a seed from the off-site
-    /// backup), then they are taken as the next generation, durably (the catalog rewritten), all
-    /// under the replica lock so no session or sender runs meanwhile. Refused when the replica
-    /// holds anything: a seed never overwrites what replication brought.
+    /// backup) and says which generation they are (the snapshot's); they are taken as that
+    /// generation (the next one when it is not newer), so the pair's numbering goes on from the
+    /// backup (ARCHITECTURE.md, "Generations"). Durably (the catalog rewritten), all under the
+    /// replica lock so no session or sender runs meanwhile. Refused when the replica holds
+    /// anything: a seed never overwrites what replication brought.
     pub async fn adopt_seed<F>(&self, write: F) -> Result<Figures, SeedError>
     where
-        F: FnOnce(&Path) -> Result<(), String> + Send + 'static,
+        F: FnOnce(&Path) -> Result<Generation, String> + Send + 'static,
     {
         self.set_accepting(false);
         let mut st = self.inner.state.clone().lock_owned().await;
@@ -374,9 +376,9 @@ impl Receiver {
         }
         let (ws, stage) = (self.inner.workspace.clone(), self.inner.stage_path.clone());
         let st = tokio::task::spawn_blocking(move || -> Result<_, SeedError> {
-            write(&ws).map_err(SeedError::Write)?;
+            let seeded = write(&ws).map_err(SeedError::Write)?;
             let mut m = startup::adopt(&ws, &stage)?;
-            m.generation = st.manifest.generation.next();
+            m.generation = st.manifest.generation.next().max(seeded);
             st.catalog.reset(&m)?;
             st.manifest = m;
             Ok(st)

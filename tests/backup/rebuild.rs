@@ -45,6 +45,21 @@ fn wait_backed_up(s3: &server::S3, coord: &Coord, generation: u64) {
     );
 }
 
+/// `agent-gpu flush`: the generation everything written before it is durable in.
+fn flushed(state: &std::path::Path) -> u64 {
+    let out = flush(state, "30s");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said.trim()
+        .strip_prefix("durable: generation ")
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("flush printed {said:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pair_that_lost_both_machines_is_rebuilt_from_its_backup() {
     let Some(s3) = server::start("a_pair_that_lost_both_machines_is_rebuilt_from_its_backup")
@@ -86,9 +101,12 @@ async fn a_pair_that_lost_both_machines_is_rebuilt_from_its_backup() {
     fs::create_dir_all(ws.join("ckpt")).unwrap();
     fs::write(ws.join("ckpt/step-2.pt"), vec![5u8; 3 << 20]).unwrap();
     assert!(flush(&gpu.state, "30s").status.success());
-    let generation = coord.pair(PAIR).unwrap()["last_durable_generation"]
-        .as_u64()
-        .unwrap_or(0);
+    // A few generations more, so that a numbering started again from 1 would show.
+    let mut generation = 0;
+    for i in 0..5 {
+        fs::write(ws.join("log.txt"), format!("step {i}\n")).unwrap();
+        generation = flushed(&gpu.state);
+    }
     wait_backed_up(&s3, &coord, generation);
     let expected = t.path().join("expected");
     copy_tree(&ws, &expected);
@@ -131,12 +149,13 @@ async fn a_pair_that_lost_both_machines_is_rebuilt_from_its_backup() {
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("holds backup snapshot"), "{events}");
 
-    // Replication runs again from the new GPU.
+    // Replication runs again from the new GPU, and the pair's numbering went on from the
+    // backup's generation (the seed is that generation; it once started again at 1).
     fs::write(new_ws.join("after-rebuild.txt"), b"alive\n").unwrap();
-    let out = flush(&machine_state(&coord, &label), "30s");
+    let now = flushed(&machine_state(&coord, &label));
+    println!("generation {generation} backed up, {now} after the rebuild");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        now > generation + 1,
+        "generation {now} after the rebuild, {generation} backed up"
     );
 }

@@ -136,6 +136,15 @@ impl Drop for Cpu {
     }
 }
 
+/// CPU seconds a process has used so far (utime + stime from /proc, in clock ticks of 10 ms).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
 /// A child process killed when dropped (a failing test never leaves agents behind).
 pub struct Proc(pub Child);
 

@@ -21,6 +21,7 @@ fn hello_frame() -> Vec<u8> {
         protocol: standby::replication::receive::PROTOCOL,
         epoch: 1,
         sender: "raw".into(),
+        generation: 0,
     }))
 }
 

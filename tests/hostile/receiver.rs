@@ -316,6 +316,77 @@ async fn out_of_order_and_duplicate_commits_are_refused() {
     survived(&s, g2).await;
 }
 
+/// Generations are numbered pair-wide (ARCHITECTURE.md, "Generations"): a sender whose hello
+/// says the pair is at a newer generation than this replica (as the CPU restoring a new GPU
+/// does) gets its sessions numbered after it. Only exactly that number begins; afterwards a
+/// replayed or older generation is refused as before, a hello with no number left after it
+/// is refused, and the jump survives a restart of the receiver (its catalog replays it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sender_ahead_of_the_replica_continues_the_pairs_numbering() {
+    let mut s = Setup::new();
+    let gtls = s.pki.node("p", Role::Gpu);
+    let g0 = raw(&s.cpu.addr, &gtls, 1).await.unwrap().hello.generation;
+    let pair = g0 + 40;
+
+    // The receiver's own next number is refused: the session follows the sender's.
+    let r = raw_from(&s.cpu.addr, &gtls, 1, pair).await.unwrap();
+    assert_eq!((r.hello.generation, r.hello.after), (g0, pair));
+    let mut r = r;
+    r.send(sync_request::Msg::Begin(Begin { generation: g0 + 1 }))
+        .await;
+    let e = r.recv().await.expect_err("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message().contains(&format!("expected {}", pair + 1)),
+        "{e}"
+    );
+    drop(r);
+    s.assert_intact();
+
+    // A sender that knows no number (0, or an old one) changes nothing.
+    let r = raw_from(&s.cpu.addr, &gtls, 1, g0 - 1).await.unwrap();
+    assert_eq!((r.hello.generation, r.hello.after), (g0, g0));
+    drop(r);
+
+    // Exactly the next number after the pair's: committed as that generation.
+    let mut r = raw_from(&s.cpu.addr, &gtls, 1, pair).await.unwrap();
+    let file = vec![inline(b"jumped.txt", b"the pair's numbering")];
+    let root = root_with(&mut r, &file).await;
+    let g = r.begin().await;
+    assert_eq!(g, pair + 1);
+    r.send(ops(file)).await;
+    r.send(commit(g, root.clone())).await;
+    match r.recv().await.unwrap() {
+        sync_response::Msg::Commit(c) => assert!(c.committed && c.generation == g, "{c:?}"),
+        other => panic!("{other:?}"),
+    }
+    drop(r);
+    let src_file = s.src().join("jumped.txt");
+    fs::write(&src_file, b"the pair's numbering").unwrap();
+    fs::set_permissions(&src_file, fs::Permissions::from_mode(0o644)).unwrap();
+    set_mtime(&src_file, 1_700_000_000, 0);
+
+    // Replayed or older: refused, in a session that knows the old number too.
+    for (hello, begin) in [(0, g), (pair, g), (0, g0 + 1), (pair, pair)] {
+        let mut r = raw_from(&s.cpu.addr, &gtls, 1, hello).await.unwrap();
+        assert_eq!((r.hello.generation, r.hello.after), (g, g));
+        r.send(sync_request::Msg::Begin(Begin { generation: begin }))
+            .await;
+        let e = r.recv().await.expect_err("refused");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    }
+    let e = raw_from(&s.cpu.addr, &gtls, 1, u64::MAX)
+        .await
+        .map(|_| ())
+        .expect_err("no generation can follow u64::MAX");
+    assert!(e.message().contains("no number to follow"), "{e}");
+
+    // The receiver restarted: its catalog replays the jump, the replica is what it committed.
+    s.cpu.restart();
+    assert_serving(&s, g).await;
+    survived(&s, g).await;
+}
+
 /// A file descriptor of a client's TCP connection, to cut it under the client's feet.
 #[derive(Clone, Default)]
 struct Cut(Arc<Mutex<Option<RawFd>>>);

@@ -33,8 +33,10 @@ impl Raw {
             _ => Err(Status::unknown("stream ended")),
         }
     }
+    /// Begins the generation the receiver expects (after the one its hello says the session
+    /// follows).
     pub async fn begin(&self) -> u64 {
-        let g = self.hello.generation + 1;
+        let g = self.hello.generation.max(self.hello.after) + 1;
         self.send(sync_request::Msg::Begin(Begin { generation: g }))
             .await;
         g
@@ -42,15 +44,33 @@ impl Raw {
 }
 
 pub async fn raw(addr: &str, tls_dir: &Path, epoch: u64) -> Result<Raw, Status> {
+    raw_from(addr, tls_dir, epoch, 0).await
+}
+
+/// A session whose hello says the sender knows the pair at `generation`.
+pub async fn raw_from(
+    addr: &str,
+    tls_dir: &Path,
+    epoch: u64,
+    generation: u64,
+) -> Result<Raw, Status> {
     let m = TlsMaterial::load(tls_dir).unwrap();
     let ch = tls::connect(addr, m.client_config(Expect::AnyIdentity).unwrap())
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    raw_on(ch, epoch).await
+    raw_on_from(ch, epoch, generation).await
 }
 
 /// A session on a channel the caller built (and may cut).
 pub async fn raw_on(ch: tonic::transport::Channel, epoch: u64) -> Result<Raw, Status> {
+    raw_on_from(ch, epoch, 0).await
+}
+
+async fn raw_on_from(
+    ch: tonic::transport::Channel,
+    epoch: u64,
+    generation: u64,
+) -> Result<Raw, Status> {
     let mut c = ReplicaClient::new(ch);
     let (tx, rx) = mpsc::channel(16);
     tx.send(SyncRequest {
@@ -58,6 +78,7 @@ pub async fn raw_on(ch: tonic::transport::Channel, epoch: u64) -> Result<Raw, St
             protocol: standby::replication::receive::PROTOCOL,
             epoch,
             sender: "raw".into(),
+            generation,
         })),
     })
     .await

@@ -252,6 +252,7 @@ impl Replica for EvilReceiver {
                             generation: 1,
                             root: m.root().to_vec().into(),
                             entries: m.len() as u64,
+                            after: 0,
                         }))
                     }
                     Some(sync_request::Msg::Manifest(_)) => {

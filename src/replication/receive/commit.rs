@@ -173,6 +173,7 @@ fn commit(
         root: root.to_vec().into(),
         changes,
         applied: false,
+        previous: Some(st.manifest.generation.0),
     };
     let t0 = Instant::now();
     let t_staged = match journal(inner, st, &rec, t0) {

@@ -28,7 +28,7 @@ use crate::proto::{
 use crate::replication::delta;
 use crate::replication::manifest::{Kind, Manifest, kind_of};
 use crate::trust::identity::Identity;
-use crate::types::Epoch;
+use crate::types::{Epoch, Generation};
 
 /// Where replies to the sender go.
 pub(super) type Replies = mpsc::Sender<Result<SyncResponse, Status>>;
@@ -55,6 +55,9 @@ pub(super) struct Session {
     sig_tx: mpsc::Sender<SigJob>,
     /// This session's number, part of every stage name it creates (see `Gen::stage_name`).
     id: u64,
+    /// The generation the session's first one follows: the committed one, or the sender's
+    /// newer one when this replica is behind the pair's numbering (see [`session_after`]).
+    after: Generation,
     /// The generation being received, from its begin to its commit.
     pub cur: Option<Gen>,
 }
@@ -87,11 +90,12 @@ pub(super) async fn run_session(
         r?;
     }
     let epoch = enter_epoch(&sender, guard.epoch.get(), Epoch(hello.epoch))?;
+    let after = session_after(guard.manifest.generation, Generation(hello.generation))?;
     inner.figures.lock().expect("figures").session_active = true;
     tracing::info!(sender = %hello.sender, identity = %sender.identity, epoch = %epoch, generation = %guard.manifest.generation, "session started");
     send(
         &tx,
-        sync_response::Msg::Hello(hello_reply(&guard.manifest, epoch)),
+        sync_response::Msg::Hello(hello_reply(&guard.manifest, epoch, after)),
     )
     .await?;
 
@@ -104,6 +108,7 @@ pub(super) async fn run_session(
         tx,
         sig_tx,
         id,
+        after,
         cur: None,
     };
     // The loop owns the replica's lock: it is released when the loop ends, which can be before
@@ -169,13 +174,36 @@ fn enter_epoch(sender: &Admitted, durable: Epoch, hello_epoch: Epoch) -> Result<
     })
 }
 
-fn hello_reply(m: &Manifest, epoch: Epoch) -> HelloReply {
+/// The generation a session's first one follows (ARCHITECTURE.md, "Generations"): the larger
+/// of the committed one and the sender's. Generations are numbered pair-wide, so a replica that
+/// is behind (a new machine being restored or seeded, the CPU after it sent to one) continues
+/// from the pair's newest number instead of its own. Every later one is exactly +1, and
+/// nothing at or below the committed generation is ever taken again.
+fn session_after(committed: Generation, sender: Generation) -> Result<Generation, Status> {
+    if sender.0 == u64::MAX {
+        return Err(bad("the hello's generation leaves no number to follow it"));
+    }
+    Ok(committed.max(sender))
+}
+
+/// The only generation a begin may carry: the one after the committed generation, or after
+/// the session's `after` while the replica has not reached it.
+fn next_after(committed: Generation, after: Generation) -> Result<Generation, Status> {
+    let last = committed.max(after);
+    if last.0 == u64::MAX {
+        return Err(bad("no generation can follow the last one"));
+    }
+    Ok(last.next())
+}
+
+fn hello_reply(m: &Manifest, epoch: Epoch, after: Generation) -> HelloReply {
     HelloReply {
         protocol: PROTOCOL,
         epoch: epoch.0,
         generation: m.generation.0,
         root: m.root().to_vec().into(),
         entries: m.len() as u64,
+        after: after.0,
     }
 }
 
@@ -239,10 +267,10 @@ impl Session {
         if self.cur.is_some() {
             return Err(bad("begin inside a generation"));
         }
-        let expected = m.generation.next();
+        let expected = next_after(m.generation, self.after)?;
         if b.generation != expected.0 {
             return Err(Status::failed_precondition(format!(
-                "generation {} cannot follow committed generation {}",
+                "generation {} cannot follow committed generation {} (expected {expected})",
                 b.generation, m.generation
             )));
         }
@@ -351,4 +379,31 @@ async fn send_manifest(m: &Manifest, tx: &Replies) -> Result<(), Status> {
         send(tx, chunk(vec![], true)).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_follows_the_newer_of_the_replica_and_the_sender() {
+        let g = Generation;
+        // A new machine (0) joins a pair at 41; the CPU at 41 hears a sender that knows 41.
+        assert_eq!(session_after(g(0), g(41)).unwrap(), g(41));
+        assert_eq!(session_after(g(41), g(41)).unwrap(), g(41));
+        // A sender behind the replica (or one that predates the field) changes nothing.
+        assert_eq!(session_after(g(41), g(3)).unwrap(), g(41));
+        assert_eq!(session_after(g(41), g(0)).unwrap(), g(41));
+        assert!(session_after(g(0), g(u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn only_the_one_number_after_both_may_begin() {
+        let g = Generation;
+        assert_eq!(next_after(g(0), g(41)).unwrap(), g(42));
+        // Once the replica committed past `after`, exactly +1 as always.
+        assert_eq!(next_after(g(42), g(41)).unwrap(), g(43));
+        assert_eq!(next_after(g(7), g(0)).unwrap(), g(8));
+        assert!(next_after(g(u64::MAX), g(0)).is_err());
+    }
 }

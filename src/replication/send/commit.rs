@@ -113,6 +113,7 @@ impl Sender {
             root: root.to_vec().into(),
             changes: list,
             applied: false,
+            previous: Some(self.st.manifest.generation.0),
         };
         Ok((root, rec))
     }

@@ -91,7 +91,7 @@ impl Sender {
             .lock()
             .expect("figures")
             .planned(&plan, scan_start_ns);
-        let generation = s.receiver_generation.next();
+        let generation = s.after.next();
         let begin = Begin {
             generation: generation.0,
         };
@@ -111,6 +111,7 @@ impl Sender {
         let root = self.commit(s, generation, &mut draft).await?;
         timings.log(generation);
         s.receiver_generation = generation;
+        s.after = generation;
         s.receiver_root = root;
         let bytes_sent = s.bytes_sent() - sent0;
         let report = self.report(generation, &root, &draft, &deferred, bytes_sent, started);

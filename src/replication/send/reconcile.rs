@@ -29,7 +29,10 @@ impl Sender {
             index_generation = %self.st.manifest.generation,
             "index differs from the receiver's manifest: fetching it"
         );
-        let remote = fetch_manifest(s).await?;
+        let mut remote = fetch_manifest(s).await?;
+        // The index keeps the pair's newest number even when the receiver is behind it (a new
+        // machine): the next generation follows it, also after a crash before that one commits.
+        remote.generation = s.after;
         let ws = self.opts.workspace.clone();
         self.st.manifest = tokio::task::spawn_blocking(move || adopt_local(&ws, remote))
             .await

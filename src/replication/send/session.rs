@@ -115,7 +115,11 @@ pub struct Session {
     pub(super) sigs: SigWaiters,
     events: mpsc::Receiver<Result<Event, SyncError>>,
     reader: tokio::task::JoinHandle<()>,
+    /// The receiver's committed generation (at the hello, then after each commit).
     pub receiver_generation: Generation,
+    /// The generation the next one follows: the receiver's, or the pair's newer one that this
+    /// receiver joins (ARCHITECTURE.md, "Generations").
+    pub after: Generation,
     pub receiver_root: [u8; 32],
     pub epoch: Epoch,
     /// The last file id handed out (ids match signatures and chunks to their file).
@@ -150,6 +154,7 @@ impl Session {
             events: erx,
             reader,
             receiver_generation: Generation(hello.generation),
+            after: Generation(hello.generation.max(hello.after)),
             receiver_root: root,
             epoch,
             next_file: 0,
@@ -202,6 +207,7 @@ impl Sender {
             protocol: PROTOCOL,
             epoch: self.st.epoch.get().0,
             sender: self.opts.machine.clone(),
+            generation: self.newest_generation().0,
         }))
         .await?;
         let (inbound, hello) =
@@ -213,6 +219,16 @@ impl Sender {
         f.connected = true;
         f.last_error = None;
         Ok(session)
+    }
+}
+
+impl Sender {
+    /// The newest generation this sender knows the pair reached: its index's, or the commit it
+    /// sent and never saw acknowledged (a receiver since replaced may hold it). A new receiver
+    /// numbers after it, so no number names two different states of the workspace.
+    fn newest_generation(&self) -> Generation {
+        let pending = self.pending.as_ref().map_or(0, |p| p.generation);
+        Generation(self.st.manifest.generation.0.max(pending))
     }
 }
 
