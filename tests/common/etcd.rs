@@ -1,0 +1,156 @@
+//! Real etcd members on loopback for the tests (random free ports, data in a temporary
+//! directory), killed when dropped. Shared by the library's unit tests (`control::store::etcd`
+//! includes this file) and the end-to-end tests. Without an `etcd` binary the tests skip with a printed
+//! reason, unless `CI=true`, where they fail.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Cluster {
+    pub members: Vec<Member>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Member {
+    pub client: String,
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The `etcd` binary, or None (after saying why) when the test should skip.
+fn etcd_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("etcd"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "etcd is not installed (apt-get install etcd-server); CI=true requires it"
+        );
+        eprintln!("SKIPPED: etcd is not installed (apt-get install etcd-server)");
+    }
+    found
+}
+
+impl Cluster {
+    /// Starts `n` members and waits until the cluster answers; None when etcd is missing.
+    pub fn start(n: usize) -> Option<Cluster> {
+        let bin = etcd_binary()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let peers: Vec<(String, String, String)> = (0..n)
+            .map(|i| {
+                (
+                    format!("m{i}"),
+                    format!("http://127.0.0.1:{}", free_port()),
+                    format!("http://127.0.0.1:{}", free_port()),
+                )
+            })
+            .collect();
+        let initial: Vec<String> = peers.iter().map(|(n, _, p)| format!("{n}={p}")).collect();
+        let mut members = Vec::new();
+        for (name, client, peer) in &peers {
+            let data = dir.path().join(name);
+            let args = vec![
+                format!("--name={name}"),
+                format!("--data-dir={}", data.display()),
+                format!("--listen-client-urls={client}"),
+                format!("--advertise-client-urls={client}"),
+                format!("--listen-peer-urls={peer}"),
+                format!("--initial-advertise-peer-urls={peer}"),
+                format!("--initial-cluster={}", initial.join(",")),
+                "--initial-cluster-state=new".into(),
+                "--initial-cluster-token=standby-test".into(),
+            ];
+            let mut m = Member {
+                client: client.clone(),
+                child: None,
+                args,
+                log: dir.path().join(format!("{name}.log")),
+            };
+            m.start(&bin);
+            members.push(m);
+        }
+        let c = Cluster { members, _dir: dir };
+        c.wait_healthy(Duration::from_secs(30));
+        Some(c)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    /// Waits until a put through any member succeeds (a leader is elected).
+    fn wait_healthy(&self, limit: Duration) {
+        let end = Instant::now() + limit;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let eps = self.endpoints();
+        loop {
+            let ok = rt.block_on(async {
+                let Ok(mut c) = etcd_client::Client::connect(&eps, None).await else {
+                    return false;
+                };
+                let put = c.put("/health-probe", "x", None);
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(2), put).await,
+                    Ok(Ok(_))
+                )
+            });
+            if ok {
+                return;
+            }
+            if Instant::now() > end {
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| std::fs::read_to_string(&m.log).unwrap_or_default())
+                    .collect();
+                panic!("etcd did not become healthy:\n{}", logs.join("\n---\n"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Member {
+    fn start(&mut self, bin: &PathBuf) {
+        let log = std::fs::File::create(&self.log).expect("etcd log");
+        let child = Command::new(bin)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd");
+        self.child = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
