@@ -15,6 +15,7 @@ pub struct Cluster {
 
 pub struct Member {
     pub client: String,
+    bin: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
     log: PathBuf,
@@ -76,11 +77,12 @@ impl Cluster {
             ];
             let mut m = Member {
                 client: client.clone(),
+                bin: bin.clone(),
                 child: None,
                 args,
                 log: dir.path().join(format!("{name}.log")),
             };
-            m.start(&bin);
+            m.start();
             members.push(m);
         }
         let c = Cluster { members, _dir: dir };
@@ -128,9 +130,13 @@ impl Cluster {
 }
 
 impl Member {
-    fn start(&mut self, bin: &PathBuf) {
-        let log = std::fs::File::create(&self.log).expect("etcd log");
-        let child = Command::new(bin)
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("etcd log");
+        let child = Command::new(&self.bin)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -138,6 +144,12 @@ impl Member {
             .spawn()
             .expect("starting etcd");
         self.child = Some(child);
+    }
+
+    /// Starts it again on its data directory (after `kill`).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start();
     }
 
     /// kill -9.

@@ -81,8 +81,9 @@ fn campaign(
     store.campaign(&l, address)
 }
 
-/// The watchdog of a leader: cancels `serving` once the leader's deadline passed, and steps
-/// down (revoking the lease) when `serving` ends for either reason; await it before exiting.
+/// The watchdog of a leader: once the leader's deadline passed it abandons the leadership
+/// (without waiting for etcd) and cancels `serving`; when `serving` ends otherwise (a clean
+/// stop) it steps down, revoking the lease. Await it before exiting.
 pub(super) fn watch(
     store: Arc<EtcdStore>,
     serving: CancellationToken,
@@ -98,8 +99,9 @@ pub(super) fn watch(
                     term = store.term(),
                     "the leader's lease was not renewed within its deadline: stepping down"
                 );
+                store.abandon();
                 serving.cancel();
-                break;
+                return;
             }
         }
         tokio::task::spawn_blocking(move || store.step_down())

@@ -21,6 +21,7 @@ pub(crate) mod election;
 /// Real etcd members for the tests: the same launcher as the end-to-end tests'.
 #[cfg(test)]
 #[path = "../../../tests/common/etcd.rs"]
+#[allow(dead_code)] // what only the end-to-end tests use
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;

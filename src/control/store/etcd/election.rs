@@ -76,7 +76,7 @@ fn leader_of(kv: &KeyValue) -> Leader {
 
 impl EtcdStore {
     /// Grants this coordinator's lease (`ttl`, at least 2 s) and keeps it alive on the bridge's
-    /// runtime, a renewal every third of the TTL, until the store is dropped or etcd says the
+    /// runtime, a renewal every sixth of the TTL, until the store is dropped or etcd says the
     /// lease is gone.
     pub fn grant(&self, ttl: Duration) -> Result<Lease, StoreError> {
         let secs = ttl.as_secs().max(2) as i64;
@@ -180,8 +180,16 @@ impl EtcdStore {
         }
     }
 
+    /// Stops leading at once without asking etcd (the leader's deadline passed: etcd is
+    /// not answering): no more writes, and commands carry term 0, which agents that saw the
+    /// term refuse. The lease expires on its own.
+    pub fn abandon(&self) {
+        self.term.store(0, Ordering::SeqCst);
+        self.lease.lock().expect("lease lock").take();
+    }
+
     /// Stops leading: no more writes, and the lease is revoked so that a follower wins at
-    /// once rather than after the TTL (best effort: etcd may be the reason to step down).
+    /// once rather than after the TTL (best effort, within the request limit).
     pub fn step_down(&self) {
         self.term.store(0, Ordering::SeqCst);
         let Some(lease) = self.lease.lock().expect("lease lock").take() else {
@@ -196,10 +204,12 @@ impl EtcdStore {
     }
 }
 
-/// Renews `lease` every third of its TTL until etcd says it is gone (a renewal that fails is
+/// Renews `lease` every sixth of its TTL until etcd says it is gone (a renewal that fails is
 /// retried on a fresh stream; the leader's deadline does the rest).
 async fn keep_alive(client: etcd_client::Client, lease: Lease) {
-    let every = (lease.ttl / 3).max(Duration::from_millis(300));
+    // Two renewals fit in the leader's deadline (half the TTL): one slow answer alone does
+    // not make it step down.
+    let every = (lease.ttl / 6).max(Duration::from_millis(300));
     let mut stream = None;
     loop {
         let sent = Instant::now();
