@@ -151,6 +151,38 @@ impl Site {
     }
 }
 
+/// A pair joined by hand through the leader `at` (agents given all three addresses), Syncing
+/// with its tree flushed to the CPU. Returns (cpu, gpu).
+fn joined_pair(site: &Site, at: usize, root: &Path) -> (Managed, Managed) {
+    let coords = site.addresses();
+    let token = |role: &str| join_token(&site.members[at].dir, "p", role, "10m");
+    let ws = root.join("gpu-ws");
+    make_tree(&ws, &mut rng(seed("ha")), 20, &[1 << 20]);
+    let cpu = Managed::cpu(
+        &coords,
+        Some(&token("cpu")),
+        &root.join("cpu-ws"),
+        &root.join("cpu-state"),
+        &[],
+    );
+    let gpu = Managed::gpu(
+        &coords,
+        Some(&token("gpu")),
+        &ws,
+        &root.join("gpu-state"),
+        &["--debounce", "100ms"],
+        &[],
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        site.pairs(at)
+            .iter()
+            .any(|p| p["pair"] == "p" && p["state"] == "Syncing")
+            && flush(&gpu.state, "20s").status.success()
+    });
+    assert!(ok, "{}", site.logs());
+    (cpu, gpu)
+}
+
 /// kill -9 of the leader: a follower leads within the lease's TTL and a little, the pair's
 /// state (epoch, machines) is what the old leader wrote, both agents heartbeat to the new
 /// leader, and the pair does not fail over because of the hand-over.
@@ -161,32 +193,7 @@ fn a_follower_leads_after_the_leader_is_killed_and_the_pair_is_served() {
         return;
     };
     let first = site.leader(Duration::from_secs(30));
-    let coords = site.addresses();
-    let token = |role: &str| join_token(&site.members[first].dir, "p", role, "10m");
-    let ws = d.path().join("gpu-ws");
-    make_tree(&ws, &mut rng(seed("ha")), 20, &[1 << 20]);
-    let _cpu = Managed::cpu(
-        &coords,
-        Some(&token("cpu")),
-        &d.path().join("cpu-ws"),
-        &d.path().join("cpu-state"),
-        &[],
-    );
-    let gpu = Managed::gpu(
-        &coords,
-        Some(&token("gpu")),
-        &ws,
-        &d.path().join("gpu-state"),
-        &["--debounce", "100ms"],
-        &[],
-    );
-    let ok = wait_until(Duration::from_secs(60), || {
-        site.pairs(first)
-            .iter()
-            .any(|p| p["pair"] == "p" && p["state"] == "Syncing")
-            && flush(&gpu.state, "20s").status.success()
-    });
-    assert!(ok, "{}", site.logs());
+    let (_cpu, gpu) = joined_pair(&site, first, d.path());
     let before = site.pairs(first)[0].clone();
 
     let killed = Instant::now();
@@ -278,4 +285,43 @@ fn without_an_etcd_quorum_nobody_leads_until_it_heals() {
     site.members[first].start(&eps);
     let next = site.leader(Duration::from_secs(40));
     eprintln!("leader {next} after etcd healed");
+}
+
+/// kill -9 of the leader while the GPU agent is killed: the failover completes under the new
+/// leader, once: the CPU is the primary at the next epoch (its durable epoch says so), and no
+/// second failover follows.
+#[test]
+fn a_failover_completes_under_the_new_leader() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(mut site) = Site::start(d.path()) else {
+        return;
+    };
+    let first = site.leader(Duration::from_secs(30));
+    let (cpu, mut gpu) = joined_pair(&site, first, d.path());
+    let before = site.pairs(first)[0]["epoch"].as_u64().unwrap();
+    let killed = Instant::now();
+    gpu.proc.kill();
+    site.members[first].proc.take(); // kill -9
+    let next = site.leader(Duration::from_secs(20));
+    let mut seen = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(40), || {
+        seen = site.pairs(next)[0].clone();
+        seen["state"] == "FailedOver"
+    });
+    assert!(ok, "{seen}\n{}", site.logs());
+    eprintln!(
+        "failed over under the new leader {:?} after the kills",
+        killed.elapsed()
+    );
+    assert_eq!(seen["epoch"].as_u64(), Some(before + 1), "{seen}");
+    assert_eq!(seen["primary"], "cpu", "{seen}");
+    let durable = standby::disk::epoch::EpochStore::open(&cpu.state)
+        .unwrap()
+        .get();
+    assert_eq!(durable.0, before + 1, "the CPU's durable epoch");
+    // One failover, one epoch: nothing moves on afterwards.
+    std::thread::sleep(Duration::from_secs(4));
+    let after = site.pairs(next)[0].clone();
+    assert_eq!(after["epoch"].as_u64(), Some(before + 1), "{after}");
+    assert_eq!(after["state"], "FailedOver", "{after}");
 }
