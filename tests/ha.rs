@@ -223,7 +223,24 @@ fn a_follower_leads_after_the_leader_is_killed_and_the_pair_is_served() {
         "the agents did not come to the new leader:\n{}",
         site.logs()
     );
+    // Heartbeats are never written to etcd: once the agents settled (the record takes their
+    // reconnection in the first seconds), 4 s of two agents at 2 Hz (16 heartbeats) with no
+    // state change leave etcd's revision where it was (one incidental write allowed).
+    let rev0 = site.etcd.revision();
     std::thread::sleep(Duration::from_secs(4));
+    let rev = site.etcd.revision();
+    eprintln!(
+        "etcd writes in the 4 s after the agents came back: {}",
+        rev - rev0
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let writes = site.etcd.revision() - rev;
+    let which = site.etcd.written_since(rev);
+    eprintln!("etcd writes during 16 heartbeats: {writes} {which:?}");
+    assert!(
+        writes <= 2,
+        "{writes} etcd writes while nothing changed: {which:?}"
+    );
     let after = site.pairs(next)[0].clone();
     assert_eq!(after["state"], "Syncing", "{after}");
     assert_eq!(

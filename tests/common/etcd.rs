@@ -94,6 +94,47 @@ impl Cluster {
         self.members.iter().map(|m| m.client.clone()).collect()
     }
 
+    /// etcd's current revision: it grows with every write.
+    pub fn revision(&self) -> i64 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect(self.endpoints(), None)
+                .await
+                .expect("etcd");
+            let r = c.get("/", None).await.expect("etcd get");
+            r.header().expect("a header").revision()
+        })
+    }
+
+    /// The keys written after revision `since`, with their revisions (deleted keys are not
+    /// listed).
+    pub fn written_since(&self, since: i64) -> Vec<(String, i64)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect(self.endpoints(), None)
+                .await
+                .expect("etcd");
+            let opts = etcd_client::GetOptions::new().with_prefix();
+            let r = c.get("/", Some(opts)).await.expect("etcd get");
+            r.kvs()
+                .iter()
+                .filter(|kv| kv.mod_revision() > since)
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        kv.mod_revision(),
+                    )
+                })
+                .collect()
+        })
+    }
+
     /// Waits until a put through any member succeeds (a leader is elected).
     fn wait_healthy(&self, limit: Duration) {
         let end = Instant::now() + limit;
