@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub struct Cluster {
     pub members: Vec<Member>,
+    tls: Option<Tls>,
     _dir: tempfile::TempDir,
 }
 
@@ -46,16 +47,31 @@ fn etcd_binary() -> Option<PathBuf> {
     found
 }
 
+/// Client TLS on the members: their CA, their certificate and key (PEM files); clients must
+/// present a certificate of that CA (`--client-cert-auth`), as `client` (cert, key) does.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 impl Cluster {
     /// Starts `n` members and waits until the cluster answers; None when etcd is missing.
     pub fn start(n: usize) -> Option<Cluster> {
+        Self::start_with(n, None)
+    }
+
+    /// The same, with client TLS (`https://` client URLs) when given.
+    pub fn start_with(n: usize, tls: Option<Tls>) -> Option<Cluster> {
         let bin = etcd_binary()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = tempfile::tempdir().expect("tempdir");
         let peers: Vec<(String, String, String)> = (0..n)
             .map(|i| {
                 (
                     format!("m{i}"),
-                    format!("http://127.0.0.1:{}", free_port()),
+                    format!("{scheme}://127.0.0.1:{}", free_port()),
                     format!("http://127.0.0.1:{}", free_port()),
                 )
             })
@@ -64,7 +80,7 @@ impl Cluster {
         let mut members = Vec::new();
         for (name, client, peer) in &peers {
             let data = dir.path().join(name);
-            let args = vec![
+            let mut args = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", data.display()),
                 format!("--listen-client-urls={client}"),
@@ -75,6 +91,14 @@ impl Cluster {
                 "--initial-cluster-state=new".into(),
                 "--initial-cluster-token=standby-test".into(),
             ];
+            if let Some(t) = &tls {
+                args.extend([
+                    format!("--cert-file={}", t.cert.display()),
+                    format!("--key-file={}", t.key.display()),
+                    format!("--trusted-ca-file={}", t.ca.display()),
+                    "--client-cert-auth".into(),
+                ]);
+            }
             let mut m = Member {
                 client: client.clone(),
                 bin: bin.clone(),
@@ -85,13 +109,27 @@ impl Cluster {
             m.start();
             members.push(m);
         }
-        let c = Cluster { members, _dir: dir };
+        let c = Cluster {
+            members,
+            tls,
+            _dir: dir,
+        };
         c.wait_healthy(Duration::from_secs(30));
         Some(c)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    /// A client's options: the cluster's own certificate as the client's, with TLS.
+    fn options(&self) -> Option<etcd_client::ConnectOptions> {
+        let t = self.tls.as_ref()?;
+        let read = |p: &PathBuf| std::fs::read(p).expect("TLS file");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca)))
+            .identity(etcd_client::Identity::from_pem(read(&t.cert), read(&t.key)));
+        Some(etcd_client::ConnectOptions::new().with_tls(tls))
     }
 
     /// etcd's current revision: it grows with every write.
@@ -145,7 +183,7 @@ impl Cluster {
         let eps = self.endpoints();
         loop {
             let ok = rt.block_on(async {
-                let Ok(mut c) = etcd_client::Client::connect(&eps, None).await else {
+                let Ok(mut c) = etcd_client::Client::connect(&eps, self.options()).await else {
                     return false;
                 };
                 let put = c.put("/health-probe", "x", None);

@@ -268,3 +268,50 @@ fn testing_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Over TLS with a client certificate (`--client-cert-auth`): the store works; without a
+/// client certificate etcd refuses it, with a clear error.
+#[test]
+fn over_tls_with_a_client_certificate() {
+    crate::trust::tls::install_default_provider();
+    let d = tempfile::tempdir().unwrap();
+    let ca = crate::trust::pki::Ca::generate().unwrap();
+    let cert = ca.issue_server(&[]).unwrap();
+    let file = |name: &str, text: &str| {
+        let p = d.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let tls = testing::Tls {
+        ca: file("ca.pem", ca.cert_pem()),
+        cert: file("etcd.pem", &cert.cert_pem),
+        key: file("etcd.key", &cert.key_pem),
+    };
+    let Some(c) = Cluster::start_with(1, Some(tls.clone())) else {
+        return;
+    };
+    assert!(c.endpoints()[0].starts_with("https://"));
+    let mut cfg = EtcdConfig::new(c.endpoints());
+    cfg.tls = Some(EtcdTls {
+        ca: tls.ca.clone(),
+        cert: Some(tls.cert.clone()),
+        key: Some(tls.key.clone()),
+    });
+    let s = EtcdStore::connect(&cfg).unwrap();
+    let lease = s.grant(Duration::from_secs(6)).unwrap();
+    assert!(matches!(s.campaign(&lease, "a").unwrap(), Attempt::Won(_)));
+    s.put_pairs(&[pair("a", 7)], true).unwrap();
+    assert_eq!(s.load().unwrap().pairs["a"].epoch, 7);
+
+    cfg.tls = Some(EtcdTls {
+        ca: tls.ca.clone(),
+        cert: None,
+        key: None,
+    });
+    cfg.timeout = Duration::from_secs(2);
+    let Err(e) = EtcdStore::connect(&cfg).and_then(|s| s.load()) else {
+        panic!("etcd answered a client without a certificate");
+    };
+    assert!(e.to_string().contains("etcd"), "{e}");
+    assert_eq!(s.load().unwrap().pairs["a"].epoch, 7);
+}
