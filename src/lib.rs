@@ -22,7 +22,7 @@
 //! - `disk::crashsafe`: framed, checksummed, atomically replaced state files and records.
 //! - [`disk::fsx`]: filesystem calls confined below a root.
 //! - `disk::statedir`: one agent per state directory.
-//! - [`disk::epoch`]: the durable fencing epoch.
+//! - [`disk::epoch`]: the durable fencing epoch; [`disk::term`]: the newest coordinator term.
 //!
 //! [`trust`]
 //! - [`trust::identity`]: URI SAN identities, certificate facts. [`trust::pki`]: the CA.
@@ -65,8 +65,8 @@
 //!
 //! [`control`]
 //! - [`control::failover`] (folder): the pure per-pair state machine.
-//! - `engine` (folder): the task that owns every pair; `store`: durable state; `wire`: enums
-//!   as they travel.
+//! - `engine` (folder): the task that owns every pair; `store`: durable state (a file, or etcd
+//!   with leader election: `store::etcd`); `wire`: enums as they travel.
 //! - [`control::service`]: the gRPC service; [`control::metrics`]: Prometheus metrics.
 //! - [`control::status`] (folder): the read-only status page and its JSON (`--status-listen`).
 //! - [`control::notify`] (folder): `[[notify]]` webhooks: notices, bodies, signatures, queues.

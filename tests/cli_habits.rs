@@ -77,6 +77,40 @@ fn usage_errors_exit_64() {
     assert_eq!(code(&run(AGENT_GPU, &["flush", "--bogus"])), Some(64));
     let out = run(AGENT_GPU, &["flush", "--state-dir", d, "--timeout", "soon"]);
     assert_eq!(code(&out), Some(64), "{}", stderr(&out));
+    fs::remove_file(&toml).unwrap();
+    // The etcd store: endpoints are required, its options need it, and the values are checked
+    // before anything connects.
+    for (args, says) in [
+        (&["--store", "etcd"][..], "--store etcd needs --etcd"),
+        (&["--etcd", "http://127.0.0.1:1"][..], "need --store etcd"),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--leader-lease",
+                "1s",
+            ][..],
+            "at least 2s",
+        ),
+        (
+            &[
+                "--store",
+                "etcd",
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--etcd-prefix",
+                "x",
+            ][..],
+            "must start with /",
+        ),
+        (&["--store", "etcdd"][..], "etcdd"),
+    ] {
+        let out = run(COORDINATOR, &[&["serve", "--dir", d][..], args].concat());
+        assert_eq!(code(&out), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
 }
 
 #[test]

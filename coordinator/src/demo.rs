@@ -582,6 +582,7 @@ async fn start_coordinator(
     shutdown: CancellationToken,
 ) -> anyhow::Result<String> {
     let opts = crate::control::service::ServeOptions {
+        ha: None,
         dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".into(),
         metrics_listen: "127.0.0.1:0".into(),

@@ -351,6 +351,39 @@ struct ServeArgs {
     /// certificate of this CA, any role).
     #[arg(long, env = "STANDBY_PUBLIC_HEALTH", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     public_health: Option<bool>,
+    /// Where the state lives: `file` (under --dir, one coordinator) or `etcd` (several
+    /// coordinators on one etcd cluster, one of them leads) [default: file].
+    #[arg(long, env = "STANDBY_STORE")]
+    store: Option<StoreKind>,
+    /// `--store etcd`: the members' client URLs, comma-separated (`https://` with --etcd-ca).
+    #[arg(long, env = "STANDBY_ETCD", value_name = "URL[,URL...]")]
+    etcd: Option<String>,
+    /// `--store etcd`: CA certificate (PEM) of the etcd members' certificates.
+    #[arg(long, env = "STANDBY_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// `--store etcd`: client certificate (PEM) when etcd asks for one (--client-cert-auth).
+    #[arg(long, env = "STANDBY_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// `--store etcd`: the client certificate's key (PEM).
+    #[arg(long, env = "STANDBY_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// `--store etcd`: every key lives below this prefix [default: /standby/v1].
+    #[arg(long, env = "STANDBY_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// `--store etcd`: TTL of the leader's lease; a leader that cannot renew it for half this
+    /// long stops leading [default: 6s].
+    #[arg(long, env = "STANDBY_LEADER_LEASE")]
+    leader_lease: Option<String>,
+}
+
+/// Where `serve` keeps the state.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StoreKind {
+    /// An append-only log under --dir (one coordinator).
+    File,
+    /// An etcd cluster shared by several coordinators, with leader election.
+    Etcd,
 }
 
 pub fn main() {
@@ -494,7 +527,7 @@ async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
 
 /// The keys `coordinator.toml` may set; `[provision]`, `[gcp]`, `[command]` and `[backup]`
 /// refuse unknown keys themselves.
-const CONFIG_KEYS: [&str; 32] = [
+const CONFIG_KEYS: [&str; 39] = [
     "listen",
     "metrics_listen",
     "advertise",
@@ -527,6 +560,13 @@ const CONFIG_KEYS: [&str; 32] = [
     "vastai.api_key_file",
     "vastai.image",
     "vastai.disk_gb",
+    "store",
+    "etcd",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_prefix",
+    "leader_lease",
 ];
 
 /// The providers `--provider` and `--cpu-provider` name, each with its line of `--help`.
@@ -624,8 +664,58 @@ fn serve_options(a: ServeArgs) -> Result<crate::control::service::ServeOptions, 
         public_health: f.pick(a.public_health, "public_health", || false)?,
         backup: f.get("backup")?,
         notify: notify(&f)?,
+        ha: ha(&f, &a)?,
         dir: a.dir,
     })
+}
+
+/// `--store etcd` and its options (None: the file store); a usage error when etcd options come
+/// without it or it comes without endpoints.
+fn ha(
+    f: &FileConfig,
+    a: &ServeArgs,
+) -> Result<Option<crate::control::service::HaOptions>, String> {
+    let kind = f.pick(a.store, "store", || StoreKind::File)?;
+    let endpoints: Vec<String> = f
+        .pick(a.etcd.clone(), "etcd", String::new)?
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let ca = f.pick_opt(a.etcd_ca.clone(), "etcd_ca")?;
+    let cert = f.pick_opt(a.etcd_cert.clone(), "etcd_cert")?;
+    let key = f.pick_opt(a.etcd_key.clone(), "etcd_key")?;
+    let prefix = f.pick(a.etcd_prefix.clone(), "etcd_prefix", || {
+        "/standby/v1".into()
+    })?;
+    let lease = f.pick_duration(a.leader_lease.clone(), "leader_lease", "6s")?;
+    if kind == StoreKind::File {
+        if !endpoints.is_empty() || ca.is_some() || cert.is_some() || key.is_some() {
+            return Err("--etcd and its options need --store etcd".into());
+        }
+        return Ok(None);
+    }
+    if endpoints.is_empty() {
+        return Err("--store etcd needs --etcd URL[,URL...]".into());
+    }
+    if cert.is_some() != key.is_some() {
+        return Err("--etcd-cert and --etcd-key go together".into());
+    }
+    if (cert.is_some() && ca.is_none()) || lease < std::time::Duration::from_secs(2) {
+        return Err("--etcd-cert needs --etcd-ca; --leader-lease is at least 2s".into());
+    }
+    if !prefix.starts_with('/') || prefix.len() < 2 {
+        return Err(format!(
+            "--etcd-prefix {prefix:?} must start with / and name something"
+        ));
+    }
+    if !cfg!(feature = "etcd") {
+        return Err(crate::control::service::NO_ETCD.into());
+    }
+    let mut etcd = crate::control::service::EtcdConfig::new(endpoints);
+    etcd.prefix = prefix;
+    etcd.tls = ca.map(|ca| crate::control::service::EtcdTls { ca, cert, key });
+    Ok(Some(crate::control::service::HaOptions { etcd, lease }))
 }
 
 /// Heartbeats and failure detection; failover needs at least one heartbeat of silence.

@@ -33,8 +33,14 @@ pub struct AgentArgs {
     /// Directory with static certificates (ca.pem, node.pem, node.key).
     #[arg(long, env = "STANDBY_TLS_DIR", display_order = 2)]
     pub tls_dir: Option<PathBuf>,
-    /// The coordinator, as host:port.
-    #[arg(long, env = "STANDBY_COORDINATOR", display_order = 4)]
+    /// The coordinator, as host:port; highly available coordinators comma-separated
+    /// (`a:7700,b:7700,c:7700`): the agent heartbeats to whichever leads.
+    #[arg(
+        long,
+        env = "STANDBY_COORDINATOR",
+        display_order = 4,
+        value_name = "HOST:PORT[,...]"
+    )]
     pub coordinator: Option<String>,
     /// Single-use token from `coordinator token` (first start only).
     #[arg(long, env = "STANDBY_JOIN_TOKEN", display_order = 5)]

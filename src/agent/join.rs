@@ -123,9 +123,25 @@ async fn request(
     csr_pem: String,
 ) -> anyhow::Result<JoinReply> {
     let cfg = tls::join_client_config(&t.ca_fingerprint)?;
-    let ch = tls::connect(url, cfg)
-        .await
-        .with_context(|| format!("joining via {url}"))?;
+    // Several coordinators (highly available): the first that answers is the leader, as
+    // followers do not serve. A refusal is final; only an unreachable one is skipped.
+    let mut reached = None;
+    let mut failed = Vec::new();
+    for a in crate::agent::link::addresses(url) {
+        match tls::connect(&a, cfg.clone()).await {
+            Ok(ch) => {
+                reached = Some(ch);
+                break;
+            }
+            Err(e) => failed.push(format!("{a}: {e:#}")),
+        }
+    }
+    let Some(ch) = reached else {
+        bail!(
+            "joining via {url}: no coordinator answered ({})",
+            failed.join("; ")
+        );
+    };
     let reply = CoordinatorClient::new(ch)
         .join(JoinRequest {
             token: token.trim().to_string(),

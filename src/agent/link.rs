@@ -1,5 +1,7 @@
 //! An agent's link to the coordinator: one long-lived heartbeat stream (reports out every
-//! interval, commands in), reconnected with backoff and jitter whenever it breaks.
+//! interval, commands in), reconnected with backoff and jitter whenever it breaks. Given several
+//! coordinators (`--coordinator a,b,c`: highly available ones, ARCHITECTURE.md), it stays with
+//! the one that serves and tries the next after a failure: only the leader serves.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,7 +68,7 @@ pub async fn run(
     };
     let opts_revoked = opts.on_revoked.clone();
     let link = Link {
-        url: opts.url,
+        urls: addresses(&opts.url),
         interval: opts.interval,
         cfg,
         report,
@@ -74,18 +76,21 @@ pub async fn run(
         drop: drop_fraction(),
     };
     let mut backoff = Duration::from_millis(100);
+    let mut at = 0;
     loop {
-        let r = link.session(&shutdown).await;
+        let url = &link.urls[at % link.urls.len()];
+        let r = link.session(url, &shutdown).await;
         if shutdown.is_cancelled() {
             return;
         }
         match r {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "coordinator link down");
+                tracing::warn!(coordinator = %url, error = %format!("{e:#}"), retry_in = ?backoff, "coordinator link down");
                 if says_revoked(&e) {
                     (opts_revoked)();
                 }
+                at += 1;
             }
         }
         let jitter = rand::rng().random_range(0.0..0.3);
@@ -97,8 +102,23 @@ pub async fn run(
     }
 }
 
+/// The coordinators of a comma-separated list, in order (one when there is no comma).
+pub fn addresses(list: &str) -> Vec<String> {
+    let all: Vec<String> = list
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if all.is_empty() {
+        vec![list.to_string()]
+    } else {
+        all
+    }
+}
+
 struct Link {
-    url: String,
+    /// The coordinators to try, in turn.
+    urls: Vec<String>,
     interval: Duration,
     cfg: Arc<rustls::ClientConfig>,
     report: ReportFn,
@@ -110,8 +130,8 @@ struct Link {
 impl Link {
     /// One heartbeat stream, from connecting until it breaks (an error) or the agent stops or
     /// stops listening to commands (Ok).
-    async fn session(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let ch = tls::connect(&self.url, self.cfg.clone()).await?;
+    async fn session(&self, url: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let ch = tls::connect(url, self.cfg.clone()).await?;
         let (tx, rx) = mpsc::channel::<AgentReport>(4);
         let mut client = CoordinatorClient::new(ch);
         let mut first = (self.report)();
@@ -121,7 +141,7 @@ impl Link {
             .heartbeat(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        tracing::info!(coordinator = %self.url, "heartbeat stream open");
+        tracing::info!(coordinator = %url, "heartbeat stream open");
         self.pump(tx, inbound, shutdown).await
     }
 

@@ -1,6 +1,7 @@
 //! What an agent runs when a coordinator manages it: the heartbeat link (with the renewal
 //! request in its reports), the CPU's probe of its GPU peer, and the dispatch of the
-//! coordinator's commands: to the node, the probe, the renewal and the revocation list.
+//! coordinator's commands: to the node, the probe, the renewal and the revocation list. A
+//! command from an older coordinator term than the newest seen is refused (`disk::term`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::agent::revocations;
 use crate::agent::seed::Seeder;
 use crate::agent::snapshots::Recorder;
 use crate::agent::socket::InjectedFault;
+use crate::disk::term::{TermStore, Verdict};
 use crate::proto::Command;
 use crate::proto::command::Cmd;
 use crate::trust::identity::Role;
@@ -43,8 +45,9 @@ pub struct Managed {
 }
 
 /// Spawns the link, the probe (CPU agent) and the command dispatcher; they stop with
-/// `shutdown`.
-pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
+/// `shutdown`. Fails only when the newest term seen cannot be read.
+pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let terms = TermStore::open(&cfg.state_dir)?;
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let probe = probe::Shared::default();
     let (probe_tx, probe_rx) = watch::channel(None::<ProbeTarget>);
@@ -101,6 +104,7 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
         state_dir: cfg.state_dir.clone(),
         offsite,
         seeder,
+        terms,
     };
     let node = dispatcher.node.clone();
     let opts = LinkOptions {
@@ -111,6 +115,7 @@ pub fn start(cfg: &AgentConfig, m: Managed, shutdown: &CancellationToken) {
     };
     tokio::spawn(link::run(opts, report, cmd_tx, shutdown.clone()));
     tokio::spawn(dispatcher.run(cmd_rx));
+    Ok(())
 }
 
 /// Where the coordinator's commands go.
@@ -124,6 +129,8 @@ struct Dispatcher {
     offsite: Option<Offsite>,
     /// A CPU standby's seed from the off-site backup.
     seeder: Option<Seeder>,
+    /// The newest coordinator term seen.
+    terms: TermStore,
 }
 
 /// The off-site backup the coordinator asks a standby for.
@@ -173,8 +180,11 @@ impl Dispatcher {
     /// Hands each command to the node, except the probe target (to the probe), a renewed
     /// certificate and the revocation list. Any other command but `Receive` also stops the
     /// probe: only a standby that receives watches a GPU.
-    async fn run(self, mut commands: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         while let Some(c) = commands.recv().await {
+            if !self.admit(c.term) {
+                continue;
+            }
             let Some(cmd) = c.cmd else { continue };
             match cmd {
                 Cmd::Probe(p) => self.probe(p),
@@ -188,6 +198,26 @@ impl Dispatcher {
                     }
                     self.node.command(other);
                 }
+            }
+        }
+    }
+
+    /// Whether a command of `term` may be acted on: not when an older term than the newest
+    /// seen (a deposed leader), nor when a newer one cannot be persisted first.
+    fn admit(&mut self, term: u64) -> bool {
+        match self.terms.admit(term) {
+            Ok(Verdict::Current) => true,
+            Ok(Verdict::Stale { newest }) => {
+                tracing::warn!(
+                    term,
+                    newest,
+                    "refusing a command from an older coordinator term (a deposed leader)"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!(term, error = %e, "cannot persist the coordinator's term; command refused");
+                false
             }
         }
     }

@@ -134,7 +134,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
             history: history.map(|(_, recorder)| recorder),
             metrics,
         };
-        managed::start(&cfg, m, &shutdown);
+        managed::start(&cfg, m, &shutdown)?;
     }
     tracing::info!(%addr, pair = %pair, role = cfg.role.as_str(), "agent running");
     crate::systemd::ready_until(&shutdown);

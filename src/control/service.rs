@@ -16,6 +16,10 @@
 
 mod heartbeat;
 mod history;
+#[cfg(feature = "etcd")]
+mod leadership;
+
+pub use crate::control::store::ha::{EtcdConfig, EtcdTls, HaOptions};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -445,6 +449,9 @@ pub struct ServeOptions {
     pub backup: Option<BackupPlan>,
     /// `[[notify]]` webhooks, checked (ARCHITECTURE.md, "Notifications").
     pub notify: Vec<Webhook>,
+    /// The state in etcd, with leader election (`--store etcd`); None: the file store under
+    /// `<dir>/state` (ARCHITECTURE.md, "Highly available coordinators").
+    pub ha: Option<HaOptions>,
 }
 
 /// The coordinator's `[backup]`: one bucket for the fleet, each pair below its own prefix
@@ -591,6 +598,10 @@ fn make_provider(name: &str, opts: &ServeOptions) -> anyhow::Result<Option<DynPr
     })
 }
 
+/// What a build without the `etcd` feature says to `--store etcd`.
+pub const NO_ETCD: &str = "this coordinator was built without etcd support: build it with \
+     `cargo build --release --features etcd` (needs protoc) for --store etcd";
+
 /// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/serve.addr`,
 /// `<dir>/metrics.addr` and (with a status page) `<dir>/status.addr`; tells systemd it is ready
 /// once they are bound.
@@ -602,6 +613,62 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
             dir.display()
         )
     })?;
+    let Some(ha) = opts.ha.clone() else {
+        let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
+        return serve_with(opts, ca, store, shutdown).await;
+    };
+    serve_ha(opts, ca, ha, shutdown).await
+}
+
+/// `serve` on etcd: follow until this coordinator leads, serve while it leads.
+#[cfg(feature = "etcd")]
+async fn serve_ha(
+    opts: ServeOptions,
+    ca: Ca,
+    ha: HaOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let address = match opts.advertise.as_str() {
+        "" => opts.listen.replace("0.0.0.0:", "127.0.0.1:"),
+        a => a.to_string(),
+    };
+    let fingerprint = ca.fingerprint();
+    let Some(store) = leadership::follow(&ha, &address, &fingerprint, &shutdown).await? else {
+        return Ok(());
+    };
+    let serving = shutdown.child_token();
+    let watchdog = leadership::watch(store.clone(), serving.clone());
+    let served = serve_with(opts, ca, store, serving.clone()).await;
+    serving.cancel();
+    let _ = watchdog.await;
+    served?;
+    if !shutdown.is_cancelled() {
+        anyhow::bail!(
+            "stepped down: the leader's lease was not renewed within its deadline (start again to follow)"
+        );
+    }
+    Ok(())
+}
+
+/// Without the `etcd` feature there is no etcd client in this build.
+#[cfg(not(feature = "etcd"))]
+async fn serve_ha(
+    _: ServeOptions,
+    _: Ca,
+    _: HaOptions,
+    _: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::bail!(NO_ETCD)
+}
+
+/// `serve` once the store is open (and, on etcd, this coordinator leads).
+async fn serve_with(
+    opts: ServeOptions,
+    ca: Ca,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = &opts.dir;
     let mut material = server_tls(dir, &ca)?;
     material.expired_grace = Some(renew_grace(opts.renew_grace));
     let token_key = token_key(dir)?;
@@ -613,7 +680,6 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
         Some(plan) => Some((plan.target()?, backup_key)),
         None => None,
     };
-    let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
     let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
     let metrics = Arc::new(Metrics::new());
     own_expiries(&metrics, &ca, &material, opts.cert_lifetime);

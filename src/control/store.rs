@@ -4,14 +4,19 @@
 //!
 //! [`FileStore`] is the embedded default: an append-only log of framed, checksummed entries (the
 //! latest entry for a pair wins) that is compacted into a fresh log once it is mostly stale. A
-//! durable `put` is fsynced before it returns; many pairs written together cost one fsync. A
-//! replicated store (etcd with leader election) can implement the same trait.
+//! durable `put` is fsynced before it returns; many pairs written together cost one fsync.
+//! `etcd::EtcdStore` (the `etcd` feature) keeps the same state in etcd for highly available
+//! coordinators: leader election, and every write guarded by the leader key; `ha` holds its
+//! settings, which every build reads.
 //! `MemStore` serves tests, with a restart that keeps only what was made durable.
 //!
 //! A log written before the pair state, roles and phase were enums is migrated when it is opened
 //! (`legacy`), and rewritten at once in the new form.
 
 pub mod certs;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod ha;
 pub mod legacy;
 
 use std::collections::HashMap;
@@ -41,6 +46,36 @@ pub enum StoreError {
         #[source]
         source: legacy::Refused,
     },
+    #[error("etcd: {0}")]
+    EtcdConfig(String),
+    #[cfg(feature = "etcd")]
+    #[error("etcd {op}: {source}")]
+    Etcd {
+        op: &'static str,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("etcd {op}: no answer within {after:?}")]
+    EtcdTimeout {
+        op: &'static str,
+        after: std::time::Duration,
+    },
+    #[error("etcd: the value of {key} does not decode")]
+    EtcdCorrupt { key: String },
+    #[error("not the leader: only the leading coordinator writes the state")]
+    NotLeader,
+    #[error(
+        "deposed: the leader key is no longer this coordinator's (our term {term}, the key's {now}, 0: none); not written"
+    )]
+    Deposed { term: i64, now: i64 },
+    #[error(
+        "the leader's lease was not renewed within its deadline (term {term}); stepping down, not written"
+    )]
+    LeaseLapsed { term: i64 },
+    #[error(
+        "etcd holds the state of another CA ({theirs}, ours {ours}): copy the first coordinator's directory (ca.pem, ca.key, token.key, backup.key) or use another --etcd-prefix"
+    )]
+    ForeignCa { ours: String, theirs: String },
 }
 
 /// What a store holds.
@@ -74,6 +109,11 @@ pub trait Store: Send + Sync {
     fn use_token(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError>;
     /// Records issued certificates (new, or revoked since), durably.
     fn put_certs(&self, certs: &[IssuedCert]) -> Result<(), StoreError>;
+    /// The term every command to agents carries: the leader's on etcd (0 once deposed, so
+    /// agents that saw the term refuse what it still sends), 0 for a store without election.
+    fn term(&self) -> u64 {
+        0
+    }
 }
 
 const LOG_KIND: u16 = kind::RECORD + 100;

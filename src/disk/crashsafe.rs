@@ -153,6 +153,8 @@ pub mod kind {
     /// `backup::journal` (numbered apart from the others so that kinds added meanwhile by other
     /// layers do not collide).
     pub const BACKUP_JOURNAL: u16 = 32;
+    /// `disk::term`: the newest coordinator term an agent has seen.
+    pub const TERM: u16 = 40;
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
 //! Support for end-to-end tests: certificates ([`pki`]), the real binaries as processes
 //! ([`processes`]), seeded trees and exact snapshots ([`trees`]), the test clouds ([`cloud`],
-//! [`fake_gce`], [`fake_vast`]), the `local` provider ([`local`]), network faults ([`netns`]) and
-//! whole sites ([`site`]).
+//! [`fake_gce`], [`fake_vast`]), the `local` provider ([`local`]), network faults ([`netns`]),
+//! whole sites ([`site`]) and etcd clusters ([`etcd`]).
 //! Everything is re-exported here, so a test says `use common::*`.
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
 mod cloud;
+#[allow(dead_code)]
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[allow(dead_code)]
 pub mod fake_gce;
 #[allow(dead_code)]

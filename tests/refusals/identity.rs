@@ -254,3 +254,55 @@ async fn an_expired_certificate_is_renewed_over_the_heartbeat_stream() {
     drop(r);
     s.assert_intact();
 }
+
+/// Commands carry the coordinator's term: one from an older term than the newest the agent has
+/// seen (a deposed leader's) is refused and changes nothing, also after the agent restarts (the
+/// newest term is durable); the current term's next command is obeyed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_from_an_older_coordinator_term_is_refused() {
+    let mut s = Setup::new();
+    let coord = FakeCoordinator::start(&s.pki).await;
+    s.cpu.kill();
+    let mut cpu = start_managed_cpu(&s, &coord.addr);
+    let receive = |epoch| {
+        command::Cmd::Receive(Receive {
+            epoch,
+            peer: "gpu".into(),
+        })
+    };
+    let refusal = "refusing a command from an older coordinator term";
+    let log = |s: &Setup| fs::read_to_string(&s.cpu.log).unwrap_or_default();
+    coord.push_term(receive(2), 9);
+    coord
+        .wait_report(|r| r.epoch == 2, "the CPU at epoch 2")
+        .await;
+    // The deposed leader (term 5) asks for epoch 3: refused.
+    coord.push_term(receive(3), 5);
+    let refused = wait_until(std::time::Duration::from_secs(10), || {
+        log(&s).contains(refusal)
+    });
+    assert!(refused, "{}", log(&s));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        durable_epoch(&s.cpu.state),
+        2,
+        "a stale term's command was obeyed"
+    );
+    // Restarted, it still knows term 9: the stream replays both commands, the stale one is
+    // refused again.
+    cpu.kill();
+    let _ = fs::remove_file(&s.cpu.log);
+    let _cpu = start_managed_cpu(&s, &coord.addr);
+    let refused = wait_until(std::time::Duration::from_secs(15), || {
+        log(&s).contains(refusal)
+    });
+    assert!(refused, "{}", log(&s));
+    assert_eq!(durable_epoch(&s.cpu.state), 2);
+    // The current leader's next command is obeyed.
+    coord.push_term(receive(4), 9);
+    coord
+        .wait_report(|r| r.epoch == 4, "the CPU at epoch 4")
+        .await;
+    assert_eq!(durable_epoch(&s.cpu.state), 4);
+    s.assert_intact();
+}

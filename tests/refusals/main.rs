@@ -170,10 +170,15 @@ impl FakeCoordinator {
     }
 
     fn push(&self, cmd: command::Cmd) {
-        self.commands
-            .lock()
-            .unwrap()
-            .push(Command { cmd: Some(cmd) });
+        self.push_term(cmd, 0);
+    }
+
+    /// A command as a coordinator of `term` sends it (a highly available one's leader).
+    fn push_term(&self, cmd: command::Cmd, term: u64) {
+        self.commands.lock().unwrap().push(Command {
+            cmd: Some(cmd),
+            term,
+        });
     }
 
     /// The CSR of the agent's renewal request number `n` (counting reports that carry one).

@@ -2,7 +2,7 @@
 //! (level-triggered), a connection is sent only what it has not had yet, and nothing goes out
 //! while the record is not durable. Commands that name a peer (`SetPeer`, `ProbeTarget`,
 //! `Receive`) name the machine the record holds on the other side: the only one the agent may
-//! talk to (ARCHITECTURE.md, "Trust").
+//! talk to (ARCHITECTURE.md, "Trust"). Each carries the store's term (the leader's, on etcd).
 
 use super::Actor;
 use crate::control::failover::Desired;
@@ -50,6 +50,8 @@ pub(super) fn command_for(d: &Desired, peer: &str) -> Command {
                 snapshot: snapshot.clone(),
             }),
         }),
+        // `sync_commands` stamps the store's term.
+        term: 0,
     }
 }
 
@@ -62,6 +64,7 @@ impl Actor {
         if e.blocked {
             return;
         }
+        let term = self.store.term();
         for side in Side::ALL {
             let peer = peer_machine(&e.m.rec, side);
             let desired = e.m.desired(side);
@@ -69,7 +72,8 @@ impl Actor {
                 continue;
             };
             let mut sent = Vec::new();
-            for cmd in desired.iter().map(|d| command_for(d, &peer)) {
+            for mut cmd in desired.iter().map(|d| command_for(d, &peer)) {
+                cmd.term = term;
                 if c.sent.contains(&cmd) || c.tx.try_send(Ok(cmd.clone())).is_ok() {
                     sent.push(cmd);
                 }

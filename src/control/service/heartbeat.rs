@@ -184,6 +184,7 @@ fn offer_backup(s: &Shared, st: &Stream, tx: &Tx) {
     target.key_hex = key.for_pair(&st.pair).to_hex();
     let cmd = Command {
         cmd: Some(command::Cmd::Backup(target)),
+        term: s.store.term(),
     };
     if tx.try_send(Ok(cmd)).is_err() {
         tracing::warn!(pair = %st.pair, "the backup target could not be queued for the standby");
@@ -209,6 +210,7 @@ async fn push_revocations(
     let serials = s.registry.revoked();
     let cmd = Command {
         cmd: Some(command::Cmd::Revocations(Revocations { serials })),
+        term: s.store.term(),
     };
     tx.send(Ok(cmd)).await.is_ok()
 }
@@ -241,6 +243,7 @@ async fn renew(
     tracing::info!(identity = %st.identity(), "certificate renewed");
     let cmd = Command {
         cmd: Some(command::Cmd::Renewed(Renewed { cert_pem })),
+        term: s.store.term(),
     };
     tx.send(Ok(cmd))
         .await

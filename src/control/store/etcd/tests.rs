@@ -1,0 +1,318 @@
+//! The etcd store against a real etcd on loopback (`testing::Cluster`).
+
+use std::time::{Duration, Instant};
+
+use super::election::Attempt;
+use super::testing::Cluster;
+use crate::control::store::ha::EtcdTls;
+use super::*;
+use crate::proto::PairState;
+
+fn pair(name: &str, epoch: u64) -> PairRecord {
+    PairRecord {
+        name: name.into(),
+        epoch,
+        state: PairState::Syncing.into(),
+        ..Default::default()
+    }
+}
+
+fn cert(serial: &str, revoked: bool) -> IssuedCert {
+    IssuedCert {
+        serial: serial.into(),
+        pair: "a".into(),
+        machine: "m1".into(),
+        not_after_unix: crate::host::unix_ms_now() / 1000 + 3600,
+        revoked,
+        ..Default::default()
+    }
+}
+
+fn store(c: &Cluster) -> EtcdStore {
+    EtcdStore::connect(&EtcdConfig::new(c.endpoints())).expect("connect")
+}
+
+/// A store that won the election (the only candidate), with a lease of `ttl`.
+fn leader(c: &Cluster, ttl: Duration) -> (EtcdStore, i64) {
+    let s = store(c);
+    let lease = s.grant(ttl).unwrap();
+    match s.campaign(&lease, "127.0.0.1:1").unwrap() {
+        Attempt::Won(term) => (s, term),
+        other => panic!("the only candidate did not win: {other:?}"),
+    }
+}
+
+/// Runs `f` with a plain client of its own (what an operator's etcdctl would do).
+fn raw<T>(c: &Cluster, f: impl AsyncFnOnce(etcd_client::Client) -> T) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = etcd_client::Client::connect(c.endpoints(), None)
+            .await
+            .unwrap();
+        f(client).await
+    })
+}
+
+/// What the leader writes, a follower (another coordinator on the same etcd) loads the same;
+/// the follower writes nothing.
+#[test]
+fn the_leader_writes_and_a_follower_loads_the_same_state() {
+    let Some(c) = Cluster::start(1) else { return };
+    let (a, term) = leader(&c, Duration::from_secs(6));
+    a.put_pairs(&[pair("a", 3), pair("b", 1)], true).unwrap();
+    a.put_pairs(&[pair("a", 4)], false).unwrap();
+    a.delete_pair("b").unwrap();
+    a.put_certs(&[cert("0a", false), cert("0b", false)])
+        .unwrap();
+    a.put_certs(&[cert("0a", true)]).unwrap();
+    assert!(a.use_token("n1", u64::MAX).unwrap());
+    assert!(!a.use_token("n1", u64::MAX).unwrap(), "a token replayed");
+
+    let b = store(&c);
+    let lease = b.grant(Duration::from_secs(6)).unwrap();
+    let Attempt::Held(l) = b.campaign(&lease, "127.0.0.1:2").unwrap() else {
+        panic!("a second leader");
+    };
+    assert_eq!((l.term, l.address.as_str()), (term, "127.0.0.1:1"));
+    assert!(!b.leads());
+    let snap = b.load().unwrap();
+    assert_eq!(snap.pairs.len(), 1);
+    assert_eq!(snap.pairs["a"].epoch, 4);
+    assert!(snap.certs["0a"].revoked && !snap.certs["0b"].revoked);
+    assert!(snap.used_tokens.contains_key("n1"));
+
+    let e = b.put_pairs(&[pair("a", 99)], true).unwrap_err();
+    assert!(matches!(e, StoreError::NotLeader), "{e}");
+    assert!(matches!(
+        b.use_token("n2", u64::MAX),
+        Err(StoreError::NotLeader)
+    ));
+    assert_eq!(
+        a.load().unwrap().pairs["a"].epoch,
+        4,
+        "the follower's write landed"
+    );
+}
+
+/// A leader whose key went (its lease revoked behind its back, as when it expires) is deposed:
+/// another coordinator wins a larger term, and every write of the old one fails with a clear
+/// error while the new leader's data stays as it wrote it.
+#[test]
+fn a_deposed_leader_cannot_write() {
+    let Some(c) = Cluster::start(1) else { return };
+    let (old, old_term) = leader(&c, Duration::from_secs(6));
+    old.put_pairs(&[pair("a", 1)], true).unwrap();
+    let old_lease = old.lease.lock().unwrap().as_ref().unwrap().id;
+    raw(&c, async |mut cl| cl.lease_revoke(old_lease).await.unwrap());
+
+    let new = store(&c);
+    let lease = new.grant(Duration::from_secs(6)).unwrap();
+    let Attempt::Won(new_term) = new.campaign(&lease, "127.0.0.1:2").unwrap() else {
+        panic!("the key was free and nobody won");
+    };
+    assert!(
+        new_term > old_term,
+        "terms go backwards: {old_term} then {new_term}"
+    );
+    new.put_pairs(&[pair("a", 2)], true).unwrap();
+
+    let e = old.put_pairs(&[pair("a", 1)], true).unwrap_err();
+    match &e {
+        StoreError::Deposed { term, now } => assert_eq!((*term, *now), (old_term, new_term)),
+        other => panic!("not deposed: {other}"),
+    }
+    assert!(e.to_string().contains("deposed"), "{e}");
+    // Once deposed, it knows: no further write is even tried.
+    assert!(matches!(old.delete_pair("a"), Err(StoreError::NotLeader)));
+    assert!(old.use_token("n1", u64::MAX).is_err());
+    let snap = new.load().unwrap();
+    assert_eq!(
+        snap.pairs["a"].epoch, 2,
+        "the deposed leader's write landed"
+    );
+    assert!(snap.used_tokens.is_empty());
+}
+
+/// A leader cut from etcd stops writing once half its lease's TTL has passed without a
+/// renewal, before the lease can expire and another coordinator can win.
+#[test]
+fn a_leader_that_cannot_renew_stops_before_its_lease_expires() {
+    let Some(mut c) = Cluster::start(1) else {
+        return;
+    };
+    let ttl = Duration::from_secs(4);
+    let (a, term) = leader(&c, ttl);
+    a.put_pairs(&[pair("a", 1)], true).unwrap();
+    assert!(a.leads());
+    c.members[0].kill();
+    let cut = Instant::now();
+    while a.leads() {
+        assert!(cut.elapsed() < ttl, "still leading after the whole TTL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = cut.elapsed();
+    assert!(
+        stopped <= ttl / 2 + Duration::from_millis(200),
+        "stopped after {stopped:?}"
+    );
+    let e = a.put_pairs(&[pair("a", 2)], true).unwrap_err();
+    assert!(
+        matches!(e, StoreError::LeaseLapsed { term: t } if t == term),
+        "{e}"
+    );
+}
+
+/// A batch larger than one transaction may hold goes in several, and every record arrives.
+#[test]
+fn a_large_batch_spans_several_transactions() {
+    let Some(c) = Cluster::start(1) else { return };
+    let (a, _) = leader(&c, Duration::from_secs(6));
+    let many: Vec<PairRecord> = (0..(MAX_TXN_OPS * 2 + 17))
+        .map(|i| pair(&format!("p{i}"), i as u64))
+        .collect();
+    a.put_pairs(&many, true).unwrap();
+    let snap = store(&c).load().unwrap();
+    assert_eq!(snap.pairs.len(), many.len());
+    assert_eq!(snap.pairs["p216"].epoch, 216);
+}
+
+/// Joins racing with one token (threads released together): exactly one of them uses it.
+#[test]
+fn a_token_used_by_many_at_once_is_used_once() {
+    let Some(c) = Cluster::start(1) else { return };
+    let (a, _) = leader(&c, Duration::from_secs(6));
+    let a = std::sync::Arc::new(a);
+    let rounds = 40;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, b) = (a.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                (0..rounds)
+                    .map(|r| {
+                        b.wait();
+                        s.use_token(&format!("n{r}"), u64::MAX).unwrap() as usize
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let won: Vec<Vec<usize>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for r in 0..rounds {
+        assert_eq!(won.iter().map(|w| w[r]).sum::<usize>(), 1, "round {r}");
+    }
+}
+
+/// A value that does not decode refuses the load and names its key; expired tokens are not
+/// loaded, and the leader deletes them.
+#[test]
+fn a_corrupt_value_is_named_and_expired_tokens_are_forgotten() {
+    let Some(c) = Cluster::start(1) else { return };
+    let (a, _) = leader(&c, Duration::from_secs(6));
+    a.put_pairs(&[pair("a", 1)], true).unwrap();
+    assert!(a.use_token("old", 1).unwrap());
+    assert!(a.use_token("new", u64::MAX).unwrap());
+    let snap = a.load().unwrap();
+    assert_eq!(snap.used_tokens.keys().collect::<Vec<_>>(), ["new"]);
+    let left = raw(&c, async |mut cl| {
+        cl.get("/standby/v1/tokens/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .kvs()
+            .len()
+    });
+    assert_eq!(left, 1, "the expired token was not deleted");
+
+    raw(&c, async |mut cl| {
+        cl.put("/standby/v1/pairs/zz", vec![0xff, 0xff, 0xff], None)
+            .await
+            .unwrap()
+    });
+    let e = a.load().unwrap_err();
+    assert!(e.to_string().contains("/standby/v1/pairs/zz"), "{e}");
+    raw(&c, async |mut cl| {
+        cl.delete("/standby/v1/pairs/zz", None).await.unwrap()
+    });
+    assert_eq!(
+        a.load().unwrap().pairs["a"].epoch,
+        1,
+        "the good record was lost"
+    );
+}
+
+/// With no etcd answering, connecting or loading fails within the request limit with a clear
+/// error, never hangs.
+#[test]
+fn an_unreachable_etcd_fails_in_time() {
+    let mut cfg = EtcdConfig::new(vec![format!("http://127.0.0.1:{}", testing_port())]);
+    cfg.timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let r = EtcdStore::connect(&cfg).and_then(|s| s.load());
+    let Err(e) = r else {
+        panic!("no etcd, yet it answered");
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(e.to_string().contains("etcd"), "{e}");
+}
+
+fn testing_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Over TLS with a client certificate (`--client-cert-auth`): the store works; without a
+/// client certificate etcd refuses it, with a clear error.
+#[test]
+fn over_tls_with_a_client_certificate() {
+    crate::trust::tls::install_default_provider();
+    let d = tempfile::tempdir().unwrap();
+    let ca = crate::trust::pki::Ca::generate().unwrap();
+    let cert = ca.issue_server(&[]).unwrap();
+    let file = |name: &str, text: &str| {
+        let p = d.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let tls = testing::Tls {
+        ca: file("ca.pem", ca.cert_pem()),
+        cert: file("etcd.pem", &cert.cert_pem),
+        key: file("etcd.key", &cert.key_pem),
+    };
+    let Some(c) = Cluster::start_with(1, Some(tls.clone())) else {
+        return;
+    };
+    assert!(c.endpoints()[0].starts_with("https://"));
+    let mut cfg = EtcdConfig::new(c.endpoints());
+    cfg.tls = Some(EtcdTls {
+        ca: tls.ca.clone(),
+        cert: Some(tls.cert.clone()),
+        key: Some(tls.key.clone()),
+    });
+    let s = EtcdStore::connect(&cfg).unwrap();
+    let lease = s.grant(Duration::from_secs(6)).unwrap();
+    assert!(matches!(s.campaign(&lease, "a").unwrap(), Attempt::Won(_)));
+    s.put_pairs(&[pair("a", 7)], true).unwrap();
+    assert_eq!(s.load().unwrap().pairs["a"].epoch, 7);
+
+    cfg.tls = Some(EtcdTls {
+        ca: tls.ca.clone(),
+        cert: None,
+        key: None,
+    });
+    cfg.timeout = Duration::from_secs(2);
+    let Err(e) = EtcdStore::connect(&cfg).and_then(|s| s.load()) else {
+        panic!("etcd answered a client without a certificate");
+    };
+    assert!(e.to_string().contains("etcd"), "{e}");
+    assert_eq!(s.load().unwrap().pairs["a"].epoch, 7);
+}
