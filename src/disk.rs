@@ -5,3 +5,4 @@ pub(crate) mod crashsafe;
 pub mod epoch;
 pub mod fsx;
 pub(crate) mod statedir;
+pub mod xattr;

@@ -15,7 +15,8 @@ use super::restore::{Deferred, within_budget};
 use super::{Sender, Session, SyncError, task_error};
 use crate::proto::state::Change;
 use crate::proto::{Begin, Entry, Op, Ops, sync_request, upsert};
-use crate::replication::manifest::Root;
+use crate::replication::attrs;
+use crate::replication::manifest::{Root, same_attrs};
 use crate::replication::scan::{self, Action, Plan, Scope};
 use crate::text::hex;
 use crate::types::{Generation, RelPath};
@@ -144,13 +145,22 @@ impl Sender {
         let index = std::mem::take(&mut self.st.manifest);
         let ws = self.opts.workspace.clone();
         let exclude = self.exclude.clone();
-        let (index, plan) = tokio::task::spawn_blocking(move || {
-            let (w, roots) = scan::walk(&ws, &scope, &exclude);
+        let (mut index, mut plan) = tokio::task::spawn_blocking(move || {
+            let started_ns = now_ns();
+            let (mut w, roots) = scan::walk(&ws, &scope, &exclude);
+            attrs::fill(&ws, &mut w, &index, started_ns);
             let p = scan::plan(&index, &w, &roots);
             (index, p)
         })
         .await
         .map_err(task_error)?;
+        // Attributes read again and found unchanged: only the index's change time moves (kept
+        // in memory; lost on a restart, it costs one more read).
+        for (p, ctime_ns) in std::mem::take(&mut plan.local) {
+            if let Some(e) = index.get_mut(&p) {
+                e.ctime_ns = ctime_ns;
+            }
+        }
         self.st.manifest = index;
         Ok(plan)
     }
@@ -267,6 +277,10 @@ fn sort_actions(actions: Vec<Action>, draft: &mut Draft) -> Sorted {
                     mode: stat.mode,
                     mtime_ns: stat.mtime_ns,
                     ino: stat.ino,
+                    uid: Some(stat.uid),
+                    gid: Some(stat.gid),
+                    xattrs: stat.xattrs,
+                    ctime_ns: stat.ctime_ns,
                     ..old
                 };
                 sorted
@@ -315,7 +329,7 @@ fn needs(job: &Job, from: Option<&(RelPath, Entry)>, entry: &Entry) -> Needs {
     match &job.base {
         Some(b) if b.blake3 == entry.blake3 => {
             // Verified unchanged: the replica's bytes stand.
-            if b.mode != entry.mode || b.mtime_ns != entry.mtime_ns {
+            if b.mode != entry.mode || b.mtime_ns != entry.mtime_ns || !same_attrs(b, entry) {
                 Needs::Op(upsert_op(&job.path, entry, upsert::Content::Keep(true)))
             } else {
                 Needs::Nothing
@@ -373,6 +387,10 @@ mod tests {
             size: 3,
             ino: 7,
             target: vec![],
+            uid: 0,
+            gid: 0,
+            ctime_ns: 0,
+            xattrs: None,
         };
         let path = RelPath::new("a").unwrap();
         Job { path, stat, base }
