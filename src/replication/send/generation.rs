@@ -201,7 +201,7 @@ impl Sender {
                     contents.push(job);
                     continue;
                 }
-                Needs::Op(op) => link_ops.push(op),
+                Needs::Op(op) => link_ops.push(*op),
                 Needs::Nothing => draft.local_only += 1,
             }
             draft
@@ -312,7 +312,7 @@ enum Needs {
     /// Its bytes: the receiver does not have them.
     Bytes,
     /// This op only: a copy from the rename's source, or new metadata over the same bytes.
-    Op(Op),
+    Op(Box<Op>),
     /// Nothing on the replica: only the local index entry moves (inode, flag).
     Nothing,
 }
@@ -324,13 +324,17 @@ fn needs(job: &Job, from: Option<&(RelPath, Entry)>, entry: &Entry) -> Needs {
             return Needs::Bytes;
         }
         let from = upsert::Content::CopyFrom(src.as_bytes().to_vec().into());
-        return Needs::Op(upsert_op(&job.path, entry, from));
+        return Needs::Op(Box::new(upsert_op(&job.path, entry, from)));
     }
     match &job.base {
         Some(b) if b.blake3 == entry.blake3 => {
             // Verified unchanged: the replica's bytes stand.
             if b.mode != entry.mode || b.mtime_ns != entry.mtime_ns || !same_attrs(b, entry) {
-                Needs::Op(upsert_op(&job.path, entry, upsert::Content::Keep(true)))
+                Needs::Op(Box::new(upsert_op(
+                    &job.path,
+                    entry,
+                    upsert::Content::Keep(true),
+                )))
             } else {
                 Needs::Nothing
             }
@@ -397,14 +401,11 @@ mod tests {
     }
 
     fn content(n: &Needs) -> Option<upsert::Content> {
-        let Needs::Op(Op {
-            change: Some(crate::proto::op::Change::Upsert(u)),
-            ..
-        }) = n
-        else {
-            return None;
-        };
-        u.content.clone()
+        let Needs::Op(op) = n else { return None };
+        match &op.change {
+            Some(crate::proto::op::Change::Upsert(u)) => u.content.clone(),
+            _ => None,
+        }
     }
 
     #[test]
