@@ -825,3 +825,44 @@ fn ownership_and_extended_attributes_reach_the_standby() {
         Some(&b"again"[..])
     );
 }
+
+/// In continuous mode a chown or setxattr alone (an inotify attribute event, no write) reaches
+/// the standby by itself, without waiting for the periodic rescan.
+#[test]
+fn an_ownership_or_attribute_change_alone_is_replicated_continuously() {
+    let test = "an_ownership_or_attribute_change_alone_is_replicated_continuously";
+    if !privileged(test) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"f").unwrap();
+    let pair = static_pair(
+        t.path(),
+        &src,
+        &["--debounce", "100ms", "--rescan-interval", "1h"],
+    );
+    assert!(wait_until(Duration::from_secs(30), || flush(
+        &pair.gst, "60s"
+    )
+    .status
+    .success()));
+    let rep = pair.cpu.workspace.join("f");
+    std::os::unix::fs::lchown(src.join("f"), Some(1234), Some(5678)).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || owner_of(&rep) == (1234, 5678)),
+        "the owner did not follow: {:?}",
+        owner_of(&rep)
+    );
+    set_xattr(&src.join("f"), "user.standby.test", b"live");
+    assert!(
+        wait_until(Duration::from_secs(10), || xattr_of(
+            &rep,
+            "user.standby.test"
+        )
+        .as_deref()
+            == Some(&b"live"[..])),
+        "the attribute did not follow"
+    );
+}
