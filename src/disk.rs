@@ -6,3 +6,4 @@ pub mod epoch;
 pub mod fsx;
 pub(crate) mod statedir;
 pub mod term;
+pub mod xattr;

@@ -20,7 +20,8 @@
 //!
 //! [`disk`]
 //! - `disk::crashsafe`: framed, checksummed, atomically replaced state files and records.
-//! - [`disk::fsx`]: filesystem calls confined below a root.
+//! - [`disk::fsx`]: filesystem calls confined below a root; [`disk::xattr`]: extended
+//!   attributes (read by path, written through a descriptor, never through a symlink).
 //! - `disk::statedir`: one agent per state directory.
 //! - [`disk::epoch`]: the durable fencing epoch; [`disk::term`]: the newest coordinator term.
 //!
@@ -34,7 +35,8 @@
 //! [`replication`]
 //! - [`replication::manifest`]: what a replica holds and its blake3 root;
 //!   [`replication::catalog`] keeps one durably (and `Catalog::peek` reads it without writing).
-//! - `scan`: what changed; `watch`: inotify and the dirty set.
+//! - `scan`: what changed; `watch`: inotify and the dirty set; [`replication::attrs`]: owner
+//!   and extended attributes (what travels, limits, read at scan, applied on the replica).
 //! - [`replication::delta`]: rsync deltas made safe for the network; `compress`: zstd.
 //! - `send` (folder): the sending side of a session, generation by generation.
 //! - [`replication::receive`] (folder): the receiving side: admission (who may send, at which

@@ -5,6 +5,7 @@
 //! [`receive`] stages, verifies, journals and applies it, recording the result in its
 //! `catalog`. `continuous` is the loop that keeps doing this.
 
+pub mod attrs;
 pub mod catalog;
 pub(crate) mod compress;
 pub(crate) mod continuous;

@@ -671,3 +671,189 @@ fn standbyignore_keeps_caches_off_the_standby() {
     );
     assert!(!replica.join("pkg/__pycache__").exists());
 }
+
+/// Sets extended attribute `name` of `path` (never through a symlink).
+fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) {
+    use std::os::fd::AsFd;
+    let dir = standby::disk::fsx::open_dir_path(path.parent().unwrap()).unwrap();
+    let inode =
+        standby::disk::xattr::Inode::at(dir.as_fd(), path.file_name().unwrap().as_encoded_bytes())
+            .unwrap();
+    inode.set(name.as_bytes(), value).unwrap();
+}
+
+fn xattr_of(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    standby::disk::xattr::get_path(path, name.as_bytes()).unwrap()
+}
+
+fn owner_of(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(path).unwrap();
+    (m.uid(), m.gid())
+}
+
+/// As `rsync -aX` run as root: numeric owner and group, and extended attributes, reach the
+/// standby (a root receiver applies the owner); a change of owner alone, or of an attribute
+/// alone (neither moves the mtime), makes a generation of its own; the setuid bit a chown
+/// clears is set again after it (`--keep-setuid`).
+#[test]
+fn ownership_and_extended_attributes_reach_the_standby() {
+    let test = "ownership_and_extended_attributes_reach_the_standby";
+    if !privileged(test) {
+        return;
+    }
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    fs::write(src.join("dir/owned.txt"), b"owned").unwrap();
+    fs::write(src.join("tool"), b"#!/bin/sh\n").unwrap();
+    symlink("dir/owned.txt", src.join("link")).unwrap();
+    std::os::unix::fs::lchown(src.join("dir/owned.txt"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::lchown(src.join("dir"), Some(1001), Some(1002)).unwrap();
+    std::os::unix::fs::lchown(src.join("link"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::lchown(src.join("tool"), Some(1234), Some(5678)).unwrap();
+    fs::set_permissions(src.join("tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+    set_xattr(&src.join("dir/owned.txt"), "user.standby.test", b"hello");
+    set_xattr(&src.join("dir"), "user.standby.dir", b"d");
+    set_xattr(&src.join("dir/owned.txt"), "trusted.standby", b"root only");
+
+    let cpu = Cpu::start_with(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+        "127.0.0.1:0",
+        &["--keep-setuid"],
+        &[],
+    );
+    let gtls = pki.node("p", Role::Gpu);
+    let gst = t.path().join("gpu");
+    let r1 = once(&src, &gst, &gtls, &cpu.addr);
+    let rep = &cpu.workspace;
+    assert_same(&src, rep);
+    assert_eq!(owner_of(&rep.join("dir/owned.txt")), (1234, 5678));
+    assert_eq!(owner_of(&rep.join("dir")), (1001, 1002));
+    assert_eq!(
+        owner_of(&rep.join("link")),
+        (1234, 5678),
+        "the symlink itself"
+    );
+    assert_eq!(owner_of(&rep.join("tool")), (1234, 5678));
+    let mode = fs::metadata(rep.join("tool")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode, 0o4755,
+        "setuid set again after the chown that clears it"
+    );
+    let owned = rep.join("dir/owned.txt");
+    assert_eq!(
+        xattr_of(&owned, "user.standby.test").as_deref(),
+        Some(&b"hello"[..])
+    );
+    assert_eq!(
+        xattr_of(&owned, "trusted.standby").as_deref(),
+        Some(&b"root only"[..])
+    );
+    assert_eq!(
+        xattr_of(&rep.join("dir"), "user.standby.dir").as_deref(),
+        Some(&b"d"[..])
+    );
+
+    // Nothing changed: nothing sent again (attributes come from the index, not re-read).
+    let r2 = once(&src, &gst, &gtls, &cpu.addr);
+    assert_eq!(r2["files_changed"], 0, "{r2}");
+    assert_eq!(r2["root"], r1["root"]);
+
+    // The owner alone changes (the mtime does not): a generation, the replica follows.
+    let mtime = fs::metadata(src.join("dir/owned.txt"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::os::unix::fs::lchown(src.join("dir/owned.txt"), Some(4321), Some(8765)).unwrap();
+    assert_eq!(
+        fs::metadata(src.join("dir/owned.txt"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
+    let r3 = once(&src, &gst, &gtls, &cpu.addr);
+    assert_eq!(r3["files_changed"], 1, "{r3}");
+    assert_ne!(r3["root"], r1["root"]);
+    assert_eq!(owner_of(&owned), (4321, 8765));
+    assert_eq!(fs::read(&owned).unwrap(), b"owned");
+
+    // An attribute alone changes, another goes: the replica follows.
+    set_xattr(&src.join("dir/owned.txt"), "user.standby.test", b"again");
+    let dir = standby::disk::fsx::open_dir_path(&src.join("dir")).unwrap();
+    let inode = standby::disk::xattr::Inode::at(std::os::fd::AsFd::as_fd(&dir), b"owned.txt");
+    inode.unwrap().remove(b"trusted.standby").unwrap();
+    let r4 = once(&src, &gst, &gtls, &cpu.addr);
+    assert_eq!(r4["files_changed"], 1, "{r4}");
+    assert_eq!(
+        xattr_of(&owned, "user.standby.test").as_deref(),
+        Some(&b"again"[..])
+    );
+    assert_eq!(xattr_of(&owned, "trusted.standby"), None);
+    assert_eq!(owner_of(&owned), (4321, 8765));
+
+    // The replica as a sender sees it (a promoted standby, a restore's source): sent on to a
+    // second receiver, its scan finds the same owners and attributes, to the same root.
+    let cpu2 = Cpu::start(
+        &t.path().join("replica2"),
+        &t.path().join("cpu2"),
+        &pki.node("p", Role::Cpu),
+    );
+    let r5 = once(rep, &t.path().join("hop"), &gtls, &cpu2.addr);
+    assert_eq!(
+        r5["root"], r4["root"],
+        "the replica holds what the source held"
+    );
+    let owned2 = cpu2.workspace.join("dir/owned.txt");
+    assert_eq!(owner_of(&owned2), (4321, 8765));
+    assert_eq!(owner_of(&cpu2.workspace.join("link")), (1234, 5678));
+    assert_eq!(
+        xattr_of(&owned2, "user.standby.test").as_deref(),
+        Some(&b"again"[..])
+    );
+}
+
+/// In continuous mode a chown or setxattr alone (an inotify attribute event, no write) reaches
+/// the standby by itself, without waiting for the periodic rescan.
+#[test]
+fn an_ownership_or_attribute_change_alone_is_replicated_continuously() {
+    let test = "an_ownership_or_attribute_change_alone_is_replicated_continuously";
+    if !privileged(test) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"f").unwrap();
+    let pair = static_pair(
+        t.path(),
+        &src,
+        &["--debounce", "100ms", "--rescan-interval", "1h"],
+    );
+    assert!(wait_until(Duration::from_secs(30), || flush(
+        &pair.gst, "60s"
+    )
+    .status
+    .success()));
+    let rep = pair.cpu.workspace.join("f");
+    std::os::unix::fs::lchown(src.join("f"), Some(1234), Some(5678)).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || owner_of(&rep) == (1234, 5678)),
+        "the owner did not follow: {:?}",
+        owner_of(&rep)
+    );
+    set_xattr(&src.join("f"), "user.standby.test", b"live");
+    assert!(
+        wait_until(Duration::from_secs(10), || xattr_of(
+            &rep,
+            "user.standby.test"
+        )
+        .as_deref()
+            == Some(&b"live"[..])),
+        "the attribute did not follow"
+    );
+}

@@ -32,9 +32,17 @@ use standby::disk::fsx::{self, Root};
 use standby::proto::Entry;
 use standby::proto::state::{Change, Extent, Record};
 use standby::replication::manifest::{Kind, Manifest, kind_of};
-// Modes are compared exactly with the manifest: setuid and setgid bits are kept.
-use standby::replication::receive::apply::{SetIdBits, apply_record, clear_stage, prepare_stage};
+use standby::replication::receive::apply::{
+    Policy, SetIdBits, apply_record, clear_stage, prepare_stage,
+};
 use standby::types::RelPath;
+
+/// Modes are compared exactly with the manifest: setuid and setgid bits are kept. Owners are
+/// left alone (the fuzzer runs as whoever runs it).
+const KEEP: Policy = Policy {
+    setid: SetIdBits::Keep,
+    privileged: false,
+};
 
 #[derive(Arbitrary, Debug)]
 enum PathSel {
@@ -311,7 +319,7 @@ impl World {
     fn write_stage_file(&self, name: &str, data: &[u8], e: &Entry) {
         let mut f = fsx::create_excl(self.stage.as_fd(), name.as_bytes()).unwrap();
         f.write_all(data).unwrap();
-        standby::replication::receive::apply::set_file_meta(&f, e, SetIdBits::Keep).unwrap();
+        standby::replication::receive::apply::set_file_meta(&f, e, KEEP).unwrap();
     }
 
     /// Builds a record as the receiver would; None for an op the receiver would refuse.
@@ -477,7 +485,7 @@ impl World {
             });
 
         let staged_before = self.stage_snapshot();
-        let r = apply_record(&self.root, self.stage.as_fd(), &rec, &after, SetIdBits::Keep);
+        let r = apply_record(&self.root, self.stage.as_fd(), &rec, &after, KEEP);
         self.check_confined();
         let staged_after = self.stage_snapshot();
         for (k, v) in &staged_after {
@@ -514,7 +522,7 @@ impl World {
             panic!("a well-formed record on an untampered workspace failed: {e}\n{rec:?}");
         }
         if replay {
-            let r2 = apply_record(&self.root, self.stage.as_fd(), &rec, &after, SetIdBits::Keep);
+            let r2 = apply_record(&self.root, self.stage.as_fd(), &rec, &after, KEEP);
             self.check_confined();
             if self.clean {
                 r2.unwrap_or_else(|e| panic!("replaying an applied record failed: {e}"));

@@ -191,6 +191,50 @@ pub fn chmodat(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
     }
 }
 
+/// Sets the numeric owner and group of `name` inside `dir` (of a symlink itself, never its
+/// target: `AT_SYMLINK_NOFOLLOW`). Changing the owner clears setuid and setgid bits: callers
+/// set the mode after it.
+pub fn chownat(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> io::Result<()> {
+    let n = cname(name)?;
+    // `u32::MAX` would mean "leave unchanged" to the kernel; callers refuse it before here.
+    let uid = uid
+        .filter(|u| *u != u32::MAX)
+        .map(rustix::fs::Uid::from_raw);
+    let gid = gid
+        .filter(|g| *g != u32::MAX)
+        .map(rustix::fs::Gid::from_raw);
+    Ok(rustix::fs::chownat(
+        dir,
+        &n,
+        uid,
+        gid,
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?)
+}
+
+/// Sets the numeric owner and group of an open file (see [`chownat`]).
+pub fn fchown(f: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    let uid = uid
+        .filter(|u| *u != u32::MAX)
+        .map(rustix::fs::Uid::from_raw);
+    let gid = gid
+        .filter(|g| *g != u32::MAX)
+        .map(rustix::fs::Gid::from_raw);
+    Ok(rustix::fs::fchown(f, uid, gid)?)
+}
+
+/// Whether this process may give files any owner and write `trusted.*` attributes (effective
+/// uid 0), as `rsync` decides whether to carry ownership.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Sets the modification time of `name` inside `dir` (of a symlink itself, never its target).
 /// The access time is set to the same value.
 pub fn set_mtime_at(dir: BorrowedFd<'_>, name: &[u8], mtime_ns: i64) -> io::Result<()> {

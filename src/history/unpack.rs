@@ -3,7 +3,9 @@
 //! restore --to`): confined below the directory like a receiver's workspace (nothing is written
 //! through a symlink), every file verified by blake3 before it replaces anything, and each one
 //! put in place by a rename, so a restore cut short leaves whole files only (ARCHITECTURE.md,
-//! "History").
+//! "History"). Owner and extended attributes are written back as a replica writes them
+//! (`replication::attrs`): the owner only when running as root, `trusted.*`/`security.*` only
+//! then too, and never file capabilities (as setuid bits are never restored).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -14,6 +16,7 @@ use std::path::Path;
 use crate::disk::fsx::{self, Found, Root};
 use crate::history::{HistoryError, RestoreSummary};
 use crate::proto::Entry;
+use crate::replication::attrs::{self, Reach};
 use crate::replication::manifest::{Kind, kind_of};
 use crate::text::hex;
 use crate::types::RelPath;
@@ -39,6 +42,8 @@ pub enum UnpackError {
     Stray,
     #[error("{0}: not a file, directory or symlink")]
     Kind(String),
+    #[error("{path}: {why}")]
+    Attrs { path: String, why: String },
 }
 
 impl UnpackError {
@@ -49,6 +54,7 @@ impl UnpackError {
             | UnpackError::Mismatch { path, .. }
             | UnpackError::Size { path, .. } => path,
             UnpackError::NotADir(p) | UnpackError::IsADir(p) | UnpackError::Kind(p) => p,
+            UnpackError::Attrs { path, .. } => path,
             UnpackError::Stray => "",
         }
     }
@@ -111,6 +117,12 @@ impl Unpacker {
     /// opens a file for the content that follows.
     pub fn entry(&mut self, path: RelPath, e: Entry) -> Result<(), UnpackError> {
         self.close()?;
+        if let Some(k) = kind_of(&e) {
+            attrs::check(&e, k).map_err(|why| UnpackError::Attrs {
+                path: path.to_string(),
+                why,
+            })?;
+        }
         match kind_of(&e) {
             Some(Kind::Dir) => {
                 self.dir(&path)?;
@@ -147,6 +159,8 @@ impl Unpacker {
         for (path, e) in &self.dirs {
             let (dir, name) = self.parent(path)?;
             let io = |er| io_err(path, er);
+            attrs::chown_at(dir.as_fd(), name, e, fsx::privileged()).map_err(io)?;
+            attrs::set_xattrs_at(dir.as_fd(), name, e, reach(), path).map_err(io)?;
             fsx::chmodat(dir.as_fd(), name, e.mode & 0o1777).map_err(io)?;
             fsx::set_mtime_at(dir.as_fd(), name, e.mtime_ns).map_err(io)?;
         }
@@ -191,6 +205,7 @@ impl Unpacker {
         let tmp = tmp_name(name);
         let _ = fsx::unlinkat(dir.as_fd(), &tmp, false);
         fsx::symlinkat(&e.target, dir.as_fd(), &tmp).map_err(|er| io_err(path, er))?;
+        attrs::chown_at(dir.as_fd(), &tmp, e, fsx::privileged()).map_err(|er| io_err(path, er))?;
         fsx::set_mtime_at(dir.as_fd(), &tmp, e.mtime_ns).map_err(|er| io_err(path, er))?;
         fsx::renameat(dir.as_fd(), &tmp, dir.as_fd(), name).map_err(|er| io_err(path, er))?;
         self.done.symlinks += 1;
@@ -251,6 +266,10 @@ fn finish_file(f: &Open) -> Result<(), UnpackError> {
         });
     }
     let io = |e| io_err(&f.path, e);
+    // Owner first: changing it clears setuid and setgid bits, so the mode comes after.
+    attrs::chown_fd(f.file.as_fd(), &f.want, fsx::privileged()).map_err(io)?;
+    let inode = crate::disk::xattr::Inode::Fd(f.file.as_fd());
+    attrs::set_xattrs(&inode, &f.want, reach(), &f.path).map_err(io)?;
     // RestoreSummary files never regain setuid or setgid bits (they may come from a former host).
     let mode = f.want.mode & 0o1777;
     f.file
@@ -259,6 +278,15 @@ fn finish_file(f: &Open) -> Result<(), UnpackError> {
     f.file.sync_all().map_err(io)?;
     fsx::set_mtime_at(f.dir.as_fd(), &f.tmp, f.want.mtime_ns).map_err(io)?;
     fsx::renameat(f.dir.as_fd(), &f.tmp, f.dir.as_fd(), f.path.name()).map_err(io)
+}
+
+/// The attributes a restore writes: never file capabilities (setuid bits are never restored
+/// either).
+fn reach() -> Reach {
+    Reach {
+        privileged: fsx::privileged(),
+        capabilities: false,
+    }
 }
 
 impl Drop for Unpacker {

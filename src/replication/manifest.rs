@@ -2,8 +2,10 @@
 //!
 //! Both ends keep one: the receiver's is the committed replica; the sender's index is its view of
 //! the receiver's manifest plus local inode numbers. The root covers kind, mode, mtime, size,
-//! content hash and link target of every path, in path order, and nothing local (inodes, flags),
-//! so equal roots mean equal replicas.
+//! content hash, link target, and (where carried) owner, group and extended attributes of every
+//! path, in path order, and nothing local (inodes, flags, change times), so equal roots mean
+//! equal replicas. An entry without owner or extended attributes (recorded before they were
+//! carried) hashes exactly as it always did, so old catalogs keep their roots.
 
 use std::collections::BTreeMap;
 
@@ -53,6 +55,12 @@ pub fn same_content(a: &Entry, b: &Entry) -> bool {
         && a.size == b.size
         && a.blake3 == b.blake3
         && a.target == b.target
+        && same_attrs(a, b)
+}
+
+/// Whether two entries carry the same owner, group and extended attributes.
+pub fn same_attrs(a: &Entry, b: &Entry) -> bool {
+    a.uid == b.uid && a.gid == b.gid && a.xattrs == b.xattrs
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,9 +226,12 @@ impl Manifest {
 }
 
 fn hash_entry(h: &mut blake3::Hasher, p: &RelPath, e: &Entry) {
+    let extended = e.uid.is_some() || e.gid.is_some() || e.xattrs.is_some();
     h.update(&(p.as_bytes().len() as u32).to_le_bytes());
     h.update(p.as_bytes());
-    h.update(&[e.kind as u8]);
+    // The high bit of the kind says the extension below follows, so an entry without one hashes
+    // as before it existed and the encoding stays unambiguous.
+    h.update(&[e.kind as u8 | if extended { 0x80 } else { 0 }]);
     h.update(&e.mode.to_le_bytes());
     h.update(&e.mtime_ns.to_le_bytes());
     h.update(&e.size.to_le_bytes());
@@ -228,6 +239,27 @@ fn hash_entry(h: &mut blake3::Hasher, p: &RelPath, e: &Entry) {
     h.update(&e.blake3);
     h.update(&(e.target.len() as u32).to_le_bytes());
     h.update(&e.target);
+    if extended {
+        hash_attrs(h, e);
+    }
+}
+
+/// Owner, group and extended attributes, each with a presence flag.
+fn hash_attrs(h: &mut blake3::Hasher, e: &Entry) {
+    let flags = u8::from(e.uid.is_some())
+        | u8::from(e.gid.is_some()) << 1
+        | u8::from(e.xattrs.is_some()) << 2;
+    h.update(&[flags]);
+    h.update(&e.uid.unwrap_or(0).to_le_bytes());
+    h.update(&e.gid.unwrap_or(0).to_le_bytes());
+    let items = e.xattrs.as_ref().map_or(&[][..], |x| &x.items[..]);
+    h.update(&(items.len() as u32).to_le_bytes());
+    for x in items {
+        h.update(&(x.name.len() as u32).to_le_bytes());
+        h.update(&x.name);
+        h.update(&(x.value.len() as u32).to_le_bytes());
+        h.update(&x.value);
+    }
 }
 
 /// The entry fields that travel on the wire (local ones cleared).
@@ -235,6 +267,7 @@ pub fn wire_entry(e: &Entry) -> Entry {
     Entry {
         ino: 0,
         verify: false,
+        ctime_ns: 0,
         ..e.clone()
     }
 }
@@ -262,6 +295,54 @@ pub(crate) mod tests {
         }
     }
 
+    pub fn xattrs(items: &[(&str, &str)]) -> crate::proto::Xattrs {
+        crate::proto::Xattrs {
+            items: items
+                .iter()
+                .map(|(n, v)| crate::proto::Xattr {
+                    name: n.as_bytes().to_vec().into(),
+                    value: v.as_bytes().to_vec().into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// An entry without owner or extended attributes hashes as it did before they were carried
+    /// (catalogs written then keep their roots); the same attributes in another entry differ.
+    #[test]
+    fn old_entries_keep_their_root_and_attrs_are_unambiguous() {
+        let mut m = Manifest::new();
+        m.apply(&[upsert("f", file(3, 1, 1))]).unwrap();
+        let mut h = blake3::Hasher::new();
+        h.update(b"standby-manifest-v1");
+        h.update(&1u32.to_le_bytes());
+        h.update(b"f");
+        h.update(&[Kind::File.to_proto() as u8]);
+        h.update(&0o644u32.to_le_bytes());
+        h.update(&1i64.to_le_bytes());
+        h.update(&3u64.to_le_bytes());
+        h.update(&32u32.to_le_bytes());
+        h.update(&[1; 32]);
+        h.update(&0u32.to_le_bytes());
+        assert_eq!(
+            m.root(),
+            *h.finalize().as_bytes(),
+            "the v1 encoding, unchanged"
+        );
+        let with = |uid, gid| {
+            let mut m = Manifest::new();
+            let e = Entry {
+                uid,
+                gid,
+                ..file(3, 1, 1)
+            };
+            m.apply(&[upsert("f", e)]).unwrap();
+            m.root()
+        };
+        assert_ne!(with(Some(5), None), with(None, Some(5)));
+        assert_ne!(with(Some(0), None), m.root(), "uid 0 is not 'not carried'");
+    }
+
     fn upsert(p: &str, e: Entry) -> Change {
         Change {
             path: p.as_bytes().to_vec().into(),
@@ -285,12 +366,30 @@ pub(crate) mod tests {
         let r0 = m.root();
         m.get_mut(&RelPath::new("d/f").unwrap()).unwrap().ino = 99;
         assert_eq!(m.root(), r0, "inode is local");
+        m.get_mut(&RelPath::new("d/f").unwrap()).unwrap().ctime_ns = 7;
+        assert_eq!(m.root(), r0, "change time is local");
         for change in [
             file(4, 1, 1),
             file(3, 2, 1),
             file(3, 1, 2),
             Entry {
                 mode: 0o600,
+                ..file(3, 1, 1)
+            },
+            Entry {
+                uid: Some(1234),
+                ..file(3, 1, 1)
+            },
+            Entry {
+                gid: Some(0),
+                ..file(3, 1, 1)
+            },
+            Entry {
+                xattrs: Some(Default::default()),
+                ..file(3, 1, 1)
+            },
+            Entry {
+                xattrs: Some(xattrs(&[("user.a", "1")])),
                 ..file(3, 1, 1)
             },
         ] {

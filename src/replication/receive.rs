@@ -62,7 +62,7 @@ use crate::replication::manifest::Manifest;
 use crate::trust::revocation::DenyList;
 use crate::trust::tls::Expect;
 use crate::types::{Epoch, Generation};
-use apply::SetIdBits;
+use apply::{Policy, SetIdBits};
 
 pub use admission::Expected;
 pub use service::ReplicaService;
@@ -97,12 +97,14 @@ pub struct ReceiverOptions {
 }
 
 impl ReceiverOptions {
-    fn setid_bits(&self) -> SetIdBits {
-        if self.keep_setuid {
+    /// What the replica applies of the sender's metadata: setuid bits as asked, owner and
+    /// privileged attributes when this process is root.
+    fn policy(&self) -> Policy {
+        Policy::of_process(if self.keep_setuid {
             SetIdBits::Keep
         } else {
             SetIdBits::Mask
-        }
+        })
     }
 }
 
@@ -168,8 +170,9 @@ struct Inner {
     sessions: AtomicU64,
     figures: Mutex<Figures>,
     accepting: AtomicBool,
-    /// What becomes of the sender's setuid and setgid bits on disk.
-    setid: SetIdBits,
+    /// What becomes of the sender's setuid and setgid bits, owner and extended attributes on
+    /// disk.
+    setid: Policy,
     /// The newest generation committed here (a snapshot follows each: ARCHITECTURE.md,
     /// "History").
     committed: tokio::sync::watch::Sender<Committed>,
@@ -219,7 +222,7 @@ impl Receiver {
     /// on first start. Blocking; call before serving.
     pub fn open(opts: ReceiverOptions) -> Result<Receiver, OpenError> {
         let opened = startup::open(&opts)?;
-        let setid = opts.setid_bits();
+        let setid = opts.policy();
         let mut figures = Figures {
             epoch: opened.epoch.get(),
             ..Default::default()

@@ -2,8 +2,9 @@
 //!
 //! A scan walks the tree (or only the paths the watcher flagged, and everything below those that
 //! are directories) without following symlinks, and compares each entry with the index by the
-//! quick-check (kind, size, mtime, inode, mode). The result is a [`Plan`]: deletions, directories,
-//! symlinks, metadata-only changes and files whose content must be read.
+//! quick-check (kind, size, mtime, inode, mode, owner, extended attributes: the last read again
+//! only when the change time moved, `attrs::fill`). The result is a [`Plan`]: deletions,
+//! directories, symlinks, metadata-only changes and files whose content must be read.
 //!
 //! Hazards handled here:
 //! - A write in the same timestamp tick as our read leaves size and mtime unchanged. Entries
@@ -34,7 +35,7 @@ pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
 pub const STAGE_DIR_NAME: &str = ".standby-stage";
 
 /// What `lstat` says about one path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Stat {
     pub kind: Kind,
     pub mode: u32,
@@ -42,6 +43,14 @@ pub struct Stat {
     pub size: u64,
     pub ino: u64,
     pub target: Vec<u8>,
+    pub uid: u32,
+    pub gid: u32,
+    /// The inode's change time; 0 when the extended attributes were read too close to it to be
+    /// trusted (see `attrs::fill`).
+    pub ctime_ns: i64,
+    /// Files and directories: the extended attributes carried (`None`: not read or not
+    /// carried; `attrs::fill` fills them in after the walk).
+    pub xattrs: Option<crate::proto::Xattrs>,
 }
 
 impl Stat {
@@ -67,7 +76,27 @@ impl Stat {
             size: if kind == Kind::File { m.size() } else { 0 },
             ino: m.ino(),
             target: Vec::new(),
+            uid: m.uid(),
+            gid: m.gid(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            xattrs: None,
         })
+    }
+
+    /// The stat an index entry describes (a file sent again whole).
+    pub fn of_entry(kind: Kind, e: &Entry) -> Stat {
+        Stat {
+            kind,
+            mode: e.mode,
+            mtime_ns: e.mtime_ns,
+            size: e.size,
+            ino: e.ino,
+            target: e.target.to_vec(),
+            uid: e.uid.unwrap_or(0),
+            gid: e.gid.unwrap_or(0),
+            ctime_ns: e.ctime_ns,
+            xattrs: e.xattrs.clone(),
+        }
     }
 
     /// The index entry for this stat; files get their hash later.
@@ -79,8 +108,17 @@ impl Stat {
             size: self.size,
             target: self.target.clone().into(),
             ino: self.ino,
+            uid: Some(self.uid),
+            gid: Some(self.gid),
+            xattrs: self.xattrs.clone(),
+            ctime_ns: self.ctime_ns,
             ..Default::default()
         }
+    }
+
+    /// Whether owner, group and extended attributes are those of the index entry.
+    pub fn same_attrs(&self, e: &Entry) -> bool {
+        e.uid == Some(self.uid) && e.gid == Some(self.gid) && e.xattrs == self.xattrs
     }
 
     /// The quick-check: does the index entry still describe this file?
@@ -91,6 +129,7 @@ impl Stat {
             && e.ino == self.ino
             && e.mode == self.mode
             && (self.kind != Kind::Symlink || e.target[..] == self.target[..])
+            && self.same_attrs(e)
     }
 }
 
@@ -382,6 +421,9 @@ impl Action {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub actions: Vec<Action>,
+    /// Unchanged paths whose extended attributes were read again (their change time moved, or
+    /// was racy): the change time to record in the index, which needs no generation.
+    pub local: Vec<(RelPath, i64)>,
 }
 
 impl Plan {
@@ -395,12 +437,18 @@ pub fn plan(index: &Manifest, walk: &Walk, roots: &[Option<RelPath>]) -> Plan {
     let gone = vanished(index, walk, roots);
     let mut by_ino = vanished_inodes(&gone);
     let mut actions = deletions(&gone);
+    let mut local = Vec::new();
     for (p, st) in &walk.entries {
-        if let Some(a) = compare(p, st, index.get(p), &mut by_ino) {
-            actions.push(a);
+        let old = index.get(p);
+        match compare(p, st, old, &mut by_ino) {
+            Some(a) => actions.push(a),
+            None if old.is_some_and(|o| o.ctime_ns != st.ctime_ns) => {
+                local.push((p.clone(), st.ctime_ns));
+            }
+            None => {}
         }
     }
-    Plan { actions }
+    Plan { actions, local }
 }
 
 /// Index entries that vanished within the covered roots (those under an unreadable directory
@@ -501,8 +549,10 @@ fn compare_file(p: &RelPath, st: &Stat, o: &Entry) -> Option<Action> {
 /// A directory or symlink the index holds: an update when its state or (recreated) its inode
 /// changed.
 fn compare_node(p: &RelPath, st: &Stat, o: &Entry) -> Option<Action> {
-    let same_state =
-        o.mode == st.mode && o.mtime_ns == st.mtime_ns && o.target[..] == st.target[..];
+    let same_state = o.mode == st.mode
+        && o.mtime_ns == st.mtime_ns
+        && o.target[..] == st.target[..]
+        && st.same_attrs(o);
     // Same state, new inode (recreated): record the inode only.
     (!same_state || o.ino != st.ino).then(|| Action::Node {
         path: p.clone(),
@@ -628,6 +678,10 @@ pub(crate) mod tests {
                     size: 0,
                     ino: 1,
                     target: vec![],
+                    uid: 0,
+                    gid: 0,
+                    ctime_ns: 0,
+                    xattrs: None,
                 }
                 .entry(),
             );
@@ -640,6 +694,10 @@ pub(crate) mod tests {
                     size: 1,
                     ino: 2,
                     target: vec![],
+                    uid: 0,
+                    gid: 0,
+                    ctime_ns: 0,
+                    xattrs: None,
                 }
                 .entry(),
             );

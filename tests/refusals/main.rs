@@ -1,6 +1,7 @@
 //! Refusals: each hostile or wrong input gets a clear error and leaves the replica intact.
 //! A raw gRPC client (not the agent) speaks the protocol directly.
 
+mod attrs;
 #[path = "../common/mod.rs"]
 mod common;
 mod content;

@@ -133,3 +133,86 @@ fn nothing_is_written_through_a_symlink_or_over_a_directory() {
     assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     assert!(d.path().join("data").is_dir());
 }
+
+fn attrs(items: &[(&str, &str)]) -> Option<crate::proto::Xattrs> {
+    Some(crate::proto::Xattrs {
+        items: items
+            .iter()
+            .map(|(n, v)| crate::proto::Xattr {
+                name: n.as_bytes().to_vec().into(),
+                value: v.as_bytes().to_vec().into(),
+            })
+            .collect(),
+    })
+}
+
+/// A restore (`agent-gpu restore`, `restore-backup`) writes owners back when it runs as root,
+/// and extended attributes, but never file capabilities; hostile attributes stop it.
+#[test]
+fn owners_and_attributes_are_restored_capabilities_never() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let mut u = Unpacker::new(d.path()).unwrap();
+    let dir = Entry {
+        kind: Kind::Dir.to_proto(),
+        mode: 0o755,
+        uid: Some(1001),
+        gid: Some(1002),
+        xattrs: attrs(&[("user.dir", "d")]),
+        ..Default::default()
+    };
+    u.entry(rel("d"), dir).unwrap();
+    let f = Entry {
+        uid: Some(1234),
+        gid: Some(5678),
+        xattrs: attrs(&[("security.capability", "caps"), ("user.standby.test", "v")]),
+        ..file(b"x", 0o644)
+    };
+    u.entry(rel("d/f"), f).unwrap();
+    u.data(b"x").unwrap();
+    let link = Entry {
+        kind: Kind::Symlink.to_proto(),
+        mode: 0o777,
+        target: b"f".to_vec().into(),
+        uid: Some(1234),
+        gid: Some(5678),
+        ..Default::default()
+    };
+    u.entry(rel("d/l"), link).unwrap();
+    u.finish().unwrap();
+    let get = |p: &str, n: &str| crate::disk::xattr::get_path(&d.path().join(p), n.as_bytes());
+    assert_eq!(
+        get("d/f", "user.standby.test").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(get("d", "user.dir").unwrap().as_deref(), Some(&b"d"[..]));
+    assert_eq!(
+        get("d/f", "security.capability").unwrap(),
+        None,
+        "capabilities never restored"
+    );
+    let owner = |p: &str| {
+        let m = fs::symlink_metadata(d.path().join(p)).unwrap();
+        (m.uid(), m.gid())
+    };
+    if crate::disk::fsx::privileged() {
+        assert_eq!(owner("d/f"), (1234, 5678));
+        assert_eq!(owner("d"), (1001, 1002));
+        assert_eq!(owner("d/l"), (1234, 5678));
+    } else {
+        eprintln!("owners not checked: restoring them needs root");
+    }
+
+    let mut u = Unpacker::new(d.path()).unwrap();
+    let hostile = Entry {
+        xattrs: attrs(&[("system.posix_acl_access", "")]),
+        ..file(b"y", 0o644)
+    };
+    let err = u.entry(rel("d/f"), hostile).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+    assert_eq!(
+        fs::read(d.path().join("d/f")).unwrap(),
+        b"x",
+        "the file restored before stays"
+    );
+}

@@ -9,7 +9,9 @@
 //! neither be followed nor written through.
 //!
 //! Modes are set through [`SetIdBits`]: by default no file or directory of the replica ever
-//! gets the setuid or setgid bit, whatever the sender's mode says.
+//! gets the setuid or setgid bit, whatever the sender's mode says. Owner and extended
+//! attributes go through a [`Policy`] (`replication::attrs`): the owner only when this process
+//! is root; and always before the mode, since a change of owner clears setuid and setgid bits.
 
 use std::collections::{BTreeSet, HashMap, hash_map};
 use std::fs::File;
@@ -19,6 +21,7 @@ use std::os::unix::fs::FileExt;
 
 use crate::disk::fsx::{self, Found, Root};
 use crate::proto::state::{Change, Record};
+use crate::replication::attrs::{self, Reach};
 use crate::replication::manifest::{Kind, Manifest, kind_of};
 use crate::types::RelPath;
 
@@ -68,6 +71,38 @@ impl SetIdBits {
     }
 }
 
+/// What the replica applies of the sender's metadata besides content and mtime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub setid: SetIdBits,
+    /// Owner, group, `trusted.*` and `security.*` attributes are applied (euid 0).
+    pub privileged: bool,
+}
+
+impl Policy {
+    /// The policy of this process (privileged when its effective uid is 0).
+    pub fn of_process(setid: SetIdBits) -> Policy {
+        Policy {
+            setid,
+            privileged: fsx::privileged(),
+        }
+    }
+
+    /// The mode to set on disk for the sender's `mode`.
+    pub fn mode(self, mode: u32) -> u32 {
+        self.setid.mode(mode)
+    }
+
+    /// Which extended attributes this replica writes and removes (file capabilities only with
+    /// setuid bits kept: both are privileges).
+    pub fn reach(self) -> Reach {
+        Reach {
+            privileged: self.privileged,
+            capabilities: self.setid == SetIdBits::Keep,
+        }
+    }
+}
+
 /// A record's changes, with their paths parsed.
 type Changes<'a> = [(RelPath, &'a Change)];
 
@@ -81,7 +116,7 @@ pub fn apply_record(
     stage: BorrowedFd<'_>,
     rec: &Record,
     manifest: &Manifest,
-    bits: SetIdBits,
+    bits: Policy,
 ) -> io::Result<()> {
     let changes = parse_changes(rec)?;
     remove_old(root, &changes)?;
@@ -227,7 +262,7 @@ fn write_packed(
     stage: BorrowedFd<'_>,
     dirs: &mut Dirs<'_>,
     changes: &Changes<'_>,
-    bits: SetIdBits,
+    bits: Policy,
 ) -> io::Result<()> {
     let mut packs: HashMap<&str, Option<File>> = HashMap::new();
     let mut buf = Vec::new();
@@ -264,7 +299,7 @@ fn open_pack(stage: BorrowedFd<'_>, name: &str, p: &RelPath) -> io::Result<Optio
 }
 
 /// 4. Metadata of files and symlinks that were linked, kept or patched rather than staged.
-fn set_meta(root: &Root, changes: &Changes<'_>, bits: SetIdBits) -> io::Result<()> {
+fn set_meta(root: &Root, changes: &Changes<'_>, bits: Policy) -> io::Result<()> {
     for (p, c) in changes {
         let Some(e) = &c.entry else { continue };
         let kind = kind_of(e);
@@ -274,6 +309,7 @@ fn set_meta(root: &Root, changes: &Changes<'_>, bits: SetIdBits) -> io::Result<(
         let (dir, name) = root
             .open_parent(p)
             .map_err(|e| context(e, "set metadata of", p))?;
+        set_attrs_at(dir.as_fd(), name, e, bits, p)?;
         if kind != Some(Kind::Symlink) {
             fsx::chmodat(dir.as_fd(), name, bits.mode(e.mode))
                 .map_err(|er| context(er, "chmod", p))?;
@@ -290,7 +326,7 @@ fn set_dir_meta(
     dirs: &mut Dirs<'_>,
     manifest: &Manifest,
     changes: &Changes<'_>,
-    bits: SetIdBits,
+    bits: Policy,
 ) -> io::Result<()> {
     let mut touched: BTreeSet<RelPath> = BTreeSet::new();
     for (p, c) in changes {
@@ -316,16 +352,38 @@ fn set_dir_meta(
         if fsx::found_at(dir, name)? != Found::Dir {
             continue;
         }
+        set_attrs_at(dir, name, e, bits, p)?;
         fsx::chmodat(dir, name, bits.mode(e.mode)).map_err(|er| context(er, "chmod", p))?;
         fsx::set_mtime_at(dir, name, e.mtime_ns).map_err(|er| context(er, "set mtime of", p))?;
     }
     Ok(())
 }
 
-/// Sets a file's permission bits (setuid and setgid as `bits` says) and modification time
-/// through its descriptor.
-pub fn set_file_meta(f: &File, e: &crate::proto::Entry, bits: SetIdBits) -> io::Result<()> {
+/// Owner and extended attributes of `name` inside `dir` (a symlink: its owner only), before its
+/// mode is set.
+fn set_attrs_at(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    e: &crate::proto::Entry,
+    bits: Policy,
+    p: &RelPath,
+) -> io::Result<()> {
+    attrs::chown_at(dir, name, e, bits.privileged).map_err(|er| context(er, "chown", p))?;
+    if kind_of(e) != Some(Kind::Symlink) {
+        attrs::set_xattrs_at(dir, name, e, bits.reach(), p)
+            .map_err(|er| context(er, "set extended attributes of", p))?;
+    }
+    Ok(())
+}
+
+/// Sets a file's owner and extended attributes (as `bits` allows), then its permission bits
+/// (setuid and setgid as `bits` says: after the owner, whose change clears them) and
+/// modification time, through its descriptor.
+pub fn set_file_meta(f: &File, e: &crate::proto::Entry, bits: Policy) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    attrs::chown_fd(f.as_fd(), e, bits.privileged)?;
+    let inode = crate::disk::xattr::Inode::Fd(f.as_fd());
+    attrs::set_xattrs(&inode, e, bits.reach(), &"a staged file")?;
     f.set_permissions(std::fs::Permissions::from_mode(bits.mode(e.mode)))?;
     let t = std::time::SystemTime::UNIX_EPOCH
         + std::time::Duration::from_nanos(e.mtime_ns.max(0) as u64);
@@ -481,6 +539,16 @@ impl<'r> Dirs<'r> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Modes only: owner and the privileged attributes are left alone.
+    impl From<SetIdBits> for Policy {
+        fn from(setid: SetIdBits) -> Policy {
+            Policy {
+                setid,
+                privileged: false,
+            }
+        }
+    }
     use crate::proto::state::Change;
     use crate::replication::manifest::tests::{dir, file};
     use std::os::fd::AsFd;
@@ -526,7 +594,7 @@ mod tests {
         let mut m = Manifest::new();
         m.insert(RelPath::new("deep").unwrap(), f);
         m.insert(RelPath::new("file-to-dir").unwrap(), dir());
-        apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask).unwrap();
+        apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask.into()).unwrap();
         let check = || {
             assert_eq!(
                 std::fs::read(ws.path().join("deep")).unwrap(),
@@ -535,7 +603,7 @@ mod tests {
             assert!(ws.path().join("file-to-dir").is_dir());
         };
         check();
-        apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask).unwrap();
+        apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask.into()).unwrap();
         check();
         sync_applied(&root, &rec, &m).unwrap();
     }
@@ -567,7 +635,7 @@ mod tests {
         };
         let mut m = Manifest::new();
         m.insert(RelPath::new("f").unwrap(), f);
-        assert!(apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask).is_err());
+        assert!(apply_record(&root, stage.as_fd(), &rec, &m, SetIdBits::Mask.into()).is_err());
         let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o600, "chmod went through the symlink");
     }
@@ -608,7 +676,7 @@ mod tests {
         for (p, e) in [("suid", packed), ("sgid", d), ("kept", kept)] {
             m.insert(RelPath::new(p).unwrap(), e);
         }
-        apply_record(&root, stage.as_fd(), &rec, &m, bits).unwrap();
+        apply_record(&root, stage.as_fd(), &rec, &m, bits.into()).unwrap();
         assert_eq!(
             std::fs::read(ws.path().join("suid")).unwrap(),
             b"#!/bin/sh\n",
@@ -629,6 +697,93 @@ mod tests {
         assert_eq!(modes_after(SetIdBits::Keep), [0o4755, 0o2775, 0o6755]);
     }
 
+    /// Sets the metadata of existing file `name` (and nothing else) as `e`, under `policy`.
+    fn set_meta_of(
+        ws: &std::path::Path,
+        name: &str,
+        e: &crate::proto::Entry,
+        policy: Policy,
+    ) -> io::Result<()> {
+        let st = tempfile::tempdir().unwrap();
+        let root = Root::open(ws).unwrap();
+        let stage = fsx::open_dir_path(st.path()).unwrap();
+        let rec = Record {
+            generation: 2,
+            changes: vec![Change {
+                set_meta: true,
+                ..ch(name, Some(e.clone()), Some(Kind::File))
+            }],
+            ..Default::default()
+        };
+        let mut m = Manifest::new();
+        m.insert(RelPath::new(name).unwrap(), e.clone());
+        apply_record(&root, stage.as_fd(), &rec, &m, policy)
+    }
+
+    /// As root: owner and group are set before the mode (a chown clears the setuid bit, which
+    /// comes back), attributes too; unprivileged, the owner is left alone; and a symlink planted
+    /// where a file was expected is refused, its target's owner untouched.
+    #[test]
+    fn owner_before_mode_only_as_root_and_never_through_a_symlink() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !fsx::privileged() {
+            eprintln!("skipped: giving files another owner needs root");
+            return;
+        }
+        let ws = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        std::fs::write(&secret, b"x").unwrap();
+        std::os::unix::fs::symlink(&secret, ws.path().join("planted")).unwrap();
+        std::fs::write(ws.path().join("kept"), b"kept").unwrap();
+        let mut e = file(4, 1_000_000_000, 2);
+        e.mode = 0o4755;
+        e.uid = Some(1234);
+        e.gid = Some(5678);
+        e.xattrs = Some(crate::replication::manifest::tests::xattrs(&[(
+            "trusted.t",
+            "v",
+        )]));
+        let unprivileged = Policy {
+            setid: SetIdBits::Keep,
+            privileged: false,
+        };
+        set_meta_of(ws.path(), "kept", &e, unprivileged).unwrap();
+        let md = std::fs::metadata(ws.path().join("kept")).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (0, 0),
+            "unprivileged: the owner stays"
+        );
+        let root = Policy {
+            setid: SetIdBits::Keep,
+            privileged: true,
+        };
+        set_meta_of(ws.path(), "kept", &e, root).unwrap();
+        let md = std::fs::metadata(ws.path().join("kept")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (1234, 5678));
+        assert_eq!(
+            md.permissions().mode() & 0o7777,
+            0o4755,
+            "setuid set after the chown"
+        );
+        let t = crate::disk::xattr::get_path(&ws.path().join("kept"), b"trusted.t").unwrap();
+        assert_eq!(t.as_deref(), Some(&b"v"[..]));
+        assert!(set_meta_of(ws.path(), "planted", &e, root).is_err());
+        let md = std::fs::metadata(&secret).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (0, 0),
+            "chown went through the symlink"
+        );
+        assert!(
+            crate::disk::xattr::list_path(&secret)
+                .unwrap()
+                .unwrap()
+                .is_empty()
+        );
+    }
+
     #[test]
     fn staged_files_are_masked_too() {
         use std::os::unix::fs::PermissionsExt;
@@ -636,10 +791,10 @@ mod tests {
         let f = File::create(d.path().join("f")).unwrap();
         let mut e = file(0, 1_000_000_000, 1);
         e.mode = 0o6711;
-        set_file_meta(&f, &e, SetIdBits::Mask).unwrap();
+        set_file_meta(&f, &e, SetIdBits::Mask.into()).unwrap();
         let mode = |f: &File| f.metadata().unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&f), 0o711);
-        set_file_meta(&f, &e, SetIdBits::Keep).unwrap();
+        set_file_meta(&f, &e, SetIdBits::Keep.into()).unwrap();
         assert_eq!(mode(&f), 0o6711);
         assert_eq!(e.mode, 0o6711, "the entry keeps the sender's mode");
     }

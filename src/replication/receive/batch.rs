@@ -20,6 +20,7 @@ use super::Inner;
 use super::apply::set_file_meta;
 use crate::disk::fsx;
 use crate::proto::Entry;
+use crate::replication::attrs;
 use crate::replication::manifest::{Kind, Manifest, kind_of};
 use crate::types::RelPath;
 
@@ -159,6 +160,7 @@ fn stage_rest(
     out.results.extend(placed);
     for (p, e, n) in symlinks {
         let r = fsx::symlinkat(&e.target, inner.stage.as_fd(), &n)
+            .and_then(|_| attrs::chown_at(inner.stage.as_fd(), &n, &e, inner.setid.privileged))
             .and_then(|_| fsx::set_mtime_at(inner.stage.as_fd(), &n, e.mtime_ns))
             .map(|_| Some(e));
         out.results.push((p, r));

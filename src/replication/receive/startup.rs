@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::apply::{SetIdBits, apply_record, clear_stage, prepare_stage, sync_applied};
+use super::apply::{Policy, apply_record, clear_stage, prepare_stage, sync_applied};
 use super::{CATALOG, OpenError, ReceiverOptions};
 use crate::disk::epoch::EpochStore;
 use crate::disk::fsx::{self, Root};
@@ -39,7 +39,7 @@ pub(super) fn open(opts: &ReceiverOptions) -> Result<Opened, OpenError> {
     prepare_stage(stage.as_fd())?;
     let fresh = opts.adopt && !catalog_exists(&opts.state_dir);
     let loaded = Catalog::open(&opts.state_dir, CATALOG)?;
-    let (mut manifest, mut catalog) = recover(&root, &stage, loaded, opts.setid_bits())?;
+    let (mut manifest, mut catalog) = recover(&root, &stage, loaded, opts.policy())?;
     if fresh {
         manifest = adopt(&opts.workspace, &stage_path)?;
         if !manifest.is_empty() {
@@ -90,7 +90,7 @@ fn recover(
     root: &Root,
     stage: &OwnedFd,
     loaded: Loaded,
-    bits: SetIdBits,
+    bits: Policy,
 ) -> Result<(Manifest, Catalog), OpenError> {
     let manifest = loaded.manifest;
     let mut catalog = loaded.catalog;
@@ -119,7 +119,9 @@ fn recover(
 pub(super) fn adopt(workspace: &Path, stage_path: &Path) -> io::Result<Manifest> {
     use crate::replication::scan::{Exclude, Scope, walk};
     let ex = Exclude::new(workspace, stage_path);
-    let (w, _) = walk(workspace, &Scope::Full, &ex);
+    let (mut w, _) = walk(workspace, &Scope::Full, &ex);
+    let started_ns = crate::host::unix_ms_now() as i64 * 1_000_000;
+    crate::replication::attrs::fill(workspace, &mut w, &Manifest::new(), started_ns);
     let hashed: Vec<(RelPath, Entry)> = w
         .entries
         .par_iter()

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use super::Inner;
-use super::apply::{SetIdBits, set_file_meta};
+use super::apply::{Policy, set_file_meta};
 use super::refusal::{bad, status_io};
 use super::stage::{Base, Direct, Patch};
 use crate::disk::fsx;
@@ -307,7 +307,7 @@ fn seal(
     sink: Sink,
     mut e: Entry,
     (size, base_ino): (u64, u64),
-    bits: SetIdBits,
+    bits: Policy,
 ) -> Result<StreamOutcome, Status> {
     let io = |er| status_io("staging", er);
     match sink {

@@ -162,6 +162,7 @@ fn validate_upsert(
         .ok_or_else(|| bad(format!("{path}: upsert without entry")))?;
     entry.ino = 0;
     entry.verify = false;
+    entry.ctime_ns = 0;
     let kind = check_entry(&path, &entry)?;
     let old_kind = old.and_then(kind_of);
     let content = match (kind, u.content.unwrap_or(upsert::Content::Keep(true))) {
@@ -239,7 +240,8 @@ pub(super) fn rel(path: &[u8]) -> Result<RelPath, Status> {
     Ok(p)
 }
 
-/// An entry's kind, with the fields that kind allows.
+/// An entry's kind, with the fields that kind allows, and its owner and extended attributes
+/// within their limits (`replication::attrs::check`).
 fn check_entry(p: &RelPath, e: &Entry) -> Result<Kind, Status> {
     let k = kind_of(e).ok_or_else(|| bad(format!("{p}: entry without a valid kind")))?;
     if e.mode & !0o7777 != 0 {
@@ -261,6 +263,7 @@ fn check_entry(p: &RelPath, e: &Entry) -> Result<Kind, Status> {
         }
         Kind::Dir => {}
     }
+    crate::replication::attrs::check(e, k).map_err(|why| bad(format!("{p}: {why}")))?;
     Ok(k)
 }
 

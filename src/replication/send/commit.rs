@@ -173,14 +173,7 @@ fn retry_jobs(
         let stat = ch
             .entry
             .as_ref()
-            .map(|e| Stat {
-                kind: Kind::File,
-                mode: e.mode,
-                mtime_ns: e.mtime_ns,
-                size: e.size,
-                ino: e.ino,
-                target: vec![],
-            })
+            .map(|e| Stat::of_entry(Kind::File, e))
             .ok_or_else(|| SyncError::Refused(format!("retry of deleted {p}")))?;
         again.push(Job {
             path: p,

@@ -15,7 +15,8 @@ use super::restore::{Deferred, within_budget};
 use super::{Sender, Session, SyncError, task_error};
 use crate::proto::state::Change;
 use crate::proto::{Begin, Entry, Op, Ops, sync_request, upsert};
-use crate::replication::manifest::Root;
+use crate::replication::attrs;
+use crate::replication::manifest::{Root, same_attrs};
 use crate::replication::scan::{self, Action, Plan, Scope};
 use crate::text::hex;
 use crate::types::{Generation, RelPath};
@@ -145,13 +146,22 @@ impl Sender {
         let index = std::mem::take(&mut self.st.manifest);
         let ws = self.opts.workspace.clone();
         let exclude = self.exclude.clone();
-        let (index, plan) = tokio::task::spawn_blocking(move || {
-            let (w, roots) = scan::walk(&ws, &scope, &exclude);
+        let (mut index, mut plan) = tokio::task::spawn_blocking(move || {
+            let started_ns = now_ns();
+            let (mut w, roots) = scan::walk(&ws, &scope, &exclude);
+            attrs::fill(&ws, &mut w, &index, started_ns);
             let p = scan::plan(&index, &w, &roots);
             (index, p)
         })
         .await
         .map_err(task_error)?;
+        // Attributes read again and found unchanged: only the index's change time moves (kept
+        // in memory; lost on a restart, it costs one more read).
+        for (p, ctime_ns) in std::mem::take(&mut plan.local) {
+            if let Some(e) = index.get_mut(&p) {
+                e.ctime_ns = ctime_ns;
+            }
+        }
         self.st.manifest = index;
         Ok(plan)
     }
@@ -192,7 +202,7 @@ impl Sender {
                     contents.push(job);
                     continue;
                 }
-                Needs::Op(op) => link_ops.push(op),
+                Needs::Op(op) => link_ops.push(*op),
                 Needs::Nothing => draft.local_only += 1,
             }
             draft
@@ -268,6 +278,10 @@ fn sort_actions(actions: Vec<Action>, draft: &mut Draft) -> Sorted {
                     mode: stat.mode,
                     mtime_ns: stat.mtime_ns,
                     ino: stat.ino,
+                    uid: Some(stat.uid),
+                    gid: Some(stat.gid),
+                    xattrs: stat.xattrs,
+                    ctime_ns: stat.ctime_ns,
                     ..old
                 };
                 sorted
@@ -299,7 +313,7 @@ enum Needs {
     /// Its bytes: the receiver does not have them.
     Bytes,
     /// This op only: a copy from the rename's source, or new metadata over the same bytes.
-    Op(Op),
+    Op(Box<Op>),
     /// Nothing on the replica: only the local index entry moves (inode, flag).
     Nothing,
 }
@@ -311,13 +325,17 @@ fn needs(job: &Job, from: Option<&(RelPath, Entry)>, entry: &Entry) -> Needs {
             return Needs::Bytes;
         }
         let from = upsert::Content::CopyFrom(src.as_bytes().to_vec().into());
-        return Needs::Op(upsert_op(&job.path, entry, from));
+        return Needs::Op(Box::new(upsert_op(&job.path, entry, from)));
     }
     match &job.base {
         Some(b) if b.blake3 == entry.blake3 => {
             // Verified unchanged: the replica's bytes stand.
-            if b.mode != entry.mode || b.mtime_ns != entry.mtime_ns {
-                Needs::Op(upsert_op(&job.path, entry, upsert::Content::Keep(true)))
+            if b.mode != entry.mode || b.mtime_ns != entry.mtime_ns || !same_attrs(b, entry) {
+                Needs::Op(Box::new(upsert_op(
+                    &job.path,
+                    entry,
+                    upsert::Content::Keep(true),
+                )))
             } else {
                 Needs::Nothing
             }
@@ -374,20 +392,21 @@ mod tests {
             size: 3,
             ino: 7,
             target: vec![],
+            uid: 0,
+            gid: 0,
+            ctime_ns: 0,
+            xattrs: None,
         };
         let path = RelPath::new("a").unwrap();
         Job { path, stat, base }
     }
 
     fn content(n: &Needs) -> Option<upsert::Content> {
-        let Needs::Op(Op {
-            change: Some(crate::proto::op::Change::Upsert(u)),
-            ..
-        }) = n
-        else {
-            return None;
-        };
-        u.content.clone()
+        let Needs::Op(op) = n else { return None };
+        match &op.change {
+            Some(crate::proto::op::Change::Upsert(u)) => u.content.clone(),
+            _ => None,
+        }
     }
 
     #[test]

@@ -97,6 +97,7 @@ fn adopt_local(ws: &Path, mut remote: Manifest) -> Manifest {
             let local = lstat(ws, &p);
             e.ino = 0;
             e.verify = false;
+            e.ctime_ns = 0; // attributes are read again at the next scan
             if let Some(st) = local
                 && looks_same(&st, &e)
             {

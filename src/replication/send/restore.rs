@@ -62,6 +62,10 @@ mod tests {
             size,
             ino: 1,
             target: vec![],
+            uid: 0,
+            gid: 0,
+            ctime_ns: 0,
+            xattrs: None,
         };
         let path = RelPath::new(path).unwrap();
         Job {
