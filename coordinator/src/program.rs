@@ -671,10 +671,7 @@ fn serve_options(a: ServeArgs) -> Result<crate::control::service::ServeOptions, 
 
 /// `--store etcd` and its options (None: the file store); a usage error when etcd options come
 /// without it or it comes without endpoints.
-fn ha(
-    f: &FileConfig,
-    a: &ServeArgs,
-) -> Result<Option<crate::control::service::HaOptions>, String> {
+fn ha(f: &FileConfig, a: &ServeArgs) -> Result<Option<crate::control::service::HaOptions>, String> {
     let kind = f.pick(a.store, "store", || StoreKind::File)?;
     let endpoints: Vec<String> = f
         .pick(a.etcd.clone(), "etcd", String::new)?

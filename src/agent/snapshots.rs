@@ -119,12 +119,15 @@ async fn run(
                 if r.is_err() {
                     return;
                 }
-                let c = committed.borrow_and_update().clone();
+                committed.borrow_and_update();
                 // A record overtaken by this generation may have recorded it already.
-                let Some(manifest) = c.manifest.filter(|m| Some(m.generation) != last) else {
+                let Some(handed) = receiver
+                    .take_committed()
+                    .filter(|(m, _)| Some(m.generation) != last)
+                else {
                     continue;
                 };
-                last = record(&store, &receiver, (manifest, c.at), &figures).await.or(last);
+                last = record(&store, &receiver, handed, &figures).await.or(last);
                 if over_budget(&figures, &retention) {
                     forget(&store, &retention, &figures).await;
                 }
@@ -189,6 +192,9 @@ async fn record(
             f.last_error = None;
             tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, "snapshot recorded");
             drop(f);
+            if started.elapsed() >= crate::host::BURST {
+                crate::host::release_free_memory();
+            }
             refresh(store, figures);
             Some(manifest.generation)
         }
@@ -208,17 +214,11 @@ async fn newer_than(
     generation: Generation,
 ) -> Option<(Arc<Manifest>, SystemTime)> {
     let mut w = receiver.committed();
-    let wait = w.wait_for(|c| {
-        c.manifest
-            .as_ref()
-            .is_some_and(|m| m.generation != generation)
-    });
-    let c = tokio::time::timeout(NEWER_WITHIN, wait)
-        .await
-        .ok()?
-        .ok()?
-        .clone();
-    Some((c.manifest?, c.at))
+    let wait = w.wait_for(|c| c.generation != generation);
+    tokio::time::timeout(NEWER_WITHIN, wait).await.ok()?.ok()?;
+    receiver
+        .take_committed()
+        .filter(|(m, _)| m.generation != generation)
 }
 
 fn task_failed(e: tokio::task::JoinError) -> HistoryError {

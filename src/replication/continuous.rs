@@ -479,6 +479,10 @@ impl<'a> Loop<'a> {
         }
         if self.dirty.is_empty() {
             self.pending_since = None;
+            // Idle after a long scan or generation: give its memory back (ARCHITECTURE.md, "Memory").
+            if scan_started.elapsed() >= crate::host::BURST {
+                crate::host::release_free_memory();
+            }
         }
         let mut f = self.sender.figures.lock().expect("figures");
         f.oldest_pending_unix_ms = self.pending_since.map(unix_ms);

@@ -109,13 +109,16 @@ impl ReceiverOptions {
 }
 
 /// A committed generation, as [`Receiver::committed`] tells it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Committed {
     pub generation: Generation,
     pub at: SystemTime,
-    /// The committed manifest (None until the first commit while someone watches).
-    pub manifest: Option<Arc<Manifest>>,
 }
+
+/// The newest committed manifest, kept for the watcher until it takes it
+/// ([`Receiver::take_committed`]). Not in the watch channel itself: a channel keeps its last
+/// value, and this copy of a 100k-file manifest is tens of MiB (ARCHITECTURE.md, "Memory").
+type Handed = std::sync::Mutex<Option<(Arc<Manifest>, SystemTime)>>;
 
 /// Figures for status calls and heartbeats, readable without the replica lock.
 #[derive(Clone, Debug, Default)]
@@ -176,6 +179,7 @@ struct Inner {
     /// The newest generation committed here (a snapshot follows each: ARCHITECTURE.md,
     /// "History").
     committed: tokio::sync::watch::Sender<Committed>,
+    handed: Handed,
 }
 
 /// The session holding the replica: its number, how to end it, and its sender's certificate
@@ -252,8 +256,8 @@ impl Receiver {
                 committed: tokio::sync::watch::Sender::new(Committed {
                     generation,
                     at: SystemTime::now(),
-                    manifest: None,
                 }),
+                handed: Handed::default(),
             }),
         })
     }
@@ -313,10 +317,16 @@ impl Receiver {
     }
 
     /// The newest generation committed here, changing with every commit; while someone
-    /// watches, each commit also carries its manifest (the session holds the replica lock, so
-    /// this is how a watcher sees what was committed).
+    /// watches, each commit also hands over its manifest ([`Receiver::take_committed`]: the
+    /// session holds the replica lock, so this is how a watcher sees what was committed).
     pub fn committed(&self) -> tokio::sync::watch::Receiver<Committed> {
         self.inner.committed.subscribe()
+    }
+
+    /// The manifest of the newest commit made while someone watched, with its time, unless
+    /// taken already. Taking it drops the copy: only one manifest stays resident at rest.
+    pub fn take_committed(&self) -> Option<(Arc<Manifest>, SystemTime)> {
+        self.inner.handed.lock().expect("handed").take()
     }
 
     /// Whether `identity` may read what this replica holds (its status, its history): the

@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::store::StoreError;
-use crate::control::store::etcd::election::{Attempt, Lease};
 use crate::control::store::etcd::EtcdStore;
+use crate::control::store::etcd::election::{Attempt, Lease};
 use crate::control::store::ha::HaOptions;
 
 /// How often a follower campaigns, and the watchdog checks the leader's deadline.

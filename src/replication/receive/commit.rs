@@ -52,6 +52,7 @@ impl Session {
             return Ok(guard);
         }
         let started = Instant::now();
+        let burst = g.changes.len() >= BURST_CHANGES;
         let (inner, epoch, want) = (self.inner.clone(), self.epoch, c.root.to_vec());
         let sender = self.sender.clone();
         let (guard, r) = blocking(guard, move |st| {
@@ -68,6 +69,9 @@ impl Session {
         let commit_ms = started.elapsed().as_millis() as u64;
         self.record_commit(&guard.manifest, generation, root);
         tracing::debug!(%generation, commit_ms, "generation committed");
+        if burst {
+            crate::host::release_free_memory();
+        }
         let result = CommitResult {
             generation: generation.0,
             committed: true,
@@ -88,15 +92,20 @@ impl Session {
         let at = SystemTime::now();
         f.last_commit = Some(at);
         drop(f);
-        // The manifest is copied only for a watcher (the history recorder).
-        let manifest = (self.inner.committed.receiver_count() > 0).then(|| Arc::new(m.clone()));
-        self.inner.committed.send_replace(Committed {
-            generation,
-            at,
-            manifest,
-        });
+        // The manifest is copied only for a watcher (the history recorder), and replaces a copy
+        // it has not taken yet.
+        if self.inner.committed.receiver_count() > 0 {
+            *self.inner.handed.lock().expect("handed") = Some((Arc::new(m.clone()), at));
+        }
+        self.inner
+            .committed
+            .send_replace(Committed { generation, at });
     }
 }
+
+/// A generation of at least this many changes is a burst: what staging it allocated is given
+/// back to the system once it is committed (ARCHITECTURE.md, "Memory").
+const BURST_CHANGES: usize = 1000;
 
 /// Checks that the commit is for the open generation, and waits for its staging.
 async fn settle_for(g: &mut Gen, generation: u64) -> Result<(), Status> {

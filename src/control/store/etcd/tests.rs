@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use super::election::Attempt;
 use super::testing::Cluster;
-use crate::control::store::ha::EtcdTls;
 use super::*;
+use crate::control::store::ha::EtcdTls;
 use crate::proto::PairState;
 
 fn pair(name: &str, epoch: u64) -> PairRecord {
