@@ -66,8 +66,7 @@ fn walk(root: &Path, dir: &Path, m: &mut Manifest) {
             entry.size = md.len();
             entry.blake3 = blake3::hash(&std::fs::read(&path).unwrap())
                 .as_bytes()
-                .to_vec()
-                .into();
+                .to_vec();
         }
         m.insert(rel, entry);
     }

@@ -196,7 +196,7 @@ fn summary(i: &SnapshotInfo) -> SnapshotSummary {
         id: i.id.to_string(),
         time_unix_ms: i.time_ms as i64,
         generation: i.generation.0,
-        root: i.root.to_vec().into(),
+        root: i.root.to_vec(),
         files: i.files,
         bytes: i.bytes,
         new_bytes: i.new_bytes,
@@ -400,7 +400,7 @@ mod tests {
             kind: EntryKind::File as i32,
             mode: 0o644,
             size: data.len() as u64,
-            blake3: blake3::hash(data).as_bytes().to_vec().into(),
+            blake3: blake3::hash(data).as_bytes().to_vec(),
             ..Default::default()
         };
         [

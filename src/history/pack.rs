@@ -187,7 +187,7 @@ impl Sealed {
 
 fn to_proto(s: &Stored) -> PackChunk {
     PackChunk {
-        id: s.id.to_vec().into(),
+        id: s.id.to_vec(),
         offset: s.offset,
         stored_len: s.stored_len,
         raw_len: s.raw_len,

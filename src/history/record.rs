@@ -160,7 +160,7 @@ fn summarize(
     SnapshotSummary {
         time_ms: unix_ms(at),
         generation: manifest.generation.0,
-        root: manifest.root().to_vec().into(),
+        root: manifest.root().to_vec(),
         files: manifest.file_count() as u64,
         bytes: manifest.total_bytes(),
         new_bytes,

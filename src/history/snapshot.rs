@@ -88,9 +88,9 @@ pub fn encode(summary: &SnapshotSummary, paths: &[SnapPath]) -> Result<Vec<u8>, 
         paths: paths
             .iter()
             .map(|p| SnapshotPath {
-                path: p.path.as_bytes().to_vec().into(),
+                path: p.path.as_bytes().to_vec(),
                 entry: Some(p.entry.clone()),
-                chunks: p.chunks.concat().into(),
+                chunks: p.chunks.concat(),
             })
             .collect(),
     };
@@ -254,7 +254,7 @@ mod tests {
         SnapshotSummary {
             time_ms: 1_700_000_000_000,
             generation: 7,
-            root: vec![9; 32].into(),
+            root: vec![9; 32],
             files: 1,
             bytes: 3,
             new_bytes: 100,
@@ -308,7 +308,7 @@ mod tests {
         ] {
             let body = SnapshotBody {
                 paths: vec![SnapshotPath {
-                    path: bad_path.into(),
+                    path: bad_path,
                     entry: Some(dir()),
                     chunks: Default::default(),
                 }],

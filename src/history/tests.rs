@@ -41,15 +41,13 @@ fn walk(root: &Path, dir: &Path, m: &mut Manifest) {
                 .unwrap()
                 .as_os_str()
                 .as_bytes()
-                .to_vec()
-                .into();
+                .to_vec();
         } else {
             entry.kind = EntryKind::File as i32;
             entry.size = md.len();
             entry.blake3 = blake3::hash(&std::fs::read(&path).unwrap())
                 .as_bytes()
-                .to_vec()
-                .into();
+                .to_vec();
         }
         m.insert(rel, entry);
     }

@@ -153,10 +153,7 @@ pub fn read(abs: &Path, reach: Reach) -> Option<Xattrs> {
     let mut items = Vec::with_capacity(names.len());
     for name in names {
         match xattr::get_path(abs, &name) {
-            Ok(Some(value)) => items.push(Xattr {
-                name: name.into(),
-                value: value.into(),
-            }),
+            Ok(Some(value)) => items.push(Xattr { name, value }),
             Ok(None) => {} // removed since the listing
             Err(e) => {
                 tracing::debug!(path = %abs.display(), error = %e, "cannot read an extended attribute; not carried");

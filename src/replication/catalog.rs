@@ -407,7 +407,7 @@ fn write_snapshot(path: &Path, m: &Manifest) -> Result<u64, CatalogError> {
     let mut w = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
     let header = SnapshotHeader {
         generation: m.generation.0,
-        root: m.root().to_vec().into(),
+        root: m.root().to_vec(),
         entries: m.len() as u64,
     };
     let mut written = 0u64;
@@ -420,7 +420,7 @@ fn write_snapshot(path: &Path, m: &Manifest) -> Result<u64, CatalogError> {
     let mut batch = SnapshotItems::default();
     for (p, e) in m.iter() {
         batch.items.push(SnapshotItem {
-            path: p.as_bytes().to_vec().into(),
+            path: p.as_bytes().to_vec(),
             entry: Some(e.clone()),
         });
         if batch.items.len() == 4096 {
@@ -450,7 +450,7 @@ mod tests {
             changes: changes
                 .into_iter()
                 .map(|(p, e)| Change {
-                    path: p.as_bytes().to_vec().into(),
+                    path: p.as_bytes().to_vec(),
                     entry: e,
                     ..Default::default()
                 })

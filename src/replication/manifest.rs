@@ -282,7 +282,7 @@ pub(crate) mod tests {
             mode: 0o644,
             mtime_ns: mtime,
             size,
-            blake3: vec![hash; 32].into(),
+            blake3: vec![hash; 32],
             ..Default::default()
         }
     }
@@ -300,8 +300,8 @@ pub(crate) mod tests {
             items: items
                 .iter()
                 .map(|(n, v)| crate::proto::Xattr {
-                    name: n.as_bytes().to_vec().into(),
-                    value: v.as_bytes().to_vec().into(),
+                    name: n.as_bytes().to_vec(),
+                    value: v.as_bytes().to_vec(),
                 })
                 .collect(),
         }
@@ -345,7 +345,7 @@ pub(crate) mod tests {
 
     fn upsert(p: &str, e: Entry) -> Change {
         Change {
-            path: p.as_bytes().to_vec().into(),
+            path: p.as_bytes().to_vec(),
             entry: Some(e),
             ..Default::default()
         }
@@ -353,7 +353,7 @@ pub(crate) mod tests {
 
     fn delete(p: &str) -> Change {
         Change {
-            path: p.as_bytes().to_vec().into(),
+            path: p.as_bytes().to_vec(),
             ..Default::default()
         }
     }

@@ -106,7 +106,7 @@ impl Stat {
             mode: self.mode,
             mtime_ns: self.mtime_ns,
             size: self.size,
-            target: self.target.clone().into(),
+            target: self.target.clone(),
             ino: self.ino,
             uid: Some(self.uid),
             gid: Some(self.gid),
@@ -598,7 +598,7 @@ pub(crate) mod tests {
         for (p, st) in &walk.entries {
             let mut e = st.entry();
             if st.kind == Kind::File {
-                e.blake3 = vec![0; 32].into();
+                e.blake3 = vec![0; 32];
             }
             m.insert(p.clone(), e);
         }

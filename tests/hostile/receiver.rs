@@ -66,11 +66,11 @@ async fn oversized_messages_are_refused_and_the_agent_keeps_serving() {
     r.send(sync_request::Msg::End(FileEnd {
         file: 1,
         aborted: false,
-        blake3: blake3::hash(small).as_bytes().to_vec().into(),
+        blake3: blake3::hash(small).as_bytes().to_vec(),
         size: 1 << 40,
     }))
     .await;
-    r.send(commit(g, vec![0u8; 32].into())).await;
+    r.send(commit(g, vec![0u8; 32])).await;
     let e = r.recv().await.expect_err("refused");
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("exceeds the limit"), "{e}");
@@ -95,7 +95,7 @@ async fn oversized_messages_are_refused_and_the_agent_keeps_serving() {
     r.send(sync_request::Msg::End(FileEnd {
         file: 1,
         aborted: false,
-        blake3: blake3::hash(small).as_bytes().to_vec().into(),
+        blake3: blake3::hash(small).as_bytes().to_vec(),
         size: 1 << 40,
     }))
     .await;
@@ -108,11 +108,11 @@ async fn oversized_messages_are_refused_and_the_agent_keeps_serving() {
     r.send(sync_request::Msg::End(FileEnd {
         file: 2,
         aborted: false,
-        blake3: blake3::hash(&[0u8; 4096]).as_bytes().to_vec().into(),
+        blake3: blake3::hash(&[0u8; 4096]).as_bytes().to_vec(),
         size: 4096,
     }))
     .await;
-    r.send(commit(g, vec![0u8; 32].into())).await;
+    r.send(commit(g, vec![0u8; 32])).await;
     match r.recv().await.unwrap() {
         sync_response::Msg::Commit(c) => {
             assert!(!c.committed);

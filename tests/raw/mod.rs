@@ -99,7 +99,7 @@ pub fn file_entry(data: &[u8], mode: u32) -> Entry {
         mode,
         mtime_ns: 1_700_000_000_000_000_000,
         size: data.len() as u64,
-        blake3: blake3::hash(data).as_bytes().to_vec().into(),
+        blake3: blake3::hash(data).as_bytes().to_vec(),
         ..Default::default()
     }
 }

@@ -46,7 +46,7 @@ async fn traversal_and_absolute_paths_are_refused() {
     );
     r.send(sync_request::Msg::Commit(Commit {
         generation: g,
-        root: m.root().to_vec().into(),
+        root: m.root().to_vec(),
     }))
     .await;
     let e = r.recv().await.expect_err("refused");
@@ -109,7 +109,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
     r.send(sync_request::Msg::End(FileEnd {
         file: 7,
         aborted: false,
-        blake3: blake3::hash(&new).as_bytes().to_vec().into(),
+        blake3: blake3::hash(&new).as_bytes().to_vec(),
         size: new.len() as u64,
     }))
     .await;
@@ -136,7 +136,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
     r.send(sync_request::Msg::End(FileEnd {
         file: 8,
         aborted: false,
-        blake3: vec![0u8; 32].into(),
+        blake3: vec![0u8; 32],
         size: lit.len() as u64,
     }))
     .await;
@@ -145,7 +145,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
     for _ in 0..2 {
         r.send(sync_request::Msg::Commit(Commit {
             generation: g,
-            root: vec![0u8; 32].into(),
+            root: vec![0u8; 32],
         }))
         .await;
         match r.recv().await.unwrap() {
@@ -179,7 +179,7 @@ async fn wrong_root_and_bad_signature_requests_are_refused() {
     .await;
     r.send(sync_request::Msg::Commit(Commit {
         generation: g,
-        root: vec![9u8; 32].into(),
+        root: vec![9u8; 32],
     }))
     .await;
     let e = r.recv().await.expect_err("refused");
@@ -201,7 +201,7 @@ async fn wrong_root_and_bad_signature_requests_are_refused() {
     let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
     r.send(sync_request::Msg::Commit(Commit {
         generation: 9,
-        root: vec![].into(),
+        root: vec![],
     }))
     .await;
     assert_eq!(r.recv().await.err().unwrap().code(), Code::InvalidArgument);
@@ -250,7 +250,7 @@ impl Replica for EvilReceiver {
                             protocol: standby::replication::receive::PROTOCOL,
                             epoch: 1,
                             generation: 1,
-                            root: m.root().to_vec().into(),
+                            root: m.root().to_vec(),
                             entries: m.len() as u64,
                             after: 0,
                         }))
@@ -258,11 +258,11 @@ impl Replica for EvilReceiver {
                     Some(sync_request::Msg::Manifest(_)) => {
                         reply(sync_response::Msg::Manifest(ManifestChunk {
                             generation: 1,
-                            root: m.root().to_vec().into(),
+                            root: m.root().to_vec(),
                             items: m
                                 .iter()
                                 .map(|(p, e)| ManifestItem {
-                                    path: p.as_bytes().to_vec().into(),
+                                    path: p.as_bytes().to_vec(),
                                     entry: Some(e.clone()),
                                 })
                                 .collect(),

@@ -10,7 +10,7 @@ fn file(content: &[u8], mode: u32) -> Entry {
         mode,
         mtime_ns: 1_600_000_000_000_000_000,
         size: content.len() as u64,
-        blake3: blake3::hash(content).as_bytes().to_vec().into(),
+        blake3: blake3::hash(content).as_bytes().to_vec(),
         ..Default::default()
     }
 }
@@ -36,7 +36,7 @@ fn files_dirs_and_symlinks_land_verified_with_their_modes() {
     let link = Entry {
         kind: Kind::Symlink.to_proto(),
         mode: 0o777,
-        target: b"a.bin".to_vec().into(),
+        target: b"a.bin".to_vec(),
         ..Default::default()
     };
     u.entry(rel("ckpt/latest"), link).unwrap();
@@ -139,8 +139,8 @@ fn attrs(items: &[(&str, &str)]) -> Option<crate::proto::Xattrs> {
         items: items
             .iter()
             .map(|(n, v)| crate::proto::Xattr {
-                name: n.as_bytes().to_vec().into(),
-                value: v.as_bytes().to_vec().into(),
+                name: n.as_bytes().to_vec(),
+                value: v.as_bytes().to_vec(),
             })
             .collect(),
     })
@@ -173,7 +173,7 @@ fn owners_and_attributes_are_restored_capabilities_never() {
     let link = Entry {
         kind: Kind::Symlink.to_proto(),
         mode: 0o777,
-        target: b"f".to_vec().into(),
+        target: b"f".to_vec(),
         uid: Some(1234),
         gid: Some(5678),
         ..Default::default()

@@ -555,7 +555,7 @@ mod tests {
 
     fn ch(p: &str, entry: Option<crate::proto::Entry>, old: Option<Kind>) -> Change {
         Change {
-            path: p.as_bytes().to_vec().into(),
+            path: p.as_bytes().to_vec(),
             entry,
             old_kind: old.map(Kind::to_proto).unwrap_or(0),
             ..Default::default()

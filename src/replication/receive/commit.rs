@@ -75,7 +75,7 @@ impl Session {
         let result = CommitResult {
             generation: generation.0,
             committed: true,
-            root: root.to_vec().into(),
+            root: root.to_vec(),
             retry: vec![],
             commit_ms,
         };
@@ -179,7 +179,7 @@ fn commit(
     let rec = Record {
         generation: generation.0,
         epoch: epoch.0,
-        root: root.to_vec().into(),
+        root: root.to_vec(),
         changes,
         applied: false,
         previous: Some(st.manifest.generation.0),

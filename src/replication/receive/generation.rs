@@ -162,7 +162,7 @@ impl Gen {
         match op {
             Valid::Delete { path, old } => {
                 let change = Change {
-                    path: path.as_bytes().to_vec().into(),
+                    path: path.as_bytes().to_vec(),
                     entry: None,
                     old_kind: old.to_proto(),
                     ..Default::default()
@@ -188,7 +188,7 @@ impl Gen {
             content,
         } = u;
         let mut change = Change {
-            path: path.as_bytes().to_vec().into(),
+            path: path.as_bytes().to_vec(),
             entry: Some(entry.clone()),
             old_kind: replaces.map_or(0, Kind::to_proto),
             ..Default::default()

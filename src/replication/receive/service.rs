@@ -95,7 +95,7 @@ impl Replica for ReplicaService {
         Ok(Response::new(ReplicaStatus {
             epoch: f.epoch.0,
             generation: f.generation.0,
-            root: f.root.to_vec().into(),
+            root: f.root.to_vec(),
             entries: f.entries,
             bytes: f.bytes,
             session_active: f.session_active,

@@ -201,7 +201,7 @@ fn hello_reply(m: &Manifest, epoch: Epoch, after: Generation) -> HelloReply {
         protocol: PROTOCOL,
         epoch: epoch.0,
         generation: m.generation.0,
-        root: m.root().to_vec().into(),
+        root: m.root().to_vec(),
         entries: m.len() as u64,
         after: after.0,
     }
@@ -366,7 +366,7 @@ async fn send_manifest(m: &Manifest, tx: &Replies) -> Result<(), Status> {
     while let Some((p, e)) = iter.next() {
         size += p.as_bytes().len() + 64 + e.target.len();
         items.push(ManifestItem {
-            path: p.as_bytes().to_vec().into(),
+            path: p.as_bytes().to_vec(),
             entry: Some(e.clone()),
         });
         if size > (1 << 20) || iter.peek().is_none() {

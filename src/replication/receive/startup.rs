@@ -129,7 +129,7 @@ pub(super) fn adopt(workspace: &Path, stage_path: &Path) -> io::Result<Manifest>
             let mut e = st.entry();
             if st.kind == Kind::File {
                 match hash_regular(&p.to_path(workspace)) {
-                    Ok(Some(hash)) => e.blake3 = hash.as_bytes().to_vec().into(),
+                    Ok(Some(hash)) => e.blake3 = hash.as_bytes().to_vec(),
                     Ok(None) => return None,
                     Err(err) => {
                         tracing::warn!(path = %p, error = %err, "cannot read while adopting; leaving it out");

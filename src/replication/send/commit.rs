@@ -110,7 +110,7 @@ impl Sender {
         let rec = Record {
             generation: generation.0,
             epoch: s.epoch.0,
-            root: root.to_vec().into(),
+            root: root.to_vec(),
             changes: list,
             applied: false,
             previous: Some(self.st.manifest.generation.0),
@@ -145,7 +145,7 @@ async fn ask_commit(
     s.out
         .send(sync_request::Msg::Commit(Commit {
             generation: generation.0,
-            root: root.to_vec().into(),
+            root: root.to_vec(),
         }))
         .await?;
     loop {

@@ -129,7 +129,7 @@ impl Ahead {
                 s.out
                     .send(sync_request::Msg::Sig(SigRequest {
                         file: id,
-                        path: j.path.as_bytes().to_vec().into(),
+                        path: j.path.as_bytes().to_vec(),
                         block_size: j.block_size(),
                     }))
                     .await?;

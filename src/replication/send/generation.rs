@@ -324,7 +324,7 @@ fn needs(job: &Job, from: Option<&(RelPath, Entry)>, entry: &Entry) -> Needs {
         if src_entry.blake3 != entry.blake3 {
             return Needs::Bytes;
         }
-        let from = upsert::Content::CopyFrom(src.as_bytes().to_vec().into());
+        let from = upsert::Content::CopyFrom(src.as_bytes().to_vec());
         return Needs::Op(Box::new(upsert_op(&job.path, entry, from)));
     }
     match &job.base {
@@ -413,7 +413,7 @@ mod tests {
     fn a_rename_with_the_same_bytes_is_a_copy() {
         let src = (RelPath::new("old").unwrap(), file(3, 1, 9));
         let n = needs(&job(None), Some(&src), &file(3, 5, 9));
-        let from = upsert::Content::CopyFrom(b"old".to_vec().into());
+        let from = upsert::Content::CopyFrom(b"old".to_vec());
         assert_eq!(content(&n), Some(from));
         let n = needs(&job(None), Some(&src), &file(3, 5, 8));
         assert!(matches!(n, Needs::Bytes));

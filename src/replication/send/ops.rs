@@ -11,7 +11,7 @@ use crate::types::RelPath;
 /// The index change that records `e` at `p`.
 pub(super) fn change(p: &RelPath, e: Entry) -> Change {
     Change {
-        path: p.as_bytes().to_vec().into(),
+        path: p.as_bytes().to_vec(),
         entry: Some(e),
         ..Default::default()
     }
@@ -20,7 +20,7 @@ pub(super) fn change(p: &RelPath, e: Entry) -> Change {
 /// The index change that removes `p` (the replica holds an `old` there).
 pub(super) fn delete_change(p: RelPath, old: Kind) -> Change {
     Change {
-        path: p.into_bytes().into(),
+        path: p.into_bytes(),
         entry: None,
         old_kind: old.to_proto(),
         ..Default::default()
@@ -29,7 +29,7 @@ pub(super) fn delete_change(p: RelPath, old: Kind) -> Change {
 
 pub(super) fn delete_op(p: &RelPath, old: Kind) -> Op {
     Op {
-        path: p.as_bytes().to_vec().into(),
+        path: p.as_bytes().to_vec(),
         change: Some(op::Change::Delete(old.to_proto())),
     }
 }
@@ -51,7 +51,7 @@ pub(super) fn stream_op(p: &RelPath, e: &Entry, id: u32, delta: bool) -> Op {
 
 fn upsert(p: &RelPath, e: &Entry, content: upsert::Content, zstd: bool, delta: bool) -> Op {
     Op {
-        path: p.as_bytes().to_vec().into(),
+        path: p.as_bytes().to_vec(),
         change: Some(op::Change::Upsert(crate::proto::Upsert {
             entry: Some(wire_entry(e)),
             content: Some(content),

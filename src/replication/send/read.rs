@@ -58,7 +58,7 @@ pub(super) fn unchanged(f: &File, st: &Stat) -> io::Result<bool> {
 /// The index entry of a file just read: racily clean when modified close to the read.
 pub(super) fn entry_for(st: &Stat, hash: blake3::Hash, read_start_ns: i64) -> Entry {
     let mut e = st.entry();
-    e.blake3 = hash.as_bytes().to_vec().into();
+    e.blake3 = hash.as_bytes().to_vec();
     e.verify = st.mtime_ns >= read_start_ns - RACY_WINDOW_NS;
     e
 }

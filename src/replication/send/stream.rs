@@ -76,7 +76,7 @@ pub(super) fn stream_file(
     out.send_blocking(sync_request::Msg::End(FileEnd {
         file: id,
         aborted: false,
-        blake3: hash.as_bytes().to_vec().into(),
+        blake3: hash.as_bytes().to_vec(),
         size: read.total,
     }))?;
     Ok(FileRead::Done(entry_for(&job.stat, hash, t)))
