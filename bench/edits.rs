@@ -177,7 +177,11 @@ fn edit_mix(src: &Path, rng: &mut rand::rngs::StdRng, round: usize) {
     let to = from.with_file_name(format!("renamed-{round}"));
     fs::rename(from, to).unwrap();
     let link = src.join("models");
-    let target = if round.is_multiple_of(2) { "src" } else { "src/models" };
+    let target = if round.is_multiple_of(2) {
+        "src"
+    } else {
+        "src/models"
+    };
     fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(target, &link).unwrap();
 }

@@ -130,7 +130,20 @@ impl FreshFs {
 
 impl Drop for FreshFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
+        // A process that just died (a killed agent, an ssh session) can hold the mount for a
+        // moment: retry, then detach it lazily rather than leave a 16 GiB image behind.
+        for _ in 0..20 {
+            let done = Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if done {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         let _ = &self.img;
     }
 }
