@@ -4,8 +4,8 @@ use crate::agent::versions;
 use crate::history::Selector;
 use crate::proto::admin_client::AdminClient;
 use crate::proto::{
-    BackupPick, EventKind, EventsRequest, ListPairsRequest, PairFetchRequest, PairRequest,
-    PairState, PairVersionsRequest, PairView, RecoverRequest,
+    BackupPick, EventKind, EventsRequest, LeadershipRequest, ListPairsRequest, PairFetchRequest,
+    PairRequest, PairState, PairVersionsRequest, PairView, RecoverRequest, StoreKind,
 };
 use crate::trust::identity::Identity;
 use crate::trust::tls::{self, Expect, TlsMaterial};
@@ -121,6 +121,62 @@ fn age(m: &Option<crate::proto::MachineView>) -> String {
             m.last_heartbeat_ms as f64 / 1000.0
         ),
     }
+}
+
+/// `coordinator status`: who leads, in which term, the members and the etcd endpoints. Only a
+/// leader listens, so the coordinator that answers is the leader.
+pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
+    let s = client(r)
+        .await?
+        .leadership(LeadershipRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let store = match s.store() {
+        StoreKind::Etcd => "etcd",
+        StoreKind::File => "file",
+        StoreKind::Unspecified => "unknown",
+    };
+    if json {
+        let v = serde_json::json!({
+            "store": store,
+            "answered_by": r.server,
+            "leader": text_or_null(&s.leader),
+            "term": s.term,
+            "members": s.members,
+            "etcd_endpoints": s.etcd_endpoints,
+            "pairs": s.pairs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!("store     {store}");
+    match s.store() {
+        StoreKind::Etcd => {
+            let leader = if s.leader.is_empty() {
+                "none"
+            } else {
+                &s.leader
+            };
+            println!(
+                "leader    {leader} (answered by {}: only the leader serves)",
+                r.server
+            );
+            println!("term      {}", s.term);
+            println!("members   {}", list(&s.members));
+            println!("etcd      {}", list(&s.etcd_endpoints));
+        }
+        _ => println!("leader    {} (the only coordinator: no election)", r.server),
+    }
+    println!("pairs     {}", s.pairs);
+    Ok(())
 }
 
 pub async fn pairs(r: &Remote, json: bool) -> anyhow::Result<()> {

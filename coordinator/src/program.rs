@@ -210,6 +210,14 @@ enum AdminCmd {
         #[arg(long)]
         to: std::path::PathBuf,
     },
+    /// Who leads (address and term), the coordinators sharing the state and the etcd
+    /// endpoints; answered by the leader (followers do not listen).
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show events (transitions, warnings; heartbeat summaries with --heartbeats).
     Events {
         #[command(flatten)]
@@ -467,6 +475,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
     match cmd {
         AdminCmd::Pairs { remote, json } => admin::pairs(&remote, json).await,
+        AdminCmd::Status { remote, json } => admin::coordinator_status(&remote, json).await,
         AdminCmd::Pair {
             cmd: PairCmd::Create { pair, remote },
         } => admin::create(&remote, &pair).await,
@@ -671,10 +680,7 @@ fn serve_options(a: ServeArgs) -> Result<crate::control::service::ServeOptions, 
 
 /// `--store etcd` and its options (None: the file store); a usage error when etcd options come
 /// without it or it comes without endpoints.
-fn ha(
-    f: &FileConfig,
-    a: &ServeArgs,
-) -> Result<Option<crate::control::service::HaOptions>, String> {
+fn ha(f: &FileConfig, a: &ServeArgs) -> Result<Option<crate::control::service::HaOptions>, String> {
     let kind = f.pick(a.store, "store", || StoreKind::File)?;
     let endpoints: Vec<String> = f
         .pick(a.etcd.clone(), "etcd", String::new)?

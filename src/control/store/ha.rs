@@ -45,4 +45,3 @@ pub struct HaOptions {
     /// The lease's TTL; the leader stops issuing commands after half of it without a renewal.
     pub lease: Duration,
 }
-
