@@ -464,6 +464,27 @@ fn one_etcd_member_lost_changes_nothing() {
     assert_eq!(after["members"], want["members"], "{after}");
     assert_eq!(after["pairs"], 1, "{after}");
     assert!(site.pairs(first).iter().any(|p| p["pair"] == "q"));
+    // `--server` with all three addresses, the leader's last: the first that answers is used,
+    // and only the leader listens.
+    let mut all = site
+        .addresses()
+        .split(',')
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    all.retain(|a| *a != site.members[first].listen);
+    all.push(site.members[first].listen.clone());
+    let out = Command::new(COORDINATOR)
+        .args(["status", "--json", "--server", &all.join(","), "--tls-dir"])
+        .arg(site.members[first].dir.join("admin"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let via: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(via["answered_by"], want["leader"], "{via}");
     let m = site.metrics(first);
     assert!(
         m.contains("standby_coordinator_leadership_changes_total{change=\"stepped_down\"} 0"),

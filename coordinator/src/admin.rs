@@ -19,13 +19,35 @@ pub async fn connect(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
 }
 
 async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
+    Ok(client_at(r).await?.0)
+}
+
+/// A client of the first of `--server`'s addresses that answers (only the leader of highly
+/// available coordinators listens), and that address.
+async fn client_at(r: &Remote) -> anyhow::Result<(AdminClient<Channel>, String)> {
     let m = TlsMaterial::load(&r.tls_dir)
         .with_context(|| format!("loading the admin certificate from {}", r.tls_dir.display()))?;
     let cfg = m.client_config(Expect::Exactly(Identity::Coordinator))?;
-    let ch = tls::connect(&r.server, cfg)
-        .await
-        .with_context(|| format!("connecting to the coordinator at {}", r.server))?;
-    Ok(AdminClient::new(ch))
+    let addrs: Vec<&str> = r
+        .server
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addrs.is_empty() {
+        anyhow::bail!("--server names no address");
+    }
+    let mut failed = Vec::new();
+    for addr in addrs {
+        match tls::connect(addr, cfg.clone()).await {
+            Ok(ch) => return Ok((AdminClient::new(ch), addr.to_string())),
+            Err(e) => failed.push(format!("{addr}: {}", crate::text::error_chain(e.as_ref()))),
+        }
+    }
+    anyhow::bail!(
+        "no coordinator answered (followers of highly available coordinators do not listen): {}",
+        failed.join("; ")
+    )
 }
 
 /// A refusal's message, and the exit code its gRPC code calls for.
@@ -126,8 +148,8 @@ fn age(m: &Option<crate::proto::MachineView>) -> String {
 /// `coordinator status`: who leads, in which term, the members and the etcd endpoints. Only a
 /// leader listens, so the coordinator that answers is the leader.
 pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
-    let s = client(r)
-        .await?
+    let (mut c, at) = client_at(r).await?;
+    let s = c
         .leadership(LeadershipRequest {})
         .await
         .map_err(status)?
@@ -140,7 +162,7 @@ pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
     if json {
         let v = serde_json::json!({
             "store": store,
-            "answered_by": r.server,
+            "answered_by": at,
             "leader": text_or_null(&s.leader),
             "term": s.term,
             "members": s.members,
@@ -165,15 +187,12 @@ pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
             } else {
                 &s.leader
             };
-            println!(
-                "leader    {leader} (answered by {}: only the leader serves)",
-                r.server
-            );
+            println!("leader    {leader} (answered by {at}: only the leader serves)");
             println!("term      {}", s.term);
             println!("members   {}", list(&s.members));
             println!("etcd      {}", list(&s.etcd_endpoints));
         }
-        _ => println!("leader    {} (the only coordinator: no election)", r.server),
+        _ => println!("leader    {at} (the only coordinator: no election)"),
     }
     println!("pairs     {}", s.pairs);
     Ok(())

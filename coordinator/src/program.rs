@@ -53,7 +53,8 @@ impl From<NodeRole> for Role {
 /// How admin verbs reach the coordinator.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Remote {
-    /// The coordinator, host:port.
+    /// The coordinator, host:port; several, comma-separated: the first that answers (of highly
+    /// available coordinators only the leader listens).
     #[arg(long, env = "STANDBY_SERVER", default_value = "127.0.0.1:7700")]
     pub server: String,
     /// An admin TLS directory (`coordinator init` writes one to <dir>/admin).
