@@ -17,6 +17,8 @@ struct Member {
     dir: PathBuf,
     listen: String,
     proc: Option<Proc>,
+    /// `--leader-lease`.
+    lease: &'static str,
 }
 
 impl Member {
@@ -39,7 +41,12 @@ impl Member {
                 "--etcd",
                 &etcd.join(","),
             ])
-            .args(["--leader-lease", "4s", "--heartbeat-interval", "500ms"])
+            .args([
+                "--leader-lease",
+                self.lease,
+                "--heartbeat-interval",
+                "500ms",
+            ])
             .args(["--failover-after", "3s"])
             .env("STANDBY_LOG", "info")
             .stdout(Stdio::null())
@@ -68,6 +75,11 @@ impl Site {
     /// `coordinator init` once, copied to three directories (the CA, token and backup keys are
     /// shared by copying), and three coordinators started on the etcd cluster.
     fn start(root: &Path) -> Option<Site> {
+        Self::start_with(root, "4s")
+    }
+
+    /// The same with this `--leader-lease`.
+    fn start_with(root: &Path, lease: &'static str) -> Option<Site> {
         let etcd = Cluster::start(3)?;
         let first = root.join("c0");
         let st = Command::new(COORDINATOR)
@@ -98,6 +110,7 @@ impl Site {
                 dir,
                 listen: format!("127.0.0.1:{port}"),
                 proc: None,
+                lease,
             });
         }
         let mut site = Site { members, etcd };
@@ -148,6 +161,36 @@ impl Site {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Site {
+    /// An admin verb through member `i`.
+    fn admin(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let m = &self.members[i];
+        Command::new(COORDINATOR)
+            .args(args)
+            .args(["--server", &m.listen, "--tls-dir"])
+            .arg(m.dir.join("admin"))
+            .output()
+            .unwrap()
+    }
+
+    /// `coordinator status --json` through member `i`.
+    fn status(&self, i: usize) -> serde_json::Value {
+        let out = self.admin(i, &["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Member `i`'s `/metrics` (followers serve them too).
+    fn metrics(&self, i: usize) -> String {
+        let addr = fs::read_to_string(self.members[i].dir.join("metrics.addr")).unwrap();
+        http_get(addr.trim(), "/metrics")
     }
 }
 
@@ -341,4 +384,114 @@ fn a_failover_completes_under_the_new_leader() {
     let after = site.pairs(next)[0].clone();
     assert_eq!(after["epoch"].as_u64(), Some(before + 1), "{after}");
     assert_eq!(after["state"], "FailedOver", "{after}");
+}
+
+/// One etcd member of three lost (kill -9 of the one raft elected leader, the harshest pick):
+/// no effect. The coordinator that leads keeps leading (the same process, the same term), a
+/// state change goes through (`pair create`), and `coordinator status` shows the leader, the
+/// term, the three coordinators and the etcd endpoints before and after; followers export
+/// `standby_coordinator_leader 0` and the leader's term, the leader 1.
+#[test]
+fn one_etcd_member_lost_changes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    // The default lease (6 s): with 4 s the leader's deadline (2 s) is about as long as etcd
+    // takes to elect its next leader, and the leader stepped down in one run of three.
+    let Some(mut site) = Site::start_with(d.path(), "6s") else {
+        return;
+    };
+    let first = site.leader(Duration::from_secs(30));
+    // Each coordinator puts its membership record when it first campaigns.
+    let mut st = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(10), || {
+        st = site.status(first);
+        st["members"].as_array().map(Vec::len) == Some(3)
+    });
+    assert!(ok, "{st}\n{}", site.logs());
+    let term = st["term"].as_u64().unwrap();
+    assert!(term > 0, "{st}");
+    let mut all: Vec<String> = site.members.iter().map(|m| m.listen.clone()).collect();
+    all.sort();
+    let want = serde_json::json!({
+        "store": "etcd",
+        "answered_by": site.members[first].listen,
+        "leader": site.members[first].listen,
+        "term": term,
+        "members": all,
+        "etcd_endpoints": site.etcd.endpoints(),
+        "pairs": 0,
+    });
+    assert_eq!(st, want);
+    for i in 0..3 {
+        let m = site.metrics(i);
+        let lead = (i == first) as u8;
+        for line in [
+            format!("standby_coordinator_leader {lead}"),
+            format!("standby_coordinator_term {term}"),
+        ] {
+            assert!(m.contains(&line), "member {i}: no `{line}`:\n{m}");
+        }
+    }
+
+    let lost = site.etcd.leader_index().expect("etcd has a leader");
+    site.etcd.members[lost].kill();
+    let cut = Instant::now();
+    let out = site.admin(first, &["pair", "create", "q"]);
+    let took = cut.elapsed();
+    assert!(
+        out.status.success(),
+        "pair create after etcd member {lost} was lost: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        site.logs()
+    );
+    eprintln!("etcd member {lost} (raft's leader) killed; pair create answered after {took:?}");
+    // Longer than a lease and a half: a leader that was going to step down would have by now.
+    std::thread::sleep(Duration::from_secs(9));
+    let proc = &mut site.members[first].proc.as_mut().unwrap().0;
+    assert!(
+        proc.try_wait().unwrap().is_none(),
+        "the leader exited:\n{}",
+        site.logs()
+    );
+    assert!(
+        !site.members[first].log().contains("stepped down"),
+        "{}",
+        site.logs()
+    );
+    assert_eq!(site.leader(Duration::from_secs(1)), first);
+    let after = site.status(first);
+    assert_eq!(after["term"].as_u64(), Some(term), "{after}");
+    assert_eq!(after["leader"], want["leader"], "{after}");
+    assert_eq!(after["members"], want["members"], "{after}");
+    assert_eq!(after["pairs"], 1, "{after}");
+    assert!(site.pairs(first).iter().any(|p| p["pair"] == "q"));
+    // `--server` with all three addresses, the leader's last: the first that answers is used,
+    // and only the leader listens.
+    let mut all = site
+        .addresses()
+        .split(',')
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    all.retain(|a| *a != site.members[first].listen);
+    all.push(site.members[first].listen.clone());
+    let out = Command::new(COORDINATOR)
+        .args(["status", "--json", "--server", &all.join(","), "--tls-dir"])
+        .arg(site.members[first].dir.join("admin"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let via: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(via["answered_by"], want["leader"], "{via}");
+    let m = site.metrics(first);
+    assert!(
+        m.contains("standby_coordinator_leadership_changes_total{change=\"stepped_down\"} 0"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("standby_etcd_request_duration_seconds_count 0"),
+        "{m}"
+    );
 }

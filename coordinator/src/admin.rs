@@ -4,8 +4,8 @@ use crate::agent::versions;
 use crate::history::Selector;
 use crate::proto::admin_client::AdminClient;
 use crate::proto::{
-    BackupPick, EventKind, EventsRequest, ListPairsRequest, PairFetchRequest, PairRequest,
-    PairState, PairVersionsRequest, PairView, RecoverRequest,
+    BackupPick, EventKind, EventsRequest, LeadershipRequest, ListPairsRequest, PairFetchRequest,
+    PairRequest, PairState, PairVersionsRequest, PairView, RecoverRequest, StoreKind,
 };
 use crate::trust::identity::Identity;
 use crate::trust::tls::{self, Expect, TlsMaterial};
@@ -19,13 +19,35 @@ pub async fn connect(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
 }
 
 async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
+    Ok(client_at(r).await?.0)
+}
+
+/// A client of the first of `--server`'s addresses that answers (only the leader of highly
+/// available coordinators listens), and that address.
+async fn client_at(r: &Remote) -> anyhow::Result<(AdminClient<Channel>, String)> {
     let m = TlsMaterial::load(&r.tls_dir)
         .with_context(|| format!("loading the admin certificate from {}", r.tls_dir.display()))?;
     let cfg = m.client_config(Expect::Exactly(Identity::Coordinator))?;
-    let ch = tls::connect(&r.server, cfg)
-        .await
-        .with_context(|| format!("connecting to the coordinator at {}", r.server))?;
-    Ok(AdminClient::new(ch))
+    let addrs: Vec<&str> = r
+        .server
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addrs.is_empty() {
+        anyhow::bail!("--server names no address");
+    }
+    let mut failed = Vec::new();
+    for addr in addrs {
+        match tls::connect(addr, cfg.clone()).await {
+            Ok(ch) => return Ok((AdminClient::new(ch), addr.to_string())),
+            Err(e) => failed.push(format!("{addr}: {}", crate::text::error_chain(e.as_ref()))),
+        }
+    }
+    anyhow::bail!(
+        "no coordinator answered (followers of highly available coordinators do not listen): {}",
+        failed.join("; ")
+    )
 }
 
 /// A refusal's message, and the exit code its gRPC code calls for.
@@ -121,6 +143,59 @@ fn age(m: &Option<crate::proto::MachineView>) -> String {
             m.last_heartbeat_ms as f64 / 1000.0
         ),
     }
+}
+
+/// `coordinator status`: who leads, in which term, the members and the etcd endpoints. Only a
+/// leader listens, so the coordinator that answers is the leader.
+pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
+    let (mut c, at) = client_at(r).await?;
+    let s = c
+        .leadership(LeadershipRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let store = match s.store() {
+        StoreKind::Etcd => "etcd",
+        StoreKind::File => "file",
+        StoreKind::Unspecified => "unknown",
+    };
+    if json {
+        let v = serde_json::json!({
+            "store": store,
+            "answered_by": at,
+            "leader": text_or_null(&s.leader),
+            "term": s.term,
+            "members": s.members,
+            "etcd_endpoints": s.etcd_endpoints,
+            "pairs": s.pairs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!("store     {store}");
+    match s.store() {
+        StoreKind::Etcd => {
+            let leader = if s.leader.is_empty() {
+                "none"
+            } else {
+                &s.leader
+            };
+            println!("leader    {leader} (answered by {at}: only the leader serves)");
+            println!("term      {}", s.term);
+            println!("members   {}", list(&s.members));
+            println!("etcd      {}", list(&s.etcd_endpoints));
+        }
+        _ => println!("leader    {at} (the only coordinator: no election)"),
+    }
+    println!("pairs     {}", s.pairs);
+    Ok(())
 }
 
 pub async fn pairs(r: &Remote, json: bool) -> anyhow::Result<()> {

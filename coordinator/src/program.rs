@@ -53,7 +53,8 @@ impl From<NodeRole> for Role {
 /// How admin verbs reach the coordinator.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Remote {
-    /// The coordinator, host:port.
+    /// The coordinator, host:port; several, comma-separated: the first that answers (of highly
+    /// available coordinators only the leader listens).
     #[arg(long, env = "STANDBY_SERVER", default_value = "127.0.0.1:7700")]
     pub server: String,
     /// An admin TLS directory (`coordinator init` writes one to <dir>/admin).
@@ -209,6 +210,14 @@ enum AdminCmd {
         /// The local directory to write into (made if missing).
         #[arg(long)]
         to: std::path::PathBuf,
+    },
+    /// Who leads (address and term), the coordinators sharing the state and the etcd
+    /// endpoints; answered by the leader (followers do not listen).
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        json: bool,
     },
     /// Show events (transitions, warnings; heartbeat summaries with --heartbeats).
     Events {
@@ -467,6 +476,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 async fn admin_verb(cmd: AdminCmd) -> anyhow::Result<()> {
     match cmd {
         AdminCmd::Pairs { remote, json } => admin::pairs(&remote, json).await,
+        AdminCmd::Status { remote, json } => admin::coordinator_status(&remote, json).await,
         AdminCmd::Pair {
             cmd: PairCmd::Create { pair, remote },
         } => admin::create(&remote, &pair).await,

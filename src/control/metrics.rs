@@ -3,6 +3,10 @@
 //! Names are a contract: dashboards and alert rules in `deploy/` use them, and a test checks that
 //! every name used there is exported here.
 
+mod leadership;
+
+pub use leadership::{Leadership, LeadershipChange};
+
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
@@ -225,6 +229,8 @@ pub struct Metrics {
     pub backup_failures: Family<PairLabel, Counter>,
     pub notifications: Family<WebhookOutcomeLabel, Counter>,
     pub notifications_dropped: Family<WebhookLabel, Counter>,
+    /// Leadership and etcd (`serve --store etcd`).
+    pub leadership: Leadership,
 }
 
 impl Default for Metrics {
@@ -274,6 +280,7 @@ impl Metrics {
             backup_failures: Family::default(),
             notifications: Family::default(),
             notifications_dropped: Family::default(),
+            leadership: Leadership::new(),
             registry: Mutex::new(Registry::default()),
             names: Vec::new(),
         };
@@ -288,6 +295,7 @@ impl Metrics {
         m.register_trust(&mut reg);
         m.register_history(&mut reg);
         m.register_notify(&mut reg);
+        m.leadership.register(&mut reg);
         m.names = reg.names;
         *m.registry.get_mut().expect("registry") = r;
         m.build_info.get_or_create(&BuildLabel::current()).set(1);

@@ -44,8 +44,9 @@ use crate::proto::admin_server::{Admin, AdminServer};
 use crate::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::proto::{
     ActionReply, AgentReport, BackupTarget, Command, Event, EventKind, EventsRequest, FetchItem,
-    JoinReply, JoinRequest, ListPairsReply, ListPairsRequest, PairFetchRequest, PairRequest,
-    PairVersionsRequest, PairView, RecoverRequest, VersionsReply,
+    JoinReply, JoinRequest, LeadershipReply, LeadershipRequest, ListPairsReply, ListPairsRequest,
+    PairFetchRequest, PairRequest, PairVersionsRequest, PairView, RecoverRequest, StoreKind,
+    VersionsReply,
 };
 use crate::trust::identity::{CertFacts, Identity, Role};
 use crate::trust::pki::Ca;
@@ -355,6 +356,35 @@ impl Admin for AdminSvc {
         Ok(Response::new(self.0.versions(req.into_inner()).await?))
     }
 
+    async fn leadership(
+        &self,
+        req: Request<LeadershipRequest>,
+    ) -> Result<Response<LeadershipReply>, Status> {
+        admin(&req)?;
+        let store = self.0.store.clone();
+        let found = tokio::task::spawn_blocking(move || store.coordinators())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("asking etcd who leads: {e}")))?;
+        let pairs = u32::try_from(self.0.engine.metrics.pairs.get()).unwrap_or(0);
+        let reply = match found {
+            None => LeadershipReply {
+                store: StoreKind::File.into(),
+                pairs,
+                ..Default::default()
+            },
+            Some(c) => LeadershipReply {
+                store: StoreKind::Etcd.into(),
+                leader: c.leader,
+                term: c.term.max(0) as u64,
+                members: c.members,
+                etcd_endpoints: c.endpoints,
+                pairs,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
     type FetchStream = ReceiverStream<Result<FetchItem, Status>>;
 
     async fn fetch(
@@ -613,11 +643,45 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
             dir.display()
         )
     })?;
-    let Some(ha) = opts.ha.clone() else {
-        let store: Arc<dyn Store> = Arc::new(FileStore::open(&dir.join("state"))?);
-        return serve_with(opts, ca, store, shutdown).await;
+    // Metrics first: a follower serves them too (ARCHITECTURE.md, "Metrics and alerts").
+    let metrics = Arc::new(Metrics::new());
+    let exporting = shutdown.child_token();
+    let exporter = export_metrics(&opts, metrics.clone(), &exporting).await?;
+    let served = match opts.ha.clone() {
+        None => match FileStore::open(&dir.join("state")) {
+            Ok(store) => {
+                // The only coordinator of its state leads, always.
+                metrics.leadership.leader.set(1);
+                serve_with(opts, ca, Arc::new(store), metrics, shutdown).await
+            }
+            Err(e) => Err(e.into()),
+        },
+        Some(ha) => serve_ha(opts, ca, ha, metrics, shutdown).await,
     };
-    serve_ha(opts, ca, ha, shutdown).await
+    exporting.cancel();
+    let _ = exporter.await;
+    served
+}
+
+/// Binds `--metrics-listen`, writes its address to `<dir>/metrics.addr` and serves `/metrics`
+/// until `shutdown`.
+async fn export_metrics(
+    opts: &ServeOptions,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = bind(&opts.metrics_listen).await?;
+    let addr = listener.local_addr()?;
+    crate::disk::crashsafe::write_atomic(
+        &opts.dir.join("metrics.addr"),
+        addr.to_string().as_bytes(),
+    )?;
+    tracing::info!(metrics = %addr, "metrics");
+    Ok(tokio::spawn(crate::control::metrics::serve(
+        listener,
+        metrics,
+        shutdown.clone(),
+    )))
 }
 
 /// `serve` on etcd: follow until this coordinator leads, serve while it leads.
@@ -626,6 +690,7 @@ async fn serve_ha(
     opts: ServeOptions,
     ca: Ca,
     ha: HaOptions,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let address = match opts.advertise.as_str() {
@@ -633,12 +698,18 @@ async fn serve_ha(
         a => a.to_string(),
     };
     let fingerprint = ca.fingerprint();
-    let Some(store) = leadership::follow(&ha, &address, &fingerprint, &shutdown).await? else {
+    let campaign = leadership::Campaign {
+        ha: &ha,
+        address: &address,
+        fingerprint: &fingerprint,
+        metrics: &metrics,
+    };
+    let Some(store) = leadership::follow(campaign, &shutdown).await? else {
         return Ok(());
     };
     let serving = shutdown.child_token();
-    let watchdog = leadership::watch(store.clone(), serving.clone());
-    let served = serve_with(opts, ca, store, serving.clone()).await;
+    let watchdog = leadership::watch(store.clone(), metrics.clone(), serving.clone());
+    let served = serve_with(opts, ca, store, metrics, serving.clone()).await;
     serving.cancel();
     let _ = watchdog.await;
     served?;
@@ -656,6 +727,7 @@ async fn serve_ha(
     _: ServeOptions,
     _: Ca,
     _: HaOptions,
+    _: Arc<Metrics>,
     _: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::bail!(NO_ETCD)
@@ -666,6 +738,7 @@ async fn serve_with(
     opts: ServeOptions,
     ca: Ca,
     store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let dir = &opts.dir;
@@ -681,7 +754,6 @@ async fn serve_with(
         None => None,
     };
     let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
-    let metrics = Arc::new(Metrics::new());
     own_expiries(&metrics, &ca, &material, opts.cert_lifetime);
     let listener = bind(&opts.listen).await?;
     let addr = listener.local_addr()?;
@@ -717,25 +789,17 @@ async fn serve_with(
         backup,
     });
 
-    let mlistener = bind(&opts.metrics_listen).await?;
-    let maddr = mlistener.local_addr()?;
     let page = status_page(&opts, dir, &shared.engine, &shutdown).await?;
-    // Replaced atomically, `serve.addr` last: whoever waits for it finds the others complete.
-    crate::disk::crashsafe::write_atomic(&dir.join("metrics.addr"), maddr.to_string().as_bytes())?;
+    // Replaced atomically, `serve.addr` last (`metrics.addr` was written before): whoever
+    // waits for it finds the others complete.
     crate::disk::crashsafe::write_atomic(&dir.join("serve.addr"), addr.to_string().as_bytes())?;
-    tracing::info!(%addr, metrics = %maddr, "coordinator serving");
-    let m = tokio::spawn(crate::control::metrics::serve(
-        mlistener,
-        metrics,
-        shutdown.clone(),
-    ));
+    tracing::info!(%addr, "coordinator serving");
     crate::systemd::ready_until(&shutdown);
     let public = Public {
         reflection: opts.reflection,
         health: opts.public_health,
     };
     serve_grpc(listener, &material, shared, public, shutdown).await?;
-    let _ = m.await;
     if let Some(p) = page {
         let _ = p.await;
     }

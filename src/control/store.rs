@@ -114,6 +114,24 @@ pub trait Store: Send + Sync {
     fn term(&self) -> u64 {
         0
     }
+    /// Who leads and which coordinators share the state (`coordinator status`); None for a
+    /// store without election.
+    fn coordinators(&self) -> Result<Option<Coordinators>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// The coordinators sharing one etcd state, as etcd says at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coordinators {
+    /// The leader key's address (empty: no leader now) and term (its create revision).
+    pub leader: String,
+    pub term: i64,
+    /// The address of every coordinator whose membership record lives (under its own lease, so a
+    /// dead coordinator's goes within the lease's TTL), sorted.
+    pub members: Vec<String>,
+    /// The etcd client URLs this coordinator was given.
+    pub endpoints: Vec<String>,
 }
 
 const LOG_KIND: u16 = kind::RECORD + 100;

@@ -173,6 +173,29 @@ impl Cluster {
         })
     }
 
+    /// The member raft elected leader, as the members that answer say (None: none says so).
+    pub fn leader_index(&self) -> Option<usize> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            for (i, ep) in self.endpoints().iter().enumerate() {
+                let Ok(mut c) = etcd_client::Client::connect([ep], self.options()).await else {
+                    continue;
+                };
+                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await
+                else {
+                    continue;
+                };
+                if s.header().map(|h| h.member_id()) == Some(s.leader()) {
+                    return Some(i);
+                }
+            }
+            None
+        })
+    }
+
     /// Waits until a put through any member succeeds (a leader is elected).
     fn wait_healthy(&self, limit: Duration) {
         let end = Instant::now() + limit;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::control::metrics::{LeadershipChange, Metrics};
 use crate::control::store::StoreError;
 use crate::control::store::etcd::EtcdStore;
 use crate::control::store::etcd::election::{Attempt, Lease};
@@ -24,27 +25,44 @@ use crate::control::store::ha::HaOptions;
 const CAMPAIGN_EVERY: Duration = Duration::from_secs(1);
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 
+/// Who campaigns: the etcd side of `serve`, the address this coordinator advertises, its CA's
+/// fingerprint, and where leadership changes are counted.
+pub(super) struct Campaign<'a> {
+    pub ha: &'a HaOptions,
+    pub address: &'a str,
+    pub fingerprint: &'a str,
+    pub metrics: &'a Metrics,
+}
+
 /// Waits (a follower) until this coordinator leads; None when `shutdown` came first.
 pub(super) async fn follow(
-    ha: &HaOptions,
-    address: &str,
-    fingerprint: &str,
+    c: Campaign<'_>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<EtcdStore>>> {
-    let cfg = ha.etcd.clone();
-    let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&cfg)).await??;
+    let cfg = c.ha.etcd.clone();
+    let latency = c.metrics.leadership.etcd_latency.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        EtcdStore::connect(&cfg).map(|s| s.with_latency(latency))
+    })
+    .await??;
     let store = Arc::new(store);
-    store.check_ca(fingerprint)?;
+    store.check_ca(c.fingerprint)?;
     let mut lease: Option<Lease> = None;
     let mut following = None;
     loop {
-        match campaign(&store, &mut lease, ha.lease, address) {
+        match campaign(&store, &mut lease, c.ha.lease, c.address) {
             Ok(Attempt::Won(term)) => {
                 tracing::info!(term, "won the election: leading");
+                c.metrics.leadership.changed(LeadershipChange::Won, term);
                 return Ok(Some(store));
             }
             Ok(Attempt::Held(l)) if following.as_ref() != Some(&l) => {
                 tracing::info!(leader = %l.address, term = l.term, "following");
+                if l.term != 0 {
+                    c.metrics
+                        .leadership
+                        .changed(LeadershipChange::Followed, l.term);
+                }
                 following = Some(l);
             }
             Ok(Attempt::Held(_)) => {}
@@ -60,7 +78,8 @@ pub(super) async fn follow(
     }
 }
 
-/// One campaign, with a lease granted first when there is none (or the last one failed).
+/// One campaign, with a lease granted first when there is none (or the last one failed),
+/// and this coordinator's membership record put with it (`coordinator status` lists it).
 fn campaign(
     store: &EtcdStore,
     lease: &mut Option<Lease>,
@@ -69,7 +88,11 @@ fn campaign(
 ) -> Result<Attempt, StoreError> {
     let l = match lease {
         Some(l) => l.clone(),
-        None => lease.insert(store.grant(ttl)?).clone(),
+        None => {
+            let l = store.grant(ttl)?;
+            store.register(&l, address)?;
+            lease.insert(l).clone()
+        }
     };
     store.campaign(&l, address)
 }
@@ -79,6 +102,7 @@ fn campaign(
 /// stop) it steps down, revoking the lease. Await it before exiting.
 pub(super) fn watch(
     store: Arc<EtcdStore>,
+    metrics: Arc<Metrics>,
     serving: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -93,6 +117,7 @@ pub(super) fn watch(
                     "the leader's lease was not renewed within its deadline: stepping down"
                 );
                 store.abandon();
+                metrics.leadership.changed(LeadershipChange::SteppedDown, 0);
                 serving.cancel();
                 return;
             }
@@ -100,5 +125,6 @@ pub(super) fn watch(
         tokio::task::spawn_blocking(move || store.step_down())
             .await
             .ok();
+        metrics.leadership.changed(LeadershipChange::SteppedDown, 0);
     })
 }

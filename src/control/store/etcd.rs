@@ -4,6 +4,8 @@
 //! Keys, under a prefix (`/standby/v1` by default):
 //! - `<prefix>/leader`: the leader key, put with the leader's lease (`election`); its create
 //!   revision is the leader's *term*, which only grows.
+//! - `<prefix>/members/<address>`: each coordinator's membership record, put with its own lease
+//!   (`election`), so a dead coordinator's record goes when its lease expires.
 //! - `<prefix>/ca`: the fingerprint of the CA whose coordinators own this state.
 //! - `<prefix>/pairs/<name>` a `PairRecord`, `<prefix>/tokens/<nonce>` a `UsedToken`,
 //!   `<prefix>/certs/<serial>` an `IssuedCert`, each protobuf-encoded.
@@ -34,10 +36,11 @@ use std::time::Duration;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, TxnOp, TxnOpResponse,
 };
+use prometheus_client::metrics::histogram::Histogram;
 use prost::Message;
 
 use super::ha::EtcdConfig;
-use super::{Snapshot, Store, StoreError};
+use super::{Coordinators, Snapshot, Store, StoreError};
 use crate::proto::state::{IssuedCert, PairRecord, UsedToken};
 use bridge::{Bridge, Lost};
 use election::Lease;
@@ -60,6 +63,9 @@ impl Keys {
     fn leader(&self) -> String {
         format!("{}/leader", self.prefix)
     }
+    fn member(&self, address: &str) -> String {
+        format!("{}/members/{address}", self.prefix)
+    }
     fn ca(&self) -> String {
         format!("{}/ca", self.prefix)
     }
@@ -77,6 +83,14 @@ impl Keys {
     }
 }
 
+/// Whether a guarded write may be sent again after an attempt that got no answer (it may
+/// have been applied): puts of whole records and deletes may, a create-if-absent may not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Replay {
+    Safe,
+    Unsafe,
+}
+
 /// The coordinator's state in etcd; see the module doc.
 pub struct EtcdStore {
     bridge: Bridge,
@@ -87,6 +101,10 @@ pub struct EtcdStore {
     /// The lease this coordinator campaigns with, once granted.
     lease: Mutex<Option<Lease>>,
     timeout: Duration,
+    /// The client URLs it was given (`coordinator status` shows them).
+    endpoints: Vec<String>,
+    /// Where each request's duration goes (`standby_etcd_request_duration_seconds`).
+    latency: Option<Histogram>,
 }
 
 fn etcd_err(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StoreError {
@@ -120,8 +138,16 @@ impl EtcdStore {
             term: Arc::new(AtomicI64::new(0)),
             lease: Mutex::new(None),
             timeout: cfg.timeout,
+            endpoints: cfg.endpoints.clone(),
+            latency: None,
         };
         Ok(store)
+    }
+
+    /// Observes every request's duration (answered or not) in `h`.
+    pub fn with_latency(mut self, h: Histogram) -> EtcdStore {
+        self.latency = Some(h);
+        self
     }
 
     /// This coordinator's term while it leads, else 0.
@@ -133,16 +159,51 @@ impl EtcdStore {
     fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(Client) -> Fut,
+        F: FnMut(Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        self.call_within(op, self.timeout, f)
+    }
+
+    /// [`call`](Self::call), waiting at most `limit`. A request that could not even connect
+    /// (the client's balancer still picks a member that is down: etcd-client does not drop
+    /// it) was never sent, so it goes again at once, to whichever member the balancer picks.
+    fn call_within<T, F, Fut>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        mut f: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(Client) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let started = std::time::Instant::now();
+        let client = self.client.clone();
+        let tries = self.endpoints.len().max(1) * 2;
+        let fut = async move {
+            let mut tried = 0;
+            loop {
+                tried += 1;
+                match f(client.clone()).await {
+                    Err(e) if tried < tries && never_sent(&e) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    r => return r,
+                }
+            }
+        };
         let r = self
             .bridge
-            .block(self.timeout, f(self.client.clone()))
-            .map_err(lost(op, self.timeout))?
+            .block(limit, fut)
+            .map_err(lost(op, limit))?
             .map_err(etcd_err(op));
-        tracing::trace!(op, elapsed = ?started.elapsed(), "etcd");
+        let elapsed = started.elapsed();
+        if let Some(h) = &self.latency {
+            h.observe(elapsed.as_secs_f64());
+        }
+        tracing::trace!(op, ?elapsed, "etcd");
         r
     }
 
@@ -153,6 +214,7 @@ impl EtcdStore {
     fn guarded(
         &self,
         op: &'static str,
+        replay: Replay,
         extra: Vec<Compare>,
         ops: Vec<TxnOp>,
     ) -> Result<bool, StoreError> {
@@ -174,7 +236,7 @@ impl EtcdStore {
             .when(when)
             .and_then(ops)
             .or_else(vec![TxnOp::get(leader, None)]);
-        let resp = self.call(op, move |mut c| async move { c.txn(txn).await })?;
+        let resp = self.send_guarded(op, replay, txn)?;
         if resp.succeeded() {
             return Ok(true);
         }
@@ -195,6 +257,41 @@ impl EtcdStore {
         }
     }
 
+    /// Sends a guarded transaction. One that may be replayed gets two attempts of half the
+    /// request limit each: a write in flight when etcd's own leader dies is lost with it and
+    /// answered only after etcd's request timeout, while the same write again goes through
+    /// the next etcd leader within a second or two (`tests/ha.rs`, one etcd member lost).
+    fn send_guarded(
+        &self,
+        op: &'static str,
+        replay: Replay,
+        txn: etcd_client::Txn,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        let attempts = match replay {
+            Replay::Safe => 2,
+            Replay::Unsafe => 1,
+        };
+        let limit = self.timeout / attempts;
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            let t = txn.clone();
+            let send = move |mut c: Client| {
+                let t = t.clone();
+                async move { c.txn(t).await }
+            };
+            match self.call_within(op, limit, send) {
+                Err(e @ StoreError::EtcdTimeout { .. }) if tried < attempts => {
+                    if !self.leads() {
+                        return Err(e);
+                    }
+                    tracing::warn!(op, error = %e, "etcd did not answer; sending the write again");
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Puts these values in as few guarded transactions as the limits allow.
     fn put_all(&self, op: &'static str, kvs: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
         for chunk in chunks(kvs) {
@@ -202,7 +299,7 @@ impl EtcdStore {
                 .into_iter()
                 .map(|(k, v)| TxnOp::put(k, v, None))
                 .collect();
-            self.guarded(op, vec![], ops)?;
+            self.guarded(op, Replay::Safe, vec![], ops)?;
         }
         Ok(())
     }
@@ -218,12 +315,32 @@ impl EtcdStore {
                 .iter()
                 .map(|k| TxnOp::delete(k.clone(), None))
                 .collect();
-            if let Err(e) = self.guarded("forget expired", vec![], ops) {
+            if let Err(e) = self.guarded("forget expired", Replay::Safe, vec![], ops) {
                 tracing::warn!(error = %e, "cannot forget expired tokens and certificates yet");
                 return;
             }
         }
     }
+}
+
+/// Whether the request failed before it was sent: the connection to the member was refused
+/// (the member is down).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    // etcd-client's own error names no source: start from what it wraps.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s),
+        etcd_client::Error::TransportError(t) => Some(t),
+        _ => None,
+    };
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn lost(op: &'static str, after: Duration) -> impl FnOnce(Lost) -> StoreError {
@@ -293,11 +410,14 @@ impl Store for EtcdStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         // One range over the whole prefix: every value read at one revision.
         let all = self.keys.all();
-        let resp = self.call("load", move |c| async move {
-            c.kv_client()
-                .max_decoding_message_size(MAX_LOAD_BYTES)
-                .get(all, Some(GetOptions::new().with_prefix()))
-                .await
+        let resp = self.call("load", move |c| {
+            let all = all.clone();
+            async move {
+                c.kv_client()
+                    .max_decoding_message_size(MAX_LOAD_BYTES)
+                    .get(all, Some(GetOptions::new().with_prefix()))
+                    .await
+            }
         })?;
         let mut snap = Snapshot::default();
         let (pairs, tokens, certs) = (self.keys.pair(""), self.keys.token(""), self.keys.cert(""));
@@ -347,7 +467,8 @@ impl Store for EtcdStore {
 
     fn delete_pair(&self, name: &str) -> Result<(), StoreError> {
         let op = TxnOp::delete(self.keys.pair(name), None);
-        self.guarded("delete pair", vec![], vec![op]).map(drop)
+        self.guarded("delete pair", Replay::Safe, vec![], vec![op])
+            .map(drop)
     }
 
     fn use_token(&self, nonce: &str, expires_unix: u64) -> Result<bool, StoreError> {
@@ -360,11 +481,17 @@ impl Store for EtcdStore {
         };
         let fresh = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
         let put = TxnOp::put(key, t.encode_to_vec(), None);
-        self.guarded("use token", vec![fresh], vec![put])
+        // Never sent twice: a first attempt applied but unanswered would make the second
+        // find the token used, and refuse a legitimate join as a replay.
+        self.guarded("use token", Replay::Unsafe, vec![fresh], vec![put])
     }
 
     fn term(&self) -> u64 {
         self.term().max(0) as u64
+    }
+
+    fn coordinators(&self) -> Result<Option<Coordinators>, StoreError> {
+        self.members().map(Some)
     }
 
     fn put_certs(&self, certs: &[IssuedCert]) -> Result<(), StoreError> {

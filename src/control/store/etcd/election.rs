@@ -15,9 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 
-use super::{EtcdStore, StoreError, etcd_err, lost};
+use super::{Coordinators, EtcdStore, StoreError, etcd_err, lost};
 
 /// Who leads, as the leader key says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,7 +113,7 @@ impl EtcdStore {
                 Some(PutOptions::new().with_lease(lease.id)),
             )])
             .or_else(vec![TxnOp::get(key, None)]);
-        let resp = self.call("campaign", move |mut c| async move { c.txn(txn).await })?;
+        let resp = self.call("campaign", txn_of(txn))?;
         if resp.succeeded() {
             let term = resp.header().map(|h| h.revision()).unwrap_or(0);
             return Ok(self.won(term));
@@ -133,6 +135,53 @@ impl EtcdStore {
         }
     }
 
+    /// Puts this coordinator's membership record (`members/<address>`) with its lease: it
+    /// lives as long as the lease, so a coordinator that died leaves the list within the TTL.
+    pub fn register(&self, lease: &Lease, address: &str) -> Result<(), StoreError> {
+        let key = self.keys.member(address);
+        let (id, value) = (lease.id, address.to_string());
+        self.call("register", move |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(id)))
+                    .await
+            }
+        })
+        .map(drop)
+    }
+
+    /// The leader key and the membership records, read at one revision.
+    pub fn members(&self) -> Result<Coordinators, StoreError> {
+        let prefix = self.keys.member("");
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.keys.leader(), None),
+            TxnOp::get(prefix, Some(GetOptions::new().with_prefix())),
+        ]);
+        let resp = self.call("members", txn_of(txn))?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let leader = gets.next().and_then(|g| g.kvs().first().map(leader_of));
+        let mut members: Vec<String> = gets
+            .next()
+            .map(|g| {
+                g.kvs()
+                    .iter()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        members.sort();
+        let (leader, term) = leader.map(|l| (l.address, l.term)).unwrap_or_default();
+        Ok(Coordinators {
+            leader,
+            term,
+            members,
+            endpoints: self.endpoints.clone(),
+        })
+    }
+
     fn won(&self, term: i64) -> Attempt {
         self.term.store(term, Ordering::SeqCst);
         Attempt::Won(term)
@@ -151,7 +200,7 @@ impl EtcdStore {
             )])
             .and_then(vec![TxnOp::put(key.clone(), fingerprint, None)])
             .or_else(vec![TxnOp::get(key, None)]);
-        let resp = self.call("check the CA", move |mut c| async move { c.txn(txn).await })?;
+        let resp = self.call("check the CA", txn_of(txn))?;
         let theirs = resp.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => g
                 .kvs()
@@ -195,14 +244,36 @@ impl EtcdStore {
         let Some(lease) = self.lease.lock().expect("lease lock").take() else {
             return;
         };
+        let id = lease.id;
         let r = self.call("revoke lease", move |mut c| async move {
-            c.lease_revoke(lease.id).await
+            c.lease_revoke(id).await
         });
         if let Err(e) = r {
             tracing::warn!(error = %e, "cannot revoke the leader's lease; it expires on its own");
         }
     }
 }
+
+/// A request that sends `txn` (again on each call).
+fn txn_of(
+    txn: Txn,
+) -> impl FnMut(
+    etcd_client::Client,
+) -> std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<etcd_client::TxnResponse, etcd_client::Error>>
+            + Send,
+    >,
+> + Send
++ 'static {
+    move |mut c| {
+        let t = txn.clone();
+        Box::pin(async move { c.txn(t).await })
+    }
+}
+
+/// How soon a failed renewal is tried again (at most a renewal period).
+const RETRY_RENEWAL: Duration = Duration::from_millis(100);
 
 /// Renews `lease` every sixth of its TTL until etcd says it is gone (a renewal that fails is
 /// retried on a fresh stream; the leader's deadline does the rest).
@@ -211,10 +282,15 @@ async fn keep_alive(client: etcd_client::Client, lease: Lease) {
     // not make it step down.
     let every = (lease.ttl / 6).max(Duration::from_millis(300));
     let mut stream = None;
+    let mut failing = false;
     loop {
         let sent = Instant::now();
-        match renew(&client, &lease, &mut stream, every).await {
-            Ok(ttl) if ttl > 0 => lease.renewed(sent),
+        let next = match renew(&client, &lease, &mut stream, every).await {
+            Ok(ttl) if ttl > 0 => {
+                lease.renewed(sent);
+                failing = false;
+                sent + every
+            }
             Ok(_) => {
                 tracing::warn!(
                     lease = lease.id,
@@ -223,11 +299,24 @@ async fn keep_alive(client: etcd_client::Client, lease: Lease) {
                 return;
             }
             Err(e) => {
-                tracing::warn!(lease = lease.id, error = %e, "cannot renew the coordinator's lease");
+                // The first failure of a run is worth a warning; the retries are not.
+                match failing {
+                    false => {
+                        tracing::warn!(lease = lease.id, error = %e, "cannot renew the coordinator's lease")
+                    }
+                    true => {
+                        tracing::debug!(lease = lease.id, error = %e, "cannot renew the coordinator's lease")
+                    }
+                }
+                failing = true;
                 stream = None;
+                // Tried again soon rather than a period later: a member that refuses the
+                // connection (one etcd member lost) answers at once, and only two periods fit
+                // in the leader's deadline.
+                (Instant::now() + RETRY_RENEWAL).min(sent + every)
             }
-        }
-        tokio::time::sleep_until((sent + every).into()).await;
+        };
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 

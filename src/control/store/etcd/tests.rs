@@ -316,3 +316,50 @@ fn over_tls_with_a_client_certificate() {
     assert!(e.to_string().contains("etcd"), "{e}");
     assert_eq!(s.load().unwrap().pairs["a"].epoch, 7);
 }
+
+/// `coordinator status`'s view: the leader's address and term and every coordinator whose
+/// membership record lives; a coordinator whose lease goes leaves the list, a leader that
+/// steps down leaves none; every request is timed.
+#[test]
+fn the_members_are_the_coordinators_whose_leases_live() {
+    let Some(c) = Cluster::start(1) else { return };
+    let latency = Histogram::new([0.01, 0.1, 1.0]);
+    let a = store(&c).with_latency(latency.clone());
+    let la = a.grant(Duration::from_secs(6)).unwrap();
+    a.register(&la, "127.0.0.1:1").unwrap();
+    let Attempt::Won(term) = a.campaign(&la, "127.0.0.1:1").unwrap() else {
+        panic!("the only candidate did not win");
+    };
+    let b = store(&c);
+    let lb = b.grant(Duration::from_secs(6)).unwrap();
+    b.register(&lb, "127.0.0.1:2").unwrap();
+    assert!(matches!(
+        b.campaign(&lb, "127.0.0.1:2").unwrap(),
+        Attempt::Held(_)
+    ));
+
+    let seen = a.coordinators().unwrap().expect("etcd has members");
+    assert_eq!(seen.leader, "127.0.0.1:1");
+    assert_eq!(seen.term, term);
+    assert_eq!(seen.members, ["127.0.0.1:1", "127.0.0.1:2"]);
+    assert_eq!(seen.endpoints, c.endpoints());
+    // A follower sees the same.
+    assert_eq!(b.coordinators().unwrap(), Some(seen));
+
+    // The follower goes (its lease revoked, as on a clean stop): its record goes with it.
+    b.step_down();
+    let seen = a.coordinators().unwrap().unwrap();
+    assert_eq!(seen.members, ["127.0.0.1:1"]);
+    assert_eq!((seen.leader.as_str(), seen.term), ("127.0.0.1:1", term));
+    // The leader steps down: no leader and no member left.
+    a.step_down();
+    let seen = b.coordinators().unwrap().unwrap();
+    assert_eq!((seen.leader.as_str(), seen.term), ("", 0));
+    assert!(seen.members.is_empty(), "{seen:?}");
+    // Every request of `a` was timed (grant, register, campaign, members, revoke).
+    let mut text = String::new();
+    let mut r = prometheus_client::registry::Registry::default();
+    r.register("t", "t", latency);
+    prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+    assert!(text.contains("t_count 6"), "{text}");
+}
