@@ -765,6 +765,14 @@ fn the_dockerfile_caches_dependencies_and_checks_health() {
             "the Dockerfile's dependency layer lacks a stand-in for bench/{name}.rs"
         );
     }
+    // And every test target it names by path (tests/ha.rs, which needs the etcd feature).
+    for line in cargo.lines().filter(|l| l.starts_with("path = \"tests/")) {
+        let file = line.trim_start_matches("path = \"").trim_end_matches('"');
+        assert!(
+            d[manifests..sources].contains(file),
+            "the Dockerfile's dependency layer lacks a stand-in for {file}"
+        );
+    }
     let ignore =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".dockerignore"))
             .unwrap();
