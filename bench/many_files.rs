@@ -14,12 +14,11 @@ mod rig;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use rand::RngExt;
-use rig::{base_dir, env_usize, rsync, settle, sshd};
+use rig::{base_dir, continuous_gpu, env_usize, rsync, settle, sshd};
 use standby::trust::identity::Role;
 
 /// `n` files of 200 B – 4 KiB (text and random halves), 100 per directory, 20 directories per
@@ -41,15 +40,6 @@ fn make_small_files(root: &Path, rng: &mut rand::rngs::StdRng, n: usize) -> u64 
         total += size as u64;
     }
     total
-}
-
-/// A process's CPU seconds so far (utime + stime, 10 ms ticks).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
 }
 
 /// A `/proc/<pid>/status` field in KiB (VmRSS, VmHWM).
@@ -99,33 +89,13 @@ fn main() {
         &t.path().join("cpu"),
         &pki.node("bench", Role::Cpu),
     );
-    let gst = t.path().join("gpu");
     settle();
-    let t0 = Instant::now();
-    let gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(
-                &src,
-                &gst,
-                &pki.node("bench", Role::Gpu),
-                &cpu.addr,
-            ))
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let sock = standby::agent::socket::socket_path(&gst);
-    assert!(
-        wait_until(Duration::from_secs(600), || sock.exists()),
-        "agent-gpu never opened its control socket"
-    );
-    let out = flush(&gst, "30m");
-    let first = t0.elapsed();
-    assert!(
-        out.status.success(),
-        "first flush failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fs::read_to_string(t.path().join("gpu.log")).unwrap_or_default()
+    let (gpu, _gst, first) = continuous_gpu(
+        t.path(),
+        &src,
+        &pki.node("bench", Role::Gpu),
+        &cpu.addr,
+        &[],
     );
     assert_same(&src, &cpu.workspace);
     println!("  standby first sync {:>8.2} s", first.as_secs_f64());

@@ -304,3 +304,39 @@ pub fn settle() {
     let _ = Command::new("sync").status();
     std::thread::sleep(Duration::from_millis(500));
 }
+
+/// A continuous agent-gpu on `src` (state `<dir>/gpu`, log `<dir>/gpu.log`) replicating to
+/// `peer`, once its first flush returned: everything in `src` is durable on the standby.
+/// Returns the agent, its state directory and how long that took from its start.
+pub fn continuous_gpu(
+    dir: &Path,
+    src: &Path,
+    tls: &Path,
+    peer: &str,
+    extra: &[String],
+) -> (Proc, PathBuf, Duration) {
+    let gst = dir.join("gpu");
+    let t0 = Instant::now();
+    let gpu = Proc(
+        Command::new(crate::common::AGENT_GPU)
+            .args(crate::common::gpu_args(src, &gst, tls, peer))
+            .args(extra)
+            .stderr(fs::File::create(dir.join("gpu.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let sock = standby::agent::socket::socket_path(&gst);
+    assert!(
+        crate::common::wait_until(Duration::from_secs(600), || sock.exists()),
+        "agent-gpu never opened its control socket"
+    );
+    let out = crate::common::flush(&gst, "30m");
+    let took = t0.elapsed();
+    assert!(
+        out.status.success(),
+        "first flush failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fs::read_to_string(dir.join("gpu.log")).unwrap_or_default()
+    );
+    (gpu, gst, took)
+}

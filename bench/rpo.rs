@@ -27,13 +27,12 @@ mod rig;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use rand::RngExt;
-use rig::{base_dir, env_usize};
+use rig::{base_dir, continuous_gpu, env_usize};
 use standby::trust::identity::Role;
 
 const SMALL_EVERY: Duration = Duration::from_millis(100);
@@ -224,30 +223,12 @@ fn main() {
         &t.path().join("cpu"),
         &pki.node("bench", Role::Cpu),
     );
-    let gst = t.path().join("gpu");
-    let gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(
-                &src,
-                &gst,
-                &pki.node("bench", Role::Gpu),
-                &cpu.addr,
-            ))
-            .args(&extra)
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let sock = standby::agent::socket::socket_path(&gst);
-    assert!(
-        wait_until(Duration::from_secs(60), || sock.exists()),
-        "agent-gpu never opened its control socket"
-    );
-    let out = flush(&gst, "5m");
-    assert!(
-        out.status.success(),
-        "first flush failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (gpu, _, _) = continuous_gpu(
+        t.path(),
+        &src,
+        &pki.node("bench", Role::Gpu),
+        &cpu.addr,
+        &extra,
     );
     println!(
         "steady writes for {secs} s: a small file every {} ms, {} MiB checkpoint every {} s{}",
