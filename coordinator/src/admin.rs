@@ -37,17 +37,25 @@ async fn client_at(r: &Remote) -> anyhow::Result<(AdminClient<Channel>, String)>
     if addrs.is_empty() {
         anyhow::bail!("--server names no address");
     }
-    let mut failed = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut last = None;
     for addr in addrs {
         match tls::connect(addr, cfg.clone()).await {
             Ok(ch) => return Ok((AdminClient::new(ch), addr.to_string())),
-            Err(e) => failed.push(format!("{addr}: {}", crate::text::error_chain(e.as_ref()))),
+            Err(e) => {
+                if let Some((a, e)) = last.replace((addr, e)) {
+                    failed.push(format!("{a}: {}", crate::text::error_chain(e.as_ref())));
+                }
+            }
         }
     }
-    anyhow::bail!(
+    let (addr, e) = last.expect("at least one address was tried");
+    // The last error stays the source: its kind (a connection refused) picks the exit code.
+    failed.push(addr.to_string());
+    Err(e.context(format!(
         "no coordinator answered (followers of highly available coordinators do not listen): {}",
         failed.join("; ")
-    )
+    )))
 }
 
 /// A refusal's message, and the exit code its gRPC code calls for.
