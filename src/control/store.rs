@@ -703,8 +703,12 @@ mod tests {
     #[test]
     fn a_token_used_by_many_at_once_is_used_once() {
         let d = tempfile::tempdir().unwrap();
-        let s = std::sync::Arc::new(FileStore::open(d.path()).unwrap());
-        let rounds = 300;
+        each_token_used_once(std::sync::Arc::new(FileStore::open(d.path()).unwrap()), 300);
+    }
+
+    /// Four threads released together try the same token, round after round: exactly one
+    /// of them uses it each round (also run against etcd).
+    pub(crate) fn each_token_used_once(s: std::sync::Arc<dyn Store>, rounds: usize) {
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
         let threads: Vec<_> = (0..4)
             .map(|_| {

@@ -132,8 +132,8 @@ impl Cluster {
         Some(etcd_client::ConnectOptions::new().with_tls(tls))
     }
 
-    /// etcd's current revision: it grows with every write.
-    pub fn revision(&self) -> i64 {
+    /// `f` with a plain client of the cluster, on a runtime of its own.
+    fn with_client<T>(&self, f: impl AsyncFnOnce(&mut etcd_client::Client) -> T) -> T {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -142,6 +142,13 @@ impl Cluster {
             let mut c = etcd_client::Client::connect(self.endpoints(), None)
                 .await
                 .expect("etcd");
+            f(&mut c).await
+        })
+    }
+
+    /// etcd's current revision: it grows with every write.
+    pub fn revision(&self) -> i64 {
+        self.with_client(async |c| {
             let r = c.get("/", None).await.expect("etcd get");
             r.header().expect("a header").revision()
         })
@@ -150,14 +157,7 @@ impl Cluster {
     /// The keys written after revision `since`, with their revisions (deleted keys are not
     /// listed).
     pub fn written_since(&self, since: i64) -> Vec<(String, i64)> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let mut c = etcd_client::Client::connect(self.endpoints(), None)
-                .await
-                .expect("etcd");
+        self.with_client(async |c| {
             let opts = etcd_client::GetOptions::new().with_prefix();
             let r = c.get("/", Some(opts)).await.expect("etcd get");
             r.kvs()

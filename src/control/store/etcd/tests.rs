@@ -184,26 +184,7 @@ fn a_large_batch_spans_several_transactions() {
 fn a_token_used_by_many_at_once_is_used_once() {
     let Some(c) = Cluster::start(1) else { return };
     let (a, _) = leader(&c, Duration::from_secs(6));
-    let a = std::sync::Arc::new(a);
-    let rounds = 40;
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let (s, b) = (a.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                (0..rounds)
-                    .map(|r| {
-                        b.wait();
-                        s.use_token(&format!("n{r}"), u64::MAX).unwrap() as usize
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let won: Vec<Vec<usize>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    for r in 0..rounds {
-        assert_eq!(won.iter().map(|w| w[r]).sum::<usize>(), 1, "round {r}");
-    }
+    crate::control::store::tests::each_token_used_once(std::sync::Arc::new(a), 40);
 }
 
 /// A value that does not decode refuses the load and names its key; expired tokens are not
