@@ -135,15 +135,7 @@ fn nothing_is_written_through_a_symlink_or_over_a_directory() {
 }
 
 fn attrs(items: &[(&str, &str)]) -> Option<crate::proto::Xattrs> {
-    Some(crate::proto::Xattrs {
-        items: items
-            .iter()
-            .map(|(n, v)| crate::proto::Xattr {
-                name: n.as_bytes().to_vec(),
-                value: v.as_bytes().to_vec(),
-            })
-            .collect(),
-    })
+    Some(crate::replication::manifest::tests::xattrs(items))
 }
 
 /// A restore (`agent-gpu restore`, `restore-backup`) writes owners back when it runs as root,
