@@ -1,5 +1,8 @@
-//! What this machine says about itself: its name and its wall clock; and giving the memory this
-//! process freed back to it.
+//! What this machine says about itself: its name and its wall clock; and the allocator of a
+//! long-running agent: how it is set up, and giving the memory this process freed back to it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// The kernel's host name ("unknown" when it cannot be read).
 pub fn name() -> String {
@@ -16,9 +19,68 @@ pub fn unix_ms_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A burst of work at least this long is followed by [`release_free_memory`] (a sync, a commit, a
+/// A burst of work at least this long is followed by [`after_burst`] (a sync, a commit, a
 /// snapshot): trimming costs milliseconds, so shorter ones are not worth it.
-pub const BURST: std::time::Duration = std::time::Duration::from_secs(1);
+pub const BURST: Duration = Duration::from_secs(1);
+
+/// How long after the last burst [`trim_when_idle`] trims again.
+pub const IDLE_TRIM: Duration = Duration::from_secs(5);
+
+/// glibc arenas for an agent: one per core by default (8 per core on 64-bit), each keeping what
+/// its threads freed. Two are enough for an agent's few busy threads (ARCHITECTURE.md, "Memory").
+const ARENAS: i32 = 2;
+/// Blocks from this size on are mapped on their own and unmapped when freed. Setting it turns
+/// off glibc's sliding threshold, which after the first large buffers are freed serves later
+/// ones (zstd windows, read buffers) from the heap, where they fragment it.
+const MMAP_THRESHOLD: i32 = 256 << 10;
+
+/// Unix ms of the last [`after_burst`] not yet followed by an idle trim (0: none).
+static BURST_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Sets up glibc's allocator for a long-running agent: [`ARENAS`] arenas and a fixed
+/// [`MMAP_THRESHOLD`]. At 100k files this took agent-gpu's idle resident memory from 113 to 58 MiB
+/// (`bench/many_files.rs`). Call it first in `main`, before any thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn tune_allocator() {
+    // SAFETY: mallopt takes no pointers; glibc serializes it with every allocator call.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
+/// Elsewhere the allocator is left as it is.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_allocator() {}
+
+/// After a burst of work: gives back what it freed now, and asks [`trim_when_idle`] to trim
+/// again once things are quiet (what the burst left behind is often freed a little later: a
+/// session's buffers, a manifest copy handed to the history recorder).
+pub fn after_burst() {
+    release_free_memory();
+    BURST_AT.store(unix_ms_now().max(1), Ordering::Relaxed);
+}
+
+/// Trims once [`IDLE_TRIM`] has passed since the last [`after_burst`], until `stop`.
+pub async fn trim_when_idle(stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(IDLE_TRIM);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let at = BURST_AT.load(Ordering::Relaxed);
+        let quiet = unix_ms_now().saturating_sub(at) >= IDLE_TRIM.as_millis() as u64;
+        if at != 0
+            && quiet
+            && BURST_AT
+                .compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            release_free_memory();
+        }
+    }
+}
 
 /// Gives the pages this process freed back to the system (glibc's `malloc_trim(0)`; true when
 /// any came back). glibc keeps what each thread freed in that thread's arena: after the first

@@ -96,6 +96,7 @@ struct RestoreBackupArgs {
 }
 
 pub fn main() {
+    crate::host::tune_allocator();
     let cli: Cli = parse_or_exit();
     cli.log.apply();
     if let Some(cmd) = cli.cmd {

@@ -103,6 +103,7 @@ enum Cmd2 {
 }
 
 pub fn main() {
+    crate::host::tune_allocator();
     let cli: Cli = parse_or_exit();
     cli.log.apply();
     tls::install_default_provider();

@@ -105,6 +105,7 @@ pub async fn run(mut cfg: AgentConfig, o: Opened) -> anyhow::Result<()> {
     cfg.machine = machine;
     log_ready(&cfg, &receiver);
     let shutdown = stop_on_signal();
+    tokio::spawn(crate::host::trim_when_idle(shutdown.clone()));
     let history = open_history(&cfg, &receiver, &shutdown).await?;
     let router = tls::server_builder()
         .add_service(receiver.service())

@@ -193,7 +193,7 @@ async fn record(
             tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, "snapshot recorded");
             drop(f);
             if started.elapsed() >= crate::host::BURST {
-                crate::host::release_free_memory();
+                crate::host::after_burst();
             }
             refresh(store, figures);
             Some(manifest.generation)

@@ -481,7 +481,7 @@ impl<'a> Loop<'a> {
             self.pending_since = None;
             // Idle after a long scan or generation: give its memory back (ARCHITECTURE.md, "Memory").
             if scan_started.elapsed() >= crate::host::BURST {
-                crate::host::release_free_memory();
+                crate::host::after_burst();
             }
         }
         let mut f = self.sender.figures.lock().expect("figures");

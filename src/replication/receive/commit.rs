@@ -70,7 +70,7 @@ impl Session {
         self.record_commit(&guard.manifest, generation, root);
         tracing::debug!(%generation, commit_ms, "generation committed");
         if burst {
-            crate::host::release_free_memory();
+            crate::host::after_burst();
         }
         let result = CommitResult {
             generation: generation.0,
