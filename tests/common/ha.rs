@@ -123,7 +123,8 @@ pub struct Group {
 }
 
 impl Group {
-    /// On a three-member etcd on loopback, with `--leader-lease 4s`; None when etcd is missing.
+    /// On a three-member etcd on loopback, with `--leader-lease 4s` and no provider
+    /// (replacements join by hand); None when etcd is missing.
     pub fn start(root: &Path) -> Option<Group> {
         Self::start_with(root, "4s")
     }
@@ -131,7 +132,8 @@ impl Group {
     /// The same with this `--leader-lease`.
     pub fn start_with(root: &Path, lease: &'static str) -> Option<Group> {
         let etcd = Cluster::start(3)?;
-        Some(Self::on(root, etcd, lease, &[], Placement::Loopback))
+        let none = ["--provider", "none"];
+        Some(Self::on(root, etcd, lease, &none, Placement::Loopback))
     }
 
     /// Three coordinators on `etcd`, placed as said, with more `serve` arguments.
