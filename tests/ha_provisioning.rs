@@ -3,8 +3,10 @@
 //! the stateful fake of Vast.ai (`common::fake_vast`, instances that run the real on-start
 //! script and agent), and the leader is killed at seeded points of one provisioning: with the
 //! intent written and the offer search unanswered, with the create call made (the instance
-//! exists) and its answer lost or just delivered, and during the restore. Each time the killed
-//! coordinator is started again (its supervisor) and the next leader finishes the work.
+//! exists, labelled: Vast.ai takes the label in the create) and its answer lost or just
+//! delivered, and during the restore. Each time the killed coordinator is started again (its
+//! supervisor) and the next leader finishes the work. Instances boot a second after the create,
+//! so the new machine's agent starts while no coordinator leads and must wait to join.
 //! Afterwards: the fake holds exactly the pair's machine, created once, none destroyed; one
 //! primary per epoch; the replica and the new GPU hold the source's tree. `STANDBY_SOAK=1` runs
 //! five seeds instead of one.
@@ -78,7 +80,11 @@ fn rig(t: &Path, seed: u64) -> Option<Rig> {
     let vast = Arc::new(Mutex::new(VastState {
         key: "sekrit-key".into(),
         offers: vec![offer(201, 1, 0.30), offer(202, 2, 0.40)],
-        faults: Faults::default(),
+        // Machines boot a second after the create: their agent joins during the hand-over.
+        faults: Faults {
+            boot_after: Duration::from_secs(1),
+            ..Faults::default()
+        },
         instances: BTreeMap::new(),
         next_id: 7000,
         dir: t.join("vast"),
@@ -279,6 +285,13 @@ fn one_provisioning(t: &Path, seed: u64) -> bool {
             fs::read_to_string(inst.state_dir.join("agent.log")).unwrap_or_default(),
         ),
     ];
+    // It booted while no coordinator led, and waited for the next leader to join.
+    let waited = logs[2].1.contains("no coordinator answered the join");
+    assert!(
+        waited,
+        "the new machine did not wait to join:\n{}",
+        logs[2].1
+    );
     let by_epoch = primaries(&logs);
     eprintln!("primaries by epoch: {by_epoch:?}");
     for (e, who) in &by_epoch {

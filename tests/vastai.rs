@@ -41,6 +41,7 @@ fn replaces_a_failed_gpu_through_api_faults_without_leaking() {
             gone: HashSet::from([101]),
             never_boot: HashSet::from([102]),
             create_500: HashSet::from([103]),
+            ..Faults::default()
         },
         instances: BTreeMap::new(),
         next_id: 5000,

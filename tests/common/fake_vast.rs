@@ -30,6 +30,9 @@ pub struct Faults {
     pub gone: HashSet<u64>,
     pub never_boot: HashSet<u64>,
     pub create_500: HashSet<u64>,
+    /// How long an instance takes to boot (its on-start script runs then; it shows as loading
+    /// meanwhile); zero: at once, before the create answers.
+    pub boot_after: std::time::Duration,
 }
 
 /// The call a [`Hold`] holds.
@@ -186,7 +189,11 @@ async fn create(
     let (reply, hold) = {
         let mut st = s.lock().unwrap();
         let before = st.instances.len();
-        let reply = create_now(&mut st, offer, &h, &body);
+        let mut later = None;
+        let reply = create_now(&mut st, offer, &h, &body, &mut later);
+        if let Some((id, cmd)) = later {
+            boot_later(s.clone(), id, cmd, st.faults.boot_after);
+        }
         let hold = (st.instances.len() > before)
             .then(|| st.take_hold(Held::Create))
             .flatten();
@@ -195,7 +202,26 @@ async fn create(
     after(hold, reply).await
 }
 
-fn create_now(st: &mut VastState, offer: u64, h: &HeaderMap, body: &str) -> Reply {
+/// Boots instance `id` after `delay`, unless it was destroyed meanwhile.
+fn boot_later(s: Shared, id: u64, cmd: std::process::Command, delay: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = st.instances.get_mut(&id) {
+            run_on_start(cmd);
+            i.booted = true;
+        }
+    });
+}
+
+/// A create; with a boot delay, `later` gets the instance and its on-start command.
+fn create_now(
+    st: &mut VastState,
+    offer: u64,
+    h: &HeaderMap,
+    body: &str,
+    later: &mut Option<(u64, std::process::Command)>,
+) -> Reply {
     st.log.push(format!("PUT /api/v0/asks/{offer}/"));
     if let Err(e) = authed(st, h) {
         return e;
@@ -233,11 +259,17 @@ fn create_now(st: &mut VastState, offer: u64, h: &HeaderMap, body: &str) -> Repl
         booted: false,
     };
     let boots = !st.faults.never_boot.contains(&offer);
+    let delayed = boots && !st.faults.boot_after.is_zero();
     if boots {
-        on_start(st, &dir, &inst, &req["env"]);
+        let cmd = on_start(st, &dir, &inst, &req["env"]);
+        if delayed {
+            *later = Some((id, cmd));
+        } else {
+            run_on_start(cmd);
+        }
     }
     let inst = Instance {
-        booted: boots,
+        booted: boots && !delayed,
         ..inst
     };
     st.instances.insert(id, inst);
@@ -250,9 +282,14 @@ fn create_now(st: &mut VastState, offer: u64, h: &HeaderMap, body: &str) -> Repl
     ok(json!({"success": true, "new_contract": id}))
 }
 
-/// The container starts and runs the on-start script with the instance's environment (the
-/// `STANDBY_*` variables of the request's `env`).
-fn on_start(st: &VastState, dir: &std::path::Path, inst: &Instance, env: &Value) {
+/// What the container runs when it starts: the on-start script with the instance's environment
+/// (the `STANDBY_*` variables of the request's `env`).
+fn on_start(
+    st: &VastState,
+    dir: &std::path::Path,
+    inst: &Instance,
+    env: &Value,
+) -> std::process::Command {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
     let mut cmd = std::process::Command::new("bash");
@@ -269,6 +306,10 @@ fn on_start(st: &VastState, dir: &std::path::Path, inst: &Instance, env: &Value)
             cmd.env(k, v.as_str().unwrap_or(""));
         }
     }
+    cmd
+}
+
+fn run_on_start(mut cmd: std::process::Command) {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
