@@ -116,8 +116,8 @@ pub async fn join(
 }
 
 /// The first of the coordinators that accepts a connection (highly available ones: only the
-/// leader serves, followers do not listen). A refusal is final, but when none answers, joining
-/// waits and tries again until the token expires: a machine created just before its leader died
+/// leader serves, followers do not listen). One that answers but fails verification ends it,
+/// but when none answers, joining waits and tries again until the token expires: a machine created just before its leader died
 /// boots while the next one is being elected (ARCHITECTURE.md, "Highly available
 /// coordinators"), and an agent that gave up would leave a machine that never joins.
 async fn reach(
@@ -127,12 +127,18 @@ async fn reach(
 ) -> anyhow::Result<tonic::transport::Channel> {
     let mut wait = JOIN_RETRY_FIRST;
     loop {
-        let mut failed = Vec::new();
+        let (mut failed, mut refused) = (Vec::new(), false);
         for a in crate::agent::link::addresses(url) {
             match tls::connect(&a, cfg.clone()).await {
                 Ok(ch) => return Ok(ch),
-                Err(e) => failed.push(format!("{a}: {e:#}")),
+                Err(e) => {
+                    refused |= !unanswered(&e);
+                    failed.push(format!("{a}: {e:#}"));
+                }
             }
+        }
+        if refused {
+            bail!("joining via {url}: {}", failed.join("; "));
         }
         let now = crate::host::unix_ms_now() / 1000;
         let Some(next) = retry_wait(now, expires_unix, wait) else {
@@ -145,6 +151,28 @@ async fn reach(
         tokio::time::sleep(next).await;
         wait = (wait * 2).min(JOIN_RETRY_MAX);
     }
+}
+
+/// Whether connecting failed because nothing answered (nothing listens, no route, no answer in
+/// time), not because what answered failed verification (another CA: final).
+fn unanswered(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    let by_kind = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+                    | NotConnected
+            )
+        })
+    });
+    by_kind || format!("{e:#}").contains("timed out")
 }
 
 /// The first and the longest wait between two rounds of joining.
@@ -197,19 +225,52 @@ mod tests {
         assert_eq!(retry_wait(300, 200, w), None);
     }
 
+    /// Nothing listens: joining waits while the token is valid.
+    #[tokio::test]
+    async fn joining_waits_while_nothing_answers() {
+        crate::trust::tls::install_default_provider();
+        let url = format!("127.0.0.1:{}", free_port());
+        let cfg = tls::join_client_config(&"0".repeat(64)).unwrap();
+        let later = crate::host::unix_ms_now() / 1000 + 3600;
+        let r = tokio::time::timeout(Duration::from_secs(1), reach(&url, &cfg, later)).await;
+        assert!(r.is_err(), "it gave up while the token is valid");
+    }
+
+    /// Something answers that is not a coordinator of the token's CA (here: no TLS at all):
+    /// joining ends at once, it does not wait for the token to expire.
+    #[tokio::test]
+    async fn what_answers_wrongly_ends_the_join_at_once() {
+        crate::trust::tls::install_default_provider();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let cfg = tls::join_client_config(&"0".repeat(64)).unwrap();
+        let later = crate::host::unix_ms_now() / 1000 + 3600;
+        let r = tokio::time::timeout(Duration::from_secs(5), reach(&url, &cfg, later)).await;
+        let e = r.expect("it waited").unwrap_err();
+        assert!(format!("{e:#}").contains(&url), "{e:#}");
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
     /// Nothing listens and the token has expired: one round, then a clear error naming the
     /// address, not a wait.
     #[tokio::test]
     async fn an_expired_token_stops_the_wait_with_the_addresses_tried() {
         crate::trust::tls::install_default_provider();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let fingerprint = "0".repeat(64);
-        let cfg = tls::join_client_config(&fingerprint).unwrap();
-        let url = format!("127.0.0.1:{port}");
+        let url = format!("127.0.0.1:{}", free_port());
+        let cfg = tls::join_client_config(&"0".repeat(64)).unwrap();
         let e = reach(&url, &cfg, 1).await.unwrap_err();
         let text = format!("{e:#}");
         assert!(text.contains("before the join token expired"), "{text}");
