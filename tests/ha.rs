@@ -4,199 +4,16 @@
 
 mod common;
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::etcd::Cluster;
+use common::ha::Group;
 use common::*;
-
-/// One of the coordinators: its directory (a copy of the first's `init`) and fixed port.
-struct Member {
-    dir: PathBuf,
-    listen: String,
-    proc: Option<Proc>,
-    /// `--leader-lease`.
-    lease: &'static str,
-}
-
-impl Member {
-    fn start(&mut self, etcd: &[String]) {
-        let _ = fs::remove_file(self.dir.join("serve.addr"));
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("coordinator.log"))
-            .unwrap();
-        let child = Command::new(COORDINATOR)
-            .args(["serve", "--dir"])
-            .arg(&self.dir)
-            .args(["--listen", &self.listen, "--metrics-listen", "127.0.0.1:0"])
-            .args([
-                "--provider",
-                "none",
-                "--store",
-                "etcd",
-                "--etcd",
-                &etcd.join(","),
-            ])
-            .args([
-                "--leader-lease",
-                self.lease,
-                "--heartbeat-interval",
-                "500ms",
-            ])
-            .args(["--failover-after", "3s"])
-            .env("STANDBY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.proc = Some(Proc(child));
-    }
-
-    /// Whether it serves (only the leader writes `serve.addr`).
-    fn serves(&self) -> bool {
-        self.proc.is_some() && self.dir.join("serve.addr").exists()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
-    }
-}
-
-struct Site {
-    members: Vec<Member>,
-    etcd: Cluster,
-}
-
-impl Site {
-    /// `coordinator init` once, copied to three directories (the CA, token and backup keys are
-    /// shared by copying), and three coordinators started on the etcd cluster.
-    fn start(root: &Path) -> Option<Site> {
-        Self::start_with(root, "4s")
-    }
-
-    /// The same with this `--leader-lease`.
-    fn start_with(root: &Path, lease: &'static str) -> Option<Site> {
-        let etcd = Cluster::start(3)?;
-        let first = root.join("c0");
-        let st = Command::new(COORDINATOR)
-            .args(["init", "--dir"])
-            .arg(&first)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let mut members = Vec::new();
-        for i in 0..3 {
-            let dir = root.join(format!("c{i}"));
-            if i > 0 {
-                let st = Command::new("cp")
-                    .arg("-a")
-                    .arg(&first)
-                    .arg(&dir)
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-            }
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            members.push(Member {
-                dir,
-                listen: format!("127.0.0.1:{port}"),
-                proc: None,
-                lease,
-            });
-        }
-        let mut site = Site { members, etcd };
-        let eps = site.etcd.endpoints();
-        for m in &mut site.members {
-            m.start(&eps);
-        }
-        Some(site)
-    }
-
-    fn addresses(&self) -> String {
-        let all: Vec<&str> = self.members.iter().map(|m| m.listen.as_str()).collect();
-        all.join(",")
-    }
-
-    /// The one member that serves, once exactly one does.
-    fn leader(&self, within: Duration) -> usize {
-        let mut found = None;
-        let ok = wait_until(within, || {
-            let serving: Vec<usize> = (0..self.members.len())
-                .filter(|&i| self.members[i].serves())
-                .collect();
-            found = (serving.len() == 1).then(|| serving[0]);
-            found.is_some()
-        });
-        assert!(ok, "no single leader:\n{}", self.logs());
-        found.unwrap()
-    }
-
-    fn logs(&self) -> String {
-        self.members
-            .iter()
-            .map(|m| format!("--- {}\n{}", m.dir.display(), m.log()))
-            .collect()
-    }
-
-    /// `coordinator pairs --json` through member `i`.
-    fn pairs(&self, i: usize) -> Vec<serde_json::Value> {
-        let m = &self.members[i];
-        let out = Command::new(COORDINATOR)
-            .args(["pairs", "--json", "--server", &m.listen, "--tls-dir"])
-            .arg(m.dir.join("admin"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Site {
-    /// An admin verb through member `i`.
-    fn admin(&self, i: usize, args: &[&str]) -> std::process::Output {
-        let m = &self.members[i];
-        Command::new(COORDINATOR)
-            .args(args)
-            .args(["--server", &m.listen, "--tls-dir"])
-            .arg(m.dir.join("admin"))
-            .output()
-            .unwrap()
-    }
-
-    /// `coordinator status --json` through member `i`.
-    fn status(&self, i: usize) -> serde_json::Value {
-        let out = self.admin(i, &["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Member `i`'s `/metrics` (followers serve them too).
-    fn metrics(&self, i: usize) -> String {
-        let addr = fs::read_to_string(self.members[i].dir.join("metrics.addr")).unwrap();
-        http_get(addr.trim(), "/metrics")
-    }
-}
 
 /// A pair joined by hand through the leader `at` (agents given all three addresses), Syncing
 /// with its tree flushed to the CPU. Returns (cpu, gpu).
-fn joined_pair(site: &Site, at: usize, root: &Path) -> (Managed, Managed) {
+fn joined_pair(site: &Group, at: usize, root: &Path) -> (Managed, Managed) {
     let coords = site.addresses();
     let token = |role: &str| join_token(&site.members[at].dir, "p", role, "10m");
     let ws = root.join("gpu-ws");
@@ -232,7 +49,7 @@ fn joined_pair(site: &Site, at: usize, root: &Path) -> (Managed, Managed) {
 #[test]
 fn a_follower_leads_after_the_leader_is_killed_and_the_pair_is_served() {
     let d = tempfile::tempdir().unwrap();
-    let Some(mut site) = Site::start(d.path()) else {
+    let Some(mut site) = Group::start(d.path()) else {
         return;
     };
     let first = site.leader(Duration::from_secs(30));
@@ -301,7 +118,7 @@ fn a_follower_leads_after_the_leader_is_killed_and_the_pair_is_served() {
 #[test]
 fn without_an_etcd_quorum_nobody_leads_until_it_heals() {
     let d = tempfile::tempdir().unwrap();
-    let Some(mut site) = Site::start(d.path()) else {
+    let Some(mut site) = Group::start(d.path()) else {
         return;
     };
     let first = site.leader(Duration::from_secs(30));
@@ -353,7 +170,7 @@ fn without_an_etcd_quorum_nobody_leads_until_it_heals() {
 #[test]
 fn a_failover_completes_under_the_new_leader() {
     let d = tempfile::tempdir().unwrap();
-    let Some(mut site) = Site::start(d.path()) else {
+    let Some(mut site) = Group::start(d.path()) else {
         return;
     };
     let first = site.leader(Duration::from_secs(30));
@@ -375,10 +192,20 @@ fn a_failover_completes_under_the_new_leader() {
     );
     assert_eq!(seen["epoch"].as_u64(), Some(before + 1), "{seen}");
     assert_eq!(seen["primary"], "cpu", "{seen}");
-    let durable = standby::disk::epoch::EpochStore::open(&cpu.state)
-        .unwrap()
-        .get();
-    assert_eq!(durable.0, before + 1, "the CPU's durable epoch");
+    // The record is persisted before the CPU is told: its durable epoch follows shortly.
+    let mut durable = 0;
+    let promoted = wait_until(Duration::from_secs(10), || {
+        durable = standby::disk::epoch::EpochStore::open(&cpu.state)
+            .unwrap()
+            .get()
+            .0;
+        durable == before + 1
+    });
+    assert!(
+        promoted,
+        "the CPU's durable epoch is {durable}\n{}",
+        site.logs()
+    );
     // One failover, one epoch: nothing moves on afterwards.
     std::thread::sleep(Duration::from_secs(4));
     let after = site.pairs(next)[0].clone();
@@ -396,7 +223,7 @@ fn one_etcd_member_lost_changes_nothing() {
     let d = tempfile::tempdir().unwrap();
     // The default lease (6 s): with 4 s the leader's deadline (2 s) is about as long as etcd
     // takes to elect its next leader, and the leader stepped down in one run of three.
-    let Some(mut site) = Site::start_with(d.path(), "6s") else {
+    let Some(mut site) = Group::start_with(d.path(), "6s") else {
         return;
     };
     let first = site.leader(Duration::from_secs(30));

@@ -41,6 +41,7 @@ fn replaces_a_failed_gpu_through_api_faults_without_leaking() {
             gone: HashSet::from([101]),
             never_boot: HashSet::from([102]),
             create_500: HashSet::from([103]),
+            ..Faults::default()
         },
         instances: BTreeMap::new(),
         next_id: 5000,
@@ -48,9 +49,10 @@ fn replaces_a_failed_gpu_through_api_faults_without_leaking() {
         agent_bin: agent.to_path_buf(),
         script: Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/vastai-onstart.sh"),
         log: Vec::new(),
+        hold: None,
     }));
     let url = fake_vast::serve(state.clone());
-    let _reaper = Reaper(state.clone());
+    let _reaper = fake_vast::Reaper(state.clone());
     let cdir = t.path().join("coord");
     fs::create_dir_all(&cdir).unwrap();
     let keyfile = t.path().join("vast.key");
@@ -127,19 +129,4 @@ fn replaces_a_failed_gpu_through_api_faults_without_leaking() {
     // The key never appears in the coordinator's log.
     assert!(!coord.log_text().contains("sekrit-key"));
     println!("recovered on instance {id} ({})", inst.label);
-}
-
-/// Kills the fake's instance agents when the test ends, passed or not.
-struct Reaper(Arc<Mutex<VastState>>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let st = match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        for i in st.instances.values() {
-            fake_vast::kill_instance(i);
-        }
-    }
 }

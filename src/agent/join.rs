@@ -8,6 +8,7 @@
 //! cut short is rolled forward here, before the directory is loaded.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rustls_pki_types::pem::PemObject;
@@ -114,6 +115,77 @@ pub async fn join(
     Ok(m)
 }
 
+/// The first of the coordinators that accepts a connection (highly available ones: only the
+/// leader serves, followers do not listen). One that answers but fails verification ends it,
+/// but when none answers, joining waits and tries again until the token expires: a machine created just before its leader died
+/// boots while the next one is being elected (ARCHITECTURE.md, "Highly available
+/// coordinators"), and an agent that gave up would leave a machine that never joins.
+async fn reach(
+    url: &str,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+    expires_unix: u64,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let mut wait = JOIN_RETRY_FIRST;
+    loop {
+        let (mut failed, mut refused) = (Vec::new(), false);
+        for a in crate::agent::link::addresses(url) {
+            match tls::connect(&a, cfg.clone()).await {
+                Ok(ch) => return Ok(ch),
+                Err(e) => {
+                    refused |= !unanswered(&e);
+                    failed.push(format!("{a}: {e:#}"));
+                }
+            }
+        }
+        if refused {
+            bail!("joining via {url}: {}", failed.join("; "));
+        }
+        let now = crate::host::unix_ms_now() / 1000;
+        let Some(next) = retry_wait(now, expires_unix, wait) else {
+            bail!(
+                "joining via {url}: no coordinator answered before the join token expired ({})",
+                failed.join("; ")
+            );
+        };
+        tracing::warn!(coordinator = %url, retry_in = ?next, errors = %failed.join("; "), "no coordinator answered the join; trying again until the token expires");
+        tokio::time::sleep(next).await;
+        wait = (wait * 2).min(JOIN_RETRY_MAX);
+    }
+}
+
+/// Whether connecting failed because nothing answered (nothing listens, no route, no answer in
+/// time), not because what answered failed verification (another CA: final).
+fn unanswered(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    let by_kind = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+                    | NotConnected
+            )
+        })
+    });
+    by_kind || format!("{e:#}").contains("timed out")
+}
+
+/// The first and the longest wait between two rounds of joining.
+const JOIN_RETRY_FIRST: Duration = Duration::from_millis(250);
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// How long to wait before the next round of joining, at `now_unix` with a token that expires
+/// at `expires_unix`: `wait`, shortened to the token's last second; None once it expired.
+fn retry_wait(now_unix: u64, expires_unix: u64, wait: Duration) -> Option<Duration> {
+    let left = expires_unix.checked_sub(now_unix).filter(|l| *l > 0)?;
+    Some(wait.min(Duration::from_secs(left)))
+}
+
 /// Sends the CSR with the token, trusting only the CA whose fingerprint the token carries.
 async fn request(
     url: &str,
@@ -123,25 +195,7 @@ async fn request(
     csr_pem: String,
 ) -> anyhow::Result<JoinReply> {
     let cfg = tls::join_client_config(&t.ca_fingerprint)?;
-    // Several coordinators (highly available): the first that answers is the leader, as
-    // followers do not serve. A refusal is final; only an unreachable one is skipped.
-    let mut reached = None;
-    let mut failed = Vec::new();
-    for a in crate::agent::link::addresses(url) {
-        match tls::connect(&a, cfg.clone()).await {
-            Ok(ch) => {
-                reached = Some(ch);
-                break;
-            }
-            Err(e) => failed.push(format!("{a}: {e:#}")),
-        }
-    }
-    let Some(ch) = reached else {
-        bail!(
-            "joining via {url}: no coordinator answered ({})",
-            failed.join("; ")
-        );
-    };
+    let ch = reach(url, &cfg, t.expires_unix).await?;
     let reply = CoordinatorClient::new(ch)
         .join(JoinRequest {
             token: token.trim().to_string(),
@@ -156,4 +210,70 @@ async fn request(
         .await
         .map_err(|s| anyhow::anyhow!("the coordinator refused to join us: {}", s.message()))?;
     Ok(reply.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joining_waits_for_a_coordinator_until_the_token_expires() {
+        let w = Duration::from_secs(2);
+        assert_eq!(retry_wait(100, 200, w), Some(w));
+        assert_eq!(retry_wait(199, 200, w), Some(Duration::from_secs(1)));
+        assert_eq!(retry_wait(200, 200, w), None);
+        assert_eq!(retry_wait(300, 200, w), None);
+    }
+
+    /// Nothing listens: joining waits while the token is valid.
+    #[tokio::test]
+    async fn joining_waits_while_nothing_answers() {
+        crate::trust::tls::install_default_provider();
+        let url = format!("127.0.0.1:{}", free_port());
+        let cfg = tls::join_client_config(&"0".repeat(64)).unwrap();
+        let later = crate::host::unix_ms_now() / 1000 + 3600;
+        let r = tokio::time::timeout(Duration::from_secs(1), reach(&url, &cfg, later)).await;
+        assert!(r.is_err(), "it gave up while the token is valid");
+    }
+
+    /// Something answers that is not a coordinator of the token's CA (here: no TLS at all):
+    /// joining ends at once, it does not wait for the token to expire.
+    #[tokio::test]
+    async fn what_answers_wrongly_ends_the_join_at_once() {
+        crate::trust::tls::install_default_provider();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let cfg = tls::join_client_config(&"0".repeat(64)).unwrap();
+        let later = crate::host::unix_ms_now() / 1000 + 3600;
+        let r = tokio::time::timeout(Duration::from_secs(5), reach(&url, &cfg, later)).await;
+        let e = r.expect("it waited").unwrap_err();
+        assert!(format!("{e:#}").contains(&url), "{e:#}");
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Nothing listens and the token has expired: one round, then a clear error naming the
+    /// address, not a wait.
+    #[tokio::test]
+    async fn an_expired_token_stops_the_wait_with_the_addresses_tried() {
+        crate::trust::tls::install_default_provider();
+        let url = format!("127.0.0.1:{}", free_port());
+        let cfg = tls::join_client_config(&"0".repeat(64)).unwrap();
+        let e = reach(&url, &cfg, 1).await.unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("before the join token expired"), "{text}");
+        assert!(text.contains(&url), "{text}");
+    }
 }

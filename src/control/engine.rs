@@ -34,7 +34,7 @@ mod tick;
 mod views;
 
 pub use events::Events;
-pub use provisioning::Provisioning;
+pub use provisioning::{Dial, Provisioning};
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::engine::{Engine, Provisioning, Reporting};
+use crate::control::engine::{Dial, Engine, Provisioning, Reporting};
 use crate::control::failover::{Input, Policy, Timing};
 use crate::control::metrics::{CertLabel, Metrics, Refusal};
 use crate::control::notify::{Notifier, Webhook};
@@ -759,7 +759,7 @@ async fn serve_with(
     let addr = listener.local_addr()?;
     let mut policy = opts.policy.clone();
     policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
-    let provisioning = provisioning(&opts, addr, &ca, &token_key)?;
+    let provisioning = provisioning(&opts, addr, &store, &ca, &token_key)?;
     policy.provider = provisioning.is_some();
     let origin = crate::control::notify::Origin::here(&policy.label_prefix);
     let notifier = Notifier::start(opts.notify.clone(), origin, &metrics, &shutdown)?;
@@ -879,6 +879,7 @@ async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
 fn provisioning(
     opts: &ServeOptions,
     addr: SocketAddr,
+    store: &Arc<dyn Store>,
     ca: &Ca,
     token_key: &[u8],
 ) -> anyhow::Result<Option<Provisioning>> {
@@ -889,7 +890,10 @@ fn provisioning(
         gpu,
         cpu,
         cfg: provision_config(opts),
-        coordinator_url: coordinator_url(opts, addr),
+        dial: Dial {
+            own: coordinator_url(opts, addr),
+            group: store.clone(),
+        },
         token_key: token_key.to_vec(),
         fingerprint: ca.fingerprint(),
     }))

@@ -1,5 +1,5 @@
 //! Real etcd members on loopback for the tests (random free ports, data in a temporary
-//! directory), killed when dropped. Shared by the library's unit tests (`control::store::etcd`
+//! directory), or all inside one network namespace on its address, killed when dropped. Shared by the library's unit tests (`control::store::etcd`
 //! includes this file) and the end-to-end tests. Without an `etcd` binary the tests skip with a printed
 //! reason, unless `CI=true`, where they fail.
 
@@ -11,12 +11,16 @@ use std::time::{Duration, Instant};
 pub struct Cluster {
     pub members: Vec<Member>,
     tls: Option<Tls>,
+    /// The network namespace the members run in (None: this one); the test's own client
+    /// calls go there too ([`on_net`]).
+    ns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
 pub struct Member {
     pub client: String,
     bin: PathBuf,
+    ns: Option<String>,
     child: Option<Child>,
     args: Vec<String>,
     log: PathBuf,
@@ -64,15 +68,33 @@ impl Cluster {
 
     /// The same, with client TLS (`https://` client URLs) when given.
     pub fn start_with(n: usize, tls: Option<Tls>) -> Option<Cluster> {
+        Self::start_at(n, tls, None)
+    }
+
+    /// `n` members inside network namespace `ns` (made by the test), on its address `ip`, with
+    /// ports from 2379 up (the namespace is the test's own).
+    pub fn start_in(n: usize, ns: &str, ip: &str) -> Option<Cluster> {
+        Self::start_at(n, None, Some((ns.to_string(), ip.to_string())))
+    }
+
+    fn start_at(n: usize, tls: Option<Tls>, place: Option<(String, String)>) -> Option<Cluster> {
         let bin = etcd_binary()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = tempfile::tempdir().expect("tempdir");
+        let (ns, ip) = match place {
+            Some((ns, ip)) => (Some(ns), ip),
+            None => (None, "127.0.0.1".to_string()),
+        };
+        let port = |i: usize, k: usize| match ns {
+            Some(_) => 2379 + 2 * i as u16 + k as u16,
+            None => free_port(),
+        };
         let peers: Vec<(String, String, String)> = (0..n)
             .map(|i| {
                 (
                     format!("m{i}"),
-                    format!("{scheme}://127.0.0.1:{}", free_port()),
-                    format!("http://127.0.0.1:{}", free_port()),
+                    format!("{scheme}://{ip}:{}", port(i, 0)),
+                    format!("http://{ip}:{}", port(i, 1)),
                 )
             })
             .collect();
@@ -102,6 +124,7 @@ impl Cluster {
             let mut m = Member {
                 client: client.clone(),
                 bin: bin.clone(),
+                ns: ns.clone(),
                 child: None,
                 args,
                 log: dir.path().join(format!("{name}.log")),
@@ -112,6 +135,7 @@ impl Cluster {
         let c = Cluster {
             members,
             tls,
+            ns,
             _dir: dir,
         };
         c.wait_healthy(Duration::from_secs(30));
@@ -133,16 +157,18 @@ impl Cluster {
     }
 
     /// `f` with a plain client of the cluster, on a runtime of its own.
-    fn with_client<T>(&self, f: impl AsyncFnOnce(&mut etcd_client::Client) -> T) -> T {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let mut c = etcd_client::Client::connect(self.endpoints(), None)
-                .await
-                .expect("etcd");
-            f(&mut c).await
+    fn with_client<T: Send>(&self, f: impl AsyncFnOnce(&mut etcd_client::Client) -> T + Send) -> T {
+        on_net(self.ns.as_deref(), || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut c = etcd_client::Client::connect(self.endpoints(), None)
+                    .await
+                    .expect("etcd");
+                f(&mut c).await
+            })
         })
     }
 
@@ -175,6 +201,10 @@ impl Cluster {
 
     /// The member raft elected leader, as the members that answer say (None: none says so).
     pub fn leader_index(&self) -> Option<usize> {
+        on_net(self.ns.as_deref(), || self.leader_here())
+    }
+
+    fn leader_here(&self) -> Option<usize> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -198,6 +228,10 @@ impl Cluster {
 
     /// Waits until a put through any member succeeds (a leader is elected).
     fn wait_healthy(&self, limit: Duration) {
+        on_net(self.ns.as_deref(), || self.wait_healthy_here(limit))
+    }
+
+    fn wait_healthy_here(&self, limit: Duration) {
         let end = Instant::now() + limit;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -238,7 +272,17 @@ impl Member {
             .append(true)
             .open(&self.log)
             .expect("etcd log");
-        let child = Command::new(&self.bin)
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -261,6 +305,31 @@ impl Member {
             let _ = c.wait();
         }
     }
+}
+
+/// Runs `f` here, or with `ns` on a thread of its own inside that network namespace: sockets it
+/// opens live there (and threads it starts inherit the namespace).
+pub fn on_net<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> T {
+    let Some(ns) = ns else {
+        return f();
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(ns);
+            f()
+        })
+        .join()
+        .expect("a thread inside a network namespace")
+    })
+}
+
+/// Moves the calling thread into network namespace `ns` (`/run/netns/<ns>`).
+pub fn enter_netns(ns: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("the namespace");
+    // SAFETY: setns on a descriptor we hold open; it changes only this thread's namespace.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns into {ns}: {}", std::io::Error::last_os_error());
 }
 
 impl Drop for Member {

@@ -1,10 +1,12 @@
 //! A stateful fake of the Vast.ai REST API (the shapes in ARCHITECTURE.md, "Providers"), with faults to inject:
 //! 429s on search, offers that vanish (410 `no_such_ask`), instances whose agent never starts,
-//! and creates that answer 500 after creating. An instance that boots runs the real on-start
+//! creates that answer 500 after creating, and a search or a create held unanswered until the
+//! test releases it (to kill a coordinator mid-call). An instance that boots runs the real on-start
 //! script from `deploy/`, which starts a real agent-gpu.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -28,6 +30,51 @@ pub struct Faults {
     pub gone: HashSet<u64>,
     pub never_boot: HashSet<u64>,
     pub create_500: HashSet<u64>,
+    /// How long an instance takes to boot (its on-start script runs then; it shows as loading
+    /// meanwhile); zero: at once, before the create answers.
+    pub boot_after: std::time::Duration,
+}
+
+/// The call a [`Hold`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// An offer search: nothing is created yet.
+    Search,
+    /// A create, after its instance exists (and boots): its answer is what waits.
+    Create,
+}
+
+/// The next request of one kind is held: its effect happens, its answer waits until the test
+/// releases it (or the caller is gone).
+pub struct Hold {
+    pub at: Held,
+    reached: AtomicBool,
+    release: tokio::sync::Notify,
+}
+
+impl Hold {
+    pub fn new(at: Held) -> Arc<Hold> {
+        Arc::new(Hold {
+            at,
+            reached: AtomicBool::new(false),
+            release: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Whether the held request arrived (and its effect happened).
+    pub fn reached(&self) -> bool {
+        self.reached.load(Ordering::SeqCst)
+    }
+
+    /// Lets its answer go.
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+
+    async fn wait(&self) {
+        self.reached.store(true, Ordering::SeqCst);
+        self.release.notified().await;
+    }
 }
 
 pub struct VastState {
@@ -41,6 +88,26 @@ pub struct VastState {
     pub script: PathBuf,
     /// Every request, as "METHOD path".
     pub log: Vec<String>,
+    /// The request held next (taken by the request it holds).
+    pub hold: Option<Arc<Hold>>,
+}
+
+impl VastState {
+    /// The hold for a request of kind `at`, taken (the next one goes through).
+    fn take_hold(&mut self, at: Held) -> Option<Arc<Hold>> {
+        if self.hold.as_ref().is_some_and(|h| h.at == at) {
+            return self.hold.take();
+        }
+        None
+    }
+}
+
+/// Waits for the test to release `hold` (if any), then answers `reply`.
+async fn after(hold: Option<Arc<Hold>>, reply: Reply) -> Reply {
+    if let Some(h) = hold {
+        h.wait().await;
+    }
+    reply
 }
 
 pub type Shared = Arc<Mutex<VastState>>;
@@ -81,12 +148,23 @@ fn instance_json(id: u64, i: &Instance) -> Value {
 }
 
 async fn search(State(s): State<Shared>, h: HeaderMap, body: String) -> Reply {
-    let mut s = s.lock().unwrap();
+    let (reply, hold) = {
+        let mut s = s.lock().unwrap();
+        let reply = search_now(&mut s, &h, &body);
+        let hold = (reply.0 == StatusCode::OK)
+            .then(|| s.take_hold(Held::Search))
+            .flatten();
+        (reply, hold)
+    };
+    after(hold, reply).await
+}
+
+fn search_now(s: &mut VastState, h: &HeaderMap, body: &str) -> Reply {
     s.log.push("POST /api/v0/bundles/".into());
-    if let Err(e) = authed(&s, &h) {
+    if let Err(e) = authed(s, h) {
         return e;
     }
-    let q: Value = match serde_json::from_str(&body) {
+    let q: Value = match serde_json::from_str(body) {
         Ok(v) => v,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("bad json: {e}")),
     };
@@ -108,9 +186,44 @@ async fn create(
     h: HeaderMap,
     body: String,
 ) -> Reply {
-    let mut st = s.lock().unwrap();
+    let (reply, hold) = {
+        let mut st = s.lock().unwrap();
+        let before = st.instances.len();
+        let mut later = None;
+        let reply = create_now(&mut st, offer, &h, &body, &mut later);
+        if let Some((id, cmd)) = later {
+            boot_later(s.clone(), id, cmd, st.faults.boot_after);
+        }
+        let hold = (st.instances.len() > before)
+            .then(|| st.take_hold(Held::Create))
+            .flatten();
+        (reply, hold)
+    };
+    after(hold, reply).await
+}
+
+/// Boots instance `id` after `delay`, unless it was destroyed meanwhile.
+fn boot_later(s: Shared, id: u64, cmd: std::process::Command, delay: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = st.instances.get_mut(&id) {
+            run_on_start(cmd);
+            i.booted = true;
+        }
+    });
+}
+
+/// A create; with a boot delay, `later` gets the instance and its on-start command.
+fn create_now(
+    st: &mut VastState,
+    offer: u64,
+    h: &HeaderMap,
+    body: &str,
+    later: &mut Option<(u64, std::process::Command)>,
+) -> Reply {
     st.log.push(format!("PUT /api/v0/asks/{offer}/"));
-    if let Err(e) = authed(&st, &h) {
+    if let Err(e) = authed(st, h) {
         return e;
     }
     if st.faults.gone.contains(&offer) {
@@ -125,7 +238,7 @@ async fn create(
             json!({"success": false, "error": "invalid_args", "msg": "no_such_ask"}).to_string(),
         );
     };
-    let req: Value = match serde_json::from_str(&body) {
+    let req: Value = match serde_json::from_str(body) {
         Ok(v) => v,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("bad json: {e}")),
     };
@@ -146,11 +259,17 @@ async fn create(
         booted: false,
     };
     let boots = !st.faults.never_boot.contains(&offer);
+    let delayed = boots && !st.faults.boot_after.is_zero();
     if boots {
-        on_start(&st, &dir, &inst, &req["env"]);
+        let cmd = on_start(st, &dir, &inst, &req["env"]);
+        if delayed {
+            *later = Some((id, cmd));
+        } else {
+            run_on_start(cmd);
+        }
     }
     let inst = Instance {
-        booted: boots,
+        booted: boots && !delayed,
         ..inst
     };
     st.instances.insert(id, inst);
@@ -163,9 +282,14 @@ async fn create(
     ok(json!({"success": true, "new_contract": id}))
 }
 
-/// The container starts and runs the on-start script with the instance's environment (the
-/// `STANDBY_*` variables of the request's `env`).
-fn on_start(st: &VastState, dir: &std::path::Path, inst: &Instance, env: &Value) {
+/// What the container runs when it starts: the on-start script with the instance's environment
+/// (the `STANDBY_*` variables of the request's `env`).
+fn on_start(
+    st: &VastState,
+    dir: &std::path::Path,
+    inst: &Instance,
+    env: &Value,
+) -> std::process::Command {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
     let mut cmd = std::process::Command::new("bash");
@@ -182,6 +306,10 @@ fn on_start(st: &VastState, dir: &std::path::Path, inst: &Instance, env: &Value)
             cmd.env(k, v.as_str().unwrap_or(""));
         }
     }
+    cmd
+}
+
+fn run_on_start(mut cmd: std::process::Command) {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -261,6 +389,21 @@ async fn destroy(State(s): State<Shared>, Path(id): Path<u64>, h: HeaderMap) -> 
             StatusCode::NOT_FOUND,
             json!({"success": false, "error": "not_found"}).to_string(),
         ),
+    }
+}
+
+/// Kills the fake's instance agents when the test ends, passed or not.
+pub struct Reaper(pub Shared);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let st = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for i in st.instances.values() {
+            kill_instance(i);
+        }
     }
 }
 

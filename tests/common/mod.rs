@@ -1,7 +1,8 @@
 //! Support for end-to-end tests: certificates ([`pki`]), the real binaries as processes
 //! ([`processes`]), seeded trees and exact snapshots ([`trees`]), the test clouds ([`cloud`],
 //! [`fake_gce`], [`fake_vast`]), the `local` provider ([`local`]), network faults ([`netns`]),
-//! whole sites ([`site`]) and etcd clusters ([`etcd`]).
+//! whole sites ([`site`]), etcd clusters ([`etcd`]) and highly available coordinators on
+//! them ([`ha`]).
 //! Everything is re-exported here, so a test says `use common::*`.
 #![allow(dead_code)]
 
@@ -15,6 +16,9 @@ pub mod etcd;
 pub mod fake_gce;
 #[allow(dead_code)]
 pub mod fake_vast;
+#[allow(dead_code)]
+#[cfg(feature = "etcd")]
+pub mod ha;
 mod local;
 pub mod netns;
 mod pki;
@@ -80,16 +84,20 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A plain HTTP GET (the metrics endpoint).
 pub fn http_get(addr: &str, path: &str) -> String {
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// [`http_get`], with the error when nothing answers.
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut s = std::net::TcpStream::connect(addr)?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    )?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 pub fn unix_ms() -> u64 {

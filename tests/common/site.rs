@@ -181,6 +181,15 @@ impl AdminCli {
     }
 }
 
+/// Where agents on a LAN find their coordinators: the LAN, the test's directory (agents live
+/// below it), the coordinators' addresses and a join token for the agent's seat.
+pub struct Coordinators<'a> {
+    pub lan: &'a Lan,
+    pub dir: &'a Path,
+    pub urls: &'a str,
+    pub token: &'a str,
+}
+
 /// An agent on a host of the LAN, joined with a token on its first start; restarts keep its
 /// state directory (its certificate) and its port.
 pub struct Agent {
@@ -205,14 +214,32 @@ impl Agent {
         port: u16,
         extra: &[&str],
     ) -> Agent {
-        let base = site.dir.join(machine);
+        let to = Coordinators {
+            lan: &site.lan,
+            dir: &site.dir,
+            urls: &site.coord_url(),
+            token: &site.token(pair, role),
+        };
+        Self::start_on(&to, host, role, machine, port, extra)
+    }
+
+    /// The same for coordinators elsewhere on a LAN (`urls`: one or several addresses).
+    pub fn start_on(
+        to: &Coordinators,
+        host: &str,
+        role: &'static str,
+        machine: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Agent {
+        let base = to.dir.join(machine);
         let mut args: Vec<String> = vec![
             "--workspace".into(),
             base.join("workspace").display().to_string(),
             "--state-dir".into(),
             base.join("state").display().to_string(),
             "--coordinator".into(),
-            site.coord_url(),
+            to.urls.to_string(),
             "--listen".into(),
             format!("0.0.0.0:{port}"),
             "--machine".into(),
@@ -226,15 +253,15 @@ impl Agent {
             machine: machine.into(),
             workspace: base.join("workspace"),
             state: base.join("state"),
-            log: site.dir.join(format!("{machine}.log")),
+            log: to.dir.join(format!("{machine}.log")),
             args,
         };
         fs::create_dir_all(&a.workspace).unwrap();
-        a.spawn(site, Some(&site.token(pair, role)));
+        a.spawn(to.lan, Some(to.token));
         a
     }
 
-    fn spawn(&mut self, site: &Site, token: Option<&str>) {
+    fn spawn(&mut self, lan: &Lan, token: Option<&str>) {
         let logf = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -245,7 +272,7 @@ impl Agent {
         } else {
             AGENT_CPU
         };
-        let mut c = site.lan.cmd(&self.host, bin);
+        let mut c = lan.cmd(&self.host, bin);
         c.args(&self.args).env("STANDBY_LOG", "info").stderr(logf);
         if let Some(t) = token {
             c.env("STANDBY_JOIN_TOKEN", t);
@@ -261,7 +288,7 @@ impl Agent {
     /// Starts again after a kill (no token: it keeps the certificate it joined with).
     pub fn restart(&mut self, site: &Site) {
         self.kill();
-        self.spawn(site, None);
+        self.spawn(&site.lan, None);
     }
 
     pub fn pid(&self) -> Option<i32> {

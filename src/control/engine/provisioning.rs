@@ -18,6 +18,7 @@ use crate::control::metrics::{Metrics, OutcomeLabel, ProviderLabel};
 use crate::control::provider::{
     Machine, MachineState, Offer, Provider, ProviderError, ProvisionConfig, Startup,
 };
+use crate::control::store::Store;
 use crate::host::unix_ms_now;
 use crate::proto::EventKind;
 use crate::proto::state::{PairRecord, Phase};
@@ -30,10 +31,48 @@ pub struct Provisioning {
     /// Where CPU standbys come from (often the same provider as `gpu`).
     pub cpu: Arc<dyn Provider>,
     pub cfg: ProvisionConfig,
-    /// The coordinator as new machines dial it.
-    pub coordinator_url: String,
+    /// The coordinators as new machines dial them.
+    pub dial: Dial,
     pub token_key: Vec<u8>,
     pub fingerprint: String,
+}
+
+/// The coordinators as new machines dial them: this one's address and, with several
+/// coordinators on etcd, every other whose membership record lives when the machine is created
+/// (read then: whichever leads by the time the machine boots must be among its addresses).
+/// ARCHITECTURE.md, "Highly available coordinators".
+pub struct Dial {
+    /// This coordinator's address (`--advertise`, else the bound one).
+    pub own: String,
+    /// The state, which knows the other coordinators (the file store knows none).
+    pub group: Arc<dyn Store>,
+}
+
+impl Dial {
+    /// The addresses, comma-separated, this coordinator's first. Membership records that
+    /// cannot be read leave this coordinator's address alone (said in the log).
+    pub fn addresses(&self) -> String {
+        let members = match self.group.coordinators() {
+            Ok(Some(c)) => c.members,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the other coordinators' addresses; a new machine is given this coordinator's only");
+                Vec::new()
+            }
+        };
+        dial_list(&self.own, &members)
+    }
+}
+
+/// `own` first, then each other member once, comma-separated.
+fn dial_list(own: &str, members: &[String]) -> String {
+    let mut all = vec![own];
+    for m in members {
+        if !all.contains(&m.as_str()) {
+            all.push(m);
+        }
+    }
+    all.join(",")
 }
 
 impl Provisioning {
@@ -440,7 +479,7 @@ impl Attempt<'_> {
         Startup {
             pair: self.pair.to_string(),
             role: self.role,
-            coordinator: self.prov.coordinator_url.clone(),
+            coordinator: self.prov.dial.addresses(),
             join_token: token,
             label: self.label.to_string(),
         }
@@ -508,4 +547,22 @@ async fn destroy_with(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_machines_dial_this_coordinator_first_then_every_other_member() {
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(dial_list("10.0.0.1:7700", &[]), "10.0.0.1:7700");
+        assert_eq!(
+            dial_list(
+                "10.0.0.2:7700",
+                &m(&["10.0.0.1:7700", "10.0.0.2:7700", "10.0.0.3:7700"])
+            ),
+            "10.0.0.2:7700,10.0.0.1:7700,10.0.0.3:7700"
+        );
+    }
 }

@@ -344,3 +344,38 @@ fn the_members_are_the_coordinators_whose_leases_live() {
     prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
     assert!(text.contains("t_count 6"), "{text}");
 }
+
+/// What a new machine is given to dial (`engine::Dial`): the creating leader first, then every
+/// other coordinator whose membership record lives, so it reaches whichever leads when it
+/// boots; the file store knows no other coordinator.
+#[test]
+fn new_machines_dial_every_member() {
+    use crate::control::engine::Dial;
+    let Some(c) = Cluster::start(1) else { return };
+    let stores: Vec<EtcdStore> = (1..=3).map(|_| store(&c)).collect();
+    for (i, s) in stores.iter().enumerate() {
+        let l = s.grant(Duration::from_secs(6)).unwrap();
+        s.register(&l, &format!("10.0.0.{}:7700", i + 1)).unwrap();
+    }
+    let mut all = stores.into_iter();
+    let (a, b, _c) = (all.next().unwrap(), all.next().unwrap(), all.next());
+    let dial = Dial {
+        own: "10.0.0.2:7700".into(),
+        group: Arc::new(b),
+    };
+    assert_eq!(
+        dial.addresses(),
+        "10.0.0.2:7700,10.0.0.1:7700,10.0.0.3:7700"
+    );
+    // One that stopped (its lease revoked) is no longer given.
+    a.step_down();
+    assert_eq!(dial.addresses(), "10.0.0.2:7700,10.0.0.3:7700");
+
+    let d = tempfile::tempdir().unwrap();
+    let file = crate::control::store::FileStore::open(d.path()).unwrap();
+    let alone = Dial {
+        own: "10.0.0.9:7700".into(),
+        group: Arc::new(file),
+    };
+    assert_eq!(alone.addresses(), "10.0.0.9:7700");
+}
