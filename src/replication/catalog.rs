@@ -396,6 +396,7 @@ fn read_snapshot(path: &Path) -> Result<(Manifest, u64), CatalogError> {
             m.insert(p, it.entry.unwrap_or_default());
         }
     }
+    m.make_dense();
     if m.root()[..] != header.root[..] {
         return Err(frame_err(FrameError::Checksum));
     }
