@@ -306,6 +306,52 @@ pub fn start_writeback(f: &File, offset: u64, len: u64) {
     }
 }
 
+/// Copies `len` bytes at `from` in `src` to `to` in `dst` inside the kernel (`copy_file_range`):
+/// no trip through user space, and on filesystems that share extents (XFS with reflink, btrfs,
+/// bcachefs, NFS 4.2 server-side copy) whole aligned blocks are shared instead of written. ext4
+/// copies the data (through the page cache). Where the call is not supported, the bytes are read
+/// and written here.
+pub fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, len: u64) -> io::Result<()> {
+    let end = from
+        .checked_add(len)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))?;
+    while from < end {
+        let want = (end - from).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), want) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e == rustix::io::Errno::INTR => {}
+            Err(e)
+                if [
+                    rustix::io::Errno::XDEV,
+                    rustix::io::Errno::INVAL,
+                    rustix::io::Errno::NOSYS,
+                    rustix::io::Errno::OPNOTSUPP,
+                ]
+                .contains(&e) =>
+            {
+                return copy_through(src, from, dst, to, end - from);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// `copy_range` through a buffer, for where the kernel will not copy.
+fn copy_through(src: &File, from: u64, dst: &File, to: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (len as usize).min(1 << 20)];
+    let mut done = 0;
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], from + done)?;
+        dst.write_all_at(&buf[..n], to + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let c = cname(path.as_os_str().as_bytes())?;

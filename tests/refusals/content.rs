@@ -89,6 +89,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
             content: Some(upsert::Content::Stream(7)),
             zstd: false,
             delta: true,
+            base_blake3: Vec::new(),
         })),
     };
     if let Some(op::Change::Upsert(u)) = &mut stream.change {
@@ -123,6 +124,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
                 content: Some(upsert::Content::Stream(8)),
                 zstd: false,
                 delta: false,
+                base_blake3: Vec::new(),
             })),
         }],
     }))
