@@ -265,7 +265,8 @@ impl Gen {
         match s.copies {
             _ if s.delta => {
                 let b = self.bases.lock().expect("bases").remove(&s.id);
-                let b = b.ok_or_else(|| bad(format!("{path}: delta without a signature request")))?;
+                let b =
+                    b.ok_or_else(|| bad(format!("{path}: delta without a signature request")))?;
                 base = Some(b);
             }
             Copies::No => {}

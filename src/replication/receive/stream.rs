@@ -282,9 +282,15 @@ impl OpenStream {
             self.hasher.update(bytes);
         }
         let pos = self.written;
-        self.written += len;
         if matches!(self.sink, Sink::Patch(_)) && from != pos {
-            self.switch_to_rebuild(stage_fd, pos).map_err(io)?;
+            // Moved data: a full copy. Where the kernel's copy would share extents, it makes
+            // it; on ext4 it would write the same bytes through the page cache, slower than
+            // direct I/O (stage.rs), so the bytes go through `Direct` instead.
+            if fsx::shares_extents(base.file()) {
+                self.switch_to_rebuild(stage_fd, pos).map_err(io)?;
+            } else {
+                self.switch_to_full(stage_fd).map_err(io)?;
+            }
         }
         match &mut self.sink {
             Sink::Patch(_) => {}
@@ -292,6 +298,7 @@ impl OpenStream {
             Sink::Direct(w) => w.write(bytes).map_err(io)?,
             Sink::Switching => return Err(Status::internal("stream in an inconsistent state")),
         }
+        self.written += len;
         Ok(())
     }
 
@@ -429,5 +436,51 @@ fn seal(
             })
         }
         Sink::Switching => Err(Status::internal("stream in an inconsistent state")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream over a 10,000-byte base that may produce `limit` bytes, `written` so far.
+    fn stream(base: Option<Arc<Base>>, limit: Option<u64>, written: u64) -> OpenStream {
+        OpenStream {
+            path: RelPath::new("f").unwrap(),
+            name: b"s".to_vec(),
+            placed: false,
+            sink: Sink::Switching,
+            entry: Entry::default(),
+            hasher: blake3::Hasher::new(),
+            written,
+            base,
+            base_ino: 0,
+            copy_limit: limit,
+            corrupt: None,
+        }
+    }
+
+    #[test]
+    fn copies_must_lie_inside_the_base_and_the_declared_size() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("b"), vec![1u8; 10_000]).unwrap();
+        let f = std::fs::File::open(d.path().join("b")).unwrap();
+        let base = Some(Arc::new(Base::new(f).unwrap()));
+        let s = stream(base.clone(), Some(20_000), 0);
+        assert!(check_copy(&s, 0, 10_000).is_ok());
+        assert!(check_copy(&s, 9_999, 1).is_ok());
+        assert!(check_copy(&s, 9_999, 2).unwrap_err().contains("outside"));
+        assert!(check_copy(&s, 10_000, 1).is_err());
+        assert!(check_copy(&s, u64::MAX, 2).unwrap_err().contains("outside"));
+        assert!(check_copy(&s, 0, 0).unwrap_err().contains("0 bytes"));
+        // Within the base, but past the size the upsert declared.
+        let s = stream(base.clone(), Some(20_000), 15_000);
+        assert!(check_copy(&s, 0, 5_000).is_ok());
+        assert!(check_copy(&s, 0, 5_001).unwrap_err().contains("declared"));
+        let s = stream(base.clone(), Some(u64::MAX), u64::MAX - 1);
+        assert!(check_copy(&s, 0, 2).unwrap_err().contains("declared"));
+        // A stream not allowed to copy, or without a base.
+        assert!(check_copy(&stream(base, None, 0), 0, 1).is_err());
+        assert!(check_copy(&stream(None, Some(10), 0), 0, 1).is_err());
     }
 }

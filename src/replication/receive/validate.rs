@@ -18,7 +18,7 @@ use crate::replication::manifest::{Kind, Manifest, kind_of};
 use crate::replication::scan::STAGE_DIR_NAME;
 use crate::types::RelPath;
 
-/// Files a generation may have streaming at once (the sender streams one at a time). Each holds
+/// Files a generation may have streaming at once (the agent's sender streams up to four). Each holds
 /// a thread of the blocking pool until its end: unbounded, a sender could take them all, and
 /// the session would wait forever on a writer that never gets a thread, holding the replica.
 pub(super) const MAX_STREAMS: usize = 64;
@@ -78,7 +78,10 @@ pub(super) enum Copies {
     No,
     /// Yes: the committed entry there (a file of this size) has the blake3 the sender named;
     /// the stream may produce at most `limit` bytes (the size its upsert declares).
-    From { base_size: u64, limit: u64 },
+    From {
+        base_size: u64,
+        limit: u64,
+    },
     /// The sender named content the replica does not hold there: the file is refused (its
     /// chunks are dropped and it is asked for again whole).
     Refused(String),
@@ -325,7 +328,10 @@ mod tests {
     fn copies_only_from_the_content_the_replica_holds() {
         let p = RelPath::new("ckpt").unwrap();
         let (base, new) = (file(1000, 1, 7), file(1200, 2, 8));
-        assert_eq!(copies(&p, &[], false, &new, Some(&base)).unwrap(), Copies::No);
+        assert_eq!(
+            copies(&p, &[], false, &new, Some(&base)).unwrap(),
+            Copies::No
+        );
         assert_eq!(
             copies(&p, &base.blake3, false, &new, Some(&base)).unwrap(),
             Copies::From {
@@ -334,7 +340,11 @@ mod tests {
             }
         );
         // Another content, no file there, or a directory there: refused, the session goes on.
-        for old in [Some(&new), None, Some(&crate::replication::manifest::tests::dir())] {
+        for old in [
+            Some(&new),
+            None,
+            Some(&crate::replication::manifest::tests::dir()),
+        ] {
             let r = copies(&p, &base.blake3, false, &new, old).unwrap();
             assert!(matches!(r, Copies::Refused(_)), "{r:?}");
         }

@@ -40,8 +40,9 @@ use crate::replication::{compress, delta};
 
 /// The head of a window diffed to decide whether diffing all of it is worth it.
 const PROBE: usize = 64 << 10;
-/// Longest copy one chunk message asks for (its `len` is 32 bits).
-const MAX_COPY: u64 = 1 << 30;
+/// Longest copy one chunk message asks for: neighbouring copies are merged up to this, so that
+/// the receiver copies while the rest of the file is still being read.
+const MAX_COPY: u64 = 16 << 20;
 
 /// What the sender knows of the receiver's copy of a file.
 pub(super) enum Basis {
@@ -491,4 +492,88 @@ fn try_delta(
             compressed: false,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::chunkmap::chunk_hash;
+
+    /// A group holding `chunks` one after the other.
+    fn group(chunks: &[&[u8]]) -> Group {
+        let mut data = Vec::new();
+        let mut at = Vec::new();
+        for c in chunks {
+            at.push((data.len(), c.len(), chunk_hash(c)));
+            data.extend_from_slice(c);
+        }
+        Group {
+            data: Bytes::from(data),
+            chunks: at,
+            eof: false,
+        }
+    }
+
+    fn shape(pieces: &[Piece]) -> Vec<(char, u64, u64)> {
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Copy { offset, len } => ('c', *offset, *len),
+                Piece::Literal(b) => ('l', 0, b.len() as u64),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_the_base_holds_become_merged_copies() {
+        let (a, b, c, x) = (
+            vec![1u8; 5000],
+            vec![2u8; 6000],
+            vec![3u8; 7000],
+            vec![9u8; 100],
+        );
+        let mut base = ChunkMap::default();
+        for ch in [&a, &b, &c] {
+            base.push(ch.len(), chunk_hash(ch));
+        }
+        let mut copies = Copies::new(&base);
+        // An insertion between a and b: copy a, literal x, then b and c as one copy (neighbours
+        // merged), left open for the next group to extend.
+        let p = copies.pieces(&group(&[&a, &x, &b, &c]));
+        assert_eq!(shape(&p), [('c', 0, 5000), ('l', 0, 100)]);
+        assert_eq!(copies.open, Some((5000, 13_000)));
+        // The next group starts with a new chunk: the open copy goes first.
+        let p = copies.pieces(&group(&[&x, &x, &a]));
+        assert_eq!(
+            shape(&p),
+            [('c', 5000, 13_000), ('l', 0, 200)],
+            "literal neighbours are one piece"
+        );
+        assert_eq!(copies.open, Some((0, 5000)));
+    }
+
+    #[test]
+    fn copies_stop_growing_at_the_largest_copy() {
+        let a = vec![5u8; 4096];
+        let mut base = ChunkMap::default();
+        let n = (MAX_COPY / 4096) as usize + 3;
+        for _ in 0..n {
+            base.push(a.len(), chunk_hash(&a));
+        }
+        // Every chunk is the same: each is found at offset 0, never contiguous with the last.
+        let mut copies = Copies::new(&base);
+        let p = copies.pieces(&group(&[&a, &a, &a]));
+        assert_eq!(shape(&p), [('c', 0, 4096), ('c', 0, 4096)]);
+        // Contiguous chunks are merged up to MAX_COPY.
+        let mut out = Vec::new();
+        let mut c = Copies {
+            at: HashMap::new(),
+            open: None,
+        };
+        for i in 0..n as u64 {
+            c.extend(i * 4096, 4096, &mut out);
+        }
+        assert_eq!(shape(&out), [('c', 0, MAX_COPY)]);
+        assert_eq!(c.open, Some((MAX_COPY, 3 * 4096)));
+    }
 }
