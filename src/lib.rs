@@ -37,7 +37,9 @@
 //!   [`replication::catalog`] keeps one durably (and `Catalog::peek` reads it without writing).
 //! - `scan`: what changed; `watch`: inotify and the dirty set; [`replication::attrs`]: owner
 //!   and extended attributes (what travels, limits, read at scan, applied on the replica).
-//! - [`replication::delta`]: rsync deltas made safe for the network; `compress`: zstd.
+//! - [`replication::chunkmap`]: the sender's content-defined chunk maps of big files (copies of the
+//!   receiver's chunks instead of deltas); [`replication::delta`]: rsync deltas made safe for the
+//!   network, the fallback; `compress`: zstd.
 //! - `send` (folder): the sending side of a session, generation by generation.
 //! - [`replication::receive`] (folder): the receiving side: admission (who may send, at which
 //!   epoch), session, validation, staging, commit, [`replication::receive::apply`] (the roll-forward).

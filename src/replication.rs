@@ -7,6 +7,7 @@
 
 pub mod attrs;
 pub mod catalog;
+pub mod chunkmap;
 pub(crate) mod compress;
 pub(crate) mod continuous;
 pub mod delta;

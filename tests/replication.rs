@@ -160,6 +160,98 @@ fn incremental_changes_cost_about_their_size() {
     assert!(sent(&r) < 64 << 10, "directory rename sent {}", sent(&r));
 }
 
+/// The chunk maps the sender keeps in its state directory: the content each maps.
+fn chunk_maps(gpu_state: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(gpu_state.join("chunkmaps"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn chunk_maps_outlive_the_sender_and_a_wrong_one_costs_only_a_resend() {
+    use standby::replication::chunkmap::{ChunkMap, Cutter, MapStore, chunk_hash};
+    let mut rng = rng(seed("chunk_maps_outlive_the_sender"));
+    let pki = Pki::new();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    make_tree(&src, &mut rng, 20, &[8 << 20]);
+    let big = src.join("data/big-0.bin");
+    let cpu = Cpu::start(
+        &t.path().join("replica"),
+        &t.path().join("cpu"),
+        &pki.node("p", Role::Cpu),
+    );
+    let (gtls, gst) = (pki.node("p", Role::Gpu), t.path().join("gpu"));
+    let sync = || {
+        let out = once_raw(&src, &gst, &gtls, &cpu.addr);
+        assert!(out.status.success(), "{}", cpu.log_text());
+        assert_same(&src, &cpu.workspace);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let content = || blake3::hash(&fs::read(&big).unwrap()).to_hex().to_string();
+    sync();
+    // Each `--once` is a new process: the map of the first sync is on disk, and only the
+    // committed content's.
+    assert_eq!(chunk_maps(&gst), [content()]);
+
+    // 100 bytes inserted: copies of the receiver's chunks, no signature pass.
+    let mut data = fs::read(&big).unwrap();
+    data.splice(4000..4000, std::iter::repeat_n(b'!', 100));
+    fs::write(&big, &data).unwrap();
+    let r = sync();
+    assert!(
+        sent(&r) < 96 << 10,
+        "a 100-byte insertion sent {}",
+        sent(&r)
+    );
+    assert_eq!(
+        chunk_maps(&gst),
+        [content()],
+        "the old content's map is dropped"
+    );
+
+    // A map that does not describe the receiver's copy (its chunks, in reverse order, so every
+    // offset is wrong): the copies it leads to fail the receiver's check, and the file is sent
+    // again whole.
+    let mut wrong = ChunkMap::default();
+    let mut at = 0;
+    let mut chunks = Vec::new();
+    for len in Cutter::default().cuts(&data, true) {
+        chunks.push((len, chunk_hash(&data[at..at + len])));
+        at += len;
+    }
+    for (len, h) in chunks.into_iter().rev() {
+        wrong.push(len, h);
+    }
+    let key = blake3::hash(&data);
+    MapStore::open(&gst)
+        .unwrap()
+        .save(key.as_bytes(), &wrong)
+        .unwrap();
+    {
+        let mut f = fs::OpenOptions::new().write(true).open(&big).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(&bytes(&mut rng, 1024)).unwrap();
+    }
+    let r = sync();
+    assert!(sent(&r) > 8 << 20, "sent {} after a wrong map", sent(&r));
+    assert!(cpu.log_text().contains("failed verification"));
+    assert_eq!(chunk_maps(&gst), [content()]);
+
+    // A rename keeps the content, so its map still serves; a deletion drops it.
+    fs::rename(&big, src.join("data/renamed.bin")).unwrap();
+    sync();
+    assert_eq!(chunk_maps(&gst).len(), 1);
+    fs::remove_file(src.join("data/renamed.bin")).unwrap();
+    sync();
+    assert!(chunk_maps(&gst).is_empty());
+}
+
 #[test]
 fn continuous_mode_flush_and_restarts() {
     let pki = Pki::new();

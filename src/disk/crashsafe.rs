@@ -155,6 +155,8 @@ pub mod kind {
     pub const BACKUP_JOURNAL: u16 = 32;
     /// `disk::term`: the newest coordinator term an agent has seen.
     pub const TERM: u16 = 40;
+    /// `replication::chunkmap`: the sender's chunk map of one file's content.
+    pub const CHUNK_MAP: u16 = 48;
 }
 
 #[cfg(test)]

@@ -27,9 +27,10 @@
 //! outgoing side) and `reader` (the receiver's side); `reconcile` (the pending record and the
 //! receiver's manifest); `generation` (one generation, top to bottom) with `ops` (the wire
 //! operations it sends) and `restore` (order and budget when restoring); `content` (which file
-//! goes how) with `inline` (small files in batches), `stream` (big files in windows, deltas
-//! against a signature) and `read` (reading a file that may change under us); `commit` (commit,
-//! retries, the pending record); `figures` (what the agent reports).
+//! goes how) with `inline` (small files in batches), `stream` (big files in windows: copies
+//! of the receiver's chunks, or deltas against a signature) and `read` (reading a file that may
+//! change under us); `commit` (commit, retries, the pending record, the chunk maps kept);
+//! `figures` (what the agent reports).
 
 mod commit;
 mod content;
@@ -44,7 +45,7 @@ mod restore;
 mod session;
 mod stream;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Display;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,7 @@ use tokio::sync::OwnedMutexGuard;
 use tonic::Status;
 
 use crate::proto::state::Record;
+use crate::replication::chunkmap::{ChunkMap, MapStore};
 use crate::replication::manifest::Manifest;
 use crate::replication::receive::ReplicaState;
 use crate::replication::scan::{Exclude, Scope};
@@ -154,6 +156,10 @@ pub struct Sender {
     /// The last commit sent and not seen acknowledged (also on disk at `pending_path`).
     pending: Option<Record>,
     pending_path: PathBuf,
+    /// The chunk maps of big files' content, by its blake3 (`<state>/chunkmaps`).
+    maps: MapStore,
+    /// Maps of content streamed in the generation under way, kept once it is committed.
+    fresh_maps: Mutex<HashMap<Vec<u8>, ChunkMap>>,
     pub figures: Arc<Mutex<SenderFigures>>,
 }
 
@@ -169,6 +175,7 @@ impl Sender {
         std::fs::create_dir_all(&opts.workspace).map_err(local("creating workspace"))?;
         let pending_path = opts.state_dir.join("pending");
         let pending = commit::read_pending(&pending_path);
+        let maps = MapStore::open(&opts.state_dir).map_err(local("opening the chunk maps"))?;
         reconcile::refresh_inodes(&opts.workspace, &mut st.manifest);
         let exclude = Exclude::new(&opts.workspace, &opts.state_dir);
         figures
@@ -181,6 +188,8 @@ impl Sender {
             st,
             pending,
             pending_path,
+            maps,
+            fresh_maps: Mutex::default(),
             figures,
         })
     }

@@ -52,6 +52,7 @@ async fn oversized_messages_are_refused_and_the_agent_keeps_serving() {
             content: Some(upsert::Content::Stream(id)),
             zstd: false,
             delta: false,
+            base_blake3: Vec::new(),
         })),
     };
     let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
@@ -488,6 +489,7 @@ async fn begin_mid_file(r: &mut Raw, stage: &Path) {
             content: Some(upsert::Content::Stream(1)),
             zstd: false,
             delta: true,
+            base_blake3: Vec::new(),
         })),
     }]))
     .await;

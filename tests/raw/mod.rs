@@ -112,6 +112,7 @@ pub fn inline(path: &[u8], data: &[u8]) -> Op {
             content: Some(upsert::Content::Inline(Bytes::copy_from_slice(data))),
             zstd: false,
             delta: false,
+            base_blake3: Vec::new(),
         })),
     }
 }

@@ -89,6 +89,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
             content: Some(upsert::Content::Stream(7)),
             zstd: false,
             delta: true,
+            base_blake3: Vec::new(),
         })),
     };
     if let Some(op::Change::Upsert(u)) = &mut stream.change {
@@ -123,6 +124,7 @@ async fn corrupted_content_is_caught_and_never_committed() {
                 content: Some(upsert::Content::Stream(8)),
                 zstd: false,
                 delta: false,
+                base_blake3: Vec::new(),
             })),
         }],
     }))
@@ -390,4 +392,133 @@ fn full_disk_fails_the_generation_and_keeps_the_last_one() {
     fs::remove_file(src.join("data/huge.bin")).unwrap();
     once(&src, &gst, &gtls, &cpu.addr);
     assert_same(&src, &cpu.workspace);
+}
+
+/// A stream of copies from the replica's committed `big.bin` (300,000 bytes of 3), whose
+/// upsert declares `new` and names `base` as the replica's content; `chunks` follow it.
+async fn copy_stream(r: &Raw, id: u32, new: &[u8], base: &[u8], chunks: Vec<chunk::Data>) {
+    let op = Op {
+        path: "big.bin".into(),
+        change: Some(op::Change::Upsert(Upsert {
+            entry: Some(file_entry(new, 0o644)),
+            content: Some(upsert::Content::Stream(id)),
+            zstd: false,
+            delta: false,
+            base_blake3: base.to_vec(),
+        })),
+    };
+    r.send(sync_request::Msg::Ops(Ops { ops: vec![op] })).await;
+    for data in chunks {
+        let len = match &data {
+            chunk::Data::Literal(b) => b.len() as u32,
+            _ => 1000,
+        };
+        r.send(sync_request::Msg::Chunk(Chunk {
+            file: id,
+            len,
+            data: Some(data),
+        }))
+        .await;
+    }
+    r.send(sync_request::Msg::End(FileEnd {
+        file: id,
+        aborted: false,
+        blake3: blake3::hash(new).as_bytes().to_vec(),
+        size: new.len() as u64,
+    }))
+    .await;
+}
+
+/// Commits and expects `big.bin` asked for again, whole, and nothing committed.
+async fn expect_retry(r: &mut Raw, g: u64, case: &str) {
+    r.send(sync_request::Msg::Commit(Commit {
+        generation: g,
+        root: vec![0u8; 32],
+    }))
+    .await;
+    match r.recv().await.unwrap() {
+        sync_response::Msg::Commit(c) => {
+            assert!(!c.committed, "{case}");
+            assert_eq!(c.retry, [b"big.bin".to_vec()], "{case}");
+        }
+        other => panic!("{case}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_copies_are_refused_and_never_committed() {
+    let s = Setup::new();
+    let gtls = s.pki.node("p", Role::Gpu);
+    let base = vec![3u8; 300_000];
+    let held = blake3::hash(&base).as_bytes().to_vec();
+    // Each new content is 1000 bytes of 3: what one good copy of the base would produce.
+    let new = vec![3u8; 1000];
+    let copy = chunk::Data::Copy;
+    let cases: Vec<(&str, Vec<u8>, Vec<chunk::Data>)> = vec![
+        (
+            "a base the replica does not hold",
+            vec![9u8; 32],
+            vec![copy(0)],
+        ),
+        (
+            "a copy past the base's end",
+            held.clone(),
+            vec![copy(299_500)],
+        ),
+        (
+            "an offset that overflows",
+            held.clone(),
+            vec![copy(u64::MAX - 10)],
+        ),
+        (
+            "a copy in a stream that names no base",
+            Vec::new(),
+            vec![copy(0)],
+        ),
+        (
+            "output past the declared size",
+            held.clone(),
+            vec![copy(0), copy(0)],
+        ),
+        (
+            "a literal past the declared size",
+            held.clone(),
+            vec![copy(0), chunk::Data::Literal(Bytes::from_static(b"more"))],
+        ),
+    ];
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    let g = r.begin().await;
+    for (id, (case, named, chunks)) in (40..).zip(cases) {
+        copy_stream(&r, id, &new, &named, chunks).await;
+        expect_retry(&mut r, g, case).await;
+    }
+    // The same copy, well formed, against the content the replica holds, is accepted (its
+    // root is wrong on purpose: nothing may be committed here).
+    copy_stream(&r, 60, &new, &held, vec![copy(0)]).await;
+    r.send(sync_request::Msg::Commit(Commit {
+        generation: g,
+        root: vec![0u8; 32],
+    }))
+    .await;
+    let e = r.recv().await.expect_err("root mismatch");
+    assert!(e.message().contains("root mismatch"), "{e}");
+    // Deltas and copies in one stream: a protocol error that ends the session.
+    let mut r = raw(&s.cpu.addr, &gtls, 1).await.unwrap();
+    r.begin().await;
+    let op = Op {
+        path: "big.bin".into(),
+        change: Some(op::Change::Upsert(Upsert {
+            entry: Some(file_entry(&new, 0o644)),
+            content: Some(upsert::Content::Stream(1)),
+            zstd: false,
+            delta: true,
+            base_blake3: held.clone(),
+        })),
+    };
+    r.send(sync_request::Msg::Ops(Ops { ops: vec![op] })).await;
+    let e = r.recv().await.expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("deltas and of copies"), "{e}");
+    drop(r);
+    s.assert_intact();
 }

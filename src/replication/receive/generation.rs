@@ -18,9 +18,10 @@ use super::Inner;
 use super::apply::STAGE_BUCKETS;
 use super::batch::{Batch, BatchOut, InlineJob, Link};
 use super::refusal::{bad, status_io};
+use super::signature::base_at;
 use super::stage::Base;
 use super::stream::{FULL, Finished, NewStream, StreamHandle, StreamOutcome, open_stream};
-use super::validate::{Checked, Content, Context, Streamed, Upsert, Valid, validate_ops};
+use super::validate::{Checked, Content, Context, Copies, Streamed, Upsert, Valid, validate_ops};
 use crate::disk::fsx;
 use crate::proto::state::Change;
 use crate::replication::manifest::{Kind, Manifest};
@@ -251,7 +252,7 @@ impl Gen {
     }
 
     /// Opens the sink of a streamed file and starts its worker. A delta's base is the one
-    /// mapped when its signature was sent.
+    /// mapped when its signature was sent; the base of copies is mapped now.
     fn stage_stream(
         &mut self,
         inner: &Arc<Inner>,
@@ -260,17 +261,21 @@ impl Gen {
         placed: Option<Vec<u8>>,
         s: Streamed,
     ) -> Result<(), Status> {
-        let base = if s.delta {
-            Some(
-                self.bases
-                    .lock()
-                    .expect("bases")
-                    .remove(&s.id)
-                    .ok_or_else(|| bad(format!("{path}: delta without a signature request")))?,
-            )
-        } else {
-            None
-        };
+        let (mut base, mut refused, mut copy_limit) = (None, None, None);
+        match s.copies {
+            _ if s.delta => {
+                let b = self.bases.lock().expect("bases").remove(&s.id);
+                let b =
+                    b.ok_or_else(|| bad(format!("{path}: delta without a signature request")))?;
+                base = Some(b);
+            }
+            Copies::No => {}
+            Copies::Refused(why) => refused = Some(why),
+            Copies::From { base_size, limit } => match base_at(inner, path, base_size) {
+                Ok(b) => (base, copy_limit) = (Some(Arc::new(b)), Some(limit)),
+                Err(e) => refused = Some(format!("the replica's copy cannot be read: {e}")),
+            },
+        }
         let worker = open_stream(
             inner,
             NewStream {
@@ -280,6 +285,8 @@ impl Gen {
                 entry,
                 base,
                 base_ino: s.base_ino,
+                copy_limit,
+                refused,
             },
         )?;
         self.streams.insert(s.id, worker);

@@ -74,8 +74,8 @@ fn compute_sig(inner: &Inner, job: SigJob) -> io::Result<Vec<Signature>> {
             "{MAX_BASES} files already await their delta in this generation"
         )));
     }
-    let (base, base_size) = open_base(inner, &job.path, &expect)?;
-    let base = Arc::new(base);
+    let base = Arc::new(base_at(inner, &job.path, expect.size)?);
+    let base_size = expect.size;
     let sig = delta::signature(base.bytes(), job.block_size);
     job.bases
         .lock()
@@ -84,18 +84,19 @@ fn compute_sig(inner: &Inner, job: SigJob) -> io::Result<Vec<Signature>> {
     Ok(pieces(job.file, base_size, &sig))
 }
 
-/// Maps the replica's file at `path`, if it is what the manifest says, with its size.
-fn open_base(inner: &Inner, path: &RelPath, expect: &Entry) -> io::Result<(Base, u64)> {
+/// Maps the replica's file at `path` (a delta's or copies' base), if it is a file of the size
+/// the manifest says.
+pub(super) fn base_at(inner: &Inner, path: &RelPath, size: u64) -> io::Result<Base> {
     let (dir, name) = inner.root.open_parent(path)?;
     let f = fsx::openat_file(dir.as_fd(), name)?;
     let md = f.metadata()?;
-    if !md.is_file() || md.len() != expect.size {
+    if !md.is_file() || md.len() != size {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "replica file differs from the manifest",
         ));
     }
-    Ok((Base::new(f)?, md.len()))
+    Base::new(f)
 }
 
 /// A signature cut into messages (one empty piece for an empty signature).

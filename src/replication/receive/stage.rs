@@ -1,6 +1,6 @@
 //! Where a streamed file's new content goes before it is committed.
 //!
-//! Two sinks:
+//! Three sinks:
 //! - [`Direct`]: the whole new content, written to a staged file with `O_DIRECT` where the
 //!   filesystem allows it. Buffered write-back of hundreds of MiB is several times slower than
 //!   direct I/O on the machines we run on (measured here: ~210 MB/s against ~1 GB/s), and every
@@ -9,7 +9,15 @@
 //!   offset, with their extents. At commit the journal record carries the extents and the
 //!   replica file is updated in place (idempotently, see `apply`), so a small edit of a huge
 //!   checkpoint costs about its size on disk too, not the file's. When too much differs, the
-//!   patch turns itself into a `Direct` copy.
+//!   patch turns itself into a `Direct` copy. A copy of the base at its own offset (a chunk
+//!   the sender found unchanged) costs nothing: no comparison, no write.
+//! - [`Rebuild`]: a full staged copy built from literal bytes and copies of the base at other
+//!   offsets (data that moved, after an insertion), the copies made by the kernel
+//!   (`fsx::copy_range`, `copy_file_range`). A patch turns into one at the first moved copy.
+//!   On ext4 the kernel still writes every copied byte: ext4 shares no extents. Where
+//!   extents can be shared (XFS with reflink, btrfs), only whole blocks at the same offset within
+//!   the block can be, so data moved by an insertion that is not a multiple of the block size
+//!   is written anew everywhere after it, on any filesystem.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -47,6 +55,10 @@ impl Base {
 
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
+    }
+
+    pub fn file(&self) -> &File {
+        &self._file
     }
 }
 
@@ -251,6 +263,87 @@ impl Patch {
     }
 }
 
+/// A full staged copy written at offsets: literal bytes, and copies of the base made by the
+/// kernel. Buffered (a copy cannot go through `O_DIRECT`); write-back is started as it goes so
+/// that the sync before the commit has little left to do.
+pub struct Rebuild {
+    file: File,
+    /// Bytes before this offset have had their write-back started.
+    hinted: u64,
+    end: u64,
+}
+
+/// Write-back is started every this many bytes.
+const WRITEBACK_STEP: u64 = 16 << 20;
+
+impl Rebuild {
+    pub fn create(stage: BorrowedFd<'_>, name: &[u8]) -> io::Result<Rebuild> {
+        Ok(Rebuild {
+            file: fsx::create_excl(stage, name)?,
+            hinted: 0,
+            end: 0,
+        })
+    }
+
+    pub fn write(&mut self, pos: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, pos)?;
+        self.wrote(pos + data.len() as u64);
+        Ok(())
+    }
+
+    /// Copies `len` bytes at `from` of `base` to `pos`.
+    pub fn copy(&mut self, base: &File, from: u64, pos: u64, len: u64) -> io::Result<()> {
+        fsx::copy_range(base, from, &self.file, pos, len)?;
+        self.wrote(pos + len);
+        Ok(())
+    }
+
+    fn wrote(&mut self, end: u64) {
+        self.end = self.end.max(end);
+        if self.end - self.hinted >= WRITEBACK_STEP {
+            fsx::start_writeback(&self.file, self.hinted, self.end - self.hinted);
+            self.hinted = self.end;
+        }
+    }
+
+    /// Cuts the file to `size` bytes. Returns the file.
+    pub fn finish(self, size: u64) -> io::Result<File> {
+        self.file.set_len(size)?;
+        Ok(self.file)
+    }
+}
+
+impl Patch {
+    /// Rebuilds the first `upto` bytes of the new version as a full staged copy: the base
+    /// (copied by the kernel) with the patch's extents over it.
+    pub fn into_rebuild(self, base: &Base, upto: u64, mut to: Rebuild) -> io::Result<Rebuild> {
+        let extents = self.extents.clone();
+        let patch = self.finish()?;
+        let same = |to: &mut Rebuild, from: u64, end: u64| {
+            let end = end.min(base.bytes().len() as u64);
+            if end > from {
+                to.copy(base.file(), from, from, end - from)?;
+            }
+            Ok::<(), io::Error>(())
+        };
+        let mut prev = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for e in &extents {
+            same(&mut to, prev, e.offset)?;
+            let mut done = 0;
+            while done < e.len {
+                let n = ((e.len - done) as usize).min(buf.len());
+                patch.read_exact_at(&mut buf[..n], e.at + done)?;
+                to.write(e.offset + done, &buf[..n])?;
+                done += n as u64;
+            }
+            prev = e.offset + e.len;
+        }
+        same(&mut to, prev, upto)?;
+        Ok(to)
+    }
+}
+
 /// Writes a patch's extents into `target` and sets its length (idempotent).
 pub fn apply_patch(patch: &File, target: &File, extents: &[Extent], size: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
@@ -331,6 +424,27 @@ mod tests {
             .unwrap();
         apply_patch(&pf, &tf, &[], short.len() as u64).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), short);
+    }
+
+    #[test]
+    fn a_patch_rebuilds_with_moved_copies() {
+        let (d, fd) = stage();
+        let base: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let bf = d.path().join("base");
+        std::fs::write(&bf, &base).unwrap();
+        let b = Base::new(File::open(&bf).unwrap()).unwrap();
+        // New: base[..1000] with a changed byte, 100 inserted bytes, then base[1000..] shifted.
+        let mut new = base[..1000].to_vec();
+        new[10] ^= 1;
+        new.extend_from_slice(&[7u8; 100]);
+        new.extend_from_slice(&base[1000..]);
+        let mut p = Patch::create(fd.as_fd(), b"p").unwrap();
+        p.add(b.bytes(), 0, &new[..1100]).unwrap();
+        let r = Rebuild::create(fd.as_fd(), b"full").unwrap();
+        let mut r = p.into_rebuild(&b, 1100, r).unwrap();
+        r.copy(b.file(), 1000, 1100, 299_000).unwrap();
+        r.finish(new.len() as u64).unwrap();
+        assert_eq!(std::fs::read(d.path().join("full")).unwrap(), new);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Streamed files: one worker per file on the blocking pool writes its chunks in order
-//! (literals or delta windows, maybe compressed), hashes what it wrote, and at the file's end
-//! says whether the content is verified.
+//! (literals, delta windows, maybe compressed, or copies of the replica's committed copy),
+//! hashes what it wrote, and at the file's end says whether the content is verified.
 //!
 //! A chunk that cannot be decoded does not end the session: the file is marked corrupt, its
-//! later chunks are dropped, and at its end it is rejected (sent again whole). Only local i/o
-//! failures and chunks over the size limit end the session.
+//! later chunks are dropped, and at its end it is rejected (sent again whole). So is a copy
+//! outside the base, one in a stream not allowed to copy, and one that would make the file
+//! longer than its upsert declared. Only local i/o failures and chunks over the size limit end
+//! the session.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
@@ -17,7 +19,7 @@ use tonic::Status;
 use super::Inner;
 use super::apply::{Policy, set_file_meta};
 use super::refusal::{bad, status_io};
-use super::stage::{Base, Direct, Patch};
+use super::stage::{Base, Direct, Patch, Rebuild};
 use crate::disk::fsx;
 use crate::proto::state::Extent;
 use crate::proto::{Chunk, Entry, FileEnd, chunk};
@@ -65,16 +67,21 @@ pub(super) struct NewStream {
     /// Inside a new directory staged whole.
     pub placed: bool,
     pub entry: Entry,
-    /// The replica's committed copy, for a delta.
+    /// The replica's committed copy, for a delta or copies.
     pub base: Option<Arc<Base>>,
     /// Inode of the replica's file, patched in place.
     pub base_ino: u64,
+    /// With copies: the most bytes the stream may produce. `None`: no copies allowed.
+    pub copy_limit: Option<u64>,
+    /// Why the file is refused before its first chunk (its chunks are dropped).
+    pub refused: Option<String>,
 }
 
 /// Where a streamed file's bytes go (see `stage`).
 enum Sink {
     Direct(Direct),
     Patch(Patch),
+    Rebuild(Rebuild),
     /// Transient, while a patch turns into a full copy.
     Switching,
 }
@@ -90,6 +97,7 @@ struct OpenStream {
     written: u64,
     base: Option<Arc<Base>>,
     base_ino: u64,
+    copy_limit: Option<u64>,
     corrupt: Option<String>,
 }
 
@@ -114,7 +122,8 @@ pub(super) fn open_stream(inner: &Arc<Inner>, n: NewStream) -> Result<StreamHand
         written: 0,
         base: n.base,
         base_ino: n.base_ino,
-        corrupt: None,
+        copy_limit: n.copy_limit,
+        corrupt: n.refused,
     };
     Ok(spawn_stream(inner.clone(), s))
 }
@@ -167,6 +176,21 @@ fn write_chunk(stage_fd: BorrowedFd<'_>, s: &mut OpenStream, c: Chunk) -> Result
     if s.corrupt.is_some() {
         return Ok(());
     }
+    if let Some(chunk::Data::Copy(from)) = c.data {
+        return match check_copy(s, from, c.len as u64) {
+            Ok(()) => s.copy(stage_fd, from, c.len as u64),
+            Err(why) => {
+                s.corrupt = Some(why);
+                Ok(())
+            }
+        };
+    }
+    if let Some(limit) = s.copy_limit
+        && s.written + c.len as u64 > limit
+    {
+        s.corrupt = Some(format!("more than the {limit} bytes declared"));
+        return Ok(());
+    }
     let len = c.len as usize;
     if len > delta::MAX_CHUNK {
         return Err(bad(format!(
@@ -210,8 +234,31 @@ fn decode(s: &OpenStream, data: Option<chunk::Data>, len: usize) -> Result<Bytes
         Some(chunk::Data::DeltaZstd(d)) => compress::decompress(&d, 2 * len + (1 << 20))
             .map_err(|e| format!("undecodable compressed delta: {e}"))
             .and_then(|d| apply(s, &d, len).map(Bytes::from)),
+        Some(chunk::Data::Copy(_)) => Err("copy decoded as data".into()),
         None => Err("chunk without data".into()),
     }
+}
+
+/// Why a copy of `len` bytes at `from` of the base cannot be made, if it cannot: the stream
+/// must be allowed to copy, the range must lie inside the base, and the file must stay within
+/// the size its upsert declared.
+fn check_copy(s: &OpenStream, from: u64, len: u64) -> Result<(), String> {
+    let (Some(limit), Some(base)) = (s.copy_limit, &s.base) else {
+        return Err("copy in a stream without a base to copy from".into());
+    };
+    let base_len = base.bytes().len() as u64;
+    if len == 0 {
+        return Err("copy of 0 bytes".into());
+    }
+    if from.checked_add(len).is_none_or(|end| end > base_len) {
+        return Err(format!(
+            "copy of {len} bytes at {from}: outside the {base_len}-byte base"
+        ));
+    }
+    if s.written.checked_add(len).is_none_or(|end| end > limit) {
+        return Err(format!("more than the {limit} bytes declared"));
+    }
+    Ok(())
 }
 
 fn apply(s: &OpenStream, delta: &[u8], len: usize) -> Result<Vec<u8>, String> {
@@ -222,6 +269,60 @@ fn apply(s: &OpenStream, delta: &[u8], len: usize) -> Result<Vec<u8>, String> {
 }
 
 impl OpenStream {
+    /// Copies `len` bytes at `from` of the base (checked by `check_copy`) to the end of the
+    /// new file: nothing to do in a patch when they stay at their offset, the kernel copies
+    /// them into a rebuilt file otherwise.
+    fn copy(&mut self, stage_fd: BorrowedFd<'_>, from: u64, len: u64) -> Result<(), Status> {
+        let io = |e| status_io("writing staged data", e);
+        let base = self.base.clone().expect("checked: a copy has a base");
+        let bytes = &base.bytes()[from as usize..(from + len) as usize];
+        if bytes.len() >= 1 << 20 {
+            self.hasher.update_rayon(bytes);
+        } else {
+            self.hasher.update(bytes);
+        }
+        let pos = self.written;
+        if matches!(self.sink, Sink::Patch(_)) && from != pos {
+            // Moved data: a full copy. Where the kernel's copy would share extents, it makes
+            // it; on ext4 it would write the same bytes through the page cache, slower than
+            // direct I/O (stage.rs), so the bytes go through `Direct` instead.
+            if fsx::shares_extents(base.file()) {
+                self.switch_to_rebuild(stage_fd, pos).map_err(io)?;
+            } else {
+                self.switch_to_full(stage_fd).map_err(io)?;
+            }
+        }
+        match &mut self.sink {
+            Sink::Patch(_) => {}
+            Sink::Rebuild(r) => r.copy(base.file(), from, pos, len).map_err(io)?,
+            Sink::Direct(w) => w.write(bytes).map_err(io)?,
+            Sink::Switching => return Err(Status::internal("stream in an inconsistent state")),
+        }
+        self.written += len;
+        Ok(())
+    }
+
+    /// Turns the patch into a rebuilt full copy staged as `<name>.full`, holding the first
+    /// `upto` bytes of the new file.
+    fn switch_to_rebuild(&mut self, stage_fd: BorrowedFd<'_>, upto: u64) -> std::io::Result<()> {
+        let Sink::Patch(p) = std::mem::replace(&mut self.sink, Sink::Switching) else {
+            unreachable!()
+        };
+        let base = self.base.clone().expect("a patch has a base");
+        let full = self.full_name();
+        let r = p.into_rebuild(&base, upto, Rebuild::create(stage_fd, &full)?)?;
+        let _ = fsx::unlinkat(stage_fd, &self.name, false);
+        self.name = full;
+        self.sink = Sink::Rebuild(r);
+        Ok(())
+    }
+
+    fn full_name(&self) -> Vec<u8> {
+        let mut full = self.name.clone();
+        full.extend_from_slice(FULL.as_bytes());
+        full
+    }
+
     /// Writes `data`, found at `pos` in the new file, to the sink.
     fn write(&mut self, stage_fd: BorrowedFd<'_>, pos: u64, data: &[u8]) -> Result<(), Status> {
         let io = |e| status_io("writing staged data", e);
@@ -235,6 +336,7 @@ impl OpenStream {
                     self.switch_to_full(stage_fd).map_err(io)?;
                 }
             }
+            Sink::Rebuild(r) => r.write(pos, data).map_err(io)?,
             Sink::Switching => return Err(Status::internal("stream in an inconsistent state")),
         }
         Ok(())
@@ -246,8 +348,7 @@ impl OpenStream {
             unreachable!()
         };
         let base = self.base.as_ref().map(|b| b.bytes()).unwrap_or(&[]);
-        let mut full = self.name.clone();
-        full.extend_from_slice(FULL.as_bytes());
+        let full = self.full_name();
         let w = Direct::create(stage_fd, &full)?;
         let w = p.into_direct(base, self.written, w)?;
         let _ = fsx::unlinkat(stage_fd, &self.name, false);
@@ -311,8 +412,13 @@ fn seal(
 ) -> Result<StreamOutcome, Status> {
     let io = |er| status_io("staging", er);
     match sink {
-        Sink::Direct(w) => {
-            let f = w.finish(size).map_err(io)?;
+        Sink::Direct(_) | Sink::Rebuild(_) => {
+            let f = match sink {
+                Sink::Direct(w) => w.finish(size),
+                Sink::Rebuild(r) => r.finish(size),
+                _ => unreachable!(),
+            }
+            .map_err(io)?;
             set_file_meta(&f, &e, bits).map_err(io)?;
             e.ino = f.metadata().map_err(io)?.ino();
             Ok(StreamOutcome::Verified {
@@ -330,5 +436,51 @@ fn seal(
             })
         }
         Sink::Switching => Err(Status::internal("stream in an inconsistent state")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream over a 10,000-byte base that may produce `limit` bytes, `written` so far.
+    fn stream(base: Option<Arc<Base>>, limit: Option<u64>, written: u64) -> OpenStream {
+        OpenStream {
+            path: RelPath::new("f").unwrap(),
+            name: b"s".to_vec(),
+            placed: false,
+            sink: Sink::Switching,
+            entry: Entry::default(),
+            hasher: blake3::Hasher::new(),
+            written,
+            base,
+            base_ino: 0,
+            copy_limit: limit,
+            corrupt: None,
+        }
+    }
+
+    #[test]
+    fn copies_must_lie_inside_the_base_and_the_declared_size() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("b"), vec![1u8; 10_000]).unwrap();
+        let f = std::fs::File::open(d.path().join("b")).unwrap();
+        let base = Some(Arc::new(Base::new(f).unwrap()));
+        let s = stream(base.clone(), Some(20_000), 0);
+        assert!(check_copy(&s, 0, 10_000).is_ok());
+        assert!(check_copy(&s, 9_999, 1).is_ok());
+        assert!(check_copy(&s, 9_999, 2).unwrap_err().contains("outside"));
+        assert!(check_copy(&s, 10_000, 1).is_err());
+        assert!(check_copy(&s, u64::MAX, 2).unwrap_err().contains("outside"));
+        assert!(check_copy(&s, 0, 0).unwrap_err().contains("0 bytes"));
+        // Within the base, but past the size the upsert declared.
+        let s = stream(base.clone(), Some(20_000), 15_000);
+        assert!(check_copy(&s, 0, 5_000).is_ok());
+        assert!(check_copy(&s, 0, 5_001).unwrap_err().contains("declared"));
+        let s = stream(base.clone(), Some(u64::MAX), u64::MAX - 1);
+        assert!(check_copy(&s, 0, 2).unwrap_err().contains("declared"));
+        // A stream not allowed to copy, or without a base.
+        assert!(check_copy(&stream(base, None, 0), 0, 1).is_err());
+        assert!(check_copy(&stream(None, Some(10), 0), 0, 1).is_err());
     }
 }

@@ -18,7 +18,7 @@ use crate::replication::manifest::{Kind, Manifest, kind_of};
 use crate::replication::scan::STAGE_DIR_NAME;
 use crate::types::RelPath;
 
-/// Files a generation may have streaming at once (the sender streams one at a time). Each holds
+/// Files a generation may have streaming at once (the agent's sender streams up to four). Each holds
 /// a thread of the blocking pool until its end: unbounded, a sender could take them all, and
 /// the session would wait forever on a writer that never gets a thread, holding the replica.
 pub(super) const MAX_STREAMS: usize = 64;
@@ -69,6 +69,48 @@ pub(super) struct Streamed {
     pub delta: bool,
     /// The inode of the replica's entry at this path (0 when none).
     pub base_ino: u64,
+    pub copies: Copies,
+}
+
+/// Whether a stream may copy from the replica's committed copy of its path.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Copies {
+    No,
+    /// Yes: the committed entry there (a file of this size) has the blake3 the sender named;
+    /// the stream may produce at most `limit` bytes (the size its upsert declares).
+    From {
+        base_size: u64,
+        limit: u64,
+    },
+    /// The sender named content the replica does not hold there: the file is refused (its
+    /// chunks are dropped and it is asked for again whole).
+    Refused(String),
+}
+
+/// What an upsert's `base_blake3` allows its stream.
+fn copies(
+    path: &RelPath,
+    base_blake3: &[u8],
+    delta: bool,
+    entry: &Entry,
+    old: Option<&Entry>,
+) -> Result<Copies, Status> {
+    if base_blake3.is_empty() {
+        return Ok(Copies::No);
+    }
+    if delta {
+        return Err(bad(format!("{path}: a stream of deltas and of copies")));
+    }
+    Ok(match old {
+        Some(o) if kind_of(o) == Some(Kind::File) && o.blake3 == base_blake3 => Copies::From {
+            base_size: o.size,
+            limit: entry.size,
+        },
+        _ => Copies::Refused(format!(
+            "the replica's copy is not the base {} the sender named",
+            crate::text::hex(base_blake3)
+        )),
+    })
 }
 
 /// What [`validate_ops`] made of a batch: the ops before the first refused one, and that
@@ -187,6 +229,7 @@ fn validate_upsert(
                 id,
                 delta: u.delta,
                 base_ino: old.map(|o| o.ino).unwrap_or(0),
+                copies: copies(&path, &u.base_blake3, u.delta, &entry, old)?,
             })
         }
         (k, _) => return Err(bad(format!("{path}: a {k:?} cannot carry file content"))),
@@ -273,5 +316,39 @@ impl Valid {
             Valid::Delete { path, .. } => path,
             Valid::Upsert(u) => &u.path,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::manifest::tests::file;
+
+    #[test]
+    fn copies_only_from_the_content_the_replica_holds() {
+        let p = RelPath::new("ckpt").unwrap();
+        let (base, new) = (file(1000, 1, 7), file(1200, 2, 8));
+        assert_eq!(
+            copies(&p, &[], false, &new, Some(&base)).unwrap(),
+            Copies::No
+        );
+        assert_eq!(
+            copies(&p, &base.blake3, false, &new, Some(&base)).unwrap(),
+            Copies::From {
+                base_size: 1000,
+                limit: 1200
+            }
+        );
+        // Another content, no file there, or a directory there: refused, the session goes on.
+        for old in [
+            Some(&new),
+            None,
+            Some(&crate::replication::manifest::tests::dir()),
+        ] {
+            let r = copies(&p, &base.blake3, false, &new, old).unwrap();
+            assert!(matches!(r, Copies::Refused(_)), "{r:?}");
+        }
+        // Deltas and copies in one stream: a protocol error.
+        assert!(copies(&p, &base.blake3, true, &new, Some(&base)).is_err());
     }
 }

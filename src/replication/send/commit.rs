@@ -4,7 +4,7 @@
 //! expected generation and root reaches the index. Files the receiver could not verify are sent
 //! again whole, at most twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
@@ -17,6 +17,7 @@ use super::{Sender, Session, SyncError, index_error, local};
 use crate::disk::crashsafe::{self, kind};
 use crate::proto::state::{Change, Pending, Record};
 use crate::proto::{Commit, CommitResult, sync_request};
+use crate::replication::chunkmap;
 use crate::replication::manifest::{Kind, Root};
 use crate::replication::scan::Stat;
 use crate::text::hex;
@@ -86,7 +87,52 @@ impl Sender {
         self.apply_local(&rec)?;
         let _ = std::fs::remove_file(&self.pending_path);
         tracing::debug!(ms = t.elapsed().as_millis() as u64, "index updated");
+        self.keep_maps(&rec).await;
         Ok(Attempt::Committed(root))
+    }
+
+    /// Keeps the chunk maps of the big files' content this generation committed, and drops the
+    /// maps no entry of the index references any more. A map that cannot be written costs only
+    /// speed (the next change of that file goes by signature), so failures are logged.
+    async fn keep_maps(&self, rec: &Record) {
+        let mut fresh = std::mem::take(&mut *self.fresh_maps.lock().expect("fresh maps"));
+        let mut keep = Vec::new();
+        let mut big_moved = false;
+        for c in &rec.changes {
+            match &c.entry {
+                Some(e) if e.size >= chunkmap::MIN_FILE => {
+                    big_moved = true;
+                    if let Some(m) = fresh.remove(&e.blake3) {
+                        keep.push((e.blake3.clone(), m));
+                    }
+                }
+                Some(_) => {}
+                None => big_moved = true,
+            }
+        }
+        if !big_moved {
+            return;
+        }
+        let referenced: HashSet<Vec<u8>> = self
+            .st
+            .manifest
+            .iter()
+            .filter(|(_, e)| e.size >= chunkmap::MIN_FILE)
+            .map(|(_, e)| e.blake3.clone())
+            .collect();
+        let maps = self.maps.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            for (content, m) in &keep {
+                maps.save(content, m)?;
+            }
+            maps.keep_only(&referenced)
+        })
+        .await;
+        match r {
+            Ok(Ok(removed)) => tracing::debug!(removed, "chunk maps kept"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot keep chunk maps"),
+            Err(e) => tracing::warn!(error = %e, "cannot keep chunk maps"),
+        }
     }
 }
 

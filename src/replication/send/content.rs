@@ -1,11 +1,16 @@
 //! Which file's content goes how. Small files (up to [`SenderOptions::inline_max`]) are sent
-//! whole inside batches (`inline`); big ones are streamed in windows (`stream`), as deltas
-//! against a signature of the receiver's copy when it has one. Signatures are asked for ahead
-//! of need, a bounded number at a time, so their round trips overlap the streaming.
+//! whole inside batches (`inline`); big ones are streamed in windows (`stream`): as copies of
+//! the receiver's copy where this sender kept its chunk map (`replication::chunkmap`), else as
+//! deltas against a signature of the receiver's copy when it has one. Signatures are asked for
+//! ahead of need, a bounded number at a time, so their round trips overlap the streaming.
+//!
+//! Several big files stream at once ([`in_flight`]), each on a blocking thread of its own (their
+//! chunks interleave on the wire, each file's in order); together they hold no more windows in
+//! memory than one file alone did.
 //!
 //! [`SenderOptions::inline_max`]: super::SenderOptions::inline_max
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -13,9 +18,10 @@ use tokio::sync::oneshot;
 use super::inline::send_small;
 use super::read::FileRead;
 use super::session::{SigResult, session_closed};
-use super::stream::stream_file;
+use super::stream::{Basis, Streamed, stream_file};
 use super::{Sender, Session, SyncError, task_error};
 use crate::proto::{Entry, SigRequest, sync_request};
+use crate::replication::chunkmap::{ChunkMap, MapStore};
 use crate::replication::delta;
 use crate::replication::scan::Stat;
 use crate::types::RelPath;
@@ -78,28 +84,77 @@ impl Sender {
         Ok(r)
     }
 
-    /// Streams big files one after the other, each as soon as its signature (if any) is in.
+    /// Streams big files, [`in_flight`] at a time, each as soon as its signature (if any) is
+    /// in. The chunk maps of what was read are kept in `fresh_maps` until the commit.
     async fn send_streamed(&self, s: &mut Session, big: Vec<Job>) -> Result<Sent, SyncError> {
         let mut results = Vec::with_capacity(big.len());
+        let maps = self.maps.clone();
+        let with_map: Vec<bool> = big.iter().map(|j| has_map(&maps, j)).collect();
+        let (k, windows) = in_flight();
         let mut ahead = Ahead::default();
+        let mut running = VecDeque::new();
         for (i, job) in big.iter().enumerate() {
-            ahead.ask_up_to(s, &big, i + AHEAD).await?;
+            ahead.ask_up_to(s, &big, &with_map, i + AHEAD).await?;
             let (id, sig) = match ahead.waiting.remove(&i) {
                 Some((id, rx)) => (id, signature(s, rx, job).await?),
                 None => (s.file_id(), None),
             };
-            let ws = self.opts.workspace.clone();
-            let out = s.out.clone();
+            let (ws, out, maps) = (self.opts.workspace.clone(), s.out.clone(), maps.clone());
             let level = self.opts.compress_level;
-            let job = job.clone();
-            let path = job.path.clone();
-            let r =
-                tokio::task::spawn_blocking(move || stream_file(&ws, &job, id, sig, level, &out))
-                    .await
-                    .map_err(task_error)??;
-            results.push((path, r));
+            let (job, map) = (job.clone(), with_map[i]);
+            running.push_back(tokio::task::spawn_blocking(move || {
+                let basis = basis(&maps, &job, map, sig);
+                let r = stream_file(&ws, &job, (id, windows), basis, level, &out);
+                (job.path, r)
+            }));
+            while running.len() >= k || (i + 1 == big.len() && !running.is_empty()) {
+                let t = running.pop_front().expect("running");
+                let (path, r) = t.await.map_err(task_error)?;
+                self.keep_fresh(&mut results, path, r?);
+            }
         }
         Ok(results)
+    }
+
+    /// Takes in one streamed file: its outcome, and its new chunk map until the commit.
+    fn keep_fresh(&self, results: &mut Sent, path: crate::types::RelPath, r: Streamed) {
+        if let (FileRead::Done(e), Some(map)) = (&r.read, r.map) {
+            self.fresh_maps
+                .lock()
+                .expect("fresh maps")
+                .insert(e.blake3.clone(), map);
+        }
+        results.push((path, r.read));
+    }
+}
+
+/// How many big files stream at once, and how many windows each reads at a time: together
+/// about two windows per core, as one file alone read before.
+fn in_flight() -> (usize, usize) {
+    let cores = rayon::current_num_threads().max(1);
+    let k = cores.clamp(2, 4);
+    (k, (2 * cores / k).max(1))
+}
+
+/// Whether this sender kept a chunk map of the receiver's copy of the job's file.
+fn has_map(maps: &MapStore, job: &Job) -> bool {
+    job.base
+        .as_ref()
+        .is_some_and(|b| b.size > 0 && maps.has(&b.blake3))
+}
+
+/// What the stream of a job is encoded against: the chunk map of the receiver's copy (when
+/// `map` and it can be read), else its signature, else nothing.
+fn basis(maps: &MapStore, job: &Job, map: bool, sig: Option<fast_rsync::Signature>) -> Basis {
+    let base = job.base.as_ref().filter(|_| map);
+    let loaded: Option<(ChunkMap, Vec<u8>)> = base.and_then(|b| {
+        let m = maps.load(&b.blake3)?;
+        (m.size() == b.size).then(|| (m, b.blake3.clone()))
+    });
+    match (loaded, sig) {
+        (Some((m, b)), _) => Basis::Map(m, b),
+        (None, Some(sig)) => Basis::Signature(sig),
+        (None, None) => Basis::Whole,
     }
 }
 
@@ -113,16 +168,17 @@ struct Ahead {
 }
 
 impl Ahead {
-    /// Asks for the signatures of the jobs before `until` that have a base.
+    /// Asks for the signatures of the jobs before `until` that have a base without a map.
     async fn ask_up_to(
         &mut self,
         s: &mut Session,
         jobs: &[Job],
+        with_map: &[bool],
         until: usize,
     ) -> Result<(), SyncError> {
         while self.asked < jobs.len() && self.asked < until {
             let j = &jobs[self.asked];
-            if j.base.is_some() {
+            if j.base.is_some() && !with_map[self.asked] {
                 let id = s.file_id();
                 let (tx, rx) = oneshot::channel();
                 s.sigs.lock().expect("sigs").insert(id, tx);

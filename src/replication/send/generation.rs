@@ -98,6 +98,7 @@ impl Sender {
         };
         s.out.send(sync_request::Msg::Begin(begin)).await?;
         let mut draft = Draft::default();
+        self.fresh_maps.lock().expect("fresh maps").clear();
         let sorted = sort_actions(plan.actions, &mut draft);
         send_ops(s, sorted.meta_ops).await?;
         let mut contents = sorted.contents;

@@ -44,9 +44,14 @@ pub(super) fn inline_op(p: &RelPath, e: &Entry, data: Vec<u8>, zstd: bool) -> Op
     upsert(p, e, upsert::Content::Inline(data.into()), zstd, false)
 }
 
-/// A big file whose content follows as chunks of stream `id` (deltas when `delta`).
-pub(super) fn stream_op(p: &RelPath, e: &Entry, id: u32, delta: bool) -> Op {
-    upsert(p, e, upsert::Content::Stream(id), false, delta)
+/// A big file whose content follows as chunks of stream `id`: deltas when `delta`, copies of
+/// the receiver's copy when `base_blake3` names its content (empty: no copies).
+pub(super) fn stream_op(p: &RelPath, e: &Entry, id: u32, delta: bool, base_blake3: Vec<u8>) -> Op {
+    let mut op = upsert(p, e, upsert::Content::Stream(id), false, delta);
+    if let Some(op::Change::Upsert(u)) = &mut op.change {
+        u.base_blake3 = base_blake3;
+    }
+    op
 }
 
 fn upsert(p: &RelPath, e: &Entry, content: upsert::Content, zstd: bool, delta: bool) -> Op {
@@ -57,6 +62,7 @@ fn upsert(p: &RelPath, e: &Entry, content: upsert::Content, zstd: bool, delta: b
             content: Some(content),
             zstd,
             delta,
+            base_blake3: Vec::new(),
         })),
     }
 }
