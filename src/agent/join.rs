@@ -123,37 +123,57 @@ async fn request(
     csr_pem: String,
 ) -> anyhow::Result<JoinReply> {
     let cfg = tls::join_client_config(&t.ca_fingerprint)?;
-    // Several coordinators (highly available): the first that answers is the leader, as
-    // followers do not serve. A refusal is final; only an unreachable one is skipped.
-    let mut reached = None;
-    let mut failed = Vec::new();
-    for a in crate::agent::link::addresses(url) {
-        match tls::connect(&a, cfg.clone()).await {
-            Ok(ch) => {
-                reached = Some(ch);
-                break;
+    // Several coordinators (highly available): the first that answers; a follower refuses
+    // naming the leader (before it looks at the token), and the request goes there once. Any
+    // other refusal is final; only an unreachable coordinator is skipped.
+    let req = JoinRequest {
+        token: token.trim().to_string(),
+        role: match who.role {
+            Role::Gpu => crate::proto::Role::Gpu,
+            Role::Cpu => crate::proto::Role::Cpu,
+        } as i32,
+        csr_pem,
+        machine: who.machine.to_string(),
+        advertise: who.advertise.to_string(),
+    };
+    let (ch, at) = first_answering(&crate::agent::link::addresses(url), &cfg)
+        .await
+        .map_err(|failed| {
+            anyhow::anyhow!("joining via {url}: no coordinator answered ({failed})")
+        })?;
+    let refused =
+        |s: tonic::Status| anyhow::anyhow!("the coordinator refused to join us: {}", s.message());
+    let reply = match CoordinatorClient::new(ch).join(req.clone()).await {
+        Ok(r) => r,
+        Err(s) => match crate::proto::leader_named(&s).filter(|l| *l != at) {
+            Some(leader) => {
+                tracing::info!(follower = %at, %leader, "a follower named the leader: joining there");
+                let ch = tls::connect(&leader, cfg.clone())
+                    .await
+                    .with_context(|| format!("joining via the leader {leader} that {at} named"))?;
+                CoordinatorClient::new(ch)
+                    .join(req)
+                    .await
+                    .map_err(refused)?
             }
+            None => return Err(refused(s)),
+        },
+    };
+    Ok(reply.into_inner())
+}
+
+/// A channel to the first of `addrs` that accepts a connection, and its address; or what each
+/// one said.
+async fn first_answering(
+    addrs: &[String],
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(tonic::transport::Channel, String), String> {
+    let mut failed = Vec::new();
+    for a in addrs {
+        match tls::connect(a, cfg.clone()).await {
+            Ok(ch) => return Ok((ch, a.clone())),
             Err(e) => failed.push(format!("{a}: {e:#}")),
         }
     }
-    let Some(ch) = reached else {
-        bail!(
-            "joining via {url}: no coordinator answered ({})",
-            failed.join("; ")
-        );
-    };
-    let reply = CoordinatorClient::new(ch)
-        .join(JoinRequest {
-            token: token.trim().to_string(),
-            role: match who.role {
-                Role::Gpu => crate::proto::Role::Gpu,
-                Role::Cpu => crate::proto::Role::Cpu,
-            } as i32,
-            csr_pem,
-            machine: who.machine.to_string(),
-            advertise: who.advertise.to_string(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("the coordinator refused to join us: {}", s.message()))?;
-    Ok(reply.into_inner())
+    Err(failed.join("; "))
 }

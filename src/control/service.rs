@@ -15,6 +15,7 @@
 //! `--public-health`).
 //!
 //! Files: `serve` (start-up and the gRPC server), `leadership` (follow, then lead, on etcd),
+//! `seat` (leader or follower: what the calls are answered from; a follower names the leader),
 //! `agents` (`Join`, `Heartbeat`) with `heartbeat` (one agent's stream), `admin` (the `Admin`
 //! calls) with `history` (their relay to a standby), `options` (`ServeOptions`), `keys` (the
 //! server certificate and the token key) and `provisioning` (the providers).
@@ -28,12 +29,15 @@ mod keys;
 mod leadership;
 mod options;
 mod provisioning;
+mod seat;
 mod serve;
 
 pub use crate::control::store::ha::{EtcdConfig, EtcdTls, HaOptions};
 pub use keys::{SERVER_TLS_DIR, mint_token, server_tls, token_key};
 pub use options::{BackupPlan, ServeOptions};
 pub use serve::{NO_ETCD, serve};
+
+use seat::Seat;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,8 +155,8 @@ fn facts_of(cert_pem: &str) -> Result<CertFacts, String> {
     CertFacts::from_der(&der).map_err(|e| format!("issued certificate: {e}"))
 }
 
-pub struct CoordinatorSvc(Arc<Shared>);
-pub struct AdminSvc(Arc<Shared>);
+pub struct CoordinatorSvc(Seat);
+pub struct AdminSvc(Seat);
 
 fn side_of(role: Role) -> Side {
     match role {

@@ -46,8 +46,9 @@ fn admin<T>(req: &Request<T>) -> Result<String, Status> {
 impl Admin for AdminSvc {
     async fn create_pair(&self, req: Request<PairRequest>) -> Result<Response<PairView>, Status> {
         admin(&req)?;
+        let s = self.0.shared()?;
         Ok(Response::new(
-            self.0.engine.create(&req.into_inner().pair).await?,
+            s.engine.create(&req.into_inner().pair).await?,
         ))
     }
 
@@ -56,25 +57,28 @@ impl Admin for AdminSvc {
         req: Request<ListPairsRequest>,
     ) -> Result<Response<ListPairsReply>, Status> {
         admin(&req)?;
+        let s = self.0.shared()?;
         Ok(Response::new(ListPairsReply {
-            pairs: self.0.engine.list().await?,
+            pairs: s.engine.list().await?,
         }))
     }
 
     async fn failover(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
         let who = admin(&req)?;
+        let s = self.0.shared()?;
         let pair = req.into_inner().pair;
         tracing::info!(%pair, admin = %who, "manual failover requested");
-        Ok(Response::new(self.0.engine.failover(&pair).await?))
+        Ok(Response::new(s.engine.failover(&pair).await?))
     }
 
     async fn recover(&self, req: Request<RecoverRequest>) -> Result<Response<ActionReply>, Status> {
         let who = admin(&req)?;
+        let s = self.0.shared()?;
         let RecoverRequest { pair, from_backup } = req.into_inner();
         let input = match from_backup {
             None => Input::Recover,
             Some(pick) => {
-                self.0.check_rebuild(&pick.snapshot)?;
+                s.check_rebuild(&pick.snapshot)?;
                 tracing::warn!(%pair, admin = %who, snapshot = %pick.snapshot, "rebuild from the off-site backup requested");
                 Input::RecoverFromBackup {
                     snapshot: pick.snapshot,
@@ -82,23 +86,23 @@ impl Admin for AdminSvc {
                 }
             }
         };
-        Ok(Response::new(self.0.engine.manual(&pair, input).await?))
+        Ok(Response::new(s.engine.manual(&pair, input).await?))
     }
 
     async fn hibernate(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
         admin(&req)?;
+        let s = self.0.shared()?;
         let pair = req.into_inner().pair;
         Ok(Response::new(
-            self.0.engine.manual(&pair, Input::Hibernate).await?,
+            s.engine.manual(&pair, Input::Hibernate).await?,
         ))
     }
 
     async fn wake(&self, req: Request<PairRequest>) -> Result<Response<ActionReply>, Status> {
         admin(&req)?;
+        let s = self.0.shared()?;
         let pair = req.into_inner().pair;
-        Ok(Response::new(
-            self.0.engine.manual(&pair, Input::Wake).await?,
-        ))
+        Ok(Response::new(s.engine.manual(&pair, Input::Wake).await?))
     }
 
     type EventsStream = ReceiverStream<Result<Event, Status>>;
@@ -108,9 +112,10 @@ impl Admin for AdminSvc {
         req: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
         let who = admin(&req)?;
-        let slot = take(&self.0.subscriptions, who, "event subscriptions")?;
+        let s = self.0.shared()?;
+        let slot = take(&s.subscriptions, who, "event subscriptions")?;
         let r = req.into_inner();
-        let engine = self.0.engine.clone();
+        let engine = s.engine.clone();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             let _slot = slot;
@@ -124,7 +129,8 @@ impl Admin for AdminSvc {
         req: Request<PairVersionsRequest>,
     ) -> Result<Response<VersionsReply>, Status> {
         admin(&req)?;
-        Ok(Response::new(self.0.versions(req.into_inner()).await?))
+        let s = self.0.shared()?;
+        Ok(Response::new(s.versions(req.into_inner()).await?))
     }
 
     async fn leadership(
@@ -132,12 +138,19 @@ impl Admin for AdminSvc {
         req: Request<LeadershipRequest>,
     ) -> Result<Response<LeadershipReply>, Status> {
         admin(&req)?;
-        let store = self.0.store.clone();
+        // A follower answers from the shared state; it serves no pairs.
+        let (store, pairs, follower) = match self.0.following_store() {
+            Some(store) => (store, 0, true),
+            None => {
+                let s = self.0.shared()?;
+                let pairs = u32::try_from(s.engine.metrics.pairs.get()).unwrap_or(0);
+                (s.store.clone(), pairs, false)
+            }
+        };
         let found = tokio::task::spawn_blocking(move || store.coordinators())
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(format!("asking etcd who leads: {e}")))?;
-        let pairs = u32::try_from(self.0.engine.metrics.pairs.get()).unwrap_or(0);
         let reply = match found {
             None => LeadershipReply {
                 store: StoreKind::File.into(),
@@ -151,6 +164,7 @@ impl Admin for AdminSvc {
                 members: c.members,
                 etcd_endpoints: c.endpoints,
                 pairs,
+                follower,
             },
         };
         Ok(Response::new(reply))
@@ -163,9 +177,10 @@ impl Admin for AdminSvc {
         req: Request<PairFetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
         let who = admin(&req)?;
+        let s = self.0.shared()?;
         let r = req.into_inner();
         tracing::info!(pair = %r.pair, admin = %who, path = %r.path, "restore from the standby's history");
-        Ok(Response::new(self.0.fetch(r).await?))
+        Ok(Response::new(s.fetch(r).await?))
     }
 }
 

@@ -26,7 +26,7 @@ impl Coordinator for CoordinatorSvc {
         };
         crate::trust::identity::check_name(&r.machine)
             .map_err(|e| Status::invalid_argument(format!("machine name: {e}")))?;
-        let s = &self.0;
+        let s = self.0.shared()?;
         let token = s.join_token(&r, role).await?;
         let id = Identity::node(&token.pair, role, &r.machine)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -55,9 +55,10 @@ impl Coordinator for CoordinatorSvc {
         req: Request<Streaming<AgentReport>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let peer = tls::peer_of(&req)?;
-        let slot = self.0.heartbeats.take(&peer.identity.to_string());
+        let s = self.0.shared()?;
+        let slot = s.heartbeats.take(&peer.identity.to_string());
         let observed = peer.addr.map(|a| a.ip());
-        heartbeat::open(self.0.clone(), peer, observed, req.into_inner(), slot).await
+        heartbeat::open(s, peer, observed, req.into_inner(), slot).await
     }
 }
 

@@ -29,7 +29,9 @@ pub struct ServeOptions {
     pub cpu_provider: String,
     pub policy: Policy,
     pub provision: crate::control::provider::ProvisionConfig,
-    /// The coordinator's address as new machines dial it ("" = the bound address).
+    /// The coordinator's address as agents and new machines dial it ("" = the bound address,
+    /// loopback when bound to all interfaces). With etcd it is the leader key's value: what
+    /// followers name as the leader.
     pub advertise: String,
     /// `local` provider: where the agent binaries are, and extra arguments for them.
     pub local_bin_dir: Option<PathBuf>,

@@ -85,7 +85,7 @@ fn providers(opts: &ServeOptions) -> anyhow::Result<Option<(DynProvider, DynProv
 
 /// The coordinator as new machines dial it: `--advertise`, else the bound address (loopback
 /// when bound to all interfaces).
-fn coordinator_url(opts: &ServeOptions, addr: SocketAddr) -> String {
+pub(super) fn coordinator_url(opts: &ServeOptions, addr: SocketAddr) -> String {
     if !opts.advertise.is_empty() {
         opts.advertise.clone()
     } else if addr.ip().is_unspecified() {

@@ -2,6 +2,7 @@
 //! an election), the engine, the status page and the gRPC server (ARCHITECTURE.md, "Highly
 //! available coordinators", "Readiness under systemd").
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,10 @@ use tonic::{Request, Status};
 
 #[cfg(feature = "etcd")]
 use super::leadership;
+#[cfg(feature = "etcd")]
+use super::provisioning::coordinator_url;
 use super::provisioning::provisioning;
+use super::seat::Seat;
 use super::{
     AdminSvc, CoordinatorSvc, HaOptions, MAX_MESSAGE, ServeOptions, Shared, server_tls, token_key,
 };
@@ -32,9 +36,9 @@ use crate::trust::tls::{self, TlsMaterial};
 pub const NO_ETCD: &str = "this coordinator was built without etcd support: build it with \
      `cargo build --release --features etcd` (needs protoc) for --store etcd";
 
-/// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/serve.addr`,
-/// `<dir>/metrics.addr` and (with a status page) `<dir>/status.addr`; tells systemd it is ready
-/// once they are bound.
+/// Runs the coordinator until `shutdown`. Writes the bound addresses to `<dir>/metrics.addr`,
+/// (with a status page) `<dir>/status.addr` and, once it leads, `<dir>/serve.addr`; tells
+/// systemd it is ready once it listens (a follower too: it answers, pointing to the leader).
 pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dir = &opts.dir;
     let ca = Ca::load(dir).with_context(|| {
@@ -49,11 +53,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> anyhow::R
     let exporter = export_metrics(&opts, metrics.clone(), &exporting).await?;
     let served = match opts.ha.clone() {
         None => match FileStore::open(&dir.join("state")) {
-            Ok(store) => {
-                // The only coordinator of its state leads, always.
-                metrics.leadership.leader.set(1);
-                serve_with(opts, ca, Arc::new(store), metrics, shutdown).await
-            }
+            Ok(store) => serve_alone(opts, ca, Arc::new(store), metrics, shutdown).await,
             Err(e) => Err(e.into()),
         },
         Some(ha) => serve_ha(opts, ca, ha, metrics, shutdown).await,
@@ -84,7 +84,53 @@ async fn export_metrics(
     )))
 }
 
-/// `serve` on etcd: follow until this coordinator leads, serve while it leads.
+/// The gRPC listener, bound, and the server's TLS material.
+struct Front {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    material: TlsMaterial,
+}
+
+impl Front {
+    async fn bind(opts: &ServeOptions, ca: &Ca) -> anyhow::Result<Front> {
+        let mut material = server_tls(&opts.dir, ca)?;
+        material.expired_grace = Some(renew_grace(opts.renew_grace));
+        let listener = bind(&opts.listen).await?;
+        let addr = listener.local_addr()?;
+        Ok(Front {
+            listener,
+            addr,
+            material,
+        })
+    }
+}
+
+/// `serve` on the file store: the only coordinator of its state leads, always.
+async fn serve_alone(
+    opts: ServeOptions,
+    ca: Ca,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    metrics.leadership.leader.set(1);
+    let front = Front::bind(&opts, &ca).await?;
+    let at = (&front.material, front.addr);
+    let led = lead(&opts, ca, store, &metrics, at, &shutdown).await?;
+    crate::systemd::ready_until(&shutdown);
+    let seat = Seat::leading(led.shared).await;
+    let Front {
+        listener, material, ..
+    } = front;
+    serve_grpc(listener, material, seat, public(&opts), shutdown).await?;
+    if let Some(p) = led.page {
+        let _ = p.await;
+    }
+    Ok(())
+}
+
+/// `serve` on etcd: listen at once as a follower (pointing clients to the leader), campaign
+/// until this coordinator leads, then serve everything while it leads.
 #[cfg(feature = "etcd")]
 async fn serve_ha(
     opts: ServeOptions,
@@ -93,30 +139,71 @@ async fn serve_ha(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let address = match opts.advertise.as_str() {
-        "" => opts.listen.replace("0.0.0.0:", "127.0.0.1:"),
-        a => a.to_string(),
-    };
-    let fingerprint = ca.fingerprint();
+    let store = leadership::connect(&ha, &ca.fingerprint(), &metrics).await?;
+    let front = Front::bind(&opts, &ca).await?;
+    // The leader key's value: what followers name to clients.
+    let address = coordinator_url(&opts, front.addr);
+    let seat = Seat::following(store.clone()).await;
+    let serving = shutdown.child_token();
+    let server = tokio::spawn(serve_grpc(
+        front.listener,
+        front.material.clone(),
+        seat.clone(),
+        public(&opts),
+        serving.clone(),
+    ));
+    tracing::info!(addr = %front.addr, advertise = %address, "following: answering with the leader's address");
+    crate::systemd::ready_until(&shutdown);
     let campaign = leadership::Campaign {
         ha: &ha,
         address: &address,
-        fingerprint: &fingerprint,
         metrics: &metrics,
+        seat: &seat,
     };
-    let Some(store) = leadership::follow(campaign, &shutdown).await? else {
-        return Ok(());
+    let won = leadership::follow(campaign, &store, &serving).await;
+    let led_at_all = matches!(won, Ok(true));
+    let led = match won {
+        Ok(true) => {
+            let at = (front.material, front.addr);
+            lead_on_etcd(&opts, ca, store, &metrics, at, &seat, &serving).await
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
     };
-    let serving = shutdown.child_token();
-    let watchdog = leadership::watch(store.clone(), metrics.clone(), serving.clone());
-    let served = serve_with(opts, ca, store, metrics, serving.clone()).await;
     serving.cancel();
-    let _ = watchdog.await;
-    served?;
-    if !shutdown.is_cancelled() {
+    let served = server.await;
+    led?;
+    served??;
+    if led_at_all && !shutdown.is_cancelled() {
         anyhow::bail!(
             "stepped down: the leader's lease was not renewed within its deadline (start again to follow)"
         );
+    }
+    Ok(())
+}
+
+/// Leads on etcd until `serving` ends: the engine starts, the seat turns to the leader's, and
+/// the watchdog ends `serving` once the leader's deadline passed.
+#[cfg(feature = "etcd")]
+async fn lead_on_etcd(
+    opts: &ServeOptions,
+    ca: Ca,
+    store: Arc<crate::control::store::etcd::EtcdStore>,
+    metrics: &Arc<Metrics>,
+    (material, addr): (TlsMaterial, SocketAddr),
+    seat: &Seat,
+    serving: &CancellationToken,
+) -> anyhow::Result<()> {
+    let watchdog = leadership::watch(store.clone(), metrics.clone(), serving.clone());
+    let led = lead(opts, ca, store, metrics, (&material, addr), serving).await;
+    if let Ok(l) = &led {
+        seat.lead(l.shared.clone()).await;
+        serving.cancelled().await;
+    }
+    serving.cancel();
+    let _ = watchdog.await;
+    if let Some(p) = led?.page {
+        let _ = p.await;
     }
     Ok(())
 }
@@ -133,46 +220,45 @@ async fn serve_ha(
     anyhow::bail!(NO_ETCD)
 }
 
-/// `serve` once the store is open (and, on etcd, this coordinator leads).
-async fn serve_with(
-    opts: ServeOptions,
+/// What a leader runs beside the gRPC server: the engine (in `shared`) and the status page.
+struct Led {
+    shared: Arc<Shared>,
+    page: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Starts leading on `store`: the engine loads the state (its detection timers start now, so
+/// silence before this moment is never counted), the status page starts, and `serve.addr` is
+/// written last.
+async fn lead(
+    opts: &ServeOptions,
     ca: Ca,
     store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+    metrics: &Arc<Metrics>,
+    (material, addr): (&TlsMaterial, SocketAddr),
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Led> {
     let dir = &opts.dir;
-    let mut material = server_tls(dir, &ca)?;
-    material.expired_grace = Some(renew_grace(opts.renew_grace));
     let token_key = token_key(dir)?;
-    // A directory made before backups existed gets its backup key now (ARCHITECTURE.md,
-    // "Off-site backup").
-    let backup_key = crate::trust::seal::BackupKey::load_or_create(dir)?;
-    tracing::info!(fingerprint = %backup_key.fingerprint(), "backup key");
-    let backup = match &opts.backup {
-        Some(plan) => Some((plan.target()?, backup_key)),
-        None => None,
-    };
+    let backup = backup(opts)?;
     let registry = Arc::new(Registry::load(store.clone(), material.deny.clone())?);
-    own_expiries(&metrics, &ca, &material, opts.cert_lifetime);
-    let listener = bind(&opts.listen).await?;
-    let addr = listener.local_addr()?;
+    own_expiries(metrics, &ca, material, opts.cert_lifetime);
     let mut policy = opts.policy.clone();
     policy.label_prefix = format!("sb-{}", &ca.fingerprint()[..8]);
-    let provisioning = provisioning(&opts, addr, &ca, &token_key)?;
+    let provisioning = provisioning(opts, addr, &ca, &token_key)?;
     policy.provider = provisioning.is_some();
     let origin = crate::control::notify::Origin::here(&policy.label_prefix);
-    let notifier = Notifier::start(opts.notify.clone(), origin, &metrics, &shutdown)?;
+    let notifier = Notifier::start(opts.notify.clone(), origin, metrics, shutdown)?;
+    let reporting = Reporting {
+        metrics: metrics.clone(),
+        notifier,
+    };
     let engine = Engine::start(
         store.clone(),
         opts.timing,
         policy,
         provisioning,
         registry.clone(),
-        Reporting {
-            metrics: metrics.clone(),
-            notifier,
-        },
+        reporting,
         shutdown.clone(),
     )?;
     let shared = Arc::new(Shared {
@@ -188,22 +274,32 @@ async fn serve_with(
         material: material.clone(),
         backup,
     });
-
-    let page = status_page(&opts, dir, &shared.engine, &shutdown).await?;
+    let page = status_page(opts, dir, &shared.engine, shutdown).await?;
     // Replaced atomically, `serve.addr` last (`metrics.addr` was written before): whoever
     // waits for it finds the others complete.
     crate::disk::crashsafe::write_atomic(&dir.join("serve.addr"), addr.to_string().as_bytes())?;
     tracing::info!(%addr, "coordinator serving");
-    crate::systemd::ready_until(&shutdown);
-    let public = Public {
+    Ok(Led { shared, page })
+}
+
+/// What CPU standbys are told of the off-site backup, and the key (ARCHITECTURE.md, "Off-site
+/// backup"). A directory made before backups existed gets its backup key now.
+fn backup(
+    opts: &ServeOptions,
+) -> anyhow::Result<Option<(crate::proto::BackupTarget, crate::trust::seal::BackupKey)>> {
+    let backup_key = crate::trust::seal::BackupKey::load_or_create(&opts.dir)?;
+    tracing::info!(fingerprint = %backup_key.fingerprint(), "backup key");
+    Ok(match &opts.backup {
+        Some(plan) => Some((plan.target()?, backup_key)),
+        None => None,
+    })
+}
+
+fn public(opts: &ServeOptions) -> Public {
+    Public {
         reflection: opts.reflection,
         health: opts.public_health,
-    };
-    serve_grpc(listener, &material, shared, public, shutdown).await?;
-    if let Some(p) = page {
-        let _ = p.await;
     }
-    Ok(())
 }
 
 /// Binds and starts the status page when asked for (`--status-listen`), writing its address to
@@ -281,18 +377,18 @@ struct Public {
     health: bool,
 }
 
-/// The gRPC server (coordinator, admin, health, and reflection when asked) until `shutdown`.
+/// The gRPC server (coordinator, admin, health, and reflection when asked) until `shutdown`,
+/// answering from `seat` (the leader's state, or a follower's refusals).
 async fn serve_grpc(
     listener: tokio::net::TcpListener,
-    material: &TlsMaterial,
-    shared: Arc<Shared>,
+    material: TlsMaterial,
+    seat: Seat,
     public: Public,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CoordinatorServer<CoordinatorSvc>>()
-        .await;
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(seat.health()),
+    );
     let reflection = match public.reflection {
         true => Some(
             tonic_reflection::server::Builder::configure()
@@ -312,10 +408,10 @@ async fn serve_grpc(
         .add_optional_service(checked_health)
         .add_optional_service(reflection)
         .add_service(
-            CoordinatorServer::new(CoordinatorSvc(shared.clone()))
+            CoordinatorServer::new(CoordinatorSvc(seat.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
         )
-        .add_service(AdminServer::new(AdminSvc(shared)).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(AdminServer::new(AdminSvc(seat)).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     Ok(())
