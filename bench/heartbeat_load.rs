@@ -4,6 +4,16 @@
 //! `cargo bench --bench heartbeat_load` (release). `STANDBY_LOAD_AGENTS` (default 10000, half GPU
 //! and half CPU agents of as many pairs), `STANDBY_LOAD_SECS` (measurement window, default 30).
 //! Reports the coordinator's CPU (cores) and memory (RSS, peak) while all agents heartbeat.
+//!
+//! `STANDBY_LOAD_STORE=etcd` (a build with `--features etcd`): the coordinator keeps its state in
+//! a real three-member etcd cluster on loopback (`serve --store etcd`, leading alone), and the
+//! window also reports etcd's writes, from the members' own `/metrics`: `etcd_mvcc_put_total`,
+//! `etcd_mvcc_delete_total` and `etcd_mvcc_txn_total` (key writes, applied on every member, read
+//! from the first), `etcd_server_proposals_committed_total` (every raft proposal: writes and
+//! lease renewals), the store's revision (one per write transaction), and the members' CPU.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -79,15 +89,18 @@ fn main() {
         .status()
         .unwrap();
     assert!(st.success());
+    let store = Store::from_env();
     let mut coord = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(["serve", "--dir"])
         .arg(&dir)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(store.args())
         .env("STANDBY_LOG", "warn")
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    while !dir.join("metrics.addr").exists() {
+    // Written last, once it serves (on etcd: once it leads).
+    while !dir.join("serve.addr").exists() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let addr = std::fs::read_to_string(dir.join("serve.addr")).unwrap();
@@ -129,10 +142,12 @@ fn main() {
         let pid = coord.id();
         let hb0 = metric(&maddr, "standby_heartbeats_total");
         let (cpu0, _, _) = usage(pid);
+        let etcd0 = store.sample();
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(secs)).await;
         let (cpu1, rss, peak) = usage(pid);
         let hb1 = metric(&maddr, "standby_heartbeats_total");
+        let etcd1 = store.sample();
         let wall = t0.elapsed().as_secs_f64();
         let conn = metric(&maddr, "standby_agents_connected");
         println!();
@@ -150,10 +165,116 @@ fn main() {
         println!(
             "(measured over {wall:.0} s on this machine; the load generator shares its cores)"
         );
+        if let (Some(a), Some(b)) = (etcd0, etcd1) {
+            etcd_report(&a, &b, wall);
+        }
     });
     let _ = coord.kill();
     let _ = coord.wait();
     drop(rt);
+}
+
+/// Where the coordinator keeps its state: `STANDBY_LOAD_STORE` = `file` (default) or `etcd`.
+enum Store {
+    File,
+    #[cfg(feature = "etcd")]
+    Etcd(common::etcd::Cluster),
+}
+
+impl Store {
+    fn from_env() -> Store {
+        match std::env::var("STANDBY_LOAD_STORE").as_deref() {
+            Err(_) | Ok("") | Ok("file") => Store::File,
+            #[cfg(feature = "etcd")]
+            Ok("etcd") => {
+                let c = common::etcd::Cluster::start(3).expect("etcd is not installed");
+                Store::Etcd(c)
+            }
+            Ok(other) => panic!(
+                "STANDBY_LOAD_STORE={other:?}: `file`, or `etcd` in a build with --features etcd"
+            ),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Store::File => Vec::new(),
+            #[cfg(feature = "etcd")]
+            Store::Etcd(c) => vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd".into(),
+                c.endpoints().join(","),
+            ],
+        }
+    }
+
+    /// etcd's counters now (None with the file store).
+    fn sample(&self) -> Option<EtcdSample> {
+        match self {
+            Store::File => None,
+            #[cfg(feature = "etcd")]
+            Store::Etcd(c) => {
+                let m0 = c.members[0]
+                    .client
+                    .trim_start_matches("http://")
+                    .to_string();
+                let cpu = c
+                    .members
+                    .iter()
+                    .filter_map(|m| m.pid())
+                    .map(|p| usage(p).0)
+                    .sum();
+                Some(EtcdSample {
+                    puts: metric(&m0, "etcd_mvcc_put_total"),
+                    deletes: metric(&m0, "etcd_mvcc_delete_total"),
+                    txns: metric(&m0, "etcd_mvcc_txn_total"),
+                    proposals: metric(&m0, "etcd_server_proposals_committed_total"),
+                    revision: c.revision(),
+                    cpu,
+                })
+            }
+        }
+    }
+}
+
+/// etcd's counters at one moment.
+struct EtcdSample {
+    puts: f64,
+    deletes: f64,
+    txns: f64,
+    proposals: f64,
+    revision: i64,
+    /// CPU seconds of the three members together.
+    cpu: f64,
+}
+
+fn etcd_report(a: &EtcdSample, b: &EtcdSample, wall: f64) {
+    let rate = |x: f64, y: f64| (y - x) / wall;
+    println!();
+    println!("etcd (3 members on this machine) over the same window:");
+    println!();
+    println!(
+        "| puts/s | deletes/s | txns/s | revisions/s | raft proposals/s | etcd CPU (3 members) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} cores |",
+        rate(a.puts, b.puts),
+        rate(a.deletes, b.deletes),
+        rate(a.txns, b.txns),
+        rate(a.revision as f64, b.revision as f64),
+        rate(a.proposals, b.proposals),
+        rate(a.cpu, b.cpu),
+    );
+    println!(
+        "(totals in the window: {} puts, {} deletes, {} txns, {} revisions, {} proposals)",
+        b.puts - a.puts,
+        b.deletes - a.deletes,
+        b.txns - a.txns,
+        b.revision - a.revision,
+        b.proposals - a.proposals
+    );
 }
 
 fn issue(dir: &Path, agents: usize) -> Vec<TlsMaterial> {

@@ -1,7 +1,8 @@
 //! Support for end-to-end tests: certificates ([`pki`]), the real binaries as processes
 //! ([`processes`]), seeded trees and exact snapshots ([`trees`]), the test clouds ([`cloud`],
 //! [`fake_gce`], [`fake_vast`]), the `local` provider ([`local`]), network faults ([`netns`]),
-//! whole sites ([`site`]) and etcd clusters ([`etcd`]).
+//! whole sites ([`site`]), etcd clusters ([`etcd`]) and highly available coordinators on them
+//! ([`ha`]).
 //! Everything is re-exported here, so a test says `use common::*`.
 #![allow(dead_code)]
 
@@ -15,6 +16,9 @@ pub mod etcd;
 pub mod fake_gce;
 #[allow(dead_code)]
 pub mod fake_vast;
+#[allow(dead_code)]
+#[cfg(feature = "etcd")]
+pub mod ha;
 mod local;
 pub mod netns;
 mod pki;
