@@ -160,10 +160,25 @@ fn a_failover_completes_under_the_new_leader() {
     );
     assert_eq!(seen["epoch"].as_u64(), Some(before + 1), "{seen}");
     assert_eq!(seen["primary"], "cpu", "{seen}");
-    let durable = standby::disk::epoch::EpochStore::open(&cpu.state)
-        .unwrap()
-        .get();
-    assert_eq!(durable.0, before + 1, "the CPU's durable epoch");
+    // The transition is persisted before the promote command goes out: the CPU's epoch follows.
+    let mut durable = 0;
+    let promoted = wait_until(Duration::from_secs(10), || {
+        durable = standby::disk::epoch::EpochStore::open(&cpu.state)
+            .unwrap()
+            .get()
+            .0;
+        durable == before + 1
+    });
+    assert!(
+        promoted,
+        "the CPU's durable epoch is {durable}, not {}:\n{}",
+        before + 1,
+        site.logs()
+    );
+    eprintln!(
+        "the CPU held the new epoch {:?} after the kills",
+        killed.elapsed()
+    );
     // One failover, one epoch: nothing moves on afterwards.
     std::thread::sleep(Duration::from_secs(4));
     let after = site.pairs(next)[0].clone();

@@ -65,6 +65,11 @@ pub(super) async fn follow(
             Ok(Attempt::Won(term)) => {
                 tracing::info!(term, "won the election: leading");
                 c.metrics.leadership.changed(LeadershipChange::Won, term);
+                // Until the engine has loaded the state, callers are told to come back here.
+                c.seat.follows(Pointer {
+                    address: c.address.to_string(),
+                    term,
+                });
                 return Ok(true);
             }
             Ok(Attempt::Held(l)) if following.as_ref() != Some(&l) => {

@@ -78,7 +78,8 @@ impl Seat {
         self.health.clone()
     }
 
-    /// A follower saw `leader` lead (a leader ignores it).
+    /// A follower saw `leader` lead, or (its own address) won and is loading the state; a
+    /// leader ignores it.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn follows(&self, leader: Pointer) {
         let mut s = self.standing.write().expect("seat lock");
@@ -122,7 +123,7 @@ pub fn refusal(leader: &Pointer) -> Status {
         );
     }
     let mut s = Status::unavailable(format!(
-        "this coordinator follows; the leader is {} (term {}): call it there",
+        "this coordinator does not serve as the leader (yet); the leader is {} (term {}): call it there",
         leader.address, leader.term
     ));
     if let Ok(v) = MetadataValue::try_from(leader.address.as_str()) {

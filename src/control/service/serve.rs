@@ -117,6 +117,7 @@ async fn serve_alone(
     let front = Front::bind(&opts, &ca).await?;
     let at = (&front.material, front.addr);
     let led = lead(&opts, ca, store, &metrics, at, &shutdown).await?;
+    announce(&opts.dir, front.addr)?;
     crate::systemd::ready_until(&shutdown);
     let seat = Seat::leading(led.shared).await;
     let Front {
@@ -195,10 +196,13 @@ async fn lead_on_etcd(
     serving: &CancellationToken,
 ) -> anyhow::Result<()> {
     let watchdog = leadership::watch(store.clone(), metrics.clone(), serving.clone());
-    let led = lead(opts, ca, store, metrics, (&material, addr), serving).await;
+    let mut led = lead(opts, ca, store, metrics, (&material, addr), serving).await;
     if let Ok(l) = &led {
         seat.lead(l.shared.clone()).await;
-        serving.cancelled().await;
+        match announce(&opts.dir, addr) {
+            Ok(()) => serving.cancelled().await,
+            Err(e) => led = Err(e),
+        }
     }
     serving.cancel();
     let _ = watchdog.await;
@@ -227,8 +231,7 @@ struct Led {
 }
 
 /// Starts leading on `store`: the engine loads the state (its detection timers start now, so
-/// silence before this moment is never counted), the status page starts, and `serve.addr` is
-/// written last.
+/// silence before this moment is never counted) and the status page starts.
 async fn lead(
     opts: &ServeOptions,
     ca: Ca,
@@ -275,11 +278,16 @@ async fn lead(
         backup,
     });
     let page = status_page(opts, dir, &shared.engine, shutdown).await?;
-    // Replaced atomically, `serve.addr` last (`metrics.addr` was written before): whoever
-    // waits for it finds the others complete.
+    Ok(Led { shared, page })
+}
+
+/// Writes `serve.addr` once this coordinator serves as the leader: replaced atomically, last
+/// (`metrics.addr` and `status.addr` were written before), so whoever waits for it finds the
+/// others complete.
+fn announce(dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {
     crate::disk::crashsafe::write_atomic(&dir.join("serve.addr"), addr.to_string().as_bytes())?;
     tracing::info!(%addr, "coordinator serving");
-    Ok(Led { shared, page })
+    Ok(())
 }
 
 /// What CPU standbys are told of the off-site backup, and the key (ARCHITECTURE.md, "Off-site
