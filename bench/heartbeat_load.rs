@@ -4,6 +4,9 @@
 //! `cargo bench --bench heartbeat_load` (release). `STANDBY_LOAD_AGENTS` (default 10000, half GPU
 //! and half CPU agents of as many pairs), `STANDBY_LOAD_SECS` (measurement window, default 30).
 //! Reports the coordinator's CPU (cores) and memory (RSS, peak) while all agents heartbeat.
+//! Each agent connects from a loopback address of its own (`127.1.x.y`): the coordinator allows
+//! 64 connections per source address (`cli::defaults::CONNECTIONS_PER_ADDRESS`), as it would see
+//! a fleet of machines.
 //!
 //! `STANDBY_LOAD_STORE=etcd` (a build with `--features etcd`): the coordinator keeps its state in
 //! a real three-member etcd cluster on loopback (`serve --store etcd`, leading alone), and the
@@ -277,6 +280,68 @@ fn etcd_report(a: &EtcdSample, b: &EtcdSample, wall: f64) {
     );
 }
 
+/// Agent `i`'s own loopback source address (all of 127.0.0.0/8 reaches `lo`).
+fn source(i: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8).into()
+}
+
+/// `tls::connect`, from the source address `src`.
+async fn connect_from(
+    addr: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    src: std::net::IpAddr,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let uri = tls::endpoint_uri(addr)?;
+    Ok(tls::endpoint(uri)
+        .connect_with_connector(From { cfg, src })
+        .await?)
+}
+
+/// A TLS connector whose TCP connection leaves from `src`.
+#[derive(Clone)]
+struct From {
+    cfg: Arc<rustls::ClientConfig>,
+    src: std::net::IpAddr,
+}
+
+type Conn = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower::Service<tonic::transport::Uri> for From {
+    type Response = Conn;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = std::io::Result<Conn>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::transport::Uri) -> Self::Future {
+        let (cfg, src) = (self.cfg.clone(), self.src);
+        Box::pin(async move {
+            let bad =
+                |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
+            let host: std::net::IpAddr = uri
+                .host()
+                .ok_or_else(|| bad("no host"))?
+                .parse()
+                .map_err(|_| bad("the coordinator's address must be an IP address"))?;
+            let port = uri.port_u16().ok_or_else(|| bad("no port"))?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((src, 0).into())?;
+            let tcp = socket.connect((host, port).into()).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls_pki_types::ServerName::try_from("standby.peer").expect("static name");
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
 fn issue(dir: &Path, agents: usize) -> Vec<TlsMaterial> {
     let ca = standby::trust::pki::Ca::load(dir).unwrap();
     (0..agents)
@@ -308,7 +373,7 @@ async fn agent(
     let mut counted = false;
     loop {
         let r: anyhow::Result<()> = async {
-            let ch = tls::connect(&addr, cfg.clone()).await?;
+            let ch = connect_from(&addr, cfg.clone(), source(i)).await?;
             let (tx, rx) = tokio::sync::mpsc::channel::<AgentReport>(4);
             let mut inbound = CoordinatorClient::new(ch).heartbeat(ReceiverStream::new(rx)).await?.into_inner();
             if !counted {

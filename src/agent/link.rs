@@ -60,9 +60,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_HOPS: u32 = 2;
 
 /// Runs the link until `shutdown`, sending every command received to `commands`. The backoff
-/// between attempts doubles from 100 ms up to 2 s, with 0–30 % jitter; it starts again from
-/// 100 ms after a stream that was open breaks, and a leader a follower named is tried after
-/// 100 ms.
+/// between rounds of the list doubles from 100 ms up to 2 s, with 0–30 % jitter; it starts
+/// again from 100 ms after a stream that was open breaks. Within a round, and to a leader a
+/// follower named, the next attempt follows after 100 ms ([`Dial`]).
 pub async fn run(
     opts: LinkOptions,
     report: ReportFn,
@@ -170,7 +170,10 @@ impl Dial {
 
     /// `url` failed with `e`. A follower's refusal that names another leader sends the link
     /// there at once, unless followers keep naming one another (an election under way): then
-    /// at the backoff's pace. Any other failure moves on to the list's next address.
+    /// at the backoff's pace. Any other failure moves on to the list's next address: at once
+    /// (100 ms) within a round of the list, after the backoff once the whole list failed (as
+    /// gRPC's own reconnection does), so a coordinator that is down costs no backoff while
+    /// another on the list answers.
     fn failed(&mut self, url: &str, e: &anyhow::Error) -> Next {
         let leader = e
             .downcast_ref::<tonic::Status>()
@@ -186,6 +189,9 @@ impl Dial {
             None => {
                 self.hops = 0;
                 self.at += 1;
+                if !self.at.is_multiple_of(self.urls.len()) {
+                    return Next::After(FIRST_BACKOFF);
+                }
             }
         }
         let wait = self.backoff;
@@ -304,13 +310,19 @@ mod tests {
         let named = d.failed("a:1", &refused_by_follower("c:1"));
         assert_eq!(named, Next::Named("c:1".into()));
         assert_eq!(d.next(), "c:1");
-        // The named leader does not answer either: the list's next address, with the backoff.
+        // The named leader does not answer either: the list's next address, at once.
         let next = d.failed("c:1", &anyhow::anyhow!("connection refused"));
         assert_eq!(next, Next::After(FIRST_BACKOFF));
         assert_eq!(d.next(), "b:1");
         let next = d.failed("b:1", &anyhow::anyhow!("connection refused"));
-        assert_eq!(next, Next::After(FIRST_BACKOFF * 2));
+        assert_eq!(next, Next::After(FIRST_BACKOFF));
         assert_eq!(d.next(), "c:1");
+        // The round ends: the backoff.
+        let next = d.failed("c:1", &anyhow::anyhow!("connection refused"));
+        assert_eq!(next, Next::After(FIRST_BACKOFF));
+        assert_eq!(d.next(), "a:1");
+        let next = d.failed("a:1", &anyhow::anyhow!("connection refused"));
+        assert_eq!(next, Next::After(FIRST_BACKOFF));
     }
 
     #[test]
@@ -351,22 +363,37 @@ mod tests {
     }
 
     #[test]
-    fn the_backoff_doubles_up_to_two_seconds_and_restarts_after_an_open_stream() {
+    fn the_backoff_doubles_per_round_up_to_two_seconds_and_restarts_after_an_open_stream() {
         let mut d = dial();
         let mut waits = Vec::new();
-        for _ in 0..7 {
+        for _ in 0..21 {
             let url = d.next();
             match d.failed(&url, &anyhow::anyhow!("refused")) {
                 Next::After(w) => waits.push(w.as_millis()),
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000]);
+        // Three addresses: two at once, then the round's backoff.
+        let rounds: Vec<u128> = waits.chunks(3).map(|r| r[2]).collect();
+        assert!(
+            waits.chunks(3).all(|r| r[0] == 100 && r[1] == 100),
+            "{waits:?}"
+        );
+        assert_eq!(rounds, [100, 200, 400, 800, 1600, 2000, 2000]);
         d.opened();
         let url = d.next();
         assert_eq!(
             d.failed(&url, &anyhow::anyhow!("refused")),
             Next::After(FIRST_BACKOFF)
+        );
+        // One address: every failure ends a round.
+        let mut one = Dial::new(addresses("a:1"));
+        let waits: Vec<Next> = (0..3)
+            .map(|_| one.failed("a:1", &anyhow::anyhow!("refused")))
+            .collect();
+        assert_eq!(
+            waits,
+            [100, 200, 400].map(|ms| Next::After(Duration::from_millis(ms)))
         );
     }
 }
