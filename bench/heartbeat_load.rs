@@ -56,10 +56,23 @@ fn usage(pid: u32) -> (f64, u64, u64) {
     (cpu, kib("VmRSS:"), kib("VmHWM:"))
 }
 
-fn metric(addr: &str, name: &str) -> f64 {
+/// `standby_pair_transitions_total` by its labels.
+fn transitions(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let name = "standby_pair_transitions_total{";
+    scrape(addr)
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| {
+            let (labels, value) = l[name.len() - 1..].rsplit_once(' ')?;
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0.0;
+        return String::new();
     };
     let _ = write!(
         s,
@@ -67,7 +80,12 @@ fn metric(addr: &str, name: &str) -> f64 {
     );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.lines()
+    out
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    scrape(addr)
+        .lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
@@ -118,6 +136,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let before = store.sample();
     let connected = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -138,19 +157,45 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         println!(
-            "{agents} agents connected in {:.1} s; settling ...",
+            "{agents} agents connected in {:.1} s; waiting for the coordinator to take them all ...",
             start.elapsed().as_secs_f64()
         );
+        // Each pair's first agent creates it (a write), its second makes it Syncing (another):
+        // the window starts once the coordinator has every agent on its books.
+        while metric(&maddr, "standby_agents_connected") < agents as f64 {
+            assert!(
+                start.elapsed() < Duration::from_secs(900),
+                "the coordinator took only {} agents",
+                metric(&maddr, "standby_agents_connected")
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let warm = tokio::task::block_in_place(|| store.sample());
+        println!(
+            "the coordinator had all {agents} agents {:.1} s after the first connected",
+            start.elapsed().as_secs_f64()
+        );
+        if let (Some(a), Some(b)) = (&before, &warm) {
+            println!(
+                "etcd until then: {} puts, {} txns, {} revisions",
+                b.puts - a.puts,
+                b.txns - a.txns,
+                b.revision - a.revision
+            );
+        }
+        println!("settling ...");
         tokio::time::sleep(Duration::from_secs(5)).await;
         let pid = coord.id();
         let hb0 = metric(&maddr, "standby_heartbeats_total");
+        let tr0 = transitions(&maddr);
         let (cpu0, _, _) = usage(pid);
-        let etcd0 = store.sample();
+        let etcd0 = tokio::task::block_in_place(|| store.sample());
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(secs)).await;
         let (cpu1, rss, peak) = usage(pid);
         let hb1 = metric(&maddr, "standby_heartbeats_total");
-        let etcd1 = store.sample();
+        let tr1 = transitions(&maddr);
+        let etcd1 = tokio::task::block_in_place(|| store.sample());
         let wall = t0.elapsed().as_secs_f64();
         let conn = metric(&maddr, "standby_agents_connected");
         println!();
@@ -168,8 +213,21 @@ fn main() {
         println!(
             "(measured over {wall:.0} s on this machine; the load generator shares its cores)"
         );
+        let mut moved: Vec<(String, f64)> = tr1
+            .iter()
+            .map(|(k, v)| (k.clone(), v - tr0.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, d)| *d > 0.0)
+            .collect();
+        moved.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("pair state transitions in the window: {moved:?}");
         if let (Some(a), Some(b)) = (etcd0, etcd1) {
             etcd_report(&a, &b, wall);
+            let keys = tokio::task::block_in_place(|| store.written_since(a.revision));
+            let shown: Vec<&str> = keys.iter().take(3).map(|(k, _)| k.as_str()).collect();
+            println!(
+                "keys written in the window: {} distinct, e.g. {shown:?}",
+                keys.len()
+            );
         }
     });
     let _ = coord.kill();
@@ -209,6 +267,18 @@ impl Store {
                 "--etcd".into(),
                 c.endpoints().join(","),
             ],
+        }
+    }
+
+    /// The keys written after revision `since` (none with the file store).
+    fn written_since(&self, since: i64) -> Vec<(String, i64)> {
+        match self {
+            Store::File => {
+                let _ = since;
+                Vec::new()
+            }
+            #[cfg(feature = "etcd")]
+            Store::Etcd(c) => c.written_since(since),
         }
     }
 
