@@ -146,13 +146,20 @@ async fn serve_ha(
     let address = coordinator_url(&opts, front.addr);
     let seat = Seat::following(store.clone()).await;
     let serving = shutdown.child_token();
-    let server = tokio::spawn(serve_grpc(
+    let grpc = serve_grpc(
         front.listener,
         front.material.clone(),
         seat.clone(),
         public(&opts),
         serving.clone(),
-    ));
+    );
+    // A server that ends (an error) ends the campaign too: never lead without listening.
+    let ended = serving.clone();
+    let server = tokio::spawn(async move {
+        let r = grpc.await;
+        ended.cancel();
+        r
+    });
     tracing::info!(addr = %front.addr, advertise = %address, "following: answering with the leader's address");
     crate::systemd::ready_until(&shutdown);
     let campaign = leadership::Campaign {
