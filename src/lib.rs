@@ -111,6 +111,21 @@ pub mod proto {
         tonic::include_proto!("standby.v1.history");
     }
 
+    /// The metadata key in which a follower coordinator names the leader (its advertised
+    /// `host:port`) when it refuses a call (ARCHITECTURE.md, "Highly available coordinators").
+    pub const LEADER_METADATA: &str = "standby-leader";
+
+    /// The leader a follower's refusal names, if it names one.
+    pub fn leader_named(status: &tonic::Status) -> Option<String> {
+        let value = status
+            .metadata()
+            .get(LEADER_METADATA)?
+            .to_str()
+            .ok()?
+            .trim();
+        (!value.is_empty()).then(|| value.to_string())
+    }
+
     /// The encoded descriptor set, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("standby_descriptor");

@@ -1,47 +1,15 @@
 //! Highly available coordinators (ARCHITECTURE.md, "Highly available coordinators"): three
 //! coordinators on a real three-member etcd on loopback, one leading; agents given all three
-//! addresses. Without an `etcd` binary the tests skip (with a printed reason) unless `CI=true`.
+//! addresses (`common::ha`). Without an `etcd` binary the tests skip (with a printed reason) unless `CI=true`.
 
 mod common;
 
-use std::path::Path;
+use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::ha::Group;
+use common::ha::*;
 use common::*;
-
-/// A pair joined by hand through the leader `at` (agents given all three addresses), Syncing
-/// with its tree flushed to the CPU. Returns (cpu, gpu).
-fn joined_pair(site: &Group, at: usize, root: &Path) -> (Managed, Managed) {
-    let coords = site.addresses();
-    let token = |role: &str| join_token(&site.members[at].dir, "p", role, "10m");
-    let ws = root.join("gpu-ws");
-    make_tree(&ws, &mut rng(seed("ha")), 20, &[1 << 20]);
-    let cpu = Managed::cpu(
-        &coords,
-        Some(&token("cpu")),
-        &root.join("cpu-ws"),
-        &root.join("cpu-state"),
-        &[],
-    );
-    let gpu = Managed::gpu(
-        &coords,
-        Some(&token("gpu")),
-        &ws,
-        &root.join("gpu-state"),
-        &["--debounce", "100ms"],
-        &[],
-    );
-    let ok = wait_until(Duration::from_secs(60), || {
-        site.pairs(at)
-            .iter()
-            .any(|p| p["pair"] == "p" && p["state"] == "Syncing")
-            && flush(&gpu.state, "20s").status.success()
-    });
-    assert!(ok, "{}", site.logs());
-    (cpu, gpu)
-}
 
 /// kill -9 of the leader: a follower leads within the lease's TTL and a little, the pair's
 /// state (epoch, machines) is what the old leader wrote, both agents heartbeat to the new
@@ -192,7 +160,7 @@ fn a_failover_completes_under_the_new_leader() {
     );
     assert_eq!(seen["epoch"].as_u64(), Some(before + 1), "{seen}");
     assert_eq!(seen["primary"], "cpu", "{seen}");
-    // The record is persisted before the CPU is told: its durable epoch follows shortly.
+    // The transition is persisted before the promote command goes out: the CPU's epoch follows.
     let mut durable = 0;
     let promoted = wait_until(Duration::from_secs(10), || {
         durable = standby::disk::epoch::EpochStore::open(&cpu.state)
@@ -203,8 +171,13 @@ fn a_failover_completes_under_the_new_leader() {
     });
     assert!(
         promoted,
-        "the CPU's durable epoch is {durable}\n{}",
+        "the CPU's durable epoch is {durable}, not {}:\n{}",
+        before + 1,
         site.logs()
+    );
+    eprintln!(
+        "the CPU held the new epoch {:?} after the kills",
+        killed.elapsed()
     );
     // One failover, one epoch: nothing moves on afterwards.
     std::thread::sleep(Duration::from_secs(4));
@@ -241,6 +214,7 @@ fn one_etcd_member_lost_changes_nothing() {
     let want = serde_json::json!({
         "store": "etcd",
         "answered_by": site.members[first].listen,
+        "follower": false,
         "leader": site.members[first].listen,
         "term": term,
         "members": all,
@@ -291,8 +265,8 @@ fn one_etcd_member_lost_changes_nothing() {
     assert_eq!(after["members"], want["members"], "{after}");
     assert_eq!(after["pairs"], 1, "{after}");
     assert!(site.pairs(first).iter().any(|p| p["pair"] == "q"));
-    // `--server` with all three addresses, the leader's last: the first that answers is used,
-    // and only the leader listens.
+    // `--server` with all three addresses, the leader's last: `status` is answered by the
+    // first (a follower, which names the leader); `pairs` goes on to the leader it names.
     let mut all = site
         .addresses()
         .split(',')
@@ -300,18 +274,31 @@ fn one_etcd_member_lost_changes_nothing() {
         .collect::<Vec<_>>();
     all.retain(|a| *a != site.members[first].listen);
     all.push(site.members[first].listen.clone());
-    let out = Command::new(COORDINATOR)
-        .args(["status", "--json", "--server", &all.join(","), "--tls-dir"])
-        .arg(site.members[first].dir.join("admin"))
-        .output()
-        .unwrap();
+    let via_all = |verb: &[&str]| {
+        let out = Command::new(COORDINATOR)
+            .args(verb)
+            .args(["--json", "--server", &all.join(","), "--tls-dir"])
+            .arg(site.members[first].dir.join("admin"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let via = via_all(&["status"]);
+    assert_eq!(via["answered_by"].as_str(), Some(all[0].as_str()), "{via}");
+    assert_eq!(via["follower"], true, "{via}");
+    assert_eq!(via["leader"], want["leader"], "{via}");
+    assert_eq!(via["term"].as_u64(), Some(term), "{via}");
+    assert_eq!(via["pairs"], serde_json::Value::Null, "{via}");
+    let pairs = via_all(&["pairs"]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        pairs.as_array().unwrap().iter().any(|p| p["pair"] == "q"),
+        "{pairs}"
     );
-    let via: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(via["answered_by"], want["leader"], "{via}");
     let m = site.metrics(first);
     assert!(
         m.contains("standby_coordinator_leadership_changes_total{change=\"stepped_down\"} 0"),
@@ -321,4 +308,93 @@ fn one_etcd_member_lost_changes_nothing() {
         !m.contains("standby_etcd_request_duration_seconds_count 0"),
         "{m}"
     );
+}
+
+/// Followers listen and point to the leader: agents given only a follower's address join and
+/// heartbeat to the leader; `coordinator status --server FOLLOWER` names the leader, and an admin
+/// verb through a follower reaches the leader. When that leader is killed, the agents (still knowing one follower only)
+/// come to the next leader without a failover: the hand-over's missed heartbeats do not count.
+#[test]
+fn followers_point_agents_and_admins_to_the_leader() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(mut site) = Group::start(d.path()) else {
+        return;
+    };
+    let first = site.leader(Duration::from_secs(30));
+    let follower = (first + 1) % 3;
+    let other = (first + 2) % 3;
+    let leader_at = site.members[first].listen.clone();
+    // A follower names the leader once it has seen the election.
+    let mut st = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(10), || {
+        st = site.status(follower);
+        st["leader"] == leader_at.as_str()
+    });
+    assert!(ok, "{st}\n{}", site.logs());
+    assert_eq!(st["follower"], true, "{st}");
+    assert_eq!(
+        st["answered_by"],
+        site.members[follower].listen.as_str(),
+        "{st}"
+    );
+    assert_eq!(st["store"], "etcd", "{st}");
+    assert_eq!(st["pairs"], serde_json::Value::Null, "{st}");
+    let text = site.admin(follower, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "leader    {leader_at} (answered by {}, a follower)",
+            site.members[follower].listen
+        )),
+        "{text}"
+    );
+
+    // Agents given one follower's address only.
+    let coords = site.members[follower].listen.clone();
+    let (cpu, gpu) = joined_pair_via(&site, first, &coords, d.path());
+    // ... reached the leader (it serves the pair) through the follower's pointer.
+    for agent in [&cpu, &gpu] {
+        let log = fs::read_to_string(&agent.log).unwrap_or_default();
+        assert!(log.contains("a follower named the leader"), "{log}");
+    }
+    // An admin verb through the follower reaches the leader.
+    let listed = site.pairs(follower);
+    assert!(listed.iter().any(|p| p["pair"] == "p"), "{listed:?}");
+    let before = site.pairs(first)[0].clone();
+
+    // The leader goes: the agents, still given the one follower, come to the next leader.
+    let killed = Instant::now();
+    site.members[first].proc.take(); // kill -9
+    let next = site.leader(Duration::from_secs(20));
+    assert!(next == follower || next == other);
+    let ok = wait_until(Duration::from_secs(30), || {
+        site.pairs(next).iter().any(|p| {
+            p["pair"] == "p"
+                && p["gpu"]["last_heartbeat_ms"]
+                    .as_u64()
+                    .is_some_and(|ms| ms < 2000)
+                && p["cpu"]["last_heartbeat_ms"]
+                    .as_u64()
+                    .is_some_and(|ms| ms < 2000)
+        })
+    });
+    assert!(
+        ok,
+        "the agents did not come to the new leader:\n{}",
+        site.logs()
+    );
+    eprintln!(
+        "leader {first} killed; both agents heartbeat to leader {next} after {:?}",
+        killed.elapsed()
+    );
+    // No failover because of the hand-over (3 s failover delay, 4 s lease: the agents were
+    // silent to every leader for longer than the delay).
+    std::thread::sleep(Duration::from_secs(4));
+    let after = site.pairs(next)[0].clone();
+    assert_eq!(after["state"], "Syncing", "{after}");
+    assert_eq!(
+        after["epoch"], before["epoch"],
+        "failed over during the hand-over"
+    );
+    assert!(flush(&gpu.state, "20s").status.success());
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::etcd::{Cluster, enter_netns};
-use common::ha::{Group, Placement};
+use common::ha::{Group, Placement, Tuning};
 use common::netns::Lan;
 use common::site::{Agent, Coordinators, primaries};
 use common::*;
@@ -59,7 +59,7 @@ fn rig(subnet: u8) -> Option<Rig> {
     let group = Group::on(
         t.path(),
         etcd,
-        "4s",
+        Tuning::TESTS,
         &["--provider", "none"],
         Placement::Namespaces(place),
     );

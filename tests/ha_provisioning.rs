@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Cluster;
 use common::fake_vast::{self, Faults, Held, Hold, VastState};
-use common::ha::{Group, Placement};
+use common::ha::{Group, Placement, Tuning};
 use common::site::primaries;
 use common::*;
 use rand::RngExt;
@@ -113,7 +113,7 @@ fn rig(t: &Path, seed: u64) -> Option<Rig> {
         "--config",
         toml.to_str().unwrap(),
     ];
-    let group = Group::on(t, etcd, "4s", &extra, Placement::Loopback);
+    let group = Group::on(t, etcd, Tuning::TESTS, &extra, Placement::Loopback);
     let leader = group.leader(Duration::from_secs(30));
     let source = t.join("gpu-ws");
     // Two 4 MiB files: the restore at 1 MB/s takes about 8 s, long enough to kill in.

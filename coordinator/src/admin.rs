@@ -22,12 +22,40 @@ async fn client(r: &Remote) -> anyhow::Result<AdminClient<Channel>> {
     Ok(client_at(r).await?.0)
 }
 
-/// A client of the first of `--server`'s addresses that answers (only the leader of highly
-/// available coordinators listens), and that address.
+/// A client of the coordinator that serves, and its address: the first of `--server`'s
+/// addresses that answers or, when that one follows (highly available coordinators), the leader
+/// it names. When the named leader does not answer, the follower's client is kept: its refusal
+/// names the leader.
 async fn client_at(r: &Remote) -> anyhow::Result<(AdminClient<Channel>, String)> {
+    let (mut c, at) = first_answering(r).await?;
+    let Some(leader) = named_leader(&mut c).await.filter(|l| *l != at) else {
+        return Ok((c, at));
+    };
+    let cfg = client_config(r)?;
+    match tls::connect(&leader, cfg).await {
+        Ok(ch) => Ok((AdminClient::new(ch), leader)),
+        Err(e) => {
+            tracing::warn!(follower = %at, %leader, error = %crate::text::error_chain(e.as_ref()), "the leader a follower named does not answer");
+            Ok((c, at))
+        }
+    }
+}
+
+/// The leader a follower names (None when `c` leads, has no leader to name, or cannot say).
+async fn named_leader(c: &mut AdminClient<Channel>) -> Option<String> {
+    let r = c.leadership(LeadershipRequest {}).await.ok()?.into_inner();
+    (r.follower && !r.leader.is_empty()).then_some(r.leader)
+}
+
+fn client_config(r: &Remote) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
     let m = TlsMaterial::load(&r.tls_dir)
         .with_context(|| format!("loading the admin certificate from {}", r.tls_dir.display()))?;
-    let cfg = m.client_config(Expect::Exactly(Identity::Coordinator))?;
+    Ok(m.client_config(Expect::Exactly(Identity::Coordinator))?)
+}
+
+/// A client of the first of `--server`'s addresses that accepts a connection, and that address.
+async fn first_answering(r: &Remote) -> anyhow::Result<(AdminClient<Channel>, String)> {
+    let cfg = client_config(r)?;
     let addrs: Vec<&str> = r
         .server
         .split(',')
@@ -52,10 +80,7 @@ async fn client_at(r: &Remote) -> anyhow::Result<(AdminClient<Channel>, String)>
     let (addr, e) = last.expect("at least one address was tried");
     // The last error stays the source: its kind (a connection refused) picks the exit code.
     failed.push(addr.to_string());
-    Err(e.context(format!(
-        "no coordinator answered (followers of highly available coordinators do not listen): {}",
-        failed.join("; ")
-    )))
+    Err(e.context(format!("no coordinator answered: {}", failed.join("; "))))
 }
 
 /// A refusal's message, and the exit code its gRPC code calls for.
@@ -153,10 +178,10 @@ fn age(m: &Option<crate::proto::MachineView>) -> String {
     }
 }
 
-/// `coordinator status`: who leads, in which term, the members and the etcd endpoints. Only a
-/// leader listens, so the coordinator that answers is the leader.
+/// `coordinator status`: who leads, in which term, the members and the etcd endpoints, as the
+/// first of `--server`'s addresses that answers sees it (a follower names the leader).
 pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
-    let (mut c, at) = client_at(r).await?;
+    let (mut c, at) = first_answering(r).await?;
     let s = c
         .leadership(LeadershipRequest {})
         .await
@@ -171,15 +196,21 @@ pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "store": store,
             "answered_by": at,
+            "follower": s.follower,
             "leader": text_or_null(&s.leader),
             "term": s.term,
             "members": s.members,
             "etcd_endpoints": s.etcd_endpoints,
-            "pairs": s.pairs,
+            "pairs": if s.follower { serde_json::Value::Null } else { s.pairs.into() },
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    print_status(&s, store, &at);
+    Ok(())
+}
+
+fn print_status(s: &crate::proto::LeadershipReply, store: &str, at: &str) {
     let list = |v: &[String]| {
         if v.is_empty() {
             "-".to_string()
@@ -195,15 +226,23 @@ pub async fn coordinator_status(r: &Remote, json: bool) -> anyhow::Result<()> {
             } else {
                 &s.leader
             };
-            println!("leader    {leader} (answered by {at}: only the leader serves)");
+            let who = if s.follower {
+                "a follower"
+            } else {
+                "the leader"
+            };
+            println!("leader    {leader} (answered by {at}, {who})");
             println!("term      {}", s.term);
             println!("members   {}", list(&s.members));
             println!("etcd      {}", list(&s.etcd_endpoints));
         }
         _ => println!("leader    {at} (the only coordinator: no election)"),
     }
-    println!("pairs     {}", s.pairs);
-    Ok(())
+    if s.follower {
+        println!("pairs     - (a follower serves none; ask the leader)");
+    } else {
+        println!("pairs     {}", s.pairs);
+    }
 }
 
 pub async fn pairs(r: &Remote, json: bool) -> anyhow::Result<()> {

@@ -53,8 +53,8 @@ impl From<NodeRole> for Role {
 /// How admin verbs reach the coordinator.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Remote {
-    /// The coordinator, host:port; several, comma-separated: the first that answers (of highly
-    /// available coordinators only the leader listens).
+    /// The coordinator, host:port; several, comma-separated: the first that answers, or the
+    /// leader it names when it is a follower (highly available coordinators).
     #[arg(long, env = "STANDBY_SERVER", default_value = "127.0.0.1:7700")]
     pub server: String,
     /// An admin TLS directory (`coordinator init` writes one to <dir>/admin).
@@ -212,7 +212,7 @@ enum AdminCmd {
         to: std::path::PathBuf,
     },
     /// Who leads (address and term), the coordinators sharing the state and the etcd
-    /// endpoints; answered by the leader (followers do not listen).
+    /// endpoints, as the first coordinator that answers sees them (a follower names the leader).
     Status {
         #[command(flatten)]
         remote: Remote,

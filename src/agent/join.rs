@@ -115,22 +115,22 @@ pub async fn join(
     Ok(m)
 }
 
-/// The first of the coordinators that accepts a connection (highly available ones: only the
-/// leader serves, followers do not listen). One that answers but fails verification ends it,
-/// but when none answers, joining waits and tries again until the token expires: a machine created just before its leader died
+/// The first of the coordinators that accepts a connection, and its address. One that answers
+/// but fails verification ends it, but when none answers, joining waits and tries again until
+/// the token expires: a machine created just before its leader died
 /// boots while the next one is being elected (ARCHITECTURE.md, "Highly available
 /// coordinators"), and an agent that gave up would leave a machine that never joins.
 async fn reach(
     url: &str,
     cfg: &std::sync::Arc<rustls::ClientConfig>,
     expires_unix: u64,
-) -> anyhow::Result<tonic::transport::Channel> {
+) -> anyhow::Result<(tonic::transport::Channel, String)> {
     let mut wait = JOIN_RETRY_FIRST;
     loop {
         let (mut failed, mut refused) = (Vec::new(), false);
         for a in crate::agent::link::addresses(url) {
             match tls::connect(&a, cfg.clone()).await {
-                Ok(ch) => return Ok(ch),
+                Ok(ch) => return Ok((ch, a)),
                 Err(e) => {
                     refused |= !unanswered(&e);
                     failed.push(format!("{a}: {e:#}"));
@@ -195,20 +195,38 @@ async fn request(
     csr_pem: String,
 ) -> anyhow::Result<JoinReply> {
     let cfg = tls::join_client_config(&t.ca_fingerprint)?;
-    let ch = reach(url, &cfg, t.expires_unix).await?;
-    let reply = CoordinatorClient::new(ch)
-        .join(JoinRequest {
-            token: token.trim().to_string(),
-            role: match who.role {
-                Role::Gpu => crate::proto::Role::Gpu,
-                Role::Cpu => crate::proto::Role::Cpu,
-            } as i32,
-            csr_pem,
-            machine: who.machine.to_string(),
-            advertise: who.advertise.to_string(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("the coordinator refused to join us: {}", s.message()))?;
+    // Several coordinators (highly available): the first that answers (waiting while none
+    // does: `reach`); a follower refuses naming the leader (before it looks at the token), and
+    // the request goes there once. Any other refusal is final.
+    let req = JoinRequest {
+        token: token.trim().to_string(),
+        role: match who.role {
+            Role::Gpu => crate::proto::Role::Gpu,
+            Role::Cpu => crate::proto::Role::Cpu,
+        } as i32,
+        csr_pem,
+        machine: who.machine.to_string(),
+        advertise: who.advertise.to_string(),
+    };
+    let (ch, at) = reach(url, &cfg, t.expires_unix).await?;
+    let refused =
+        |s: tonic::Status| anyhow::anyhow!("the coordinator refused to join us: {}", s.message());
+    let reply = match CoordinatorClient::new(ch).join(req.clone()).await {
+        Ok(r) => r,
+        Err(s) => match crate::proto::leader_named(&s).filter(|l| *l != at) {
+            Some(leader) => {
+                tracing::info!(follower = %at, %leader, "a follower named the leader: joining there");
+                let ch = tls::connect(&leader, cfg.clone())
+                    .await
+                    .with_context(|| format!("joining via the leader {leader} that {at} named"))?;
+                CoordinatorClient::new(ch)
+                    .join(req)
+                    .await
+                    .map_err(refused)?
+            }
+            None => return Err(refused(s)),
+        },
+    };
     Ok(reply.into_inner())
 }
 

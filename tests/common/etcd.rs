@@ -266,6 +266,11 @@ impl Cluster {
 }
 
 impl Member {
+    /// The running member's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)

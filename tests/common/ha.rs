@@ -1,7 +1,8 @@
 //! Highly available coordinators for the tests (ARCHITECTURE.md, "Highly available
 //! coordinators"): `coordinator init` once, copied to three directories (the CA, token and
 //! backup keys are shared by copying), three `coordinator serve --store etcd` on a real etcd
-//! cluster, on loopback or each inside a network namespace of its own.
+//! cluster, on loopback or each inside a network namespace of its own; and a pair joined by hand
+//! through them. The benchmarks use it too.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,33 @@ use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use super::etcd::{Cluster, on_net};
-use super::{COORDINATOR, Proc, try_http_get, wait_until};
+use super::*;
+
+/// The coordinators' timing (`serve` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// `--leader-lease`.
+    pub lease: &'static str,
+    /// `--heartbeat-interval`.
+    pub heartbeat: &'static str,
+    /// `--failover-after`.
+    pub failover_after: &'static str,
+}
+
+impl Tuning {
+    /// What the tests use: a short lease and fast heartbeats, so hand-overs take seconds.
+    pub const TESTS: Tuning = Tuning {
+        lease: "4s",
+        heartbeat: "500ms",
+        failover_after: "3s",
+    };
+    /// The coordinator's defaults.
+    pub const DEFAULTS: Tuning = Tuning {
+        lease: "6s",
+        heartbeat: "1s",
+        failover_after: "3s",
+    };
+}
 
 /// One of the coordinators: its directory (a copy of the first's `init`) and address.
 pub struct Member {
@@ -17,8 +44,7 @@ pub struct Member {
     /// Its `--listen` address, which it also advertises.
     pub listen: String,
     pub proc: Option<Proc>,
-    /// `--leader-lease`.
-    lease: &'static str,
+    tuning: Tuning,
     /// More `serve` arguments (a provider).
     extra: Vec<String>,
     /// The network namespace it runs in (None: this one, on loopback).
@@ -54,8 +80,9 @@ impl Member {
             .args(["--listen", &self.listen, "--advertise", &self.listen])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(["--store", "etcd", "--etcd", &etcd.join(",")])
-            .args(["--leader-lease", self.lease])
-            .args(["--heartbeat-interval", "500ms", "--failover-after", "3s"])
+            .args(["--leader-lease", self.tuning.lease])
+            .args(["--heartbeat-interval", self.tuning.heartbeat])
+            .args(["--failover-after", self.tuning.failover_after])
             .args(&self.extra)
             .env("STANDBY_LOG", "info")
             .stdin(Stdio::null())
@@ -131,16 +158,27 @@ impl Group {
 
     /// The same with this `--leader-lease`.
     pub fn start_with(root: &Path, lease: &'static str) -> Option<Group> {
+        Self::start_tuned(
+            root,
+            Tuning {
+                lease,
+                ..Tuning::TESTS
+            },
+        )
+    }
+
+    /// The same with these settings.
+    pub fn start_tuned(root: &Path, tuning: Tuning) -> Option<Group> {
         let etcd = Cluster::start(3)?;
         let none = ["--provider", "none"];
-        Some(Self::on(root, etcd, lease, &none, Placement::Loopback))
+        Some(Self::on(root, etcd, tuning, &none, Placement::Loopback))
     }
 
     /// Three coordinators on `etcd`, placed as said, with more `serve` arguments.
     pub fn on(
         root: &Path,
         etcd: Cluster,
-        lease: &'static str,
+        tuning: Tuning,
         extra: &[&str],
         place: Placement,
     ) -> Group {
@@ -172,7 +210,7 @@ impl Group {
                 dir,
                 listen,
                 proc: None,
-                lease,
+                tuning,
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 ns,
             });
@@ -265,6 +303,42 @@ impl Group {
     pub fn metrics(&self, i: usize) -> String {
         self.members[i].metrics()
     }
+}
+
+/// A pair joined by hand through the leader `at` (agents given all three addresses), Syncing
+/// with its tree flushed to the CPU. Returns (cpu, gpu).
+pub fn joined_pair(site: &Group, at: usize, root: &Path) -> (Managed, Managed) {
+    joined_pair_via(site, at, &site.addresses(), root)
+}
+
+/// The same with the agents given `coords` only.
+pub fn joined_pair_via(site: &Group, at: usize, coords: &str, root: &Path) -> (Managed, Managed) {
+    let token = |role: &str| join_token(&site.members[at].dir, "p", role, "10m");
+    let ws = root.join("gpu-ws");
+    make_tree(&ws, &mut rng(seed("ha")), 20, &[1 << 20]);
+    let cpu = Managed::cpu(
+        coords,
+        Some(&token("cpu")),
+        &root.join("cpu-ws"),
+        &root.join("cpu-state"),
+        &[],
+    );
+    let gpu = Managed::gpu(
+        coords,
+        Some(&token("gpu")),
+        &ws,
+        &root.join("gpu-state"),
+        &["--debounce", "100ms"],
+        &[],
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        site.pairs(at)
+            .iter()
+            .any(|p| p["pair"] == "p" && p["state"] == "Syncing")
+            && flush(&gpu.state, "20s").status.success()
+    });
+    assert!(ok, "{}", site.logs());
+    (cpu, gpu)
 }
 
 fn free_port() -> u16 {

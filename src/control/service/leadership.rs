@@ -2,7 +2,8 @@
 //! it must step down (ARCHITECTURE.md, "Highly available coordinators").
 //!
 //! A follower connects, checks that etcd's state belongs to its CA, and campaigns once a
-//! second; it serves nothing meanwhile. The winner loads the state and serves exactly as a
+//! second; meanwhile it listens and points its clients to the leader the campaign saw
+//! (`super::seat`). The winner loads the state and serves exactly as a
 //! single coordinator does (the engine starts its detection timers from that moment, so
 //! heartbeats missed during the hand-over do not fail a pair over). A watchdog checks the
 //! leader's own deadline (`EtcdStore::leads`, half the lease's TTL without a renewal): when
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::seat::{Pointer, Seat};
 use crate::control::metrics::{LeadershipChange, Metrics};
 use crate::control::store::StoreError;
 use crate::control::store::etcd::EtcdStore;
@@ -25,36 +27,50 @@ use crate::control::store::ha::HaOptions;
 const CAMPAIGN_EVERY: Duration = Duration::from_secs(1);
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 
-/// Who campaigns: the etcd side of `serve`, the address this coordinator advertises, its CA's
-/// fingerprint, and where leadership changes are counted.
+/// Who campaigns: the etcd side of `serve`, the address this coordinator advertises, where
+/// leadership changes are counted, and the seat that tells clients who leads.
 pub(super) struct Campaign<'a> {
     pub ha: &'a HaOptions,
     pub address: &'a str,
-    pub fingerprint: &'a str,
     pub metrics: &'a Metrics,
+    pub seat: &'a Seat,
 }
 
-/// Waits (a follower) until this coordinator leads; None when `shutdown` came first.
-pub(super) async fn follow(
-    c: Campaign<'_>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Option<Arc<EtcdStore>>> {
-    let cfg = c.ha.etcd.clone();
-    let latency = c.metrics.leadership.etcd_latency.clone();
+/// Connects to etcd and checks that its state belongs to the CA with this fingerprint.
+pub(super) async fn connect(
+    ha: &HaOptions,
+    fingerprint: &str,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<EtcdStore>> {
+    let cfg = ha.etcd.clone();
+    let latency = metrics.leadership.etcd_latency.clone();
     let store = tokio::task::spawn_blocking(move || {
         EtcdStore::connect(&cfg).map(|s| s.with_latency(latency))
     })
     .await??;
-    let store = Arc::new(store);
-    store.check_ca(c.fingerprint)?;
+    store.check_ca(fingerprint)?;
+    Ok(Arc::new(store))
+}
+
+/// Follows until this coordinator leads (true), or until `shutdown` (false).
+pub(super) async fn follow(
+    c: Campaign<'_>,
+    store: &EtcdStore,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
     let mut lease: Option<Lease> = None;
     let mut following = None;
     loop {
-        match campaign(&store, &mut lease, c.ha.lease, c.address) {
+        match campaign(store, &mut lease, c.ha.lease, c.address) {
             Ok(Attempt::Won(term)) => {
                 tracing::info!(term, "won the election: leading");
                 c.metrics.leadership.changed(LeadershipChange::Won, term);
-                return Ok(Some(store));
+                // Until the engine has loaded the state, callers are told to come back here.
+                c.seat.follows(Pointer {
+                    address: c.address.to_string(),
+                    term,
+                });
+                return Ok(true);
             }
             Ok(Attempt::Held(l)) if following.as_ref() != Some(&l) => {
                 tracing::info!(leader = %l.address, term = l.term, "following");
@@ -63,6 +79,10 @@ pub(super) async fn follow(
                         .leadership
                         .changed(LeadershipChange::Followed, l.term);
                 }
+                c.seat.follows(Pointer {
+                    address: l.address.clone(),
+                    term: l.term,
+                });
                 following = Some(l);
             }
             Ok(Attempt::Held(_)) => {}
@@ -72,7 +92,7 @@ pub(super) async fn follow(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
+            _ = shutdown.cancelled() => return Ok(false),
             _ = tokio::time::sleep(CAMPAIGN_EVERY) => {}
         }
     }
