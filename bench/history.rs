@@ -17,6 +17,8 @@
 //! it (`Edits::add`). That is the call the standby's recorder makes after each commit
 //! (`src/agent/snapshots.rs`), on the same data, page cache included.
 //!
+//! `STANDBY_BENCH_WHOLE=1` records without those edits (changed files read whole).
+//!
 //! Prints, per generation: replication ms, record ms, record ÷ replication (target under 10 %
 //! for the changed generations), bytes the generation added to the store (pack bytes, plus the
 //! snapshot file), and what the record read. The first generation of each case (the whole tree
@@ -124,7 +126,7 @@ impl Case {
                 &self.cpu.workspace,
                 &manifest,
                 SystemTime::now(),
-                Some(&hint),
+                (!whole_reads()).then_some(&hint),
             )
             .unwrap();
         let record = t0.elapsed();
@@ -172,6 +174,12 @@ impl Case {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `STANDBY_BENCH_WHOLE=1`: record without the edits, every changed file read whole (the
+/// recorder before it took the receiver's ranges, and its path when it has none).
+fn whole_reads() -> bool {
+    std::env::var("STANDBY_BENCH_WHOLE").is_ok_and(|v| v == "1")
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
