@@ -12,8 +12,12 @@
 //! time is the `duration_ms` of the sender's report: durable on the standby when it ends). Then
 //! the benchmark records the replica into its own [`Store`], with the manifest the standby
 //! committed, read from its catalog (`<state-dir>/replica.snap` + `.log`) with `Catalog::peek`,
-//! which writes nothing: the running agent goes on owning those files. That is the call the standby's recorder makes
-//! after each commit (`src/agent/snapshots.rs`), on the same data, page cache included.
+//! which writes nothing: the running agent goes on owning those files, and with what the
+//! generation changed in place, built from its commit record as the standby's receiver builds
+//! it (`Edits::add`). That is the call the standby's recorder makes after each commit
+//! (`src/agent/snapshots.rs`), on the same data, page cache included.
+//!
+//! `STANDBY_BENCH_WHOLE=1` records without those edits (changed files read whole).
 //!
 //! Prints, per generation: replication ms, record ms, record ÷ replication (target under 10 %
 //! for the changed generations), bytes the generation added to the store (pack bytes, plus the
@@ -23,6 +27,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::cell::RefCell;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -32,10 +37,11 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use rand::RngExt;
 use rand::rngs::StdRng;
-use standby::history::Store;
+use standby::history::{Hint, Store};
 use standby::replication::catalog::Catalog;
 use standby::replication::manifest::Manifest;
 use standby::replication::receive::CATALOG;
+use standby::replication::receive::edits::Edits;
 use standby::text::hex;
 use standby::trust::identity::Role;
 
@@ -67,6 +73,8 @@ struct Case {
     gpu_tls: PathBuf,
     cpu: Cpu,
     store: Store,
+    /// The manifest recorded last.
+    previous: RefCell<Option<Manifest>>,
 }
 
 impl Case {
@@ -85,6 +93,7 @@ impl Case {
             gpu_tls: pki.node(name, Role::Gpu),
             cpu,
             store: Store::open(&dir.join("store")).unwrap(),
+            previous: RefCell::new(None),
         }
     }
 
@@ -98,18 +107,30 @@ impl Case {
         for left in ["still_changing", "deferred"] {
             assert!(r.get(left).is_none(), "files left for later: {r}");
         }
-        let manifest = self.committed(
+        let (manifest, edits) = self.committed(
             r["generation"].as_u64().expect("generation in the report"),
             r["root"].as_str().expect("root in the report"),
         );
         let before = self.store.stats().stored_bytes;
         let snaps_before = dir_bytes(&self.store.dir().join("snapshots"));
+        // The standby applied this generation and is idle: its replica holds it throughout.
+        let holds = || manifest.generation;
+        let hint = Hint {
+            edits: &edits,
+            workspace_generation: &holds,
+        };
         let t0 = Instant::now();
         let rec = self
             .store
-            .record(&self.cpu.workspace, &manifest, SystemTime::now())
+            .record_with(
+                &self.cpu.workspace,
+                &manifest,
+                SystemTime::now(),
+                (!whole_reads()).then_some(&hint),
+            )
             .unwrap();
         let record = t0.elapsed();
+        *self.previous.borrow_mut() = Some(manifest);
         Row {
             case,
             generation,
@@ -123,8 +144,11 @@ impl Case {
     }
 
     /// The manifest the standby committed for `generation` (read-only from its catalog), once
-    /// the standby has carried it out in the replica (its `applied` marker is in the log).
-    fn committed(&self, generation: u64, root: &str) -> Manifest {
+    /// the standby has carried it out in the replica (its `applied` marker is in the log), and
+    /// what its commit changed in place: what the standby's receiver hands its recorder
+    /// (`Edits::add` over the previous manifest and the generation's record), empty when the
+    /// record is not in the log any more.
+    fn committed(&self, generation: u64, root: &str) -> (Manifest, Edits) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let p = Catalog::peek(&self.cpu.state, CATALOG).unwrap();
@@ -134,7 +158,14 @@ impl Case {
                     root,
                     "the committed manifest's root"
                 );
-                return p.manifest;
+                let mut edits = Edits::default();
+                if let (Some(rec), Some(prev)) = (&p.last, &*self.previous.borrow())
+                    && rec.generation == generation
+                    && rec.previous == Some(prev.generation.0)
+                {
+                    edits.add(prev, &rec.changes);
+                }
+                return (p.manifest, edits);
             }
             assert!(
                 Instant::now() < deadline,
@@ -143,6 +174,12 @@ impl Case {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `STANDBY_BENCH_WHOLE=1`: record without the edits, every changed file read whole (the
+/// recorder before it took the receiver's ranges, and its path when it has none).
+fn whole_reads() -> bool {
+    std::env::var("STANDBY_BENCH_WHOLE").is_ok_and(|v| v == "1")
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::history::{HistoryError, Retention, Store};
-use crate::replication::manifest::Manifest;
-use crate::replication::receive::Receiver;
+use crate::history::{Hint, HistoryError, Retention, Store};
+use crate::replication::receive::edits::Edits;
+use crate::replication::receive::{Handover, Receiver};
 use crate::types::Generation;
 
 /// A warning after this many records in a row that a newer generation overtook.
@@ -123,7 +123,7 @@ async fn run(
                 // A record overtaken by this generation may have recorded it already.
                 let Some(handed) = receiver
                     .take_committed()
-                    .filter(|(m, _)| Some(m.generation) != last)
+                    .filter(|h| Some(h.manifest.generation) != last)
                 else {
                     continue;
                 };
@@ -139,7 +139,7 @@ async fn run(
 
 /// The replica as it is at start-up, when the store's newest snapshot is not of it (the
 /// replica lock is free before the first session).
-fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<(Arc<Manifest>, SystemTime)> {
+fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<Handover> {
     let state = receiver.state();
     let st = state.try_lock().ok()?;
     let newest = store.list().last().map(|s| s.root);
@@ -150,7 +150,11 @@ fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<(Arc<Manifest>
         .figures()
         .last_commit
         .unwrap_or_else(SystemTime::now);
-    Some((Arc::new(st.manifest.clone()), at))
+    Some(Handover {
+        manifest: Arc::new(st.manifest.clone()),
+        at,
+        edits: Edits::default(),
+    })
 }
 
 /// Records a committed generation; when a newer one changed a file under it, the newest
@@ -159,19 +163,29 @@ fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<(Arc<Manifest>
 async fn record(
     store: &Arc<Store>,
     receiver: &Receiver,
-    (mut manifest, mut at): (Arc<Manifest>, SystemTime),
+    mut handed: Handover,
     figures: &Arc<Mutex<HistoryFigures>>,
 ) -> Option<Generation> {
     let started = std::time::Instant::now();
     let workspace = receiver.workspace().to_path_buf();
     let mut moved = 0;
     let r = loop {
-        let (s, ws, m) = (store.clone(), workspace.clone(), manifest.clone());
-        let r = tokio::task::spawn_blocking(move || s.record(&ws, &m, at))
-            .await
-            .unwrap_or_else(|e| Err(task_failed(e)));
+        let (s, ws, rx) = (store.clone(), workspace.clone(), receiver.clone());
+        let manifest = handed.manifest.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let generation = || rx.workspace_generation();
+            let hint = Hint {
+                edits: &handed.edits,
+                workspace_generation: &generation,
+            };
+            s.record_with(&ws, &handed.manifest, handed.at, Some(&hint))
+        })
+        .await
+        .unwrap_or_else(|e| Err(task_failed(e)));
         match r {
             Err(HistoryError::Moved { path }) => {
+                // The newer generation's edits alone: what this one's said about a file is
+                // gone with it, and such a file is read whole (never wrongly in part).
                 let Some(newer) = newer_than(receiver, manifest.generation).await else {
                     break Err(HistoryError::Moved { path });
                 };
@@ -179,14 +193,14 @@ async fn record(
                 if moved % MOVED_WARN_EVERY == 0 {
                     tracing::warn!(%path, moved, "files keep changing while the standby records them: no snapshot yet");
                 }
-                (manifest, at) = newer;
+                handed = newer;
             }
-            r => break r,
+            r => break r.map(|rec| (rec, manifest.generation)),
         }
     };
     let mut f = figures.lock().expect("figures");
     match r {
-        Ok(rec) => {
+        Ok((rec, generation)) => {
             f.records += 1;
             f.last_record_ms = started.elapsed().as_millis() as u64;
             f.last_error = None;
@@ -196,7 +210,7 @@ async fn record(
                 crate::host::after_burst();
             }
             refresh(store, figures);
-            Some(manifest.generation)
+            Some(generation)
         }
         Err(e) => {
             f.record_failures += 1;
@@ -209,16 +223,13 @@ async fn record(
 
 /// The next committed generation after `generation` (the one that moved a file is being
 /// applied, or is applied already); None when none comes within a while.
-async fn newer_than(
-    receiver: &Receiver,
-    generation: Generation,
-) -> Option<(Arc<Manifest>, SystemTime)> {
+async fn newer_than(receiver: &Receiver, generation: Generation) -> Option<Handover> {
     let mut w = receiver.committed();
     let wait = w.wait_for(|c| c.generation != generation);
     tokio::time::timeout(NEWER_WITHIN, wait).await.ok()?.ok()?;
     receiver
         .take_committed()
-        .filter(|(m, _)| m.generation != generation)
+        .filter(|h| h.manifest.generation != generation)
 }
 
 fn task_failed(e: tokio::task::JoinError) -> HistoryError {

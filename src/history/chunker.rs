@@ -6,6 +6,7 @@
 //! spirit; a file smaller than [`MIN`] is one chunk.
 
 use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 
 use fastcdc::v2020::{Normalization, cut, select_masks};
 
@@ -101,6 +102,140 @@ impl Chunker {
     }
 }
 
+/// What [`Chunker::rechunk`] made of a file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rechunked {
+    /// The file's chunks in order, old and new.
+    pub ids: Vec<ChunkId>,
+    /// Bytes read from the file.
+    pub read: u64,
+}
+
+/// The first window a re-chunk reads at a boundary: at least [`AVG`] (so `cut` normalises as
+/// it does on a full window) and most chunks end inside it; a chunk that does not is cut again
+/// on a full [`MAX`] window.
+const STEP: usize = AVG + AVG / 2;
+
+impl Chunker {
+    /// Chunks a file that differs from the content chunked as `old` (ids and lengths, in order)
+    /// only inside `ranges` (half-open byte ranges, any order) and past the shorter of the two
+    /// lengths, reading only around the ranges: the result is the chunk list
+    /// [`Chunker::chunks`] would give for the whole file. New chunks are handed to `each`.
+    ///
+    /// Why this holds (ARCHITECTURE.md, "History"): `cut` at a boundary `a` looks at the bytes
+    /// from `a` up to and including the byte at its cut `b`, and at how much of the stream is
+    /// left, capped at [`MAX`]. So an old chunk `[a, b)` is cut the same in the new file when `a`
+    /// is a boundary there, no range touches `[a, b]`, and the rest from `a` is the same or at
+    /// least [`MAX`] in both. From the file's start, old chunks that qualify are taken as they
+    /// are; elsewhere new chunks are cut from the file until one ends on an old boundary whose
+    /// chunk qualifies, and the two chunkings run together again from there.
+    pub fn rechunk<E: From<io::Error>>(
+        &mut self,
+        file: &impl FileExt,
+        len: u64,
+        old: &[(ChunkId, u64)],
+        ranges: &[(u64, u64)],
+        mut each: impl FnMut(Chunk<'_>) -> Result<(), E>,
+    ) -> Result<Rechunked, E> {
+        let old_len: u64 = old.iter().map(|c| c.1).sum();
+        let mut dirty = ranges.to_vec();
+        if old_len != len {
+            dirty.push((old_len.min(len), old_len.max(len)));
+        }
+        let dirty = crate::replication::receive::edits::merged(dirty);
+        let same_tail = |a: u64| old_len == len || a + MAX as u64 <= old_len.min(len);
+        let clean = |a: u64, b: u64| {
+            let i = dirty.partition_point(|r| r.1 <= a);
+            let upto = if b == len { b } else { b + 1 };
+            dirty.get(i).is_none_or(|r| r.0 >= upto) && same_tail(a) && b <= len
+        };
+        if self.buf.len() < 2 * MAX {
+            self.buf = vec![0u8; 2 * MAX];
+        }
+        let mut w = Window::default();
+        let mut out = Rechunked {
+            ids: Vec::with_capacity(old.len()),
+            read: 0,
+        };
+        let (mut pos, mut k, mut start) = (0u64, 0usize, 0u64);
+        while pos < len {
+            while k < old.len() && start < pos {
+                (start, k) = (start + old[k].1, k + 1);
+            }
+            if k < old.len() && start == pos && clean(pos, pos + old[k].1) {
+                out.ids.push(old[k].0);
+                pos += old[k].1;
+                continue;
+            }
+            let n = self.next_at(file, &mut w, pos, len, &mut out.read)?;
+            let data = &self.buf[..n];
+            let id = *blake3::hash(data).as_bytes();
+            each(Chunk { id, data })?;
+            out.ids.push(id);
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Cuts the chunk starting at `pos` (a boundary) of a `len`-byte file: it is left at the
+    /// start of the buffer and its length returned.
+    fn next_at(
+        &mut self,
+        file: &impl FileExt,
+        w: &mut Window,
+        pos: u64,
+        len: u64,
+        read: &mut u64,
+    ) -> io::Result<usize> {
+        // Keep what the last window read past `pos`.
+        if pos >= w.at && pos < w.at + w.len as u64 {
+            let skip = (pos - w.at) as usize;
+            self.buf.copy_within(skip..w.len, 0);
+            w.len -= skip;
+        } else {
+            w.len = 0;
+        }
+        w.at = pos;
+        let rest = usize::try_from(len - pos).unwrap_or(usize::MAX);
+        let (mask_s, mask_l) = self.masks;
+        let full = rest.min(MAX);
+        let mut want = rest.min(STEP).max(w.len.min(full));
+        loop {
+            while w.len < want {
+                let n = file.read_at(&mut self.buf[w.len..want], pos + w.len as u64)?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                (w.len, *read) = (w.len + n, *read + n as u64);
+            }
+            let window = &self.buf[..want];
+            let (_, n) = cut(
+                window,
+                MIN,
+                AVG,
+                MAX,
+                mask_s,
+                mask_l,
+                mask_s << 1,
+                mask_l << 1,
+            );
+            // A cut inside the window is the cut the whole stream gives; at its end, look
+            // further unless the window is all there is to look at.
+            if n < want || want == full {
+                return Ok(n);
+            }
+            want = full;
+        }
+    }
+}
+
+/// The file bytes at the start of a re-chunk's buffer: `len` bytes from offset `at`.
+#[derive(Default)]
+struct Window {
+    at: u64,
+    len: usize,
+}
+
 /// One `read`, retried when interrupted.
 fn read_some(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
@@ -114,7 +249,7 @@ fn read_some(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::{Rng, RngExt, SeedableRng};
 
     fn ids(data: &[u8]) -> (Vec<ChunkId>, Vec<usize>) {
         let (mut ids, mut lens) = (Vec::new(), Vec::new());
@@ -197,5 +332,85 @@ mod tests {
             after.len()
         );
         assert_eq!(before.last(), after.last());
+    }
+
+    /// Re-chunks `new` from `old`'s chunks and `ranges`; checks it against chunking `new`
+    /// whole, and that every new chunk was handed over. Returns the bytes read.
+    fn rechunked(old: &[u8], new: &[u8], ranges: &[(u64, u64)]) -> u64 {
+        let (old_ids, old_lens) = ids(old);
+        let old: Vec<(ChunkId, u64)> = old_ids
+            .iter()
+            .zip(&old_lens)
+            .map(|(i, l)| (*i, *l as u64))
+            .collect();
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, new).unwrap();
+        let mut handed = Vec::new();
+        let r = Chunker::default()
+            .rechunk::<io::Error>(&f, new.len() as u64, &old, ranges, |c| {
+                assert_eq!(c.id, *blake3::hash(c.data).as_bytes());
+                handed.push(c.id);
+                Ok(())
+            })
+            .unwrap();
+        let (want, _) = ids(new);
+        assert_eq!(r.ids, want, "the same chunks as chunking the whole file");
+        for id in &want {
+            assert!(
+                old_ids.contains(id) || handed.contains(id),
+                "a new chunk not handed over"
+            );
+        }
+        r.read
+    }
+
+    #[test]
+    fn rechunk_around_ranges_gives_the_whole_file_chunks_reading_little() {
+        let data = random(32 << 20, 5);
+        assert_eq!(
+            rechunked(&data, &data, &[]),
+            0,
+            "nothing changed: nothing read"
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let mut new = data.clone();
+        let mut ranges = Vec::new();
+        for i in 0..8u64 {
+            let at = rng.random_range(0..new.len() - 65536);
+            new[at..at + 65536].copy_from_slice(&random(65536, 100 + i));
+            ranges.push((at as u64, at as u64 + 65536));
+        }
+        let read = rechunked(&data, &new, &ranges);
+        assert!(
+            read < (new.len() / 2) as u64,
+            "read {read} of {}",
+            new.len()
+        );
+        // A single byte changed on a boundary, and the first and last bytes.
+        let (_, lens) = ids(&data);
+        let b = lens[0] + lens[1];
+        let mut edge = data.clone();
+        for at in [0, b, data.len() - 1] {
+            edge[at] ^= 0xff;
+        }
+        let r = [
+            (0, 1),
+            (b as u64, b as u64 + 1),
+            (data.len() as u64 - 1, data.len() as u64),
+        ];
+        rechunked(&data, &edge, &r);
+    }
+
+    #[test]
+    fn rechunk_follows_a_file_cut_or_extended() {
+        let data = random(20 << 20, 7);
+        let cut_short = &data[..(13 << 20) + 12345];
+        rechunked(&data, cut_short, &[]);
+        let mut longer = data.clone();
+        longer.extend_from_slice(&random(3 << 20, 8));
+        rechunked(&data, &longer, &[]);
+        rechunked(&data, &data[..100], &[]);
+        rechunked(&data[..100], &data, &[]);
+        rechunked(&data, b"", &[]);
     }
 }

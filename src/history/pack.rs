@@ -63,6 +63,21 @@ pub struct PackWriter {
     sealed: bool,
 }
 
+/// Bytes of each sample [`incompressible`] tries.
+const SAMPLE: usize = 16 << 10;
+
+/// Whether samples at the start, middle and end of a chunk of at least 16 samples all fail to
+/// compress by 1/32 (what `compress::if_smaller` asks of the whole).
+fn incompressible(raw: &[u8]) -> bool {
+    if raw.len() < 16 * SAMPLE {
+        return false;
+    }
+    let mid = raw.len() / 2 - SAMPLE / 2;
+    [0, mid, raw.len() - SAMPLE]
+        .iter()
+        .all(|&at| compress::if_smaller(&raw[at..at + SAMPLE], LEVEL).is_none())
+}
+
 /// A complete, fsynced pack still under `tmp/`.
 pub struct Sealed {
     pub id: PackId,
@@ -102,8 +117,13 @@ impl PackWriter {
         self.chunks.is_empty()
     }
 
-    /// Adds a chunk, zstd-compressed when that saves space.
+    /// Adds a chunk, zstd-compressed when that saves space. A large chunk whose three samples
+    /// do not compress (random bytes, already compressed data) is stored raw without trying the
+    /// whole: the attempt cost about as much as the rest of recording it.
     pub fn add(&mut self, id: ChunkId, raw: &[u8]) -> Result<(), HistoryError> {
+        if incompressible(raw) {
+            return self.add_stored(id, raw, raw.len(), Coding::Raw);
+        }
         match compress::if_smaller(raw, LEVEL) {
             Some(z) => self.add_stored(id, &z, raw.len(), Coding::Zstd),
             None => self.add_stored(id, raw, raw.len(), Coding::Raw),
@@ -342,6 +362,26 @@ mod tests {
         );
         assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
         (path, sealed.chunks)
+    }
+
+    #[test]
+    fn large_chunks_are_sampled_before_compressing() {
+        let mut random = vec![0u8; 1 << 20];
+        blake3::Hasher::new()
+            .update(b"seed")
+            .finalize_xof()
+            .fill(&mut random);
+        assert!(incompressible(&random));
+        let text = b"all work and no play ".repeat(50_000);
+        assert!(!incompressible(&text));
+        // Compressible in one sample only: compressed whole, as before.
+        let mut mixed = random.clone();
+        mixed[..SAMPLE].fill(0);
+        assert!(!incompressible(&mixed));
+        assert!(
+            !incompressible(&random[..SAMPLE * 15]),
+            "small chunks are not sampled"
+        );
     }
 
     #[test]

@@ -23,7 +23,8 @@ use crate::history::store::{Store, sort, unix_ms};
 use crate::proto::Entry;
 use crate::proto::history::SnapshotSummary;
 use crate::replication::manifest::{Kind, Manifest, kind_of, wire_entry};
-use crate::types::RelPath;
+use crate::replication::receive::edits::Edits;
+use crate::types::{Generation, RelPath};
 
 /// A pack is sealed once it holds this much; a record writes as many as it needs.
 pub const PACK_TARGET: u64 = 16 << 20;
@@ -41,6 +42,14 @@ pub struct Recorded {
 
 type Known = HashMap<[u8; 32], Vec<ChunkId>>;
 
+/// What the receiver knows of the generation being recorded (ARCHITECTURE.md, "History"):
+/// the ranges commits changed in files updated in place, and which generation the replica
+/// holds at any moment.
+pub struct Hint<'a> {
+    pub edits: &'a Edits,
+    pub workspace_generation: &'a (dyn Fn() -> Generation + Sync),
+}
+
 /// One record in progress.
 struct Run<'a> {
     store: &'a Store,
@@ -54,6 +63,8 @@ struct Run<'a> {
     files_read: u64,
     bytes_read: u64,
     new_bytes: u64,
+    hint: Option<&'a Hint<'a>>,
+    generation: Generation,
 }
 
 impl Store {
@@ -65,6 +76,18 @@ impl Store {
         replica_root: &Path,
         manifest: &Manifest,
         at: SystemTime,
+    ) -> Result<Recorded, HistoryError> {
+        self.record_with(replica_root, manifest, at, None)
+    }
+
+    /// [`Store::record`], reading of a file updated in place only around the ranges `hint`
+    /// says changed, when the store holds the content they changed.
+    pub fn record_with(
+        &self,
+        replica_root: &Path,
+        manifest: &Manifest,
+        at: SystemTime,
+        hint: Option<&Hint<'_>>,
     ) -> Result<Recorded, HistoryError> {
         let mut writer = self.writer();
         if writer.known.is_none() {
@@ -84,6 +107,8 @@ impl Store {
             files_read: 0,
             bytes_read: 0,
             new_bytes: 0,
+            hint,
+            generation: manifest.generation,
         };
         let paths = run
             .all(manifest, known)
@@ -215,7 +240,62 @@ impl Run<'_> {
         {
             return Ok(chunks.clone());
         }
+        if let Some(old) = self.base_of(rel, known) {
+            return self.patched(rel, e, old);
+        }
         self.read(rel, e, hash)
+    }
+
+    /// The chunks and their lengths of the content a file was changed from in place, when
+    /// the hint knows the ranges and the store holds that content whole.
+    fn base_of(&self, rel: &RelPath, known: &Known) -> Option<Based> {
+        let p = self.hint?.edits.get(rel)?;
+        let chunks = known.get(&p.base_blake3)?;
+        let state = self.store.state();
+        let old = chunks
+            .iter()
+            .map(|c| Some((*c, u64::from(state.index.get(c)?.1.raw_len))))
+            .collect::<Option<Vec<_>>>()?;
+        let len: u64 = old.iter().map(|c| c.1).sum();
+        (len == p.base_size).then(|| Based {
+            old,
+            ranges: p.ranges.clone(),
+        })
+    }
+
+    /// Re-chunks a file around the ranges changed since its base (`Chunker::rechunk`). The
+    /// whole file is not hashed: the receiver verified it against the manifest before it
+    /// committed, and outside the ranges it is the base, whose chunks the store holds by hash
+    /// (ARCHITECTURE.md, "History"). The replica must hold this generation before and after.
+    fn patched(
+        &mut self,
+        rel: &RelPath,
+        e: &Entry,
+        base: Based,
+    ) -> Result<Vec<ChunkId>, HistoryError> {
+        let still = |run: &Self| {
+            let h = run.hint.expect("a hint");
+            (h.workspace_generation)() == run.generation
+        };
+        if !still(self) {
+            return Err(HistoryError::Moved { path: rel.clone() });
+        }
+        let (file, path) = self.open(rel)?;
+        let mut chunker = std::mem::take(&mut self.chunker);
+        let r = chunker.rechunk(&file, e.size, &base.old, &base.ranges, |c: Chunk<'_>| {
+            self.store_chunk(c).map_err(ReadError::Store)
+        });
+        self.chunker = chunker;
+        if !still(self) {
+            return Err(HistoryError::Moved { path: rel.clone() });
+        }
+        let r = r.map_err(|err| match err {
+            ReadError::Read(e) => HistoryError::io("reading replica file", &path)(e),
+            ReadError::Store(e) => e,
+        })?;
+        self.files_read += 1;
+        self.bytes_read += r.read;
+        Ok(r.ids)
     }
 
     fn have(&self, c: &ChunkId) -> bool {
@@ -229,22 +309,7 @@ impl Run<'_> {
         e: &Entry,
         hash: [u8; 32],
     ) -> Result<Vec<ChunkId>, HistoryError> {
-        let path = rel.to_path(&self.replica_dir);
-        let open = self
-            .replica
-            .open_parent(rel)
-            .and_then(|(dir, name)| fsx::openat_file(dir.as_fd(), name));
-        let file = match open {
-            Ok(f) => f,
-            Err(err) if moved(&err) => return Err(HistoryError::Moved { path: rel.clone() }),
-            Err(err) => return Err(HistoryError::io("opening replica file", path)(err)),
-        };
-        let meta = file
-            .metadata()
-            .map_err(HistoryError::io("reading replica file", &path))?;
-        if !meta.file_type().is_file() {
-            return Err(HistoryError::Moved { path: rel.clone() });
-        }
+        let (file, path) = self.open(rel)?;
         let mut ids = Vec::new();
         // The chunker is lent out of `self` while its chunks are stored through `self`.
         let mut chunker = std::mem::take(&mut self.chunker);
@@ -263,6 +328,27 @@ impl Run<'_> {
             return Err(HistoryError::Moved { path: rel.clone() });
         }
         Ok(ids)
+    }
+
+    /// Opens a replica file (a regular file, every component without following symlinks).
+    fn open(&self, rel: &RelPath) -> Result<(std::fs::File, PathBuf), HistoryError> {
+        let path = rel.to_path(&self.replica_dir);
+        let open = self
+            .replica
+            .open_parent(rel)
+            .and_then(|(dir, name)| fsx::openat_file(dir.as_fd(), name));
+        let file = match open {
+            Ok(f) => f,
+            Err(err) if moved(&err) => return Err(HistoryError::Moved { path: rel.clone() }),
+            Err(err) => return Err(HistoryError::io("opening replica file", path)(err)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(HistoryError::io("reading replica file", &path))?;
+        if !meta.file_type().is_file() {
+            return Err(HistoryError::Moved { path: rel.clone() });
+        }
+        Ok((file, path))
     }
 
     fn store_chunk(&mut self, c: Chunk<'_>) -> Result<(), HistoryError> {
@@ -298,6 +384,12 @@ impl Run<'_> {
         ));
         Ok(())
     }
+}
+
+/// A file's base content as the store holds it, and the ranges changed since.
+struct Based {
+    old: Vec<(ChunkId, u64)>,
+    ranges: Vec<(u64, u64)>,
 }
 
 /// What can stop the chunking of one file: reading it, or storing its chunks.

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::proto::{Entry, EntryKind};
 use crate::replication::manifest::{Manifest, same_content};
+use crate::replication::receive::edits::Edits;
 use crate::types::{Generation, RelPath};
 
 /// The manifest of a directory tree, as the replica's would be.
@@ -592,4 +593,89 @@ fn a_stalled_reader_holds_up_neither_recording_nor_pruning() {
         Err(e) => assert!(matches!(e, HistoryError::MissingChunk { .. }), "{e}"),
     }
     assert!(store.verify().unwrap().is_ok());
+}
+
+/// What the receiver gathers for `path` patched at `pieces` (offset, length) between `before`
+/// and `after`.
+fn patched(before: &Manifest, after: &Manifest, path: &str, pieces: &[(u64, u64)]) -> Edits {
+    let change = crate::proto::state::Change {
+        path: path.as_bytes().to_vec(),
+        entry: after.get(&rel(path)).cloned(),
+        patch: "p".into(),
+        extents: pieces
+            .iter()
+            .map(|&(offset, len)| crate::proto::state::Extent { offset, len, at: 0 })
+            .collect(),
+        ..Default::default()
+    };
+    let mut e = Edits::default();
+    e.add(before, &[change]);
+    e
+}
+
+#[test]
+fn a_file_patched_in_place_is_read_only_around_its_ranges() {
+    let (replica, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let f = replica.path().join("ckpt");
+    let mut data = random(24 << 20, 11);
+    std::fs::write(&f, &data).unwrap();
+    let m1 = manifest_of(replica.path(), 1);
+    let store = Store::open(dir.path()).unwrap();
+    store.record(replica.path(), &m1, at(0)).unwrap();
+    // A second store records the same generations reading files whole.
+    let (dir2, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = Store::open(dir2.path()).unwrap();
+    whole.record(replica.path(), &m1, at(0)).unwrap();
+
+    let mut pieces = Vec::new();
+    for (i, off) in [(1u64, 100_000u64), (2, 9 << 20), (3, (20 << 20) + 7)] {
+        data[off as usize..off as usize + 65536].copy_from_slice(&random(65536, 20 + i));
+        pieces.push((off, 65536));
+    }
+    std::fs::write(&f, &data).unwrap();
+    let m2 = manifest_of(replica.path(), 2);
+    let edits = patched(&m1, &m2, "ckpt", &pieces);
+    let holds = |g: u64| move || Generation(g);
+
+    // The replica moved on to a newer generation: nothing is recorded.
+    let newer = holds(3);
+    let hint = Hint {
+        edits: &edits,
+        workspace_generation: &newer,
+    };
+    let e = store.record_with(replica.path(), &m2, at(60), Some(&hint));
+    assert!(
+        matches!(e, Err(HistoryError::Moved { .. })),
+        "{:?}",
+        e.err()
+    );
+    assert_eq!(store.list().len(), 1);
+
+    let same = holds(2);
+    let hint = Hint {
+        edits: &edits,
+        workspace_generation: &same,
+    };
+    let r = store
+        .record_with(replica.path(), &m2, at(60), Some(&hint))
+        .unwrap();
+    assert_eq!(r.files_read, 1);
+    assert!(r.bytes_read < 12 << 20, "read {} of 24 MiB", r.bytes_read);
+    assert_eq!(read(&store, r.info.id, "ckpt"), data);
+    assert!(store.verify().unwrap().problems.is_empty());
+
+    // The same snapshot content as a record that reads the file whole, chunk for chunk.
+    let w = whole.record(replica.path(), &m2, at(60)).unwrap();
+    assert_eq!(w.bytes_read, 24 << 20);
+    assert_eq!(w.info.new_bytes, r.info.new_bytes);
+    store.restore(r.info.id, None, out.path()).unwrap();
+    assert_eq!(std::fs::read(out.path().join("ckpt")).unwrap(), data);
+
+    // A store that does not hold the base reads the file whole.
+    let dir3 = tempfile::tempdir().unwrap();
+    let fresh = Store::open(dir3.path()).unwrap();
+    let r3 = fresh
+        .record_with(replica.path(), &m2, at(60), Some(&hint))
+        .unwrap();
+    assert_eq!(r3.bytes_read, 24 << 20);
 }

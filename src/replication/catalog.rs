@@ -80,6 +80,8 @@ pub struct Peeked {
     pub manifest: Manifest,
     /// The last committed record, when its `applied` marker is not (yet) in the log.
     pub unapplied: Option<Record>,
+    /// The last record in the log, applied or not (none once the log was compacted).
+    pub last: Option<Record>,
 }
 
 /// What [`Catalog::open`] found.
@@ -144,10 +146,12 @@ impl Catalog {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&log_path)(e)),
         }
+        let last = replay.last.clone();
         let (manifest, unapplied) = replay.finish();
         Ok(Peeked {
             manifest,
             unapplied,
+            last,
         })
     }
 

@@ -34,6 +34,7 @@ mod admission;
 pub mod apply;
 mod batch;
 mod commit;
+pub mod edits;
 mod generation;
 mod refusal;
 mod service;
@@ -118,7 +119,23 @@ pub struct Committed {
 /// The newest committed manifest, kept for the watcher until it takes it
 /// ([`Receiver::take_committed`]). Not in the watch channel itself: a channel keeps its last
 /// value, and this copy of a 100k-file manifest is tens of MiB (ARCHITECTURE.md, "Memory").
-type Handed = std::sync::Mutex<Option<(Arc<Manifest>, SystemTime)>>;
+type Handed = std::sync::Mutex<Handoff>;
+
+#[derive(Default)]
+struct Handoff {
+    newest: Option<(Arc<Manifest>, SystemTime)>,
+    /// What the generations committed since the last take changed in place.
+    edits: edits::Edits,
+}
+
+/// What [`Receiver::take_committed`] hands over: the newest committed manifest, when it was
+/// committed, and what the generations since the previous take changed inside files updated in
+/// place (ARCHITECTURE.md, "History").
+pub struct Handover {
+    pub manifest: Arc<Manifest>,
+    pub at: SystemTime,
+    pub edits: edits::Edits,
+}
 
 /// Figures for status calls and heartbeats, readable without the replica lock.
 #[derive(Clone, Debug, Default)]
@@ -180,6 +197,9 @@ struct Inner {
     /// "History").
     committed: tokio::sync::watch::Sender<Committed>,
     handed: Handed,
+    /// The generation the workspace holds, or is being changed to: set before a committed
+    /// record is applied (the history recorder reads it before and after reading files).
+    applying: AtomicU64,
 }
 
 /// The session holding the replica: its number, how to end it, and its sender's certificate
@@ -258,6 +278,7 @@ impl Receiver {
                     at: SystemTime::now(),
                 }),
                 handed: Handed::default(),
+                applying: AtomicU64::new(generation.0),
             }),
         })
     }
@@ -325,8 +346,21 @@ impl Receiver {
 
     /// The manifest of the newest commit made while someone watched, with its time, unless
     /// taken already. Taking it drops the copy: only one manifest stays resident at rest.
-    pub fn take_committed(&self) -> Option<(Arc<Manifest>, SystemTime)> {
-        self.inner.handed.lock().expect("handed").take()
+    pub fn take_committed(&self) -> Option<Handover> {
+        let mut h = self.inner.handed.lock().expect("handed");
+        let (manifest, at) = h.newest.take()?;
+        Some(Handover {
+            manifest,
+            at,
+            edits: std::mem::take(&mut h.edits),
+        })
+    }
+
+    /// The generation the workspace holds, or is being changed to when a commit is applying:
+    /// equal to a manifest's generation before and after reading a file, the file was that
+    /// generation's all along.
+    pub fn workspace_generation(&self) -> Generation {
+        Generation(self.inner.applying.load(Ordering::SeqCst))
     }
 
     /// Whether `identity` may read what this replica holds (its status, its history): the

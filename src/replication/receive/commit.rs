@@ -95,7 +95,7 @@ impl Session {
         // The manifest is copied only for a watcher (the history recorder), and replaces a copy
         // it has not taken yet.
         if self.inner.committed.receiver_count() > 0 {
-            *self.inner.handed.lock().expect("handed") = Some((Arc::new(m.clone()), at));
+            self.inner.handed.lock().expect("handed").newest = Some((Arc::new(m.clone()), at));
         }
         self.inner
             .committed
@@ -163,6 +163,7 @@ fn commit(
 ) -> Result<(Generation, [u8; 32]), Status> {
     let generation = g.generation;
     let changes: Vec<Change> = g.changes.values().map(|p| p.change.clone()).collect();
+    note_edits(inner, &st.manifest, &changes);
     // The manifest after this generation, checked before anything is made durable; any refusal
     // puts the committed manifest back as it was.
     let undo = match st.manifest.apply_undoable(&changes) {
@@ -196,6 +197,18 @@ fn commit(
         .and_then(|_| st.catalog.maybe_compact(&st.manifest))
         .map_err(|e| Status::internal(format!("catalog: {e}")))?;
     Ok((generation, root))
+}
+
+/// Gathers what the generation changes in place for the history recorder, when one watches
+/// (ARCHITECTURE.md, "History"). Before the commit point: a generation refused later only adds
+/// ranges that did not change, which costs the recorder a re-read and is never wrong.
+fn note_edits(inner: &Inner, before: &Manifest, changes: &[Change]) {
+    let mut h = inner.handed.lock().expect("handed");
+    if inner.committed.receiver_count() > 0 {
+        h.edits.add(before, changes);
+    } else {
+        h.edits.lose();
+    }
 }
 
 /// Refuses a generation before its commit point: the committed manifest is put back and what
@@ -254,6 +267,7 @@ fn apply_committed(
     t_staged: Duration,
 ) -> Result<(), Status> {
     let generation = st.manifest.generation;
+    inner.applying.store(generation.0, Ordering::SeqCst);
     if let Err(e) = apply_record(
         &inner.root,
         inner.stage.as_fd(),
@@ -280,6 +294,7 @@ fn apply_committed(
 
 /// Rolls forward a committed record whose application failed earlier in this process.
 pub(super) fn retry_apply(inner: &Inner, st: &mut State, rec: Record) -> Result<(), Status> {
+    inner.applying.store(rec.generation, Ordering::SeqCst);
     let r = apply_record(
         &inner.root,
         inner.stage.as_fd(),
