@@ -147,7 +147,7 @@ async fn reach(
                 failed.join("; ")
             );
         };
-        tracing::warn!(coordinator = %url, retry_in = ?next, errors = %failed.join("; "), "no coordinator answered the join; trying again until the token expires");
+        tracing::warn!(coordinator = %url, retry_in = ?next, errors = %failed.join("; "), "no coordinator answered the join; joining again until the token expires");
         tokio::time::sleep(next).await;
         wait = (wait * 2).min(JOIN_RETRY_MAX);
     }
@@ -208,26 +208,71 @@ async fn request(
         machine: who.machine.to_string(),
         advertise: who.advertise.to_string(),
     };
-    let (ch, at) = reach(url, &cfg, t.expires_unix).await?;
-    let refused =
-        |s: tonic::Status| anyhow::anyhow!("the coordinator refused to join us: {}", s.message());
-    let reply = match CoordinatorClient::new(ch).join(req.clone()).await {
-        Ok(r) => r,
-        Err(s) => match crate::proto::leader_named(&s).filter(|l| *l != at) {
-            Some(leader) => {
-                tracing::info!(follower = %at, %leader, "a follower named the leader: joining there");
-                let ch = tls::connect(&leader, cfg.clone())
-                    .await
-                    .with_context(|| format!("joining via the leader {leader} that {at} named"))?;
-                CoordinatorClient::new(ch)
-                    .join(req)
-                    .await
-                    .map_err(refused)?
-            }
-            None => return Err(refused(s)),
-        },
+    let mut wait = JOIN_RETRY_FIRST;
+    loop {
+        let (ch, at) = reach(url, &cfg, t.expires_unix).await?;
+        let e = match join_at(ch, &at, &req, &cfg).await {
+            Ok(reply) => return Ok(reply),
+            Err(Refusal::Final(e)) => return Err(e),
+            Err(Refusal::NoLeader(e)) => e,
+        };
+        let now = crate::host::unix_ms_now() / 1000;
+        let Some(next) = retry_wait(now, t.expires_unix, wait) else {
+            return Err(e.context("no coordinator led before the join token expired"));
+        };
+        tracing::warn!(coordinator = %at, retry_in = ?next, error = %format!("{e:#}"), "no coordinator leads just now (a hand-over); joining again until the token expires");
+        tokio::time::sleep(next).await;
+        wait = (wait * 2).min(JOIN_RETRY_MAX);
+    }
+}
+
+/// Why a join was not answered: for good, or because no coordinator leads just now (a follower
+/// refused it and the leader it named does not answer, or does not lead either).
+enum Refusal {
+    Final(anyhow::Error),
+    NoLeader(anyhow::Error),
+}
+
+/// The join sent to the coordinator at `at`; when it is a follower naming another leader, once
+/// more to that one.
+async fn join_at(
+    ch: tonic::transport::Channel,
+    at: &str,
+    req: &JoinRequest,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<JoinReply, Refusal> {
+    let s = match CoordinatorClient::new(ch).join(req.clone()).await {
+        Ok(r) => return Ok(r.into_inner()),
+        Err(s) => s,
     };
-    Ok(reply.into_inner())
+    let Some(leader) = crate::proto::leader_named(&s).filter(|l| l != at) else {
+        return Err(refusal(s));
+    };
+    tracing::info!(follower = %at, %leader, "a follower named the leader: joining there");
+    let ch = tls::connect(&leader, cfg.clone()).await.map_err(|e| {
+        let e = e.context(format!("joining via the leader {leader} that {at} named"));
+        if unanswered(&e) {
+            Refusal::NoLeader(e)
+        } else {
+            Refusal::Final(e)
+        }
+    })?;
+    CoordinatorClient::new(ch)
+        .join(req.clone())
+        .await
+        .map(|r| r.into_inner())
+        .map_err(refusal)
+}
+
+/// A refusal is final unless it says the coordinator cannot serve just now (`UNAVAILABLE`: a
+/// follower, or a leader whose engine is still loading).
+fn refusal(s: tonic::Status) -> Refusal {
+    let e = anyhow::anyhow!("the coordinator refused to join us: {}", s.message());
+    if s.code() == tonic::Code::Unavailable {
+        Refusal::NoLeader(e)
+    } else {
+        Refusal::Final(e)
+    }
 }
 
 #[cfg(test)]
@@ -241,6 +286,18 @@ mod tests {
         assert_eq!(retry_wait(199, 200, w), Some(Duration::from_secs(1)));
         assert_eq!(retry_wait(200, 200, w), None);
         assert_eq!(retry_wait(300, 200, w), None);
+    }
+
+    /// A follower's (or a loading leader's) UNAVAILABLE means "no leader just now": joining
+    /// waits; any other refusal ends it.
+    #[test]
+    fn only_an_unavailable_coordinator_makes_joining_wait() {
+        let wait = |s| matches!(refusal(s), Refusal::NoLeader(_));
+        assert!(wait(tonic::Status::unavailable(
+            "this coordinator does not serve as the leader"
+        )));
+        assert!(!wait(tonic::Status::permission_denied("token used")));
+        assert!(!wait(tonic::Status::invalid_argument("machine name")));
     }
 
     /// Nothing listens: joining waits while the token is valid.
