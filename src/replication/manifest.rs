@@ -77,7 +77,8 @@ pub enum ManifestError {
 #[derive(Debug)]
 pub struct Undo(Vec<(RelPath, Option<Entry>)>);
 
-/// An apply of at least this many changes ends with [`Manifest::make_dense`].
+/// An apply of at least this many changes (and an eighth of the manifest) ends with
+/// [`Manifest::make_dense`].
 const DENSE_AFTER: usize = 1000;
 
 #[derive(Clone, Debug, Default)]
@@ -165,7 +166,8 @@ impl Manifest {
             self.undo(undo);
             return Err(e);
         }
-        if changes.len() >= DENSE_AFTER {
+        // Rebuilding costs the whole map; only an apply of a good part of it pays for that.
+        if changes.len() >= DENSE_AFTER.max(self.entries.len() / 8) {
             self.make_dense();
         }
         Ok(undo)
