@@ -14,6 +14,16 @@ use common::*;
 /// kill -9 of the leader: a follower leads within the lease's TTL and a little, the pair's
 /// state (epoch, machines) is what the old leader wrote, both agents heartbeat to the new
 /// leader, and the pair does not fail over because of the hand-over.
+/// Pair "p" as a leader lists it has heard both its agents within the last 2 s.
+fn heard_both(p: &serde_json::Value) -> bool {
+    let fresh = |side: &str| {
+        p[side]["last_heartbeat_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms < 2000)
+    };
+    p["pair"] == "p" && fresh("gpu") && fresh("cpu")
+}
+
 #[test]
 fn a_follower_leads_after_the_leader_is_killed_and_the_pair_is_served() {
     let d = tempfile::tempdir().unwrap();
@@ -35,16 +45,9 @@ fn a_follower_leads_after_the_leader_is_killed_and_the_pair_is_served() {
 
     // Both agents come back to the new leader, and no failover happens meanwhile.
     let ok = wait_until(Duration::from_secs(30), || {
-        site.pairs(next).iter().any(|p| {
-            p["pair"] == "p"
-                && p["state"] == "Syncing"
-                && p["gpu"]["last_heartbeat_ms"]
-                    .as_u64()
-                    .is_some_and(|ms| ms < 2000)
-                && p["cpu"]["last_heartbeat_ms"]
-                    .as_u64()
-                    .is_some_and(|ms| ms < 2000)
-        })
+        site.pairs(next)
+            .iter()
+            .any(|p| heard_both(p) && p["state"] == "Syncing")
     });
     assert!(
         ok,
@@ -368,15 +371,7 @@ fn followers_point_agents_and_admins_to_the_leader() {
     let next = site.leader(Duration::from_secs(20));
     assert!(next == follower || next == other);
     let ok = wait_until(Duration::from_secs(30), || {
-        site.pairs(next).iter().any(|p| {
-            p["pair"] == "p"
-                && p["gpu"]["last_heartbeat_ms"]
-                    .as_u64()
-                    .is_some_and(|ms| ms < 2000)
-                && p["cpu"]["last_heartbeat_ms"]
-                    .as_u64()
-                    .is_some_and(|ms| ms < 2000)
-        })
+        site.pairs(next).iter().any(heard_both)
     });
     assert!(
         ok,

@@ -50,6 +50,21 @@ impl Default for Chunker {
     }
 }
 
+/// Where FastCDC cuts the first chunk of `window` (its length), with the chunker's masks.
+fn cut_len(window: &[u8], (mask_s, mask_l): (u64, u64)) -> usize {
+    cut(
+        window,
+        MIN,
+        AVG,
+        MAX,
+        mask_s,
+        mask_l,
+        mask_s << 1,
+        mask_l << 1,
+    )
+    .1
+}
+
 impl Chunker {
     /// Reads `r` to its end in chunks, handing each to `each` in order; returns the whole
     /// stream's blake3 and length. At most `2 * MAX` bytes of the stream are held at once.
@@ -61,7 +76,6 @@ impl Chunker {
         if self.buf.is_empty() {
             self.buf = vec![0u8; 2 * MAX];
         }
-        let (mask_s, mask_l) = self.masks;
         let mut hasher = blake3::Hasher::new();
         let (mut start, mut end, mut total, mut eof) = (0usize, 0usize, 0u64, false);
         loop {
@@ -78,16 +92,7 @@ impl Chunker {
                 break;
             }
             let window = &self.buf[start..end];
-            let (_, len) = cut(
-                window,
-                MIN,
-                AVG,
-                MAX,
-                mask_s,
-                mask_l,
-                mask_s << 1,
-                mask_l << 1,
-            );
+            let len = cut_len(window, self.masks);
             let data = &window[..len];
             each(Chunk {
                 id: *blake3::hash(data).as_bytes(),
@@ -197,7 +202,6 @@ impl Chunker {
         }
         w.at = pos;
         let rest = usize::try_from(len - pos).unwrap_or(usize::MAX);
-        let (mask_s, mask_l) = self.masks;
         let full = rest.min(MAX);
         let mut want = rest.min(STEP).max(w.len.min(full));
         loop {
@@ -209,16 +213,7 @@ impl Chunker {
                 (w.len, *read) = (w.len + n, *read + n as u64);
             }
             let window = &self.buf[..want];
-            let (_, n) = cut(
-                window,
-                MIN,
-                AVG,
-                MAX,
-                mask_s,
-                mask_l,
-                mask_s << 1,
-                mask_l << 1,
-            );
+            let n = cut_len(window, self.masks);
             // A cut inside the window is the cut the whole stream gives; at its end, look
             // further unless the window is all there is to look at.
             if n < want || want == full {
