@@ -82,6 +82,15 @@ pub async fn trim_when_idle(stop: tokio_util::sync::CancellationToken) {
     }
 }
 
+/// Raises the calling thread's niceness by `by` (lowers its CPU priority; a thread may always
+/// do that, never undo it without privilege: give such work a thread of its own).
+pub fn lower_this_threads_priority(by: i32) -> std::io::Result<()> {
+    let tid = rustix::thread::gettid();
+    let now = rustix::process::getpriority_process(Some(tid))?;
+    rustix::process::setpriority_process(Some(tid), (now + by).min(19))?;
+    Ok(())
+}
+
 /// Gives the pages this process freed back to the system (glibc's `malloc_trim(0)`; true when
 /// any came back). glibc keeps what each thread freed in that thread's arena: after the first
 /// sync of a 100k-file workspace, agent-gpu stayed at 190–250 MiB resident with about 100 MiB

@@ -182,7 +182,8 @@ async fn open_history(
             .context("opening the history store")?
     };
     let store = Arc::new(store);
-    let recorder = snapshots::start(store.clone(), receiver.clone(), retention, shutdown.clone());
+    let recorder = snapshots::start(store.clone(), receiver.clone(), retention, shutdown.clone())
+        .context("starting the history's recorder")?;
     if let Some(b) = &cfg.backup {
         backups::start(
             b,

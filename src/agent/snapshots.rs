@@ -6,6 +6,10 @@
 //! under it shows as `Moved`, and the recorder records the newest committed generation instead.
 //! Generations committed while a record runs are folded into the next snapshot: history is per
 //! generation when the standby keeps up, and one snapshot per record's time when it does not.
+//! Records and the retention run on a thread of their own at a lower CPU priority ([`worker`]),
+//! so that they take what replication leaves.
+
+mod worker;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -17,6 +21,7 @@ use crate::history::{Hint, HistoryError, Retention, Store};
 use crate::replication::receive::edits::Edits;
 use crate::replication::receive::{Handover, Receiver};
 use crate::types::Generation;
+use worker::Worker;
 
 /// A warning after this many records in a row that a newer generation overtook.
 const MOVED_WARN_EVERY: u32 = 20;
@@ -73,13 +78,19 @@ impl Recorder {
     }
 }
 
+/// The store, and the thread its records and retention run on.
+struct History {
+    store: Arc<Store>,
+    worker: Worker,
+}
+
 /// Starts recording a snapshot after each generation `receiver` commits.
 pub fn start(
     store: Arc<Store>,
     receiver: Receiver,
     retention: Retention,
     shutdown: CancellationToken,
-) -> Recorder {
+) -> std::io::Result<Recorder> {
     let figures = Arc::new(Mutex::new(HistoryFigures::default()));
     let rec = Recorder {
         figures: figures.clone(),
@@ -87,18 +98,19 @@ pub fn start(
     };
     refresh(&store, &figures);
     let changed = rec.changed.clone();
+    let worker = Worker::start("recorder")?;
     tokio::spawn(run(
-        store,
+        History { store, worker },
         receiver,
         retention,
         (figures, changed),
         shutdown,
     ));
-    rec
+    Ok(rec)
 }
 
 async fn run(
-    store: Arc<Store>,
+    history: History,
     receiver: Receiver,
     retention: Retention,
     (figures, changed): (Arc<Mutex<HistoryFigures>>, Arc<Notify>),
@@ -108,13 +120,13 @@ async fn run(
     let mut forget_tick = tokio::time::interval(FORGET_EVERY);
     // What the replica held when this agent stopped last may not be in the store yet.
     let mut last = None;
-    if let Some(now) = replica_at_start(&store, &receiver) {
-        last = record(&store, &receiver, now, &figures).await;
+    if let Some(now) = replica_at_start(&history.store, &receiver) {
+        last = record(&history, &receiver, now, &figures).await;
     }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = forget_tick.tick() => forget(&store, &retention, &figures).await,
+            _ = forget_tick.tick() => forget(&history, &retention, &figures).await,
             r = committed.changed() => {
                 if r.is_err() {
                     return;
@@ -127,9 +139,9 @@ async fn run(
                 else {
                     continue;
                 };
-                last = record(&store, &receiver, handed, &figures).await.or(last);
+                last = record(&history, &receiver, handed, &figures).await.or(last);
                 if over_budget(&figures, &retention) {
-                    forget(&store, &retention, &figures).await;
+                    forget(&history, &retention, &figures).await;
                 }
             }
         }
@@ -161,7 +173,7 @@ fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<Handover> {
 /// committed one instead, until one holds still. Returns the generation recorded; a failure is
 /// said in the figures and the log, and the next commit tries again.
 async fn record(
-    store: &Arc<Store>,
+    history: &History,
     receiver: &Receiver,
     mut handed: Handover,
     figures: &Arc<Mutex<HistoryFigures>>,
@@ -170,18 +182,20 @@ async fn record(
     let workspace = receiver.workspace().to_path_buf();
     let mut moved = 0;
     let r = loop {
-        let (s, ws, rx) = (store.clone(), workspace.clone(), receiver.clone());
+        let (s, ws, rx) = (history.store.clone(), workspace.clone(), receiver.clone());
         let manifest = handed.manifest.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let generation = || rx.workspace_generation();
-            let hint = Hint {
-                edits: &handed.edits,
-                workspace_generation: &generation,
-            };
-            s.record_with(&ws, &handed.manifest, handed.at, Some(&hint))
-        })
-        .await
-        .unwrap_or_else(|e| Err(task_failed(e)));
+        let r = history
+            .worker
+            .run(move || {
+                let generation = || rx.workspace_generation();
+                let hint = Hint {
+                    edits: &handed.edits,
+                    workspace_generation: &generation,
+                };
+                s.record_with(&ws, &handed.manifest, handed.at, Some(&hint))
+            })
+            .await
+            .unwrap_or_else(|worker::Gone| Err(task_failed()));
         match r {
             Err(HistoryError::Moved { path }) => {
                 // The newer generation's edits alone: what this one's said about a file is
@@ -209,7 +223,7 @@ async fn record(
             if started.elapsed() >= crate::host::BURST {
                 crate::host::after_burst();
             }
-            refresh(store, figures);
+            refresh(&history.store, figures);
             Some(generation)
         }
         Err(e) => {
@@ -232,11 +246,11 @@ async fn newer_than(receiver: &Receiver, generation: Generation) -> Option<Hando
         .filter(|h| h.manifest.generation != generation)
 }
 
-fn task_failed(e: tokio::task::JoinError) -> HistoryError {
+fn task_failed() -> HistoryError {
     HistoryError::Io {
         what: "the recording task",
         path: std::path::PathBuf::new(),
-        source: std::io::Error::other(e.to_string()),
+        source: std::io::Error::other("it panicked"),
     }
 }
 
@@ -248,9 +262,12 @@ fn over_budget(figures: &Mutex<HistoryFigures>, retention: &Retention) -> bool {
 }
 
 /// Applies the retention; a drop for the budget is a warning.
-async fn forget(store: &Arc<Store>, retention: &Retention, figures: &Arc<Mutex<HistoryFigures>>) {
-    let (s, r) = (store.clone(), retention.clone());
-    let out = tokio::task::spawn_blocking(move || s.forget(&r, SystemTime::now())).await;
+async fn forget(history: &History, retention: &Retention, figures: &Arc<Mutex<HistoryFigures>>) {
+    let (s, r) = (history.store.clone(), retention.clone());
+    let out = history
+        .worker
+        .run(move || s.forget(&r, SystemTime::now()))
+        .await;
     match out {
         Ok(Ok(p)) => {
             if !p.for_budget.is_empty() {
@@ -263,9 +280,9 @@ async fn forget(store: &Arc<Store>, retention: &Retention, figures: &Arc<Mutex<H
             }
         }
         Ok(Err(e)) => tracing::warn!(error = %e, "applying the retention failed"),
-        Err(e) => tracing::warn!(error = %e, "applying the retention failed"),
+        Err(worker::Gone) => tracing::warn!("applying the retention failed: it panicked"),
     }
-    refresh(store, figures);
+    refresh(&history.store, figures);
 }
 
 /// The store's figures into the recorder's.
