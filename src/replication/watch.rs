@@ -1,7 +1,7 @@
 //! Change detection with inotify (the `notify` crate), feeding a debounced dirty set.
 //!
-//! Hazards (measured on notify 8): registering a recursive watch emits `Access(Open)` events for
-//! notify's own walk (filtered); a file created right after its directory can go unreported (a
+//! The kernel is asked for changes only ([`WATCHED`]): no opens, no read-only closes.
+//! Hazards (measured on notify 8): a file created right after its directory can go unreported (a
 //! new directory is scanned whole, so it is covered); a kernel queue overflow arrives as a
 //! `Rescan` flag and our own queue overflowing is treated the same: everything is rescanned.
 //! Running out of watches (`MaxFilesWatch`) degrades to periodic full rescans, with a log line.
@@ -106,13 +106,19 @@ pub fn watch(workspace: &Path, exclude: Exclude) -> Watcher {
     }
 }
 
+/// What the watch asks the kernel for: changes, and the close of a file written to (not opens
+/// and read-only closes, which the workload's reads would send by the thousand).
+const WATCHED: notify::EventKindMask =
+    notify::EventKindMask::CORE.union(notify::EventKindMask::ACCESS_CLOSE);
+
 /// A recursive inotify watch of the workspace, or why there is none.
 fn start(
     workspace: &Path,
     handler: impl notify::EventHandler,
 ) -> Result<RecommendedWatcher, String> {
-    let mut w =
-        notify::recommended_watcher(handler).map_err(|e| format!("inotify unavailable: {e}"))?;
+    let config = notify::Config::default().with_event_kinds(WATCHED);
+    let mut w = RecommendedWatcher::new(handler, config)
+        .map_err(|e| format!("inotify unavailable: {e}"))?;
     w.watch(workspace, RecursiveMode::Recursive)
         .map_err(|e| format!("cannot watch {}: {e}", workspace.display()))?;
     Ok(w)
