@@ -167,3 +167,56 @@ async fn records_queued_together_are_written_together() {
     assert!(puts.len() < 300, "one write per pair: {puts:?}");
     stop.cancel();
 }
+
+/// An engine held up (here by an operator's `pair create` on a store that takes 4 s to write)
+/// while both agents go on reporting every second: once it gets to its queue, the reports count
+/// from when they arrived and detection's time waits for them, so the pair never goes Suspect.
+/// With the wall clock instead, the first tick after the hold-up would see the GPU silent for
+/// 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_up_engine_makes_no_pair_suspect() {
+    let store = Arc::new(Deposable {
+        slow: Duration::from_secs(4),
+        ..Default::default()
+    });
+    let (e, stop) = start(store.clone());
+    let mut conns = Vec::new();
+    for (side, machine, port) in [(Side::Gpu, "g1", 7702), (Side::Cpu, "c1", 7701)] {
+        let (tx, rx) = mpsc::channel(16);
+        let conn = e.next_conn();
+        e.connect("p", conn, tx).await.unwrap();
+        conns.push((side, machine, port, conn, rx));
+    }
+    let reporter = {
+        let e = e.clone();
+        let agents: Vec<_> = conns.iter().map(|c| (c.0, c.1, c.2, c.3)).collect();
+        tokio::spawn(async move {
+            for _ in 0..8 {
+                for (side, machine, port, conn) in &agents {
+                    let ip = Some("10.0.0.1".parse().unwrap());
+                    let r = report(machine, *port);
+                    e.report("p", *side, *conn, r, ip).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = std::time::Instant::now();
+    e.create("q").await.unwrap();
+    assert!(held.elapsed() >= Duration::from_secs(4));
+    reporter.await.unwrap();
+    let suspect = e
+        .metrics
+        .transitions
+        .get_or_create(&crate::control::metrics::TransitionLabel {
+            from: "Syncing".into(),
+            to: "Suspect".into(),
+        })
+        .get();
+    assert_eq!(suspect, 0, "the held-up engine made the pair Suspect");
+    let view = e.list().await.unwrap();
+    let p = view.iter().find(|v| v.pair == "p").unwrap();
+    assert_eq!(p.state, crate::proto::PairState::Syncing as i32);
+    stop.cancel();
+}
