@@ -171,16 +171,16 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let warm = tokio::task::block_in_place(|| store.sample());
-        println!(
-            "the coordinator had all {agents} agents {:.1} s after the first connected",
-            start.elapsed().as_secs_f64()
-        );
+        let ramp = start.elapsed().as_secs_f64();
+        println!("the coordinator had all {agents} agents {ramp:.1} s after the first connected");
         if let (Some(a), Some(b)) = (&before, &warm) {
             println!(
-                "etcd until then: {} puts, {} txns, {} revisions",
+                "etcd until then: {} puts, {} txns, {} revisions ({:.0} puts/s, {:.1} revisions/s, one per write transaction: creating the pairs, recording their machines, Syncing)",
                 b.puts - a.puts,
                 b.txns - a.txns,
-                b.revision - a.revision
+                b.revision - a.revision,
+                (b.puts - a.puts) / ramp,
+                (b.revision - a.revision) as f64 / ramp,
             );
         }
         println!("settling ...");
@@ -198,6 +198,7 @@ fn main() {
         let etcd1 = tokio::task::block_in_place(|| store.sample());
         let wall = t0.elapsed().as_secs_f64();
         let conn = metric(&maddr, "standby_agents_connected");
+        let behind = metric(&maddr, "standby_engine_behind_seconds");
         println!();
         println!(
             "| agents | connected (coordinator) | heartbeats/s | coordinator CPU | RSS | peak RSS |"
@@ -213,6 +214,7 @@ fn main() {
         println!(
             "(measured over {wall:.0} s on this machine; the load generator shares its cores)"
         );
+        println!("the engine's detection time behind the clock at the end: {behind:.3} s");
         let mut moved: Vec<(String, f64)> = tr1
             .iter()
             .map(|(k, v)| (k.clone(), v - tr0.get(k).copied().unwrap_or(0.0)))

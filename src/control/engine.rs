@@ -2,11 +2,17 @@
 //! their agents (neon's heartbeater pattern: one owner of the liveness table).
 //!
 //! Everything that changes a pair goes through this task, in order: heartbeats, disconnections,
-//! ticks, admin requests and provider results. For each input it steps the machine, persists the
-//! record when the machine says so *before* telling any agent anything (a failed write blocks the
-//! pair's commands until it succeeds), records events and metrics, and then sends each connected
-//! agent whatever the record says it should have been told and its connection has not received
-//! yet: commands are level-triggered (`ARCHITECTURE.md`, "The life of a failure").
+//! ticks, admin requests and provider results. For each input it steps the machine, hands the
+//! record to the store's writer when the machine says so (`writer`: a thread of its own, so the
+//! engine never waits on the store), records events and metrics, and sends each connected agent
+//! whatever the record says it should have been told and its connection has not received yet:
+//! commands are level-triggered (`ARCHITECTURE.md`, "The life of a failure"). A record that must
+//! be durable before it is acted on holds the pair's commands and provider calls until the
+//! writer confirms it (a failed write is tried again until it succeeds).
+//!
+//! Every input is stamped when it is handed in (`Inbox`): a report counts as heard then, and
+//! detection's time waits for the queue (`clock`), so a slow engine does not by itself make a
+//! pair Suspect or fail it over.
 //!
 //! [`Engine`] is the handle the gRPC service holds; [`Actor`] is the task, and
 //! `Actor::handle` hands each [`Msg`] to one handler. The handlers live by what they are about:
@@ -18,20 +24,26 @@
 //! - `seats`: who holds each seat, and the machines a written record retires (revoked);
 //! - `tick`: time passing, the batched writes, gauges and heartbeat summaries;
 //! - `actions`: what every handler ends with, carrying out the machine's actions, persist first;
+//! - `writer`: the store's writes, off this task, and their confirmations (`Msg::Written`);
+//! - `clock`: the time detection steps with;
 //! - `commands`: the commands the record says each agent should have;
 //! - `views`: what `pairs` shows;
 //! - `events`: the event log.
 
 mod actions;
 mod admin;
+mod clock;
 mod commands;
 mod conn;
 mod events;
 mod provisioning;
 mod reports;
 mod seats;
+#[cfg(test)]
+mod tests;
 mod tick;
 mod views;
+mod writer;
 
 pub use events::Events;
 pub use provisioning::{Dial, Provisioning};
@@ -52,9 +64,11 @@ use crate::control::store::certs::Registry;
 use crate::proto::state::PairRecord;
 use crate::proto::{ActionReply, AgentReport, Command, PairView};
 use crate::types::{PerSide, Side};
+use clock::Clock;
 use conn::Conn;
 use provisioning::Call;
 use reports::Figures;
+use writer::Writer;
 
 const TICK: Duration = Duration::from_millis(200);
 
@@ -120,12 +134,38 @@ enum Msg {
         machine: String,
         reply: oneshot::Sender<bool>,
     },
+    /// The store's writer wrote these records (`error`: none of them, and why).
+    Written {
+        writes: Vec<writer::Write>,
+        error: Option<String>,
+    },
+}
+
+/// The engine's queue: every input goes in stamped with when it was handed in (`clock`).
+#[derive(Clone)]
+struct Inbox(mpsc::Sender<(Instant, Msg)>);
+
+/// The engine's queue is closed (it stopped).
+#[derive(Debug)]
+struct Closed;
+
+impl Inbox {
+    async fn send(&self, m: Msg) -> Result<(), Closed> {
+        self.0.send((Instant::now(), m)).await.map_err(|_| Closed)
+    }
+
+    /// From a thread outside the runtime (the store's writer).
+    fn blocking_send(&self, m: Msg) -> Result<(), Closed> {
+        self.0
+            .blocking_send((Instant::now(), m))
+            .map_err(|_| Closed)
+    }
 }
 
 /// A handle on the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Msg>,
+    tx: Inbox,
     pub events: Arc<Events>,
     pub metrics: Arc<Metrics>,
     conns: Arc<std::sync::atomic::AtomicU64>,
@@ -161,12 +201,23 @@ impl Engine {
         metrics.pairs.set(pairs.len() as i64);
         tracing::info!(pairs = pairs.len(), "coordinator state loaded");
         let (tx, rx) = mpsc::channel(65536);
+        let tx = Inbox(tx);
+        let writer = Writer::start(store.clone(), tx.clone()).map_err(|e| {
+            crate::control::store::StoreError::Io {
+                path: "store-writer".into(),
+                source: e,
+            }
+        })?;
         let mut actor = Actor {
             pairs,
             timing,
             policy,
             prov: provisioning.map(Arc::new),
             self_tx: tx.clone(),
+            clock: Clock::default(),
+            writer: Some(writer),
+            seq: 0,
+            replies: HashMap::new(),
             inflight: HashSet::new(),
             last_poll: now,
             last_sweep: now,
@@ -315,7 +366,15 @@ struct Actor {
     timing: Timing,
     policy: Policy,
     prov: Option<Arc<Provisioning>>,
-    self_tx: mpsc::Sender<Msg>,
+    self_tx: Inbox,
+    /// The time detection steps with.
+    clock: Clock,
+    /// The store's writer (None once it was told to finish).
+    writer: Option<Writer>,
+    /// The number of the last write handed to the writer.
+    seq: u64,
+    /// Operators' answers held until their pair's record is written.
+    replies: HashMap<String, Vec<admin::Held>>,
     /// Provider calls under way.
     inflight: HashSet<Call>,
     last_poll: Instant,
@@ -340,8 +399,11 @@ struct Entry {
     /// Connections claiming a side for a machine the pair does not accept (an old GPU).
     others: HashMap<u64, Conn>,
     figures: PerSide<Figures>,
-    /// A durable write failed: no command goes out until the record is on disk.
+    /// A durable write is asked for and not confirmed yet (or it failed and goes again): no
+    /// command goes out and no provider call starts until it is.
     blocked: bool,
+    /// The number of the durable write that unblocks the pair (`writer`).
+    want: u64,
     /// The record as last written: what the next write is compared with (`seats`).
     written: PairRecord,
 }
@@ -371,6 +433,7 @@ impl Entry {
             others: HashMap::new(),
             figures: PerSide::default(),
             blocked: false,
+            want: 0,
             written,
         }
     }
@@ -391,7 +454,7 @@ impl Entry {
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, shutdown: CancellationToken) {
+    async fn run(mut self, mut rx: mpsc::Receiver<(Instant, Msg)>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n = 0u64;
@@ -399,20 +462,30 @@ impl Actor {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 m = rx.recv() => match m {
-                    Some(m) => self.handle(m),
+                    Some((at, m)) => {
+                        self.clock.handled(at);
+                        self.handle(m, at);
+                    }
                     None => break,
                 },
                 _ = tick.tick() => {
                     n += 1;
-                    self.tick(n.is_multiple_of(5));
+                    let now = self.clock.now(Instant::now(), !rx.is_empty());
+                    self.tick(now, n.is_multiple_of(5));
                 }
             }
         }
+        // The batch goes to the writer, which writes what it holds and stops; its answers are
+        // not waited for (the queue closes first).
         self.flush_soon();
+        drop(rx);
+        if let Some(w) = self.writer.take() {
+            w.finish().await;
+        }
     }
 
     /// One handler per input.
-    fn handle(&mut self, m: Msg) {
+    fn handle(&mut self, m: Msg, at: Instant) {
         match m {
             Msg::Connect { pair, conn, tx } => self.on_connect(&pair, conn, tx),
             Msg::Report {
@@ -421,8 +494,8 @@ impl Actor {
                 conn,
                 report,
                 observed,
-            } => self.on_report(&pair, side, conn, *report, observed),
-            Msg::Disconnect { pair, side, conn } => self.on_disconnect(&pair, side, conn),
+            } => self.on_report(&pair, side, conn, *report, (observed, at)),
+            Msg::Disconnect { pair, side, conn } => self.on_disconnect(&pair, side, conn, at),
             Msg::Create { pair, reply } => {
                 let _ = reply.send(self.on_create(&pair));
             }
@@ -430,7 +503,8 @@ impl Actor {
                 let _ = reply.send(self.views());
             }
             Msg::Manual { pair, input, reply } => {
-                let _ = reply.send(self.on_manual(&pair, input));
+                let answer = self.on_manual(&pair, input);
+                self.answer_when_written(&pair, reply, answer);
             }
             Msg::Provider { pair, op, input } => self.on_provider(&pair, &op, input),
             Msg::Owned { label, reply } => {
@@ -455,6 +529,7 @@ impl Actor {
             } => {
                 let _ = reply.send(self.holds_seat(&pair, side, &machine));
             }
+            Msg::Written { writes, error } => self.on_written(writes, error),
         }
     }
 }

@@ -404,7 +404,8 @@ impl PairMachine {
         out
     }
 
-    /// Moves to `to` (nothing if already there), to be persisted before it is acted on.
+    /// Moves to `to` (nothing if already there), to be persisted before it is acted on, or
+    /// with the next batch when nothing acts on it (`durable_before_acting`).
     fn go(&mut self, to: PairState, reason: String, out: &mut Vec<Action>) {
         let from = self.state();
         if from == to {
@@ -413,7 +414,10 @@ impl PairMachine {
         self.rec.set_state(to.into());
         self.rec.reason = reason.clone();
         self.rec.changed_unix_ms = self.wall_ms;
-        out.push(Action::Persist);
+        out.push(match durable_before_acting(from, to) {
+            true => Action::Persist,
+            false => Action::PersistSoon,
+        });
         out.push(Action::Transition { from, to, reason });
     }
 
@@ -442,6 +446,20 @@ impl PairMachine {
             Side::Cpu => &mut self.rec.cpu_owned,
         }
     }
+}
+
+/// Whether a transition must be durable before anything acts on it. Every one must, but
+/// `Syncing` <-> `Suspect`: the state shown to operators while the GPU is late. It sends no
+/// command ([`PairMachine::desired`] is the same in both), changes no epoch, primary, machine or
+/// intent, and a leader that loads it stale derives nothing from it: detection counts silence
+/// from its own start in either state, and a failover from either needs the CPU agent's
+/// confirmation (`detection`). Under load it is most of the writes (a late heartbeat is two
+/// transitions), so it goes with the next batch.
+pub fn durable_before_acting(from: PairState, to: PairState) -> bool {
+    !matches!(
+        (from, to),
+        (PairState::Syncing, PairState::Suspect) | (PairState::Suspect, PairState::Syncing)
+    )
 }
 
 fn refuse(out: &mut Vec<Action>, message: String) {

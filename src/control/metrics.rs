@@ -206,6 +206,8 @@ pub struct Metrics {
     pub transitions: Family<TransitionLabel, Counter>,
     pub agents_connected: Gauge,
     pub heartbeats: Counter,
+    /// How far the engine's detection time is behind the wall clock (its queue).
+    pub engine_behind: FGauge,
     pub pairs: Gauge,
     pub restore_progress: Family<PairLabel, FGauge>,
     pub disk_free: Family<PairSideLabel, Gauge>,
@@ -256,6 +258,7 @@ impl Metrics {
             transitions: Family::default(),
             agents_connected: Gauge::default(),
             heartbeats: Counter::default(),
+            engine_behind: FGauge::default(),
             pairs: Gauge::default(),
             restore_progress: Family::default(),
             disk_free: Family::default(),
@@ -549,6 +552,12 @@ impl Metrics {
             "standby_pairs",
             "Pairs known to the coordinator",
             self.pairs.clone(),
+        );
+        reg.unit(
+            "standby_engine_behind",
+            "How far the engine's detection time is behind the clock: inputs waiting in its queue",
+            Unit::Seconds,
+            self.engine_behind.clone(),
         );
         reg.unit(
             "standby_pair_restore_progress",

@@ -1,11 +1,13 @@
 //! What every handler ends with: carrying out the actions the pair's machine returned. The
-//! record is written first (a failed write holds the pair's commands until it succeeds), then
-//! events, metrics and notifications are recorded, then the agents are told what the record
-//! now says.
+//! record goes to the store's writer first (one that must be durable holds the pair's commands
+//! and provider calls until the writer confirms it; a failed write goes again), then events,
+//! metrics and notifications are recorded, then the agents are told what the record now says
+//! (nothing while it is held). The writer's answers come back here (`on_written`).
 
 use super::Actor;
 use super::events::event;
 use super::views::proto_state;
+use super::writer::Write;
 use crate::control::failover::{Action, PairState};
 use crate::control::metrics::{PairLabel, TransitionLabel};
 use crate::control::notify::{Notice, NoticeKind};
@@ -25,24 +27,65 @@ impl Actor {
         self.sync_commands(pair);
     }
 
-    /// Writes the record now when the actions say so (blocking the pair's commands while that
-    /// fails), or with the next batch.
+    /// Hands the record to the writer now when the actions say so, holding the pair's commands
+    /// until it is written, or with the next batch.
     fn persist(&mut self, pair: &str, actions: &[Action]) {
-        let e = self.pairs.get_mut(pair).expect("checked");
         if actions.contains(&Action::Persist) {
-            match self.store.put_pairs(std::slice::from_ref(&e.m.rec), true) {
-                Ok(()) => {
-                    e.blocked = false;
-                    self.soon.remove(pair);
-                    self.after_write(pair);
-                }
-                Err(err) => {
-                    tracing::error!(pair, error = %err, "cannot persist the pair; holding its commands until it is written");
-                    e.blocked = true;
-                }
-            }
+            self.write_now(pair);
         } else if actions.contains(&Action::PersistSoon) {
             self.soon.insert(pair.to_string());
+        }
+    }
+
+    /// Hands `pair`'s record to the writer; its commands are held until it is written.
+    pub(super) fn write_now(&mut self, pair: &str) {
+        let seq = self.submit(pair);
+        let e = self.pairs.get_mut(pair).expect("checked");
+        e.blocked = true;
+        e.want = seq;
+        self.soon.remove(pair);
+    }
+
+    /// Hands `pair`'s record as it is now to the writer; the write's number.
+    pub(super) fn submit(&mut self, pair: &str) -> u64 {
+        self.seq += 1;
+        let rec = self.pairs[pair].m.rec.clone();
+        match &self.writer {
+            Some(w) => w.submit(self.seq, rec),
+            None => tracing::error!(pair, "the store writer stopped; the record was not written"),
+        }
+        self.seq
+    }
+
+    /// The writer's answer. Written: what each record retired is retired, and a pair waiting
+    /// for this write (or an older one) is released: its commands, provider calls and held
+    /// answers go out. Not written: each pair goes with the next batch, and one that was held
+    /// stays held.
+    pub(super) fn on_written(&mut self, writes: Vec<Write>, error: Option<String>) {
+        if let Some(err) = error {
+            tracing::error!(records = writes.len(), error = %err, "cannot persist pair records; holding the commands of those that must be durable, writing again");
+            for w in writes {
+                if self.pairs.contains_key(&w.rec.name) {
+                    self.soon.insert(w.rec.name);
+                }
+            }
+            return;
+        }
+        for w in writes {
+            let pair = w.rec.name.clone();
+            let Some(e) = self.pairs.get_mut(&pair) else {
+                continue;
+            };
+            let released = e.blocked && w.seq >= e.want;
+            if released {
+                e.blocked = false;
+            }
+            self.after_write(&pair, w.rec);
+            if released {
+                self.sync_commands(&pair);
+                self.drive_provider(&pair);
+                self.release_answers(&pair);
+            }
         }
     }
 

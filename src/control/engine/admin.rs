@@ -1,8 +1,10 @@
 //! An operator's requests: creating a pair, and failing over, recovering, hibernating or waking
-//! one. The reply carries what the machine said, or why it refused.
+//! one. The reply carries what the machine said, or why it refused, and goes once what it says
+//! is written (`Held`).
 
 use std::time::Instant;
 
+use tokio::sync::oneshot;
 use tonic::Status;
 
 use super::events::event;
@@ -20,7 +22,7 @@ impl Actor {
                 "pair {pair} already exists"
             )));
         }
-        self.create(pair)?;
+        self.create(pair, Durable::Now)?;
         self.events
             .emit(event(pair, EventKind::Created, "pair created".into()));
         Ok(self.view(pair))
@@ -48,19 +50,65 @@ impl Actor {
         })
     }
 
-    /// A new pair: its name checked and its record on disk before it exists here.
-    pub(super) fn create(&mut self, pair: &str) -> Result<(), Status> {
+    /// A new pair, its name checked. `Now`: its record is written before it exists here (an
+    /// operator is told it was created); `Later`: it is handed to the writer, and the pair's
+    /// commands are held until it is written (a pair its first agent creates).
+    pub(super) fn create(&mut self, pair: &str, durable: Durable) -> Result<(), Status> {
         crate::trust::identity::check_name(pair)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let rec = PairMachine::new_record(pair, unix_ms_now());
-        self.store
-            .put_pairs(std::slice::from_ref(&rec), true)
-            .map_err(|e| Status::internal(format!("persisting the new pair: {e}")))?;
+        if durable == Durable::Now {
+            // No write of this pair can be with the writer: it did not exist.
+            self.store
+                .put_pairs(std::slice::from_ref(&rec), true)
+                .map_err(|e| Status::internal(format!("persisting the new pair: {e}")))?;
+        }
         let entry = Entry::resume(pair, rec, Instant::now(), &self.policy, &self.metrics);
         self.pairs.insert(pair.to_string(), entry);
         self.metrics.pairs.set(self.pairs.len() as i64);
+        if durable == Durable::Later {
+            self.write_now(pair);
+        }
         Ok(())
     }
+
+    /// Sends an operator's answer about `pair` once the pair's record is written (at once when
+    /// nothing about it waits for the writer).
+    pub(super) fn answer_when_written(
+        &mut self,
+        pair: &str,
+        reply: oneshot::Sender<Result<ActionReply, Status>>,
+        answer: Result<ActionReply, Status>,
+    ) {
+        if self.pairs.get(pair).is_some_and(|e| e.blocked) {
+            self.replies
+                .entry(pair.to_string())
+                .or_default()
+                .push(Held { reply, answer });
+        } else {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// The answers held for `pair`, now that its record is written.
+    pub(super) fn release_answers(&mut self, pair: &str) {
+        for h in self.replies.remove(pair).unwrap_or_default() {
+            let _ = h.reply.send(h.answer);
+        }
+    }
+}
+
+/// When a new pair's record must be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Durable {
+    Now,
+    Later,
+}
+
+/// An operator's answer, held until its pair's record is written.
+pub(super) struct Held {
+    reply: oneshot::Sender<Result<ActionReply, Status>>,
+    answer: Result<ActionReply, Status>,
 }
 
 /// Why the machine refused an operator's request, if it did.

@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::Actor;
+use super::admin::Durable;
 use super::commands::command_for;
 use super::events::event;
 use crate::control::failover::{Desired, Input};
@@ -43,7 +44,7 @@ impl Actor {
         tx: mpsc::Sender<Result<Command, Status>>,
     ) {
         if !self.pairs.contains_key(pair) {
-            if let Err(e) = self.create(pair) {
+            if let Err(e) = self.create(pair, Durable::Later) {
                 let _ = tx.try_send(Err(e));
                 return;
             }
@@ -57,8 +58,9 @@ impl Actor {
         e.others.insert(conn, Conn::new(conn, tx));
     }
 
-    /// A stream ended: if it held its side's slot, the side is disconnected for the machine.
-    pub(super) fn on_disconnect(&mut self, pair: &str, side: Side, conn: u64) {
+    /// A stream ended (handed in at `at`): if it held its side's slot, the side is disconnected
+    /// for the machine.
+    pub(super) fn on_disconnect(&mut self, pair: &str, side: Side, conn: u64, at: Instant) {
         let Some(e) = self.pairs.get_mut(pair) else {
             return;
         };
@@ -66,8 +68,7 @@ impl Actor {
         if e.conns[side].as_ref().is_some_and(|c| c.id == conn) {
             e.conns[side] = None;
             self.metrics.agents_connected.dec();
-            let actions =
-                e.m.step(Input::Disconnected(side, Instant::now()), &self.timing);
+            let actions = e.m.step(Input::Disconnected(side, at), &self.timing);
             self.act(pair, actions);
         }
     }
@@ -86,6 +87,9 @@ impl Actor {
                 None => return,
             },
         };
+        if e.blocked {
+            return; // its epoch may not be durable yet: told once it is written, at its next report
+        }
         let d = Desired::Fence {
             epoch: e.m.epoch(),
             reason: format!(

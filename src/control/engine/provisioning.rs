@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::events::event;
-use super::{Actor, Msg};
+use super::{Actor, Inbox, Msg};
 use crate::control::failover::Input;
 use crate::control::metrics::{Metrics, OutcomeLabel, ProviderLabel};
 use crate::control::provider::{
@@ -332,7 +332,7 @@ async fn sweep_one(
     provider: &Arc<dyn Provider>,
     limit: Duration,
     prefix: &str,
-    tx: &mpsc::Sender<Msg>,
+    tx: &Inbox,
 ) -> Option<Vec<String>> {
     let machines = match tokio::time::timeout(limit, provider.list(prefix)).await {
         Ok(Ok(machines)) => machines,

@@ -41,15 +41,16 @@ impl From<&AgentReport> for Figures {
 }
 
 impl Actor {
-    /// A heartbeat: from the side's accepted machine it steps the pair; from any other machine
-    /// claiming the side, it only earns a fence.
+    /// A heartbeat, handed in at `at` (when it counts as heard): from the side's accepted
+    /// machine it steps the pair; from any other machine claiming the side, it only earns a
+    /// fence.
     pub(super) fn on_report(
         &mut self,
         pair: &str,
         side: Side,
         conn: u64,
         r: AgentReport,
-        observed: Option<IpAddr>,
+        (observed, at): (Option<IpAddr>, Instant),
     ) {
         if !self.pairs.contains_key(pair) {
             return;
@@ -75,7 +76,7 @@ impl Actor {
         if side == Side::Gpu {
             self.gpu_metrics(pair, &r);
         }
-        let report = detection_report(side, r, observed);
+        let report = detection_report(side, r, observed, at);
         let e = self.pairs.get_mut(pair).expect("checked");
         e.m.wall_ms = unix_ms_now();
         let actions = e.m.step(Input::Report(side, report), &self.timing);
@@ -141,8 +142,8 @@ impl Actor {
     }
 }
 
-/// What a heartbeat tells the failover machine.
-fn detection_report(side: Side, r: AgentReport, observed: Option<IpAddr>) -> Report {
+/// What a heartbeat handed in at `at` tells the failover machine.
+fn detection_report(side: Side, r: AgentReport, observed: Option<IpAddr>, at: Instant) -> Report {
     let fatal = r
         .gpu
         .as_ref()
@@ -158,7 +159,7 @@ fn detection_report(side: Side, r: AgentReport, observed: Option<IpAddr>) -> Rep
     };
     let status = agent_status(&r);
     Report {
-        at: Instant::now(),
+        at,
         epoch: Epoch(r.epoch),
         fatal,
         probe_ok_age: probe,

@@ -14,6 +14,7 @@ use crate::control::failover::{Retired, retired};
 use crate::control::metrics::Refusal;
 use crate::control::store::certs::Retire;
 use crate::host::unix_ms_now;
+use crate::proto::state::PairRecord;
 use crate::proto::{Event, EventKind};
 use crate::trust::identity::{Identity, Role};
 use crate::trust::token::Token;
@@ -70,13 +71,13 @@ impl Actor {
         self.revoke(pair, &which, &format!("replaced in its seat by {machine}"));
     }
 
-    /// After a write of `pair`'s record: retires what the write retired.
-    pub(super) fn after_write(&mut self, pair: &str) {
+    /// After `written`, a record of `pair`, is written: retires what the write retired.
+    pub(super) fn after_write(&mut self, pair: &str, written: PairRecord) {
         let Some(e) = self.pairs.get_mut(pair) else {
             return;
         };
-        let gone = retired(&e.written, &e.m.rec);
-        e.written = e.m.rec.clone();
+        let gone = retired(&e.written, &written);
+        e.written = written;
         for r in gone {
             self.retire(pair, &r);
         }

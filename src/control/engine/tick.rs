@@ -1,6 +1,6 @@
-//! Time passing. Every tick steps each pair (retrying a write that blocked it) and starts the
-//! provider polls and sweeps that are due; every fifth also writes the batched records,
-//! refreshes the gauges and sends heartbeat summaries.
+//! Time passing. Every tick steps each pair (with detection's time, `clock`) and starts the
+//! provider polls and sweeps that are due; every fifth also hands the batched records to the
+//! writer (with those whose write failed), refreshes the gauges and sends heartbeat summaries.
 
 use std::time::{Duration, Instant};
 
@@ -10,18 +10,21 @@ use crate::control::failover::Input;
 use crate::control::metrics::CertLabel;
 use crate::control::metrics::{PairLabel, PairSideLabel, RoleLabel};
 use crate::host::unix_ms_now;
-use crate::proto::state::PairRecord;
 use crate::proto::{Event, EventKind, MachineView};
 use crate::types::{PerSide, Side};
 
 impl Actor {
-    /// Time passes for every pair; every fifth tick (`slow`) also writes the batch, refreshes
-    /// the gauges and sends heartbeat summaries.
-    pub(super) fn tick(&mut self, slow: bool) {
+    /// Time passes for every pair, up to `at` (detection's time: behind the wall clock while
+    /// inputs wait in the queue); every fifth tick (`slow`) also writes the batch, refreshes the
+    /// gauges and sends heartbeat summaries.
+    pub(super) fn tick(&mut self, at: Instant, slow: bool) {
         let now = Instant::now();
+        self.metrics
+            .engine_behind
+            .set(self.clock.behind(now).as_secs_f64());
         let names: Vec<String> = self.pairs.keys().cloned().collect();
         for name in &names {
-            self.tick_pair(name, now);
+            self.tick_pair(name, at);
         }
         self.tick_provider(now);
         self.report_refused_handshakes();
@@ -32,20 +35,9 @@ impl Actor {
         }
     }
 
-    /// One pair's tick; a pair whose record could not be written retries that first.
+    /// One pair's tick.
     fn tick_pair(&mut self, name: &str, now: Instant) {
         let e = self.pairs.get_mut(name).expect("listed");
-        if e.blocked {
-            // Retry the write that blocked this pair.
-            if self
-                .store
-                .put_pairs(std::slice::from_ref(&e.m.rec), true)
-                .is_err()
-            {
-                return;
-            }
-            e.blocked = false;
-        }
         e.m.wall_ms = unix_ms_now();
         let actions = e.m.step(Input::Tick(now), &self.timing);
         if !actions.is_empty() {
@@ -104,23 +96,13 @@ impl Actor {
         }
     }
 
-    /// Writes the records batched for later in one go (kept for the next try on failure).
+    /// Hands the records batched for later to the writer, which writes them together (a
+    /// failed write puts them back in the batch: `on_written`).
     pub(super) fn flush_soon(&mut self) {
-        if self.soon.is_empty() {
-            return;
-        }
-        let recs: Vec<PairRecord> = self
-            .soon
-            .iter()
-            .filter_map(|n| self.pairs.get(n).map(|e| e.m.rec.clone()))
-            .collect();
-        match self.store.put_pairs(&recs, true) {
-            Ok(()) => {
-                for pair in std::mem::take(&mut self.soon) {
-                    self.after_write(&pair);
-                }
+        for pair in std::mem::take(&mut self.soon) {
+            if self.pairs.contains_key(&pair) {
+                self.submit(&pair);
             }
-            Err(e) => tracing::warn!(error = %e, "cannot persist machine records; will retry"),
         }
     }
 

@@ -379,3 +379,93 @@ fn new_machines_dial_every_member() {
     };
     assert_eq!(alone.addresses(), "10.0.0.9:7700");
 }
+
+/// The engine on etcd: pairs created together by their first agents go in a few guarded
+/// transactions, not one each; and once its leader is deposed, the engine's writer is refused, so
+/// a pair whose change must be durable (both agents joined: `Syncing`) is told nothing, and etcd
+/// keeps the new leader's record.
+#[test]
+fn the_engine_batches_its_writes_and_a_deposed_one_commands_nothing() {
+    use crate::control::engine::{Engine, Reporting};
+    use crate::control::failover::{Policy, Timing};
+    use crate::control::metrics::Metrics;
+    use crate::control::store::certs::Registry;
+    use crate::trust::revocation::DenyList;
+    use crate::types::Side;
+
+    let Some(c) = Cluster::start(1) else { return };
+    let (old, _) = leader(&c, Duration::from_secs(6));
+    let old_lease = old.lease.lock().unwrap().as_ref().unwrap().id;
+    let old: Arc<dyn Store> = Arc::new(old);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let engine = rt.block_on(async {
+        let registry = Arc::new(Registry::load(old.clone(), DenyList::new()).unwrap());
+        let reporting = Reporting {
+            metrics: Arc::new(Metrics::new()),
+            notifier: crate::control::notify::Notifier::none(),
+        };
+        let (t, p) = (Timing::default(), Policy::default());
+        Engine::start(old.clone(), t, p, None, registry, reporting, stop.clone()).unwrap()
+    });
+    let before = c.revision();
+    let mut keep = Vec::new();
+    rt.block_on(async {
+        for i in 0..150 {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            engine
+                .connect(&format!("p{i}"), engine.next_conn(), tx)
+                .await
+                .unwrap();
+            keep.push(rx);
+        }
+    });
+    let t0 = Instant::now();
+    while new_leader_view(&c).len() < 150 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "not all written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let txns = c.revision() - before;
+    assert!(txns < 75, "150 new pairs took {txns} transactions");
+
+    // Deposed: its lease revoked behind its back, another leader wins and writes p0.
+    raw(&c, async |mut cl| cl.lease_revoke(old_lease).await.unwrap());
+    let (new, _) = leader(&c, Duration::from_secs(6));
+    new.put_pairs(&[pair("p0", 5)], true).unwrap();
+    let mut rxs = Vec::new();
+    rt.block_on(async {
+        for (side, machine, port) in [(Side::Gpu, "g1", 7702), (Side::Cpu, "c1", 7701)] {
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let conn = engine.next_conn();
+            engine.connect("p0", conn, tx).await.unwrap();
+            let r = crate::proto::AgentReport {
+                machine: machine.into(),
+                epoch: 1,
+                listen_port: port,
+                ..Default::default()
+            };
+            let ip = Some("10.0.0.1".parse().unwrap());
+            engine.report("p0", side, conn, r, ip).await.unwrap();
+            rxs.push(rx);
+        }
+        let view = engine.list().await.unwrap();
+        let p0 = view.iter().find(|v| v.pair == "p0").unwrap();
+        assert_eq!(p0.state, PairState::Syncing as i32);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    });
+    for mut rx in rxs {
+        assert!(rx.try_recv().is_err(), "a deposed engine sent a command");
+    }
+    assert_eq!(new.load().unwrap().pairs["p0"].epoch, 5);
+    stop.cancel();
+    drop(rt);
+}
+
+/// The pairs etcd holds, as a fresh reader sees them.
+fn new_leader_view(c: &Cluster) -> std::collections::HashMap<String, PairRecord> {
+    store(c).load().unwrap().pairs
+}
