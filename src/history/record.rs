@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::disk::fsx::{self, Root};
 use crate::history::HistoryError;
@@ -22,7 +22,7 @@ use crate::history::snapshot::{self, SnapPath, SnapshotInfo};
 use crate::history::store::{Store, sort, unix_ms};
 use crate::proto::Entry;
 use crate::proto::history::SnapshotSummary;
-use crate::replication::manifest::{Kind, Manifest, kind_of, wire_entry};
+use crate::replication::manifest::{Kind, Manifest, hash_entry, kind_of, wire_entry};
 use crate::replication::receive::edits::Edits;
 use crate::types::{Generation, RelPath};
 
@@ -38,9 +38,41 @@ pub struct Recorded {
     pub bytes_read: u64,
     /// Chunks not held before.
     pub chunks_stored: u64,
+    /// Where the time went.
+    pub phases: Phases,
+}
+
+/// The time of each phase of one `record` (the benchmark prints them; ARCHITECTURE.md,
+/// "History").
+#[derive(Clone, Debug, Default)]
+pub struct Phases {
+    /// Walking the manifest: looking up each file's content, building the snapshot's paths.
+    pub walk: Duration,
+    /// Reading, chunking and hashing the files read.
+    pub chunk: Duration,
+    /// Compressing new chunks and writing them into packs.
+    pub pack: Duration,
+    /// Sealing packs: footers, fsyncs, renames into `packs/`.
+    pub seal: Duration,
+    /// Encoding the snapshot file.
+    pub encode: Duration,
+    /// Writing the snapshot file durably.
+    pub write: Duration,
+    /// Publishing: the index, the list, the by-content map of the new snapshot.
+    pub publish: Duration,
 }
 
 type Known = HashMap<[u8; 32], Vec<ChunkId>>;
+
+/// The body chunks of each run of paths of the newest snapshot, by the digest of its entries.
+pub(super) type Runs = HashMap<[u8; 32], Vec<ChunkId>>;
+
+/// A run of paths ends after one in this many on average (about 10 KB of body)...
+const RUN_AVG: u64 = 64;
+/// ...or after this many.
+const RUN_MAX: usize = 1024;
+/// A run's encoding is stored in chunks of at most this (a run of files with long chunk lists).
+const PIECE: usize = 1 << 20;
 
 /// What the receiver knows of the generation being recorded (ARCHITECTURE.md, "History"):
 /// the ranges commits changed in files updated in place, and which generation the replica
@@ -65,6 +97,9 @@ struct Run<'a> {
     new_bytes: u64,
     hint: Option<&'a Hint<'a>>,
     generation: Generation,
+    phases: Phases,
+    /// Time spent in `file` (reading, chunking, packing and sealing together).
+    in_files: Duration,
 }
 
 impl Store {
@@ -93,6 +128,7 @@ impl Store {
         if writer.known.is_none() {
             writer.known = Some(self.newest_known()?);
         }
+        let writer = &mut *writer;
         let known = writer.known.as_ref().expect("just loaded");
         let replica = Root::open(replica_root)
             .map_err(HistoryError::io("opening the replica", replica_root))?;
@@ -109,25 +145,44 @@ impl Store {
             new_bytes: 0,
             hint,
             generation: manifest.generation,
+            phases: Phases::default(),
+            in_files: Duration::ZERO,
         };
-        let paths = run
-            .all(manifest, known)
-            .and_then(|paths| run.seal().map(|()| paths));
+        let t = Instant::now();
+        let walked = run.all(manifest, known, &writer.runs);
+        run.phases.walk = t
+            .elapsed()
+            .saturating_sub(run.in_files)
+            .saturating_sub(run.phases.encode);
+        run.phases.chunk = (run.in_files)
+            .saturating_sub(run.phases.pack)
+            .saturating_sub(run.phases.seal);
+        let walked = walked.and_then(|w| run.seal().map(|()| w));
+        let mut phases = std::mem::take(&mut run.phases);
         // Installed packs are on disk whatever happened: the index mirrors `packs/` (a retry
         // reuses their chunks; prune removes them if nothing ever does).
         let chunks_stored = run.fresh.len() as u64;
         let (files_read, bytes_read, new_bytes) = (run.files_read, run.bytes_read, run.new_bytes);
         self.publish_packs(std::mem::take(&mut run.installed));
         drop(run);
-        let paths = paths?;
-        let summary = summarize(manifest, at, new_bytes, &paths);
-        let info = self.publish_snapshot(&summary, &paths)?;
-        writer.known = Some(known_of(&paths));
+        let walked = walked?;
+        let summary = summarize(manifest, at, new_bytes);
+        let info = self.publish_snapshot(&summary, &walked.body, &mut phases)?;
+        let t = Instant::now();
+        let known = writer.known.as_mut().expect("loaded above");
+        known.extend(walked.learned);
+        // Contents no snapshot holds any more pile up: start again from the newest snapshot.
+        if known.len() as u64 > 2 * summary.files + 1024 {
+            writer.known = None;
+        }
+        writer.runs = walked.runs;
+        phases.publish += t.elapsed();
         Ok(Recorded {
             info,
             files_read,
             bytes_read,
             chunks_stored,
+            phases,
         })
     }
 
@@ -153,17 +208,23 @@ impl Store {
     fn publish_snapshot(
         &self,
         summary: &SnapshotSummary,
-        paths: &[SnapPath],
+        body: &[ChunkId],
+        phases: &mut Phases,
     ) -> Result<SnapshotInfo, HistoryError> {
-        let bytes = snapshot::encode(summary, paths)
-            .map_err(HistoryError::io("encoding a snapshot in", self.dir()))?;
+        let t = Instant::now();
+        let bytes = snapshot::encode(summary, body);
+        phases.encode += t.elapsed();
+        let t = Instant::now();
         let id = snapshot::write(&bytes, &self.tmp_dir(), &self.snapshots_dir())?;
+        phases.write = t.elapsed();
+        let t = Instant::now();
         let info = snapshot::read_info(&self.snapshot_path(&id), id)?;
         let mut state = self.state_mut();
         if !state.snapshots.iter().any(|s| s.id == id) {
             state.snapshots.push(info.clone());
             sort(&mut state.snapshots);
         }
+        phases.publish = t.elapsed();
         Ok(info)
     }
 }
@@ -176,12 +237,7 @@ fn known_of(paths: &[SnapPath]) -> Known {
         .collect()
 }
 
-fn summarize(
-    manifest: &Manifest,
-    at: SystemTime,
-    new_bytes: u64,
-    paths: &[SnapPath],
-) -> SnapshotSummary {
+fn summarize(manifest: &Manifest, at: SystemTime, new_bytes: u64) -> SnapshotSummary {
     SnapshotSummary {
         time_ms: unix_ms(at),
         generation: manifest.generation.0,
@@ -189,7 +245,7 @@ fn summarize(
         files: manifest.file_count() as u64,
         bytes: manifest.total_bytes(),
         new_bytes,
-        entries: paths.len() as u64,
+        entries: manifest.len() as u64,
     }
 }
 
@@ -202,16 +258,78 @@ fn moved(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(libc::ELOOP)
 }
 
+/// Whether a run of paths ends after `p`: its FNV-1a hash is 0 modulo [`RUN_AVG`]. Cuts that
+/// depend on the path alone keep every run that no change touched the same from snapshot to
+/// snapshot, so its chunk is stored once (ARCHITECTURE.md, "History").
+fn ends_run(p: &RelPath) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h % RUN_AVG == 0
+}
+
 impl Run<'_> {
-    fn all(&mut self, manifest: &Manifest, known: &Known) -> Result<Vec<SnapPath>, HistoryError> {
-        let mut paths = Vec::with_capacity(manifest.len());
+    /// Walks the manifest in runs of paths, storing the body chunks of runs `runs` does not
+    /// hold (from the newest snapshot this process recorded) and the files they need.
+    fn all(
+        &mut self,
+        manifest: &Manifest,
+        known: &Known,
+        runs: &Runs,
+    ) -> Result<Walked, HistoryError> {
+        let mut w = Walked::default();
+        let mut run: Vec<(&RelPath, &Entry)> = Vec::with_capacity(RUN_MAX);
+        let mut h = blake3::Hasher::new();
         for (rel, e) in manifest.iter() {
+            hash_entry(&mut h, rel, e);
+            run.push((rel, e));
+            if run.len() >= RUN_MAX || ends_run(rel) {
+                self.run(&run, *h.finalize().as_bytes(), known, runs, &mut w)?;
+                run.clear();
+                h.reset();
+            }
+        }
+        if !run.is_empty() {
+            self.run(&run, *h.finalize().as_bytes(), known, runs, &mut w)?;
+        }
+        Ok(w)
+    }
+
+    /// One run of paths: its chunks as the newest snapshot stored them when its entries are
+    /// the same (`digest`, over `hash_entry` of each), else encoded and stored anew.
+    fn run(
+        &mut self,
+        run: &[(&RelPath, &Entry)],
+        digest: [u8; 32],
+        known: &Known,
+        runs: &Runs,
+        w: &mut Walked,
+    ) -> Result<(), HistoryError> {
+        if let Some(ids) = runs.get(&digest)
+            && ids.iter().all(|c| self.have(c))
+        {
+            w.body.extend_from_slice(ids);
+            w.runs.insert(digest, ids.clone());
+            return Ok(());
+        }
+        let mut paths = Vec::with_capacity(run.len());
+        for &(rel, e) in run {
             let kind = kind_of(e).ok_or_else(|| HistoryError::BadEntry {
                 path: rel.clone(),
                 reason: "no valid kind".into(),
             })?;
             let chunks = match kind {
-                Kind::File => self.file(rel, e, known)?,
+                Kind::File => {
+                    let t = Instant::now();
+                    let chunks = self.file(rel, e, known);
+                    self.in_files += t.elapsed();
+                    let chunks = chunks?;
+                    if let Ok(hash) = e.blake3[..].try_into() {
+                        w.learned.push((hash, chunks.clone()));
+                    }
+                    chunks
+                }
                 Kind::Dir | Kind::Symlink => Vec::new(),
             };
             paths.push(SnapPath {
@@ -220,7 +338,18 @@ impl Run<'_> {
                 chunks,
             });
         }
-        Ok(paths)
+        let t = Instant::now();
+        let bytes = snapshot::encode_paths(&paths);
+        let mut ids = Vec::with_capacity(bytes.len().div_ceil(PIECE));
+        for data in bytes.chunks(PIECE) {
+            let id = *blake3::hash(data).as_bytes();
+            self.store_chunk(Chunk { id, data })?;
+            ids.push(id);
+        }
+        self.phases.encode += t.elapsed();
+        w.body.extend_from_slice(&ids);
+        w.runs.insert(digest, ids);
+        Ok(())
     }
 
     fn file(
@@ -359,7 +488,9 @@ impl Run<'_> {
             self.pack = Some(PackWriter::create(&self.store.tmp_dir())?);
         }
         let pack = self.pack.as_mut().expect("just created");
+        let t = Instant::now();
         pack.add(c.id, c.data)?;
+        self.phases.pack += t.elapsed();
         self.fresh.insert(c.id);
         if pack.len() >= PACK_TARGET {
             self.seal()?;
@@ -372,8 +503,10 @@ impl Run<'_> {
         let Some(pack) = self.pack.take().filter(|p| !p.is_empty()) else {
             return Ok(());
         };
+        let t = Instant::now();
         let sealed = pack.seal()?;
         sealed.install(&self.store.packs_dir())?;
+        self.phases.seal += t.elapsed();
         self.new_bytes += sealed.size;
         self.installed.push((
             sealed.id,
@@ -384,6 +517,17 @@ impl Run<'_> {
         ));
         Ok(())
     }
+}
+
+/// What walking a manifest gave.
+#[derive(Default)]
+struct Walked {
+    /// The snapshot's body chunks, in order.
+    body: Vec<ChunkId>,
+    /// Its runs by digest, for the next record.
+    runs: Runs,
+    /// Files of the runs encoded anew, by content.
+    learned: Vec<([u8; 32], Vec<ChunkId>)>,
 }
 
 /// A file's base content as the store holds it, and the ranges changed since.

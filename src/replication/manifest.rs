@@ -241,7 +241,7 @@ impl Manifest {
     }
 }
 
-fn hash_entry(h: &mut blake3::Hasher, p: &RelPath, e: &Entry) {
+pub(crate) fn hash_entry(h: &mut blake3::Hasher, p: &RelPath, e: &Entry) {
     let extended = e.uid.is_some() || e.gid.is_some() || e.xattrs.is_some();
     h.update(&(p.as_bytes().len() as u32).to_le_bytes());
     h.update(p.as_bytes());
