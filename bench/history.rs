@@ -65,6 +65,7 @@ struct Row {
     snapshot_file_bytes: u64,
     files_read: u64,
     bytes_read: u64,
+    runs_encoded: u64,
     phases: Phases,
 }
 
@@ -142,6 +143,7 @@ impl Case {
             snapshot_file_bytes: dir_bytes(&self.store.dir().join("snapshots")) - snaps_before,
             files_read: rec.files_read,
             bytes_read: rec.bytes_read,
+            runs_encoded: rec.runs_encoded,
             phases: rec.phases,
         }
     }
@@ -288,23 +290,27 @@ fn print_table(rows: &[Row]) {
     println!("(target: record under 10 % of replication for the changed generations)");
     println!();
     println!(
-        "| case | generation | walk ms | read + chunk + hash ms | pack writes ms | pack seals (fsync) ms | snapshot encode ms | snapshot write (fsync) ms | publish ms |"
+        "| case | generation | walk ms | read + chunk + hash ms | pack writes ms | pack seals (fsync) ms | runs encoded | encode ms | snapshot write (fsync) ms | publish ms | the rest ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
     for r in rows {
         let p = &r.phases;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.case,
             r.generation,
             ms(p.walk),
             ms(p.chunk),
             ms(p.pack),
             ms(p.seal),
+            r.runs_encoded,
             ms(p.encode),
             ms(p.write),
             ms(p.publish),
+            ms(r.record.saturating_sub(
+                p.walk + p.chunk + p.pack + p.seal + p.encode + p.write + p.publish
+            )),
         );
     }
 }

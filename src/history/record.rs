@@ -22,7 +22,7 @@ use crate::history::snapshot::{self, SnapPath, SnapshotInfo};
 use crate::history::store::{Store, sort, unix_ms};
 use crate::proto::Entry;
 use crate::proto::history::SnapshotSummary;
-use crate::replication::manifest::{Kind, Manifest, hash_entry, kind_of, wire_entry};
+use crate::replication::manifest::{Kind, Manifest, entry_bytes, kind_of, root_hasher, wire_entry};
 use crate::replication::receive::edits::Edits;
 use crate::types::{Generation, RelPath};
 
@@ -38,6 +38,8 @@ pub struct Recorded {
     pub bytes_read: u64,
     /// Chunks not held before.
     pub chunks_stored: u64,
+    /// Runs of paths encoded (the others were the newest snapshot's, reused as they were).
+    pub runs_encoded: u64,
     /// Where the time went.
     pub phases: Phases,
 }
@@ -46,7 +48,8 @@ pub struct Recorded {
 /// "History").
 #[derive(Clone, Debug, Default)]
 pub struct Phases {
-    /// Walking the manifest: looking up each file's content, building the snapshot's paths.
+    /// Walking the manifest: the root and each run's digest, the runs looked up, the paths of
+    /// runs encoded anew built, each file's content looked up.
     pub walk: Duration,
     /// Reading, chunking and hashing the files read.
     pub chunk: Duration,
@@ -54,7 +57,7 @@ pub struct Phases {
     pub pack: Duration,
     /// Sealing packs: footers, fsyncs, renames into `packs/`.
     pub seal: Duration,
-    /// Encoding the snapshot file.
+    /// Encoding runs of paths and the snapshot file.
     pub encode: Duration,
     /// Writing the snapshot file durably.
     pub write: Duration,
@@ -98,7 +101,7 @@ struct Run<'a> {
     hint: Option<&'a Hint<'a>>,
     generation: Generation,
     phases: Phases,
-    /// Time spent in `file` (reading, chunking, packing and sealing together).
+    /// Time spent in `file`, less its packing and sealing.
     in_files: Duration,
 }
 
@@ -150,13 +153,11 @@ impl Store {
         };
         let t = Instant::now();
         let walked = run.all(manifest, known, &writer.runs);
-        run.phases.walk = t
-            .elapsed()
-            .saturating_sub(run.in_files)
-            .saturating_sub(run.phases.encode);
-        run.phases.chunk = (run.in_files)
-            .saturating_sub(run.phases.pack)
-            .saturating_sub(run.phases.seal);
+        let p = &mut run.phases;
+        p.chunk = run.in_files;
+        p.walk = [p.chunk, p.encode, p.pack, p.seal]
+            .iter()
+            .fold(t.elapsed(), |left, d| left.saturating_sub(*d));
         let walked = walked.and_then(|w| run.seal().map(|()| w));
         let mut phases = std::mem::take(&mut run.phases);
         // Installed packs are on disk whatever happened: the index mirrors `packs/` (a retry
@@ -165,23 +166,25 @@ impl Store {
         let (files_read, bytes_read, new_bytes) = (run.files_read, run.bytes_read, run.new_bytes);
         self.publish_packs(std::mem::take(&mut run.installed));
         drop(run);
-        let walked = walked?;
-        let summary = summarize(manifest, at, new_bytes);
+        let mut walked = walked?;
+        let runs = std::mem::take(&mut walked.runs);
+        let summary = summarize(manifest, walked.root, at, new_bytes);
         let info = self.publish_snapshot(&summary, &walked.body, &mut phases)?;
         let t = Instant::now();
         let known = writer.known.as_mut().expect("loaded above");
-        known.extend(walked.learned);
+        known.extend(std::mem::take(&mut walked.learned));
         // Contents no snapshot holds any more pile up: start again from the newest snapshot.
         if known.len() as u64 > 2 * summary.files + 1024 {
             writer.known = None;
         }
-        writer.runs = walked.runs;
+        writer.runs = runs;
         phases.publish += t.elapsed();
         Ok(Recorded {
             info,
             files_read,
             bytes_read,
             chunks_stored,
+            runs_encoded: walked.encoded,
             phases,
         })
     }
@@ -237,11 +240,16 @@ fn known_of(paths: &[SnapPath]) -> Known {
         .collect()
 }
 
-fn summarize(manifest: &Manifest, at: SystemTime, new_bytes: u64) -> SnapshotSummary {
+fn summarize(
+    manifest: &Manifest,
+    root: [u8; 32],
+    at: SystemTime,
+    new_bytes: u64,
+) -> SnapshotSummary {
     SnapshotSummary {
         time_ms: unix_ms(at),
         generation: manifest.generation.0,
-        root: manifest.root().to_vec(),
+        root: root.to_vec(),
         files: manifest.file_count() as u64,
         bytes: manifest.total_bytes(),
         new_bytes,
@@ -280,24 +288,30 @@ impl Run<'_> {
     ) -> Result<Walked, HistoryError> {
         let mut w = Walked::default();
         let mut run: Vec<(&RelPath, &Entry)> = Vec::with_capacity(RUN_MAX);
-        let mut h = blake3::Hasher::new();
+        // The run's entries as the manifest root hashes them: the root comes out of the same
+        // pass (blake3 is the same whatever the updates' sizes).
+        let mut root = root_hasher();
+        let mut bytes = Vec::with_capacity(64 << 10);
         for (rel, e) in manifest.iter() {
-            hash_entry(&mut h, rel, e);
+            entry_bytes(&mut bytes, rel, e);
             run.push((rel, e));
             if run.len() >= RUN_MAX || ends_run(rel) {
-                self.run(&run, *h.finalize().as_bytes(), known, runs, &mut w)?;
+                root.update(&bytes);
+                self.run(&run, *blake3::hash(&bytes).as_bytes(), known, runs, &mut w)?;
                 run.clear();
-                h.reset();
+                bytes.clear();
             }
         }
         if !run.is_empty() {
-            self.run(&run, *h.finalize().as_bytes(), known, runs, &mut w)?;
+            root.update(&bytes);
+            self.run(&run, *blake3::hash(&bytes).as_bytes(), known, runs, &mut w)?;
         }
+        w.root = *root.finalize().as_bytes();
         Ok(w)
     }
 
     /// One run of paths: its chunks as the newest snapshot stored them when its entries are
-    /// the same (`digest`, over `hash_entry` of each), else encoded and stored anew.
+    /// the same (`digest`, over `entry_bytes` of each), else encoded and stored anew.
     fn run(
         &mut self,
         run: &[(&RelPath, &Entry)],
@@ -321,9 +335,10 @@ impl Run<'_> {
             })?;
             let chunks = match kind {
                 Kind::File => {
-                    let t = Instant::now();
+                    let (t, packing) = (Instant::now(), self.phases.pack + self.phases.seal);
                     let chunks = self.file(rel, e, known);
-                    self.in_files += t.elapsed();
+                    let packed = (self.phases.pack + self.phases.seal).saturating_sub(packing);
+                    self.in_files += t.elapsed().saturating_sub(packed);
                     let chunks = chunks?;
                     if let Ok(hash) = e.blake3[..].try_into() {
                         w.learned.push((hash, chunks.clone()));
@@ -339,14 +354,18 @@ impl Run<'_> {
             });
         }
         let t = Instant::now();
+        w.encoded += 1;
         let bytes = snapshot::encode_paths(&paths);
-        let mut ids = Vec::with_capacity(bytes.len().div_ceil(PIECE));
-        for data in bytes.chunks(PIECE) {
-            let id = *blake3::hash(data).as_bytes();
+        let pieces: Vec<(ChunkId, &[u8])> = bytes
+            .chunks(PIECE)
+            .map(|data| (*blake3::hash(data).as_bytes(), data))
+            .collect();
+        self.phases.encode += t.elapsed();
+        let mut ids = Vec::with_capacity(pieces.len());
+        for (id, data) in pieces {
             self.store_chunk(Chunk { id, data })?;
             ids.push(id);
         }
-        self.phases.encode += t.elapsed();
         w.body.extend_from_slice(&ids);
         w.runs.insert(digest, ids);
         Ok(())
@@ -524,6 +543,10 @@ impl Run<'_> {
 struct Walked {
     /// The snapshot's body chunks, in order.
     body: Vec<ChunkId>,
+    /// The manifest's root.
+    root: [u8; 32],
+    /// Runs encoded anew.
+    encoded: u64,
     /// Its runs by digest, for the next record.
     runs: Runs,
     /// Files of the runs encoded anew, by content.

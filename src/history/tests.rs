@@ -709,6 +709,8 @@ fn a_few_changed_paths_store_a_few_runs_and_every_snapshot_restores() {
     let m2 = manifest_of(replica.path(), 2);
     let r2 = store.record(replica.path(), &m2, at(1)).unwrap();
     assert_eq!(r2.files_read, 3);
+    // Four files and two directories (d3, d4: an entry added, one removed) changed.
+    assert!(r2.runs_encoded <= 6, "{} runs encoded", r2.runs_encoded);
     assert!(
         r2.chunks_stored <= 3 + 8,
         "{} chunks stored",
