@@ -274,7 +274,7 @@ fn ends_run(p: &RelPath) -> bool {
     for b in p.as_bytes() {
         h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
     }
-    h % RUN_AVG == 0
+    h.is_multiple_of(RUN_AVG)
 }
 
 impl Run<'_> {

@@ -266,7 +266,7 @@ fn chunked_body(
     ids: &[u8],
     chunk: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>, HistoryError>,
 ) -> Result<(Vec<u8>, Vec<ChunkId>), HistoryError> {
-    if ids.len() % 32 != 0 {
+    if !ids.len().is_multiple_of(32) {
         return Err(bad(path, "a body chunk id cut short"));
     }
     let ids: Vec<ChunkId> = ids

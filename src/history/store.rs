@@ -35,7 +35,8 @@ pub(super) struct Writer {
     /// recorded without reading it. Loaded on the first `record`.
     pub known: Option<HashMap<[u8; 32], Vec<ChunkId>>>,
     /// The body chunks of the newest snapshot this process recorded, by run (empty after open
-    /// and after a prune: every run is then encoded and its files checked anew).
+    /// and after a prune: every run is then encoded and its files checked anew). A reused run's
+    /// files need no check: the index loses chunks only in a prune.
     pub runs: crate::history::record::Runs,
 }
 
@@ -251,12 +252,13 @@ impl Store {
                     dir: self.packs_dir(),
                 })?;
             let path = self.pack_path(&pack);
-            if !open.contains_key(&pack) {
-                let f =
-                    std::fs::File::open(&path).map_err(HistoryError::io("opening pack", &path))?;
-                open.insert(pack, f);
-            }
-            crate::history::pack::read_chunk(&open[&pack], &path, stored)
+            let file = match open.entry(pack) {
+                std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    std::fs::File::open(&path).map_err(HistoryError::io("opening pack", &path))?,
+                ),
+            };
+            crate::history::pack::read_chunk(file, &path, stored)
         };
         snapshot::load(&self.snapshot_path(&id), id, &mut chunk)
     }
