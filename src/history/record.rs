@@ -173,8 +173,10 @@ impl Store {
         let t = Instant::now();
         let known = writer.known.as_mut().expect("loaded above");
         known.extend(std::mem::take(&mut walked.learned));
-        // Contents no snapshot holds any more pile up: start again from the newest snapshot.
-        if known.len() as u64 > 2 * summary.files + 1024 {
+        // Contents the newest snapshot no longer holds pile up: past an eighth more than it
+        // has files, start again from it (a load of one snapshot every many records, and the
+        // map stays near its size: the standby's memory with 100k files).
+        if known.len() as u64 > summary.files + summary.files / 8 + 1024 {
             writer.known = None;
         }
         writer.runs = runs;
