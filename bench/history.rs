@@ -22,7 +22,8 @@
 //! Prints, per generation: replication ms, record ms, record ÷ replication (target under 10 %
 //! for the changed generations), bytes the generation added to the store (pack bytes, plus the
 //! snapshot file), and what the record read. The first generation of each case (the whole tree
-//! recorded) is shown too. Nothing is asserted about times.
+//! recorded) is shown too. A second table splits each record's time into its phases
+//! (`standby::history::Phases`). Nothing is asserted about times.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use rand::RngExt;
 use rand::rngs::StdRng;
-use standby::history::{Hint, Store};
+use standby::history::{Hint, Phases, Store};
 use standby::replication::catalog::Catalog;
 use standby::replication::manifest::Manifest;
 use standby::replication::receive::CATALOG;
@@ -64,6 +65,8 @@ struct Row {
     snapshot_file_bytes: u64,
     files_read: u64,
     bytes_read: u64,
+    runs_encoded: u64,
+    phases: Phases,
 }
 
 /// A pair (GPU workspace and state, a running CPU agent) and the benchmark's own store.
@@ -140,6 +143,8 @@ impl Case {
             snapshot_file_bytes: dir_bytes(&self.store.dir().join("snapshots")) - snaps_before,
             files_read: rec.files_read,
             bytes_read: rec.bytes_read,
+            runs_encoded: rec.runs_encoded,
+            phases: rec.phases,
         }
     }
 
@@ -283,6 +288,31 @@ fn print_table(rows: &[Row]) {
         );
     }
     println!("(target: record under 10 % of replication for the changed generations)");
+    println!();
+    println!(
+        "| case | generation | walk ms | read + chunk + hash ms | pack writes ms | pack seals (fsync) ms | runs encoded | encode ms | snapshot write (fsync) ms | publish ms | the rest ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    for r in rows {
+        let p = &r.phases;
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.case,
+            r.generation,
+            ms(p.walk),
+            ms(p.chunk),
+            ms(p.pack),
+            ms(p.seal),
+            r.runs_encoded,
+            ms(p.encode),
+            ms(p.write),
+            ms(p.publish),
+            ms(r.record.saturating_sub(
+                p.walk + p.chunk + p.pack + p.seal + p.encode + p.write + p.publish
+            )),
+        );
+    }
 }
 
 fn main() {

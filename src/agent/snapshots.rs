@@ -218,7 +218,7 @@ async fn record(
             f.records += 1;
             f.last_record_ms = started.elapsed().as_millis() as u64;
             f.last_error = None;
-            tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, "snapshot recorded");
+            tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, bytes_read = rec.bytes_read, phases = ?rec.phases, "snapshot recorded");
             drop(f);
             if started.elapsed() >= crate::host::BURST {
                 crate::host::after_burst();

@@ -13,11 +13,15 @@ use fastcdc::v2020::{Normalization, cut, select_masks};
 use crate::history::id::ChunkId;
 
 /// Smallest chunk (except a stream's last).
-pub const MIN: usize = 256 * 1024;
-/// Target average chunk size.
-pub const AVG: usize = 1024 * 1024;
-/// Largest chunk: also the most a chunk may claim to be when read back.
-pub const MAX: usize = 4 * 1024 * 1024;
+pub const MIN: usize = 32 * 1024;
+/// Target average chunk size: small enough that a scattered 64 KiB edit of a big file stores
+/// about 200 KiB (ARCHITECTURE.md, "History").
+pub const AVG: usize = 128 * 1024;
+/// Largest chunk this chunker cuts.
+pub const MAX: usize = 512 * 1024;
+/// The most a stored chunk may claim to be when read back: stores written before the chunks
+/// were made smaller (1 MiB average) hold chunks of up to 4 MiB.
+pub const READ_MAX: usize = 4 * 1024 * 1024;
 
 /// One chunk of a stream.
 pub struct Chunk<'a> {
@@ -394,6 +398,38 @@ mod tests {
             (data.len() as u64 - 1, data.len() as u64),
         ];
         rechunked(&data, &edge, &r);
+    }
+
+    #[test]
+    fn rechunk_of_a_base_cut_with_larger_chunks_keeps_the_content() {
+        // A store written with 1 MiB average chunks: the base's chunks are not this chunker's.
+        let data = random(6 << 20, 9);
+        let old: Vec<(ChunkId, u64)> = data
+            .chunks(1 << 20)
+            .map(|c| (*blake3::hash(c).as_bytes(), c.len() as u64))
+            .collect();
+        let mut new = data.clone();
+        let at = (2 << 20) + 777;
+        new[at..at + 65536].copy_from_slice(&random(65536, 10));
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &new).unwrap();
+        let mut bytes: std::collections::HashMap<ChunkId, Vec<u8>> = data
+            .chunks(1 << 20)
+            .map(|c| (*blake3::hash(c).as_bytes(), c.to_vec()))
+            .collect();
+        let ranges = [(at as u64, at as u64 + 65536)];
+        let r = Chunker::default()
+            .rechunk::<io::Error>(&f, new.len() as u64, &old, &ranges, |c| {
+                bytes.insert(c.id, c.data.to_vec());
+                Ok(())
+            })
+            .unwrap();
+        let rebuilt: Vec<u8> = r.ids.iter().flat_map(|id| bytes[id].clone()).collect();
+        assert!(rebuilt == new, "the chunks hold exactly the new content");
+        assert!(
+            r.ids.contains(&old[0].0),
+            "the untouched first chunk is kept"
+        );
     }
 
     #[test]

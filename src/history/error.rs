@@ -38,6 +38,16 @@ pub enum HistoryError {
         chunk: String,
         dir: PathBuf,
     },
+    #[error(
+        "chunk {chunk} of the path list of snapshot {snapshot} is in no pack under {}: a pack \
+         this snapshot needs is missing; copy every pack of the store (or those `packs_for` names)",
+        dir.display()
+    )]
+    MissingBody {
+        snapshot: SnapshotId,
+        chunk: String,
+        dir: PathBuf,
+    },
     #[error("chunk {chunk} in pack {}: {reason}; run verify and replace the pack from a copy", pack.display())]
     BadChunk {
         chunk: String,

@@ -64,7 +64,7 @@ pub struct PackWriter {
 }
 
 /// Bytes of each sample [`incompressible`] tries.
-const SAMPLE: usize = 16 << 10;
+const SAMPLE: usize = 4 << 10;
 
 /// Whether samples at the start, middle and end of a chunk of at least 16 samples all fail to
 /// compress by 1/32 (what `compress::if_smaller` asks of the whole).
@@ -286,7 +286,7 @@ fn from_proto(c: &PackChunk, data_end: u64) -> Result<Stored, String> {
     };
     let in_bounds = c.offset >= HEADER
         && c.offset.saturating_add(c.stored_len as u64) <= data_end
-        && c.raw_len as usize <= chunker::MAX
+        && c.raw_len as usize <= chunker::READ_MAX
         && (coding == Coding::Zstd || c.stored_len == c.raw_len);
     if !in_bounds {
         return Err(format!("chunk {} lies out of bounds", hex(&id)));

@@ -115,7 +115,8 @@ impl Store {
         now: SystemTime,
         hook: &mut dyn FnMut(&Step),
     ) -> Result<Pruned, HistoryError> {
-        let _writer = self.writer();
+        let mut writer = self.writer();
+        writer.runs.clear();
         let mut state = self.state_mut();
         if let Some((file, reason)) = state
             .damaged
@@ -178,6 +179,7 @@ impl Store {
                 .paths
                 .iter()
                 .flat_map(|p| p.chunks.iter().copied())
+                .chain(snap.body.iter().copied())
                 .collect();
             chunks.sort_unstable();
             chunks.dedup();

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::disk::fsx::{self, Root};
 use crate::history::HistoryError;
@@ -22,7 +22,7 @@ use crate::history::snapshot::{self, SnapPath, SnapshotInfo};
 use crate::history::store::{Store, sort, unix_ms};
 use crate::proto::Entry;
 use crate::proto::history::SnapshotSummary;
-use crate::replication::manifest::{Kind, Manifest, kind_of, wire_entry};
+use crate::replication::manifest::{Kind, Manifest, entry_bytes, kind_of, root_hasher, wire_entry};
 use crate::replication::receive::edits::Edits;
 use crate::types::{Generation, RelPath};
 
@@ -38,9 +38,44 @@ pub struct Recorded {
     pub bytes_read: u64,
     /// Chunks not held before.
     pub chunks_stored: u64,
+    /// Runs of paths encoded (the others were the newest snapshot's, reused as they were).
+    pub runs_encoded: u64,
+    /// Where the time went.
+    pub phases: Phases,
+}
+
+/// The time of each phase of one `record` (the benchmark prints them; ARCHITECTURE.md,
+/// "History").
+#[derive(Clone, Debug, Default)]
+pub struct Phases {
+    /// Walking the manifest: the root and each run's digest, the runs looked up, the paths of
+    /// runs encoded anew built, each file's content looked up.
+    pub walk: Duration,
+    /// Reading, chunking and hashing the files read.
+    pub chunk: Duration,
+    /// Compressing new chunks and writing them into packs.
+    pub pack: Duration,
+    /// Sealing packs: footers, fsyncs, renames into `packs/`.
+    pub seal: Duration,
+    /// Encoding runs of paths and the snapshot file.
+    pub encode: Duration,
+    /// Writing the snapshot file durably.
+    pub write: Duration,
+    /// Publishing: the index, the list, the by-content map of the new snapshot.
+    pub publish: Duration,
 }
 
 type Known = HashMap<[u8; 32], Vec<ChunkId>>;
+
+/// The body chunks of each run of paths of the newest snapshot, by the digest of its entries.
+pub(super) type Runs = HashMap<[u8; 32], Vec<ChunkId>>;
+
+/// A run of paths ends after one in this many on average (about 10 KB of body)...
+const RUN_AVG: u64 = 64;
+/// ...or after this many.
+const RUN_MAX: usize = 1024;
+/// A run's encoding is stored in chunks of at most this (a run of files with long chunk lists).
+const PIECE: usize = 1 << 20;
 
 /// What the receiver knows of the generation being recorded (ARCHITECTURE.md, "History"):
 /// the ranges commits changed in files updated in place, and which generation the replica
@@ -65,6 +100,9 @@ struct Run<'a> {
     new_bytes: u64,
     hint: Option<&'a Hint<'a>>,
     generation: Generation,
+    phases: Phases,
+    /// Time spent in `file`, less its packing and sealing.
+    in_files: Duration,
 }
 
 impl Store {
@@ -93,6 +131,7 @@ impl Store {
         if writer.known.is_none() {
             writer.known = Some(self.newest_known()?);
         }
+        let writer = &mut *writer;
         let known = writer.known.as_ref().expect("just loaded");
         let replica = Root::open(replica_root)
             .map_err(HistoryError::io("opening the replica", replica_root))?;
@@ -109,25 +148,46 @@ impl Store {
             new_bytes: 0,
             hint,
             generation: manifest.generation,
+            phases: Phases::default(),
+            in_files: Duration::ZERO,
         };
-        let paths = run
-            .all(manifest, known)
-            .and_then(|paths| run.seal().map(|()| paths));
+        let t = Instant::now();
+        let walked = run.all(manifest, known, &writer.runs);
+        let p = &mut run.phases;
+        p.chunk = run.in_files;
+        p.walk = [p.chunk, p.encode, p.pack, p.seal]
+            .iter()
+            .fold(t.elapsed(), |left, d| left.saturating_sub(*d));
+        let walked = walked.and_then(|w| run.seal().map(|()| w));
+        let mut phases = std::mem::take(&mut run.phases);
         // Installed packs are on disk whatever happened: the index mirrors `packs/` (a retry
         // reuses their chunks; prune removes them if nothing ever does).
         let chunks_stored = run.fresh.len() as u64;
         let (files_read, bytes_read, new_bytes) = (run.files_read, run.bytes_read, run.new_bytes);
         self.publish_packs(std::mem::take(&mut run.installed));
         drop(run);
-        let paths = paths?;
-        let summary = summarize(manifest, at, new_bytes, &paths);
-        let info = self.publish_snapshot(&summary, &paths)?;
-        writer.known = Some(known_of(&paths));
+        let mut walked = walked?;
+        let runs = std::mem::take(&mut walked.runs);
+        let summary = summarize(manifest, walked.root, at, new_bytes);
+        let info = self.publish_snapshot(&summary, &walked.body, &mut phases)?;
+        let t = Instant::now();
+        let known = writer.known.as_mut().expect("loaded above");
+        known.extend(std::mem::take(&mut walked.learned));
+        // Contents the newest snapshot no longer holds pile up: past an eighth more than it
+        // has files, start again from it (a load of one snapshot every many records, and the
+        // map stays near its size: the standby's memory with 100k files).
+        if known.len() as u64 > summary.files + summary.files / 8 + 1024 {
+            writer.known = None;
+        }
+        writer.runs = runs;
+        phases.publish += t.elapsed();
         Ok(Recorded {
             info,
             files_read,
             bytes_read,
             chunks_stored,
+            runs_encoded: walked.encoded,
+            phases,
         })
     }
 
@@ -153,17 +213,23 @@ impl Store {
     fn publish_snapshot(
         &self,
         summary: &SnapshotSummary,
-        paths: &[SnapPath],
+        body: &[ChunkId],
+        phases: &mut Phases,
     ) -> Result<SnapshotInfo, HistoryError> {
-        let bytes = snapshot::encode(summary, paths)
-            .map_err(HistoryError::io("encoding a snapshot in", self.dir()))?;
+        let t = Instant::now();
+        let bytes = snapshot::encode(summary, body);
+        phases.encode += t.elapsed();
+        let t = Instant::now();
         let id = snapshot::write(&bytes, &self.tmp_dir(), &self.snapshots_dir())?;
+        phases.write = t.elapsed();
+        let t = Instant::now();
         let info = snapshot::read_info(&self.snapshot_path(&id), id)?;
         let mut state = self.state_mut();
         if !state.snapshots.iter().any(|s| s.id == id) {
             state.snapshots.push(info.clone());
             sort(&mut state.snapshots);
         }
+        phases.publish = t.elapsed();
         Ok(info)
     }
 }
@@ -178,18 +244,18 @@ fn known_of(paths: &[SnapPath]) -> Known {
 
 fn summarize(
     manifest: &Manifest,
+    root: [u8; 32],
     at: SystemTime,
     new_bytes: u64,
-    paths: &[SnapPath],
 ) -> SnapshotSummary {
     SnapshotSummary {
         time_ms: unix_ms(at),
         generation: manifest.generation.0,
-        root: manifest.root().to_vec(),
+        root: root.to_vec(),
         files: manifest.file_count() as u64,
         bytes: manifest.total_bytes(),
         new_bytes,
-        entries: paths.len() as u64,
+        entries: manifest.len() as u64,
     }
 }
 
@@ -202,16 +268,85 @@ fn moved(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(libc::ELOOP)
 }
 
+/// Whether a run of paths ends after `p`: its FNV-1a hash is 0 modulo [`RUN_AVG`]. Cuts that
+/// depend on the path alone keep every run that no change touched the same from snapshot to
+/// snapshot, so its chunk is stored once (ARCHITECTURE.md, "History").
+fn ends_run(p: &RelPath) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h.is_multiple_of(RUN_AVG)
+}
+
 impl Run<'_> {
-    fn all(&mut self, manifest: &Manifest, known: &Known) -> Result<Vec<SnapPath>, HistoryError> {
-        let mut paths = Vec::with_capacity(manifest.len());
+    /// Walks the manifest in runs of paths, storing the body chunks of runs `runs` does not
+    /// hold (from the newest snapshot this process recorded) and the files they need.
+    fn all(
+        &mut self,
+        manifest: &Manifest,
+        known: &Known,
+        runs: &Runs,
+    ) -> Result<Walked, HistoryError> {
+        let mut w = Walked::default();
+        let mut run: Vec<(&RelPath, &Entry)> = Vec::with_capacity(RUN_MAX);
+        // The run's entries as the manifest root hashes them: the root comes out of the same
+        // pass (blake3 is the same whatever the updates' sizes).
+        let mut root = root_hasher();
+        let mut bytes = Vec::with_capacity(64 << 10);
         for (rel, e) in manifest.iter() {
+            entry_bytes(&mut bytes, rel, e);
+            run.push((rel, e));
+            if run.len() >= RUN_MAX || ends_run(rel) {
+                root.update(&bytes);
+                self.run(&run, *blake3::hash(&bytes).as_bytes(), known, runs, &mut w)?;
+                run.clear();
+                bytes.clear();
+            }
+        }
+        if !run.is_empty() {
+            root.update(&bytes);
+            self.run(&run, *blake3::hash(&bytes).as_bytes(), known, runs, &mut w)?;
+        }
+        w.root = *root.finalize().as_bytes();
+        Ok(w)
+    }
+
+    /// One run of paths: its chunks as the newest snapshot stored them when its entries are
+    /// the same (`digest`, over `entry_bytes` of each), else encoded and stored anew.
+    fn run(
+        &mut self,
+        run: &[(&RelPath, &Entry)],
+        digest: [u8; 32],
+        known: &Known,
+        runs: &Runs,
+        w: &mut Walked,
+    ) -> Result<(), HistoryError> {
+        if let Some(ids) = runs.get(&digest)
+            && ids.iter().all(|c| self.have(c))
+        {
+            w.body.extend_from_slice(ids);
+            w.runs.insert(digest, ids.clone());
+            return Ok(());
+        }
+        let mut paths = Vec::with_capacity(run.len());
+        for &(rel, e) in run {
             let kind = kind_of(e).ok_or_else(|| HistoryError::BadEntry {
                 path: rel.clone(),
                 reason: "no valid kind".into(),
             })?;
             let chunks = match kind {
-                Kind::File => self.file(rel, e, known)?,
+                Kind::File => {
+                    let (t, packing) = (Instant::now(), self.phases.pack + self.phases.seal);
+                    let chunks = self.file(rel, e, known);
+                    let packed = (self.phases.pack + self.phases.seal).saturating_sub(packing);
+                    self.in_files += t.elapsed().saturating_sub(packed);
+                    let chunks = chunks?;
+                    if let Ok(hash) = e.blake3[..].try_into() {
+                        w.learned.push((hash, chunks.clone()));
+                    }
+                    chunks
+                }
                 Kind::Dir | Kind::Symlink => Vec::new(),
             };
             paths.push(SnapPath {
@@ -220,7 +355,22 @@ impl Run<'_> {
                 chunks,
             });
         }
-        Ok(paths)
+        let t = Instant::now();
+        w.encoded += 1;
+        let bytes = snapshot::encode_paths(&paths);
+        let pieces: Vec<(ChunkId, &[u8])> = bytes
+            .chunks(PIECE)
+            .map(|data| (*blake3::hash(data).as_bytes(), data))
+            .collect();
+        self.phases.encode += t.elapsed();
+        let mut ids = Vec::with_capacity(pieces.len());
+        for (id, data) in pieces {
+            self.store_chunk(Chunk { id, data })?;
+            ids.push(id);
+        }
+        w.body.extend_from_slice(&ids);
+        w.runs.insert(digest, ids);
+        Ok(())
     }
 
     fn file(
@@ -359,7 +509,9 @@ impl Run<'_> {
             self.pack = Some(PackWriter::create(&self.store.tmp_dir())?);
         }
         let pack = self.pack.as_mut().expect("just created");
+        let t = Instant::now();
         pack.add(c.id, c.data)?;
+        self.phases.pack += t.elapsed();
         self.fresh.insert(c.id);
         if pack.len() >= PACK_TARGET {
             self.seal()?;
@@ -372,8 +524,10 @@ impl Run<'_> {
         let Some(pack) = self.pack.take().filter(|p| !p.is_empty()) else {
             return Ok(());
         };
+        let t = Instant::now();
         let sealed = pack.seal()?;
         sealed.install(&self.store.packs_dir())?;
+        self.phases.seal += t.elapsed();
         self.new_bytes += sealed.size;
         self.installed.push((
             sealed.id,
@@ -384,6 +538,21 @@ impl Run<'_> {
         ));
         Ok(())
     }
+}
+
+/// What walking a manifest gave.
+#[derive(Default)]
+struct Walked {
+    /// The snapshot's body chunks, in order.
+    body: Vec<ChunkId>,
+    /// The manifest's root.
+    root: [u8; 32],
+    /// Runs encoded anew.
+    encoded: u64,
+    /// Its runs by digest, for the next record.
+    runs: Runs,
+    /// Files of the runs encoded anew, by content.
+    learned: Vec<([u8; 32], Vec<ChunkId>)>,
 }
 
 /// A file's base content as the store holds it, and the ranges changed since.

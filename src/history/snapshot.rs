@@ -2,11 +2,18 @@
 //! besides the chunks.
 //!
 //! ```text
-//! "SBYS" | version u16 LE | 0u16 | summary length u32 LE | SnapshotSummary | zstd(SnapshotBody)
+//! version 2: "SBYS" | 2u16 LE | 0u16 | summary length u32 LE | SnapshotSummary | body chunk ids
+//! version 1: "SBYS" | 1u16 LE | 0u16 | summary length u32 LE | SnapshotSummary | zstd(SnapshotBody)
 //! ```
 //! The summary comes first and uncompressed so that listing a store reads a few hundred bytes
 //! per snapshot. The id is the first 8 bytes of the blake3 of the whole file: loading a snapshot
 //! checks the file against its name, which is its checksum.
+//!
+//! Version 2 (written now) keeps the body in the packs: the `SnapshotBody` bytes are the
+//! concatenation of chunks (32-byte ids, in order, after the summary), each an encoded
+//! `SnapshotBody` of a run of paths, so a generation that changed a few paths stores only the
+//! chunks of the runs around them (ARCHITECTURE.md, "History"). Version 1 files (the body
+//! inside) are still read.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -23,12 +30,13 @@ use crate::replication::manifest::{Kind, kind_of};
 use crate::types::{Generation, RelPath};
 
 const MAGIC: [u8; 4] = *b"SBYS";
-const VERSION: u16 = 1;
+/// The version written; [`VERSION_INLINE`] is still read.
+const VERSION: u16 = 2;
+const VERSION_INLINE: u16 = 1;
 const HEADER: usize = 12;
 const MAX_SUMMARY: usize = 64 << 10;
 /// A body larger than this once decompressed is refused (about 10 million paths).
 const MAX_BODY: u64 = 2 << 30;
-const LEVEL: i32 = 3;
 
 /// What `list` shows of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +67,8 @@ pub struct SnapPath {
 /// A whole snapshot's paths, validated.
 pub struct Snapshot {
     pub paths: Vec<SnapPath>,
+    /// The chunks its body is made of (none for a version 1 file: the body is inside).
+    pub body: Vec<ChunkId>,
 }
 
 impl Snapshot {
@@ -82,9 +92,33 @@ impl Snapshot {
     }
 }
 
-/// The file bytes of a snapshot.
-pub fn encode(summary: &SnapshotSummary, paths: &[SnapPath]) -> Result<Vec<u8>, std::io::Error> {
-    let body = SnapshotBody {
+/// The encoded `SnapshotBody` of a run of paths: body chunks are such runs, or pieces of one.
+pub fn encode_paths(paths: &[SnapPath]) -> Vec<u8> {
+    body_of(paths).encode_to_vec()
+}
+
+/// The file bytes of a snapshot whose body is the concatenation of the chunks `body`.
+pub fn encode(summary: &SnapshotSummary, body: &[ChunkId]) -> Vec<u8> {
+    let mut out = head(summary, VERSION);
+    out.reserve(body.len() * 32);
+    for c in body {
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+fn head(summary: &SnapshotSummary, version: u16) -> Vec<u8> {
+    let summary = summary.encode_to_vec();
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(summary.len() as u32).to_le_bytes());
+    out.extend_from_slice(&summary);
+    out
+}
+
+fn body_of(paths: &[SnapPath]) -> SnapshotBody {
+    SnapshotBody {
         paths: paths
             .iter()
             .map(|p| SnapshotPath {
@@ -93,15 +127,18 @@ pub fn encode(summary: &SnapshotSummary, paths: &[SnapPath]) -> Result<Vec<u8>, 
                 chunks: p.chunks.concat(),
             })
             .collect(),
-    };
-    let summary = summary.encode_to_vec();
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(summary.len() as u32).to_le_bytes());
-    out.extend_from_slice(&summary);
-    let mut z = zstd::stream::write::Encoder::new(out, LEVEL)?;
-    z.write_all(&body.encode_to_vec())?;
+    }
+}
+
+/// The file bytes of a version 1 snapshot (the body inside, compressed): what stores wrote
+/// before version 2, kept to test that they still load.
+#[cfg(test)]
+pub fn encode_inline(
+    summary: &SnapshotSummary,
+    paths: &[SnapPath],
+) -> Result<Vec<u8>, std::io::Error> {
+    let mut z = zstd::stream::write::Encoder::new(head(summary, VERSION_INLINE), 3)?;
+    z.write_all(&body_of(paths).encode_to_vec())?;
     z.finish()
 }
 
@@ -134,19 +171,19 @@ pub fn read_info(path: &Path, id: SnapshotId) -> Result<SnapshotInfo, HistoryErr
     let mut header = [0u8; HEADER];
     f.read_exact(&mut header)
         .map_err(|e| bad(path, format!("no header: {e}")))?;
-    let len = check_header(path, &header)?;
+    let (_, len) = check_header(path, &header)?;
     let mut summary = vec![0u8; len];
     f.read_exact(&mut summary)
         .map_err(|e| bad(path, format!("truncated summary: {e}")))?;
     info_of(path, id, &summary)
 }
 
-fn check_header(path: &Path, header: &[u8]) -> Result<usize, HistoryError> {
+fn check_header(path: &Path, header: &[u8]) -> Result<(u16, usize), HistoryError> {
     if header[..4] != MAGIC {
         return Err(bad(path, "not a snapshot (bad magic)"));
     }
     let version = u16::from_le_bytes([header[4], header[5]]);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_INLINE {
         return Err(bad(
             path,
             format!("unsupported snapshot format version {version}"),
@@ -156,7 +193,7 @@ fn check_header(path: &Path, header: &[u8]) -> Result<usize, HistoryError> {
     if len > MAX_SUMMARY {
         return Err(bad(path, format!("summary length {len} out of bounds")));
     }
-    Ok(len)
+    Ok((version, len))
 }
 
 fn info_of(path: &Path, id: SnapshotId, summary: &[u8]) -> Result<SnapshotInfo, HistoryError> {
@@ -178,8 +215,13 @@ fn info_of(path: &Path, id: SnapshotId, summary: &[u8]) -> Result<SnapshotInfo, 
 }
 
 /// Reads a whole snapshot file and validates it: its hash must match its id, every path must
-/// be valid and in strictly increasing order, every entry of a known kind.
-pub fn load(path: &Path, id: SnapshotId) -> Result<Snapshot, HistoryError> {
+/// be valid and in strictly increasing order, every entry of a known kind. `chunk` reads a
+/// body chunk (verified against its id) of a version 2 file.
+pub fn load(
+    path: &Path,
+    id: SnapshotId,
+    chunk: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>, HistoryError>,
+) -> Result<Snapshot, HistoryError> {
     let bytes = std::fs::read(path).map_err(HistoryError::io("reading", path))?;
     if SnapshotId::of(&bytes) != id {
         return Err(bad(
@@ -190,22 +232,55 @@ pub fn load(path: &Path, id: SnapshotId) -> Result<Snapshot, HistoryError> {
     if bytes.len() < HEADER {
         return Err(bad(path, "no header"));
     }
-    let len = check_header(path, &bytes[..HEADER])?;
+    let (version, len) = check_header(path, &bytes[..HEADER])?;
     let summary = bytes
         .get(HEADER..HEADER + len)
         .ok_or_else(|| bad(path, "truncated summary"))?;
     info_of(path, id, summary)?;
+    let rest = &bytes[HEADER + len..];
+    let (body, ids) = if version == VERSION_INLINE {
+        (inline_body(path, rest)?, Vec::new())
+    } else {
+        chunked_body(path, rest, chunk)?
+    };
+    let body = SnapshotBody::decode(&body[..])
+        .map_err(|e| bad(path, format!("body does not decode: {e}")))?;
+    let paths = validate(path, body)?;
+    Ok(Snapshot { paths, body: ids })
+}
+
+fn inline_body(path: &Path, z: &[u8]) -> Result<Vec<u8>, HistoryError> {
     let mut body = Vec::new();
-    zstd::stream::read::Decoder::new(&bytes[HEADER + len..])
+    zstd::stream::read::Decoder::new(z)
         .and_then(|d| d.take(MAX_BODY + 1).read_to_end(&mut body))
         .map_err(|e| bad(path, format!("body does not decompress: {e}")))?;
     if body.len() as u64 > MAX_BODY {
         return Err(bad(path, "body too large"));
     }
-    let body = SnapshotBody::decode(&body[..])
-        .map_err(|e| bad(path, format!("body does not decode: {e}")))?;
-    let paths = validate(path, body)?;
-    Ok(Snapshot { paths })
+    Ok(body)
+}
+
+/// The body of a version 2 file: its chunks, read and concatenated.
+fn chunked_body(
+    path: &Path,
+    ids: &[u8],
+    chunk: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>, HistoryError>,
+) -> Result<(Vec<u8>, Vec<ChunkId>), HistoryError> {
+    if !ids.len().is_multiple_of(32) {
+        return Err(bad(path, "a body chunk id cut short"));
+    }
+    let ids: Vec<ChunkId> = ids
+        .chunks_exact(32)
+        .map(|c| c.try_into().expect("32 bytes"))
+        .collect();
+    let mut body = Vec::new();
+    for c in &ids {
+        body.extend_from_slice(&chunk(c)?);
+        if body.len() as u64 > MAX_BODY {
+            return Err(bad(path, "body too large"));
+        }
+    }
+    Ok((body, ids))
 }
 
 fn validate(file: &Path, body: SnapshotBody) -> Result<Vec<SnapPath>, HistoryError> {
@@ -249,6 +324,7 @@ fn validate(file: &Path, body: SnapshotBody) -> Result<Vec<SnapPath>, HistoryErr
 mod tests {
     use super::*;
     use crate::replication::manifest::tests::{dir, file};
+    use std::collections::HashMap;
 
     fn summary() -> SnapshotSummary {
         SnapshotSummary {
@@ -277,22 +353,57 @@ mod tests {
         ]
     }
 
+    /// Body chunks kept in memory: one per path, as the recorder cuts runs of paths.
+    fn chunked(paths: &[SnapPath]) -> (Vec<ChunkId>, HashMap<ChunkId, Vec<u8>>) {
+        let mut held = HashMap::new();
+        let ids = paths
+            .iter()
+            .map(|p| {
+                let bytes = encode_paths(std::slice::from_ref(p));
+                let id = *blake3::hash(&bytes).as_bytes();
+                held.insert(id, bytes);
+                id
+            })
+            .collect();
+        (ids, held)
+    }
+
+    fn reader(
+        held: &HashMap<ChunkId, Vec<u8>>,
+    ) -> impl FnMut(&ChunkId) -> Result<Vec<u8>, HistoryError> + '_ {
+        |c| {
+            held.get(c)
+                .cloned()
+                .ok_or_else(|| HistoryError::BadSnapshot {
+                    path: "memory".into(),
+                    reason: "no such chunk".into(),
+                })
+        }
+    }
+
     #[test]
     fn round_trip_and_damage_detected() {
         let d = tempfile::tempdir().unwrap();
-        let bytes = encode(&summary(), &paths()).unwrap();
+        let (ids, held) = chunked(&paths());
+        let bytes = encode(&summary(), &ids);
         let id = write(&bytes, d.path(), d.path()).unwrap();
         let path = d.path().join(id.file_name());
         let info = read_info(&path, id).unwrap();
         assert_eq!((info.generation, info.new_bytes), (Generation(7), 100));
-        let s = load(&path, id).unwrap();
+        let s = load(&path, id, &mut reader(&held)).unwrap();
         assert_eq!(s.paths, paths());
+        assert_eq!(s.body, ids);
+        let e = load(&path, id, &mut reader(&HashMap::new())).err().unwrap();
+        assert!(e.to_string().contains("no such chunk"), "{e}");
 
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        let e = load(&path, id).err().unwrap().to_string();
+        let e = load(&path, id, &mut reader(&held))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("does not match its name") && e.contains(&id.to_string()),
             "{e}"
@@ -318,13 +429,26 @@ mod tests {
         }
         let mut ps = paths();
         ps.reverse();
-        let bytes = encode(&summary(), &ps).unwrap();
+        let (ids, held) = chunked(&ps);
+        let bytes = encode(&summary(), &ids);
         let id = write(&bytes, d.path(), d.path()).unwrap();
-        let e = load(&d.path().join(id.file_name()), id)
+        let e = load(&d.path().join(id.file_name()), id, &mut reader(&held))
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("out of order"), "{e}");
+    }
+
+    #[test]
+    fn version_1_files_with_the_body_inside_still_load() {
+        let d = tempfile::tempdir().unwrap();
+        let bytes = encode_inline(&summary(), &paths()).unwrap();
+        let id = write(&bytes, d.path(), d.path()).unwrap();
+        let path = d.path().join(id.file_name());
+        assert_eq!(read_info(&path, id).unwrap().generation, Generation(7));
+        let s = load(&path, id, &mut reader(&HashMap::new())).unwrap();
+        assert_eq!(s.paths, paths());
+        assert!(s.body.is_empty());
     }
 
     #[test]
@@ -338,7 +462,10 @@ mod tests {
             });
         }
         ps.sort_by(|a, b| a.path.cmp(&b.path));
-        let s = Snapshot { paths: ps };
+        let s = Snapshot {
+            paths: ps,
+            body: Vec::new(),
+        };
         let d = RelPath::new("d").unwrap();
         let names: Vec<String> = s.under(Some(&d)).map(|p| p.path.to_string()).collect();
         assert_eq!(names, ["d", "d/f", "d/g"]);

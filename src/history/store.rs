@@ -34,6 +34,10 @@ pub(super) struct Writer {
     /// Files of the newest snapshot by content (blake3 → chunks), so an unchanged file is
     /// recorded without reading it. Loaded on the first `record`.
     pub known: Option<HashMap<[u8; 32], Vec<ChunkId>>>,
+    /// The body chunks of the newest snapshot this process recorded, by run (empty after open
+    /// and after a prune: every run is then encoded and its files checked anew). A reused run's
+    /// files need no check: the index loses chunks only in a prune.
+    pub runs: crate::history::record::Runs,
 }
 
 pub(super) struct State {
@@ -237,7 +241,26 @@ impl Store {
         if !state.snapshots.iter().any(|s| s.id == id) {
             return Err(HistoryError::NoSnapshot(format!("id {id}")));
         }
-        snapshot::load(&self.snapshot_path(&id), id)
+        let mut open: HashMap<PackId, std::fs::File> = HashMap::new();
+        let mut chunk = |c: &ChunkId| {
+            let (pack, stored) = state
+                .index
+                .get(c)
+                .ok_or_else(|| HistoryError::MissingBody {
+                    snapshot: id,
+                    chunk: crate::text::hex(c),
+                    dir: self.packs_dir(),
+                })?;
+            let path = self.pack_path(&pack);
+            let file = match open.entry(pack) {
+                std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    std::fs::File::open(&path).map_err(HistoryError::io("opening pack", &path))?,
+                ),
+            };
+            crate::history::pack::read_chunk(file, &path, stored)
+        };
+        snapshot::load(&self.snapshot_path(&id), id, &mut chunk)
     }
 
     /// The paths of a snapshot (under `prefix`, itself included), in path order.
@@ -253,12 +276,24 @@ impl Store {
             .collect())
     }
 
-    /// The packs holding a snapshot's chunks now (a backup uploads them with the snapshot).
+    /// The packs holding a snapshot's chunks now, those of its path list included (a backup
+    /// uploads them with the snapshot).
     /// A chunk in no pack is an error naming it.
     pub fn packs_for(&self, id: SnapshotId) -> Result<Vec<PackId>, HistoryError> {
         let state = self.state();
         let snap = self.load(&state, id)?;
         let mut packs = std::collections::BTreeSet::new();
+        for c in &snap.body {
+            let (pack, _) = state
+                .index
+                .get(c)
+                .ok_or_else(|| HistoryError::MissingBody {
+                    snapshot: id,
+                    chunk: crate::text::hex(c),
+                    dir: self.packs_dir(),
+                })?;
+            packs.insert(pack);
+        }
         for p in &snap.paths {
             for c in &p.chunks {
                 let (pack, _) = state

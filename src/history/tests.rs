@@ -327,14 +327,15 @@ fn verify_catches_a_flipped_byte_and_names_what_it_breaks() {
 #[test]
 fn a_directory_with_only_the_packs_a_snapshot_needs_restores_it() {
     let (replica, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    std::fs::write(replica.path().join("a"), random(100_000, 1)).unwrap();
+    // Files under the chunker's minimum: one chunk each.
+    std::fs::write(replica.path().join("a"), random(30_000, 1)).unwrap();
     let store = Store::open(dir.path()).unwrap();
     let s1 = store
         .record(replica.path(), &manifest_of(replica.path(), 1), at(0))
         .unwrap()
         .info
         .id;
-    std::fs::write(replica.path().join("b"), random(100_000, 2)).unwrap();
+    std::fs::write(replica.path().join("b"), random(30_000, 2)).unwrap();
     let s2 = store
         .record(replica.path(), &manifest_of(replica.path(), 2), at(1))
         .unwrap()
@@ -366,10 +367,11 @@ fn a_directory_with_only_the_packs_a_snapshot_needs_restores_it() {
     partial.restore(s1, None, out.path()).unwrap();
     assert_eq!(
         std::fs::read(out.path().join("a")).unwrap(),
-        random(100_000, 1)
+        random(30_000, 1)
     );
 
-    // Add s2 without its second pack: the error names the chunk, the path and where to look.
+    // Add s2 without its second pack (its path list and b): the error names the chunk, the
+    // snapshot and where to look.
     drop(partial);
     std::fs::copy(
         store.snapshot_path(&s2),
@@ -382,13 +384,17 @@ fn a_directory_with_only_the_packs_a_snapshot_needs_restores_it() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("chunk ") && e.contains("of b") && e.contains("missing") && e.contains("packs"),
+        e.contains("chunk ")
+            && e.contains("path list")
+            && e.contains(&s2.to_string())
+            && e.contains("missing")
+            && e.contains("packs"),
         "{e}"
     );
     assert_eq!(partial.verify().unwrap().problems.len(), 1);
     assert_eq!(
         read(&partial, s1, "a"),
-        random(100_000, 1),
+        random(30_000, 1),
         "s1 is still whole"
     );
 }
@@ -678,4 +684,55 @@ fn a_file_patched_in_place_is_read_only_around_its_ranges() {
         .record_with(replica.path(), &m2, at(60), Some(&hint))
         .unwrap();
     assert_eq!(r3.bytes_read, 24 << 20);
+}
+
+#[test]
+fn a_few_changed_paths_store_a_few_runs_and_every_snapshot_restores() {
+    let (replica, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for i in 0..3000 {
+        let d = replica.path().join(format!("d{}", i % 30));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let m1 = manifest_of(replica.path(), 1);
+    let s1 = store.record(replica.path(), &m1, at(0)).unwrap().info.id;
+    let snap_len = |id: SnapshotId| std::fs::metadata(store.snapshot_path(&id)).unwrap().len();
+    // 3030 paths in runs of about 64: the file lists about 50 chunk ids.
+    assert!(snap_len(s1) < 4096, "{} bytes", snap_len(s1));
+
+    // Two files changed, one added, one deleted: a handful of runs are stored again.
+    std::fs::write(replica.path().join("d1/f1"), "changed").unwrap();
+    std::fs::write(replica.path().join("d2/f2002"), "changed too").unwrap();
+    std::fs::write(replica.path().join("d3/new"), "new").unwrap();
+    std::fs::remove_file(replica.path().join("d4/f4")).unwrap();
+    let m2 = manifest_of(replica.path(), 2);
+    let r2 = store.record(replica.path(), &m2, at(1)).unwrap();
+    assert_eq!(r2.files_read, 3);
+    // Four files and two directories (d3, d4: an entry added, one removed) changed.
+    assert!(r2.runs_encoded <= 6, "{} runs encoded", r2.runs_encoded);
+    assert!(
+        r2.chunks_stored <= 3 + 8,
+        "{} chunks stored",
+        r2.chunks_stored
+    );
+    let s2 = r2.info.id;
+
+    // Reopened: no runs in memory, every run is encoded again and deduplicates.
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    std::fs::write(replica.path().join("d5/f5"), "after a restart").unwrap();
+    let m3 = manifest_of(replica.path(), 3);
+    let r3 = store.record(replica.path(), &m3, at(2)).unwrap();
+    assert!(
+        r3.chunks_stored <= 1 + 4,
+        "{} chunks stored",
+        r3.chunks_stored
+    );
+    assert!(store.verify().unwrap().is_ok());
+    for (id, m) in [(s1, &m1), (s2, &m2), (r3.info.id, &m3)] {
+        let out = tempfile::tempdir().unwrap();
+        store.restore(id, None, out.path()).unwrap();
+        assert_same(&manifest_of(out.path(), m.generation.0), m);
+    }
 }

@@ -60,11 +60,12 @@ impl Cpu {
             .arg("--listen")
             .arg(listen)
             .args(extra)
-            .envs(env.iter().copied())
             .env(
                 "STANDBY_LOG",
                 std::env::var("STANDBY_TEST_CPU_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // After the default, so a test's own `STANDBY_LOG` wins.
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
