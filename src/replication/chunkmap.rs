@@ -3,14 +3,14 @@
 //!
 //! When the sender streams a file of at least [`MIN_FILE`] bytes it cuts the content into
 //! FastCDC chunks (`fastcdc::v2020::cut`, normalisation level 1, as the history chunker) and keeps
-//! each chunk's length and the first [`HASH_LEN`] bytes of its blake3. Once the receiver has
+//! each chunk's length and its xxh3-128 ([`chunk_hash`]). Once the receiver has
 //! committed that content, the map is stored under the content's whole-file blake3 in
 //! `<state>/chunkmaps/` ([`MapStore`]). The next time the file changes, its new chunks are looked
 //! up in the map of the receiver's copy: a chunk found there goes as `copy(offset, len)` of the
 //! receiver's committed file, anything else as literal bytes.
 //!
 //! Sizes: 2 KiB minimum, 4 KiB average, 16 KiB maximum (the minimum is skipped without looking
-//! for a cut). The history store's chunks (1 MiB on average) are made for deduplication across
+//! for a cut). The history store's chunks (128 KiB on average) are made for deduplication across
 //! snapshots; here a chunk is the unit an edit costs on the wire: a 1 KiB edit in place costs the
 //! one or two chunks around it, about 9 KiB on average (8 such edits in a 64 MiB file: 70 KiB
 //! median, 97 KiB at most over 20 seeds), a 64 KiB overwrite about 72 KiB, against blocks of
@@ -19,9 +19,12 @@
 //! more time to cut and hash. A 256 MiB file's map is about 64,000 entries (1.3 MiB on disk,
 //! 20 bytes each), read only when that file changes.
 //!
-//! A map is a hint, never trusted for correctness: 16 bytes of blake3 make an accidental clash
-//! negligible, and a wrong copy (a map that does not match the receiver's bytes) would still be
-//! caught by the receiver's blake3 check of the whole file, which then asks for it whole.
+//! A map is a hint, never trusted for correctness: a 128-bit hash makes an accidental clash
+//! negligible, and a wrong copy (a clash, even one crafted by whoever writes the workspace, or a
+//! map that does not match the receiver's bytes) is caught by the receiver's blake3 check of the
+//! whole file, which then asks for it whole: a clash costs a resend, never a wrong replica. So the
+//! chunks are named by xxh3-128, not blake3: 256 MiB cut into 4 KiB chunks hashed in 10 ms
+//! against 178 ms (one core; blake3 of the whole file, which the sender computes too, 37 ms).
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -40,19 +43,17 @@ pub const MIN: usize = 2 << 10;
 pub const AVG: usize = 4 << 10;
 /// Largest chunk.
 pub const MAX: usize = 16 << 10;
-/// Bytes of each chunk's blake3 kept.
+/// Bytes of a chunk's hash.
 pub const HASH_LEN: usize = 16;
 /// Folder of the maps inside the sender's state directory.
 pub const DIR: &str = "chunkmaps";
 
-/// A chunk's identity: the head of its blake3.
+/// A chunk's identity: its hash ([`chunk_hash`]).
 pub type ChunkHash = [u8; HASH_LEN];
 
-/// The identity of `data` as a chunk.
+/// The identity of `data` as a chunk: its xxh3-128, little-endian.
 pub fn chunk_hash(data: &[u8]) -> ChunkHash {
-    let mut h = [0u8; HASH_LEN];
-    h.copy_from_slice(&blake3::hash(data).as_bytes()[..HASH_LEN]);
-    h
+    xxhash_rust::xxh3::xxh3_128(data).to_le_bytes()
 }
 
 /// The chunks of one file's content, in order.
