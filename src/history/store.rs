@@ -243,14 +243,7 @@ impl Store {
         }
         let mut open: HashMap<PackId, std::fs::File> = HashMap::new();
         let mut chunk = |c: &ChunkId| {
-            let (pack, stored) = state
-                .index
-                .get(c)
-                .ok_or_else(|| HistoryError::MissingBody {
-                    snapshot: id,
-                    chunk: crate::text::hex(c),
-                    dir: self.packs_dir(),
-                })?;
+            let (pack, stored) = self.body_chunk(state, id, c)?;
             let path = self.pack_path(&pack);
             let file = match open.entry(pack) {
                 std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
@@ -284,15 +277,7 @@ impl Store {
         let snap = self.load(&state, id)?;
         let mut packs = std::collections::BTreeSet::new();
         for c in &snap.body {
-            let (pack, _) = state
-                .index
-                .get(c)
-                .ok_or_else(|| HistoryError::MissingBody {
-                    snapshot: id,
-                    chunk: crate::text::hex(c),
-                    dir: self.packs_dir(),
-                })?;
-            packs.insert(pack);
+            packs.insert(self.body_chunk(&state, id, c)?.0);
         }
         for p in &snap.paths {
             for c in &p.chunks {
@@ -304,6 +289,20 @@ impl Store {
             }
         }
         Ok(packs.into_iter().collect())
+    }
+
+    /// Where a chunk of snapshot `id`'s path list is stored; one in no pack is an error naming it.
+    fn body_chunk<'s>(
+        &self,
+        state: &'s State,
+        id: SnapshotId,
+        c: &ChunkId,
+    ) -> Result<(PackId, &'s crate::history::pack::Stored), HistoryError> {
+        state.index.get(c).ok_or_else(|| HistoryError::MissingBody {
+            snapshot: id,
+            chunk: crate::text::hex(c),
+            dir: self.packs_dir(),
+        })
     }
 
     pub(super) fn missing(
