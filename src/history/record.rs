@@ -22,7 +22,7 @@ use crate::history::snapshot::{self, SnapPath, SnapshotInfo};
 use crate::history::store::{Store, sort, unix_ms};
 use crate::proto::Entry;
 use crate::proto::history::SnapshotSummary;
-use crate::replication::manifest::{Kind, Manifest, entry_bytes, kind_of, root_hasher, wire_entry};
+use crate::replication::manifest::{Kind, Manifest, RootHasher, kind_of, wire_entry};
 use crate::replication::receive::edits::Edits;
 use crate::types::{Generation, RelPath};
 
@@ -168,7 +168,7 @@ impl Store {
         drop(run);
         let mut walked = walked?;
         let runs = std::mem::take(&mut walked.runs);
-        let summary = summarize(manifest, walked.root, at, new_bytes);
+        let summary = summarize(manifest, &walked, at, new_bytes);
         let info = self.publish_snapshot(&summary, &walked.body, &mut phases)?;
         let t = Instant::now();
         let known = writer.known.as_mut().expect("loaded above");
@@ -244,16 +244,16 @@ fn known_of(paths: &[SnapPath]) -> Known {
 
 fn summarize(
     manifest: &Manifest,
-    root: [u8; 32],
+    walked: &Walked,
     at: SystemTime,
     new_bytes: u64,
 ) -> SnapshotSummary {
     SnapshotSummary {
         time_ms: unix_ms(at),
         generation: manifest.generation.0,
-        root: root.to_vec(),
-        files: manifest.file_count() as u64,
-        bytes: manifest.total_bytes(),
+        root: walked.root.to_vec(),
+        files: walked.files,
+        bytes: walked.bytes,
         new_bytes,
         entries: manifest.len() as u64,
     }
@@ -290,30 +290,31 @@ impl Run<'_> {
     ) -> Result<Walked, HistoryError> {
         let mut w = Walked::default();
         let mut run: Vec<(&RelPath, &Entry)> = Vec::with_capacity(RUN_MAX);
-        // The run's entries as the manifest root hashes them: the root comes out of the same
-        // pass (blake3 is the same whatever the updates' sizes).
-        let mut root = root_hasher();
-        let mut bytes = Vec::with_capacity(64 << 10);
-        for (rel, e) in manifest.iter() {
-            entry_bytes(&mut bytes, rel, e);
+        // A run's digest is over its entries as the manifest root hashes them, so the root
+        // comes out of the same pass.
+        let mut root = RootHasher::new();
+        let mut start = 0;
+        let mut entries = manifest.iter().peekable();
+        while let Some((rel, e)) = entries.next() {
+            root.push(rel, e);
             run.push((rel, e));
-            if run.len() >= RUN_MAX || ends_run(rel) {
-                root.update(&bytes);
-                self.run(&run, *blake3::hash(&bytes).as_bytes(), known, runs, &mut w)?;
+            if kind_of(e) == Some(Kind::File) {
+                (w.files, w.bytes) = (w.files + 1, w.bytes + e.size);
+            }
+            if run.len() >= RUN_MAX || ends_run(rel) || entries.peek().is_none() {
+                let digest = *blake3::hash(&root.pending()[start..]).as_bytes();
+                self.run(&run, digest, known, runs, &mut w)?;
                 run.clear();
-                bytes.clear();
+                root.flush_if_full();
+                start = root.pending().len();
             }
         }
-        if !run.is_empty() {
-            root.update(&bytes);
-            self.run(&run, *blake3::hash(&bytes).as_bytes(), known, runs, &mut w)?;
-        }
-        w.root = *root.finalize().as_bytes();
+        w.root = root.finalize();
         Ok(w)
     }
 
     /// One run of paths: its chunks as the newest snapshot stored them when its entries are
-    /// the same (`digest`, over `entry_bytes` of each), else encoded and stored anew.
+    /// the same (`digest`, over their bytes as the root hashes them), else encoded and stored anew.
     fn run(
         &mut self,
         run: &[(&RelPath, &Entry)],
@@ -547,6 +548,9 @@ struct Walked {
     body: Vec<ChunkId>,
     /// The manifest's root.
     root: [u8; 32],
+    /// Its regular files, and their bytes.
+    files: u64,
+    bytes: u64,
     /// Runs encoded anew.
     encoded: u64,
     /// Its runs by digest, for the next record.

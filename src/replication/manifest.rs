@@ -144,14 +144,12 @@ impl Manifest {
 
     /// The blake3 root over all entries in path order.
     pub fn root(&self) -> Root {
-        let mut h = root_hasher();
-        let mut buf = Vec::with_capacity(256);
+        let mut h = RootHasher::new();
         for (p, e) in &self.entries {
-            buf.clear();
-            entry_bytes(&mut buf, p, e);
-            h.update(&buf);
+            h.push(p, e);
+            h.flush_if_full();
         }
-        *h.finalize().as_bytes()
+        h.finalize()
     }
 
     /// Applies one generation's changes (already validated for syntax). Deleting a directory
@@ -243,17 +241,54 @@ impl Manifest {
     }
 }
 
-/// The hasher [`Manifest::root`] feeds with [`entry_bytes`] of every entry in path order.
-pub(crate) fn root_hasher() -> blake3::Hasher {
-    let mut h = blake3::Hasher::new();
-    h.update(b"standby-manifest-v1");
-    h
+/// The manifest root, fed every entry in path order ([`entry_bytes`]). Entries are gathered
+/// in a buffer hashed about a MiB at a time: blake3 hashes large inputs on all its SIMD lanes,
+/// small ones a block at a time (20k entries: 4.5 ms with an update per entry, 6400-byte updates
+/// 1.8 ms, one update 0.3 ms).
+pub(crate) struct RootHasher {
+    hasher: blake3::Hasher,
+    pending: Vec<u8>,
 }
 
-/// Appends what the root hashes of one entry: every replicated field, unambiguously. Built in
-/// a buffer and hashed in one `update` (a dozen small updates per entry cost more than the
-/// hashing).
-pub(crate) fn entry_bytes(out: &mut Vec<u8>, p: &RelPath, e: &Entry) {
+impl RootHasher {
+    /// The pending bytes are hashed once they reach this.
+    const FLUSH: usize = 1 << 20;
+
+    pub(crate) fn new() -> RootHasher {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"standby-manifest-v1");
+        RootHasher {
+            hasher,
+            pending: Vec::with_capacity(Self::FLUSH + (64 << 10)),
+        }
+    }
+
+    /// Adds one entry, after those added before.
+    pub(crate) fn push(&mut self, p: &RelPath, e: &Entry) {
+        entry_bytes(&mut self.pending, p, e);
+    }
+
+    /// The bytes of the entries added since the last flush.
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
+    /// Hashes the pending bytes if there are [`Self::FLUSH`] of them.
+    pub(crate) fn flush_if_full(&mut self) {
+        if self.pending.len() >= Self::FLUSH {
+            self.hasher.update(&self.pending);
+            self.pending.clear();
+        }
+    }
+
+    pub(crate) fn finalize(mut self) -> Root {
+        self.hasher.update(&self.pending);
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+/// Appends what the root hashes of one entry: every replicated field, unambiguously.
+fn entry_bytes(out: &mut Vec<u8>, p: &RelPath, e: &Entry) {
     let extended = e.uid.is_some() || e.gid.is_some() || e.xattrs.is_some();
     out.extend_from_slice(&(p.as_bytes().len() as u32).to_le_bytes());
     out.extend_from_slice(p.as_bytes());
