@@ -342,8 +342,8 @@ impl Run<'_> {
                     let chunks = self.file(rel, e, known);
                     let packed = (self.phases.pack + self.phases.seal).saturating_sub(packing);
                     self.in_files += t.elapsed().saturating_sub(packed);
-                    let chunks = chunks?;
-                    if let Ok(hash) = e.blake3[..].try_into() {
+                    let (chunks, read) = chunks?;
+                    if read && let Ok(hash) = e.blake3[..].try_into() {
                         w.learned.push((hash, chunks.clone()));
                     }
                     chunks
@@ -374,12 +374,14 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// A file's chunks, and whether they were read from the replica (false: the store held
+    /// its content).
     fn file(
         &mut self,
         rel: &RelPath,
         e: &Entry,
         known: &Known,
-    ) -> Result<Vec<ChunkId>, HistoryError> {
+    ) -> Result<(Vec<ChunkId>, bool), HistoryError> {
         let hash: [u8; 32] = e.blake3[..]
             .try_into()
             .map_err(|_| HistoryError::BadEntry {
@@ -389,12 +391,13 @@ impl Run<'_> {
         if let Some(chunks) = known.get(&hash)
             && chunks.iter().all(|c| self.have(c))
         {
-            return Ok(chunks.clone());
+            return Ok((chunks.clone(), false));
         }
-        if let Some(old) = self.base_of(rel, known) {
-            return self.patched(rel, e, old);
-        }
-        self.read(rel, e, hash)
+        let chunks = match self.base_of(rel, known) {
+            Some(old) => self.patched(rel, e, old)?,
+            None => self.read(rel, e, hash)?,
+        };
+        Ok((chunks, true))
     }
 
     /// The chunks and their lengths of the content a file was changed from in place, when
@@ -555,7 +558,7 @@ struct Walked {
     encoded: u64,
     /// Its runs by digest, for the next record.
     runs: Runs,
-    /// Files of the runs encoded anew, by content.
+    /// Files read anew, by content.
     learned: Vec<([u8; 32], Vec<ChunkId>)>,
 }
 
