@@ -402,6 +402,12 @@ fn finish_stream(
     seal(sink, e, (end.size, s.base_ino), inner.setid)
 }
 
+/// A staged copy at least this big is made durable as soon as it is verified, on its stream's
+/// thread: its write-back then overlaps the rest of the generation instead of adding to the
+/// commit's wait (ARCHITECTURE.md, "The life of one write", step 5). Smaller ones wait for the
+/// commit's one flush: a flush each would cost a journal commit apiece.
+const SYNC_AT_END_MIN: u64 = 16 << 20;
+
 /// Closes a verified stream's sink: a full copy gets the entry's metadata, a patch keeps the
 /// replica file's inode.
 fn seal(
@@ -420,6 +426,9 @@ fn seal(
             }
             .map_err(io)?;
             set_file_meta(&f, &e, bits).map_err(io)?;
+            if size >= SYNC_AT_END_MIN {
+                f.sync_data().map_err(io)?;
+            }
             e.ino = f.metadata().map_err(io)?.ino();
             Ok(StreamOutcome::Verified {
                 entry: e,
