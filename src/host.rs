@@ -29,23 +29,28 @@ pub const IDLE_TRIM: Duration = Duration::from_secs(5);
 /// glibc arenas for an agent: one per core by default (8 per core on 64-bit), each keeping what
 /// its threads freed. Two are enough for an agent's few busy threads (ARCHITECTURE.md, "Memory").
 const ARENAS: i32 = 2;
-/// Blocks from this size on are mapped on their own and unmapped when freed. Setting it turns
-/// off glibc's sliding threshold, which after the first large buffers are freed serves later
-/// ones (zstd windows, read buffers) from the heap, where they fragment it.
-const MMAP_THRESHOLD: i32 = 256 << 10;
+/// Blocks from this size on are mapped on their own and unmapped when freed; smaller ones come
+/// from the heap, where a freed block serves the next one. A sync's big buffers (read groups,
+/// received messages, zstd windows: up to 16 MiB) are allocated and freed by the hundred: mapped
+/// each time, every page of each faulted in anew, a full sync of 768 MiB cost 0.5 CPU-s of page
+/// faults on each side (ARCHITECTURE.md, "Memory").
+const MMAP_THRESHOLD: i32 = 32 << 20;
+/// Free memory at the top of a heap is given back on `free` only past this, so a buffer freed and
+/// allocated again stays mapped; [`after_burst`] gives it all back once the burst is over.
+const TRIM_THRESHOLD: i32 = 64 << 20;
 
 /// Unix ms of the last [`after_burst`] not yet followed by an idle trim (0: none).
 static BURST_AT: AtomicU64 = AtomicU64::new(0);
 
-/// Sets up glibc's allocator for a long-running agent: [`ARENAS`] arenas and a fixed
-/// [`MMAP_THRESHOLD`]. At 100k files this took agent-gpu's idle resident memory from 113 to 58 MiB
-/// (`bench/many_files.rs`). Call it first in `main`, before any thread starts.
+/// Sets up glibc's allocator for a long-running agent: [`ARENAS`] arenas, a fixed
+/// [`MMAP_THRESHOLD`] and [`TRIM_THRESHOLD`]. Call it first in `main`, before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn tune_allocator() {
     // SAFETY: mallopt takes no pointers; glibc serializes it with every allocator call.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, ARENAS);
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
 }
 
