@@ -443,10 +443,7 @@ impl Run<'_> {
         if !still(self) {
             return Err(HistoryError::Moved { path: rel.clone() });
         }
-        let r = r.map_err(|err| match err {
-            ReadError::Read(e) => HistoryError::io("reading replica file", &path)(e),
-            ReadError::Store(e) => e,
-        })?;
+        let r = r.map_err(|err| err.at(&path))?;
         self.files_read += 1;
         self.bytes_read += r.read;
         Ok(r.ids)
@@ -472,10 +469,7 @@ impl Run<'_> {
             self.store_chunk(c).map_err(ReadError::Store)
         });
         self.chunker = chunker;
-        let whole = whole.map_err(|err| match err {
-            ReadError::Read(e) => HistoryError::io("reading replica file", &path)(e),
-            ReadError::Store(e) => e,
-        })?;
+        let whole = whole.map_err(|err| err.at(&path))?;
         self.files_read += 1;
         self.bytes_read += whole.len;
         if whole.blake3 != hash || whole.len != e.size {
@@ -572,6 +566,16 @@ struct Based {
 enum ReadError {
     Read(io::Error),
     Store(HistoryError),
+}
+
+impl ReadError {
+    /// The error of a record that was reading the replica file at `path`.
+    fn at(self, path: &Path) -> HistoryError {
+        match self {
+            ReadError::Read(e) => HistoryError::io("reading replica file", path)(e),
+            ReadError::Store(e) => e,
+        }
+    }
 }
 
 impl From<io::Error> for ReadError {
