@@ -20,15 +20,11 @@ mod common;
 #[allow(dead_code)]
 #[path = "../tests/backup/server.rs"]
 mod server;
+#[path = "../tests/backup/shaped.rs"]
+mod shaped;
 #[allow(dead_code)]
 #[path = "../tests/backup/store.rs"]
 mod store;
-
-use std::os::fd::AsRawFd;
-use std::time::Instant;
-
-use standby::backup::{BucketConfig, Mirror, UploadOptions};
-use standby::trust::seal::BackupKey;
 
 const NAME: &str = "backup_link";
 
@@ -46,49 +42,7 @@ fn round(s3: &server::S3, netns: &str, packs: u64, n: u64) -> (u64, f64) {
         .map(|i| st.add_pack(&store::content(1000 * n + i, 8 << 20)))
         .collect();
     st.add_snapshot(1, &names.iter().collect::<Vec<_>>());
-    let state = tempfile::tempdir().unwrap();
-    // The uploader runs on a thread moved into the client's namespace, with a runtime of its
-    // own (threads it starts inherit the namespace).
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let ns = std::fs::File::open(netns).unwrap();
-                // SAFETY: setns(2) on this thread only, with a namespace file we opened.
-                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    if n == 0 {
-                        s3.wait_up();
-                        s3.create_bucket("standby-backup").await;
-                    }
-                    let bucket = s3.bucket_with_timeout(
-                        &format!("s3://standby-backup/round{n}"),
-                        BucketConfig::new("s3://x").timeout,
-                    );
-                    let mut m = Mirror::open(
-                        bucket,
-                        BackupKey::generate(),
-                        st.path(),
-                        &state.path().join("backup.journal"),
-                        UploadOptions {
-                            concurrency: 3,
-                            ..UploadOptions::default()
-                        },
-                    )
-                    .unwrap();
-                    let started = Instant::now();
-                    let f = m.pass().await.unwrap();
-                    assert_eq!(f.failures, 0, "{f:?}");
-                    (f.bytes_uploaded, started.elapsed().as_secs_f64())
-                })
-            })
-            .join()
-            .unwrap()
-    })
+    shaped::upload(s3, netns, &st, &format!("round{n}"), n == 0)
 }
 
 fn main() {

@@ -48,6 +48,22 @@ fn ok_json(out: Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A continuous agent-gpu of pair "p" on `ws` (state `gst`, log `<dir>/gpu.log`) replicating to
+/// `cpu`, once it answers `status`.
+fn start_gpu(ws: &Path, gst: &Path, pki: &Pki, cpu: &Cpu, extra: &[&str], dir: &Path) -> Proc {
+    let log = dir.join("gpu.log");
+    let gpu = Proc(
+        Command::new(AGENT_GPU)
+            .args(gpu_args(ws, gst, &pki.node("p", Role::Gpu), &cpu.addr))
+            .args(extra)
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_agent(gst, &log);
+    gpu
+}
+
 fn wait_agent(state: &Path, log: &Path) {
     let ok = wait_until(Duration::from_secs(30), || {
         run(&["status"], state).status.success()
@@ -100,15 +116,7 @@ fn an_rm_rf_and_an_overwritten_checkpoint_come_back_from_the_standby() {
         &t.path().join("cpu"),
         &pki.node("p", Role::Cpu),
     );
-    let _gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--debounce", "50ms"])
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_agent(&gst, &t.path().join("gpu.log"));
+    let _gpu = start_gpu(&ws, &gst, &pki, &cpu, &["--debounce", "50ms"], t.path());
     assert!(flush(&gst, "30s").status.success());
     let good = wait_snapshots(&gst, 1, &cpu);
     std::thread::sleep(Duration::from_millis(1100));
@@ -193,14 +201,7 @@ fn bad_restore_requests_are_refused_clearly_and_change_nothing() {
         &t.path().join("cpu"),
         &pki.node("p", Role::Cpu),
     );
-    let _gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_agent(&gst, &t.path().join("gpu.log"));
+    let _gpu = start_gpu(&ws, &gst, &pki, &cpu, &[], t.path());
     assert!(flush(&gst, "30s").status.success());
     let id = wait_snapshots(&gst, 1, &cpu)[0]["id"]
         .as_str()
@@ -316,15 +317,7 @@ fn an_in_place_edit_is_recorded_from_its_ranges_and_both_versions_restore() {
         &[],
         &[("STANDBY_LOG", "info,standby::agent::snapshots=debug")],
     );
-    let _gpu = Proc(
-        Command::new(AGENT_GPU)
-            .args(gpu_args(&ws, &gst, &pki.node("p", Role::Gpu), &cpu.addr))
-            .args(["--debounce", "50ms"])
-            .stderr(fs::File::create(t.path().join("gpu.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_agent(&gst, &t.path().join("gpu.log"));
+    let _gpu = start_gpu(&ws, &gst, &pki, &cpu, &["--debounce", "50ms"], t.path());
     assert!(flush(&gst, "30s").status.success());
     let first = wait_snapshots(&gst, 1, &cpu);
 

@@ -9,6 +9,7 @@ mod common;
 mod link;
 mod rebuild;
 mod server;
+mod shaped;
 mod store;
 
 use std::collections::BTreeMap;
