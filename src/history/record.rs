@@ -314,7 +314,8 @@ impl Run<'_> {
     }
 
     /// One run of paths: its chunks as the newest snapshot stored them when its entries are
-    /// the same (`digest`, over their bytes as the root hashes them), else encoded and stored anew.
+    /// the same (`digest`, over their bytes as the root hashes them), else encoded and stored
+    /// anew.
     fn run(
         &mut self,
         run: &[(&RelPath, &Entry)],
