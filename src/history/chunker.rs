@@ -13,12 +13,12 @@ use fastcdc::v2020::{Normalization, cut, select_masks};
 use crate::history::id::ChunkId;
 
 /// Smallest chunk (except a stream's last).
-pub const MIN: usize = 32 * 1024;
+pub const MIN: usize = 16 * 1024;
 /// Target average chunk size: small enough that a scattered 64 KiB edit of a big file stores
-/// about 200 KiB (ARCHITECTURE.md, "History").
-pub const AVG: usize = 128 * 1024;
+/// about 150 KiB (ARCHITECTURE.md, "History").
+pub const AVG: usize = 64 * 1024;
 /// Largest chunk this chunker cuts.
-pub const MAX: usize = 512 * 1024;
+pub const MAX: usize = 256 * 1024;
 /// The most a stored chunk may claim to be when read back: stores written before the chunks
 /// were made smaller (1 MiB average) hold chunks of up to 4 MiB.
 pub const READ_MAX: usize = 4 * 1024 * 1024;
