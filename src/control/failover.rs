@@ -170,6 +170,9 @@ pub struct AgentStatus {
 #[derive(Clone, Debug, Default)]
 pub struct Seen {
     pub last_seen: Option<Instant>,
+    /// When the agent was heard again after a silence longer than a fresh report's age (None:
+    /// no such silence since this coordinator first heard it).
+    pub heard_since: Option<Instant>,
     pub connected: bool,
     pub epoch: Epoch,
     pub fatal: Option<String>,
@@ -379,7 +382,7 @@ impl PairMachine {
     pub fn step(&mut self, input: Input, t: &Timing) -> Vec<Action> {
         let mut out = Vec::new();
         match input {
-            Input::Report(side, r) => self.on_report(side, r, &mut out),
+            Input::Report(side, r) => self.on_report(side, r, t, &mut out),
             Input::Disconnected(side, _) => self.seen[side].connected = false,
             Input::Tick(now) => self.tick(now, t, &mut out),
             Input::Manual(now) => self.on_manual(now, &mut out),

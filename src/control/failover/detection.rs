@@ -16,10 +16,10 @@ use crate::types::Side;
 
 impl PairMachine {
     /// A heartbeat from `side`'s agent: record it, react to what it says, move recovery along.
-    pub(super) fn on_report(&mut self, side: Side, r: Report, out: &mut Vec<Action>) {
+    pub(super) fn on_report(&mut self, side: Side, r: Report, t: &Timing, out: &mut Vec<Action>) {
         let at = r.at;
         let seed_error = self.seen.cpu.status.seed_error.clone();
-        self.hear(side, &r);
+        self.hear(side, &r, t);
         if side == Side::Cpu {
             self.seed_trouble(&seed_error, out);
         }
@@ -39,8 +39,12 @@ impl PairMachine {
     }
 
     /// What the coordinator now knows of `side`'s agent.
-    fn hear(&mut self, side: Side, r: &Report) {
+    fn hear(&mut self, side: Side, r: &Report, t: &Timing) {
         let seen = &mut self.seen[side];
+        let gap = seen.last_seen.map(|s| r.at.saturating_duration_since(s));
+        if gap.is_some_and(|g| g > fresh_for(t)) {
+            seen.heard_since = Some(r.at);
+        }
         seen.last_seen = Some(r.at);
         seen.connected = true;
         seen.epoch = r.epoch;
@@ -143,9 +147,21 @@ impl PairMachine {
 
     /// The GPU has been silent long enough to fail over: only if the CPU agent confirms it has
     /// lost the GPU too. Otherwise say once why not.
+    ///
+    /// A CPU agent heard again after a silence confirms only once it has been heard for
+    /// `failover_after`: when a network that cut both agents heals, the CPU's first reports
+    /// still carry what it saw during the cut (no contact with the GPU), while the GPU, just as
+    /// alive, may still be waiting out its reconnection backoff (up to 2.6 s). Without the wait
+    /// such a heal failed over a healthy GPU (`tests/netfaults.rs`, everything cut).
     fn confirm(&mut self, now: Instant, silence: Duration, t: &Timing, out: &mut Vec<Action>) {
         let cpu_fresh = self.cpu_fresh(now, t);
+        let cpu_settled = self
+            .seen
+            .cpu
+            .heard_since
+            .is_none_or(|since| now.saturating_duration_since(since) >= t.failover_after);
         let cpu_lost_gpu = cpu_fresh
+            && cpu_settled
             && self
                 .seen
                 .cpu
@@ -190,7 +206,7 @@ impl PairMachine {
         self.seen
             .cpu
             .last_seen
-            .is_some_and(|s| now.saturating_duration_since(s) <= t.heartbeat * 2 + t.heartbeat / 2)
+            .is_some_and(|s| now.saturating_duration_since(s) <= fresh_for(t))
     }
 
     /// The GPU is healthy: is its standby? A CPU agent that is silent while the GPU cannot
@@ -310,4 +326,9 @@ impl PairMachine {
         out.push(Action::Detected(silence));
         out.push(Action::FailedOver);
     }
+}
+
+/// How old an agent's last report may be and still speak for it: two and a half heartbeats.
+fn fresh_for(t: &Timing) -> Duration {
+    t.heartbeat * 2 + t.heartbeat / 2
 }

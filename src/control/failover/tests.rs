@@ -157,7 +157,14 @@ fn suspect_and_back_are_written_with_the_batch() {
     assert_eq!(transitions(&a), vec![PairState::Syncing]);
     assert!(a.contains(&Action::PersistSoon) && !a.contains(&Action::Persist));
     assert_eq!((m.desired(Side::Gpu), m.desired(Side::Cpu)), (gpu, cpu));
-    // Suspect again, then the CPU confirms: the failover is durable first.
+    // Suspect again, then the CPU (reporting all along) confirms: the failover is durable
+    // first.
+    for (at, ok_age) in [(2400, 100), (4800, 2800)] {
+        m.step(
+            Input::Report(Side::Cpu, cpu_report(t0 + ms(at), Some(ms(ok_age)))),
+            &t,
+        );
+    }
     m.step(Input::Tick(t0 + ms(4200)), &t);
     m.step(
         Input::Report(Side::Cpu, cpu_report(t0 + ms(5100), Some(ms(3100)))),
@@ -370,6 +377,10 @@ fn coordinator_downtime_is_not_silence() {
 #[test]
 fn restart_mid_failover_resumes_from_the_record() {
     let (mut m, t0, t) = syncing();
+    m.step(
+        Input::Report(Side::Cpu, cpu_report(t0 + ms(1500), Some(ms(1500)))),
+        &t,
+    );
     m.step(
         Input::Report(Side::Cpu, cpu_report(t0 + ms(3000), Some(ms(3000)))),
         &t,
@@ -861,13 +872,43 @@ fn a_degraded_pair_fails_over_when_its_standby_returns_and_the_gpu_is_gone() {
     // Found by tests/chaos.rs (seed 2): the standby was cut off (Degraded), the GPU died
     // meanwhile, the standby came back: the pair stayed Degraded for good, nobody primary.
     let (mut m, t0, t) = degraded();
-    // The GPU is never heard from again; the CPU comes back and cannot reach it either.
+    // The GPU is never heard from again; the CPU comes back and cannot reach it either. Its
+    // word counts once it has been back for `failover_after` (the GPU could have been cut off
+    // by the same fault and be on its way back too).
     let a = cpu_back(&mut m, t0 + ms(9000), None, &t);
     assert!(transitions(&a).is_empty());
-    let a = m.step(Input::Tick(t0 + ms(9100)), &t);
+    assert!(transitions(&m.step(Input::Tick(t0 + ms(9100)), &t)).is_empty());
+    cpu_back(&mut m, t0 + ms(11_000), None, &t);
+    assert!(transitions(&m.step(Input::Tick(t0 + ms(11_900)), &t)).is_empty());
+    let a = m.step(Input::Tick(t0 + ms(12_000)), &t);
     assert_eq!(transitions(&a), vec![PairState::FailedOver]);
     assert_eq!(m.epoch(), Epoch(2));
     assert_eq!(m.primary(), Side::Cpu);
+}
+
+/// Found by tests/netfaults.rs (everything cut for 10 s, then healed): the CPU agent came
+/// back first, still reporting that it had not reached the GPU for 10 s, and the coordinator
+/// failed over a GPU that was only waiting out its reconnection backoff.
+#[test]
+fn a_heal_that_brings_the_cpu_back_first_does_not_fail_over() {
+    let (mut m, t0, t) = syncing();
+    // Everything cut at t0 + 100 ms: both agents silent, the pair Suspect, nobody to confirm.
+    let a = m.step(Input::Tick(t0 + ms(2000)), &t);
+    assert_eq!(transitions(&a), vec![PairState::Suspect]);
+    for k in 3..=10 {
+        assert!(transitions(&m.step(Input::Tick(t0 + ms(k * 1000)), &t)).is_empty());
+    }
+    // Healed at t0 + 10 s: the CPU is heard first, with what it saw during the cut.
+    cpu_back(&mut m, t0 + ms(10_200), Some(ms(10_100)), &t);
+    for at in [10_300, 11_000, 12_000] {
+        assert!(transitions(&m.step(Input::Tick(t0 + ms(at)), &t)).is_empty());
+    }
+    cpu_back(&mut m, t0 + ms(11_200), Some(ms(11_100)), &t);
+    // The GPU's backoff ends (up to 2.6 s after the heal): it is heard again.
+    let a = gpu_sends(&mut m, t0 + ms(12_500), true, &t);
+    assert_eq!(transitions(&a), vec![PairState::Syncing]);
+    assert!(transitions(&m.step(Input::Tick(t0 + ms(13_500)), &t)).is_empty());
+    assert_eq!(m.epoch(), Epoch(1));
 }
 
 #[test]
