@@ -161,19 +161,20 @@ impl PairMachine {
             .heard_since
             .is_none_or(|since| now.saturating_duration_since(since) >= t.failover_after);
         let cpu_lost_gpu = cpu_fresh
-            && cpu_settled
             && self
                 .seen
                 .cpu
                 .contact
                 .as_ref()
                 .is_some_and(|c| c.lost_for(now).is_none_or(|d| d >= t.failover_after));
-        if cpu_lost_gpu {
+        if cpu_lost_gpu && cpu_settled {
             let why = format!(
                 "GPU agent silent for {} ms and the CPU agent cannot reach it either",
                 silence.as_millis()
             );
             self.fail_over(why, silence, out);
+        } else if cpu_lost_gpu {
+            // The CPU agent just came back: its word counts in a moment, nothing to say yet.
         } else if !self.warned_blind {
             self.warned_blind = true;
             let message = if cpu_fresh {
