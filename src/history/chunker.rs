@@ -15,7 +15,7 @@ use crate::history::id::ChunkId;
 /// Smallest chunk (except a stream's last).
 pub const MIN: usize = 16 * 1024;
 /// Target average chunk size: small enough that a scattered 64 KiB edit of a big file stores
-/// about 150 KiB (ARCHITECTURE.md, "History").
+/// about 210 KiB (ARCHITECTURE.md, "History").
 pub const AVG: usize = 64 * 1024;
 /// Largest chunk this chunker cuts.
 pub const MAX: usize = 256 * 1024;
