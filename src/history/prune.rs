@@ -118,6 +118,22 @@ impl Store {
         let mut writer = self.writer();
         writer.runs.clear();
         let mut state = self.state_mut();
+        let done = self.prune(&mut state, retention, now, hook);
+        // The index may have lost chunks, even when a step failed part-way.
+        if let Some(known) = writer.known.as_mut() {
+            known.retain(|_, chunks| chunks.iter().all(|c| state.index.contains(c)));
+        }
+        done
+    }
+
+    /// [`Store::forget_with`] with the writer and the state held.
+    fn prune(
+        &self,
+        state: &mut State,
+        retention: &Retention,
+        now: SystemTime,
+        hook: &mut dyn FnMut(&Step),
+    ) -> Result<Pruned, HistoryError> {
         if let Some((file, reason)) = state
             .damaged
             .iter()
@@ -135,7 +151,7 @@ impl Store {
         let mut keep = retention::by_time(&times, unix_ms(now), retention);
         // Live chunks are read before the forgotten snapshots are deleted (the budget needs
         // them to decide), from the kept snapshots only, which no step changes.
-        let (live, for_budget) = self.live(&state, &infos, &mut keep, retention.budget_bytes)?;
+        let (live, for_budget) = self.live(state, &infos, &mut keep, retention.budget_bytes)?;
         let mut done = Pruned {
             bytes_before: state.index.stored_bytes(),
             ..Default::default()
@@ -147,11 +163,11 @@ impl Store {
                 done.forgotten.push(info.id);
             }
         }
-        self.delete_snapshots(&mut state, &keep, hook)?;
+        self.delete_snapshots(state, &keep, hook)?;
         done.kept = state.snapshots.len();
         let plan = plan(&state.index, &live);
-        done.packs_deleted += self.delete_packs(&mut state, &plan.delete, hook)?;
-        let (written, deleted) = self.repack(&mut state, plan.repack, hook)?;
+        done.packs_deleted += self.delete_packs(state, &plan.delete, hook)?;
+        let (written, deleted) = self.repack(state, plan.repack, hook)?;
         done.packs_written = written;
         done.packs_deleted += deleted;
         done.bytes_after = state.index.stored_bytes();

@@ -65,9 +65,12 @@ pub struct Phases {
     pub publish: Duration,
 }
 
-type Known = HashMap<[u8; 32], Vec<ChunkId>>;
+/// Contents the store holds whole, by blake3: their chunks, every one in the index (only a
+/// prune drops chunks from it, and a prune drops from this map what it dropped).
+pub(super) type Known = HashMap<[u8; 32], Vec<ChunkId>>;
 
-/// The body chunks of each run of paths of the newest snapshot, by the digest of its entries.
+/// The body chunks of each run of paths of the newest snapshot, by the digest of its entries
+/// (every one in the index: a prune empties this map).
 pub(super) type Runs = HashMap<[u8; 32], Vec<ChunkId>>;
 
 /// A run of paths ends after one in this many on average (about 10 KB of body)...
@@ -191,13 +194,16 @@ impl Store {
         })
     }
 
-    /// Files of the newest snapshot by content.
+    /// Files of the newest snapshot by content, those whose chunks the index holds (a file
+    /// in a pack found damaged on open is read again).
     fn newest_known(&self) -> Result<Known, HistoryError> {
         let state = self.state();
-        match state.snapshots.last() {
-            None => Ok(Known::new()),
-            Some(s) => Ok(known_of(&self.load(&state, s.id)?.paths)),
-        }
+        let mut known = match state.snapshots.last() {
+            None => Known::new(),
+            Some(s) => known_of(&self.load(&state, s.id)?.paths),
+        };
+        known.retain(|_, chunks| chunks.iter().all(|c| state.index.contains(c)));
+        Ok(known)
     }
 
     fn publish_packs(&self, packs: Vec<(PackId, PackMeta)>) {
@@ -324,9 +330,7 @@ impl Run<'_> {
         runs: &Runs,
         w: &mut Walked,
     ) -> Result<(), HistoryError> {
-        if let Some(ids) = runs.get(&digest)
-            && ids.iter().all(|c| self.have(c))
-        {
+        if let Some(ids) = runs.get(&digest) {
             w.body.extend_from_slice(ids);
             w.runs.insert(digest, ids.clone());
             return Ok(());
@@ -389,9 +393,7 @@ impl Run<'_> {
                 path: rel.clone(),
                 reason: format!("a blake3 of {} bytes", e.blake3.len()),
             })?;
-        if let Some(chunks) = known.get(&hash)
-            && chunks.iter().all(|c| self.have(c))
-        {
+        if let Some(chunks) = known.get(&hash) {
             return Ok((chunks.clone(), false));
         }
         let chunks = match self.base_of(rel, known) {

@@ -32,11 +32,12 @@ pub struct Store {
 #[derive(Default)]
 pub(super) struct Writer {
     /// Files of the newest snapshot by content (blake3 → chunks), so an unchanged file is
-    /// recorded without reading it. Loaded on the first `record`.
-    pub known: Option<HashMap<[u8; 32], Vec<ChunkId>>>,
+    /// recorded without reading it. Loaded on the first `record`; a prune drops the contents
+    /// whose chunks it deleted.
+    pub known: Option<crate::history::record::Known>,
     /// The body chunks of the newest snapshot this process recorded, by run (empty after open
-    /// and after a prune: every run is then encoded and its files checked anew). A reused run's
-    /// files need no check: the index loses chunks only in a prune.
+    /// and after a prune: every run is then encoded and its files looked up anew). A reused
+    /// run's chunks need no check: the index loses chunks only in a prune.
     pub runs: crate::history::record::Runs,
 }
 

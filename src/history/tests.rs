@@ -490,6 +490,30 @@ fn forget_keeps_the_newest_and_frees_what_only_old_snapshots_needed() {
 }
 
 #[test]
+fn content_a_prune_freed_is_read_again_when_it_comes_back() {
+    let (replica, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store = Store::open(dir.path()).unwrap();
+    let file = replica.path().join("ckpt");
+    let day = 86_400 * 30;
+    let mut record = |content: &[u8], g: u64| {
+        std::fs::write(&file, content).unwrap();
+        store
+            .record(replica.path(), &manifest_of(replica.path(), g), at(g * day))
+            .unwrap()
+    };
+    let (old, new) = (random(1 << 20, 1), random(1 << 20, 2));
+    record(&old, 0);
+    record(&new, 1);
+    // Only the newest is kept: the old content's chunks are deleted.
+    let pruned = store.forget(&Retention::default(), at(day + 10)).unwrap();
+    assert_eq!(pruned.kept, 1);
+    let back = record(&old, 2);
+    assert_eq!(back.files_read, 1, "the freed content was read again");
+    assert!(store.verify().unwrap().is_ok());
+    assert_eq!(read(&store, back.info.id, "ckpt"), old);
+}
+
+#[test]
 fn mostly_dead_packs_are_repacked_and_a_budget_drops_the_oldest() {
     let (replica, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let store = Store::open(dir.path()).unwrap();
