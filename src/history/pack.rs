@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 
 use crate::disk::crashsafe::fsync_dir;
+use crate::disk::fsx;
 use crate::history::HistoryError;
 use crate::history::chunker;
 use crate::history::id::{ChunkId, PackId};
@@ -33,6 +34,8 @@ const END: [u8; 8] = *b"SBYKFOOT";
 const TRAILER: u64 = 8 + 32 + 8;
 /// A footer larger than this is refused (a corrupt length must not allocate gigabytes).
 const MAX_FOOTER: usize = 64 << 20;
+/// Write-back of a pack being filled is started every this many bytes.
+const WRITEBACK_STEP: u64 = 1 << 20;
 /// zstd level for chunks: fast, and a chunk is stored compressed only when that pays.
 const LEVEL: i32 = 3;
 
@@ -58,6 +61,8 @@ pub struct PackWriter {
     file: BufWriter<File>,
     tmp: PathBuf,
     len: u64,
+    /// Bytes whose write-back was started (`fsx::start_writeback`).
+    hinted: u64,
     chunks: Vec<Stored>,
     hasher: blake3::Hasher,
     sealed: bool,
@@ -66,16 +71,37 @@ pub struct PackWriter {
 /// Bytes of each sample [`incompressible`] tries.
 const SAMPLE: usize = 4 << 10;
 
-/// Whether samples at the start, middle and end of a chunk of at least 16 samples all fail to
-/// compress by 1/32 (what `compress::if_smaller` asks of the whole).
+/// Whether samples at the start, middle and end of a chunk of at least two samples all look
+/// like noise: their bytes spread so evenly that no entropy coder saves the 1/32 that
+/// `compress::if_smaller` asks of the whole (more than 31/32 of 8 bits a byte). Counting
+/// bytes costs a tenth of trying zstd on the sample; what it misses is repeats with even
+/// byte counts, stored raw.
 fn incompressible(raw: &[u8]) -> bool {
-    if raw.len() < 16 * SAMPLE {
+    if raw.len() < 2 * SAMPLE {
         return false;
     }
     let mid = raw.len() / 2 - SAMPLE / 2;
     [0, mid, raw.len() - SAMPLE]
         .iter()
-        .all(|&at| compress::if_smaller(&raw[at..at + SAMPLE], LEVEL).is_none())
+        .all(|&at| bits_per_byte(&raw[at..at + SAMPLE]) > 8.0 * 31.0 / 32.0)
+}
+
+/// The order-0 entropy of `data`: the fewest bits a byte that coding bytes one by one can
+/// reach.
+fn bits_per_byte(data: &[u8]) -> f64 {
+    let mut counts = [0u32; 256];
+    for b in data {
+        counts[usize::from(*b)] += 1;
+    }
+    let n = data.len() as f64;
+    counts
+        .iter()
+        .filter(|c| **c > 0)
+        .map(|c| {
+            let p = f64::from(*c) / n;
+            -p * p.log2()
+        })
+        .sum()
 }
 
 /// A complete, fsynced pack still under `tmp/`.
@@ -97,6 +123,7 @@ impl PackWriter {
             file: BufWriter::with_capacity(1 << 20, file),
             tmp,
             len: 0,
+            hinted: 0,
             chunks: Vec::new(),
             hasher: blake3::Hasher::new(),
             sealed: false,
@@ -117,9 +144,9 @@ impl PackWriter {
         self.chunks.is_empty()
     }
 
-    /// Adds a chunk, zstd-compressed when that saves space. A large chunk whose three samples
-    /// do not compress (random bytes, already compressed data) is stored raw without trying the
-    /// whole: the attempt cost about as much as the rest of recording it.
+    /// Adds a chunk, zstd-compressed when that saves space. A chunk whose three samples look
+    /// like noise (random bytes, already compressed data) is stored raw without trying zstd:
+    /// the attempt cost about as much as the rest of recording it.
     pub fn add(&mut self, id: ChunkId, raw: &[u8]) -> Result<(), HistoryError> {
         if incompressible(raw) {
             return self.add_stored(id, raw, raw.len(), Coding::Raw);
@@ -156,6 +183,13 @@ impl PackWriter {
             .map_err(HistoryError::io("writing", &self.tmp))?;
         self.hasher.update(bytes);
         self.len += bytes.len() as u64;
+        // The disk writes what the buffer let go while chunks go on coming, so the seal's
+        // fsync waits for little more than the last of them.
+        let in_file = self.len - self.file.buffer().len() as u64;
+        if in_file - self.hinted >= WRITEBACK_STEP {
+            fsx::start_writeback(self.file.get_ref(), self.hinted, in_file - self.hinted);
+            self.hinted = in_file;
+        }
         Ok(())
     }
 
@@ -379,9 +413,15 @@ mod tests {
         mixed[..SAMPLE].fill(0);
         assert!(!incompressible(&mixed));
         assert!(
-            !incompressible(&random[..SAMPLE * 15]),
+            !incompressible(&random[..SAMPLE * 2 - 1]),
             "small chunks are not sampled"
         );
+        assert!(incompressible(&random[..SAMPLE * 2]));
+        assert!(compress::if_smaller(&random[..SAMPLE * 2], LEVEL).is_none());
+        // Bytes drawn from 160 values (7.3 bits a byte): an entropy coder saves 1/32 of them.
+        let narrow: Vec<u8> = random.iter().map(|b| b % 160).collect();
+        assert!(!incompressible(&narrow));
+        assert!(compress::if_smaller(&narrow, LEVEL).is_some());
     }
 
     #[test]
