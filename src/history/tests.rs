@@ -495,7 +495,7 @@ fn content_a_prune_freed_is_read_again_when_it_comes_back() {
     let store = Store::open(dir.path()).unwrap();
     let file = replica.path().join("ckpt");
     let day = 86_400 * 30;
-    let mut record = |content: &[u8], g: u64| {
+    let record = |content: &[u8], g: u64| {
         std::fs::write(&file, content).unwrap();
         store
             .record(replica.path(), &manifest_of(replica.path(), g), at(g * day))
