@@ -43,7 +43,7 @@ use standby::replication::catalog::Catalog;
 use standby::replication::manifest::Manifest;
 use standby::replication::receive::CATALOG;
 use standby::replication::receive::edits::Edits;
-use standby::text::hex;
+use standby::text::{hex, unhex};
 use standby::trust::identity::Role;
 
 const PIECE: usize = 64 << 10;
@@ -118,7 +118,11 @@ impl Case {
         let snaps_before = dir_bytes(&self.store.dir().join("snapshots"));
         // The standby applied this generation and is idle: its replica holds it throughout.
         let holds = || manifest.generation;
+        // The root the standby's commit checked, as its receiver hands it to the recorder.
         let hint = Hint {
+            root: unhex(r["root"].as_str().expect("root in the report"))
+                .and_then(|b| b.try_into().ok())
+                .expect("a 32-byte root in hex"),
             edits: &edits,
             workspace_generation: &holds,
         };

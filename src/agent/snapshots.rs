@@ -155,7 +155,8 @@ fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<Handover> {
     let state = receiver.state();
     let st = state.try_lock().ok()?;
     let newest = store.list().last().map(|s| s.root);
-    if st.manifest.is_empty() || newest == Some(st.manifest.root()) {
+    let root = st.manifest.root();
+    if st.manifest.is_empty() || newest == Some(root) {
         return None;
     }
     let at = receiver
@@ -165,6 +166,7 @@ fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<Handover> {
     Some(Handover {
         manifest: Arc::new(st.manifest.clone()),
         at,
+        root,
         edits: Edits::default(),
     })
 }
@@ -189,6 +191,7 @@ async fn record(
             .run(move || {
                 let generation = || rx.workspace_generation();
                 let hint = Hint {
+                    root: handed.root,
                     edits: &handed.edits,
                     workspace_generation: &generation,
                 };

@@ -50,14 +50,7 @@ impl SnapshotId {
 
 /// Exactly `2 * N` lower- or upper-case hex digits.
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    crate::text::unhex(s)?.try_into().ok()
 }
 
 impl fmt::Display for PackId {

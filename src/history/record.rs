@@ -22,7 +22,7 @@ use crate::history::snapshot::{self, SnapPath, SnapshotInfo};
 use crate::history::store::{Store, sort, unix_ms};
 use crate::proto::Entry;
 use crate::proto::history::SnapshotSummary;
-use crate::replication::manifest::{Kind, Manifest, RootHasher, kind_of, wire_entry};
+use crate::replication::manifest::{Kind, Manifest, entry_bytes, kind_of, wire_entry};
 use crate::replication::receive::edits::Edits;
 use crate::types::{Generation, RelPath};
 
@@ -81,9 +81,10 @@ const RUN_MAX: usize = 1024;
 const PIECE: usize = 1 << 20;
 
 /// What the receiver knows of the generation being recorded (ARCHITECTURE.md, "History"):
-/// the ranges commits changed in files updated in place, and which generation the replica
-/// holds at any moment.
+/// the manifest's root (its commit checked it), the ranges commits changed in files updated in
+/// place, and which generation the replica holds at any moment.
 pub struct Hint<'a> {
+    pub root: [u8; 32],
     pub edits: &'a Edits,
     pub workspace_generation: &'a (dyn Fn() -> Generation + Sync),
 }
@@ -156,6 +157,13 @@ impl Store {
         };
         let t = Instant::now();
         let walked = run.all(manifest, known, &writer.runs);
+        let root = match hint {
+            Some(h) => {
+                debug_assert_eq!(h.root, manifest.root(), "the hint's root");
+                h.root
+            }
+            None => manifest.root(),
+        };
         let p = &mut run.phases;
         p.chunk = run.in_files;
         p.walk = [p.chunk, p.encode, p.pack, p.seal]
@@ -171,7 +179,7 @@ impl Store {
         drop(run);
         let mut walked = walked?;
         let runs = std::mem::take(&mut walked.runs);
-        let summary = summarize(manifest, &walked, at, new_bytes);
+        let summary = summarize(manifest, root, &walked, at, new_bytes);
         let info = self.publish_snapshot(&summary, &walked.body, &mut phases)?;
         let t = Instant::now();
         let known = writer.known.as_mut().expect("loaded above");
@@ -250,6 +258,7 @@ fn known_of(paths: &[SnapPath]) -> Known {
 
 fn summarize(
     manifest: &Manifest,
+    root: [u8; 32],
     walked: &Walked,
     at: SystemTime,
     new_bytes: u64,
@@ -257,7 +266,7 @@ fn summarize(
     SnapshotSummary {
         time_ms: unix_ms(at),
         generation: manifest.generation.0,
-        root: walked.root.to_vec(),
+        root: root.to_vec(),
         files: walked.files,
         bytes: walked.bytes,
         new_bytes,
@@ -294,28 +303,27 @@ impl Run<'_> {
         known: &Known,
         runs: &Runs,
     ) -> Result<Walked, HistoryError> {
-        let mut w = Walked::default();
+        let mut w = Walked {
+            runs: Runs::with_capacity(runs.len()),
+            ..Walked::default()
+        };
         let mut run: Vec<(&RelPath, &Entry)> = Vec::with_capacity(RUN_MAX);
-        // A run's digest is over its entries as the manifest root hashes them, so the root
-        // comes out of the same pass.
-        let mut root = RootHasher::new();
-        let mut start = 0;
+        // A run's digest is over its entries' bytes as the manifest root hashes them.
+        let mut bytes = Vec::with_capacity(64 << 10);
         let mut entries = manifest.iter().peekable();
         while let Some((rel, e)) = entries.next() {
-            root.push(rel, e);
+            entry_bytes(&mut bytes, rel, e);
             run.push((rel, e));
             if kind_of(e) == Some(Kind::File) {
                 (w.files, w.bytes) = (w.files + 1, w.bytes + e.size);
             }
             if run.len() >= RUN_MAX || ends_run(rel) || entries.peek().is_none() {
-                let digest = *blake3::hash(&root.pending()[start..]).as_bytes();
+                let digest = *blake3::hash(&bytes).as_bytes();
                 self.run(&run, digest, known, runs, &mut w)?;
                 run.clear();
-                root.flush_if_full();
-                start = root.pending().len();
+                bytes.clear();
             }
         }
-        w.root = root.finalize();
         Ok(w)
     }
 
@@ -546,8 +554,6 @@ impl Run<'_> {
 struct Walked {
     /// The snapshot's body chunks, in order.
     body: Vec<ChunkId>,
-    /// The manifest's root.
-    root: [u8; 32],
     /// Its regular files, and their bytes.
     files: u64,
     bytes: u64,

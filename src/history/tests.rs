@@ -670,6 +670,7 @@ fn a_file_patched_in_place_is_read_only_around_its_ranges() {
     // The replica moved on to a newer generation: nothing is recorded.
     let newer = holds(3);
     let hint = Hint {
+        root: m2.root(),
         edits: &edits,
         workspace_generation: &newer,
     };
@@ -683,6 +684,7 @@ fn a_file_patched_in_place_is_read_only_around_its_ranges() {
 
     let same = holds(2);
     let hint = Hint {
+        root: m2.root(),
         edits: &edits,
         workspace_generation: &same,
     };

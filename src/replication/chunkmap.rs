@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use fastcdc::v2020::{Normalization, cut, select_masks};
 
 use crate::disk::crashsafe::{self, kind};
-use crate::text::hex;
+use crate::text::{hex, unhex};
 
 /// Files from this size on get a chunk map.
 pub const MIN_FILE: u64 = 1 << 20;
@@ -215,17 +215,6 @@ impl MapStore {
         }
         Ok(removed)
     }
-}
-
-/// The bytes a lower-case hex name stands for.
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

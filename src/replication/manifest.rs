@@ -245,7 +245,7 @@ impl Manifest {
 /// in a buffer hashed about a MiB at a time: blake3 hashes large inputs on all its SIMD lanes,
 /// small ones a block at a time (20k entries: 4.5 ms with an update per entry, 6400-byte updates
 /// 1.8 ms, one update 0.3 ms).
-pub(crate) struct RootHasher {
+struct RootHasher {
     hasher: blake3::Hasher,
     pending: Vec<u8>,
 }
@@ -254,7 +254,7 @@ impl RootHasher {
     /// The pending bytes are hashed once they reach this.
     const FLUSH: usize = 1 << 20;
 
-    pub(crate) fn new() -> RootHasher {
+    fn new() -> RootHasher {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"standby-manifest-v1");
         RootHasher {
@@ -264,31 +264,27 @@ impl RootHasher {
     }
 
     /// Adds one entry, after those added before.
-    pub(crate) fn push(&mut self, p: &RelPath, e: &Entry) {
+    fn push(&mut self, p: &RelPath, e: &Entry) {
         entry_bytes(&mut self.pending, p, e);
     }
 
-    /// The bytes of the entries added since the last flush.
-    pub(crate) fn pending(&self) -> &[u8] {
-        &self.pending
-    }
-
     /// Hashes the pending bytes if there are [`Self::FLUSH`] of them.
-    pub(crate) fn flush_if_full(&mut self) {
+    fn flush_if_full(&mut self) {
         if self.pending.len() >= Self::FLUSH {
             self.hasher.update(&self.pending);
             self.pending.clear();
         }
     }
 
-    pub(crate) fn finalize(mut self) -> Root {
+    fn finalize(mut self) -> Root {
         self.hasher.update(&self.pending);
         *self.hasher.finalize().as_bytes()
     }
 }
 
-/// Appends what the root hashes of one entry: every replicated field, unambiguously.
-fn entry_bytes(out: &mut Vec<u8>, p: &RelPath, e: &Entry) {
+/// Appends what the root hashes of one entry: every replicated field, unambiguously (the
+/// recorder's runs are named by the blake3 of these bytes too).
+pub(crate) fn entry_bytes(out: &mut Vec<u8>, p: &RelPath, e: &Entry) {
     let extended = e.uid.is_some() || e.gid.is_some() || e.xattrs.is_some();
     out.extend_from_slice(&(p.as_bytes().len() as u32).to_le_bytes());
     out.extend_from_slice(p.as_bytes());

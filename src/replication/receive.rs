@@ -123,17 +123,18 @@ type Handed = std::sync::Mutex<Handoff>;
 
 #[derive(Default)]
 struct Handoff {
-    newest: Option<(Arc<Manifest>, SystemTime)>,
+    newest: Option<(Arc<Manifest>, SystemTime, [u8; 32])>,
     /// What the generations committed since the last take changed in place.
     edits: edits::Edits,
 }
 
 /// What [`Receiver::take_committed`] hands over: the newest committed manifest, when it was
-/// committed, and what the generations since the previous take changed inside files updated in
-/// place (ARCHITECTURE.md, "History").
+/// committed, its root as the commit checked it, and what the generations since the previous
+/// take changed inside files updated in place (ARCHITECTURE.md, "History").
 pub struct Handover {
     pub manifest: Arc<Manifest>,
     pub at: SystemTime,
+    pub root: [u8; 32],
     pub edits: edits::Edits,
 }
 
@@ -348,10 +349,11 @@ impl Receiver {
     /// taken already. Taking it drops the copy: only one manifest stays resident at rest.
     pub fn take_committed(&self) -> Option<Handover> {
         let mut h = self.inner.handed.lock().expect("handed");
-        let (manifest, at) = h.newest.take()?;
+        let (manifest, at, root) = h.newest.take()?;
         Some(Handover {
             manifest,
             at,
+            root,
             edits: std::mem::take(&mut h.edits),
         })
     }

@@ -7,6 +7,8 @@
 
 use ring::hmac;
 
+use crate::text::unhex;
+
 pub const SIGNATURE_HEADER: &str = "X-Standby-Signature";
 pub const TIMESTAMP_HEADER: &str = "X-Standby-Timestamp";
 
@@ -48,16 +50,6 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(..)")
     }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

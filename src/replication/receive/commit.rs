@@ -95,7 +95,8 @@ impl Session {
         // The manifest is copied only for a watcher (the history recorder), and replaces a copy
         // it has not taken yet.
         if self.inner.committed.receiver_count() > 0 {
-            self.inner.handed.lock().expect("handed").newest = Some((Arc::new(m.clone()), at));
+            self.inner.handed.lock().expect("handed").newest =
+                Some((Arc::new(m.clone()), at, root));
         }
         self.inner
             .committed
