@@ -67,11 +67,8 @@ impl Session {
         .await?;
         let (generation, root) = r?;
         let commit_ms = started.elapsed().as_millis() as u64;
-        self.record_commit(&guard.manifest, generation, root);
+        let at = self.record_commit(&guard.manifest, generation, root);
         tracing::debug!(%generation, commit_ms, "generation committed");
-        if burst {
-            crate::host::after_burst();
-        }
         let result = CommitResult {
             generation: generation.0,
             committed: true,
@@ -79,11 +76,19 @@ impl Session {
             retry: vec![],
             commit_ms,
         };
-        send(&self.tx, sync_response::Msg::Commit(result)).await?;
+        let sent = send(&self.tx, sync_response::Msg::Commit(result)).await;
+        // After the answer, whether it reached the sender or not: its generation ends without
+        // waiting for these.
+        self.hand_over(&guard.manifest, generation, root, at);
+        if burst {
+            crate::host::after_burst();
+        }
+        sent?;
         Ok(guard)
     }
 
-    fn record_commit(&self, m: &Manifest, generation: Generation, root: [u8; 32]) {
+    /// The figures of a commit; returns its time.
+    fn record_commit(&self, m: &Manifest, generation: Generation, root: [u8; 32]) -> SystemTime {
         let mut f = self.inner.figures.lock().expect("figures");
         f.generation = generation;
         f.root = root;
@@ -91,7 +96,11 @@ impl Session {
         f.bytes = m.total_bytes();
         let at = SystemTime::now();
         f.last_commit = Some(at);
-        drop(f);
+        at
+    }
+
+    /// Tells watchers of the commit (ARCHITECTURE.md, "History").
+    fn hand_over(&self, m: &Manifest, generation: Generation, root: [u8; 32], at: SystemTime) {
         // The manifest is copied only for a watcher (the history recorder), and replaces a copy
         // it has not taken yet.
         if self.inner.committed.receiver_count() > 0 {
