@@ -102,7 +102,9 @@ impl PackWriter {
         let tmp = tmp_dir.join(format!("pack-{}-{n}.tmp", std::process::id()));
         let file = File::create_new(&tmp).map_err(HistoryError::io("creating", &tmp))?;
         let mut w = PackWriter {
-            file: BufWriter::with_capacity(1 << 20, file),
+            // Chunks of 64 KiB or more go to the file straight from the caller; a 1 MiB buffer
+            // copied them first (a record's 8.6 MB of pack writes: 11–13 ms, now 7–8).
+            file: BufWriter::with_capacity(64 << 10, file),
             tmp,
             len: 0,
             hinted: 0,
