@@ -61,4 +61,15 @@ mod tests {
         let long = truncate("ü".repeat(1000), REPORT_TEXT_MAX);
         assert!(long.len() <= REPORT_TEXT_MAX && long.chars().all(|c| c == 'ü'));
     }
+
+    #[test]
+    fn hex_round_trips_and_refuses_anything_else() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&bytes)).unwrap(), bytes);
+        assert_eq!(unhex("ABff").unwrap(), [0xab, 0xff]);
+        assert_eq!(unhex("").unwrap(), Vec::<u8>::new());
+        for bad in ["abc", "+f", "-1", " f", "zz", "é0", "0x"] {
+            assert_eq!(unhex(bad), None, "{bad:?}");
+        }
+    }
 }
