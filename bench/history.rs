@@ -14,10 +14,12 @@
 //! committed, read from its catalog (`<state-dir>/replica.snap` + `.log`) with `Catalog::peek`,
 //! which writes nothing: the running agent goes on owning those files, and with what the
 //! generation changed in place, built from its commit record as the standby's receiver builds
-//! it (`Edits::add`). That is the call the standby's recorder makes after each commit
+//! it (`Edits::add`), and with the root of the sender's report (the root the commit checked, as
+//! the receiver hands it over). That is the call the standby's recorder makes after each commit
 //! (`src/agent/snapshots.rs`), on the same data, page cache included.
 //!
-//! `STANDBY_BENCH_WHOLE=1` records without those edits (changed files read whole).
+//! `STANDBY_BENCH_WHOLE=1` records without that hint (changed files read whole, the root
+//! hashed by the record).
 //!
 //! Prints, per generation: replication ms, record ms, record ÷ replication (target under 10 %
 //! for the changed generations), bytes the generation added to the store (pack bytes, plus the
