@@ -41,7 +41,7 @@ mod verify;
 pub use error::HistoryError;
 pub use id::{ChunkId, PackId, SnapshotId};
 pub use prune::{Pruned, Step};
-pub use record::{Hint, Phases, Recorded};
+pub use record::{Changed, Hint, Phases, Recorded};
 pub use restore::{Piece, RestoreSummary, Streamed};
 pub use retention::Retention;
 pub use snapshot::SnapshotInfo;

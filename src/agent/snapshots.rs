@@ -9,6 +9,7 @@
 //! Records and the retention run on a thread of their own at a lower CPU priority ([`worker`]),
 //! so that they take what replication leaves.
 
+mod copy;
 mod worker;
 
 use std::sync::{Arc, Mutex};
@@ -17,9 +18,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::history::{Hint, HistoryError, Retention, Store};
+use crate::history::{Changed, Hint, HistoryError, Recorded, Retention, Store};
+use crate::replication::manifest::Manifest;
 use crate::replication::receive::edits::Edits;
-use crate::replication::receive::{Handover, Receiver};
+use crate::replication::receive::{Handover, Receiver, Update};
 use crate::types::Generation;
 use worker::Worker;
 
@@ -118,28 +120,36 @@ async fn run(
 ) {
     let mut committed = receiver.committed();
     let mut forget_tick = tokio::time::interval(FORGET_EVERY);
+    let mut rec = Recording {
+        history: &history,
+        receiver: &receiver,
+        figures: &figures,
+        copy: None,
+        changed: None,
+        last: None,
+    };
     // What the replica held when this agent stopped last may not be in the store yet.
-    let mut last = None;
     if let Some(now) = replica_at_start(&history.store, &receiver) {
-        last = record(&history, &receiver, now, &figures).await;
+        rec.record(now).await;
     }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = forget_tick.tick() => forget(&history, &retention, &figures).await,
+            _ = tokio::time::sleep(copy::KEEP_IDLE), if rec.copy.is_some() => {
+                rec.drop_copy();
+                crate::host::after_burst();
+                continue;
+            }
             r = committed.changed() => {
                 if r.is_err() {
                     return;
                 }
                 committed.borrow_and_update();
-                // A record overtaken by this generation may have recorded it already.
-                let Some(handed) = receiver
-                    .take_committed()
-                    .filter(|h| Some(h.manifest.generation) != last)
-                else {
+                let Some(handed) = receiver.take_committed() else {
                     continue;
                 };
-                last = record(&history, &receiver, handed, &figures).await.or(last);
+                rec.record(handed).await;
                 if over_budget(&figures, &retention) {
                     forget(&history, &retention, &figures).await;
                 }
@@ -164,77 +174,139 @@ fn replica_at_start(store: &Store, receiver: &Receiver) -> Option<Handover> {
         .last_commit
         .unwrap_or_else(SystemTime::now);
     Some(Handover {
-        manifest: Arc::new(st.manifest.clone()),
+        update: Update::Whole(Arc::new(st.manifest.clone())),
+        generation: st.manifest.generation,
+        entries: st.manifest.len(),
         at,
         root,
         edits: Edits::default(),
     })
 }
 
-/// Records a committed generation; when a newer one changed a file under it, the newest
-/// committed one instead, until one holds still. Returns the generation recorded; a failure is
-/// said in the figures and the log, and the next commit tries again.
-async fn record(
-    history: &History,
-    receiver: &Receiver,
-    mut handed: Handover,
-    figures: &Arc<Mutex<HistoryFigures>>,
-) -> Option<Generation> {
-    let started = std::time::Instant::now();
-    let workspace = receiver.workspace().to_path_buf();
-    let mut moved = 0;
-    let r = loop {
-        let (s, ws, rx) = (history.store.clone(), workspace.clone(), receiver.clone());
-        let manifest = handed.manifest.clone();
-        let r = history
+/// The recorder between commits: its copy of the committed manifest and the generation it
+/// recorded last.
+struct Recording<'a> {
+    history: &'a History,
+    receiver: &'a Receiver,
+    figures: &'a Arc<Mutex<HistoryFigures>>,
+    copy: Option<Arc<Manifest>>,
+    /// The paths changed since the last record, when known.
+    changed: Option<Changed>,
+    last: Option<Generation>,
+}
+
+/// Why a step on the recorder's thread recorded nothing.
+enum Missed {
+    /// The copy of the manifest could not be brought up to this commit.
+    Stale(String),
+    Record(HistoryError),
+}
+
+impl Recording<'_> {
+    /// Records a committed generation; when a newer one changed a file under it, the newest
+    /// committed one instead, until one holds still. A failure is said in the figures and the
+    /// log, and the next commit tries again.
+    async fn record(&mut self, mut handed: Handover) {
+        let started = std::time::Instant::now();
+        let mut moved = 0;
+        let r = loop {
+            let generation = handed.generation;
+            match self.step(handed).await {
+                // A record overtaken by this generation recorded it already.
+                Ok(None) => return,
+                Ok(Some(rec)) => break Ok((rec, generation)),
+                Err(Missed::Record(HistoryError::Moved { path })) => {
+                    // The newer generation's edits alone: what this one's said about a file
+                    // is gone with it, and such a file is read whole (never wrongly in part).
+                    let Some(newer) = newer_than(self.receiver, generation).await else {
+                        break Err(HistoryError::Moved { path }.to_string());
+                    };
+                    moved += 1;
+                    if moved % MOVED_WARN_EVERY == 0 {
+                        tracing::warn!(%path, moved, "files keep changing while the standby records them: no snapshot yet");
+                    }
+                    handed = newer;
+                }
+                Err(Missed::Record(e)) => break Err(e.to_string()),
+                Err(Missed::Stale(why)) => {
+                    tracing::warn!(%why, "the recorder's copy of the manifest was dropped; the next commit hands over a whole one");
+                    break Err(why);
+                }
+            }
+        };
+        let mut f = self.figures.lock().expect("figures");
+        match r {
+            Ok((rec, generation)) => {
+                f.records += 1;
+                f.last_record_ms = started.elapsed().as_millis() as u64;
+                f.last_error = None;
+                tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, bytes_read = rec.bytes_read, phases = ?rec.phases, "snapshot recorded");
+                drop(f);
+                if started.elapsed() >= crate::host::BURST {
+                    crate::host::after_burst();
+                }
+                refresh(&self.history.store, self.figures);
+                self.last = Some(generation);
+            }
+            Err(e) => {
+                f.record_failures += 1;
+                f.last_error = Some(e.clone());
+                tracing::warn!(error = %e, "recording a snapshot failed; the next generation tries again");
+            }
+        }
+    }
+
+    /// On the recorder's thread: brings the copy up to the handed generation, and records it
+    /// unless it was recorded already.
+    async fn step(&mut self, mut handed: Handover) -> Result<Option<Recorded>, Missed> {
+        let (s, ws, rx) = (
+            self.history.store.clone(),
+            self.receiver.workspace().to_path_buf(),
+            self.receiver.clone(),
+        );
+        let (base, last, changed) = (self.copy.take(), self.last, self.changed.take());
+        let out = self
+            .history
             .worker
             .run(move || {
+                let (manifest, touched) = match copy::follow(base, &mut handed) {
+                    Ok(m) => m,
+                    Err(why) => return (None, None, Err(Missed::Stale(why))),
+                };
+                let mut changed = copy::fold(changed, touched, &manifest);
+                if Some(manifest.generation) == last {
+                    return (Some(manifest), changed, Ok(None));
+                }
                 let generation = || rx.workspace_generation();
                 let hint = Hint {
                     root: handed.root,
                     edits: &handed.edits,
+                    changed: changed.as_ref(),
                     workspace_generation: &generation,
                 };
-                s.record_with(&ws, &handed.manifest, handed.at, Some(&hint))
-            })
-            .await
-            .unwrap_or_else(|worker::Gone| Err(task_failed()));
-        match r {
-            Err(HistoryError::Moved { path }) => {
-                // The newer generation's edits alone: what this one's said about a file is
-                // gone with it, and such a file is read whole (never wrongly in part).
-                let Some(newer) = newer_than(receiver, manifest.generation).await else {
-                    break Err(HistoryError::Moved { path });
-                };
-                moved += 1;
-                if moved % MOVED_WARN_EVERY == 0 {
-                    tracing::warn!(%path, moved, "files keep changing while the standby records them: no snapshot yet");
+                let r = s.record_with(&ws, &manifest, handed.at, Some(&hint));
+                if r.is_ok() {
+                    changed = Some(Changed {
+                        since: manifest.generation,
+                        paths: Default::default(),
+                    });
                 }
-                handed = newer;
-            }
-            r => break r.map(|rec| (rec, manifest.generation)),
+                (Some(manifest), changed, r.map(Some).map_err(Missed::Record))
+            })
+            .await;
+        let (copy, changed, r) =
+            out.unwrap_or_else(|worker::Gone| (None, None, Err(Missed::Record(task_failed()))));
+        (self.copy, self.changed) = (copy, changed);
+        if self.copy.is_none() {
+            self.receiver.unfollow();
         }
-    };
-    let mut f = figures.lock().expect("figures");
-    match r {
-        Ok((rec, generation)) => {
-            f.records += 1;
-            f.last_record_ms = started.elapsed().as_millis() as u64;
-            f.last_error = None;
-            tracing::debug!(snapshot = %rec.info.id, generation = %rec.info.generation, ms = f.last_record_ms, files_read = rec.files_read, bytes_read = rec.bytes_read, phases = ?rec.phases, "snapshot recorded");
-            drop(f);
-            if started.elapsed() >= crate::host::BURST {
-                crate::host::after_burst();
-            }
-            refresh(&history.store, figures);
-            Some(generation)
-        }
-        Err(e) => {
-            f.record_failures += 1;
-            f.last_error = Some(e.to_string());
-            tracing::warn!(error = %e, "recording a snapshot failed; the next generation tries again");
-            None
-        }
+        r
+    }
+
+    /// Drops the copy of the manifest (quiet for a while): the next commit hands one over.
+    fn drop_copy(&mut self) {
+        self.copy = None;
+        self.receiver.unfollow();
     }
 }
 
@@ -246,7 +318,7 @@ async fn newer_than(receiver: &Receiver, generation: Generation) -> Option<Hando
     tokio::time::timeout(NEWER_WITHIN, wait).await.ok()?.ok()?;
     receiver
         .take_committed()
-        .filter(|h| h.manifest.generation != generation)
+        .filter(|h| h.generation != generation)
 }
 
 fn task_failed() -> HistoryError {

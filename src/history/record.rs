@@ -6,8 +6,9 @@
 //! generation changed it under us, and the record fails with nothing visible. Packs go in
 //! durably as they fill; the snapshot file goes in last (ARCHITECTURE.md, "History").
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
+use std::ops::Bound;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -40,6 +41,8 @@ pub struct Recorded {
     pub chunks_stored: u64,
     /// Runs of paths encoded (the others were the newest snapshot's, reused as they were).
     pub runs_encoded: u64,
+    /// Manifest entries read by the walk (the runs no changed path falls in are skipped).
+    pub entries_walked: u64,
     /// Where the time went.
     pub phases: Phases,
 }
@@ -69,9 +72,54 @@ pub struct Phases {
 /// prune drops chunks from it, and a prune drops from this map what it dropped).
 pub(super) type Known = HashMap<[u8; 32], Vec<ChunkId>>;
 
-/// The body chunks of each run of paths of the newest snapshot, by the digest of its entries
-/// (every one in the index: a prune empties this map).
-pub(super) type Runs = HashMap<[u8; 32], Vec<ChunkId>>;
+/// The runs of paths of the newest snapshot this process recorded (every chunk in the index:
+/// a prune empties this). A walk reuses a run whose entries have the same digest, and with
+/// the paths changed since, skips the runs none of them falls in (ARCHITECTURE.md, "History",
+/// "Walking only what changed").
+#[derive(Default)]
+pub(super) struct Runs {
+    /// Their body chunks by the digest of their entries.
+    by_digest: HashMap<[u8; 32], Vec<ChunkId>>,
+    /// Each run in path order.
+    order: Vec<RunEnd>,
+    /// The generation of the manifest they were walked from.
+    generation: Option<Generation>,
+}
+
+impl Runs {
+    pub(super) fn clear(&mut self) {
+        *self = Runs::default();
+    }
+}
+
+/// Where a run ends and why, its digest, and its regular files and their bytes.
+#[derive(Clone)]
+struct RunEnd {
+    last: RelPath,
+    cut: Cut,
+    digest: [u8; 32],
+    files: u64,
+    bytes: u64,
+}
+
+/// Why a run ends where it does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Its last path's hash ([`ends_run`]).
+    Path,
+    /// It reached [`RUN_MAX`] paths.
+    Full,
+    /// The manifest ended: with paths added after it, it ends elsewhere.
+    End,
+}
+
+/// The paths whose entries changed (added, changed, removed) since generation `since` (a
+/// manifest's apply lists them: [`crate::replication::manifest::Undo::paths`]).
+#[derive(Clone, Debug)]
+pub struct Changed {
+    pub since: Generation,
+    pub paths: BTreeSet<RelPath>,
+}
 
 /// A run of paths ends after one in this many on average (about 10 KB of body)...
 const RUN_AVG: u64 = 64;
@@ -86,6 +134,8 @@ const PIECE: usize = 1 << 20;
 pub struct Hint<'a> {
     pub root: [u8; 32],
     pub edits: &'a Edits,
+    /// The paths changed since the manifest of the store's last record, when known.
+    pub changed: Option<&'a Changed>,
     pub workspace_generation: &'a (dyn Fn() -> Generation + Sync),
 }
 
@@ -156,7 +206,8 @@ impl Store {
             in_files: Duration::ZERO,
         };
         let t = Instant::now();
-        let walked = run.all(manifest, known, &writer.runs);
+        let changed = hint.and_then(|h| h.changed);
+        let walked = run.all(manifest, known, &writer.runs, changed);
         let root = match hint {
             Some(h) => {
                 debug_assert_eq!(h.root, manifest.root(), "the hint's root");
@@ -190,7 +241,10 @@ impl Store {
         if known.len() as u64 > summary.files + summary.files / 8 + 1024 {
             writer.known = None;
         }
-        writer.runs = runs;
+        writer.runs = Runs {
+            generation: Some(manifest.generation),
+            ..runs
+        };
         phases.publish += t.elapsed();
         Ok(Recorded {
             info,
@@ -198,6 +252,7 @@ impl Store {
             bytes_read,
             chunks_stored,
             runs_encoded: walked.encoded,
+            entries_walked: walked.walked,
             phases,
         })
     }
@@ -286,7 +341,7 @@ fn moved(e: &io::Error) -> bool {
 /// Whether a run of paths ends after `p`: its FNV-1a hash is 0 modulo [`RUN_AVG`]. Cuts that
 /// depend on the path alone keep every run that no change touched the same from snapshot to
 /// snapshot, so its chunk is stored once (ARCHITECTURE.md, "History").
-fn ends_run(p: &RelPath) -> bool {
+pub(super) fn ends_run(p: &RelPath) -> bool {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in p.as_bytes() {
         h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
@@ -295,36 +350,52 @@ fn ends_run(p: &RelPath) -> bool {
 }
 
 impl Run<'_> {
-    /// Walks the manifest in runs of paths, storing the body chunks of runs `runs` does not
-    /// hold (from the newest snapshot this process recorded) and the files they need.
+    /// Walks the manifest in runs of paths, storing the body chunks of runs `prev` (from the
+    /// newest snapshot this process recorded) does not hold, and the files they need. With
+    /// the paths changed since `prev`'s manifest, a run of `prev` that none of them falls in is
+    /// taken as it is, without reading its entries.
     fn all(
         &mut self,
         manifest: &Manifest,
         known: &Known,
-        runs: &Runs,
+        prev: &Runs,
+        changed: Option<&Changed>,
     ) -> Result<Walked, HistoryError> {
-        let mut w = Walked {
-            runs: Runs::with_capacity(runs.len()),
-            ..Walked::default()
-        };
-        let mut run: Vec<(&RelPath, &Entry)> = Vec::with_capacity(RUN_MAX);
-        // A run's digest is over its entries' bytes as the manifest root hashes them.
-        let mut bytes = Vec::with_capacity(64 << 10);
-        let mut entries = manifest.iter().peekable();
-        while let Some((rel, e)) = entries.next() {
-            entry_bytes(&mut bytes, rel, e);
-            run.push((rel, e));
-            if kind_of(e) == Some(Kind::File) {
-                (w.files, w.bytes) = (w.files + 1, w.bytes + e.size);
+        let dirty = changed
+            .filter(|c| prev.generation == Some(c.since))
+            .map(|c| &c.paths);
+        let mut w = Walked::default();
+        let mut walk = RunWalk::default();
+        let mut start: Bound<RelPath> = Bound::Unbounded;
+        // The next run of `prev`, and whether the walk's next run starts where it does.
+        let (mut next, mut aligned) = (0, true);
+        loop {
+            if let (Some(dirty), true, Some(r)) = (dirty, aligned, prev.order.get(next))
+                && r.cut != Cut::End
+                && dirty
+                    .range((start.as_ref(), Bound::Included(&r.last)))
+                    .next()
+                    .is_none()
+            {
+                let ids = &prev.by_digest[&r.digest];
+                w.add(r.clone(), ids);
+                start = Bound::Excluded(r.last.clone());
+                next += 1;
+                continue;
             }
-            if run.len() >= RUN_MAX || ends_run(rel) || entries.peek().is_none() {
-                let digest = *blake3::hash(&bytes).as_bytes();
-                self.run(&run, digest, known, runs, &mut w)?;
-                run.clear();
-                bytes.clear();
+            let entries = manifest.range((start.as_ref(), Bound::Unbounded));
+            let Some((end, ids)) = walk.next(self, entries, known, prev, &mut w)? else {
+                return Ok(w);
+            };
+            // Realigned when this run ends where one of `prev` ended.
+            while prev.order.get(next).is_some_and(|r| r.last < end.last) {
+                next += 1;
             }
+            aligned = prev.order.get(next).is_some_and(|r| r.last == end.last);
+            next += usize::from(aligned);
+            start = Bound::Excluded(end.last.clone());
+            w.add(end, &ids);
         }
-        Ok(w)
     }
 
     /// One run of paths: its chunks as the newest snapshot stored them when its entries are
@@ -335,13 +406,11 @@ impl Run<'_> {
         run: &[(&RelPath, &Entry)],
         digest: [u8; 32],
         known: &Known,
-        runs: &Runs,
+        prev: &Runs,
         w: &mut Walked,
-    ) -> Result<(), HistoryError> {
-        if let Some(ids) = runs.get(&digest) {
-            w.body.extend_from_slice(ids);
-            w.runs.insert(digest, ids.clone());
-            return Ok(());
+    ) -> Result<Vec<ChunkId>, HistoryError> {
+        if let Some(ids) = prev.by_digest.get(&digest) {
+            return Ok(ids.clone());
         }
         let mut paths = Vec::with_capacity(run.len());
         for &(rel, e) in run {
@@ -382,9 +451,7 @@ impl Run<'_> {
             self.store_chunk(Chunk { id, data })?;
             ids.push(id);
         }
-        w.body.extend_from_slice(&ids);
-        w.runs.insert(digest, ids);
-        Ok(())
+        Ok(ids)
     }
 
     /// A file's chunks, and whether they were read from the replica (false: the store held
@@ -549,6 +616,58 @@ impl Run<'_> {
     }
 }
 
+/// The buffers of walking runs of entries one by one.
+#[derive(Default)]
+struct RunWalk {
+    /// A run's digest is over its entries' bytes as the manifest root hashes them.
+    bytes: Vec<u8>,
+}
+
+impl RunWalk {
+    /// Walks the next run of `entries`: where it ends and its chunks (None: no entries left).
+    fn next<'m>(
+        &mut self,
+        run: &mut Run<'_>,
+        entries: impl Iterator<Item = (&'m RelPath, &'m Entry)>,
+        known: &Known,
+        prev: &Runs,
+        w: &mut Walked,
+    ) -> Result<Option<(RunEnd, Vec<ChunkId>)>, HistoryError> {
+        let mut paths: Vec<(&RelPath, &Entry)> = Vec::new();
+        let (mut files, mut bytes) = (0, 0);
+        self.bytes.clear();
+        let mut entries = entries.peekable();
+        while let Some((rel, e)) = entries.next() {
+            entry_bytes(&mut self.bytes, rel, e);
+            paths.push((rel, e));
+            w.walked += 1;
+            if kind_of(e) == Some(Kind::File) {
+                (files, bytes) = (files + 1, bytes + e.size);
+            }
+            let cut = if paths.len() >= RUN_MAX {
+                Cut::Full
+            } else if ends_run(rel) {
+                Cut::Path
+            } else if entries.peek().is_none() {
+                Cut::End
+            } else {
+                continue;
+            };
+            let digest = *blake3::hash(&self.bytes).as_bytes();
+            let ids = run.run(&paths, digest, known, prev, w)?;
+            let end = RunEnd {
+                last: rel.clone(),
+                cut,
+                digest,
+                files,
+                bytes,
+            };
+            return Ok(Some((end, ids)));
+        }
+        Ok(None)
+    }
+}
+
 /// What walking a manifest gave.
 #[derive(Default)]
 struct Walked {
@@ -559,10 +678,22 @@ struct Walked {
     bytes: u64,
     /// Runs encoded anew.
     encoded: u64,
-    /// Its runs by digest, for the next record.
+    /// Entries walked.
+    walked: u64,
+    /// Its runs, for the next record.
     runs: Runs,
     /// Files read anew, by content.
     learned: Vec<([u8; 32], Vec<ChunkId>)>,
+}
+
+impl Walked {
+    /// A run walked or taken as it was.
+    fn add(&mut self, end: RunEnd, ids: &[ChunkId]) {
+        self.body.extend_from_slice(ids);
+        (self.files, self.bytes) = (self.files + end.files, self.bytes + end.bytes);
+        self.runs.by_digest.insert(end.digest, ids.to_vec());
+        self.runs.order.push(end);
+    }
 }
 
 /// A file's base content as the store holds it, and the ranges changed since.

@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::{Rng, SeedableRng};
 
+mod walk;
+
 use super::*;
 use crate::proto::{Entry, EntryKind};
 use crate::replication::manifest::{Manifest, same_content};
@@ -60,7 +62,7 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn at(secs: u64) -> SystemTime {
+pub(super) fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
 }
 
@@ -672,6 +674,7 @@ fn a_file_patched_in_place_is_read_only_around_its_ranges() {
     let hint = Hint {
         root: m2.root(),
         edits: &edits,
+        changed: None,
         workspace_generation: &newer,
     };
     let e = store.record_with(replica.path(), &m2, at(60), Some(&hint));
@@ -686,6 +689,7 @@ fn a_file_patched_in_place_is_read_only_around_its_ranges() {
     let hint = Hint {
         root: m2.root(),
         edits: &edits,
+        changed: None,
         workspace_generation: &same,
     };
     let r = store

@@ -8,6 +8,7 @@
 //! carried) hashes exactly as it always did, so old catalogs keep their roots.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use crate::proto::state::Change;
 use crate::proto::{Entry, EntryKind};
@@ -77,6 +78,13 @@ pub enum ManifestError {
 #[derive(Debug)]
 pub struct Undo(Vec<(RelPath, Option<Entry>)>);
 
+impl Undo {
+    /// Every path the apply added, changed or removed (some more than once).
+    pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
+        self.0.iter().map(|(p, _)| p)
+    }
+}
+
 /// An apply of at least this many changes (and an eighth of the manifest) ends with
 /// [`Manifest::make_dense`].
 const DENSE_AFTER: usize = 1000;
@@ -124,6 +132,14 @@ impl Manifest {
     pub fn subtree(&self, p: &RelPath) -> impl Iterator<Item = (&RelPath, &Entry)> {
         let (lo, hi) = p.subtree_range();
         self.entries.range(lo..hi)
+    }
+
+    /// The entries within `bounds`, in path order.
+    pub fn range<'a>(
+        &'a self,
+        bounds: (Bound<&'a RelPath>, Bound<&'a RelPath>),
+    ) -> impl Iterator<Item = (&'a RelPath, &'a Entry)> {
+        self.entries.range::<RelPath, _>(bounds)
     }
 
     /// Total bytes of regular files.

@@ -36,6 +36,7 @@ mod batch;
 mod commit;
 pub mod edits;
 mod generation;
+pub mod handoff;
 mod refusal;
 mod service;
 mod session;
@@ -64,6 +65,7 @@ use crate::trust::revocation::DenyList;
 use crate::trust::tls::Expect;
 use crate::types::{Epoch, Generation};
 use apply::{Policy, SetIdBits};
+pub use handoff::{Handover, Update};
 
 pub use admission::Expected;
 pub use service::ReplicaService;
@@ -118,25 +120,8 @@ pub struct Committed {
 
 /// The newest committed manifest, kept for the watcher until it takes it
 /// ([`Receiver::take_committed`]). Not in the watch channel itself: a channel keeps its last
-/// value, and this copy of a 100k-file manifest is tens of MiB (ARCHITECTURE.md, "Memory").
-type Handed = std::sync::Mutex<Handoff>;
-
-#[derive(Default)]
-struct Handoff {
-    newest: Option<(Arc<Manifest>, SystemTime, [u8; 32])>,
-    /// What the generations committed since the last take changed in place.
-    edits: edits::Edits,
-}
-
-/// What [`Receiver::take_committed`] hands over: the newest committed manifest, when it was
-/// committed, its root as the commit checked it, and what the generations since the previous
-/// take changed inside files updated in place (ARCHITECTURE.md, "History").
-pub struct Handover {
-    pub manifest: Arc<Manifest>,
-    pub at: SystemTime,
-    pub root: [u8; 32],
-    pub edits: edits::Edits,
-}
+/// value, and a copy of a 100k-file manifest is tens of MiB (ARCHITECTURE.md, "Memory").
+type Handed = std::sync::Mutex<handoff::Handoff>;
 
 /// Figures for status calls and heartbeats, readable without the replica lock.
 #[derive(Clone, Debug, Default)]
@@ -345,17 +330,16 @@ impl Receiver {
         self.inner.committed.subscribe()
     }
 
-    /// The manifest of the newest commit made while someone watched, with its time, unless
-    /// taken already. Taking it drops the copy: only one manifest stays resident at rest.
+    /// The newest commit made while someone watched, unless taken already: a copy of its
+    /// manifest, or the changes to the last one taken while the taker keeps a copy that follows
+    /// them (ARCHITECTURE.md, "The recorder's copy of the manifest").
     pub fn take_committed(&self) -> Option<Handover> {
-        let mut h = self.inner.handed.lock().expect("handed");
-        let (manifest, at, root) = h.newest.take()?;
-        Some(Handover {
-            manifest,
-            at,
-            root,
-            edits: std::mem::take(&mut h.edits),
-        })
+        self.inner.handed.lock().expect("handed").take()
+    }
+
+    /// The watcher no longer keeps a copy of the manifest: the next commit hands one over.
+    pub fn unfollow(&self) {
+        self.inner.handed.lock().expect("handed").unfollow();
     }
 
     /// The generation the workspace holds, or is being changed to when a commit is applying:
@@ -434,6 +418,8 @@ impl Receiver {
         })
         .await
         .map_err(|e| SeedError::Write(format!("the seed task failed: {e}")))??;
+        // A watcher's copy does not know the seed.
+        self.inner.handed.lock().expect("handed").lose();
         let mut f = self.inner.figures.lock().expect("figures");
         f.set_manifest(&st.manifest);
         Ok(f.clone())

@@ -5,7 +5,6 @@
 //! staged; a failure after it leaves the record to be rolled forward.
 
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,7 +14,7 @@ use super::apply::{apply_record, clear_stage, sync_applied, sync_staged};
 use super::generation::Gen;
 use super::refusal::{bad, status_io};
 use super::session::{Admitted, Guard, Session, blocking, send};
-use super::{Committed, Inner, State};
+use super::{Committed, Inner, State, handoff};
 use crate::proto::state::{Change, Record};
 use crate::proto::{CommitResult, sync_response};
 use crate::replication::manifest::{Kind, Manifest, Undo, kind_of};
@@ -65,7 +64,8 @@ impl Session {
             }
         })
         .await?;
-        let (generation, root) = r?;
+        let done = r?;
+        let (generation, root) = (done.generation, done.root);
         let commit_ms = started.elapsed().as_millis() as u64;
         let at = self.record_commit(&guard.manifest, generation, root);
         tracing::debug!(%generation, commit_ms, "generation committed");
@@ -79,7 +79,7 @@ impl Session {
         let sent = send(&self.tx, sync_response::Msg::Commit(result)).await;
         // After the answer, whether it reached the sender or not: its generation ends without
         // waiting for these.
-        self.hand_over(&guard.manifest, generation, root, at);
+        self.hand_over(&guard.manifest, done, at);
         if burst {
             crate::host::after_burst();
         }
@@ -99,14 +99,23 @@ impl Session {
         at
     }
 
-    /// Tells watchers of the commit (ARCHITECTURE.md, "History").
-    fn hand_over(&self, m: &Manifest, generation: Generation, root: [u8; 32], at: SystemTime) {
-        // The manifest is copied only for a watcher (the history recorder), and replaces a copy
-        // it has not taken yet.
+    /// Tells watchers of the commit (ARCHITECTURE.md, "History"): the history recorder is
+    /// handed its changes, or a copy of the manifest when it has none that follows them.
+    fn hand_over(&self, m: &Manifest, done: Done, at: SystemTime) {
+        let mut h = self.inner.handed.lock().expect("handed");
         if self.inner.committed.receiver_count() > 0 {
-            self.inner.handed.lock().expect("handed").newest =
-                Some((Arc::new(m.clone()), at, root));
+            h.commit(handoff::Commit {
+                manifest: m,
+                before: done.before,
+                changes: done.changes,
+                at,
+                root: done.root,
+            });
+        } else {
+            h.lose();
         }
+        drop(h);
+        let generation = done.generation;
         self.inner
             .committed
             .send_replace(Committed { generation, at });
@@ -163,15 +172,25 @@ fn still_admitted(
     Ok(())
 }
 
-/// Makes a generation durable and applies it. Returns the new generation and root.
+/// A generation committed and applied: its number and root, the one it was applied to, and
+/// its changes.
+struct Done {
+    generation: Generation,
+    root: [u8; 32],
+    before: Generation,
+    changes: Vec<Change>,
+}
+
+/// Makes a generation durable and applies it.
 fn commit(
     inner: &Inner,
     st: &mut State,
     g: Gen,
     epoch: Epoch,
     want_root: &[u8],
-) -> Result<(Generation, [u8; 32]), Status> {
+) -> Result<Done, Status> {
     let generation = g.generation;
+    let before = st.manifest.generation;
     let changes: Vec<Change> = g.changes.values().map(|p| p.change.clone()).collect();
     note_edits(inner, &st.manifest, &changes);
     // The manifest after this generation, checked before anything is made durable; any refusal
@@ -201,12 +220,17 @@ fn commit(
         Err(e) => return refuse(inner, st, g, undo, e),
     };
     st.manifest.generation = generation;
-    apply_committed(inner, st, rec, t0, t_staged)?;
+    let rec = apply_committed(inner, st, rec, t0, t_staged)?;
     st.catalog
         .mark_applied(generation)
         .and_then(|_| st.catalog.maybe_compact(&st.manifest))
         .map_err(|e| Status::internal(format!("catalog: {e}")))?;
-    Ok((generation, root))
+    Ok(Done {
+        generation,
+        root,
+        before,
+        changes: rec.changes,
+    })
 }
 
 /// Gathers what the generation changes in place for the history recorder, when one watches
@@ -217,7 +241,7 @@ fn note_edits(inner: &Inner, before: &Manifest, changes: &[Change]) {
     if inner.committed.receiver_count() > 0 {
         h.edits.add(before, changes);
     } else {
-        h.edits.lose();
+        h.lose();
     }
 }
 
@@ -275,7 +299,7 @@ fn apply_committed(
     rec: Record,
     t0: Instant,
     t_staged: Duration,
-) -> Result<(), Status> {
+) -> Result<Record, Status> {
     let generation = st.manifest.generation;
     inner.applying.store(generation.0, Ordering::SeqCst);
     if let Err(e) = apply_record(
@@ -299,7 +323,7 @@ fn apply_committed(
         record_apply_sync_ms = (t0.elapsed() - t_staged).as_millis() as u64,
         "commit timings"
     );
-    Ok(())
+    Ok(rec)
 }
 
 /// Rolls forward a committed record whose application failed earlier in this process.
