@@ -2,7 +2,8 @@
 //! records a snapshot of the replica in the store, and now and then applies the retention.
 //!
 //! Recording reads the replica beside replication (a session holds the replica lock for as long
-//! as it lasts), from the manifest each commit hands over: a file a newer generation changed
+//! as it lasts), from its own copy of the committed manifest, which each commit's changes keep
+//! up to date ([`copy`]): a file a newer generation changed
 //! under it shows as `Moved`, and the recorder records the newest committed generation instead.
 //! Generations committed while a record runs are folded into the next snapshot: history is per
 //! generation when the standby keeps up, and one snapshot per record's time when it does not.
