@@ -138,8 +138,7 @@ async fn run(
             _ = shutdown.cancelled() => return,
             _ = forget_tick.tick() => forget(&history, &retention, &figures).await,
             _ = tokio::time::sleep(copy::KEEP_IDLE), if rec.copy.is_some() => {
-                rec.drop_copy();
-                crate::host::after_burst();
+                rec.drop_copy().await;
                 continue;
             }
             r = committed.changed() => {
@@ -304,10 +303,19 @@ impl Recording<'_> {
         r
     }
 
-    /// Drops the copy of the manifest (quiet for a while): the next commit hands one over.
-    fn drop_copy(&mut self) {
-        self.copy = None;
+    /// Drops the copy of the manifest (quiet for a while), on the recorder's thread (freeing
+    /// 100k entries takes a while), and gives the memory back: the next commit hands one over.
+    async fn drop_copy(&mut self) {
         self.receiver.unfollow();
+        let copy = self.copy.take();
+        let _ = self
+            .history
+            .worker
+            .run(move || {
+                drop(copy);
+                crate::host::after_burst();
+            })
+            .await;
     }
 }
 
