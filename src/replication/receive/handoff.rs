@@ -42,6 +42,13 @@ pub struct Handover {
     pub edits: Edits,
 }
 
+/// Changes waiting for the watcher are handed over as a whole copy instead once there are more
+/// of them than entries in the manifest (a record that lasts while many commits come): what
+/// waits never outgrows one manifest.
+fn most_changes(m: &Manifest) -> usize {
+    m.len().max(1024)
+}
+
 /// One commit, as [`Handoff::commit`] takes it.
 pub(super) struct Commit<'a> {
     pub manifest: &'a Manifest,
@@ -86,7 +93,9 @@ impl Handoff {
                     update: Update::Changes { from, mut changes },
                     ..
                 }),
-            ) if last == c.before => {
+            ) if last == c.before
+                && changes.len() + c.changes.len() <= most_changes(c.manifest) =>
+            {
                 changes.extend(c.changes);
                 Update::Changes { from, changes }
             }
@@ -229,6 +238,27 @@ mod tests {
         assert!(h.take().is_none());
         commit(&mut h, &mut m, vec![upsert("f", 6)]);
         assert!(matches!(h.take().unwrap().update, Update::Whole(_)));
+    }
+
+    #[test]
+    fn changes_that_pile_up_past_the_manifest_become_a_copy() {
+        let (mut h, mut m, mut copy) = (Handoff::default(), Manifest::new(), None);
+        commit(&mut h, &mut m, vec![upsert("a", 1)]);
+        follow(&mut copy, h.take().unwrap());
+        // The watcher does not take while 1100 commits rewrite the same path.
+        for i in 0..1100 {
+            commit(&mut h, &mut m, vec![upsert("a", i)]);
+        }
+        let taken = h.take().unwrap();
+        assert!(
+            matches!(taken.update, Update::Whole(_)),
+            "a copy, not 1100 changes"
+        );
+        follow(&mut copy, taken);
+        assert_eq!(copy.as_ref().unwrap().root(), m.root());
+        // It follows the commits from that copy again.
+        commit(&mut h, &mut m, vec![upsert("b", 2)]);
+        assert!(matches!(h.take().unwrap().update, Update::Changes { .. }));
     }
 
     #[test]
