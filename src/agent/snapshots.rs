@@ -258,7 +258,7 @@ impl Recording<'_> {
 
     /// On the recorder's thread: brings the copy up to the handed generation, and records it
     /// unless it was recorded already.
-    async fn step(&mut self, mut handed: Handover) -> Result<Option<Recorded>, Missed> {
+    async fn step(&mut self, handed: Handover) -> Result<Option<Recorded>, Missed> {
         let (s, ws, rx) = (
             self.history.store.clone(),
             self.receiver.workspace().to_path_buf(),
@@ -269,7 +269,15 @@ impl Recording<'_> {
             .history
             .worker
             .run(move || {
-                let (manifest, touched) = match copy::follow(base, &mut handed) {
+                let Handover {
+                    update,
+                    generation,
+                    entries,
+                    at,
+                    root,
+                    edits,
+                } = handed;
+                let (manifest, touched) = match copy::follow(base, update, generation, entries) {
                     Ok(m) => m,
                     Err(why) => return (None, None, Err(Missed::Stale(why))),
                 };
@@ -277,14 +285,14 @@ impl Recording<'_> {
                 if Some(manifest.generation) == last {
                     return (Some(manifest), changed, Ok(None));
                 }
-                let generation = || rx.workspace_generation();
+                let holds = || rx.workspace_generation();
                 let hint = Hint {
-                    root: handed.root,
-                    edits: &handed.edits,
+                    root,
+                    edits: &edits,
                     changed: changed.as_ref(),
-                    workspace_generation: &generation,
+                    workspace_generation: &holds,
                 };
-                let r = s.record_with(&ws, &manifest, handed.at, Some(&hint));
+                let r = s.record_with(&ws, &manifest, at, Some(&hint));
                 if r.is_ok() {
                     changed = Some(Changed {
                         since: manifest.generation,

@@ -324,8 +324,9 @@ impl Receiver {
     }
 
     /// The newest generation committed here, changing with every commit; while someone
-    /// watches, each commit also hands over its manifest or its changes ([`Receiver::take_committed`]: the
-    /// session holds the replica lock, so this is how a watcher sees what was committed).
+    /// watches, each commit also hands over its manifest or its changes
+    /// ([`Receiver::take_committed`]: the session holds the replica lock, so this is how a
+    /// watcher sees what was committed).
     pub fn committed(&self) -> tokio::sync::watch::Receiver<Committed> {
         self.inner.committed.subscribe()
     }

@@ -8,28 +8,24 @@ use std::time::Duration;
 
 use crate::history::Changed;
 use crate::replication::manifest::Manifest;
-use crate::replication::receive::{Handover, Update};
+use crate::replication::receive::Update;
 use crate::types::{Generation, RelPath};
 
 /// The copy is dropped after this long without a commit; the next commit hands over a whole
 /// one again (a copy of a 100k-file manifest is tens of MiB).
 pub const KEEP_IDLE: Duration = Duration::from_secs(10);
 
-/// The manifest a handover gives, from the copy the recorder holds (None: it holds none), and
-/// the paths its changes touched (None: a whole copy, they are not known). Changes are applied
+/// The manifest of generation `generation` with `entries` entries that a handover's `update`
+/// gives, from the copy the recorder holds (None: it holds none), and the paths its changes
+/// touched (None: a whole copy, they are not known). Changes are applied
 /// to the copy itself when nothing else holds it. An error says why the copy cannot be brought
 /// up to date: the recorder drops it and asks for a whole one.
 pub fn follow(
     copy: Option<Arc<Manifest>>,
-    h: &mut Handover,
+    update: Update,
+    generation: Generation,
+    entries: usize,
 ) -> Result<(Arc<Manifest>, Option<Vec<RelPath>>), String> {
-    let update = std::mem::replace(
-        &mut h.update,
-        Update::Changes {
-            from: Generation(0),
-            changes: Vec::new(),
-        },
-    );
     let (m, touched) = match update {
         Update::Whole(m) => (m, None),
         Update::Changes { from, changes } => {
@@ -44,17 +40,15 @@ pub fn follow(
             let undo = inner
                 .apply_undoable(&changes)
                 .map_err(|e| format!("applying the changes handed over: {e}"))?;
-            inner.generation = h.generation;
+            inner.generation = generation;
             (m, Some(undo.paths().cloned().collect()))
         }
     };
-    if m.generation != h.generation || m.len() != h.entries {
+    if m.generation != generation || m.len() != entries {
         return Err(format!(
-            "the copy has generation {} and {} entries; the commit has {} and {}",
+            "the copy has generation {} and {} entries; the commit has {generation} and {entries}",
             m.generation,
             m.len(),
-            h.generation,
-            h.entries
         ));
     }
     Ok((m, touched))
@@ -74,21 +68,17 @@ pub fn fold(
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
     use crate::proto::state::Change;
     use crate::replication::manifest::tests::file;
 
-    fn handover(update: Update, generation: u64, entries: usize) -> Handover {
-        Handover {
-            update,
-            generation: Generation(generation),
-            entries,
-            at: SystemTime::UNIX_EPOCH,
-            root: [0; 32],
-            edits: Default::default(),
-        }
+    fn follow_to(
+        copy: Option<Arc<Manifest>>,
+        update: Update,
+        generation: u64,
+        entries: usize,
+    ) -> Result<(Arc<Manifest>, Option<Vec<RelPath>>), String> {
+        follow(copy, update, Generation(generation), entries)
     }
 
     fn upsert(p: &str) -> Change {
@@ -115,7 +105,7 @@ mod tests {
             from: Generation(3),
             changes: vec![upsert("b")],
         };
-        let (m, touched) = follow(Some(copy), &mut handover(changes, 5, 2)).unwrap();
+        let (m, touched) = follow_to(Some(copy), changes, 5, 2).unwrap();
         assert_eq!(touched, Some(vec![RelPath::new(b"b".to_vec()).unwrap()]));
         assert_eq!(m.root(), manifest(5, &["a", "b"]).root());
         assert_eq!(m.generation, Generation(5));
@@ -133,9 +123,9 @@ mod tests {
             changes: vec![upsert("b")],
         };
         // No copy; a copy of another generation; counts that disagree.
-        assert!(follow(None, &mut handover(changes(3), 4, 2)).is_err());
-        assert!(follow(Some(manifest(2, &["a"])), &mut handover(changes(3), 4, 2)).is_err());
-        assert!(follow(Some(manifest(3, &["a"])), &mut handover(changes(3), 4, 3)).is_err());
+        assert!(follow_to(None, changes(3), 4, 2).is_err());
+        assert!(follow_to(Some(manifest(2, &["a"])), changes(3), 4, 2).is_err());
+        assert!(follow_to(Some(manifest(3, &["a"])), changes(3), 4, 3).is_err());
         // Changes the manifest refuses: reported, not a panic.
         let mut bad = upsert("b");
         bad.entry.as_mut().unwrap().kind = 99;
@@ -143,10 +133,10 @@ mod tests {
             from: Generation(3),
             changes: vec![bad],
         };
-        let err = follow(Some(manifest(3, &["a"])), &mut handover(bad, 4, 2)).unwrap_err();
+        let err = follow_to(Some(manifest(3, &["a"])), bad, 4, 2).unwrap_err();
         assert!(err.contains("applying the changes"), "{err}");
         // A whole copy needs no copy before it.
         let whole = Update::Whole(manifest(7, &["a", "b"]));
-        assert!(follow(None, &mut handover(whole, 7, 2)).is_ok());
+        assert!(follow_to(None, whole, 7, 2).is_ok());
     }
 }

@@ -5,6 +5,7 @@
 //! staged; a failure after it leaves the record to be rolled forward.
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -102,19 +103,23 @@ impl Session {
     /// Tells watchers of the commit (ARCHITECTURE.md, "History"): the history recorder is
     /// handed its changes, or a copy of the manifest when it has none that follows them.
     fn hand_over(&self, m: &Manifest, done: Done, at: SystemTime) {
-        let mut h = self.inner.handed.lock().expect("handed");
+        let handed = || self.inner.handed.lock().expect("handed");
         if self.inner.committed.receiver_count() > 0 {
-            h.commit(handoff::Commit {
+            // A whole copy is made outside the lock: the recorder takes what waits under it.
+            let copy = handed()
+                .wants_copy(done.before, done.changes.len(), m.len())
+                .then(|| Arc::new(m.clone()));
+            let commit = handoff::Commit {
                 manifest: m,
                 before: done.before,
                 changes: done.changes,
                 at,
                 root: done.root,
-            });
+            };
+            handed().commit(commit, copy);
         } else {
-            h.lose();
+            handed().lose();
         }
-        drop(h);
         let generation = done.generation;
         self.inner
             .committed

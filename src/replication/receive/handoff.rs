@@ -45,8 +45,8 @@ pub struct Handover {
 /// Changes waiting for the watcher are handed over as a whole copy instead once there are more
 /// of them than entries in the manifest (a record that lasts while many commits come): what
 /// waits never outgrows one manifest.
-fn most_changes(m: &Manifest) -> usize {
-    m.len().max(1024)
+fn most_changes(entries: usize) -> usize {
+    entries.max(1024)
 }
 
 /// One commit, as [`Handoff::commit`] takes it.
@@ -79,29 +79,45 @@ struct Pending {
 }
 
 impl Handoff {
-    /// Hands over a commit made while someone watched: its changes when they follow the last
-    /// generation handed over to a watcher that keeps a copy, else a copy of the manifest.
-    pub fn commit(&mut self, c: Commit<'_>) {
-        let update = match (self.follows, self.newest.take()) {
-            (Some(last), None) if last == c.before => Update::Changes {
-                from: last,
-                changes: c.changes,
-            },
-            (
-                Some(last),
+    /// Whether a commit applied to generation `before`, with `changes` changes, is handed over
+    /// as a whole copy of its manifest of `entries` entries: it does not follow the last
+    /// generation handed over to a watcher that keeps a copy, or the changes waiting would
+    /// outnumber the entries. The caller makes the copy outside the lock.
+    pub fn wants_copy(&self, before: Generation, changes: usize, entries: usize) -> bool {
+        let waiting = match &self.newest {
+            None => 0,
+            Some(Pending {
+                update: Update::Changes { changes, .. },
+                ..
+            }) => changes.len(),
+            Some(Pending {
+                update: Update::Whole(_),
+                ..
+            }) => return true,
+        };
+        self.follows != Some(before) || (waiting > 0 && waiting + changes > most_changes(entries))
+    }
+
+    /// Hands over a commit made while someone watched: its changes, or `copy` (a copy of its
+    /// manifest, made when [`Handoff::wants_copy`] said so; made here if that changed since).
+    pub fn commit(&mut self, c: Commit<'_>, copy: Option<Arc<Manifest>>) {
+        let entries = c.manifest.len();
+        let update = if self.wants_copy(c.before, c.changes.len(), entries) {
+            self.follows = None;
+            Update::Whole(copy.unwrap_or_else(|| Arc::new(c.manifest.clone())))
+        } else {
+            match self.newest.take() {
                 Some(Pending {
                     update: Update::Changes { from, mut changes },
                     ..
-                }),
-            ) if last == c.before
-                && changes.len() + c.changes.len() <= most_changes(c.manifest) =>
-            {
-                changes.extend(c.changes);
-                Update::Changes { from, changes }
-            }
-            _ => {
-                self.follows = None;
-                Update::Whole(Arc::new(c.manifest.clone()))
+                }) => {
+                    changes.extend(c.changes);
+                    Update::Changes { from, changes }
+                }
+                _ => Update::Changes {
+                    from: c.before,
+                    changes: c.changes,
+                },
             }
         };
         let generation = c.manifest.generation;
@@ -111,7 +127,7 @@ impl Handoff {
         self.newest = Some(Pending {
             update,
             generation,
-            entries: c.manifest.len(),
+            entries,
             at: c.at,
             root: c.root,
         });
@@ -173,13 +189,19 @@ mod tests {
         let before = m.generation;
         m.apply(&changes).unwrap();
         m.generation = before.next();
-        h.commit(Commit {
-            manifest: m,
-            before,
-            changes,
-            at: SystemTime::UNIX_EPOCH,
-            root: m.root(),
-        });
+        let copy = h
+            .wants_copy(before, changes.len(), m.len())
+            .then(|| Arc::new(m.clone()));
+        h.commit(
+            Commit {
+                manifest: m,
+                before,
+                changes,
+                at: SystemTime::UNIX_EPOCH,
+                root: m.root(),
+            },
+            copy,
+        );
     }
 
     /// What the watcher's copy becomes from a handover.
